@@ -1,0 +1,63 @@
+"""The `d2moe` command line: thin typer commands over one library call each.
+
+Each command lives in `d2moe.commands.<name>` and registers itself with `register(app)`.
+Project errors print as one red line (exit 1); D2MOE_DEBUG=1 shows the traceback.
+"""
+
+import importlib
+import os
+import sys
+
+import typer
+
+from d2moe.errors import D2MoEError
+
+app = typer.Typer(
+    name="d2moe",
+    help="Run Mixture-of-Experts LLMs under a memory budget (D²MoE: bit-nested experts, dual routing, HEBF).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+COMMANDS = ("pack", "inspect", "run", "train_router", "eval", "bench", "demo")
+
+for _name in COMMANDS:
+    importlib.import_module(f"d2moe.commands.{_name}").register(app)
+
+
+def _print_error(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except D2MoEError as exc:
+        if os.environ.get("D2MOE_DEBUG"):
+            raise
+        _print_error(_escape(str(exc)))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            _print_error("aborted")
+            sys.exit(1)
+        raise
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,7 @@
+"""`d2moe inspect` (being built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,35 @@
+"""Human byte sizes: '512MiB', '6GiB', '6GB', '1.5G', '800000'."""
+
+import re
+
+from d2moe.errors import UsageError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in `text`; SI units (GB) are powers of 1000, binary units (GiB) powers of 1024."""
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"{what} {text!r} is not a size: write e.g. 512MiB, 6GiB or 6GB")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UsageError(f"{what} {text!r} must be positive")
+    return value
+
+
+def format_size(n: float) -> str:
+    """'1.50 GiB' style, for tables and messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -1,0 +1,1 @@
+"""GPU kernels (CuPy raw kernels) with a torch reference beside each, and a dispatcher."""

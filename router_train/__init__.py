@@ -1,0 +1,1 @@
+"""Training the capacity-limited bit-width gate (dual routing)."""
