@@ -1,7 +1,145 @@
-"""`d2moe eval` (being built)."""
+"""`d2moe eval`: perplexity (sliding window) and zero-shot accuracy (lm-eval-harness) of a packed checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from d2moe.errors import UsageError
+
+
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
+    text: Annotated[list[Path] | None, typer.Option(
+        "--text", help="Evaluation text file (repeatable); files are joined by blank lines.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="datasets name NAME[:config[:split]], e.g. wikitext:wikitext-2-raw-v1:test, or json:FILE.jsonl:train.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 256,
+    stride: Annotated[int | None, typer.Option(
+        help="Tokens between window starts (default: --seq-len, disjoint windows).")] = None,
+    level: Annotated[str | None, typer.Option(
+        help="Uniform bit-width: a packed level, a list (2,4) or 'all' (one row per level).")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="Policy (or list), e.g. d2moe, matryoshka-free, moqe-dynaio@4, hold-int8 (default: d2moe).")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="Also score the unquantized source checkpoint through transformers (the 16-bit row).")] = None,
+    memory_budget: Annotated[str | None, typer.Option(
+        "--memory-budget", "-m", help="Memory budget of the runs (default: unlimited; the budget never changes scores).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens of the text.")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Zero-shot lm-eval tasks, comma separated (e.g. piqa,arc_easy); needs `pip install lm-eval`.")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option(help="Directory of local lm-eval task YAMLs.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+) -> None:
+    """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""
+    from d2moe.units import parse_size
+
+    budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not text and dataset is None and not task_list:
+        raise UsageError("nothing to evaluate: give --text FILE, --dataset NAME or --tasks TASKS")
+    if tasks_dir is not None and not task_list:
+        raise UsageError("--tasks-dir needs --tasks naming the tasks to run")
+
+    from d2moe.runtime import evaluate as ev
+    from d2moe.runtime.format import open_checkpoint
+    from d2moe.runtime.session import load_tokenizer
+
+    if task_list and not ev.lm_eval_available():
+        ev.require_lm_eval()  # DependencyError with the pip hint, before any work
+    ckpt = open_checkpoint(checkpoint)
+    targets = ev.eval_targets(ckpt.cfg.bits, level, policy)
+    if reference is not None:
+        targets.append(ev.EvalTarget("reference", None))
+    ids = None
+    if text or dataset is not None:
+        raw = ev.load_text_files(text or []) if text else ""
+        if dataset is not None:
+            raw = "\n\n".join(t for t in (raw, ev.load_dataset_text(dataset)) if t)
+        ids = ev.encode_text(load_tokenizer(checkpoint), raw, max_tokens)
+        ev.sliding_windows(len(ids), seq_len, stride)  # option errors before any model is built
+
+    import torch
+
+    torch.manual_seed(0)
+    rows = []
+    with _progress(enabled=not json_out and sys.stderr.isatty()) as progress:
+        for target in targets:
+            task_id = progress.add_task(f"eval {target.label}", total=None) if progress else None
+
+            def on_window(done: int, total: int, task_id=task_id) -> None:
+                if progress:
+                    progress.update(task_id, completed=done, total=total)
+
+            rows.append(ev.evaluate_target(
+                checkpoint, target, ids, seq_len=seq_len, stride=stride, memory_budget=budget, reference=reference,
+                tasks=task_list, tasks_dir=tasks_dir, limit=limit, on_window=on_window,
+            ))
+    for row in rows:
+        row["mean_bits"] = ev.mean_bits(row["tokens_per_level"])
+    if json_out:
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "tokens": len(ids) if ids else 0, "seq_len": seq_len,
+                               "stride": stride or seq_len, "results": rows}, indent=2))
+        return
+    print_table(rows, task_list)
+
+
+def print_table(rows: list[dict], tasks: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from d2moe.units import format_size
+
+    table = Table(title="d2moe eval", title_justify="left")
+    for col in ("target", "levels", "mean bits", "expert memory", "perplexity", "tokens", "seconds"):
+        table.add_column(col, justify="left" if col in ("target", "levels") else "right")
+    metrics = []
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            if any(metric in r["zero_shot"].get(task, {}) for r in rows):
+                metrics.append((task, metric))
+                table.add_column(f"{task} {metric}", justify="right")
+    for r in rows:
+        ppl = r["perplexity"]
+        cells = [
+            r["target"], r["levels"], "-" if r["mean_bits"] is None else f"{r['mean_bits']:.2f}",
+            "-" if r["expert_bytes"] is None else format_size(r["expert_bytes"]),
+            "-" if ppl is None else f"{ppl['ppl']:.3f}", "-" if ppl is None else str(ppl["tokens"]),
+            f"{r['seconds']:.1f}",
+        ]
+        for task, metric in metrics:
+            value = r["zero_shot"].get(task, {}).get(metric)
+            cells.append("-" if value is None else f"{100 * value:.2f}")
+        table.add_row(*cells)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+
+
+class _progress:
+    """A rich progress bar on stderr when enabled, else nothing (yields None)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=True)
+        return self.bar.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(name="eval")(eval_command)

@@ -1,7 +1,64 @@
-"""`d2moe pack` (being built)."""
+"""`d2moe pack`: quantize a Hugging Face MoE checkpoint into a packed, bit-nested d2moe checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from d2moe.errors import UsageError
+
+
+def parse_bits(text: str) -> tuple[int, ...]:
+    """'2,3,4' -> (2, 3, 4), validated as MWQ levels."""
+    try:
+        bits = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise UsageError(f"--bits {text!r} is not a list of integers: write e.g. --bits 2,3,4") from None
+    from d2moe.quantize.types import MWQConfig
+
+    return MWQConfig(bits=bits).bits
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("pack")
+    def pack_cmd(
+        src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors)")],
+        out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
+        bits: Annotated[str, typer.Option(help="levels (bit-widths) one stored copy serves, ascending")] = "2,3,4",
+        group_size: Annotated[int, typer.Option(help="input columns sharing one scale/offset")] = 64,
+        scheme: Annotated[str, typer.Option(help="residual (fitted plane magnitudes) | sliced (MSB slicing)")] = "residual",
+        dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
+        router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,
+        force: Annotated[bool, typer.Option("--force", help="replace OUT if it is an existing packed checkpoint")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object (no progress bar)")] = False,
+    ) -> None:
+        """Pack SRC into OUT: dense weights + one bit-nested blob per expert (levels read by prefix)."""
+        from d2moe.quantize.types import MWQConfig
+        from d2moe.runtime.pack import pack_checkpoint
+
+        cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
+        report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not as_json, force=force)
+        if as_json:
+            typer.echo(json.dumps(report, sort_keys=True))
+        else:
+            _print_report(report)
+
+
+def _print_report(r: dict) -> None:
+    from d2moe.units import format_size
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{r['out']}: {r['arch']}, {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts, "
+                        f"{r['seconds']:.1f} s")
+    for col in ("level", "expert bytes", "SQNR min dB", "SQNR median dB"):
+        table.add_column(col, justify="right")
+    for level, nbytes in r["bytes_per_level"].items():
+        q = r["sqnr_db"][level]
+        table.add_row(f"{level}-bit", format_size(nbytes), f"{q['min']:.2f}" if q else "-", f"{q['median']:.2f}" if q else "-")
+    console = Console()
+    console.print(table)
+    console.print(f"dense {format_size(r['dense_bytes'])}, packed total {format_size(r['packed_bytes'])} "
+                  f"(source {format_size(r['source_bytes'])}); gate: {'yes' if r['gate'] else 'none'}")

@@ -1,7 +1,147 @@
-"""`d2moe run` (being built)."""
+"""`d2moe run`: generate text from a packed checkpoint under a memory budget."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from d2moe.errors import InputError, UsageError
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    """The prompts of --prompt and/or --prompts-file (JSONL: one {"prompt": "..."} object a line)."""
+    prompts = [prompt] if prompt is not None else []
+    if prompts_file is not None:
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --prompts-file {prompts_file}: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{prompts_file} line {number} is not JSON ({exc.msg}): "
+                                 'write one {"prompt": "..."} object per line') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise InputError(f'{prompts_file} line {number} has no "prompt" string: '
+                                 'write one {"prompt": "..."} object per line')
+            prompts.append(obj["prompt"])
+        if not prompts:
+            raise InputError(f'{prompts_file} holds no prompts: write one {{"prompt": "..."}} object per line')
+    if not prompts:
+        raise UsageError("nothing to generate: give --prompt TEXT or --prompts-file FILE.jsonl")
+    return prompts
+
+
+def parse_levels_pair(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        high, low = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--router-levels {text!r}: write HIGH,LOW bits, e.g. 4,2") from None
+    return high, low
+
+
+def run(
+    checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
+    memory_budget: Annotated[str, typer.Option("--memory-budget", "-m", envvar="D2MOE_MEMORY_BUDGET",
+                                               help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB.")] = "6GiB",
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts-file", help='JSONL file, one {"prompt": "..."} a line; run as one left-padded batch.')] = None,
+    policy: Annotated[str, typer.Option(
+        help="d2moe | hold-int8 | hold-int4 | matryoshka-free | moqe-dynaio | edgemoe")] = "d2moe",
+    level: Annotated[int | None, typer.Option(help="Uniform bit-width for every expert (instead of the gate).")] = None,
+    router_levels: Annotated[str | None, typer.Option(
+        help="HIGH,LOW: top-1 expert at HIGH bits, others at LOW (default without a gate: highest,lowest).")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Load order: hebf | johnson | id (default: the policy's).")] = None,
+    cache_policy: Annotated[str, typer.Option(help="Expert cache eviction: decay | lru.")] = "decay",
+    io_threads: Annotated[int, typer.Option(help="Expert reads in flight at once.")] = 4,
+    io_bandwidth: Annotated[str | None, typer.Option(
+        help="Cap disk reads to emulate a device, e.g. 3.5GB/s (default: the real disk).")] = None,
+    direct_io: Annotated[bool, typer.Option("--direct-io/--no-direct-io", help="O_DIRECT reads where allowed.")] = True,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
+                                                help="Wrap prompts in the tokenizer's chat template.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
+) -> None:
+    """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
+    from d2moe.units import parse_size
+
+    budget = parse_size(memory_budget, "--memory-budget")
+    bandwidth = parse_bandwidth(io_bandwidth)
+    prompts = read_prompts(prompt, prompts_file)
+
+    import torch
+    from d2moe.runtime.generate import SamplingOptions
+    from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
+
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    tokenizer = load_tokenizer(checkpoint)
+    batch = encode_prompts(tokenizer, prompts, chat_template)
+    max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
+    torch.manual_seed(seed)
+    options = RunOptions(
+        memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
+        schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
+        direct_io=direct_io, max_tokens=max_tokens,
+    )
+    stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
+    with Session(checkpoint, options, tokenizer=tokenizer) as session:
+        on_text = (lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if stream else None
+        report = session.generate(token_ids=batch, sampling=sampling, on_text=on_text)
+    if json_out:
+        outputs = [{"prompt": p, "text": t, "tokens": len(ids)}
+                   for p, t, ids in zip(prompts, report.texts, report.token_ids, strict=True)]
+        typer.echo(json.dumps({"outputs": outputs, "stats": report.stats}, indent=2))
+        return
+    if stream:
+        typer.echo("")
+    else:
+        for i, text in enumerate(report.texts):
+            if len(prompts) > 1:
+                typer.echo(f"### {i + 1}: {prompts[i]}")
+            typer.echo(text)
+            if len(prompts) > 1:
+                typer.echo("")
+    print_summary(report.stats)
+
+
+def parse_bandwidth(text: str | None) -> float | None:
+    """'3.5GB/s' -> 3.5e9 bytes per second (the '/s' is optional)."""
+    if text is None:
+        return None
+    from d2moe.units import parse_size
+
+    return float(parse_size(text.strip().removesuffix("/s").removesuffix("ps"), "--io-bandwidth"))
+
+
+def print_summary(stats: dict) -> None:
+    """One dim line of the run's figures on stderr (rich on a terminal, plain otherwise)."""
+    from d2moe.units import format_size
+
+    mem = stats["memory"]
+    line = (f"{stats['policy']} · prefill {stats['prefill_tokens_per_s']:.1f} tok/s · decode "
+            f"{stats['decode_tokens_per_s']:.1f} tok/s · TTFT {stats['time_to_first_token_s'] * 1000:.0f} ms · "
+            f"cache hit {stats['cache']['hit_rate']:.0%} · read {format_size(stats['bytes_read'])} · "
+            f"peak {format_size(mem['peak_bytes'])} / {format_size(mem['budget_bytes'])} · "
+            f"schedule efficiency {stats['schedule_efficiency']:.0%}")
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"[dim]{line}[/]")
+    else:
+        print(line, file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(name="run")(run)

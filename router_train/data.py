@@ -1,0 +1,105 @@
+"""Calibration text for the gate: local files (txt / jsonl / json / parquet) or a hub dataset, as token blocks.
+
+Texts are joined with newlines, tokenized and cut into blocks of `seq_len` tokens (the tail shorter
+than a block is dropped); when the tokenizer has a BOS token every block starts with it, the way
+causal LMs see a window in training (and what held-out perplexity scripts use). Loading goes through `datasets`
+(`load_dataset("text" | "json" | "parquet", data_files=...)`), so large files stream from its cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from d2moe.errors import InputError
+
+LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _looks_local(spec: str) -> bool:
+    p = Path(spec)
+    return p.exists() or p.suffix.lower() in LOCAL_BUILDERS or spec.startswith((".", "/", "~"))
+
+
+def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = "train") -> list[str]:
+    """The documents of every `spec` (a local file or a hub dataset name), in order."""
+    from datasets import load_dataset
+
+    if not specs:
+        raise InputError("no calibration data: pass --data FILE (txt, jsonl or parquet) or a hub dataset name")
+    texts: list[str] = []
+    for spec in specs:
+        if _looks_local(spec):
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise InputError(f"calibration file {spec} does not exist: pass --data with an existing txt/jsonl/parquet file")
+            builder = LOCAL_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise InputError(f"calibration file {spec}: unknown type {path.suffix!r}; use .txt, .jsonl or .parquet")
+            try:
+                ds = load_dataset(builder, data_files=str(path), split="train")
+            except Exception as exc:
+                raise InputError(f"calibration file {spec} could not be read as {builder}: {exc}") from None
+        else:
+            try:
+                ds = load_dataset(spec, split=hub_split)
+            except Exception as exc:
+                raise InputError(
+                    f"calibration dataset {spec!r} could not be loaded from the hub ({type(exc).__name__}): "
+                    "pass a local file instead (--data FILE.txt)"
+                ) from None
+        if text_field not in ds.column_names:
+            raise InputError(f"calibration data {spec} has no {text_field!r} column (columns: {ds.column_names})")
+        texts.extend(t for t in ds[text_field] if isinstance(t, str) and t.strip())
+    if not texts:
+        raise InputError(f"calibration data {list(specs)} holds no text")
+    return texts
+
+
+def token_blocks(
+    texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int | None = None, bos: bool = True
+) -> torch.Tensor:
+    """LongTensor [N, seq_len] of consecutive token blocks over the joined texts (BOS first if `bos`)."""
+    if seq_len < 2:
+        raise InputError(f"--seq-len {seq_len} is too short: use at least 2 tokens")
+    bos_id = tokenizer.bos_token_id if bos else None
+    body = seq_len - (bos_id is not None)
+    ids: list[int] = []
+    need = None if max_blocks is None else max_blocks * body
+    for chunk in _chunks("\n".join(texts), 200_000):
+        ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // body
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise InputError(
+            f"calibration data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}: add text or lower --seq-len"
+        )
+    blocks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    if bos_id is not None:
+        blocks = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), blocks], dim=1)
+    return blocks
+
+
+def _chunks(text: str, size: int):
+    """Cut text at newlines into pieces of about `size` characters (tokenizers are faster on pieces)."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            nl = text.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+        yield text[start:end]
+        start = end
+
+
+def split_blocks(blocks: torch.Tensor, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval): the last `eval_blocks` blocks are held out for the before/after report."""
+    eval_blocks = max(0, min(eval_blocks, blocks.shape[0] - 1))
+    if eval_blocks == 0:
+        return blocks, blocks[:0]
+    return blocks[:-eval_blocks], blocks[-eval_blocks:]

@@ -1,0 +1,409 @@
+"""Throughput against memory budget: every policy x budget in one process, interleaved, medians.
+
+A sweep runs `repeats` rounds; each round runs every (policy, budget) configuration once, in
+order, so slow drift of the machine (thermal, page cache, other load) spreads over all
+configurations instead of landing on one. A configuration that cannot run under its budget
+(below the policy's minimum, or a hold-* policy whose resident set does not fit) is reported as
+not applicable with what it needs, and is not retried.
+
+Each run is a fresh session (cold expert cache) that prefills the prompt and decodes
+`max_new_tokens` greedily; the numbers of a configuration are medians over its repeats.
+
+JSON schema (`BenchReport.to_dict()`, key `schema` = "d2moe.bench/1"):
+
+    schema, checkpoint, prompt_tokens, max_new_tokens, repeats, io_bandwidth (bytes/s | null),
+    expert_set_bytes (all experts at the reference level), reference_level,
+    budgets: [{label, bytes}], policies: [str],
+    results: [{
+        policy, budget_label, budget_bytes,
+        status: "ok" | "n/a", reason (str | null), needs_bytes (int | null),
+        prefill_tokens_per_s, decode_tokens_per_s, ttft_s, peak_memory_bytes,
+        bytes_read_per_token, hit_rate, schedule_efficiency, generated_tokens,
+        levels: {bits: pairs}, ratio_to_best_baseline (float | null),
+        runs: [{the same measures for each repeat}]
+    }]
+
+Measures of an n/a result are null. `ratio_to_best_baseline` is the decode throughput divided by
+the best decode throughput among the baselines (every policy but d2moe) at the same budget.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from d2moe.errors import BudgetError, UsageError
+from d2moe.units import parse_size
+
+SCHEMA = "d2moe.bench/1"
+OURS = "d2moe"
+
+MEASURES = (
+    "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_memory_bytes",
+    "bytes_read_per_token", "hit_rate", "schedule_efficiency", "generated_tokens",
+)
+RESULT_KEYS = (
+    "policy", "budget_label", "budget_bytes", "status", "reason", "needs_bytes", *MEASURES,
+    "levels", "ratio_to_best_baseline", "runs",
+)
+REPORT_KEYS = (
+    "schema", "checkpoint", "prompt_tokens", "max_new_tokens", "repeats", "io_bandwidth",
+    "expert_set_bytes", "reference_level", "budgets", "policies", "results",
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One memory budget of the sweep: its label as given and the bytes it means."""
+
+    label: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RunMeasure:
+    """What one run measured."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    ttft_s: float
+    peak_memory_bytes: int
+    bytes_read_per_token: float  # expert bytes read from disk (prefill + decode) per generated token
+    hit_rate: float  # expert-cache hits / lookups
+    schedule_efficiency: float  # lower bound max(sum load, sum compute) / measured makespan, <= 1
+    generated_tokens: int
+    levels: dict[int, int] = field(default_factory=dict)  # bits -> (token, expert) pairs run at that level
+
+
+@dataclass
+class ConfigResult:
+    """All runs of one (policy, budget) configuration."""
+
+    policy: str
+    budget: Budget
+    runs: list[RunMeasure] = field(default_factory=list)
+    reason: str | None = None  # set when the configuration cannot run (n/a)
+    needs_bytes: int | None = None
+    ratio_to_best_baseline: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None and bool(self.runs)
+
+    def median(self, measure: str) -> float | None:
+        if not self.ok:
+            return None
+        return statistics.median(getattr(r, measure) for r in self.runs)
+
+    def to_dict(self) -> dict:
+        levels: dict[str, int] = {}
+        if self.ok:
+            last = self.runs[-1].levels
+            levels = {str(b): int(n) for b, n in sorted(last.items())}
+        out = {
+            "policy": self.policy, "budget_label": self.budget.label, "budget_bytes": self.budget.bytes,
+            "status": "ok" if self.ok else "n/a", "reason": self.reason, "needs_bytes": self.needs_bytes,
+            **{m: self.median(m) for m in MEASURES},
+            "levels": levels, "ratio_to_best_baseline": self.ratio_to_best_baseline,
+            "runs": [{**{m: getattr(r, m) for m in MEASURES},
+                      "levels": {str(b): int(n) for b, n in sorted(r.levels.items())}} for r in self.runs],
+        }
+        if out["generated_tokens"] is not None:
+            out["generated_tokens"] = int(out["generated_tokens"])
+        if out["peak_memory_bytes"] is not None:
+            out["peak_memory_bytes"] = int(out["peak_memory_bytes"])
+        return out
+
+
+@dataclass
+class BenchReport:
+    """A whole sweep: settings and one ConfigResult per (policy, budget)."""
+
+    checkpoint: str
+    prompt_tokens: int
+    max_new_tokens: int
+    repeats: int
+    io_bandwidth: int | None
+    expert_set_bytes: int
+    reference_level: int
+    budgets: list[Budget]
+    policies: list[str]
+    results: list[ConfigResult]
+
+    def result(self, policy: str, budget_label: str) -> ConfigResult:
+        for r in self.results:
+            if r.policy == policy and r.budget.label == budget_label:
+                return r
+        raise KeyError((policy, budget_label))
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA, "checkpoint": self.checkpoint, "prompt_tokens": self.prompt_tokens,
+            "max_new_tokens": self.max_new_tokens, "repeats": self.repeats, "io_bandwidth": self.io_bandwidth,
+            "expert_set_bytes": self.expert_set_bytes, "reference_level": self.reference_level,
+            "budgets": [asdict(b) for b in self.budgets], "policies": list(self.policies),
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def parse_budgets(text: str, fixed_bytes: int, expert_set_bytes: int) -> list[Budget]:
+    """'25%,50%,1GiB' -> budgets. A percentage p means fixed + p x the expert set (at the reference level).
+
+    fixed_bytes: what the run holds besides the expert cache (dense + KV + staging + workspace).
+    """
+    budgets = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if item.endswith("%"):
+            try:
+                pct = float(item[:-1])
+            except ValueError:
+                raise UsageError(f"--budgets item {item!r} is not a percentage: write e.g. 25%") from None
+            if not 0 < pct <= 1000:
+                raise UsageError(f"--budgets item {item!r} must be a percentage in (0, 1000]")
+            budgets.append(Budget(item, int(fixed_bytes + pct / 100 * expert_set_bytes)))
+        else:
+            budgets.append(Budget(item, parse_size(item, what="--budgets item")))
+    if not budgets:
+        raise UsageError("--budgets is empty: give e.g. 25%,50%,75%,100% or sizes like 64MiB,128MiB")
+    if len({b.label for b in budgets}) != len(budgets):
+        raise UsageError(f"--budgets {text!r} repeats a budget")
+    return budgets
+
+
+_NEEDS = re.compile(r"minimum\s+([0-9.]+)\s*(MiB|GiB|KiB|B)\b")
+
+
+def needs_from_error(exc: BaseException) -> int | None:
+    """The bytes a BudgetError message says are needed ('... the minimum 123 MiB ...'), if it says."""
+    m = _NEEDS.search(str(exc))
+    if not m:
+        return None
+    scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+RunFn = Callable[[str, Budget], RunMeasure]  # (policy, budget) -> one measured run; BudgetError = n/a
+
+
+def sweep(
+    policies: Sequence[str],
+    budgets: Sequence[Budget],
+    run: RunFn,
+    repeats: int = 3,
+    warmup: bool = True,
+    on_run: Callable[[str, Budget, int], None] | None = None,
+    requirement: Callable[[str, Budget], int | None] | None = None,
+) -> list[ConfigResult]:
+    """Run every (policy, budget) `repeats` times, round-robin; one ConfigResult per configuration.
+
+    requirement(policy, budget) -> bytes needed when known up front to exceed the budget (n/a
+    without trying), else None. on_run(policy, budget, repeat) is called after each run (progress).
+    A discarded warm-up run of the first runnable configuration goes first (imports, allocator).
+    """
+    if repeats < 1:
+        raise UsageError(f"--repeats {repeats} must be at least 1")
+    results = [ConfigResult(p, b) for p in policies for b in budgets]
+    for res in results:
+        needs = requirement(res.policy, res.budget) if requirement else None
+        if needs is not None and needs > res.budget.bytes:
+            res.reason, res.needs_bytes = "budget below what the policy holds", needs
+    warmed = not warmup
+    for rep in range(repeats):
+        for res in results:
+            if res.reason is not None:
+                if on_run:
+                    on_run(res.policy, res.budget, rep)
+                continue
+            try:
+                if not warmed:
+                    run(res.policy, res.budget)
+                    warmed = True
+                res.runs.append(run(res.policy, res.budget))
+            except BudgetError as exc:
+                res.reason, res.needs_bytes = str(exc), needs_from_error(exc)
+                res.runs.clear()
+            if on_run:
+                on_run(res.policy, res.budget, rep)
+    _fill_ratios(results)
+    return results
+
+
+def _fill_ratios(results: list[ConfigResult]) -> None:
+    """Decode throughput over the best baseline's at the same budget."""
+    by_budget: dict[str, list[ConfigResult]] = {}
+    for r in results:
+        by_budget.setdefault(r.budget.label, []).append(r)
+    for group in by_budget.values():
+        base = [r.median("decode_tokens_per_s") for r in group if r.ok and r.policy != OURS]
+        best = max(base) if base else None
+        for r in group:
+            if r.ok and best:
+                r.ratio_to_best_baseline = r.median("decode_tokens_per_s") / best
+
+
+# --------------------------------------------------------------------------- the figure
+
+
+def plot_throughput(report: BenchReport, path, metric: str = "decode_tokens_per_s") -> None:
+    """Throughput vs memory budget, one line per policy (the paper's budget figure); PNG via Agg."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from d2moe.errors import DependencyError
+
+        raise DependencyError("--plot needs matplotlib: pip install matplotlib") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 1024**2
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    markers = "osD^v<>ph*"
+    for i, policy in enumerate(report.policies):
+        pts = [(r.budget.bytes / mib, r.median(metric)) for r in report.results if r.policy == policy and r.ok]
+        if not pts:
+            continue
+        xs, ys = zip(*sorted(pts), strict=True)
+        style = dict(linewidth=2.4, color="black") if policy == OURS else dict(linewidth=1.4)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], label=policy, **style)
+    ax.set_xlabel("memory budget (MiB)")
+    ax.set_ylabel("decode tokens/s" if metric == "decode_tokens_per_s" else metric)
+    ax.set_title("Throughput with different memory budgets")
+    labels = {b.bytes / mib: b.label for b in report.budgets}
+    ax.set_xticks(sorted(labels))
+    ax.set_xticklabels([f"{labels[x]}\n{x:.0f}" if labels[x].endswith("%") else labels[x] for x in sorted(labels)])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- runs on a packed checkpoint
+
+
+BASELINE_ORDER = ("hold-int8", "hold-int4", "matryoshka-free", "moqe-dynaio", "edgemoe", OURS)
+
+
+def policy_list(text: str) -> list[str]:
+    """'all' -> every policy (baselines first, d2moe last); else the comma list ('moqe-dynaio@2' sets a level)."""
+    from d2moe.runtime.evaluate import parse_policy
+    from d2moe.runtime.policies import POLICIES
+
+    if text.strip() == "all":
+        return [p for p in BASELINE_ORDER if p in POLICIES] + [p for p in POLICIES if p not in BASELINE_ORDER]
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UsageError("--policies is empty: give 'all' or a list such as d2moe,moqe-dynaio")
+    for n in names:
+        name, _ = parse_policy(n)
+        if name not in POLICIES:
+            raise UsageError(f"--policies: {name!r} is unknown: use 'all' or some of {', '.join(POLICIES)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--policies {text!r} repeats a policy")
+    return names
+
+
+def reference_level(bits: Sequence[int]) -> int:
+    """The level a percentage budget refers to: 4 bits (the paper's expert set) when packed, else the highest."""
+    return 4 if 4 in bits else max(bits)
+
+
+def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4) -> tuple[int, int, int]:
+    """(fixed bytes, expert-set bytes, reference level) for percentage budgets.
+
+    fixed = what a uniform run at the reference level holds besides its expert cache (dense, KV for
+    max_tokens, staging, workspace), from the session's own memory plan.
+    """
+    from d2moe.runtime.evaluate import UNLIMITED_BUDGET
+    from d2moe.runtime.session import RunOptions, Session
+
+    from d2moe.runtime.format import open_checkpoint
+
+    ckpt = open_checkpoint(checkpoint)
+    level = reference_level(ckpt.cfg.bits)
+    options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="moqe-dynaio", level=level,
+                         max_tokens=max_tokens, io_threads=io_threads)
+    with Session(checkpoint, options) as session:
+        plan = session.plan
+    expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(level)
+    return plan.budget - plan.expert_cache, expert_set, level
+
+
+def measure_from_stats(stats: dict) -> RunMeasure:
+    """A RunMeasure from `Session.generate`'s report.stats."""
+    return RunMeasure(
+        prefill_tokens_per_s=float(stats["prefill_tokens_per_s"]),
+        decode_tokens_per_s=float(stats["decode_tokens_per_s"]),
+        ttft_s=float(stats["time_to_first_token_s"]),
+        peak_memory_bytes=int(stats["memory"]["peak_bytes"]),
+        bytes_read_per_token=float(stats["bytes_read_per_token"]),
+        hit_rate=float(stats["cache"]["hit_rate"]),
+        schedule_efficiency=float(stats["schedule_efficiency"]),
+        generated_tokens=int(stats["generated_tokens"]),
+        levels={int(b): int(n) for b, n in stats["tokens_per_level"].items()},
+    )
+
+
+def session_runner(
+    checkpoint, prompt_ids: Sequence[int], max_new_tokens: int, io_bandwidth: float | None = None,
+    io_threads: int = 4, tokenizer=None,
+) -> RunFn:
+    """A RunFn: a fresh Session (cold cache) per run, greedy decode of the prompt, its statistics."""
+    from d2moe.runtime.evaluate import parse_policy
+    from d2moe.runtime.generate import SamplingOptions
+    from d2moe.runtime.session import RunOptions, Session
+
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens)
+
+    def run(policy: str, budget: Budget) -> RunMeasure:
+        name, level = parse_policy(policy)
+        options = RunOptions(memory_budget=budget.bytes, policy=name, level=level, io_bandwidth=io_bandwidth,
+                             io_threads=io_threads, max_tokens=len(prompt_ids) + max_new_tokens)
+        with Session(checkpoint, options, tokenizer=tokenizer) as session:
+            report = session.generate(token_ids=[list(prompt_ids)], sampling=sampling)
+        return measure_from_stats(report.stats)
+
+    return run
+
+
+def run_bench(
+    checkpoint,
+    budgets: str,
+    policies: str = "all",
+    prompt: str = "Once upon a time",
+    max_new_tokens: int = 32,
+    repeats: int = 3,
+    io_bandwidth: float | None = None,
+    io_threads: int = 4,
+    chat_template: bool = False,
+    on_run: Callable[[str, Budget, int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> BenchReport:
+    """The whole sweep on a packed checkpoint; on_plan(total runs) is called once the configurations are known."""
+    from d2moe.runtime.session import encode_prompts, load_tokenizer
+
+    names = policy_list(policies)
+    tokenizer = load_tokenizer(checkpoint)
+    (prompt_ids,) = encode_prompts(tokenizer, [prompt], chat_template)
+    max_tokens = len(prompt_ids) + max_new_tokens
+    fixed, expert_set, level = budget_basis(checkpoint, max_tokens, io_threads)
+    budget_list = parse_budgets(budgets, fixed, expert_set)
+    if on_plan:
+        on_plan(len(names) * len(budget_list) * repeats)
+    run = session_runner(checkpoint, prompt_ids, max_new_tokens, io_bandwidth, io_threads, tokenizer)
+    results = sweep(names, budget_list, run, repeats=repeats, on_run=on_run)
+    return BenchReport(
+        checkpoint=str(checkpoint), prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens, repeats=repeats,
+        io_bandwidth=int(io_bandwidth) if io_bandwidth else None, expert_set_bytes=expert_set,
+        reference_level=level, budgets=budget_list, policies=names, results=results,
+    )

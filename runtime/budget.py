@@ -1,0 +1,174 @@
+"""The memory plan of a run: what a memory budget must hold, and what is left for the expert cache.
+
+Budget = everything the run holds on its device:
+
+    dense weights + KV cache (max tokens) + staging (expert bytes landing from disk)
+    + workspace (one expert dequantized to fp32) + expert cache
+
+The expert cache gets what the rest leaves. The pipeline needs one expert computing while the
+next one loads, so the cache must hold at least two expert prefixes at the highest level in use;
+a budget below that fails before anything is loaded, saying the minimum.
+
+Public API
+----------
+MemoryPlan.build(budget_bytes, dense_bytes, kv_bytes_per_token, max_tokens, expert_bytes,
+                 workspace_bytes, staging_slots=1) -> MemoryPlan     # BudgetError below the minimum
+MemoryPlan.for_checkpoint(ckpt, budget_bytes, max_tokens, level=None, kv_dtype_bytes=2,
+                          dense_bytes=None, staging_slots=1) -> MemoryPlan
+    fields: budget, dense, kv, staging, workspace, expert_cache, expert_bytes, minimum;
+    .summary() -> dict for --json / tables; .min_cache_experts
+kv_bytes_per_token(config, dtype_bytes=2) -> int   # layers x 2 (K,V) x kv_heads x head_dim x dtype
+expert_workspace_bytes(matrix_shapes) -> int        # fp32 gate/up/down of one expert
+safetensors_payload_bytes(path) -> int              # tensor bytes of a safetensors file (header only)
+MemoryMeter lives in `d2moe.runtime.memory` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from d2moe.errors import BudgetError, FormatError, UsageError
+from d2moe.runtime.memory import MemoryMeter  # noqa: F401  (re-export)
+from d2moe.units import format_size
+
+MIN_CACHE_EXPERTS = 2  # one computing, one loading
+_MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Byte split of one memory budget (all fields in bytes)."""
+
+    budget: int  # --memory-budget
+    dense: int  # non-expert weights as held on the device
+    kv: int  # KV cache for max_tokens
+    staging: int  # buffers expert bytes land in before they join the cache
+    workspace: int  # one expert dequantized (fp32) for compute
+    expert_cache: int  # what is left: capacity given to ExpertCache
+    expert_bytes: int  # largest expert prefix at the highest level in use
+    minimum: int  # smallest budget that can run
+
+    @property
+    def min_cache_experts(self) -> int:
+        return MIN_CACHE_EXPERTS
+
+    @property
+    def cache_experts(self) -> int:
+        """How many full top-level expert prefixes the cache can hold."""
+        return self.expert_cache // self.expert_bytes if self.expert_bytes else 0
+
+    def summary(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def build(
+        cls,
+        budget_bytes: int,
+        dense_bytes: int,
+        kv_bytes_per_token: int,
+        max_tokens: int,
+        expert_bytes: int,
+        workspace_bytes: int,
+        staging_slots: int = 1,
+    ) -> MemoryPlan:
+        for name, v in (("dense_bytes", dense_bytes), ("kv_bytes_per_token", kv_bytes_per_token),
+                        ("max_tokens", max_tokens), ("expert_bytes", expert_bytes),
+                        ("workspace_bytes", workspace_bytes), ("staging_slots", staging_slots)):
+            if v < 0:
+                raise UsageError(f"memory plan: {name} = {v} must be >= 0")
+        kv = int(kv_bytes_per_token) * int(max_tokens)
+        staging = int(staging_slots) * int(expert_bytes)
+        fixed = int(dense_bytes) + kv + staging + int(workspace_bytes)
+        minimum = fixed + MIN_CACHE_EXPERTS * int(expert_bytes)
+        if budget_bytes < minimum:
+            min_mib = math.ceil(minimum / _MIB)
+            raise BudgetError(
+                f"memory budget {_size(budget_bytes)} is below the minimum {min_mib} MiB for this model "
+                f"(dense {_size(dense_bytes)} + KV {_size(kv)} "
+                f"+ staging/workspace {_size(staging + workspace_bytes)} "
+                f"+ {MIN_CACHE_EXPERTS} experts {_size(MIN_CACHE_EXPERTS * expert_bytes)}); "
+                f"use --memory-budget {min_mib}MiB or more"
+            )
+        return cls(
+            budget=int(budget_bytes), dense=int(dense_bytes), kv=kv, staging=staging,
+            workspace=int(workspace_bytes), expert_cache=int(budget_bytes) - fixed,
+            expert_bytes=int(expert_bytes), minimum=minimum,
+        )
+
+    @classmethod
+    def for_checkpoint(
+        cls,
+        ckpt,
+        budget_bytes: int,
+        max_tokens: int,
+        level: int | None = None,
+        kv_dtype_bytes: int = 2,
+        dense_bytes: int | None = None,
+        staging_slots: int = 1,
+    ) -> MemoryPlan:
+        """The plan for a packed checkpoint (`d2moe.runtime.format`), at `level` (default: the highest).
+
+        `dense_bytes` defaults to the tensor bytes of the checkpoint's dense.safetensors (its
+        source dtype); pass the held size instead when the run converts dtypes.
+        """
+        level = ckpt.cfg.bk if level is None else level
+        if dense_bytes is None:
+            dense_bytes = safetensors_payload_bytes(_dense_path(ckpt))
+        return cls.build(
+            budget_bytes=budget_bytes,
+            dense_bytes=dense_bytes,
+            kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype_bytes),
+            max_tokens=max_tokens,
+            expert_bytes=ckpt.level_nbytes(level),
+            workspace_bytes=expert_workspace_bytes(ckpt.matrix_shapes),
+            staging_slots=staging_slots,
+        )
+
+
+def _size(n: int) -> str:
+    """'100 MiB', '1.50 GiB': format_size without a '.00' tail."""
+    return format_size(n).replace(".00 ", " ")
+
+
+def _dense_path(ckpt) -> Path:
+    if getattr(ckpt, "dense_path", None) is not None:
+        return Path(ckpt.dense_path)
+    if getattr(ckpt, "path", None) is not None:
+        return Path(ckpt.path) / "dense.safetensors"
+    raise UsageError("MemoryPlan.for_checkpoint: pass dense_bytes= (the checkpoint exposes no dense file path)")
+
+
+def kv_bytes_per_token(config: Mapping, dtype_bytes: int = 2) -> int:
+    """KV cache bytes one token adds: layers x 2 (K and V) x kv_heads x head_dim x dtype size."""
+    cfg = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    except KeyError as e:
+        raise FormatError(f"config.json has no {e.args[0]!r}: cannot size the KV cache") from e
+    return layers * 2 * kv_heads * head_dim * int(dtype_bytes)
+
+
+def expert_workspace_bytes(matrix_shapes: Mapping[str, tuple[int, int]]) -> int:
+    """fp32 bytes of one expert's matrices dequantized at once."""
+    return sum(4 * int(o) * int(i) for o, i in matrix_shapes.values())
+
+
+def safetensors_payload_bytes(path: str | Path) -> int:
+    """Sum of tensor byte sizes in a safetensors file, read from its header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise FormatError(f"{path} is not a readable safetensors file ({e}); re-run `d2moe pack`") from e
+    return sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0])
+               for k, v in header.items() if k != "__metadata__")

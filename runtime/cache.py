@@ -1,0 +1,401 @@
+"""The bit-aware expert cache: packed expert prefixes held within a byte budget.
+
+An entry is keyed `(layer, expert)` and holds that expert's packed blob prefix up to one level
+(a bytes-like the cache never interprets) plus an optional decoded object (e.g. the dict of
+MWQTensors, or dequantized weights) whose bytes the caller declares. Because a blob is level
+ordered, the prefix held at level b also serves every lower level: the caller slices it.
+
+Policy is kept apart from copy mechanics (mixtral-offloading): the cache only decides what
+stays. Eviction victims are unpinned entries, chosen by
+- "decay": lowest decayed activation frequency (`record_use(key, weight)` adds weight,
+  `step()` multiplies every score by `decay`), ties broken by least recent use;
+- "lru": least recently used.
+
+Byte accounting: `used_bytes = held bytes + reserved bytes <= capacity_bytes`, always. A load
+in flight first `reserve()`s its bytes (evicting if needed); when it lands, `put(...,
+reservation=r)` turns the reservation into the entry. When even evicting every unpinned entry
+cannot make room, `reserve` returns None and `put` returns False: the caller computes with the
+bytes it loaded and drops them (compute-and-drop), the cache is unchanged.
+
+Public API
+----------
+ExpertCache(capacity_bytes, policy="decay", decay=0.9)
+    lookup(key, want=None) -> level | None       # records hit / upgrade (held < want) / miss
+    peek(key) -> level | None                    # no stats
+    get(key) -> (level, data)                    # KeyError if absent; counts as a use for LRU
+    get_decoded(key) / set_decoded(key, obj, nbytes=0) -> bool
+    put(key, level, data, decoded=None, decoded_nbytes=0, reservation=None) -> bool   # never downgrades
+    extend(key, level, extra, reservation=None) -> bool   # upgrade: held prefix + extra segment bytes
+                                                          # (bytes-likes, or uint8 tensors on any device)
+    discard(key); clear()
+    reserve(nbytes) -> Reservation | None;  Reservation.release()
+    pin(key) / unpin(key) / pinned(key); `with cache.pinned_keys(keys): ...`
+    record_use(key, weight=1.0); step(); score(key)
+    held_objects() -> list (for MemoryMeter); used_bytes, held_bytes, reserved_bytes, free_bytes, capacity_bytes, keys(), len(), `key in cache`
+    stats() -> dict[layer, LayerStats]; totals() -> LayerStats; reset_stats()
+Thread-safe (one re-entrant lock): I/O threads may `put` while the compute thread looks up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from d2moe.errors import UsageError
+
+POLICIES = ("decay", "lru")
+_RENORM_AT = 1e150  # rescale inflated scores before they overflow a float
+
+
+def _nbytes(data: Any) -> int:
+    if hasattr(data, "nbytes") and not isinstance(data, (bytes, bytearray)):
+        return int(data.nbytes)  # memoryview, numpy array, torch tensor
+    return len(data)
+
+
+def _layer(key: Hashable) -> Any:
+    return key[0] if isinstance(key, tuple) and key else key
+
+
+def _concat(held: Any, extra: Any) -> Any:
+    """held + extra as one buffer of held's kind: a uint8 tensor on held's device, else a memoryview."""
+    if hasattr(held, "untyped_storage"):  # a torch tensor (e.g. a GPU-resident cache)
+        import torch
+
+        if not hasattr(extra, "untyped_storage"):
+            extra = torch.frombuffer(bytearray(extra), dtype=torch.uint8)
+        return torch.cat([held.reshape(-1).view(torch.uint8), extra.reshape(-1).view(torch.uint8).to(held.device)])
+    n_held, n_extra = _nbytes(held), _nbytes(extra)
+    joined = bytearray(n_held + n_extra)
+    joined[:n_held] = held
+    joined[n_held:] = extra
+    return memoryview(joined)
+
+
+@dataclass
+class LayerStats:
+    """Counters of one MoE layer (or, from `totals()`, of all of them)."""
+
+    hits: int = 0  # lookups that found the level wanted (or higher)
+    misses: int = 0  # lookups of experts not held at all
+    upgrades: int = 0  # lookups of experts held at a lower level than wanted
+    evictions: int = 0  # entries removed to make room
+    rejected: int = 0  # puts / reservations that could not fit (compute-and-drop)
+    bytes_inserted: int = 0  # bytes newly brought into the cache (upgrades count only the extra)
+
+    def __iadd__(self, other: LayerStats) -> LayerStats:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses + self.upgrades
+        return self.hits / n if n else 0.0
+
+
+@dataclass
+class _Entry:
+    level: int
+    data: Any
+    nbytes: int  # len(data) + decoded_nbytes
+    decoded: Any = None
+    decoded_nbytes: int = 0
+
+
+@dataclass
+class Reservation:
+    """Bytes set aside for a load in flight. Release it if the load is dropped."""
+
+    cache: ExpertCache
+    nbytes: int
+    layer: Any = None
+    active: bool = field(default=True)
+
+    def release(self) -> None:
+        self.cache._release(self)
+
+    def __bool__(self) -> bool:
+        return self.active
+
+
+class ExpertCache:
+    """Packed expert prefixes keyed (layer, expert), within `capacity_bytes`."""
+
+    def __init__(self, capacity_bytes: int, policy: str = "decay", decay: float = 0.9) -> None:
+        if capacity_bytes < 0:
+            raise UsageError(f"expert cache capacity {capacity_bytes} must be >= 0 bytes")
+        if policy not in POLICIES:
+            raise UsageError(f"cache policy {policy!r} is unknown: use one of {', '.join(POLICIES)}")
+        if not 0.0 < decay <= 1.0:
+            raise UsageError(f"cache decay {decay} must be in (0, 1]")
+        self.capacity_bytes = int(capacity_bytes)
+        self.policy = policy
+        self.decay = float(decay)
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # order = recency, oldest first
+        self._pins: Counter = Counter()
+        self._scores: dict[Hashable, float] = {}  # inflated: true score = stored / self._inflate
+        self._inflate = 1.0
+        self._held = 0
+        self._reserved = 0
+        self._stats: dict[Any, LayerStats] = {}
+        self._lock = threading.RLock()
+
+    # ---- queries -----------------------------------------------------------------------
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    @property
+    def used_bytes(self) -> int:
+        return self._held + self._reserved
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    def held_objects(self) -> list[Any]:
+        """The data and decoded objects of every entry (for MemoryMeter's live count)."""
+        with self._lock:
+            return [x for e in self._entries.values() for x in (e.data, e.decoded) if x is not None]
+
+    def peek(self, key: Hashable) -> int | None:
+        e = self._entries.get(key)
+        return None if e is None else e.level
+
+    def lookup(self, key: Hashable, want: int | None = None) -> int | None:
+        """Level held for `key` or None, recording a hit (>= want), an upgrade (< want) or a miss."""
+        with self._lock:
+            e = self._entries.get(key)
+            s = self._layer_stats(key)
+            if e is None:
+                s.misses += 1
+                return None
+            if want is not None and e.level < want:
+                s.upgrades += 1
+            else:
+                s.hits += 1
+            self._entries.move_to_end(key)
+            return e.level
+
+    def get(self, key: Hashable) -> tuple[int, Any]:
+        with self._lock:
+            e = self._entries[key]
+            self._entries.move_to_end(key)
+            return e.level, e.data
+
+    def get_decoded(self, key: Hashable) -> Any:
+        e = self._entries.get(key)
+        return None if e is None else e.decoded
+
+    # ---- insertion ---------------------------------------------------------------------
+    def put(
+        self,
+        key: Hashable,
+        level: int,
+        data: Any,
+        decoded: Any = None,
+        decoded_nbytes: int = 0,
+        reservation: Reservation | None = None,
+    ) -> bool:
+        """Hold `data` (the prefix up to `level`) for `key`, replacing what was held.
+
+        Never downgrades: when a higher level is already held, that entry stays (it serves
+        `level` too) and the call returns True. Returns False, leaving the cache as it was
+        (apart from a consumed reservation), when the entry cannot fit even after evicting
+        every unpinned entry.
+        """
+        with self._lock:
+            if reservation is not None:
+                self._release(reservation)
+            old = self._entries.get(key)
+            if old is not None and old.level > level:
+                self._entries.move_to_end(key)
+                return True
+            new = _Entry(level, data, _nbytes(data) + int(decoded_nbytes), decoded, int(decoded_nbytes))
+            old_bytes = old.nbytes if old else 0
+            if not self._make_room(new.nbytes - old_bytes, exclude=key):
+                self._layer_stats(key).rejected += 1
+                return False
+            self._held += new.nbytes - old_bytes
+            self._entries[key] = new
+            self._entries.move_to_end(key)
+            self._layer_stats(key).bytes_inserted += max(0, _nbytes(data) - (_nbytes(old.data) if old else 0))
+            return True
+
+    def extend(self, key: Hashable, level: int, extra: Any, reservation: Reservation | None = None) -> bool:
+        """Upgrade `key` to `level` by appending the segment bytes `extra` to the held prefix.
+
+        The decoded object of the old level is dropped (it no longer matches the bytes).
+        """
+        with self._lock:
+            old = self._entries.get(key)
+            if old is None:
+                if reservation is not None:
+                    self._release(reservation)
+                raise KeyError(f"cannot extend {key}: it is not in the cache")
+            if level <= old.level:
+                raise UsageError(f"cannot extend {key} from level {old.level} to level {level}")
+            return self.put(key, level, _concat(old.data, extra), reservation=reservation)
+
+    def set_decoded(self, key: Hashable, decoded: Any, nbytes: int = 0) -> bool:
+        """Attach a decoded object of `nbytes` to a held entry; False if it cannot fit."""
+        with self._lock:
+            e = self._entries[key]
+            delta = int(nbytes) - e.decoded_nbytes
+            if not self._make_room(delta, exclude=key):
+                self._layer_stats(key).rejected += 1
+                return False
+            self._held += delta
+            e.nbytes += delta
+            e.decoded, e.decoded_nbytes = decoded, int(nbytes)
+            return True
+
+    def discard(self, key: Hashable) -> None:
+        with self._lock:
+            e = self._entries.pop(key, None)
+            if e is not None:
+                self._held -= e.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._held = 0
+
+    # ---- reservations ------------------------------------------------------------------
+    def reserve(self, nbytes: int, key: Hashable | None = None) -> Reservation | None:
+        """Set aside `nbytes` for a load in flight, evicting unpinned entries; None if impossible.
+
+        `key`, when given, is the entry the load will upgrade: it is never evicted for its own room.
+        """
+        with self._lock:
+            if nbytes < 0:
+                raise UsageError(f"cannot reserve {nbytes} bytes")
+            if not self._make_room(nbytes, exclude=key):
+                if key is not None:
+                    self._layer_stats(key).rejected += 1
+                return None
+            self._reserved += nbytes
+            return Reservation(self, int(nbytes), None if key is None else _layer(key))
+
+    def _release(self, r: Reservation) -> None:
+        with self._lock:
+            if r.active:
+                r.active = False
+                self._reserved -= r.nbytes
+
+    # ---- eviction ----------------------------------------------------------------------
+    def _make_room(self, nbytes: int, exclude: Hashable | None = None) -> bool:
+        """Evict unpinned entries (never `exclude`) until `nbytes` more fit; all-or-nothing."""
+        need = nbytes - self.free_bytes
+        if need <= 0:
+            return True
+        victims = self._victims(exclude)
+        freed, chosen = 0, []
+        for k in victims:
+            if freed >= need:
+                break
+            chosen.append(k)
+            freed += self._entries[k].nbytes
+        if freed < need:
+            return False
+        for k in chosen:
+            self._held -= self._entries.pop(k).nbytes
+            self._layer_stats(k).evictions += 1
+        return True
+
+    def _victims(self, exclude: Hashable | None) -> list[Hashable]:
+        """Evictable keys, first victim first."""
+        recency = {k: i for i, k in enumerate(self._entries)}
+        keys = [k for k in self._entries if k != exclude and not self._pins.get(k)]
+        if self.policy == "lru":
+            return keys  # OrderedDict order is least recent first
+        return sorted(keys, key=lambda k: (self._scores.get(k, 0.0), recency[k]))
+
+    # ---- pins --------------------------------------------------------------------------
+    def pin(self, key: Hashable) -> None:
+        """Protect `key` from eviction (counted: pin twice, unpin twice). Works before it is held."""
+        with self._lock:
+            self._pins[key] += 1
+
+    def unpin(self, key: Hashable) -> None:
+        with self._lock:
+            if self._pins.get(key, 0) <= 0:
+                raise UsageError(f"unpin({key}) without a matching pin")
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+
+    def pinned(self, key: Hashable) -> bool:
+        return bool(self._pins.get(key))
+
+    @contextmanager
+    def pinned_keys(self, keys: Iterable[Hashable]) -> Iterator[None]:
+        keys = list(keys)
+        for k in keys:
+            self.pin(k)
+        try:
+            yield
+        finally:
+            for k in keys:
+                self.unpin(k)
+
+    # ---- activation frequency ----------------------------------------------------------
+    def record_use(self, key: Hashable, weight: float = 1.0) -> None:
+        """Add `weight` (e.g. tokens routed to the expert this step) to the key's decayed frequency."""
+        with self._lock:
+            self._scores[key] = self._scores.get(key, 0.0) + weight * self._inflate
+
+    def step(self) -> None:
+        """Age every score by `decay` (call once per decoding step / token)."""
+        with self._lock:
+            # Instead of multiplying every score, inflate future increments; rescale rarely.
+            self._inflate /= self.decay
+            if self._inflate > _RENORM_AT:
+                for k in self._scores:
+                    self._scores[k] /= self._inflate
+                self._inflate = 1.0
+
+    def score(self, key: Hashable) -> float:
+        return self._scores.get(key, 0.0) / self._inflate
+
+    # ---- stats -------------------------------------------------------------------------
+    def _layer_stats(self, key: Hashable) -> LayerStats:
+        layer = _layer(key)
+        s = self._stats.get(layer)
+        if s is None:
+            s = self._stats[layer] = LayerStats()
+        return s
+
+    def stats(self) -> dict[Any, LayerStats]:
+        with self._lock:
+            order = sorted(self._stats, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k)))
+            return {k: LayerStats(**vars(self._stats[k])) for k in order}
+
+    def totals(self) -> LayerStats:
+        total = LayerStats()
+        for s in self.stats().values():
+            total += s
+        return total
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats.clear()

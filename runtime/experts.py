@@ -1,0 +1,342 @@
+"""The offloaded experts module and the per-layer-step I/O-compute pipeline behind it.
+
+`OffloadedExperts` replaces a MoE block's experts module with the same call,
+`experts(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`; the model's own
+router stays. Each call is one layer step of the shared `ExpertPipeline`:
+
+1. the level selector gives a level per (token, selected expert) pair (dual routing);
+2. pairs group into work items: one per expert at the highest level it is needed at (an expert
+   needed at 2 and 4 bits is read once at 4 and computed at both levels from the same nested
+   bytes), or, without nested reuse (matryoshka-free), one per (expert, level) copy;
+3. the cache says which items are resident; a lower level held is upgraded by reading only the
+   extra segments (bit-aware), a missing one is read as one aligned prefix;
+4. loads are issued in the policy's order (HEBF: hottest expert first, lowest level first;
+   Johnson's rule; or expert id) through the store's I/O threads, at most `window` in flight
+   (bounded staging); resident items compute while they load; each landed item is cached (or,
+   when the cache is full of pinned work, computed and dropped) and computed;
+5. outputs are summed in expert order, so results do not depend on what was resident.
+
+Shape letters: T = tokens, H = hidden, K = experts per token, N = pairs routed to one expert.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from d2moe.quantize import dequantize
+from d2moe.runtime.scheduler import CostModel, Job, expert_flops_per_token, hebf_order, johnson_order
+from torch import nn
+
+MATRICES = ("gate", "up", "down")
+
+
+@dataclass
+class Work:
+    """One expert's work in one layer step (one copy for matryoshka-free)."""
+
+    key: tuple  # cache key: (layer, expert) nested, (layer, expert, level) per-level copies
+    expert: int
+    want: int  # level to hold (the highest level any of its pairs runs at)
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor]]  # level -> (token rows [N], top-k slots [N])
+    have: int | None = None  # level held in the cache at lookup
+    tokens: int = 0
+
+    @property
+    def resident(self) -> bool:
+        return self.have is not None and self.have >= self.want
+
+
+@dataclass
+class PipelineStats:
+    """Counters over a run (reset with `ExpertPipeline.reset_stats`)."""
+
+    steps: int = 0  # layer steps
+    makespan_s: float = 0.0  # sum of measured wall time of layer steps (expert part)
+    load_s: float = 0.0  # sum of I/O-busy seconds during layer steps
+    compute_s: float = 0.0  # sum of measured expert compute seconds (decode + dequantize + matmul)
+    bound_s: float = 0.0  # sum over steps of max(load, compute): what perfect overlap would take
+    loads: int = 0  # reads issued (prefix or upgrade)
+    upgrade_loads: int = 0  # of which upgrades (only the extra segments read)
+    dropped: int = 0  # loaded items that did not fit the cache (computed and dropped)
+    preloads: int = 0  # predictive reads issued ahead of their layer
+    pairs_per_level: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # (token, expert) pairs
+
+    @property
+    def schedule_efficiency(self) -> float:
+        """max(Σload, Σcompute) / makespan summed over steps; 1.0 = I/O and compute fully overlapped."""
+        return self.bound_s / self.makespan_s if self.makespan_s > 0 else 1.0
+
+
+class ExpertPipeline:
+    """Everything the offloaded experts of one model share: store, cache, levels, order, stats."""
+
+    def __init__(
+        self,
+        ckpt,
+        store,
+        cache,
+        selector,
+        spec,
+        act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+        window: int | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        routers: dict[int, torch.Tensor] | None = None,
+        top_k: int = 2,
+        on_memory: Callable[[], None] | None = None,
+    ) -> None:
+        self.ckpt = ckpt
+        self.store = store
+        self.cache = cache
+        self.selector = selector
+        self.spec = spec
+        self.act_fn = act_fn
+        self.window = max(1, window or 4)  # loads in flight at once: bounds the staging bytes
+        self.compute_dtype = compute_dtype
+        self.routers = routers or {}  # layer -> router weight [E, H] (predictive preload)
+        self.top_k = top_k
+        self.on_memory = on_memory  # called where held memory peaks (the session samples its meter)
+        self.moe_layers = list(ckpt.moe_layers)
+        self.flops_per_token = expert_flops_per_token(ckpt.matrix_shapes)
+        self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
+        self.cost = CostModel()
+        self.stats = PipelineStats()
+        self._pending: dict[tuple, tuple] = {}  # preload key -> (future, layer, expert, have, want)
+        self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
+        self.workspace_bytes = 0  # dequantized weights alive right now
+
+    # ---- keys and bytes ----------------------------------------------------------------
+    def key(self, layer: int, expert: int, level: int) -> tuple:
+        return (layer, expert) if self.spec.nested_reuse else (layer, expert, level)
+
+    def read_span(self, work: Work) -> tuple[int | None, int]:
+        """(have, want) of the read a work needs: only the extra segments when nested reuse allows it."""
+        have = work.have if (self.spec.nested_reuse and work.have is not None) else None
+        return have, work.want
+
+    def reset_stats(self) -> None:
+        self.stats = PipelineStats()
+
+    # ---- the layer step ----------------------------------------------------------------
+    def step(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> expert output [T, H]."""
+        start = time.perf_counter()
+        io_before = self.store.stats().busy_seconds
+        self._land_preloads(layer)
+        levels = self.selector.select(layer, hidden, top_k_index, top_k_weights)  # [T, K]
+        works = self._group(layer, top_k_index, levels)
+        if self.spec.preload_next:
+            self._preload_next(layer, hidden)
+        for w in works:
+            w.have = self.cache.lookup(w.key, w.want)
+            self.cache.record_use(w.key, w.tokens)
+        results: dict[tuple, torch.Tensor] = {}  # (expert, level) -> weighted output [N, H]
+        compute_s = 0.0
+        with self.cache.pinned_keys([w.key for w in works]):
+            order = self._order(layer, works)
+            for w in works:
+                if w.resident:
+                    _, data = self.cache.get(w.key)
+                    compute_s += self._compute(layer, w, data, hidden, top_k_weights, results, verify=False)
+            compute_s += self._load_and_compute(layer, order, hidden, top_k_weights, results)
+        out = torch.zeros_like(hidden)
+        for expert, level in sorted(results):  # fixed summation order: output independent of residency
+            rows, _ = next(w.pairs[level] for w in works if w.expert == expert and level in w.pairs)
+            out.index_add_(0, rows, results[(expert, level)].to(out.dtype))
+        self.cache.step()
+        makespan = time.perf_counter() - start
+        load_s = self.store.stats().busy_seconds - io_before
+        s = self.stats
+        s.steps += 1
+        s.makespan_s += makespan
+        s.load_s += load_s
+        s.compute_s += compute_s
+        s.bound_s += max(load_s, compute_s)
+        for level, n in zip(*torch.unique(levels, return_counts=True), strict=True):
+            s.pairs_per_level[int(level)] += int(n)
+        return out
+
+    def _group(self, layer: int, top_k_index: torch.Tensor, levels: torch.Tensor) -> list[Work]:
+        """Pairs -> work items, in expert id order."""
+        by_key: dict[tuple, Work] = {}
+        idx, lv = top_k_index.cpu(), levels.cpu()
+        for expert in torch.unique(idx).tolist():
+            rows, slots = torch.where(idx == expert)  # [N], [N]
+            expert_levels = lv[rows, slots]
+            for level in sorted(set(expert_levels.tolist())):
+                sel = expert_levels == level
+                key = self.key(layer, expert, level)
+                w = by_key.get(key)
+                if w is None:
+                    w = by_key[key] = Work(key, expert, level, {})
+                w.pairs[level] = (rows[sel], slots[sel])
+                w.want = max(w.want, level)
+                w.tokens += int(sel.sum())
+        return list(by_key.values())
+
+    def _order(self, layer: int, works: list[Work]) -> list[Work]:
+        """The order in which missing works are read."""
+        missing = [w for w in works if not w.resident]
+        if self.spec.order == "id":
+            return sorted(missing, key=lambda w: (w.expert, w.want))
+        jobs = []
+        for i, w in enumerate(missing):
+            have, want = self.read_span(w)
+            nbytes = self.store.nbytes(layer, w.expert, have, want)
+            load = self.cost.load_seconds(nbytes)
+            compute = self.cost.compute_seconds(w.tokens, self.flops_per_token, self._fixed_flops(w))
+            jobs.append(Job(i, w.want, w.tokens, load, compute, False))
+        ordered = hebf_order(jobs) if self.spec.order == "hebf" else johnson_order(jobs)
+        return [missing[j.key] for j in ordered]
+
+    def _fixed_flops(self, w: Work) -> float:
+        """Dequantization work: every weight, once per level computed, about `level` operations each."""
+        return float(sum(self.weight_elems * (level + 2) for level in w.pairs))
+
+    def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:
+        """Issue the reads of `order` (at most `window` in flight); compute each as it lands."""
+        compute_s = 0.0
+        in_flight: list[tuple[Work, object, int, float]] = []
+        queue = list(order)
+
+        def issue() -> None:
+            while queue and len(in_flight) < self.window:
+                w = queue.pop(0)
+                have, want = self.read_span(w)
+                nbytes = self.store.nbytes(layer, w.expert, have, want)
+                in_flight.append((w, self.store.submit(layer, w.expert, have, want), nbytes, time.perf_counter()))
+                self._add_staging(nbytes)
+                self.stats.loads += 1
+                self.stats.upgrade_loads += int(have is not None)
+
+        issue()
+        while in_flight:
+            w, fut, nbytes, issued = in_flight.pop(0)
+            data = fut.result()
+            self.cost.observe_load(nbytes, time.perf_counter() - issued)
+            full = self._install(w, data)
+            issue()  # keep the I/O threads busy while this one computes
+            compute_s += self._compute(layer, w, full, hidden, top_k_weights, results, verify=True)
+            self._add_staging(-nbytes)  # a dropped item's bytes lived until its compute ended
+        return compute_s
+
+    def _install(self, w: Work, data) -> memoryview | bytes:
+        """Put landed bytes in the cache (extend an upgrade); return the full prefix up to `w.want`."""
+        have, _ = self.read_span(w)
+        if have is None:
+            if not self.cache.put(w.key, w.want, data):
+                self.stats.dropped += 1
+            return data
+        _, held = self.cache.get(w.key)
+        if self.cache.extend(w.key, w.want, data):
+            return self.cache.get(w.key)[1]
+        self.stats.dropped += 1
+        return bytes(held) + bytes(data)
+
+    # ---- compute -----------------------------------------------------------------------
+    def _compute(self, layer, w: Work, data, hidden, top_k_weights, results, verify: bool) -> float:
+        """Decode the held prefix once and run the expert at each level its pairs need."""
+        t0 = time.perf_counter()
+        prefix = memoryview(data)[: self.ckpt.level_nbytes(w.want)]
+        mats = self.ckpt.decode_expert(layer, w.expert, w.want, prefix, verify=verify)
+        x_all = hidden.to(self.compute_dtype)
+        for level, (rows, slots) in sorted(w.pairs.items()):
+            x = x_all[rows]  # [N, H]
+            gate = dequantize(mats["gate"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
+            up = dequantize(mats["up"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
+            self._workspace(gate, up)
+            h = self.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [N, I]
+            del gate, up
+            down = dequantize(mats["down"].truncate(level), level, dtype=self.compute_dtype)  # [H, I]
+            self._workspace(down)
+            y = F.linear(h, down)  # [N, H]
+            self.workspace_bytes = 0
+            results[(w.expert, level)] = y * top_k_weights[rows, slots, None].to(self.compute_dtype)
+        seconds = time.perf_counter() - t0
+        self.cost.observe_compute(w.tokens * self.flops_per_token + self._fixed_flops(w), seconds)
+        return seconds
+
+    def _workspace(self, *tensors: torch.Tensor) -> None:
+        self.workspace_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        if self.on_memory:
+            self.on_memory()
+
+    # ---- whole-model residency and prediction ------------------------------------------
+    def hold_all(self, level: int) -> None:
+        """Read every expert at `level` into the cache and pin it (Hold-in-Memory baselines)."""
+        for layer in self.moe_layers:
+            futures = [(e, self.store.submit(layer, e, None, level)) for e in range(self.ckpt.num_experts)]
+            for e, fut in futures:
+                key = self.key(layer, e, level)
+                if not self.cache.put(key, level, fut.result()):
+                    raise RuntimeError(f"expert cache cannot hold layer {layer} expert {e}: budget plan is wrong")
+                self.cache.pin(key)
+
+    def _preload_next(self, layer: int, hidden: torch.Tensor) -> None:
+        """Predict the next MoE layer's experts with its router on this hidden state; read them ahead."""
+        pos = self.moe_layers.index(layer)
+        if pos + 1 >= len(self.moe_layers):
+            return
+        nxt = self.moe_layers[pos + 1]
+        router = self.routers.get(nxt)
+        if router is None:
+            return
+        logits = F.linear(hidden.to(router.dtype), router)  # [T, E]
+        predicted = torch.unique(logits.topk(self.top_k, dim=-1).indices).tolist()
+        expert_level = getattr(self.selector, "expert_level", None)
+        for e in predicted:
+            level = expert_level(nxt, e) if expert_level else None
+            if level is None:
+                continue  # level not known yet (still calibrating): nothing sensible to preload
+            key = self.key(nxt, e, level)
+            held = self.cache.peek(key)
+            if key in self._pending or (held is not None and held >= level):
+                continue
+            have = held if self.spec.nested_reuse else None
+            nbytes = self.store.nbytes(nxt, e, have, level)
+            self._pending[key] = (self.store.submit(nxt, e, have, level), nxt, e, have, level, nbytes)
+            self._add_staging(nbytes)
+            self.stats.preloads += 1
+
+    def _land_preloads(self, layer: int) -> None:
+        """Put this layer's finished (or finishing) preloads into the cache before looking up."""
+        for key in [k for k, v in self._pending.items() if v[1] == layer]:
+            fut, _, _, have, want, nbytes = self._pending.pop(key)
+            data = fut.result()
+            if have is None:
+                self.cache.put(key, want, data)
+            elif self.cache.peek(key) == have:
+                self.cache.extend(key, want, data)
+            self._add_staging(-nbytes)
+
+    def drain(self) -> None:
+        """Wait for outstanding preloads (end of a request)."""
+        for fut, *rest in self._pending.values():
+            fut.result()
+            self._add_staging(-rest[-1])
+        self._pending.clear()
+
+    def _add_staging(self, nbytes: int) -> None:
+        """Bytes read but not yet in the cache (in flight or being installed), for the memory meter."""
+        self.staging_bytes += nbytes
+        if self.on_memory and nbytes > 0:
+            self.on_memory()
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a MoE block's experts module; the weights live in the pipeline's store/cache."""
+
+    def __init__(self, layer: int, pipeline: ExpertPipeline) -> None:
+        super().__init__()
+        self.layer = layer
+        self.pipeline = pipeline
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.step(self.layer, hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, policy={self.pipeline.spec.name}"

@@ -1,0 +1,365 @@
+"""The bit-width gate of dual routing: its model, the capacity rule, and the gate file.
+
+The model's own router picks which experts a token visits; this gate picks, for each
+(token, selected expert) pair, at how many bits that expert runs. One small head per MoE layer
+scores the L levels from the hidden state entering the MoE block, the router's weight for the
+expert (unimportant experts can take fewer bits) and the expert's identity (a learned bias).
+
+Capacity: at most ceil(c_k * N) of the N pairs of a batch take level k; a pair refused by a full
+level falls to its next choice. Rounds, not a per-pair loop: in round r every unassigned pair asks
+for its r-th choice and each level accepts the most confident askers first (ties: lower pair
+index). Deterministic and vectorized; it needs at most L rounds because the caps cover N.
+
+Gate file (`gate.safetensors`): a safetensors file whose tensors are the heads' parameters
+(`layers.<layer>.<param>`) and whose metadata holds `format` = "d2moe-gate", `format_version`
+and `gate` = JSON of levels, capacity, moe_layers, hidden size, number of experts, the source
+model's fingerprint and the head architecture.
+
+Shape letters: T = tokens, H = hidden size, K = experts per token (top-k), E = experts,
+L = levels, D = the head's projection width, N = (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2moe.errors import FormatError, GateMismatchError, UsageError
+
+GATE_FORMAT = "d2moe-gate"
+GATE_FORMAT_VERSION = 1
+RETRAIN_HINT = "retrain with `d2moe train-router SRC --data TEXT... --bits ... --capacity ...`"
+
+# config fields that decide whether a gate fits a model (whichever the architecture uses)
+FINGERPRINT_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "vocab_size",
+)
+
+
+# ----------------------------------------------------------------------------- capacity
+
+
+def validate_capacity(capacity: Sequence[float], levels: Sequence[int]) -> tuple[float, ...]:
+    """Check one fraction in [0, 1] per level and that the fractions cover every pair (sum >= 1).
+
+    Fractions summing to exactly 1 fix the level histogram of a batch; fractions of 1.0 each mean
+    "no limit" (the gate alone decides).
+    """
+    cap = tuple(float(c) for c in capacity)
+    if len(cap) != len(levels):
+        raise UsageError(
+            f"capacity {list(cap)} has {len(cap)} fractions but there are {len(levels)} levels {list(levels)}: "
+            "give one fraction per level (e.g. --capacity 0.3,0.4,0.3)"
+        )
+    if any(not math.isfinite(c) or c < 0 or c > 1 for c in cap):
+        raise UsageError(f"capacity {list(cap)}: every fraction must lie in [0, 1]")
+    if sum(cap) < 1 - 1e-6:
+        raise UsageError(f"capacity {list(cap)} sums to {sum(cap):.4g} < 1: the fractions must cover every pair (sum to 1)")
+    return cap
+
+
+def capacity_caps(capacity: Sequence[float], n: int) -> list[int]:
+    """Per-level caps ceil(c_k * n), raised if rounding left them short of n."""
+    caps = [min(n, math.ceil(c * n - 1e-9)) for c in capacity]
+    short = n - sum(caps)
+    k = len(caps) - 1
+    while short > 0:  # only when the fractions sum to 1 within float error
+        if caps[k] < n:
+            caps[k] += 1
+            short -= 1
+        k = (k - 1) % len(caps)
+    return caps
+
+
+def assign_with_capacity(logits: torch.Tensor, capacity: Sequence[float]) -> torch.Tensor:
+    """Level index per pair [N] from logits [N, L] under the capacity rule (see module docstring).
+
+    Priority: the pair's top softmax probability (its confidence), ties broken by pair index.
+    """
+    if logits.dim() != 2:
+        raise UsageError(f"assign_with_capacity wants logits [N, L], got shape {tuple(logits.shape)}")
+    n, num_levels = logits.shape
+    if len(capacity) != num_levels:
+        raise UsageError(f"capacity has {len(capacity)} fractions for {num_levels} levels")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
+    scores = logits.detach().to(torch.float64)
+    prefs = torch.argsort(-scores, dim=1, stable=True)  # [N, L] levels, best first (ties: lower level)
+    confidence = torch.softmax(scores, dim=1).amax(dim=1)  # [N]
+    priority = torch.argsort(-confidence, stable=True)  # [N] pair ids, most confident first
+    rank = torch.empty(n, dtype=torch.long, device=logits.device)
+    rank[priority] = torch.arange(n, device=logits.device)  # rank of each pair in that order
+
+    remaining = torch.tensor(capacity_caps(capacity, n), dtype=torch.long, device=logits.device)  # [L]
+    assigned = torch.full((n,), -1, dtype=torch.long, device=logits.device)
+    for r in range(num_levels):
+        open_pairs = (assigned < 0).nonzero().squeeze(1)  # [M]
+        if open_pairs.numel() == 0:
+            break
+        wanted = prefs[open_pairs, r]  # [M]
+        # order askers by (level, priority rank), then count each asker's place within its level
+        order = torch.argsort(wanted * n + rank[open_pairs], stable=True)
+        asked_sorted = wanted[order]
+        counts = torch.bincount(asked_sorted, minlength=num_levels)  # [L]
+        starts = torch.cumsum(counts, 0) - counts
+        place = torch.arange(order.numel(), device=logits.device) - starts[asked_sorted]
+        accepted = place < remaining[asked_sorted]
+        winners = open_pairs[order[accepted]]
+        assigned[winners] = asked_sorted[accepted]
+        remaining -= torch.bincount(asked_sorted[accepted], minlength=num_levels)
+    if (assigned < 0).any():  # impossible when caps cover n; kept as a loud guard
+        raise RuntimeError("capacity rule left pairs unassigned: caps do not cover the batch")
+    return assigned
+
+
+# the name ARCHITECTURE.md uses
+assign_levels = assign_with_capacity
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LayerGateHead(nn.Module):
+    """Scores the levels of one MoE layer's (token, expert) pairs.
+
+    proj_dim > 0: logits = out(silu(proj(h) + expert_emb[e] + w * router_dir)), a two-layer MLP.
+    proj_dim = 0: logits = lin(h) + expert_emb[e] + w * router_dir, a linear head.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, num_levels: int, proj_dim: int, expert_embedding: bool):
+        super().__init__()
+        width = proj_dim if proj_dim > 0 else num_levels
+        self.proj = nn.Linear(hidden_size, width)
+        self.router_dir = nn.Parameter(torch.zeros(width))
+        self.expert_emb = nn.Parameter(torch.zeros(num_experts, width)) if expert_embedding else None
+        self.out = nn.Linear(proj_dim, num_levels) if proj_dim > 0 else None
+        nn.init.normal_(self.proj.weight, std=hidden_size**-0.5 * 0.1)
+        nn.init.zeros_(self.proj.bias)
+        if self.out is not None:
+            nn.init.normal_(self.out.weight, std=proj_dim**-0.5 * 0.1)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        dtype = self.proj.weight.dtype
+        z = self.proj(hidden.to(dtype)).unsqueeze(1)  # [T, 1, D]
+        z = z + top_k_weights.to(dtype).unsqueeze(-1) * self.router_dir  # [T, K, D]
+        if self.expert_emb is not None:
+            z = z + self.expert_emb[top_k_index]
+        if self.out is None:
+            return z  # [T, K, L]
+        return self.out(F.silu(z))  # [T, K, L]
+
+
+class BitWidthGate(nn.Module):
+    """One `LayerGateHead` per MoE layer, plus the levels (bit values) and capacities it serves."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        moe_layers: Sequence[int],
+        levels: Sequence[int] = (2, 3, 4),
+        capacity: Sequence[float] = (0.3, 0.4, 0.3),
+        proj_dim: int = 32,
+        expert_embedding: bool = True,
+    ):
+        super().__init__()
+        self.levels = tuple(int(b) for b in levels)
+        if not self.levels or list(self.levels) != sorted(set(self.levels)):
+            raise UsageError(f"gate levels {list(self.levels)} must be distinct and ascending")
+        self.capacity = validate_capacity(capacity, self.levels)
+        self.moe_layers = tuple(int(i) for i in moe_layers)
+        self.hidden_size = int(hidden_size)
+        self.num_experts = int(num_experts)
+        self.proj_dim = int(proj_dim)
+        self.expert_embedding = bool(expert_embedding)
+        self.heads = nn.ModuleDict(
+            {
+                str(layer): LayerGateHead(hidden_size, num_experts, len(self.levels), self.proj_dim, expert_embedding)
+                for layer in self.moe_layers
+            }
+        )
+        self.register_buffer("level_bits", torch.tensor(self.levels, dtype=torch.float32), persistent=False)
+
+    @property
+    def architecture(self) -> dict:
+        return {"kind": "mlp" if self.proj_dim > 0 else "linear", "proj_dim": self.proj_dim,
+                "expert_embedding": self.expert_embedding, "inputs": ["hidden", "router_weight", "expert_id"]}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def head(self, layer: int) -> LayerGateHead:
+        key = str(int(layer))
+        if key not in self.heads:
+            raise UsageError(f"the gate has no head for layer {layer}: its MoE layers are {list(self.moe_layers)}")
+        return self.heads[key]
+
+    def logits(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Level logits [T, K, L] for hidden [T, H], top_k_index [T, K], top_k_weights [T, K]."""
+        return self.head(layer)(hidden, top_k_index, top_k_weights)
+
+    @torch.no_grad()
+    def select_level_indices(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Level indices [T, K] (into `levels`) after the capacity rule over this batch's T*K pairs."""
+        logits = self.logits(layer, hidden, top_k_index, top_k_weights)  # [T, K, L]
+        t, k, num_levels = logits.shape
+        return assign_with_capacity(logits.reshape(t * k, num_levels), self.capacity).reshape(t, k)
+
+    @torch.no_grad()
+    def select_levels(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Bit values [T, K] (LongTensor) chosen for each (token, selected expert) under the capacity rule."""
+        idx = self.select_level_indices(layer, hidden, top_k_index, top_k_weights)
+        return torch.tensor(self.levels, dtype=torch.long, device=idx.device)[idx]
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def model_fingerprint(config: dict, router_weights: Sequence[torch.Tensor]) -> str:
+    """sha256 over the config fields that shape the MoE and the router weights (layer order, float32 bytes)."""
+    h = hashlib.sha256()
+    dims = {k: config[k] for k in FINGERPRINT_CONFIG_KEYS if config.get(k) is not None}
+    h.update(json.dumps(dims, sort_keys=True).encode())
+    for w in router_weights:
+        w32 = w.detach().to("cpu", torch.float32).contiguous()
+        h.update(json.dumps(list(w32.shape)).encode())
+        h.update(w32.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the gate file
+
+
+def save_gate(gate: BitWidthGate, path: str | Path, fingerprint: str, extra_meta: dict | None = None) -> Path:
+    """Write the gate to `path` (safetensors + JSON metadata), atomically (temp file then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {
+        "levels": list(gate.levels),
+        "capacity": list(gate.capacity),
+        "moe_layers": list(gate.moe_layers),
+        "hidden_size": gate.hidden_size,
+        "num_experts": gate.num_experts,
+        "fingerprint": fingerprint,
+        "architecture": gate.architecture,
+        "extra": extra_meta or {},
+    }
+    tensors = {f"layers.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in gate.heads.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        tensors,
+        str(tmp),
+        metadata={"format": GATE_FORMAT, "format_version": str(GATE_FORMAT_VERSION), "gate": json.dumps(meta)},
+    )
+    tmp.replace(path)
+    return path
+
+
+def read_gate_meta(path: str | Path) -> dict:
+    """The gate file's validated JSON metadata (no tensors loaded); FormatError if foreign or corrupt."""
+    meta, _ = _read_gate_file(Path(path), load_tensors=False)
+    return meta
+
+
+def load_gate(
+    path: str | Path,
+    expect_fingerprint: str | None = None,
+    expect_levels: Sequence[int] | None = None,
+) -> BitWidthGate:
+    """Read and validate a gate file; GateMismatchError when it was trained for another model or levels."""
+    path = Path(path)
+    meta, tensors = _read_gate_file(path, load_tensors=True)
+    if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
+        raise GateMismatchError(
+            f"{path.name} was trained for another model (fingerprint {meta['fingerprint'][:12]}…, "
+            f"this model is {expect_fingerprint[:12]}…): {RETRAIN_HINT}"
+        )
+    if expect_levels is not None and list(meta["levels"]) != [int(b) for b in expect_levels]:
+        raise GateMismatchError(
+            f"{path.name} was trained for levels {meta['levels']} but the checkpoint has {[int(b) for b in expect_levels]}: "
+            f"{RETRAIN_HINT}"
+        )
+    arch = meta["architecture"]
+    try:
+        gate = BitWidthGate(
+            meta["hidden_size"], meta["num_experts"], meta["moe_layers"], meta["levels"], meta["capacity"],
+            proj_dim=int(arch["proj_dim"]), expert_embedding=bool(arch["expert_embedding"]),
+        )
+    except UsageError as exc:
+        raise FormatError(f"{path}: gate metadata is inconsistent ({exc}): {RETRAIN_HINT}") from None
+    expected = {f"layers.{k}": v for k, v in gate.heads.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FormatError(f"{path}: gate tensors do not match its metadata (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, ref in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != torch.float32:
+            raise FormatError(f"{path}: tensor {name} is {got.dtype} {tuple(got.shape)}, expected float32 {tuple(ref.shape)}")
+        if not torch.isfinite(got).all():
+            raise FormatError(f"{path}: tensor {name} holds NaN/inf values (corrupt file): {RETRAIN_HINT}")
+    gate.heads.load_state_dict({k[len("layers."):]: v for k, v in tensors.items()})
+    gate.fingerprint = meta["fingerprint"]
+    gate.meta = meta
+    return gate.eval()
+
+
+def _read_gate_file(path: Path, load_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FormatError(f"gate file {path} does not exist: train one with `d2moe train-router`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if load_tensors else {}
+    except Exception as exc:  # safetensors raises its own errors for truncated / foreign bytes
+        raise FormatError(f"{path} is not a readable gate file (safetensors: {exc})") from None
+    if header.get("format") != GATE_FORMAT:
+        raise FormatError(f"{path} is not a d2moe gate file (format {header.get('format')!r}, expected {GATE_FORMAT!r})")
+    version = header.get("format_version")
+    if version != str(GATE_FORMAT_VERSION):
+        raise FormatError(
+            f"{path} has gate format version {version!r}; this d2moe reads version {GATE_FORMAT_VERSION}: {RETRAIN_HINT}"
+        )
+    try:
+        meta = json.loads(header["gate"])
+        levels = [int(b) for b in meta["levels"]]
+        capacity = [float(c) for c in meta["capacity"]]
+        moe_layers = [int(i) for i in meta["moe_layers"]]
+        hidden, experts = int(meta["hidden_size"]), int(meta["num_experts"])
+        fingerprint = str(meta["fingerprint"])
+        arch = dict(meta["architecture"])
+        int(arch["proj_dim"])
+        bool(arch["expert_embedding"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: gate metadata is missing or malformed ({exc!r}): {RETRAIN_HINT}") from None
+    if hidden <= 0 or experts <= 0 or not moe_layers:
+        raise FormatError(f"{path}: gate metadata has hidden size {hidden}, {experts} experts, layers {moe_layers}")
+    meta.update(levels=levels, capacity=capacity, moe_layers=moe_layers, hidden_size=hidden,
+                num_experts=experts, fingerprint=fingerprint, architecture=arch)
+    return meta, tensors

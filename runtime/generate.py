@@ -1,0 +1,160 @@
+"""A small decode loop over the model's own forward (not `model.generate`): we own timing and streaming.
+
+Several requests run as one batch with left padding; position ids come from the attention mask so a
+padded row sees the same positions as it would alone. KV lives in a transformers `DynamicCache`
+whose bytes are reported to `on_step` (the memory meter counts them against the budget).
+
+Shape letters: B = batch (requests), S = prompt length (padded), V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from d2moe.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How the next token is picked."""
+
+    max_new_tokens: int = 64  # per request
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+    seed: int = 0  # sampling generator seed (ignored when greedy)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class DecodeResult:
+    """What the loop produced and how long each phase took."""
+
+    new_tokens: list[list[int]]  # per request, without padding, up to and including EOS
+    prompt_tokens: int  # real (unpadded) prompt tokens over the batch
+    prefill_s: float
+    decode_s: float
+    ttft_s: float  # time to the first generated token (prefill + first sampling)
+    kv_bytes_peak: int = 0
+    steps: int = 0  # forward passes after prefill
+    finished: list[bool] = field(default_factory=list)  # ended on EOS (not on max_new_tokens)
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.new_tokens)
+
+
+def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, V] -> [B] (int64)."""
+    logits = logits.float()
+    if opts.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / opts.temperature, dim=-1)  # [B, V]
+    if opts.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= opts.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids [B, S], attention_mask [B, S]) padded on the left."""
+    if not batch or any(len(ids) == 0 for ids in batch):
+        raise UsageError("every prompt must encode to at least one token")
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes the DynamicCache holds right now (keys + values of every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    prompts: Sequence[Sequence[int]],
+    opts: SamplingOptions,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> DecodeResult:
+    """Generate for a batch of token-id prompts.
+
+    on_tokens(tokens [B], alive [B] bool): called after each sampled step (for streaming).
+    on_step(kv_bytes): called after each forward with the KV cache's current size.
+    """
+    from transformers import DynamicCache
+
+    input_ids, mask = left_pad(prompts, pad_id)
+    generator = torch.Generator().manual_seed(opts.seed) if opts.temperature > 0 else None
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long)
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
+
+    batch = input_ids.shape[0]
+    alive = torch.ones(batch, dtype=torch.bool)
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    kv_peak = 0
+
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = sample_next(out.logits[:, -1], opts, generator)  # [B]
+    ttft = time.perf_counter() - start
+    prefill_s = ttft
+    kv_peak = max(kv_peak, kv_cache_bytes(cache))
+    if on_step:
+        on_step(kv_peak)
+
+    steps = 0
+    decode_start = time.perf_counter()
+    while True:
+        for row in range(batch):
+            if alive[row]:
+                new_tokens[row].append(int(token[row]))
+        if on_tokens:
+            on_tokens(token, alive.clone())
+        alive &= ~torch.isin(token, eos)
+        if not alive.any() or steps + 1 >= opts.max_new_tokens:
+            break
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        token = sample_next(out.logits[:, -1], opts, generator)
+        steps += 1
+        kv_now = kv_cache_bytes(cache)
+        kv_peak = max(kv_peak, kv_now)
+        if on_step:
+            on_step(kv_now)
+    decode_s = time.perf_counter() - decode_start
+    return DecodeResult(
+        new_tokens=new_tokens, prompt_tokens=int(mask[:, : input_ids.shape[1]].sum()), prefill_s=prefill_s,
+        decode_s=decode_s, ttft_s=ttft, kv_bytes_peak=kv_peak, steps=steps,
+        finished=[bool(t) and t[-1] in set(eos.tolist()) for t in new_tokens],
+    )

@@ -1,0 +1,145 @@
+"""Measuring what a run really holds, by category, against its memory plan.
+
+The runtime registers what it holds (dense parameters, KV cache tensors, the expert cache,
+staging buffers, workspaces) and calls `sample()` at the points where memory peaks (after a
+layer's loads land, after a step). A sample adds up the actual bytes of the registered objects,
+not the plan's numbers; the meter keeps the peak total and per-category peaks. Tensors that
+share storage are counted once per sample.
+
+Process RSS (psutil) is reported apart, as the peak delta over the RSS when the meter was made:
+it includes the Python interpreter's and the allocator's own overheads, which the budget does
+not cover, so it is a cross-check, not the measure of invariant 4.
+
+Public API
+----------
+MemoryMeter()
+    register(category, name, obj)   # obj: tensor, nn.Module, bytes-like, ndarray, dict/list of them,
+                                    # an ExpertCache (its held_objects()), or a callable -> int bytes
+    unregister(category, name);  categories() -> list[str]
+    sample() -> MemorySample(total, by_category);  peak, peak_by_category, samples
+    rss_peak_delta -> int;  cuda_peak() -> int | None  (torch.cuda.max_memory_allocated when CUDA is up)
+    report() -> dict
+CATEGORIES: the names used by the runtime ("dense", "kv", "expert_cache", "staging", "workspace").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+CATEGORIES = ("dense", "kv", "expert_cache", "staging", "workspace")
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    total: int
+    by_category: dict[str, int]
+
+
+def _storage_of(obj: Any) -> tuple[Any, int] | None:
+    """(identity of the storage, its bytes) for torch tensors, so shared storage counts once."""
+    if hasattr(obj, "untyped_storage") and hasattr(obj, "device"):
+        if obj.device.type == "meta":  # a shape without memory
+            return None, 0
+        st = obj.untyped_storage()
+        return (str(obj.device), st.data_ptr()), st.nbytes()
+    return None
+
+
+def nbytes_of(obj: Any, seen: set | None = None) -> int:
+    """Bytes held by `obj` (tensor storage, bytes-like, ndarray, or a container of them)."""
+    if obj is None:
+        return 0
+    if callable(obj) and not hasattr(obj, "nbytes"):
+        return int(obj())
+    st = _storage_of(obj)
+    if st is not None:
+        ident, n = st
+        if ident is not None and seen is not None:
+            if ident in seen:
+                return 0
+            seen.add(ident)
+        return n
+    if hasattr(obj, "held_objects"):  # ExpertCache: measure what its entries hold, not its counters
+        return nbytes_of(obj.held_objects(), seen)
+    if isinstance(obj, dict):
+        return sum(nbytes_of(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes_of(v, seen) for v in obj)
+    if isinstance(obj, memoryview) and obj.obj is not None:
+        # a view holds its whole buffer alive (e.g. the aligned mmap a read landed in)
+        base = obj.obj
+        if seen is not None:
+            if ("buf", id(base)) in seen:
+                return 0
+            seen.add(("buf", id(base)))
+        return len(memoryview(base).cast("B")) if not isinstance(base, (bytes, bytearray)) else len(base)
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if hasattr(obj, "nbytes"):
+        return int(obj.nbytes)
+    if hasattr(obj, "parameters") and hasattr(obj, "buffers"):  # torch.nn.Module
+        return sum(nbytes_of(t, seen) for t in [*obj.parameters(), *obj.buffers()])
+    return len(memoryview(obj).cast("B"))
+
+
+class MemoryMeter:
+    """Live bytes of registered objects by category, with peaks."""
+
+    def __init__(self) -> None:
+        self._objs: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._proc = psutil.Process()
+        self._rss0 = self._proc.memory_info().rss
+        self._rss_peak = self._rss0
+        self.peak = 0
+        self.peak_by_category: dict[str, int] = {}
+        self.samples = 0
+
+    def register(self, category: str, name: str, obj: Any | Callable[[], int]) -> None:
+        with self._lock:
+            self._objs.setdefault(category, {})[name] = obj
+
+    def unregister(self, category: str, name: str) -> None:
+        with self._lock:
+            self._objs.get(category, {}).pop(name, None)
+
+    def categories(self) -> list[str]:
+        return list(self._objs)
+
+    def sample(self) -> MemorySample:
+        with self._lock:
+            seen: set = set()
+            by_cat = {c: sum(nbytes_of(o, seen) for o in objs.values()) for c, objs in self._objs.items()}
+            total = sum(by_cat.values())
+            self.samples += 1
+            self.peak = max(self.peak, total)
+            for c, n in by_cat.items():
+                self.peak_by_category[c] = max(self.peak_by_category.get(c, 0), n)
+            self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+            return MemorySample(total, by_cat)
+
+    @property
+    def rss_peak_delta(self) -> int:
+        return self._rss_peak - self._rss0
+
+    @staticmethod
+    def cuda_peak() -> int | None:
+        try:
+            import torch
+        except ImportError:
+            return None
+        return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "peak_bytes": self.peak,
+            "peak_by_category": dict(self.peak_by_category),
+            "samples": self.samples,
+            "rss_peak_delta_bytes": self.rss_peak_delta,
+            "cuda_peak_bytes": self.cuda_peak(),
+        }

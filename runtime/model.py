@@ -1,0 +1,90 @@
+"""Model assembly: the architecture's transformers class, dense weights from the packed checkpoint,
+each MoE block's experts module replaced by `OffloadedExperts`.
+
+The model is built on the meta device (no memory), its experts modules are swapped, the dense
+state dict is loaded with `assign=True` (the loaded tensors become the parameters, in their source
+dtype), and the non-persistent buffers the state dict does not carry (rotary inverse frequencies)
+are re-created on the CPU by re-running their module's constructor. The model's own routers stay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from d2moe.errors import FormatError
+from torch import nn
+
+
+def build_skeleton(adapter, config: dict) -> nn.Module:
+    """The transformers model of `config` on the meta device, in eval mode, with SDPA attention."""
+    hf_config = adapter.hf_config(config)
+    hf_config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = adapter.model_class()(hf_config)
+    return model.eval()
+
+
+def meta_buffer_bytes(model: nn.Module) -> int:
+    """Bytes of the buffers that will be re-created (they are not in the state dict)."""
+    return sum(b.numel() * b.element_size() for b in model.buffers() if b.is_meta)
+
+
+def swap_experts(model: nn.Module, adapter, moe_layers, make_experts: Callable[[int, nn.Module], nn.Module]) -> None:
+    """Replace each MoE layer's experts module by `make_experts(layer, original)`."""
+    for layer in moe_layers:
+        path = adapter.experts_path(layer)
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, attr, None)
+        if original is None:
+            raise FormatError(f"the {adapter.model_type} model has no module {path}: the checkpoint's MoE layers "
+                              f"do not match its config.json; re-run `d2moe pack`")
+        setattr(parent, attr, make_experts(layer, original))
+
+
+def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str = "dense.safetensors") -> None:
+    """Assign the dense weights; every parameter must end up real (tied weights re-tied)."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise FormatError(f"{where} holds {len(result.unexpected_keys)} tensors the model does not have "
+                          f"(e.g. {result.unexpected_keys[0]!r}): the checkpoint does not match its config.json")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise FormatError(f"{where} lacks {len(missing)} weights the model needs (e.g. {missing[0]!r}); re-run `d2moe pack`")
+
+
+def materialise_buffers(model: nn.Module) -> None:
+    """Re-create non-persistent buffers left on meta by rebuilding their module on the CPU."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise FormatError(f"module {name} ({type(module).__name__}) has buffers the checkpoint cannot restore")
+        fresh = type(module)(config)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise FormatError(f"buffer {left[0]} could not be materialised")
+
+
+def assemble(ckpt, adapter, make_experts: Callable[[int, nn.Module], nn.Module],
+             model: nn.Module | None = None) -> nn.Module:
+    """The runnable model: skeleton (or the given meta `model`) + swapped experts + dense weights + buffers."""
+    model = build_skeleton(adapter, ckpt.config) if model is None else model
+    swap_experts(model, adapter, ckpt.moe_layers, make_experts)
+    load_dense_weights(model, ckpt.load_dense())
+    materialise_buffers(model)
+    return model.eval()
+
+
+def expert_activation(original: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation of a transformers experts module (SwiGLU's act on the gate projection)."""
+    act = getattr(original, "act_fn", None)
+    if act is None:
+        raise FormatError(f"{type(original).__name__} has no act_fn: this experts module is not SwiGLU")
+    return act

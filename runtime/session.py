@@ -1,0 +1,344 @@
+"""One object a CLI, bench or eval call builds to run a packed checkpoint under a memory budget.
+
+`Session(checkpoint_path, RunOptions(...))`:
+1. opens and validates the packed checkpoint, picks the policy;
+2. plans memory before loading anything: dense + KV (for `max_tokens`) + staging + workspace +
+   expert cache <= budget, else BudgetError saying the minimum (hold-* policies must fit every
+   expert at their level);
+3. builds the model (meta skeleton, experts swapped for `OffloadedExperts`, dense weights assigned,
+   rotary buffers rebuilt), the expert store, the cache, and the level selector (the trained gate
+   when the checkpoint has one and the policy uses it);
+4. registers what it holds with a `MemoryMeter` and samples it while it runs.
+
+`session.generate(prompts, SamplingOptions)` tokenizes (chat template unless disabled), batches
+with left padding, runs the decode loop and returns a `GenerationReport` with the texts and the
+run's statistics (`report.stats` is what `--json` prints).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from d2moe.errors import BudgetError, InputError, UsageError
+from d2moe.units import format_size
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a packed checkpoint runs."""
+
+    memory_budget: int  # bytes the run may hold: dense + KV + expert cache + staging + workspace
+    policy: str = "d2moe"  # see d2moe.runtime.policies.POLICIES
+    level: int | None = None  # uniform level (moqe-dynaio; overrides the gate for d2moe)
+    router_levels: tuple[int, int] | None = None  # (high, low) for router-weight levels
+    schedule: str | None = None  # load order override: hebf | johnson | id (default: the policy's)
+    cache_policy: str = "decay"  # decay | lru
+    cache_decay: float = 0.9  # per-step decay of activation frequency
+    io_threads: int = 4  # reads in flight at once (also the staging slots)
+    io_bandwidth: float | None = None  # bytes/s cap emulating a device disk (None: the real disk)
+    direct_io: bool = True  # O_DIRECT where the filesystem allows it
+    max_tokens: int = 1024  # KV-cache tokens reserved: batch x (prompt + new tokens)
+    calibration_tokens: int = 16  # edgemoe: tokens counted before per-expert levels are fixed
+    use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
+
+
+@dataclass
+class GenerationReport:
+    """Texts and statistics of one `Session.generate` call."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    stats: dict = field(default_factory=dict)
+
+
+class Session:
+    """A packed checkpoint, ready to generate under a memory budget (see the module docstring)."""
+
+    def __init__(self, checkpoint: str | Path, options: RunOptions, tokenizer=None) -> None:
+        from d2moe.runtime.adapters import adapter_for
+        from d2moe.runtime.budget import (
+            MemoryPlan,
+            expert_workspace_bytes,
+            kv_bytes_per_token,
+            safetensors_payload_bytes,
+        )
+        from d2moe.runtime.cache import ExpertCache
+        from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
+        from d2moe.runtime.format import open_checkpoint
+        from d2moe.runtime.memory import MemoryMeter
+        from d2moe.runtime.model import assemble, build_skeleton, expert_activation, meta_buffer_bytes
+        from d2moe.runtime.policies import HOLD_LEVELS, check_level, get_policy
+        from d2moe.runtime.store import ExpertStore
+
+        self.options = options
+        self.spec = get_policy(options.policy, options.schedule)
+        if options.io_threads < 1:
+            raise UsageError(f"--io-threads {options.io_threads} must be at least 1")
+        path = Path(checkpoint)
+        if not path.exists():
+            raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
+        self.ckpt = ckpt = open_checkpoint(path)
+        self.adapter = adapter_for(ckpt.config)
+        bits = ckpt.cfg.bits
+
+        # --- plan before loading anything ---
+        self.hold_level = HOLD_LEVELS.get(self.spec.name)
+        if self.hold_level is not None and self.hold_level not in bits:
+            wanted = ",".join(str(b) for b in sorted(set(bits) | {self.hold_level}))
+            raise UsageError(f"--policy {self.spec.name} needs level {self.hold_level} but {path} holds levels "
+                             f"{list(bits)}: re-pack with `d2moe pack SRC OUT --bits {wanted}`")
+        for lv, option in [(options.level, "--level"), *((x, "--router-levels") for x in options.router_levels or ())]:
+            if lv is not None:
+                check_level(lv, bits, self.spec.name, option)
+        top = self.hold_level or max([options.level or 0, *(options.router_levels or ())]) or ckpt.cfg.bk
+        skeleton = build_skeleton(self.adapter, ckpt.config)
+        dense_bytes = safetensors_payload_bytes(ckpt.dense_path) + meta_buffer_bytes(skeleton)
+        kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
+        self.plan = MemoryPlan.build(
+            budget_bytes=options.memory_budget, dense_bytes=dense_bytes,
+            kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype), max_tokens=options.max_tokens,
+            expert_bytes=ckpt.level_nbytes(top), workspace_bytes=expert_workspace_bytes(ckpt.matrix_shapes),
+            staging_slots=options.io_threads + 1,  # reads in flight + the one computing after a full cache
+        )
+        if self.hold_level is not None:
+            need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(self.hold_level)
+            if need > self.plan.expert_cache:
+                minimum = options.memory_budget - self.plan.expert_cache + need
+                raise BudgetError(
+                    f"--policy {self.spec.name} holds every expert at {self.hold_level} bits ({format_size(need)}): "
+                    f"memory budget {format_size(options.memory_budget)} is below the minimum "
+                    f"{format_size(minimum)}; use --memory-budget {-(-minimum // 2**20)}MiB or more"
+                )
+
+        # --- build ---
+        self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
+                                 direct=options.direct_io)
+        self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
+        self.meter = MemoryMeter()
+        hf_config = skeleton.config
+        self.pipeline = ExpertPipeline(
+            ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
+            top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
+        )
+
+        def make_experts(layer: int, original):
+            self.pipeline.act_fn = expert_activation(original)
+            return OffloadedExperts(layer, self.pipeline)
+
+        self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
+        self.pipeline.routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)).detach()
+                                 for layer in ckpt.moe_layers}
+        self.gate = self._load_gate()
+        self.pipeline.selector = self._make_selector()
+        self._kv_bytes = 0
+        self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()])
+        self.meter.register("kv", "cache", lambda: self._kv_bytes)
+        self.meter.register("expert_cache", "cache", self.cache if hasattr(self.cache, "held_objects")
+                            else (lambda: self.cache.held_bytes))
+        self.meter.register("staging", "reads", lambda: self.pipeline.staging_bytes)
+        self.meter.register("workspace", "dequantized", lambda: self.pipeline.workspace_bytes)
+        self.meter.sample()
+
+        # --- hold-* baselines read everything up front ---
+        t0 = time.perf_counter()
+        if self.hold_level is not None:
+            self.pipeline.hold_all(self.hold_level)
+            self.meter.sample()
+        self.setup_bytes_read = self.store.bytes_read
+        self.setup_seconds = time.perf_counter() - t0
+        self.store.reset_stats()
+        self._tokenizer = tokenizer  # loaded from the checkpoint on first use when None
+
+    # ---- parts -------------------------------------------------------------------------
+    def _load_gate(self):
+        from d2moe.runtime.gate import load_gate, model_fingerprint
+
+        o = self.options
+        if (self.ckpt.gate_path is None or not o.use_gate or self.spec.levels != "gate"
+                or o.level is not None or o.router_levels is not None):
+            return None
+        routers = [self.pipeline.routers[layer] for layer in self.ckpt.moe_layers]
+        return load_gate(self.ckpt.gate_path, expect_fingerprint=model_fingerprint(self.ckpt.config, routers),
+                         expect_levels=self.ckpt.cfg.bits)
+
+    def _make_selector(self):
+        from d2moe.runtime.policies import make_level_selector
+
+        o = self.options
+        return make_level_selector(self.spec, self.ckpt.cfg.bits, self.ckpt.num_experts, level=o.level,
+                                   router_levels=o.router_levels, gate=self.gate,
+                                   calibration_tokens=o.calibration_tokens)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.ckpt.tokenizer_dir)
+        return self._tokenizer
+
+    def describe_levels(self) -> str:
+        return self.pipeline.selector.describe()
+
+    def _sample_memory(self, staging_bytes: int | None = None) -> None:
+        self.meter.sample()
+
+    # ---- generation --------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, chat_template)
+
+    def _tokenizer_or_none(self):
+        try:
+            return self.tokenizer
+        except InputError:
+            return None
+
+    def eos_ids(self) -> list[int]:
+        ids = set()
+        for v in (self.ckpt.config.get("eos_token_id"), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return sorted(ids)
+
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        sampling=None,
+        chat_template: bool = True,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> GenerationReport:
+        """Generate for `prompts` (or pre-tokenized `token_ids`) as one left-padded batch."""
+        from d2moe.runtime.generate import SamplingOptions, decode
+
+        sampling = sampling or SamplingOptions()
+        batch = [list(t) for t in token_ids] if token_ids is not None else self.encode(prompts or [], chat_template)
+        if not batch:
+            raise UsageError("no prompts to generate for: give --prompt or --prompts-file")
+        need = len(batch) * (max(len(t) for t in batch) + sampling.max_new_tokens)
+        if need > self.options.max_tokens:
+            raise BudgetError(f"this request needs {need} KV-cache tokens but the memory plan reserved "
+                              f"{self.options.max_tokens}: raise max_tokens or shorten the prompts/--max-new-tokens")
+        tok = self.tokenizer if token_ids is None else self._tokenizer_or_none()
+        pad_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+        eos = self.eos_ids() if tok is not None else [int(x) for x in _as_list(self.ckpt.config.get("eos_token_id"))]
+        pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
+
+        self.store.reset_stats()
+        self.cache.reset_stats()
+        self.pipeline.reset_stats()
+        streamed = [""] * len(batch)
+        sofar: list[list[int]] = [[] for _ in batch]
+
+        def on_tokens(tokens: torch.Tensor, alive: torch.Tensor) -> None:
+            if on_text is None or tok is None:
+                return
+            for row in range(len(batch)):
+                if alive[row]:
+                    sofar[row].append(int(tokens[row]))
+                    text = tok.decode(sofar[row], skip_special_tokens=True)
+                    if text.startswith(streamed[row]) and len(text) > len(streamed[row]):
+                        on_text(row, text[len(streamed[row]):])
+                        streamed[row] = text
+
+        def on_step(kv_bytes: int) -> None:
+            self._kv_bytes = kv_bytes
+            self.meter.sample()
+
+        result = decode(self.model, batch, sampling, eos, pad_id, on_tokens=on_tokens, on_step=on_step)
+        self.pipeline.drain()
+        self._kv_bytes = 0
+        texts = [tok.decode(t, skip_special_tokens=True) for t in result.new_tokens] if tok is not None else []
+        return GenerationReport(texts, result.new_tokens, self._stats(result))
+
+    def _stats(self, result) -> dict:
+        cache = self.cache.totals()
+        io = self.store.stats()
+        pipe = self.pipeline.stats
+        decode_tokens = max(0, result.generated - len(result.new_tokens))
+        memory = self.meter.report()
+        return {
+            "policy": self.spec.name,
+            "levels": self.describe_levels(),
+            "schedule": self.spec.order,
+            "requests": len(result.new_tokens),
+            "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": result.generated,
+            "prefill_s": result.prefill_s,
+            "prefill_tokens_per_s": result.prompt_tokens / result.prefill_s if result.prefill_s > 0 else 0.0,
+            "decode_s": result.decode_s,
+            "decode_tokens_per_s": decode_tokens / result.decode_s if result.decode_s > 0 else 0.0,
+            "time_to_first_token_s": result.ttft_s,
+            "cache": {"hit_rate": cache.hit_rate, "hits": cache.hits, "misses": cache.misses,
+                      "upgrades": cache.upgrades, "evictions": cache.evictions, "rejected": cache.rejected,
+                      "capacity_bytes": self.cache.capacity_bytes,
+                      "per_layer": {str(k): {"hit_rate": v.hit_rate, "hits": v.hits, "misses": v.misses,
+                                             "upgrades": v.upgrades, "evictions": v.evictions}
+                                    for k, v in self.cache.stats().items()}},
+            "bytes_read": io.bytes_read,
+            "bytes_read_per_token": io.bytes_read / result.generated if result.generated else 0.0,
+            "reads": io.reads,
+            "upgrade_reads": pipe.upgrade_loads,
+            "preloads": pipe.preloads,
+            "setup_bytes_read": self.setup_bytes_read,
+            "tokens_per_level": {str(k): v for k, v in sorted(pipe.pairs_per_level.items())},
+            "schedule_efficiency": pipe.schedule_efficiency,
+            "expert_step_s": pipe.makespan_s,
+            "expert_load_s": pipe.load_s,
+            "expert_compute_s": pipe.compute_s,
+            "memory": {"budget_bytes": self.options.memory_budget, "peak_bytes": memory["peak_bytes"],
+                       "peak_by_category": memory["peak_by_category"], "plan": self.plan.summary(),
+                       "rss_peak_delta_bytes": memory["rss_peak_delta_bytes"]},
+        }
+
+    def close(self) -> None:
+        self.pipeline.drain()
+        self.store.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a packed checkpoint directory; InputError when there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
+        raise InputError(f"{path} has no usable tokenizer ({type(exc).__name__}): copy the source model's "
+                         "tokenizer files into it or re-run `d2moe pack`") from None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when asked and the tokenizer has one."""
+    out = []
+    for p in prompts:
+        if chat_template and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(p)["input_ids"]
+        if not ids:
+            raise UsageError(f"prompt {p[:40]!r} encodes to no tokens")
+        out.append(list(ids))
+    return out
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]

@@ -1,0 +1,99 @@
+"""`d2moe run` end to end on a packed tiny checkpoint, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
+
+from d2moe.cli import main  # noqa: E402
+from packed import packed_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    torch.set_num_threads(1)
+    return packed_tiny(tmp_path_factory, "mixtral", bits=(2, 4, 8))[1]
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main(["run", *map(str, args)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_json_reports_texts_and_stats(packed, capsys):
+    code, out, _ = _run(capsys, packed, "--prompt", "hello world", "--memory-budget", "64MiB",
+                        "--max-new-tokens", "5", "--router-levels", "8,2", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert len(doc["outputs"]) == 1 and doc["outputs"][0]["tokens"] >= 1
+    stats = doc["stats"]
+    assert stats["memory"]["budget_bytes"] == 64 * 2**20
+    assert stats["memory"]["peak_bytes"] <= stats["memory"]["budget_bytes"]
+    assert set(stats["tokens_per_level"]) == {"2", "8"}
+
+
+def test_prompts_file_runs_as_a_batch(packed, tmp_path, capsys):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "hello world"}\n\n{"prompt": "the quick brown fox"}\n')
+    code, out, _ = _run(capsys, packed, "--prompts-file", f, "-m", "6GB", "--max-new-tokens", "3",
+                        "--policy", "moqe-dynaio", "--level", "4", "--io-bandwidth", "3.5GB/s", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert [o["prompt"] for o in doc["outputs"]] == ["hello world", "the quick brown fox"]
+    assert doc["stats"]["requests"] == 2
+
+
+def test_plain_output_prints_text_and_summary(packed, capsys):
+    code, out, err = _run(capsys, packed, "-p", "hello", "-m", "64MiB", "--max-new-tokens", "3",
+                          "--no-chat-template", "--cache-policy", "lru")
+    assert code == 0
+    assert out.strip()
+    assert "decode" in err and "tok/s" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--memory-budget", "300KiB"], "minimum"),
+    (["--memory-budget", "lots"], "not a size"),
+    (["--policy", "fastest"], "unknown"),
+    (["--level", "3"], "--bits"),
+])
+def test_bad_options_are_one_clear_line(packed, capsys, args, message):
+    code, _, err = _run(capsys, packed, "-p", "hello", *args)
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
+    code, _, err = _run(capsys, tmp_path / "nope", "-p", "hello")
+    assert code == 1 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json\n", "line 1 is not JSON"),
+    ('{"text": "x"}\n', 'no "prompt"'),
+    ("\n", "holds no prompts"),
+])
+def test_bad_prompts_file_is_one_clear_line(packed, tmp_path, capsys, content, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    code, _, err = _run(capsys, packed, "--prompts-file", f)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_prompts_file_and_no_prompt(packed, tmp_path, capsys):
+    code, _, err = _run(capsys, packed, "--prompts-file", tmp_path / "missing.jsonl")
+    assert code == 1 and "cannot read" in err
+    code, _, err = _run(capsys, packed)
+    assert code == 1 and "--prompt" in err

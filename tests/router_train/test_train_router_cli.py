@@ -1,0 +1,85 @@
+"""`d2moe train-router` end to end on a tiny model: gate file + report, and clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from d2moe.commands.train_router import parse_capacity, register
+from d2moe.errors import UsageError
+from d2moe.runtime.gate import load_gate
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:  # keep "train-router" a sub-command, as in the real CLI
+        pass
+
+    return app
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cli_end_to_end(app, tiny_mixtral, tmp_path):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 4}) for _ in range(40)))
+    out, report = tmp_path / "out" / "gate.safetensors", tmp_path / "report.json"
+    result = CliRunner().invoke(app, [
+        "train-router", str(tiny_mixtral), "--data", str(data), "--bits", "2,3,4", "--capacity", "0.3,0.4,0.3",
+        "-o", str(out), "--report", str(report), "--json", "--seq-len", "16", "--max-steps", "3", "--batch-size", "2",
+        "--eval-blocks", "2",
+    ])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    written = json.loads(report.read_text())
+    assert printed == written
+    assert written["levels"] == [2, 3, 4] and written["capacity"] == [0.3, 0.4, 0.3] and written["steps"] == 3
+    assert set(written["bits_histogram"]) == {"0", "1"}
+    for key in ("before", "after", "uniform", "full"):
+        assert key in written["eval"]
+    assert 2.0 <= written["avg_bits"] <= 4.0
+    gate = load_gate(out, expect_fingerprint=written["fingerprint"], expect_levels=[2, 3, 4])
+    assert gate.capacity == (0.3, 0.4, 0.3)
+    assert (out.parent / "gate.safetensors.state" / "train_state.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--capacity", "0.5,0.5"], "one fraction per level"),
+        (["--capacity", "0.5,0.4,0.3"], "sum to 1"),
+        (["--bits", "4,2"], "ascending"),
+        (["--target", "teacher"], "--target"),
+    ],
+)
+def test_cli_bad_options(app, tiny_mixtral, tmp_path, args, message):
+    data = tmp_path / "c.txt"
+    data.write_text("hello world\n")
+    result = CliRunner().invoke(app, ["train-router", str(tiny_mixtral), "--data", str(data), *args])
+    assert isinstance(result.exception, UsageError)
+    assert message in str(result.exception)
+
+
+def test_missing_data_is_an_input_error(app, tiny_mixtral, tmp_path):
+    from d2moe.errors import InputError
+
+    result = CliRunner().invoke(app, ["train-router", str(tiny_mixtral), "--data", str(tmp_path / "nope.txt")])
+    assert isinstance(result.exception, InputError) and "nope.txt does not exist" in str(result.exception)
+
+
+def test_capacity_none_means_unlimited():
+    assert parse_capacity("none", 3) == (1.0, 1.0, 1.0)
