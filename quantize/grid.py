@@ -11,6 +11,8 @@ Shape letters: N = groups in a chunk (rows x groups per row), S = group size, C 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from d2moe.errors import UsageError
@@ -93,7 +95,10 @@ def search_grid(x: torch.Tensor, bk: int, b1: int, levels: tuple[int, ...]) -> t
     return to_stored(x, mid - half * best_shrink - step * 0.5, step, bk, b1)
 
 
-def _keep_better(best_obj, best_shrink, objective, shrink):  # noqa: ANN001, ANN202 - local helper
+def _keep_better(
+    best_obj: torch.Tensor, best_shrink: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], shrink: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, keep `shrink` where its objective beats the best so far."""
     obj = objective(shrink)
     better = obj < best_obj
     return torch.where(better, obj, best_obj), torch.where(better, shrink, best_shrink)

@@ -63,8 +63,7 @@ def dequantize(t: MWQTensor, level: int, dtype: torch.dtype = torch.float32) -> 
         raise UsageError(f"tensor holds levels up to {t.level}; level {level} needs its missing planes loaded first")
     b1 = t.cfg.b1
     alpha = None if t.alpha is None else t.alpha[: level - b1]
-    out = dequantize_reference(t.scale, t.offset, t.planes[:level], alpha, b1, level, t.cfg.group_size, dtype)
-    return out
+    return dequantize_reference(t.scale, t.offset, t.planes[:level], alpha, b1, level, t.cfg.group_size, dtype)
 
 
 # --- residual refit ---------------------------------------------------------------------------

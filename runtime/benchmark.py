@@ -202,21 +202,18 @@ def sweep(
     repeats: int = 3,
     warmup: bool = True,
     on_run: Callable[[str, Budget, int], None] | None = None,
-    requirement: Callable[[str, Budget], int | None] | None = None,
+    unavailable: dict[str, str] | None = None,
 ) -> list[ConfigResult]:
     """Run every (policy, budget) `repeats` times, round-robin; one ConfigResult per configuration.
 
-    requirement(policy, budget) -> bytes needed when known up front to exceed the budget (n/a
-    without trying), else None. on_run(policy, budget, repeat) is called after each run (progress).
+    A BudgetError from `run` marks the configuration n/a (with the bytes its message says are
+    needed) and it is not run again. unavailable: policy -> why it cannot run on this checkpoint at
+    all (n/a at every budget). on_run(policy, budget, repeat) is called after each (progress).
     A discarded warm-up run of the first runnable configuration goes first (imports, allocator).
     """
     if repeats < 1:
         raise UsageError(f"--repeats {repeats} must be at least 1")
-    results = [ConfigResult(p, b) for p in policies for b in budgets]
-    for res in results:
-        needs = requirement(res.policy, res.budget) if requirement else None
-        if needs is not None and needs > res.budget.bytes:
-            res.reason, res.needs_bytes = "budget below what the policy holds", needs
+    results = [ConfigResult(p, b, reason=(unavailable or {}).get(p)) for p in policies for b in budgets]
     warmed = not warmup
     for rep in range(repeats):
         for res in results:
@@ -280,7 +277,7 @@ def plot_throughput(report: BenchReport, path, metric: str = "decode_tokens_per_
     ax.set_title("Throughput with different memory budgets")
     labels = {b.bytes / mib: b.label for b in report.budgets}
     ax.set_xticks(sorted(labels))
-    ax.set_xticklabels([f"{labels[x]}\n{x:.0f}" if labels[x].endswith("%") else labels[x] for x in sorted(labels)])
+    ax.set_xticklabels([f"{labels[x]}\n{x:.3g}" if labels[x].endswith("%") else labels[x] for x in sorted(labels)])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -325,9 +322,8 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4) -> tuple[int,
     max_tokens, staging, workspace), from the session's own memory plan.
     """
     from d2moe.runtime.evaluate import UNLIMITED_BUDGET
-    from d2moe.runtime.session import RunOptions, Session
-
     from d2moe.runtime.format import open_checkpoint
+    from d2moe.runtime.session import RunOptions, Session
 
     ckpt = open_checkpoint(checkpoint)
     level = reference_level(ckpt.cfg.bits)
@@ -352,6 +348,26 @@ def measure_from_stats(stats: dict) -> RunMeasure:
         generated_tokens=int(stats["generated_tokens"]),
         levels={int(b): int(n) for b, n in stats["tokens_per_level"].items()},
     )
+
+
+def unavailable_policies(checkpoint, policies: Sequence[str]) -> dict[str, str]:
+    """Policies this checkpoint cannot run at any budget (a hold-* level it does not pack), with why.
+
+    A level given with @ that is not packed is the user's mistake, not n/a: UsageError.
+    """
+    from d2moe.runtime.evaluate import parse_policy
+    from d2moe.runtime.format import open_checkpoint
+    from d2moe.runtime.policies import HOLD_LEVELS
+
+    bits = open_checkpoint(checkpoint).cfg.bits
+    out = {}
+    for policy in policies:
+        name, level = parse_policy(policy)
+        if level is not None and level not in bits:
+            raise UsageError(f"--policies {policy}: level {level} is not packed (levels {', '.join(map(str, bits))})")
+        if name in HOLD_LEVELS and HOLD_LEVELS[name] not in bits:
+            out[policy] = f"needs level {HOLD_LEVELS[name]} packed"
+    return out
 
 
 def session_runner(
@@ -401,7 +417,8 @@ def run_bench(
     if on_plan:
         on_plan(len(names) * len(budget_list) * repeats)
     run = session_runner(checkpoint, prompt_ids, max_new_tokens, io_bandwidth, io_threads, tokenizer)
-    results = sweep(names, budget_list, run, repeats=repeats, on_run=on_run)
+    results = sweep(names, budget_list, run, repeats=repeats, on_run=on_run,
+                    unavailable=unavailable_policies(checkpoint, names))
     return BenchReport(
         checkpoint=str(checkpoint), prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens, repeats=repeats,
         io_bandwidth=int(io_bandwidth) if io_bandwidth else None, expert_set_bytes=expert_set,

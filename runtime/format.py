@@ -309,7 +309,7 @@ class PackedCheckpoint:
             lo, hi = self.layout.segment_range(i)
             if zlib.crc32(view[lo:hi]) != e.crc32[i]:
                 raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
-                                  "crc32 check (corrupted file: re-pack or re-download)")
+                                  f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
 
     def verify(self) -> None:
         """Read every byte once: check every expert segment's and the dense/gate files' crc32."""
@@ -318,7 +318,7 @@ class PackedCheckpoint:
         for section in ("dense", "gate"):
             info = self.manifest[section]
             if info is not None and _file_crc(self.path / info["file"]) != info["crc32"]:
-                raise FormatError(f"{info['file']}: crc32 mismatch (corrupted file: re-pack or re-download)")
+                raise FormatError(f"{info['file']}: crc32 differs from {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
 
     def load_dense(self, device: str = "cpu") -> dict[str, torch.Tensor]:
         """Every dense weight, keyed by transformers-5 model key, in its stored dtype."""
@@ -420,6 +420,9 @@ def _check_files(path: Path, manifest: dict, cfg: MWQConfig, experts: dict[tuple
         if set(header.tensors) != set(want):
             extra = sorted(set(header.tensors) ^ set(want))[:3]
             raise FormatError(f"{name}: holds tensors that disagree with {MANIFEST_NAME} (e.g. {extra}): re-pack")
+        layer = entries[0].layer
+        if header.metadata != {"format": FORMAT_NAME, "layer": str(layer)}:
+            raise FormatError(f"{name}: metadata {header.metadata} should be format {FORMAT_NAME!r}, layer '{layer}' (re-pack)")
         if header.data_start % ALIGN:
             raise FormatError(f"{name}: data section starts at {header.data_start}, not {ALIGN}-aligned")
         for tname, e in want.items():

@@ -54,6 +54,8 @@ def nbytes_of(obj: Any, seen: set | None = None) -> int:
     """Bytes held by `obj` (tensor storage, bytes-like, ndarray, or a container of them)."""
     if obj is None:
         return 0
+    if hasattr(obj, "parameters") and hasattr(obj, "buffers"):  # torch.nn.Module (callable, but not a byte count)
+        return sum(nbytes_of(t, seen) for t in [*obj.parameters(), *obj.buffers()])
     if callable(obj) and not hasattr(obj, "nbytes"):
         return int(obj())
     st = _storage_of(obj)
@@ -82,8 +84,6 @@ def nbytes_of(obj: Any, seen: set | None = None) -> int:
         return len(obj)
     if hasattr(obj, "nbytes"):
         return int(obj.nbytes)
-    if hasattr(obj, "parameters") and hasattr(obj, "buffers"):  # torch.nn.Module
-        return sum(nbytes_of(t, seen) for t in [*obj.parameters(), *obj.buffers()])
     return len(memoryview(obj).cast("B"))
 
 

@@ -51,10 +51,15 @@ class SourceCheckpoint:
             self.config = strict_json(self.config_bytes, str(config_path))
         except D2MoEError as exc:
             raise InputError(str(exc)) from None
-        self.weight_map = self._weight_map()
-        self.files = sorted(set(self.weight_map.values()))
+        self.weight_map: dict[str, str] = {}
+        self.files: list[str] = []
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
+
+    def index_weights(self) -> None:
+        """Find every tensor's file (index or single file); call once the architecture is known to be supported."""
+        self.weight_map = self._weight_map()
+        self.files = sorted(set(self.weight_map.values()))
 
     def _weight_map(self) -> dict[str, str]:
         index, single = self.path / INDEX_NAME, self.path / SINGLE_NAME
@@ -216,6 +221,7 @@ def pack_checkpoint(
     source = SourceCheckpoint(src)
     try:
         adapter = adapter_for(source.config)
+        source.index_weights()
         _check_out(src, out, force)
         config = source.config
         moe_layers, num_experts = adapter.moe_layers(config), adapter.num_experts(config)

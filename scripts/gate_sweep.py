@@ -93,11 +93,12 @@ def main(argv=None) -> None:
         return {k: r[k] for k in ("ppl", "nll", "kl", "avg_bits") if k in r} | (
             {"level_fractions": r["level_fractions"]} if "level_fractions" in r else {})
 
-    def fit(capacity, alpha, steps=args.steps):
+    def fit(capacity, alpha, steps=args.steps, estimator="ste", proj_dim=32, expert_embedding=True):
         cfg = TrainConfig(src=str(args.model), data=(), bits=bits, capacity=capacity, seq_len=args.seq_len,
-                          batch_size=args.batch_size, max_steps=steps, lr=args.lr, seed=args.seed, bit_cost=alpha)
+                          batch_size=args.batch_size, max_steps=steps, lr=args.lr, seed=args.seed, bit_cost=alpha,
+                          estimator=estimator, proj_dim=proj_dim, expert_embedding=expert_embedding)
         torch.manual_seed(args.seed)
-        gate = session.new_gate(capacity)
+        gate = session.new_gate(capacity, proj_dim, expert_embedding)
         t = time.perf_counter()
         hist = train_gate(session, gate, train, cfg)
         print(f"  trained capacity={capacity} α={alpha}: {steps} steps in {time.perf_counter() - t:.0f}s, "
@@ -117,9 +118,15 @@ def main(argv=None) -> None:
     gate = fit(cap, 0.0)
     results["matched"]["trained gate"] = ev("gated", gate)
     results["matched"]["random, same histogram"] = ev("shuffled", gate)
+    if not args.quick:
+        variants = {"trained gate, Gumbel-softmax": dict(estimator="gumbel"),
+                    "trained gate, linear head": dict(proj_dim=0),
+                    "trained gate, no expert term": dict(expert_embedding=False)}
+        for name, kw in variants.items():
+            results["matched"][name] = ev("gated", fit(cap, 0.0, **kw))
     results["matched"]["uniform 3-bit"] = results["uniform"]["3"]
     for name, r in results["matched"].items():
-        print(f"matched ~3.0 bits: {name:24s} ppl {r['ppl']:.3f}  bits {r.get('avg_bits', 3.0):.3f}", flush=True)
+        print(f"matched ~3.0 bits: {name:30s} ppl {r['ppl']:.3f}  bits {r.get('avg_bits', 3.0):.3f}", flush=True)
 
     if not args.quick:
         unlimited = (1.0,) * len(bits)

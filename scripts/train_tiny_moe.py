@@ -14,7 +14,7 @@ chunks of seq_len - 1 tokens, each scored after a leading <s> (the same framing 
 
 Defaults reproduce the shipped model (d2moe_cli/assets/tiny-mixtral):
 
-    .venv/bin/python scripts/train_tiny_moe.py            # ~30 min on one CPU thread
+    .venv/bin/python scripts/train_tiny_moe.py            # ~30 min on one CPU thread shared with other jobs
     .venv/bin/python scripts/train_tiny_moe.py --steps 20 --out /tmp/smoke   # smoke run
 """
 
@@ -64,16 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--max-positions", type=int, default=1024, help="max_position_embeddings")
     a("--seq-len", type=int, default=256, help="tokens per training window (incl. the leading <s>)")
     a("--batch-size", type=int, default=16, help="windows per step")
-    a("--steps", type=int, default=1500, help="optimizer steps")
+    a("--steps", type=int, default=800, help="optimizer steps")
     a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (cosine)")
     a("--warmup", type=int, default=100, help="linear warm-up steps")
     a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     a("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    a("--eval-every", type=int, default=250, help="steps between held-out evaluations (on a fixed subset)")
+    a("--eval-every", type=int, default=200, help="steps between held-out evaluations (on a fixed subset)")
     a("--eval-chunks", type=int, default=8, help="held-out chunks per file in the periodic evaluation")
     a("--seed", type=int, default=0, help="seed for init, data order and sampling")
     a("--threads", type=int, default=1, help="torch CPU threads")
+    a("--report", type=Path, default=REPO / "benchmarks" / "results" / "fixture.md", help="markdown report to write")
+    a("--report-only", action="store_true", help="only rewrite --report from <out>/training.json (no training)")
     a("--experts-impl", default="grouped_mm", help="transformers experts implementation for training (eager|grouped_mm|batched_mm)")
     return p.parse_args(argv)
 
@@ -121,7 +123,7 @@ def train_tokenizer(train_paths: list[Path], vocab_size: int):
 
 def encode_file(tokenizer, path: Path) -> torch.Tensor:
     """Token ids of a whole file, no special tokens."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tokenizer.backend_tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -232,11 +234,62 @@ def samples(model, tokenizer, seed: int, max_new_tokens: int = 60) -> list[dict]
     return out
 
 
+# -------------------------------------------------------------------------------------------- report
+
+
+def write_report(record: dict, out: Path, report: Path) -> None:
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    a = record["args"]
+    lines = [
+        "# The embedded model: tiny-mixtral",
+        "",
+        "`d2moe_cli/assets/tiny-mixtral`: a `MixtralForCausalLM` trained from scratch on the embedded text",
+        "(`d2moe_cli/assets/text/*.train.txt`), the default model of `make demo` and the quality benchmarks.",
+        "",
+        f"- command: `{record['command']}` (machine: 2-core CPU shared with other jobs, 24 GB, no GPU, "
+        f"torch {record['torch']}, 1 thread; date 2026-11-23)",
+        f"- architecture: hidden {a['hidden']}, expert intermediate {a['intermediate']}, {a['layers']} layers, "
+        f"{a['heads']} heads / {a['kv_heads']} kv heads, {a['experts']} experts top-{a['top_k']}, tied embeddings, "
+        f"byte-level BPE vocab {a['vocab_size']}",
+        f"- parameters: {record['parameters']:,} ({record['expert_parameters']:,} in experts)",
+        f"- size on disk: {size / 1e6:.2f} MB (float16 safetensors + tokenizer; cap 15 MB)",
+        f"- training: {a['steps']} steps x {a['batch_size']} windows x {a['seq_len']} tokens "
+        f"({a['steps'] * a['batch_size'] * a['seq_len']:,} tokens; train set "
+        f"{sum(record['train_tokens'].values()):,} tokens), AdamW lr {a['lr']} warm-up {a['warmup']} + cosine, "
+        f"router aux loss {a['aux_loss_coef']}; {record['train_seconds'] / 60:.1f} min training, "
+        f"{record['total_seconds'] / 60:.1f} min in all",
+        "",
+        "## Held-out perplexity (float16 weights, non-overlapping chunks of "
+        f"{a['seq_len']} tokens led by `<s>`)",
+        "",
+        "| file | held-out tokens | perplexity |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {n} | {record['heldout_tokens'][n]:,} | {p:.2f} |" for n, p in record["heldout_ppl"].items()]
+    lines += ["", "## Training curve (held-out ppl on the first "
+              f"{a['eval_chunks']} chunks of each file)", "", "| step | train loss | "
+              + " | ".join(record["heldout_ppl"]) + " | elapsed (s) |", "|---:|---:|" + "---:|" * len(record["heldout_ppl"]) + "---:|"]
+    for h in record["history"]:
+        lines.append(f"| {h['step']} | {h['lm_loss']:.3f} | "
+                     + " | ".join(f"{h['heldout_subset_ppl'][n]:.1f}" for n in record["heldout_ppl"])
+                     + f" | {h['elapsed_s']:.0f} |")
+    lines += ["", "## Samples (60 new tokens; greedy with repetition penalty 1.1, and sampled at T=0.8, top-k 50)", ""]
+    for s in record["samples"]:
+        lines += [f"Prompt `{s['prompt']!r}`", "", "greedy:", "```", s["prompt"] + s["greedy"], "```",
+                  "sampled:", "```", s["prompt"] + s["sampled"], "```", ""]
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines))
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report_only:
+        write_report(json.loads((args.out / "training.json").read_text()), args.out, args.report)
+        return
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -249,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout = {name: heldout_chunks(encode_file(tokenizer, p), args.seq_len, tokenizer.bos_token_id)
                for name, p in heldout_paths.items()}
     print(f"tokenizer: {len(tokenizer)} tokens; train tokens "
-          + ", ".join(f"{n}={s.numel():,}" for n, s in zip(train_paths, streams)), flush=True)
+          + ", ".join(f"{n}={s.numel():,}" for n, s in zip(train_paths, streams, strict=True)), flush=True)
 
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -271,9 +324,10 @@ def main(argv: list[str] | None = None) -> None:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        aux = float(out.aux_loss.detach())
+        lm_loss = float(out.loss.detach()) - args.aux_loss_coef * aux
         if step % 10 == 0 or step == args.steps - 1:
-            lm_loss = float(out.loss - args.aux_loss_coef * out.aux_loss)
-            print(f"step {step:5d}  lm_loss {lm_loss:.4f}  aux {float(out.aux_loss):.3f}  "
+            print(f"step {step:5d}  lm_loss {lm_loss:.4f}  aux {aux:.3f}  "
                   f"lr {lr_at(step, args):.2e}  {time.perf_counter() - t_train:7.1f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             ppl = {n: round(perplexity(model, c), 2) for n, c in eval_subset.items()}
@@ -294,13 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     record = {
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/train_tiny_moe.py", *sys.argv[1:]]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "parameters": n_params,
         "expert_parameters": n_expert,
-        "train_tokens": {n: s.numel() for n, s in zip(train_paths, streams)},
+        "train_tokens": {n: s.numel() for n, s in zip(train_paths, streams, strict=True)},
         "heldout_tokens": {n: c[:, 1:].numel() for n, c in heldout.items()},
         "heldout_ppl": final_ppl,
         "history": history,
@@ -310,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_report(record, args.out, args.report)
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     print(f"saved {args.out} ({size / 1e6:.2f} MB on disk); training {train_s / 60:.1f} min", flush=True)
 

@@ -1,7 +1,129 @@
-"""`d2moe bench` (being built)."""
+"""`d2moe bench`: throughput against memory budget for D²MoE and the paper's baselines, in one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+def bench(
+    checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
+    budgets: Annotated[str, typer.Option(
+        help="Memory budgets: percentages of the 4-bit expert set on top of dense + KV + staging "
+             "(25%,50%,75%,100%) and/or sizes (64MiB,1GiB).")] = "25%,50%,75%,100%",
+    policies: Annotated[str, typer.Option(
+        help="'all' or a list: d2moe,hold-int8,hold-int4,matryoshka-free,moqe-dynaio,edgemoe "
+             "(a level with @, e.g. moqe-dynaio@2).")] = "all",
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt every run prefills.")] = (
+        "Once upon a time there was a king who had three daughters."),
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens each run decodes (greedy).")] = 32,
+    repeats: Annotated[int, typer.Option(help="Runs per configuration, interleaved; medians are reported.")] = 3,
+    io_bandwidth: Annotated[str | None, typer.Option(
+        help="Cap disk reads to emulate a device, e.g. 1GB/s (default: the real disk).")] = None,
+    io_threads: Annotated[int, typer.Option(help="Expert reads in flight at once.")] = 4,
+    chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
+                                                help="Wrap the prompt in the chat template.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write throughput vs budget as a PNG (matplotlib).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
+) -> None:
+    """Sweep policies x memory budgets: prefill/decode tokens/s, peak memory, bytes read, hit rate."""
+    from d2moe.commands.run import parse_bandwidth
+    from d2moe.runtime.benchmark import plot_throughput, run_bench
+
+    bandwidth = parse_bandwidth(io_bandwidth)
+    if plot is not None and plot.suffix.lower() != ".png":
+        from d2moe.errors import UsageError
+
+        raise UsageError(f"--plot {plot}: give a .png file name")
+
+    import torch
+
+    torch.manual_seed(0)
+    show = not json_out and sys.stderr.isatty()
+    with _Bar(show) as bar:
+        report = run_bench(
+            checkpoint, budgets, policies, prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats,
+            io_bandwidth=bandwidth, io_threads=io_threads, chat_template=chat_template,
+            on_run=bar.advance if show else None, on_plan=bar.start if show else None,
+        )
+    if plot is not None:
+        plot_throughput(report, plot)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    print_report(report)
+    if plot is not None:
+        typer.echo(f"plot: {plot}")
+
+
+def print_report(report) -> None:
+    """One table: a row per (budget, policy), ratio to the best baseline at that budget."""
+    from d2moe.units import format_size
+    from rich.console import Console
+    from rich.table import Table
+
+    bw = f", I/O capped at {report.io_bandwidth / 1e9:g} GB/s" if report.io_bandwidth else ""
+    table = Table(title=(f"d2moe bench: {report.prompt_tokens}-token prompt, {report.max_new_tokens} new tokens, "
+                         f"median of {report.repeats}{bw}"), title_justify="left")
+    for col in ("budget", "policy", "prefill tok/s", "decode tok/s", "× best baseline", "TTFT ms", "peak memory",
+                "read/token", "hit rate", "schedule eff.", "levels (pairs)"):
+        table.add_column(col, justify="left" if col in ("budget", "policy", "levels (pairs)") else "right")
+    for budget in report.budgets:
+        label = f"{budget.label} ({format_size(budget.bytes)})" if budget.label.endswith("%") else budget.label
+        for i, policy in enumerate(report.policies):
+            r = report.result(policy, budget.label)
+            first = label if i == 0 else ""
+            name = f"[bold]{policy}[/]" if policy == "d2moe" else policy
+            if not r.ok:
+                needs = f"needs {format_size(r.needs_bytes)}" if r.needs_bytes else r.reason.split(":")[0]
+                table.add_row(first, name, f"[dim]n/a ({needs})[/]", *[""] * 8)
+                continue
+            levels = " ".join(f"{b}b:{n}" for b, n in sorted(r.runs[-1].levels.items()))
+            ratio = "-" if r.ratio_to_best_baseline is None else f"{r.ratio_to_best_baseline:.2f}×"
+            table.add_row(
+                first, name, f"{r.median('prefill_tokens_per_s'):.1f}", f"{r.median('decode_tokens_per_s'):.1f}", ratio,
+                f"{1000 * r.median('ttft_s'):.0f}", format_size(r.median("peak_memory_bytes")),
+                format_size(r.median("bytes_read_per_token")), f"{r.median('hit_rate'):.0%}",
+                f"{r.median('schedule_efficiency'):.0%}", levels,
+            )
+        table.add_section()
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+
+
+class _Bar:
+    """A rich progress bar over all runs (on stderr), or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.progress.__enter__()
+        return self
+
+    def start(self, total: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task("bench", total=total)
+
+    def advance(self, policy: str, budget, repeat: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=1, description=f"bench {policy} @ {budget.label} (#{repeat + 1})")
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(name="bench")(bench)

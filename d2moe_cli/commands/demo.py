@@ -1,7 +1,187 @@
-"""`d2moe demo` (being built)."""
+"""`d2moe demo` (what `make demo` runs): pack the embedded model once, run it under a budget that forces offloading.
+
+1. The embedded tiny Mixtral (d2moe_cli/assets/tiny-mixtral) is packed into a cache directory
+   (--out, else $D2MOE_CACHE/demo, else $XDG_CACHE_HOME/d2moe/demo, else ~/.cache/d2moe/demo);
+   a packed copy already there is reused when it opens cleanly and was packed from the same
+   source with the same levels.
+2. The memory budget holds dense + KV + staging + workspace and only `--expert-fraction` (40%)
+   of the experts at the highest level: the rest stream from disk.
+3. The prompt's continuation streams to stdout, then a table of what the run did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from d2moe.errors import InputError, UsageError
+
+DEFAULT_PROMPT = "Once upon a time there was a king who had three daughters,"
+DEFAULT_BITS = "2,3,4"
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model shipped inside the package (HF checkpoint + tokenizer)."""
+    from importlib.resources import files
+
+    path = Path(str(files("d2moe") / "assets" / "tiny-mixtral"))
+    if not (path / "config.json").is_file():
+        raise InputError(f"the embedded demo model is missing ({path} has no config.json): reinstall d2moe "
+                         "(pip install -e .) or pass --model SRC")
+    return path
+
+
+def demo_cache_dir() -> Path:
+    if os.environ.get("D2MOE_CACHE"):
+        return Path(os.environ["D2MOE_CACHE"]) / "demo"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "d2moe" / "demo"
+
+
+def packed_is_current(out: Path, src: Path, bits: tuple[int, ...]) -> bool:
+    """True when `out` is a valid packed checkpoint of `src` (same fingerprint) at `bits`."""
+    from d2moe.errors import D2MoEError
+    from d2moe.runtime.format import open_checkpoint
+    from d2moe.runtime.pack import SourceCheckpoint
+
+    if not (out / "d2moe.json").is_file():
+        return False
+    try:
+        ckpt = open_checkpoint(out)
+    except D2MoEError:
+        return False
+    source = SourceCheckpoint(src)
+    try:
+        same_source = ckpt.manifest["source"]["sha256"] == source.fingerprint()
+    finally:
+        source.close()
+    return same_source and tuple(ckpt.cfg.bits) == tuple(bits)
+
+
+def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool) -> tuple[bool, float]:
+    """Pack `src` into `out` unless a current pack is there; returns (packed now, seconds)."""
+    import time
+
+    from d2moe.quantize import MWQConfig
+    from d2moe.runtime.pack import pack_checkpoint
+
+    if packed_is_current(out, src, bits):
+        return False, 0.0
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pack_checkpoint(src, out, MWQConfig(bits=bits), progress=progress, force=True)
+    return True, time.perf_counter() - t0
+
+
+def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_threads: int = 4) -> tuple[int, int]:
+    """(budget bytes, all-experts bytes at the highest level): the fixed part + a fraction of the experts."""
+    from d2moe.runtime.evaluate import UNLIMITED_BUDGET
+    from d2moe.runtime.session import RunOptions, Session
+
+    options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="d2moe", max_tokens=max_tokens, io_threads=io_threads)
+    with Session(checkpoint, options) as session:
+        plan, ckpt = session.plan, session.ckpt
+    experts = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk)
+    fixed = plan.budget - plan.expert_cache
+    return max(plan.minimum, fixed + int(expert_fraction * experts)), experts
+
+
+def demo(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt to continue.")] = DEFAULT_PROMPT,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    out: Annotated[Path | None, typer.Option(
+        help="Where the packed demo model lives (default: ~/.cache/d2moe/demo; reused when current).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Pack this HF checkpoint instead of the embedded one.")] = None,
+    bits: Annotated[str, typer.Option(help="Levels to pack.")] = DEFAULT_BITS,
+    expert_fraction: Annotated[float, typer.Option(
+        help="Share of the expert set (highest level) the budget leaves room for; the rest streams from disk.")] = 0.4,
+    policy: Annotated[str, typer.Option(help="Run policy (see `d2moe run --help`).")] = "d2moe",
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print text and statistics as one JSON object.")] = False,
+) -> None:
+    """Pack the embedded tiny Mixtral (once), run it with most experts on disk, stream text, show the stats."""
+    import torch
+    from d2moe.runtime.generate import SamplingOptions
+    from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
+
+    if not 0 < expert_fraction <= 1:
+        raise UsageError(f"--expert-fraction {expert_fraction} must be in (0, 1]")
+    try:
+        level_bits = tuple(int(b) for b in bits.split(","))
+    except ValueError:
+        raise UsageError(f"--bits {bits!r}: write a comma list such as 2,3,4") from None
+    src = Path(model) if model is not None else embedded_model_dir()
+    out = Path(out) if out is not None else demo_cache_dir()
+    say = (lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True))
+
+    say(f"packing {src.name} -> {out} (bits {bits}) ..." if not packed_is_current(out, src, level_bits)
+        else f"using packed model in {out}")
+    packed_now, pack_s = ensure_packed(src, out, level_bits, progress=not json_out and sys.stderr.isatty())
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(out)
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature)
+    (ids,) = encode_prompts(tokenizer, [prompt], chat_template=False)
+    max_tokens = len(ids) + max_new_tokens
+    budget, experts = demo_budget(out, max_tokens, expert_fraction)
+    options = RunOptions(memory_budget=budget, policy=policy, max_tokens=max_tokens)
+    if not json_out:
+        from d2moe.units import format_size
+
+        say(f"memory budget {format_size(budget)}: room for {expert_fraction:.0%} of the experts "
+            f"({format_size(experts)} at {level_bits[-1]} bits), the rest loads from disk\n")
+        typer.echo(prompt, nl=False)
+
+    def stream(row: int, delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    with Session(out, options, tokenizer=tokenizer) as session:
+        report = session.generate(token_ids=[ids], sampling=sampling, on_text=None if json_out else stream)
+    stats = report.stats
+    if json_out:
+        typer.echo(json.dumps({"prompt": prompt, "text": report.texts[0], "packed": str(out), "packed_now": packed_now,
+                               "pack_seconds": pack_s, "expert_bytes": experts, "stats": stats}, indent=2))
+        return
+    typer.echo("\n")
+    print_stats(stats)
+
+
+def print_stats(stats: dict) -> None:
+    from d2moe.units import format_size
+    from rich.console import Console
+    from rich.table import Table
+
+    mem = stats["memory"]
+    levels = stats["tokens_per_level"]
+    pairs = sum(levels.values()) or 1
+    table = Table(title="what the run did", title_justify="left", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    rows = [
+        ("policy", f"{stats['policy']} ({stats['levels']})"),
+        ("prompt / generated tokens", f"{stats['prompt_tokens']} / {stats['generated_tokens']}"),
+        ("prefill", f"{stats['prefill_tokens_per_s']:.1f} tok/s"),
+        ("decode", f"{stats['decode_tokens_per_s']:.1f} tok/s"),
+        ("time to first token", f"{1000 * stats['time_to_first_token_s']:.0f} ms"),
+        ("expert cache hit rate", f"{stats['cache']['hit_rate']:.0%}"),
+        ("expert bytes read", f"{format_size(stats['bytes_read'])} ({format_size(stats['bytes_read_per_token'])}/token, "
+                              f"{stats['reads']} reads, {stats['upgrade_reads']} upgrades)"),
+        ("levels used (token-expert pairs)", ", ".join(f"{b}-bit {100 * n / pairs:.0f}%" for b, n in levels.items())),
+        ("schedule efficiency (I/O-compute overlap)", f"{stats['schedule_efficiency']:.0%}"),
+        ("peak memory / budget", f"{format_size(mem['peak_bytes'])} / {format_size(mem['budget_bytes'])} "
+                                 f"({mem['peak_bytes'] / mem['budget_bytes']:.0%})"),
+        ("expert cache capacity", format_size(stats["cache"]["capacity_bytes"])),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 120).print(table)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command(name="demo")(demo)

@@ -72,6 +72,7 @@ def run(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
                                                 help="Wrap prompts in the tokenizer's chat template.")] = True,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for compute (default: torch's choice).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
 ) -> None:
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
@@ -90,6 +91,10 @@ def run(
     batch = encode_prompts(tokenizer, prompts, chat_template)
     max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
     torch.manual_seed(seed)
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads} must be at least 1")
+        torch.set_num_threads(threads)
     options = RunOptions(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,

@@ -20,7 +20,9 @@ def _meta_model(adapter, config: dict):
 
 
 def _source_keys(path) -> list[str]:
-    return sorted(SourceCheckpoint(path).weight_map)
+    source = SourceCheckpoint(path)
+    source.index_weights()
+    return sorted(source.weight_map)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -1,0 +1,178 @@
+"""`d2moe eval`, `d2moe bench`, `d2moe demo` end to end on packed tiny models (and the embedded one)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
+
+from d2moe.cli import main  # noqa: E402
+from d2moe.runtime.evaluate import lm_eval_available  # noqa: E402
+from packed import packed_tiny  # noqa: E402
+
+TASKS = Path(__file__).parents[1] / "data" / "tasks"
+TEXT = "the quick brown fox jumps over the lazy dog . a mixture of experts routes every token to a few experts . " * 4
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    torch.set_num_threads(1)
+    return packed_tiny(tmp_path_factory, "mixtral", bits=(2, 3, 4))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("text") / "eval.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main([*map(str, args)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@torch.no_grad()
+def _reference_nll(src: Path, packed: Path, ids: list[int], level: int | None) -> float:
+    """Summed NLL by hand: the transformers model (with our level-`level` experts put in), one forward."""
+    from d2moe.quantize import dequantize
+    from d2moe.runtime.format import open_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    if level is not None:
+        ckpt = open_checkpoint(packed)
+        for layer in ckpt.moe_layers:
+            experts = model.get_submodule(ckpt.adapter.experts_path(layer))
+            for e in range(ckpt.num_experts):
+                mats = ckpt.decode_expert(layer, e, level, ckpt.read_prefix(layer, e, level))
+                w = {m: dequantize(t, level) for m, t in mats.items()}
+                experts.gate_up_proj[e].copy_(torch.cat([w["gate"], w["up"]], dim=0))
+                experts.down_proj[e].copy_(w["down"])
+    x = torch.tensor([ids])
+    logits = model(input_ids=x).logits[0]
+    return F.cross_entropy(logits[:-1].double(), x[0, 1:], reduction="sum").item()
+
+
+def test_eval_perplexity_per_level_equals_hand_computed_reference(pair, text_file, capsys):
+    src, packed = pair
+    code, out, _ = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 64, "--max-tokens", 50,
+                        "--level", "all", "--reference", src, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    rows = {r["target"]: r for r in doc["results"]}
+    assert list(rows) == ["2-bit", "3-bit", "4-bit", "reference"]
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(packed))(TEXT)["input_ids"][:50]
+    assert doc["tokens"] == 50
+    for target, level in (("4-bit", 4), ("2-bit", 2), ("reference", None)):
+        ppl = rows[target]["perplexity"]
+        assert ppl["tokens"] == 49 and ppl["windows"] == 1
+        assert ppl["nll_sum"] == pytest.approx(_reference_nll(src, packed, ids, level), rel=1e-4), target
+    for target in ("2-bit", "3-bit", "4-bit"):
+        assert rows[target]["tokens_per_level"] == {target[0]: 2 * 2 * 50}  # 2 layers x top-2 x tokens in the window
+        assert rows[target]["mean_bits"] == int(target[0])
+    assert rows["2-bit"]["expert_bytes"] < rows["3-bit"]["expert_bytes"] < rows["4-bit"]["expert_bytes"]
+
+
+def test_eval_policy_table_and_strided_windows(pair, text_file, capsys):
+    _, packed = pair
+    code, out, _ = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 16, "--stride", 8,
+                        "--max-tokens", 40, "--policy", "d2moe,moqe-dynaio@3", "--memory-budget", "8MiB")
+    assert code == 0
+    assert "d2moe" in out and "moqe-dynaio@3" in out and "perplexity" in out
+    assert "router weight" in out  # d2moe without a trained gate: router-weight levels
+
+
+@pytest.mark.skipif(not lm_eval_available(), reason="lm-eval is not installed (pip install lm-eval)")
+def test_eval_zero_shot_local_task(pair, capsys):
+    _, packed = pair
+    code, out, _ = _cli(capsys, "eval", packed, "--tasks", "d2moe_tiny_mc", "--tasks-dir", TASKS, "--level", "4",
+                        "--json")
+    assert code == 0
+    (row,) = json.loads(out)["results"]
+    assert row["perplexity"] is None
+    acc = row["zero_shot"]["d2moe_tiny_mc"]
+    assert set(acc) >= {"acc", "acc_norm", "acc_stderr"}
+    assert acc["acc"] in {i / 5 for i in range(6)}  # five items
+
+
+def test_eval_errors_are_one_line(pair, text_file, capsys, monkeypatch):
+    _, packed = pair
+    code, _, err = _cli(capsys, "eval", packed)
+    assert code == 1 and "nothing to evaluate" in err
+    code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--level", "8")
+    assert code == 1 and "--level 8 is not a packed level" in err
+    code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--level", "4", "--policy", "d2moe")
+    assert code == 1 and "exclude each other" in err
+    code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 8, "--stride", 9)
+    assert code == 1 and "--stride" in err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    code, _, err = _cli(capsys, "eval", packed, "--tasks", "piqa")
+    assert code == 1 and "pip install lm-eval" in err
+
+
+def test_bench_json_plot_and_table(pair, tmp_path, capsys):
+    _, packed = pair
+    png = tmp_path / "bench.png"
+    code, out, _ = _cli(capsys, "bench", packed, "--budgets", "25%,100%", "--policies", "d2moe,hold-int4",
+                        "--max-new-tokens", 3, "--repeats", 1, "--prompt", "hello world", "--plot", png, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["schema"] == "d2moe.bench/1" and doc["policies"] == ["d2moe", "hold-int4"]
+    by = {(r["policy"], r["budget_label"]): r for r in doc["results"]}
+    assert by[("hold-int4", "25%")]["status"] == "n/a" and by[("hold-int4", "100%")]["status"] == "ok"
+    assert by[("d2moe", "25%")]["status"] == "ok"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = _cli(capsys, "bench", packed, "--budgets", "25%", "--policies", "hold-int4,d2moe",
+                        "--max-new-tokens", 2, "--repeats", 1)
+    assert code == 0 and "n/a (needs" in out and "d2moe" in out
+    code, _, err = _cli(capsys, "bench", packed, "--policies", "warp-drive")
+    assert code == 1 and "warp-drive" in err
+
+
+def test_demo_packs_once_streams_and_reports(pair, tmp_path, capsys):
+    src, _ = pair
+    out_dir = tmp_path / "demo"
+    code, out, err = _cli(capsys, "demo", "--model", src, "--out", out_dir, "--max-new-tokens", 4,
+                          "--prompt", "the quick brown fox")
+    assert code == 0
+    assert "packing" in err and out.startswith("the quick brown fox")
+    assert "peak memory / budget" in out and "expert cache hit rate" in out
+    code, out, err = _cli(capsys, "demo", "--model", src, "--out", out_dir, "--max-new-tokens", 4, "--json")
+    assert code == 0 and "packing" not in err
+    doc = json.loads(out)
+    assert doc["packed_now"] is False
+    mem = doc["stats"]["memory"]
+    assert mem["peak_bytes"] <= mem["budget_bytes"]
+    # the budget leaves room for under half the experts: the rest must stream from disk
+    assert doc["stats"]["cache"]["capacity_bytes"] < 0.5 * doc["expert_bytes"]
+    assert doc["stats"]["bytes_read"] > 0
+
+
+def test_demo_on_the_embedded_model(tmp_path, capsys):
+    from d2moe.commands.demo import embedded_model_dir
+    from d2moe.errors import InputError
+
+    try:
+        embedded_model_dir()
+    except InputError as exc:
+        pytest.skip(f"embedded model not built yet: {exc}")
+    code, out, _ = _cli(capsys, "demo", "--out", tmp_path / "demo", "--max-new-tokens", 8, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["stats"]["generated_tokens"] >= 1 and doc["text"].strip()
+    assert doc["stats"]["memory"]["peak_bytes"] <= doc["stats"]["memory"]["budget_bytes"]
+    assert doc["stats"]["bytes_read"] > 0

@@ -1,0 +1,106 @@
+"""`d2moe pack` and `d2moe inspect` from the command line: JSON output, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from d2moe.cli import main
+from d2moe.runtime import format as fmt
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_pack_then_inspect_json(tiny_checkpoint_factory, tmp_path, capsys):
+    src = tiny_checkpoint_factory("qwen2_moe")
+    out = tmp_path / "packed"
+    code, stdout, _ = _run(capsys, "pack", str(src), str(out), "--bits", "2,3,4", "--group-size", "64",
+                           "--scheme", "sliced", "--dtype", "float16", "--json")
+    assert code == 0
+    report = json.loads(stdout)  # exactly one JSON object on stdout
+    assert report["arch"] == "qwen2_moe" and report["levels"] == [2, 3, 4] and report["scheme"] == "sliced"
+    assert report["dtype"] == "float16" and report["moe_layers"] == 2 and report["experts_per_layer"] == 4
+    assert list(report["bytes_per_level"].values()) == sorted(report["bytes_per_level"].values())
+
+    code, stdout, _ = _run(capsys, "inspect", str(out), "--json", "--verify")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["valid"] and "crc32" in summary["validation"] and summary["version"] == fmt.FORMAT_VERSION
+    assert [lv["bits"] for lv in summary["levels"]] == [2, 3, 4]
+    assert [lv["bytes_all_experts"] for lv in summary["levels"]] == list(report["bytes_per_level"].values())
+    assert [lv["sqnr_db"]["min"] for lv in summary["levels"]] == [report["sqnr_db"][b]["min"] for b in ("2", "3", "4")]
+
+    code, stdout, _ = _run(capsys, "inspect", str(out))
+    assert code == 0 and "qwen2_moe" in stdout and "bits/weight" in stdout and "validation" in stdout
+
+
+def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
+    code, stdout, _ = _run(capsys, "pack", str(tiny_checkpoint_factory("mixtral")), str(tmp_path / "o"), "--bits", "2,4")
+    assert code == 0 and "2-bit" in stdout and "4-bit" in stdout and "SQNR" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pack", "{tmp}/missing", "{tmp}/o"], "SRC {tmp}/missing does not exist"),
+    (["pack", "{tmp}", "{tmp}/o"], "is not a Hugging Face checkpoint: it has no config.json"),
+    (["pack", "{src}", "{tmp}/o", "--bits", "2,x"], "--bits '2,x' is not a list of integers"),
+    (["pack", "{src}", "{tmp}/o", "--bits", "4,2"], "must be distinct, ascending"),
+    (["pack", "{src}", "{tmp}/o", "--scheme", "magic"], "scheme 'magic' is unknown"),
+    (["pack", "{src}", "{tmp}/o", "--group-size", "48"], "group-size"),
+    (["pack", "{src}", "{tmp}/o", "--dtype", "int4"], "--dtype 'int4'"),
+    (["pack", "{src}", "{tmp}/exists"], "already exists: pass --force"),
+    (["inspect", "{tmp}/missing"], "is not a packed checkpoint directory"),
+    (["inspect", "{tmp}/exists"], "d2moe.json is missing"),
+])
+def test_errors_are_one_red_line_with_exit_code_1(tiny_checkpoint_factory, tmp_path, capsys, argv, message):
+    (tmp_path / "exists").mkdir()
+    subst = {"tmp": str(tmp_path), "src": str(tiny_checkpoint_factory("mixtral"))}
+    code, stdout, stderr = _run(capsys, *(a.format(**subst) for a in argv))
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert message.format(**subst) in stderr.replace("\n", "")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tiny_checkpoint_factory, tmp_path, capsys):
+    src = tmp_path / "src"
+    (src).mkdir()
+    cfg = json.loads((tiny_checkpoint_factory("mixtral") / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    code, _, stderr = _run(capsys, "pack", str(src), str(tmp_path / "o"))
+    assert code == 1 and "model_type 'gpt2' is not supported: d2moe supports" in stderr and "mixtral" in stderr
+
+
+def test_inspect_json_reports_a_corrupt_checkpoint(packed_checkpoint_factory, tmp_path, capsys):
+    import shutil
+
+    ckpt = shutil.copytree(packed_checkpoint_factory("mixtral")[1], tmp_path / "c")
+    raw = bytearray((ckpt / "experts-0001.safetensors").read_bytes())
+    raw[-100] ^= 0xFF
+    (ckpt / "experts-0001.safetensors").write_bytes(bytes(raw))
+    code, stdout, _ = _run(capsys, "inspect", str(ckpt), "--json")
+    assert code == 0 and json.loads(stdout)["valid"]  # structure alone cannot see it
+    code, stdout, stderr = _run(capsys, "inspect", str(ckpt), "--json", "--verify")
+    result = json.loads(stdout)
+    assert code == 1 and result["valid"] is False and "experts-0001.safetensors: layer 1 expert 3" in result["validation"]
+    assert "crc32" in stderr
+
+
+def test_module_entry_point_prints_one_line(tmp_path):
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "d2moe", "inspect", str(tmp_path / "none")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'none'} is not a packed checkpoint directory "
+                                                f"(make one with `d2moe pack SRC {tmp_path / 'none'}`)"]

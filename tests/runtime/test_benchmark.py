@@ -1,0 +1,124 @@
+"""The bench sweep: interleaving, medians, n/a budgets, ratios, budget parsing, the JSON schema on a real pack."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from d2moe.errors import BudgetError, UsageError
+from d2moe.runtime import benchmark as bm
+from d2moe.runtime.benchmark import Budget, RunMeasure
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from packed import packed_tiny  # noqa: E402
+
+
+def _measure(decode: float) -> RunMeasure:
+    return RunMeasure(prefill_tokens_per_s=2 * decode, decode_tokens_per_s=decode, ttft_s=0.1, peak_memory_bytes=100,
+                      bytes_read_per_token=10.0, hit_rate=0.5, schedule_efficiency=0.9, generated_tokens=4,
+                      levels={2: 3, 4: 1})
+
+
+def test_sweep_interleaves_repeats_and_takes_medians():
+    calls = []
+    speed = {"d2moe": [3.0, 9.0, 5.0], "moqe-dynaio": [2.0, 2.0, 8.0]}
+
+    seen: dict[tuple, int] = {}
+
+    def run(policy, budget):
+        calls.append((policy, budget.label))
+        if len(calls) == 1:
+            return _measure(1000.0)  # the warm-up: discarded
+        k = seen[calls[-1]] = seen.get(calls[-1], 0) + 1
+        return _measure(speed[policy][k - 1] * (2 if budget.label == "big" else 1))
+
+    budgets = [Budget("small", 10), Budget("big", 20)]
+    results = bm.sweep(["moqe-dynaio", "d2moe"], budgets, run, repeats=3)
+    configs = [("moqe-dynaio", "small"), ("moqe-dynaio", "big"), ("d2moe", "small"), ("d2moe", "big")]
+    assert calls == [configs[0]] + configs * 3  # warm-up, then round-robin: never one config's repeats back to back
+    by = {(r.policy, r.budget.label): r for r in results}
+    assert by[("d2moe", "small")].median("decode_tokens_per_s") == 5.0
+    assert by[("moqe-dynaio", "big")].median("decode_tokens_per_s") == 4.0
+    assert by[("d2moe", "small")].ratio_to_best_baseline == pytest.approx(5.0 / 2.0)
+    assert by[("moqe-dynaio", "small")].ratio_to_best_baseline == pytest.approx(1.0)
+
+
+def test_budget_errors_become_na_with_what_is_needed_and_are_not_retried():
+    calls = []
+
+    def run(policy, budget):
+        calls.append((policy, budget.label))
+        if policy == "hold-int4" and budget.bytes < 50:
+            raise BudgetError("--policy hold-int4 holds every expert at 4 bits (1.00 MiB): memory budget 10 B "
+                              "is below the minimum 1.50 MiB; use --memory-budget 2MiB or more")
+        return _measure(1.0)
+
+    results = bm.sweep(["hold-int4", "d2moe"], [Budget("tiny", 10), Budget("all", 100)], run, repeats=2,
+                       warmup=False, unavailable={"d2moe": "needs level 8 packed"})
+    by = {(r.policy, r.budget.label): r for r in results}
+    na = by[("hold-int4", "tiny")]
+    assert not na.ok and na.needs_bytes == int(1.5 * 2**20) and "minimum" in na.reason
+    assert calls.count(("hold-int4", "tiny")) == 1
+    assert all(p != "d2moe" for p, _ in calls)
+    assert by[("d2moe", "all")].to_dict()["status"] == "n/a"
+    d = na.to_dict()
+    assert d["status"] == "n/a" and d["decode_tokens_per_s"] is None and d["runs"] == []
+    assert by[("hold-int4", "all")].ok and len(by[("hold-int4", "all")].runs) == 2
+
+
+def test_parse_budgets():
+    b = bm.parse_budgets("25%, 100%,1MiB", fixed_bytes=1000, expert_set_bytes=4000)
+    assert [(x.label, x.bytes) for x in b] == [("25%", 2000), ("100%", 5000), ("1MiB", 2**20)]
+    for bad in ("", "abc%", "0%", "25%,25%", "12XB"):
+        with pytest.raises(UsageError):
+            bm.parse_budgets(bad, 0, 100)
+    assert bm.needs_from_error(BudgetError("... below the minimum 12 MiB for this model")) == 12 * 2**20
+    assert bm.needs_from_error(BudgetError("no number here")) is None
+
+
+def test_policy_list():
+    assert bm.policy_list("all")[-1] == "d2moe" and "hold-int8" in bm.policy_list("all")
+    assert bm.policy_list("d2moe, moqe-dynaio@2") == ["d2moe", "moqe-dynaio@2"]
+    for bad in ("", "nope", "d2moe,d2moe", "moqe-dynaio@x"):
+        with pytest.raises(UsageError):
+            bm.policy_list(bad)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    torch.set_num_threads(1)
+    return packed_tiny(tmp_path_factory, "mixtral", bits=(2, 3, 4))[1]
+
+
+def test_bench_json_schema_on_a_packed_model(packed, tmp_path):
+    report = bm.run_bench(packed, "30%,100%", "hold-int8,hold-int4,d2moe", prompt="the quick brown fox",
+                          max_new_tokens=3, repeats=1)
+    doc = json.loads(json.dumps(report.to_dict()))  # JSON-serializable as is
+    assert tuple(doc) == bm.REPORT_KEYS and doc["schema"] == "d2moe.bench/1"
+    assert [b["label"] for b in doc["budgets"]] == ["30%", "100%"]
+    assert doc["reference_level"] == 4 and doc["expert_set_bytes"] > 0
+    assert len(doc["results"]) == 6
+    for r in doc["results"]:
+        assert tuple(r) == bm.RESULT_KEYS
+    by = {(r["policy"], r["budget_label"]): r for r in doc["results"]}
+    assert by[("hold-int8", "100%")]["status"] == "n/a" and "level 8" in by[("hold-int8", "100%")]["reason"]
+    held = by[("hold-int4", "30%")]  # 30% of the 4-bit set cannot hold all 4-bit experts
+    assert held["status"] == "n/a" and held["needs_bytes"] > held["budget_bytes"]
+    full = by[("hold-int4", "100%")]
+    assert full["status"] == "ok" and full["bytes_read_per_token"] == 0.0 and full["hit_rate"] == 1.0
+    for budget in ("30%", "100%"):
+        r = by[("d2moe", budget)]
+        assert r["status"] == "ok" and r["peak_memory_bytes"] <= r["budget_bytes"]
+        assert r["decode_tokens_per_s"] > 0 and 1 <= r["generated_tokens"] <= 3
+        assert set(r["levels"]) <= {"2", "3", "4"} and len(r["runs"]) == 1
+        assert tuple(r["runs"][0]) == (*bm.MEASURES, "levels")
+    assert by[("d2moe", "100%")]["ratio_to_best_baseline"] == pytest.approx(
+        by[("d2moe", "100%")]["decode_tokens_per_s"] / full["decode_tokens_per_s"])
+    assert by[("d2moe", "30%")]["ratio_to_best_baseline"] is None  # no baseline ran at 30%
+    png = tmp_path / "plot.png"
+    bm.plot_throughput(report, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

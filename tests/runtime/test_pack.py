@@ -1,0 +1,191 @@
+"""`pack_checkpoint` on real tiny transformers checkpoints: complete, exact, deterministic, atomic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import TINY_ARCHS, make_tiny_checkpoint
+
+from d2moe.errors import GateMismatchError, InputError, UnsupportedModelError, UsageError
+from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
+from d2moe.runtime import format as fmt
+from d2moe.runtime.pack import pack_checkpoint
+
+
+def _hf_model(src: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+
+
+def _meta_model(ckpt):
+    with torch.device("meta"):
+        return ckpt.adapter.model_class()(ckpt.adapter.hf_config(ckpt.config))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_pack_is_complete_and_exact(arch, packed_checkpoint_factory):
+    src, out = packed_checkpoint_factory(arch)
+    ckpt = fmt.open_checkpoint(out, verify=True)
+    assert ckpt.arch == arch and ckpt.num_experts == 4 and ckpt.cfg == MWQConfig()
+    reference = _hf_model(src).state_dict()
+    adapter = ckpt.adapter
+
+    # dense weights load into the transformers-5 model with only the experts missing, values unchanged
+    dense = ckpt.load_dense()
+    result = _meta_model(ckpt).load_state_dict(dense, strict=False, assign=True)
+    expert_params = {f"{adapter.experts_path(layer)}.{p}" for layer in ckpt.moe_layers for p in ("gate_up_proj", "down_proj")}
+    assert set(result.missing_keys) == expert_params and result.unexpected_keys == []
+    for key, value in dense.items():
+        assert torch.equal(value, reference[key]), key
+
+    # every expert at the top level is exactly what quantize_mwq makes of the source weights
+    inter = ckpt.matrix_shapes["gate"][0]
+    for (layer, expert), entry in ckpt.experts.items():
+        fused = reference[f"{adapter.experts_path(layer)}.gate_up_proj"][expert]  # [2I, H]
+        source = {"gate": fused[:inter], "up": fused[inter:], "down": reference[f"{adapter.experts_path(layer)}.down_proj"][expert]}
+        got = ckpt.decode_expert(layer, expert, ckpt.cfg.bk, ckpt.read_prefix(layer, expert, ckpt.cfg.bk))
+        for m, w in source.items():
+            want = quantize_mwq(w, ckpt.cfg)
+            assert torch.equal(got[m].planes, want.planes) and torch.equal(got[m].scale, want.scale)
+            assert torch.equal(got[m].offset, want.offset) and torch.equal(got[m].alpha, want.alpha)
+        if expert == 0:  # the recorded quality is the real one, and rises with every level
+            for i, b in enumerate(ckpt.cfg.bits):
+                err = sum((source[m] - dequantize(got[m], b)).double().square().sum() for m in source)
+                sig = sum(source[m].double().square().sum() for m in source)
+                assert entry.sqnr_db[i] == pytest.approx(10 * torch.log10(sig / err).item(), abs=1e-3)
+            assert list(entry.sqnr_db) == sorted(entry.sqnr_db)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
+@pytest.mark.parametrize("arch, variant", [("mixtral", dict(sharded=True)), ("qwen2_moe", dict(sharded=True)),
+                                           ("mixtral", dict(layout="fused")), ("qwen3_moe", dict(layout="fused", sharded=True)),
+                                           ("phimoe", dict(layout="fused"))])
+def test_sharded_and_fused_sources_pack_to_the_same_bytes(arch, variant, packed_checkpoint_factory):
+    _, plain = packed_checkpoint_factory(arch)
+    src, other = packed_checkpoint_factory(arch, **variant)
+    assert len(list(src.glob("*.safetensors"))) > 1 or variant.get("layout") == "fused"
+    names = sorted(p.name for p in plain.glob("*.safetensors"))
+    assert names == sorted(p.name for p in other.glob("*.safetensors"))
+    for name in names:
+        assert (plain / name).read_bytes() == (other / name).read_bytes(), name
+    a, b = (json.loads((p / fmt.MANIFEST_NAME).read_text()) for p in (plain, other))
+    assert a["source"]["sha256"] != b["source"]["sha256"]
+    a.pop("source"), b.pop("source")
+    assert a == b
+
+
+def test_pack_is_deterministic(tiny_checkpoint_factory, tmp_path):
+    src = tiny_checkpoint_factory("qwen2_moe", sharded=True)
+    cfg = MWQConfig(bits=(2, 4, 8), scheme="sliced")
+    pack_checkpoint(src, tmp_path / "a", cfg, progress=False)
+    pack_checkpoint(src, tmp_path / "b", cfg, progress=False)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_dtype_option_casts_dense_weights(tiny_checkpoint_factory, tmp_path):
+    src = tiny_checkpoint_factory("olmoe")
+    report = pack_checkpoint(src, tmp_path / "o", MWQConfig(bits=(3,)), dtype="bfloat16", progress=False)
+    ckpt = fmt.open_checkpoint(tmp_path / "o")
+    assert ckpt.dtype == report["dtype"] == "bfloat16"
+    assert {t.dtype for t in ckpt.load_dense().values()} == {torch.bfloat16}
+    assert report["bytes_per_level"] == {"3": ckpt.level_nbytes(3) * len(ckpt.experts)}
+    assert report["dense_bytes"] < report["source_bytes"]
+
+
+def test_out_is_never_overwritten_without_force(tiny_checkpoint_factory, tmp_path):
+    src = tiny_checkpoint_factory("mixtral")
+    out = tmp_path / "o"
+    pack_checkpoint(src, out, MWQConfig(bits=(2,)), progress=False)
+    with pytest.raises(UsageError, match="already exists: pass --force"):
+        pack_checkpoint(src, out, MWQConfig(bits=(2, 3)), progress=False)
+    assert fmt.open_checkpoint(out).cfg.bits == (2,)
+    pack_checkpoint(src, out, MWQConfig(bits=(2, 3)), progress=False, force=True)
+    assert fmt.open_checkpoint(out).cfg.bits == (2, 3)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(UsageError, match="not a packed checkpoint"):
+        pack_checkpoint(src, other, MWQConfig(), progress=False, force=True)
+    assert (other / "cat.jpg").exists()
+    with pytest.raises(UsageError, match="inside"):
+        pack_checkpoint(src, src / "packed", MWQConfig(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "photos"]  # no temp dirs left behind
+
+
+def test_a_failed_pack_leaves_nothing(tmp_path):
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="layer 1 expert 2 matrix up is missing"):
+        pack_checkpoint(src, tmp_path / "out", MWQConfig(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_bad_sources_are_explained(tmp_path, tiny_checkpoint_factory):
+    with pytest.raises(InputError, match="does not exist"):
+        pack_checkpoint(tmp_path / "nope", tmp_path / "o", MWQConfig(), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no config.json"):
+        pack_checkpoint(tmp_path / "empty", tmp_path / "o", MWQConfig(), progress=False)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_checkpoint_factory("mixtral") / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(InputError, match="never unpickles"):
+        pack_checkpoint(pickled, tmp_path / "o", MWQConfig(), progress=False)
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny_checkpoint_factory("mixtral"), llama)
+    cfg = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(UnsupportedModelError, match="'llama' is not supported"):
+        pack_checkpoint(llama, tmp_path / "o", MWQConfig(), progress=False)
+    with pytest.raises(UsageError, match="group-size"):
+        pack_checkpoint(tiny_checkpoint_factory("mixtral"), tmp_path / "o", MWQConfig(group_size=48), progress=False)
+    with pytest.raises(UsageError, match="--dtype"):
+        pack_checkpoint(tiny_checkpoint_factory("mixtral"), tmp_path / "o", MWQConfig(), dtype="int8", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def _gate_for(src: Path, path: Path, levels=(2, 3, 4), config_override: dict | None = None) -> Path:
+    from d2moe.runtime.adapters import adapter_for
+    from d2moe.runtime.gate import BitWidthGate, model_fingerprint, save_gate
+
+    config = {**json.loads((src / "config.json").read_text()), **(config_override or {})}
+    adapter = adapter_for(config)
+    state = _hf_model(src).state_dict()
+    moe = adapter.moe_layers(config)
+    fingerprint = model_fingerprint(config, [state[adapter.router_key(layer)] for layer in moe])
+    torch.manual_seed(0)
+    capacity = tuple([1.0 / len(levels)] * (len(levels) - 1) + [1.0 - (len(levels) - 1) / len(levels)])
+    gate = BitWidthGate(config["hidden_size"], adapter.num_experts(config), moe, levels, capacity, proj_dim=8)
+    return save_gate(gate, path, fingerprint)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_router_gate_is_validated_and_included(arch, tiny_checkpoint_factory, tmp_path):
+    src = tiny_checkpoint_factory(arch)
+    gate = _gate_for(src, tmp_path / "gate.safetensors")
+    report = pack_checkpoint(src, tmp_path / "o", MWQConfig(), router=gate, progress=False)
+    ckpt = fmt.open_checkpoint(tmp_path / "o", verify=True)
+    assert report["gate"] and ckpt.gate_path == tmp_path / "o" / fmt.GATE_NAME
+    assert ckpt.gate_path.read_bytes() == gate.read_bytes()
+    assert ckpt.gate_capacity == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    with pytest.raises(GateMismatchError, match="levels"):
+        pack_checkpoint(src, tmp_path / "o2", MWQConfig(bits=(2, 4)), router=gate, progress=False)
+    foreign = _gate_for(src, tmp_path / "foreign.safetensors", config_override={"vocab_size": 512})
+    with pytest.raises(GateMismatchError, match="another model"):
+        pack_checkpoint(src, tmp_path / "o3", MWQConfig(), router=foreign, progress=False)
+    with pytest.raises(InputError, match="does not exist"):
+        pack_checkpoint(src, tmp_path / "o4", MWQConfig(), router=tmp_path / "missing.safetensors", progress=False)
+    assert not any((tmp_path / n).exists() for n in ("o2", "o3", "o4"))
