@@ -33,8 +33,9 @@ def _print_error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's standalone mode handles usage errors (exit 2) and --help; our errors are one line."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="d2moe")
     except D2MoEError as exc:
         if os.environ.get("D2MOE_DEBUG"):
             raise
@@ -43,18 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _print_error("interrupted")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            _print_error("aborted")
-            sys.exit(1)
-        raise
 
 
 def _escape(text: str) -> str:

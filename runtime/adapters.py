@@ -16,8 +16,10 @@ config asking for remote code is refused.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from d2moe.errors import InputError, UnsupportedModelError
 
@@ -60,13 +62,8 @@ class Adapter:
     # ---- config -----------------------------------------------------------------------------
 
     def hf_config(self, config: dict):
-        """The transformers config object (fills defaults exactly as the model does)."""
-        from transformers import CONFIG_MAPPING
-
-        try:
-            return CONFIG_MAPPING[self.model_type].from_dict(dict(config))
-        except Exception as exc:  # transformers validates field values
-            raise InputError(f"config.json of this {self.model_type} model is invalid: {exc}") from exc
+        """The transformers config object (fills defaults exactly as the model does); cached per config."""
+        return _hf_config(self.model_type, json.dumps(config, sort_keys=True, default=str))
 
     def model_class(self):
         import transformers
@@ -143,6 +140,16 @@ class Adapter:
         """Tensors the model itself does not load (e.g. DeepSeek-V3's multi-token-prediction layer)."""
         m = _LAYER.match(src_key)
         return bool(m) and int(m.group(1)) >= self.num_layers(config)
+
+
+@lru_cache(maxsize=16)
+def _hf_config(model_type: str, config_json: str):
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(json.loads(config_json))
+    except Exception as exc:  # transformers validates field values
+        raise InputError(f"config.json of this {model_type} model is invalid: {exc}") from exc
 
 
 _LEGACY = re.compile(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from d2moe.errors import DependencyError, InputError, UsageError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [1, T] (int64) -> logits [1, T, V]

@@ -43,6 +43,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
+
 from d2moe.errors import D2MoEError, FormatError, UsageError
 from d2moe.quantize.types import MWQConfig, MWQTensor
 from d2moe.runtime.safetensors_io import read_header, strict_json

@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+
 from d2moe.errors import D2MoEError, InputError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
 from d2moe.runtime import format as fmt
@@ -122,9 +123,14 @@ class SourceCheckpoint:
     def nbytes(self) -> int:
         return sum((self.path / name).stat().st_size for name in self.files)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Close every open shard: drops their memory maps, so resident memory stays at one layer's worth."""
         self._stack.close()
+        self._stack = ExitStack()
         self._handles.clear()
+
+    def close(self) -> None:
+        self.release()
 
 
 def _dtype_name(st_dtype: str) -> str:
@@ -236,10 +242,12 @@ def pack_checkpoint(
         tmp.mkdir(parents=True)
         try:
             dense_info, dense_dtype = _write_dense(source, experts.dense, tmp, dtype)
+            source.release()
             with _Progress(progress, len(moe_layers) * num_experts) as bar:
                 entries = []
                 for layer in moe_layers:
                     entries += _write_layer(experts, layer, num_experts, layout, cfg, tmp, bar)
+                    source.release()
             gate_info = None if router is None else _copy_gate(Path(router), gate_capacity, cfg, tmp)
             for name in fmt.COPIED_FILES:
                 if (src / name).is_file():

@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    for p in args.out.iterdir():
+        p.chmod(0o644)  # safetensors writes 0600; the shipped files must be readable by everyone
     record = {
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/train_tiny_moe.py", *sys.argv[1:]]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

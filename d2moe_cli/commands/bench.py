@@ -62,9 +62,10 @@ def bench(
 
 def print_report(report) -> None:
     """One table: a row per (budget, policy), ratio to the best baseline at that budget."""
-    from d2moe.units import format_size
     from rich.console import Console
     from rich.table import Table
+
+    from d2moe.units import format_size
 
     bw = f", I/O capped at {report.io_bandwidth / 1e9:g} GB/s" if report.io_bandwidth else ""
     table = Table(title=(f"d2moe bench: {report.prompt_tokens}-token prompt, {report.max_new_tokens} new tokens, "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from d2moe.errors import InputError, UsageError
 
 DEFAULT_PROMPT = "Once upon a time there was a king who had three daughters,"
@@ -56,6 +57,7 @@ def packed_is_current(out: Path, src: Path, bits: tuple[int, ...]) -> bool:
         return False
     source = SourceCheckpoint(src)
     try:
+        source.index_weights()  # the fingerprint covers the weight files' names and sizes
         same_source = ckpt.manifest["source"]["sha256"] == source.fingerprint()
     finally:
         source.close()
@@ -106,6 +108,7 @@ def demo(
 ) -> None:
     """Pack the embedded tiny Mixtral (once), run it with most experts on disk, stream text, show the stats."""
     import torch
+
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
@@ -153,9 +156,10 @@ def demo(
 
 
 def print_stats(stats: dict) -> None:
-    from d2moe.units import format_size
     from rich.console import Console
     from rich.table import Table
+
+    from d2moe.units import format_size
 
     mem = stats["memory"]
     levels = stats["tokens_per_level"]

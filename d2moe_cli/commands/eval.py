@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from d2moe.errors import UsageError
 
 
@@ -89,9 +90,10 @@ def eval_command(
 
 
 def print_table(rows: list[dict], tasks: list[str]) -> None:
-    from d2moe.units import format_size
     from rich.console import Console
     from rich.table import Table
+
+    from d2moe.units import format_size
 
     table = Table(title="d2moe eval", title_justify="left")
     for col in ("target", "levels", "mean bits", "expert memory", "perplexity", "tokens", "seconds"):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from d2moe.errors import D2MoEError
 
 
@@ -35,9 +36,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_summary(s: dict) -> None:
-    from d2moe.units import format_size
     from rich.console import Console
     from rich.table import Table
+
+    from d2moe.units import format_size
 
     console = Console()
     console.print(f"[bold]{s['path']}[/]: {s['arch']} ({s['source']}), format {s['format']} v{s['version']}, "

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from d2moe.errors import UsageError
 
 
@@ -47,9 +48,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_report(r: dict) -> None:
-    from d2moe.units import format_size
     from rich.console import Console
     from rich.table import Table
+
+    from d2moe.units import format_size
 
     table = Table(title=f"{r['out']}: {r['arch']}, {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts, "
                         f"{r['seconds']:.1f} s")

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
 
+from packed import packed_tiny  # noqa: E402
+
 from d2moe.cli import main  # noqa: E402
 from d2moe.runtime.evaluate import lm_eval_available  # noqa: E402
-from packed import packed_tiny  # noqa: E402
 
 TASKS = Path(__file__).parents[1] / "data" / "tasks"
 TEXT = "the quick brown fox jumps over the lazy dog . a mixture of experts routes every token to a few experts . " * 4
@@ -46,9 +47,10 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 @torch.no_grad()
 def _reference_nll(src: Path, packed: Path, ids: list[int], level: int | None) -> float:
     """Summed NLL by hand: the transformers model (with our level-`level` experts put in), one forward."""
+    from transformers import AutoModelForCausalLM
+
     from d2moe.quantize import dequantize
     from d2moe.runtime.format import open_checkpoint
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     if level is not None:

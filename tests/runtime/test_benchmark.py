@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from d2moe.errors import BudgetError, UsageError
 from d2moe.runtime import benchmark as bm
 from d2moe.runtime.benchmark import Budget, RunMeasure

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from d2moe.errors import DependencyError, InputError, UsageError
 from d2moe.runtime import evaluate
 from d2moe.runtime.evaluate import (
@@ -19,8 +22,6 @@ from d2moe.runtime.evaluate import (
     sliding_windows,
     zero_shot,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 DATA = Path(__file__).parents[1] / "data"
 TASKS = DATA / "tasks"
