@@ -130,6 +130,7 @@ def train_gate(
     gate.train()
     for m in session.experts.values():
         m.noise = True
+        m.estimator = cfg.estimator
     for step in range(start_step, cfg.max_steps):
         idx = batch_indices(step, cfg.batch_size, train_blocks.shape[0], cfg.seed)[rank::world]
         ids = train_blocks[idx].to(session.device)  # [B, S]

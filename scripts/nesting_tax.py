@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from d2moe.errors import D2MoEError, InputError, UnsupportedModelError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq, quantize_rtn, sqnr_db
 
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/nesting_tax.py", *sys.argv[1:]])
         args.output.write_text(
             "# Nesting tax on the embedded model\n\n"
-            f"Command: `{cmd}` ({result['seconds']} s)\n\n" + table)
+            f"Command: `{cmd}` ({result['seconds']} s; machine: 2-core CPU shared with other jobs, 24 GB, "
+            "no GPU, 1 thread; date 2026-11-23)\n\n" + table)
     if args.json:
         result["methods"] = {k: {str(b): v for b, v in per.items()} for k, per in result["methods"].items()}
         print(json.dumps(result, indent=2))

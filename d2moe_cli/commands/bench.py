@@ -27,6 +27,8 @@ def bench(
     io_threads: Annotated[int, typer.Option(help="Expert reads in flight at once.")] = 4,
     chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
                                                 help="Wrap the prompt in the chat template.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        envvar="D2MOE_THREADS", help="Torch compute threads (default: torch's choice; 1 is fastest for tiny models).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write throughput vs budget as a PNG (matplotlib).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
 ) -> None:
@@ -35,6 +37,9 @@ def bench(
     from d2moe.runtime.benchmark import plot_throughput, run_bench
 
     bandwidth = parse_bandwidth(io_bandwidth)
+    from d2moe.runtime.benchmark import set_threads
+
+    set_threads(threads)
     if plot is not None and plot.suffix.lower() != ".png":
         from d2moe.errors import UsageError
 

@@ -104,14 +104,18 @@ def demo(
         help="Share of the expert set (highest level) the budget leaves room for; the rest streams from disk.")] = 0.4,
     policy: Annotated[str, typer.Option(help="Run policy (see `d2moe run --help`).")] = "d2moe",
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    threads: Annotated[int, typer.Option(
+        envvar="D2MOE_THREADS", help="Torch compute threads (1: the tiny model gains nothing from more).")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print text and statistics as one JSON object.")] = False,
 ) -> None:
     """Pack the embedded tiny Mixtral (once), run it with most experts on disk, stream text, show the stats."""
     import torch
 
+    from d2moe.runtime.benchmark import set_threads
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
+    set_threads(threads)
     if not 0 < expert_fraction <= 1:
         raise UsageError(f"--expert-fraction {expert_fraction} must be in (0, 1]")
     try:

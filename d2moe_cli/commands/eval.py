@@ -34,12 +34,17 @@ def eval_command(
         help="Zero-shot lm-eval tasks, comma separated (e.g. piqa,arc_easy); needs `pip install lm-eval`.")] = None,
     tasks_dir: Annotated[Path | None, typer.Option(help="Directory of local lm-eval task YAMLs.")] = None,
     limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        envvar="D2MOE_THREADS", help="Torch compute threads (default: torch's choice; 1 is fastest for tiny models).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""
     from d2moe.units import parse_size
 
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
+    from d2moe.runtime.benchmark import set_threads
+
+    set_threads(threads)
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not text and dataset is None and not task_list:
         raise UsageError("nothing to evaluate: give --text FILE, --dataset NAME or --tasks TASKS")
