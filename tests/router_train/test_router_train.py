@@ -165,3 +165,10 @@ def test_errors_name_the_problem(tiny_mixtral, calib_file, tmp_path, tiny_checkp
     (bad / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
     with pytest.raises(UnsupportedModelError, match="llama"):
         train_router(_cfg(bad, calib_file, tmp_path))
+
+
+def test_estimator_option_reaches_the_experts(tiny_mixtral, calib_file, tmp_path):
+    ste = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "s", max_steps=3, capacity=(1.0, 1.0, 1.0)))
+    gum = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "g", max_steps=3, capacity=(1.0, 1.0, 1.0),
+                            estimator="gumbel"))
+    assert [h.avg_bits for h in ste.history] != [h.avg_bits for h in gum.history]  # Gumbel noise moves choices
