@@ -88,12 +88,13 @@ class MultiLevelExperts(nn.Module):
             u = torch.rand(logits.shape, generator=self.generator, device="cpu").to(logits.device)
             noisy = logits - torch.log(-torch.log(u.clamp(1e-9, 1 - 1e-9)))
             choice_logits, soft = noisy, torch.softmax(noisy.float() / self.gumbel_tau, dim=-1)
-        chosen = assign_with_capacity(choice_logits.reshape(t * k, num_levels), gate.capacity).reshape(t, k)
+        cap = gate.capacity_for(self.layer)
+        chosen = assign_with_capacity(choice_logits.reshape(t * k, num_levels), cap).reshape(t, k)
         if self.mode == "shuffled":
             perm = torch.randperm(t * k, generator=self.generator).to(chosen.device)
             chosen = chosen.reshape(-1)[perm].reshape(t, k)
         hard = F.one_hot(chosen, num_levels).to(probs.dtype)
-        self.stats = {"probs": probs, "chosen": chosen.detach()}
+        self.stats = {"probs": probs, "chosen": chosen.detach(), "logits": choice_logits.detach()}
         return (hard + soft - soft.detach()).to(hidden.dtype)  # straight-through
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

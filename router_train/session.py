@@ -40,9 +40,14 @@ class Session:
     def moe_layers(self) -> list[int]:
         return sorted(self.experts)
 
-    def new_gate(self, capacity, proj_dim: int = 32, expert_embedding: bool = True) -> BitWidthGate:
+    def new_gate(self, capacity, proj_dim: int = 32, expert_embedding: bool = True, capacity_scope: str = "model",
+                 init: str = "zero") -> BitWidthGate:
+        """A fresh gate for this model; init "router" starts it at the router-weight rule (heavier expert, more bits)."""
         gate = BitWidthGate(self.hidden_size, self.num_experts, self.moe_layers, self.mwq.bits, capacity,
-                            proj_dim=proj_dim, expert_embedding=expert_embedding)
+                            proj_dim=proj_dim, expert_embedding=expert_embedding, capacity_scope=capacity_scope,
+                            router_skip=init == "router")
+        if init == "router":
+            gate.init_router_rule()
         return gate.to(self.device)
 
     def use_gate(self, gate: BitWidthGate) -> None:

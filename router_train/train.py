@@ -19,14 +19,16 @@ import torch
 
 from d2moe.errors import InputError, UsageError
 from d2moe.quantize.types import MWQConfig
+from d2moe.router_train.calibrate import calibrate_layer_capacity
 from d2moe.router_train.data import load_texts, split_blocks, token_blocks
 from d2moe.router_train.experts import ESTIMATORS
 from d2moe.router_train.loss import TARGETS, gate_loss
 from d2moe.router_train.session import Session, evaluate, open_session, read_config
 from d2moe.runtime.adapters import adapter_for
-from d2moe.runtime.gate import BitWidthGate, save_gate, validate_capacity
+from d2moe.runtime.gate import BitWidthGate, capacity_binds, save_gate, validate_capacity, validate_scope
 
 STATE_FILE = "train_state.pt"
+INITS = ("router", "zero")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class TrainConfig:
     output: str = "gate.safetensors"
     bits: tuple[int, ...] = (2, 3, 4)
     capacity: tuple[float, ...] = (0.3, 0.4, 0.3)  # per-level fraction of a batch's (token, expert) pairs
+    capacity_scope: str = "model"  # "model": c over all layers' pairs (per-layer caps calibrated); "layer": c in each layer
+    recalibrate_every: int = 0  # scope model: steps between per-layer cap updates; 0 = no caps in training (α price), calibrate at end
+    calibration_blocks: int = 16  # training blocks the per-layer caps are calibrated on
+    init: str = "zero"  # "zero": small random start; "router": start at the router-weight rule
     group_size: int = 64
     scheme: str = "residual"
     seq_len: int = 256
@@ -43,7 +49,7 @@ class TrainConfig:
     max_steps: int = 200
     lr: float = 3e-3
     seed: int = 0
-    bit_cost: float = 0.01  # α: weight of the expected-bits term
+    bit_cost: float = 0.005  # α: weight of the expected-bits term (0.005 ≈ 3.0 bits unlimited on tiny-mixtral)
     target: str = "distill"  # "distill" (full-precision model's distribution) or "labels"
     estimator: str = "ste"  # "ste" (straight-through) or "gumbel" (Gumbel-softmax straight-through)
     proj_dim: int = 32  # gate head width; 0 = a linear head
@@ -56,6 +62,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_capacity(self.capacity, self.bits)
+        validate_scope(self.capacity_scope)
+        if self.init not in INITS:
+            raise UsageError(f"--init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.recalibrate_every < 0 or self.calibration_blocks < 1:
+            raise UsageError("--recalibrate-every must be >= 0 and --calibration-blocks >= 1")
         if self.target not in TARGETS:
             raise UsageError(f"--target {self.target!r}: use one of {', '.join(TARGETS)}")
         if self.estimator not in ESTIMATORS:
@@ -76,9 +87,14 @@ class TrainConfig:
     def state_path(self) -> Path:
         return Path(self.state_dir or f"{self.output}.state") / STATE_FILE
 
+    @property
+    def pooled(self) -> bool:
+        """Whether per-layer caps are calibrated from a model-wide budget."""
+        return self.capacity_scope == "model" and capacity_binds(self.capacity)
+
     def resume_key(self) -> dict:
         """Options that must match for `--resume` to continue the same run."""
-        keep = ("bits", "capacity", "group_size", "scheme", "seq_len", "batch_size", "seed", "proj_dim",
+        keep = ("bits", "capacity", "capacity_scope", "recalibrate_every", "calibration_blocks", "init", "group_size", "scheme", "seq_len", "batch_size", "seed", "proj_dim",
                 "expert_embedding", "target", "estimator", "data", "eval_blocks", "max_blocks")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
 
@@ -120,18 +136,32 @@ def train_gate(
     history: list[StepLog] | None = None,
     save_state: Callable[[int, torch.optim.Optimizer, list[StepLog]], None] | None = None,
 ) -> list[StepLog]:
-    """Optimise `gate` on `train_blocks` [N, S] for steps start_step .. cfg.max_steps-1."""
+    """Optimise `gate` on `train_blocks` [N, S] for steps start_step .. cfg.max_steps-1.
+
+    Scope "model": every `recalibrate_every` steps the per-layer caps are recalibrated on the first
+    `calibration_blocks` training blocks (a pure function of the gate, so `--resume` stays exact);
+    with recalibrate_every = 0 the gate trains without caps (the α price alone) and the caller calibrates
+    at the end (`finish_capacity`).
+    """
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     optimizer = optimizer or torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=0.0)
     history = history if history is not None else []
     levels = torch.tensor(cfg.bits, dtype=torch.float32, device=session.device)
+    calib = train_blocks[: cfg.calibration_blocks]
+    budget = tuple(cfg.capacity)
+    if cfg.pooled and cfg.recalibrate_every == 0:
+        gate.set_capacity((1.0,) * len(budget), "model")  # the α price alone while training
     session.use_gate(gate)
-    gate.train()
     for m in session.experts.values():
-        m.noise = True
         m.estimator = cfg.estimator
     for step in range(start_step, cfg.max_steps):
+        if cfg.pooled and cfg.recalibrate_every and (step % cfg.recalibrate_every == 0 or gate.layer_capacity is None):
+            gate.eval()
+            calibrate_layer_capacity(session, gate, calib, passes=1)
+        gate.train()
+        for m in session.experts.values():
+            m.noise = True
         idx = batch_indices(step, cfg.batch_size, train_blocks.shape[0], cfg.seed)[rank::world]
         ids = train_blocks[idx].to(session.device)  # [B, S]
         session.seed_noise(cfg.seed * 100_003 + step)
@@ -157,7 +187,15 @@ def train_gate(
     for m in session.experts.values():
         m.noise = False
     gate.eval()
+    if cfg.pooled and cfg.recalibrate_every == 0:
+        gate.set_capacity(budget, "model")
     return history
+
+
+def finish_capacity(session: Session, gate: BitWidthGate, train_blocks: torch.Tensor, cfg: TrainConfig) -> None:
+    """The final per-layer caps of a model-wide budget, calibrated on the trained gate (scope "model")."""
+    if cfg.pooled:
+        calibrate_layer_capacity(session, gate, train_blocks[: cfg.calibration_blocks], passes=2)
 
 
 def _load_state(cfg: TrainConfig, gate: BitWidthGate, optimizer) -> tuple[int, list[StepLog]]:
@@ -169,6 +207,8 @@ def _load_state(cfg: TrainConfig, gate: BitWidthGate, optimizer) -> tuple[int, l
         diff = sorted(k for k in cfg.resume_key() if state.get("resume_key", {}).get(k) != cfg.resume_key()[k])
         raise UsageError(f"--resume: {path} was written with other options ({', '.join(diff)}): use the same options")
     gate.load_state_dict(state["gate"])
+    rows = state.get("layer_capacity")
+    gate.set_capacity(cfg.capacity, gate.capacity_scope, None if rows is None else {int(k): v for k, v in rows.items()})
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"]), [StepLog(**h) for h in state["history"]]
 
@@ -181,6 +221,7 @@ def _state_saver(cfg: TrainConfig, gate: BitWidthGate, accelerator):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"step": step, "gate": gate.state_dict(), "optimizer": optimizer.state_dict(),
+                    "layer_capacity": gate.layer_capacity,
                     "history": [asdict(h) for h in history], "resume_key": cfg.resume_key()}, tmp)
         tmp.replace(path)
 
@@ -202,18 +243,22 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
     session = open_session(cfg.src, cfg.mwq, device=accelerator.device)
     blocks = token_blocks(texts, session.tokenizer, cfg.seq_len, cfg.max_blocks)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_blocks)
-    gate = session.new_gate(cfg.capacity, cfg.proj_dim, cfg.expert_embedding)
+    gate = session.new_gate(cfg.capacity, cfg.proj_dim, cfg.expert_embedding, cfg.capacity_scope, cfg.init)
     optimizer = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, history = 0, []
     if cfg.resume:
         start, history = _load_state(cfg, gate, optimizer)
     session.use_gate(gate)
     eval_set = eval_blocks if eval_blocks.shape[0] else train_blocks[: max(1, cfg.batch_size)]
+    if start == 0 and cfg.pooled:
+        calibrate_layer_capacity(session, gate, train_blocks[: cfg.calibration_blocks], passes=2)
     phase("evaluating before training")
     before = evaluate(session, eval_set, "gated", cfg.batch_size, cfg.seed) if start == 0 else None
     phase("training")
     history = train_gate(session, gate, train_blocks, cfg, accelerator, on_step, start, optimizer, history,
                          _state_saver(cfg, gate, accelerator))
+    phase("calibrating per-layer capacities")
+    finish_capacity(session, gate, train_blocks, cfg)
     phase("evaluating after training")
     after = evaluate(session, eval_set, "gated", cfg.batch_size, cfg.seed)
     uniform = {str(b): evaluate(session, eval_set, f"uniform:{b}", cfg.batch_size) for b in cfg.bits}
@@ -225,6 +270,9 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "levels": list(cfg.bits),
         "capacity": list(cfg.capacity),
+        "capacity_scope": cfg.capacity_scope,
+        "layer_capacity": None if gate.layer_capacity is None
+        else {str(layer): [round(c, 6) for c in row] for layer, row in gate.layer_capacity.items()},
         "moe_layers": session.moe_layers,
         "gate_parameters": gate.num_parameters(),
         "expert_parameters": session.expert_parameters,
@@ -241,8 +289,8 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
         "eval": {"before": before, "after": after, "uniform": uniform, "full": full},
         "avg_bits": after["avg_bits"],
         "bits_histogram": after["bits_histogram"],
-        "capacity_use": {
-            layer: [round(f / c, 4) if c > 0 else None for f, c in zip(fr, cfg.capacity, strict=True)]
+        "capacity_use": {  # fraction of each level's capacity used, per layer, against that layer's caps
+            layer: [round(f / c, 4) if c > 0 else None for f, c in zip(fr, gate.capacity_for(int(layer)), strict=True)]
             for layer, fr in after["level_fractions"].items()
         },
         "world_size": accelerator.num_processes,

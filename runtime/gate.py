@@ -10,10 +10,19 @@ level falls to its next choice. Rounds, not a per-pair loop: in round r every un
 for its r-th choice and each level accepts the most confident askers first (ties: lower pair
 index). Deterministic and vectorized; it needs at most L rounds because the caps cover N.
 
+Capacity scope. "layer": every MoE layer applies c to its own pairs (every layer gets the same
+level histogram). "model": c is a budget over all (token, expert) pairs of the model. Layers run in
+sequence at inference, so the model budget is enforced per layer with per-layer capacities c^l,
+calibrated after training (`pooled_layer_capacity`): the rule is applied once to every layer's pairs
+pooled together, and c^l_k = the fraction of layer l's pairs that took level k (only for levels the
+budget limits, c_k < 1; a level without a limit keeps 1.0). Pooled usage then equals c on the
+calibration data, and each layer keeps the bit mix the gate wants (sensitive layers more bits).
+
 Gate file (`gate.safetensors`): a safetensors file whose tensors are the heads' parameters
 (`layers.<layer>.<param>`) and whose metadata holds `format` = "d2moe-gate", `format_version`
-and `gate` = JSON of levels, capacity, moe_layers, hidden size, number of experts, the source
-model's fingerprint and the head architecture.
+and `gate` = JSON of levels, capacity, capacity_scope, layer_capacity ({layer: [c^l_k]} or null),
+moe_layers, hidden size, number of experts, the source model's fingerprint and the head architecture.
+Files without capacity_scope (written before it existed) read as scope "layer".
 
 Shape letters: T = tokens, H = hidden size, K = experts per token (top-k), E = experts,
 L = levels, D = the head's projection width, N = (token, expert) pairs.
@@ -132,6 +141,41 @@ def assign_with_capacity(logits: torch.Tensor, capacity: Sequence[float]) -> tor
 assign_levels = assign_with_capacity
 
 
+CAPACITY_SCOPES = ("model", "layer")
+
+
+def validate_scope(scope: str) -> str:
+    if scope not in CAPACITY_SCOPES:
+        raise UsageError(f"--capacity-scope {scope!r}: use one of {', '.join(CAPACITY_SCOPES)}")
+    return scope
+
+
+def capacity_binds(capacity: Sequence[float]) -> bool:
+    """Whether any level is limited (c_k < 1); with every c_k = 1 the gate alone decides."""
+    return any(c < 1 for c in capacity)
+
+
+def pooled_layer_capacity(layer_logits: dict[int, torch.Tensor], capacity: Sequence[float]) -> dict[int, tuple[float, ...]]:
+    """Per-layer capacities {layer: c^l} from the model-wide rule over every layer's pair logits pooled.
+
+    layer_logits {layer: [N_l, L]}; the rule runs once on the concatenation [Σ N_l, L] with
+    `capacity`, then c^l_k is the fraction of layer l's pairs given level k where c_k < 1 (and 1.0,
+    no limit, where c_k = 1). Each row is a valid capacity (fractions in [0, 1] covering every pair).
+    """
+    if not layer_logits:
+        raise UsageError("pooled_layer_capacity needs the pair logits of at least one layer")
+    layers = sorted(layer_logits)
+    pooled = torch.cat([layer_logits[layer].reshape(-1, len(capacity)) for layer in layers])  # [ΣN, L]
+    chosen = assign_with_capacity(pooled, capacity)  # [ΣN]
+    out, start = {}, 0
+    for layer in layers:
+        n = layer_logits[layer].reshape(-1, len(capacity)).shape[0]
+        counts = torch.bincount(chosen[start:start + n], minlength=len(capacity)).tolist()
+        start += n
+        out[layer] = tuple(1.0 if c >= 1 else counts[k] / max(n, 1) for k, c in enumerate(capacity))
+    return out
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -140,15 +184,19 @@ class LayerGateHead(nn.Module):
 
     proj_dim > 0: logits = out(silu(proj(h) + expert_emb[e] + w * router_dir)), a two-layer MLP.
     proj_dim = 0: logits = lin(h) + expert_emb[e] + w * router_dir, a linear head.
+    router_skip (MLP only): + w * router_out, a direct router-weight term on the logits (lets the head
+    start exactly at the router-weight rule, `BitWidthGate.init_router_rule`).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, num_levels: int, proj_dim: int, expert_embedding: bool):
+    def __init__(self, hidden_size: int, num_experts: int, num_levels: int, proj_dim: int, expert_embedding: bool,
+                 router_skip: bool = False):
         super().__init__()
         width = proj_dim if proj_dim > 0 else num_levels
         self.proj = nn.Linear(hidden_size, width)
         self.router_dir = nn.Parameter(torch.zeros(width))
         self.expert_emb = nn.Parameter(torch.zeros(num_experts, width)) if expert_embedding else None
         self.out = nn.Linear(proj_dim, num_levels) if proj_dim > 0 else None
+        self.router_out = nn.Parameter(torch.zeros(num_levels)) if (router_skip and proj_dim > 0) else None
         nn.init.normal_(self.proj.weight, std=hidden_size**-0.5 * 0.1)
         nn.init.zeros_(self.proj.bias)
         if self.out is not None:
@@ -163,7 +211,10 @@ class LayerGateHead(nn.Module):
             z = z + self.expert_emb[top_k_index]
         if self.out is None:
             return z  # [T, K, L]
-        return self.out(F.silu(z))  # [T, K, L]
+        logits = self.out(F.silu(z))  # [T, K, L]
+        if self.router_out is not None:
+            logits = logits + top_k_weights.to(dtype).unsqueeze(-1) * self.router_out
+        return logits
 
 
 class BitWidthGate(nn.Module):
@@ -178,29 +229,80 @@ class BitWidthGate(nn.Module):
         capacity: Sequence[float] = (0.3, 0.4, 0.3),
         proj_dim: int = 32,
         expert_embedding: bool = True,
+        capacity_scope: str = "model",
+        layer_capacity: dict[int, Sequence[float]] | None = None,
+        router_skip: bool = False,
     ):
         super().__init__()
         self.levels = tuple(int(b) for b in levels)
         if not self.levels or list(self.levels) != sorted(set(self.levels)):
             raise UsageError(f"gate levels {list(self.levels)} must be distinct and ascending")
-        self.capacity = validate_capacity(capacity, self.levels)
         self.moe_layers = tuple(int(i) for i in moe_layers)
+        self.set_capacity(capacity, capacity_scope, layer_capacity)
         self.hidden_size = int(hidden_size)
         self.num_experts = int(num_experts)
         self.proj_dim = int(proj_dim)
         self.expert_embedding = bool(expert_embedding)
+        self.router_skip = bool(router_skip) and self.proj_dim > 0  # the linear head has this term already
         self.heads = nn.ModuleDict(
             {
-                str(layer): LayerGateHead(hidden_size, num_experts, len(self.levels), self.proj_dim, expert_embedding)
+                str(layer): LayerGateHead(hidden_size, num_experts, len(self.levels), self.proj_dim, expert_embedding,
+                                          self.router_skip)
                 for layer in self.moe_layers
             }
         )
         self.register_buffer("level_bits", torch.tensor(self.levels, dtype=torch.float32), persistent=False)
 
+    def set_capacity(
+        self, capacity: Sequence[float], scope: str = "model", layer_capacity: dict[int, Sequence[float]] | None = None
+    ) -> None:
+        """Set the budget c, its scope and (scope "model") the calibrated per-layer capacities c^l."""
+        self.capacity = validate_capacity(capacity, self.levels)
+        self.capacity_scope = validate_scope(scope)
+        self.layer_capacity: dict[int, tuple[float, ...]] | None = None
+        if layer_capacity is not None:
+            if self.capacity_scope != "model":
+                raise UsageError("per-layer capacities belong to --capacity-scope model (scope 'layer' uses c in every layer)")
+            rows = {int(k): v for k, v in layer_capacity.items()}
+            if sorted(rows) != sorted(self.moe_layers):
+                raise UsageError(f"per-layer capacities are for layers {sorted(rows)}; the gate's MoE layers are "
+                                 f"{list(self.moe_layers)}: give one row per MoE layer")
+            self.layer_capacity = {layer: validate_capacity(rows[layer], self.levels) for layer in self.moe_layers}
+
+    def capacity_for(self, layer: int) -> tuple[float, ...]:
+        """The capacity layer `layer` applies to its pairs: c^l when calibrated (scope "model"), else c."""
+        if self.layer_capacity is not None:
+            return self.layer_capacity[int(layer)]
+        return self.capacity
+
     @property
     def architecture(self) -> dict:
         return {"kind": "mlp" if self.proj_dim > 0 else "linear", "proj_dim": self.proj_dim,
-                "expert_embedding": self.expert_embedding, "inputs": ["hidden", "router_weight", "expert_id"]}
+                "expert_embedding": self.expert_embedding, "router_skip": self.router_skip,
+                "inputs": ["hidden", "router_weight", "expert_id"]}
+
+    @torch.no_grad()
+    def init_router_rule(self, strength: float = 4.0) -> None:
+        """Start at the router-weight rule: logits = strength * (w - 1/2) * ramp, ramp from -1 (fewest bits) to +1.
+
+        A pair whose router weight is above 1/2 prefers the top level, below 1/2 the bottom one, and the
+        further from 1/2 the more confident (so it wins a full level first). The learned terms start at 0,
+        except the MLP's hidden projection (kept small and random so it can learn).
+        """
+        ramp = torch.linspace(-1.0, 1.0, len(self.levels))  # [L]
+        for head in self.heads.values():
+            if head.out is None:  # linear head: router_dir and proj.bias are level logits
+                head.proj.weight.zero_()
+                head.router_dir.copy_(strength * ramp)
+                head.proj.bias.copy_(-0.5 * strength * ramp)
+            else:
+                if head.router_out is None:
+                    raise UsageError("the router-weight start needs router_skip=True on an MLP gate head")
+                head.out.weight.zero_()  # the MLP path starts silent; its gradient flows through out.weight
+                head.router_out.copy_(strength * ramp)
+                head.out.bias.copy_(-0.5 * strength * ramp)
+            if head.expert_emb is not None:
+                head.expert_emb.zero_()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -221,10 +323,10 @@ class BitWidthGate(nn.Module):
     def select_level_indices(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Level indices [T, K] (into `levels`) after the capacity rule over this batch's T*K pairs."""
+        """Level indices [T, K] (into `levels`) after this layer's capacity rule over the batch's T*K pairs."""
         logits = self.logits(layer, hidden, top_k_index, top_k_weights)  # [T, K, L]
         t, k, num_levels = logits.shape
-        return assign_with_capacity(logits.reshape(t * k, num_levels), self.capacity).reshape(t, k)
+        return assign_with_capacity(logits.reshape(t * k, num_levels), self.capacity_for(layer)).reshape(t, k)
 
     @torch.no_grad()
     def select_levels(
@@ -261,6 +363,9 @@ def save_gate(gate: BitWidthGate, path: str | Path, fingerprint: str, extra_meta
     meta = {
         "levels": list(gate.levels),
         "capacity": list(gate.capacity),
+        "capacity_scope": gate.capacity_scope,
+        "layer_capacity": None if gate.layer_capacity is None
+        else {str(layer): list(row) for layer, row in gate.layer_capacity.items()},
         "moe_layers": list(gate.moe_layers),
         "hidden_size": gate.hidden_size,
         "num_experts": gate.num_experts,
@@ -309,6 +414,8 @@ def load_gate(
         gate = BitWidthGate(
             meta["hidden_size"], meta["num_experts"], meta["moe_layers"], meta["levels"], meta["capacity"],
             proj_dim=int(arch["proj_dim"]), expert_embedding=bool(arch["expert_embedding"]),
+            capacity_scope=meta["capacity_scope"], layer_capacity=meta["layer_capacity"],
+            router_skip=bool(arch.get("router_skip", False)),
         )
     except UsageError as exc:
         raise FormatError(f"{path}: gate metadata is inconsistent ({exc}): {RETRAIN_HINT}") from None
@@ -356,10 +463,33 @@ def _read_gate_file(path: Path, load_tensors: bool) -> tuple[dict, dict[str, tor
         arch = dict(meta["architecture"])
         int(arch["proj_dim"])
         bool(arch["expert_embedding"])
+        scope = str(meta.get("capacity_scope", "layer"))  # files from before scopes: per-layer capacity
+        layer_capacity = meta.get("layer_capacity")
+        if layer_capacity is not None:
+            layer_capacity = {int(k): [float(c) for c in row] for k, row in dict(layer_capacity).items()}
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: gate metadata is missing or malformed ({exc!r}): {RETRAIN_HINT}") from None
     if hidden <= 0 or experts <= 0 or not moe_layers:
         raise FormatError(f"{path}: gate metadata has hidden size {hidden}, {experts} experts, layers {moe_layers}")
-    meta.update(levels=levels, capacity=capacity, moe_layers=moe_layers, hidden_size=hidden,
-                num_experts=experts, fingerprint=fingerprint, architecture=arch)
+    _check_layer_capacity(path, scope, layer_capacity, moe_layers, levels)
+    meta.update(levels=levels, capacity=capacity, moe_layers=moe_layers, hidden_size=hidden, num_experts=experts,
+                fingerprint=fingerprint, architecture=arch, capacity_scope=scope, layer_capacity=layer_capacity)
     return meta, tensors
+
+
+def _check_layer_capacity(path: Path, scope: str, rows: dict | None, moe_layers: list[int], levels: list[int]) -> None:
+    """Per-layer capacities: scope "model" only, one row per MoE layer, each a capacity over the levels."""
+    if scope not in CAPACITY_SCOPES:
+        raise FormatError(f"{path}: gate capacity_scope {scope!r} is not one of {list(CAPACITY_SCOPES)}: {RETRAIN_HINT}")
+    if rows is None:
+        return
+    if scope != "model":
+        raise FormatError(f"{path}: gate has per-layer capacities but capacity_scope {scope!r} (only 'model' has them)")
+    if sorted(rows) != sorted(moe_layers):
+        raise FormatError(f"{path}: gate per-layer capacities are for layers {sorted(rows)}, its MoE layers are "
+                          f"{moe_layers}: {RETRAIN_HINT}")
+    for layer, row in rows.items():
+        ok = len(row) == len(levels) and all(math.isfinite(c) and 0 <= c <= 1 for c in row) and sum(row) >= 1 - 1e-6
+        if not ok:
+            raise FormatError(f"{path}: gate capacity of layer {layer} {row} is not a capacity over levels {levels} "
+                              f"(one fraction in [0, 1] per level, summing to at least 1): {RETRAIN_HINT}")

@@ -1,13 +1,15 @@
 """Does the trained bit-width gate beat simple assignments? Held-out perplexity against average bits.
 
 On the embedded fixture model (d2moe_cli/assets/tiny-mixtral), quantized once with MWQ:
-1. matched bits: capacity 0.3/0.4/0.3 (average 3.0 bits) — the trained gate vs uniform 3-bit,
-   vs a random assignment with the gate's level histogram (its choices shuffled among the batch's
-   pairs), vs the untrained gate, vs a router-weight rule (heavier-weighted experts get more bits);
+1. matched bits: capacity 0.3/0.4/0.3 (average 3.0 bits) as a model-wide budget (--capacity-scope
+   model: per-layer caps calibrated after training) and as a per-layer rule (scope layer) — trained
+   gates vs uniform 3-bit, vs a random assignment with the gate's per-layer level histogram (its
+   choices shuffled among each layer's pairs), vs the router-weight rule (heavier expert, more bits);
 2. α sweep with no capacity limit (the gate alone decides): a perplexity-vs-average-bits curve
    against uniform 2/3/4 bits and against random mixes at the same average bits;
-3. capacity sweep at other averages (2.5, 3.5 bits): trained gate vs random assignment at the
-   same histogram.
+   the α = 0.005 gate (≈ 3.0 bits) is also put under the 0.3/0.4/0.3 budget by calibration alone;
+3. capacity sweep at other averages (2.5, 3.5 bits, scope model): trained gate vs random assignment
+   at the same histogram.
 Gates are calibrated on the *.train.txt files and evaluated on the *.heldout.txt files.
 
     .venv/bin/python scripts/gate_sweep.py                       # ~10-15 min on one CPU thread
@@ -41,14 +43,15 @@ def parse_args(argv=None):
     a("--seq-len", type=int, default=128)
     a("--train-blocks", type=int, default=96, help="calibration blocks (from all *.train.txt)")
     a("--eval-blocks", type=int, default=16, help="held-out blocks per *.heldout.txt file")
-    a("--steps", type=int, default=150)
+    a("--steps", type=int, default=100)
     a("--batch-size", type=int, default=4)
     a("--lr", type=float, default=1e-2)
-    a("--alphas", default="0,0.01,0.03,0.1,0.3", help="bit costs for the unlimited-capacity sweep")
+    a("--alphas", default="0.005,0.01,0.02,0.05", help="bit costs for the unlimited-capacity sweep")
+    a("--recalibrate-every", type=int, default=10)
+    a("--calibration-blocks", type=int, default=16)
     a("--seed", type=int, default=0)
     a("--quick", action="store_true", help="matched-bits comparison only")
     a("--out-json", type=Path, default=REPO / "benchmarks" / "results" / "router.json")
-    a("--out-md", type=Path, default=REPO / "benchmarks" / "results" / "router.md")
     a("--plot", type=Path, default=REPO / "benchmarks" / "router_curve.png")
     return p.parse_args(argv)
 
@@ -59,15 +62,10 @@ def load_blocks(session, files: list[Path], seq_len: int, max_blocks: int) -> to
     return torch.cat([token_blocks([f.read_text()], session.tokenizer, seq_len, max_blocks) for f in files])
 
 
-def router_weight_gate(session, capacity):
-    """A hand-made gate: logits = w * (-1, 0, +1) — heavily weighted experts prefer more bits."""
-    gate = session.new_gate(capacity, proj_dim=0, expert_embedding=False)
-    with torch.no_grad():
-        for head in gate.heads.values():
-            head.proj.weight.zero_()
-            ramp = torch.linspace(-1.0, 1.0, len(gate.levels))
-            head.proj.bias.copy_(-2.0 * ramp)  # with the router term: w = 0.5 → the middle level
-            head.router_dir.copy_(4.0 * ramp)
+def router_weight_gate(session, capacity, scope):
+    """The untrained router-weight rule: logits = 4 (w - 1/2) (-1, 0, +1) — heavier experts prefer more bits."""
+    gate = session.new_gate(capacity, proj_dim=0, expert_embedding=False, capacity_scope=scope)
+    gate.init_router_rule()
     return gate
 
 
@@ -75,8 +73,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     from d2moe.quantize.types import MWQConfig
+    from d2moe.router_train.calibrate import calibrate_layer_capacity
     from d2moe.router_train.session import evaluate, open_session
-    from d2moe.router_train.train import TrainConfig, train_gate
+    from d2moe.router_train.train import TrainConfig, finish_capacity, train_gate
 
     t0 = time.perf_counter()
     bits = tuple(int(b) for b in args.bits.split(","))
@@ -93,17 +92,31 @@ def main(argv=None) -> None:
         return {k: r[k] for k in ("ppl", "nll", "kl", "avg_bits") if k in r} | (
             {"level_fractions": r["level_fractions"]} if "level_fractions" in r else {})
 
-    def fit(capacity, alpha, steps=args.steps, estimator="ste", proj_dim=32, expert_embedding=True):
+    def fit(capacity, alpha, scope="model", init="router", recal=args.recalibrate_every, steps=args.steps,
+            estimator="ste", proj_dim=32, expert_embedding=True):
         cfg = TrainConfig(src=str(args.model), data=(), bits=bits, capacity=capacity, seq_len=args.seq_len,
                           batch_size=args.batch_size, max_steps=steps, lr=args.lr, seed=args.seed, bit_cost=alpha,
-                          estimator=estimator, proj_dim=proj_dim, expert_embedding=expert_embedding)
+                          estimator=estimator, proj_dim=proj_dim, expert_embedding=expert_embedding,
+                          capacity_scope=scope, recalibrate_every=recal, calibration_blocks=args.calibration_blocks,
+                          init=init)
         torch.manual_seed(args.seed)
-        gate = session.new_gate(capacity, proj_dim, expert_embedding)
+        gate = session.new_gate(capacity, proj_dim, expert_embedding, scope, init)
         t = time.perf_counter()
         hist = train_gate(session, gate, train, cfg)
-        print(f"  trained capacity={capacity} α={alpha}: {steps} steps in {time.perf_counter() - t:.0f}s, "
-              f"KL {sum(h.task for h in hist[:10]) / 10:.4g} -> {sum(h.task for h in hist[-10:]) / 10:.4g}", flush=True)
+        finish_capacity(session, gate, train, cfg)
+        print(f"  trained capacity={capacity} scope={scope} init={init} recal={recal} α={alpha}: {steps} steps in "
+              f"{time.perf_counter() - t:.0f}s, KL {sum(h.task for h in hist[:10]) / 10:.4g} -> "
+              f"{sum(h.task for h in hist[-10:]) / 10:.4g}; layer caps {caps_text(gate)}", flush=True)
         return gate
+
+    def caps_text(gate):
+        if gate.layer_capacity is None:
+            return "-"
+        return " · ".join("/".join(f"{c:.2f}" for c in row) for row in gate.layer_capacity.values())
+
+    def both(name, gate):  # the gate and a random assignment with its per-layer histogram
+        results["matched"][name] = ev("gated", gate) | {"layer_capacity": gate.layer_capacity}
+        results["matched"][name + " — random, same histogram"] = ev("shuffled", gate)
 
     results: dict = {"uniform": {}, "matched": {}, "alpha_sweep": [], "capacity_sweep": []}
     results["full"] = ev("full")
@@ -112,18 +125,16 @@ def main(argv=None) -> None:
         print(f"uniform {b}-bit: ppl {results['uniform'][str(b)]['ppl']:.3f}", flush=True)
 
     cap = (0.3, 0.4, 0.3)
-    untrained = session.new_gate(cap)
-    results["matched"]["untrained gate"] = ev("gated", untrained)
-    results["matched"]["router-weight rule"] = ev("gated", router_weight_gate(session, cap))
-    gate = fit(cap, 0.0)
-    results["matched"]["trained gate"] = ev("gated", gate)
-    results["matched"]["random, same histogram"] = ev("shuffled", gate)
+    rule = router_weight_gate(session, cap, "model")
+    calibrate_layer_capacity(session, rule, train[: args.calibration_blocks])
+    both("router-weight rule, scope model", rule)
+    results["matched"]["router-weight rule, scope layer"] = ev("gated", router_weight_gate(session, cap, "layer"))
+    gate = fit(cap, 0.0, scope="model", init="router")
+    both("trained gate, scope model, router init", gate)
     if not args.quick:
-        variants = {"trained gate, Gumbel-softmax": dict(estimator="gumbel"),
-                    "trained gate, linear head": dict(proj_dim=0),
-                    "trained gate, no expert term": dict(expert_embedding=False)}
-        for name, kw in variants.items():
-            results["matched"][name] = ev("gated", fit(cap, 0.0, **kw))
+        both("trained gate, scope model, zero init", fit(cap, 0.0, scope="model", init="zero"))
+        results["matched"]["trained gate, scope layer, zero init"] = ev("gated", fit(cap, 0.0, scope="layer", init="zero"))
+        results["matched"]["trained gate, scope layer, router init"] = ev("gated", fit(cap, 0.0, scope="layer"))
     results["matched"]["uniform 3-bit"] = results["uniform"]["3"]
     for name, r in results["matched"].items():
         print(f"matched ~3.0 bits: {name:30s} ppl {r['ppl']:.3f}  bits {r.get('avg_bits', 3.0):.3f}", flush=True)
@@ -131,11 +142,15 @@ def main(argv=None) -> None:
     if not args.quick:
         unlimited = (1.0,) * len(bits)
         for alpha in (float(a) for a in args.alphas.split(",")):
-            g = fit(unlimited, alpha)
+            g = fit(unlimited, alpha, init="zero")
             r = ev("gated", g)
             r_rand = ev("shuffled", g)
             results["alpha_sweep"].append({"alpha": alpha, "gate": r, "random_same_histogram": r_rand})
             print(f"α={alpha}: gate ppl {r['ppl']:.3f} at {r['avg_bits']:.3f} bits; random {r_rand['ppl']:.3f}", flush=True)
+            if abs(r["avg_bits"] - 3.0) < 0.1:  # the same gate under the 0.3/0.4/0.3 budget: calibration only
+                g.set_capacity(cap, "model")
+                calibrate_layer_capacity(session, g, train[: args.calibration_blocks])
+                both(f"α = {alpha} gate (no caps in training), then calibrated caps", g)
         for cap2 in ((0.5, 0.5, 0.0), (0.0, 0.5, 0.5)):
             g = fit(cap2, 0.0)
             r, r_rand = ev("gated", g), ev("shuffled", g)
@@ -179,12 +194,16 @@ def plot(results: dict, path: Path) -> None:
     ax.plot([s["gate"]["avg_bits"] for s in sw], [s["gate"]["ppl"] for s in sw], "o-", label="gate, α sweep (no capacity)")
     ax.plot([s["random_same_histogram"]["avg_bits"] for s in sw], [s["random_same_histogram"]["ppl"] for s in sw], "x:",
             label="random, same histogram")
-    cs = [results["matched"]["trained gate"]] + [s["gate"] for s in results["capacity_sweep"]]
-    ax.plot([c["avg_bits"] for c in cs], [c["ppl"] for c in cs], "^", color="C3", label="gate, capacity-limited")
+    cs = [results["matched"]["trained gate, scope model, router init"]] + [s["gate"] for s in results["capacity_sweep"]]
+    ax.plot([c["avg_bits"] for c in cs], [c["ppl"] for c in cs], "^", color="C3", label="gate, capacity budget (scope model)")
+    rr = results["matched"]["router-weight rule, scope model"]
+    ax.plot([rr["avg_bits"]], [rr["ppl"]], "D", color="C4", label="router-weight rule (scope model)")
+    rl = results["matched"]["trained gate, scope layer, zero init"] if "trained gate, scope layer, zero init" in results["matched"] else None
+    if rl:
+        ax.plot([rl["avg_bits"]], [rl["ppl"]], "v", color="C5", label="gate, per-layer capacity")
     ax.axhline(results["full"]["ppl"], color="k", lw=0.8, label="full precision")
     ax.set_xlabel("average bits per (token, expert)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("tiny-mixtral: bit-width gate vs uniform levels")
     fig.tight_layout()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from d2moe.errors import UsageError
 
 
@@ -47,6 +48,10 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path, typer.Option("-o", "--output", help="gate file to write")] = Path("gate.safetensors"),
         bits: Annotated[str, typer.Option(help="levels (bit-widths) the gate chooses from")] = "2,3,4",
         capacity: Annotated[str, typer.Option(help="max fraction of (token, expert) pairs per level, summing to 1; 'none' = no limit")] = "0.3,0.4,0.3",
+        capacity_scope: Annotated[str, typer.Option(help="model: --capacity is a budget over all layers' pairs (per-layer caps calibrated after training); layer: every layer applies it")] = "model",
+        recalibrate_every: Annotated[int, typer.Option(help="scope model: steps between per-layer cap updates while training (0: no caps while training, the --bit-cost price alone; measured best)")] = 0,
+        calibration_blocks: Annotated[int, typer.Option(help="calibration blocks the per-layer caps are computed on")] = 16,
+        init: Annotated[str, typer.Option(help="gate start: zero | router (the router-weight rule: heavier expert, more bits)")] = "zero",
         group_size: Annotated[int, typer.Option(help="MWQ group size (as pack will use)")] = 64,
         scheme: Annotated[str, typer.Option(help="MWQ scheme: residual | sliced (as pack will use)")] = "residual",
         seq_len: Annotated[int, typer.Option(help="tokens per calibration block")] = 256,
@@ -54,7 +59,7 @@ def register(app: typer.Typer) -> None:
         max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 200,
         lr: Annotated[float, typer.Option(help="AdamW learning rate of the gate")] = 3e-3,
         seed: Annotated[int, typer.Option(help="seed of data order, init and noise")] = 0,
-        bit_cost: Annotated[float, typer.Option(help="α: weight of the expected-bits term of the loss")] = 0.01,
+        bit_cost: Annotated[float, typer.Option(help="α: weight of the expected-bits term of the loss (pick it so the uncapped gate's average bits ≈ the --capacity average)")] = 0.005,
         target: Annotated[str, typer.Option(help="distill (full-precision model's distribution) | labels")] = "distill",
         estimator: Annotated[str, typer.Option(help="gradient through the hard choice: ste | gumbel")] = "ste",
         proj_dim: Annotated[int, typer.Option(help="gate head width (0 = linear head)")] = 32,
@@ -72,6 +77,8 @@ def register(app: typer.Typer) -> None:
         levels = parse_bits(bits)
         cfg = TrainConfig(
             src=str(src), data=tuple(data), output=str(output), bits=levels, capacity=parse_capacity(capacity, len(levels)),
+            capacity_scope=capacity_scope, recalibrate_every=recalibrate_every, calibration_blocks=calibration_blocks,
+            init=init,
             group_size=group_size, scheme=scheme, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps, lr=lr,
             seed=seed, bit_cost=bit_cost, target=target, estimator=estimator, proj_dim=proj_dim, eval_blocks=eval_blocks,
             max_blocks=max_blocks, save_every=save_every, state_dir=None if state_dir is None else str(state_dir),

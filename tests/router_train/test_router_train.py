@@ -80,9 +80,10 @@ def test_bit_cost_buys_fewer_bits(tiny_mixtral, calib_file, tmp_path):
 
 
 def test_capacity_respected_while_training_and_report_written(tiny_mixtral, calib_file, tmp_path):
+    # scope "layer": every layer applies c to its own pairs, so every batch's histogram is pinned
     cap = (0.3, 0.4, 0.3)
     seen = []
-    res = train_router(_cfg(tiny_mixtral, calib_file, tmp_path, capacity=cap, max_steps=8),
+    res = train_router(_cfg(tiny_mixtral, calib_file, tmp_path, capacity=cap, max_steps=8, capacity_scope="layer"),
                        on_step=lambda log: seen.append(log.avg_bits))
     assert len(seen) == 8
     n_pairs = 4 * 32 * 2  # one eval batch: blocks * seq_len * top-k
@@ -92,26 +93,58 @@ def test_capacity_respected_while_training_and_report_written(tiny_mixtral, cali
         assert all(h <= c for h, c in zip(hist, capacity_caps(cap, n_pairs), strict=True)), (layer, hist)
     # the batch histogram is pinned by tight capacities: 0.3*2 + 0.4*3 + 0.3*4 = 3.0 bits
     assert all(abs(b - 3.0) < 0.02 for b in seen)
+    assert res.report["capacity_scope"] == "layer" and res.report["layer_capacity"] is None
     gate = load_gate(tmp_path / "gate.safetensors", expect_fingerprint=res.report["fingerprint"], expect_levels=[2, 3, 4])
-    assert gate.capacity == cap and gate.moe_layers == (0, 1)
+    assert gate.capacity == cap and gate.moe_layers == (0, 1) and gate.capacity_scope == "layer"
     assert res.report["gate_parameters"] == gate.num_parameters()
     for k, v in res.gate.state_dict().items():
         assert torch.equal(v.cpu(), gate.state_dict()[k])
 
 
+@pytest.mark.parametrize("recalibrate_every", [2, 0])
+def test_model_scope_budget_calibrated_and_per_layer_caps_hold(tiny_mixtral, calib_file, tmp_path, recalibrate_every):
+    cap = (0.3, 0.4, 0.3)
+    res = train_router(_cfg(tiny_mixtral, calib_file, tmp_path, capacity=cap, max_steps=6, calibration_blocks=4,
+                            recalibrate_every=recalibrate_every, bit_cost=1e-3))
+    gate = load_gate(tmp_path / "gate.safetensors", expect_fingerprint=res.report["fingerprint"])
+    assert gate.capacity_scope == "model" and gate.capacity == cap and set(gate.layer_capacity) == {0, 1}
+    assert res.report["layer_capacity"] == {str(k): [round(c, 6) for c in v] for k, v in gate.layer_capacity.items()}
+    session = open_session(tiny_mixtral, MWQConfig(bits=(2, 3, 4)))
+    session.use_gate(gate)
+    blocks = token_blocks(load_texts([str(calib_file)]), session.tokenizer, 32)
+    # pooled usage on the calibration blocks equals the budget (within one pair)
+    calib = blocks[:4]
+    session.logits(calib, "gated")
+    counts = sum(torch.bincount(session.experts[layer].stats["chosen"].flatten(), minlength=3) for layer in (0, 1))
+    n = int(counts.sum())
+    assert n == 2 * 4 * 32 * 2
+    for k, c in enumerate(cap):
+        assert abs(int(counts[k]) / n - c) <= 1 / n * 2 + 1e-9, (counts.tolist(), cap)
+    # and on other batches every layer stays within its own caps
+    for start in range(8, 20, 3):
+        ids = blocks[start:start + 3]
+        session.logits(ids, "gated")
+        for layer in (0, 1):
+            chosen = session.experts[layer].stats["chosen"].flatten()
+            caps = capacity_caps(gate.capacity_for(layer), chosen.numel())
+            assert all(h <= c for h, c in zip(torch.bincount(chosen, minlength=3).tolist(), caps, strict=True))
+
+
 @pytest.mark.parametrize("estimator", ["ste", "gumbel"])
 def test_resume_is_exact(tiny_mixtral, calib_file, tmp_path, estimator):
-    straight = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "a", max_steps=6, estimator=estimator))
-    first = _cfg(tiny_mixtral, calib_file, tmp_path / "b", max_steps=3, save_every=3, estimator=estimator)
+    # scope "model" with caps recalibrated every 2 steps: a recalibration falls on both sides of the resume
+    kw = dict(estimator=estimator, recalibrate_every=2, calibration_blocks=4)
+    straight = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "a", max_steps=6, **kw))
+    first = _cfg(tiny_mixtral, calib_file, tmp_path / "b", max_steps=3, save_every=3, **kw)
     train_router(first)
-    resumed = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "b", max_steps=6, save_every=3, resume=True,
-                                estimator=estimator))
+    resumed = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "b", max_steps=6, save_every=3, resume=True, **kw))
     assert resumed.report["resumed_from_step"] == 3
     for k, v in straight.gate.state_dict().items():
         assert torch.equal(v, resumed.gate.state_dict()[k]), k
     assert [h.loss for h in straight.history] == [h.loss for h in resumed.history]
+    assert straight.gate.layer_capacity == resumed.gate.layer_capacity
     with pytest.raises(UsageError, match="other options.*seed"):
-        train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "b", max_steps=6, seed=1, resume=True))
+        train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "b", max_steps=6, seed=1, resume=True, **kw))
 
 
 def test_labels_target_and_linear_head(tiny_mixtral, calib_file, tmp_path):
@@ -158,6 +191,10 @@ def test_errors_name_the_problem(tiny_mixtral, calib_file, tmp_path, tiny_checkp
         _cfg(tiny_mixtral, calib_file, tmp_path, capacity=(0.5, 0.5))
     with pytest.raises(UsageError, match="sum"):
         _cfg(tiny_mixtral, calib_file, tmp_path, capacity=(0.2, 0.2, 0.2))
+    with pytest.raises(UsageError, match="--capacity-scope"):
+        _cfg(tiny_mixtral, calib_file, tmp_path, capacity_scope="global")
+    with pytest.raises(UsageError, match="--init"):
+        _cfg(tiny_mixtral, calib_file, tmp_path, init="random")
     with pytest.raises(InputError, match="no config.json"):
         train_router(_cfg(tmp_path, calib_file, tmp_path))
     bad = tmp_path / "foreign"

@@ -53,7 +53,8 @@ def test_cli_end_to_end(app, tiny_mixtral, tmp_path):
         assert key in written["eval"]
     assert 2.0 <= written["avg_bits"] <= 4.0
     gate = load_gate(out, expect_fingerprint=written["fingerprint"], expect_levels=[2, 3, 4])
-    assert gate.capacity == (0.3, 0.4, 0.3)
+    assert gate.capacity == (0.3, 0.4, 0.3) and gate.capacity_scope == "model"  # the default: a model-wide budget
+    assert set(gate.layer_capacity) == {0, 1} and written["capacity_scope"] == "model"
     assert (out.parent / "gate.safetensors.state" / "train_state.pt").is_file()
 
 
@@ -64,6 +65,7 @@ def test_cli_end_to_end(app, tiny_mixtral, tmp_path):
         (["--capacity", "0.5,0.4,0.3"], "sum to 1"),
         (["--bits", "4,2"], "ascending"),
         (["--target", "teacher"], "--target"),
+        (["--capacity-scope", "global"], "--capacity-scope"),
     ],
 )
 def test_cli_bad_options(app, tiny_mixtral, tmp_path, args, message):

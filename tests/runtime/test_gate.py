@@ -17,6 +17,7 @@ from d2moe.runtime.gate import (
     capacity_caps,
     load_gate,
     model_fingerprint,
+    pooled_layer_capacity,
     read_gate_meta,
     save_gate,
     validate_capacity,
@@ -230,3 +231,128 @@ def test_corrupt_or_foreign_gate_file_rejected(tmp_path):
         load_gate(rewrite("shape.safetensors", tensors_update={"layers.0.proj.weight": torch.zeros(3, 3)}))
     with pytest.raises(FormatError, match="NaN"):
         load_gate(rewrite("nan.safetensors", tensors_update={"layers.1.router_dir": torch.full((32,), float("nan"))}))
+
+
+# ----------------------------------------------------------------------------- capacity scope "model"
+
+
+def _layer_logits(seed=0, sizes=(400, 400, 400)):
+    g = torch.Generator().manual_seed(seed)
+    # layer 0 is confident about the top level, layer 2 about the bottom one: pooling should follow that
+    shift = torch.tensor([[-2.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, -2.0]])
+    return {layer: torch.randn(n, 3, generator=g) + shift[i] for i, (layer, n) in enumerate(zip((0, 3, 5), sizes, strict=True))}
+
+
+@pytest.mark.parametrize("cap", [(0.3, 0.4, 0.3), (0.1, 0.2, 0.7), (0.5, 0.5, 0.0)])
+def test_pooled_calibration_usage_equals_the_budget(cap):
+    logits = _layer_logits(sizes=(300, 500, 200))
+    rows = pooled_layer_capacity(logits, cap)
+    n = {layer: x.shape[0] for layer, x in logits.items()}
+    total = sum(n.values())
+    for row in rows.values():
+        assert validate_capacity(row, (2, 3, 4)) == row and abs(sum(row) - 1) < 1e-9
+    pooled = [sum(rows[layer][k] * n[layer] for layer in rows) / total for k in range(3)]
+    for k, c in enumerate(cap):
+        assert abs(pooled[k] - c) <= 1 / total + 1e-9, (pooled, cap)
+    # layers differ: the one leaning to 4 bits gets more 4-bit room than the one leaning to 2 bits
+    if cap[2] > 0:
+        assert rows[0][2] > rows[5][2] and rows[5][0] > rows[0][0]
+
+
+def test_pooled_calibration_leaves_unlimited_levels_open():
+    rows = pooled_layer_capacity(_layer_logits(), (0.5, 1.0, 0.5))
+    assert all(row[1] == 1.0 for row in rows.values())
+    assert all(row == (1.0, 1.0, 1.0) for row in pooled_layer_capacity(_layer_logits(), (1.0, 1.0, 1.0)).values())
+
+
+def _pooled_gate(seed=0):
+    gate = _gate(seed, capacity=(0.3, 0.4, 0.3), capacity_scope="model")
+    logits = {layer: gate.logits(layer, *_routing(t=64, seed=seed + layer)).reshape(-1, 3).detach() for layer in (0, 1)}
+    gate.set_capacity(gate.capacity, "model", pooled_layer_capacity(logits, gate.capacity))
+    return gate
+
+
+def test_per_layer_caps_respected_on_every_batch():
+    gate = _pooled_gate()
+    assert gate.layer_capacity[0] != gate.layer_capacity[1]  # the seeded heads lean differently
+    for batch in range(6):
+        hidden, idx, w = _routing(t=8 + 9 * batch, seed=100 + batch)
+        for layer in (0, 1):
+            bits = gate.select_levels(layer, hidden, idx, w)
+            n = bits.numel()
+            caps = capacity_caps(gate.capacity_for(layer), n)
+            counts = [int((bits == b).sum()) for b in gate.levels]
+            assert all(c <= cap for c, cap in zip(counts, caps, strict=True)), (layer, counts, caps)
+    layer_scope = _gate(capacity=(0.3, 0.4, 0.3), capacity_scope="layer")
+    assert layer_scope.layer_capacity is None and layer_scope.capacity_for(1) == (0.3, 0.4, 0.3)
+    with pytest.raises(UsageError, match="scope model"):
+        layer_scope.set_capacity((0.3, 0.4, 0.3), "layer", {0: (0.3, 0.4, 0.3), 1: (0.3, 0.4, 0.3)})
+    with pytest.raises(UsageError, match="one row per MoE layer"):
+        gate.set_capacity((0.3, 0.4, 0.3), "model", {0: (0.3, 0.4, 0.3)})
+    with pytest.raises(UsageError, match="scope"):
+        gate.set_capacity((0.3, 0.4, 0.3), "global")
+
+
+def test_router_rule_start_prefers_bits_by_router_weight():
+    for proj_dim in (0, 32):
+        gate = BitWidthGate(64, 4, [0], proj_dim=proj_dim, router_skip=True)
+        gate.init_router_rule()
+        hidden, idx, _ = _routing(t=4)
+        w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5], [0.3, 0.7]])
+        levels = gate.logits(0, hidden, idx, w).argmax(-1)
+        assert levels[0].tolist() == [2, 0] and levels[1].tolist() == [2, 0] and levels[3].tolist() == [0, 2]
+    with pytest.raises(UsageError, match="router_skip"):
+        BitWidthGate(64, 4, [0], proj_dim=8).init_router_rule()
+
+
+def test_layer_capacity_file_round_trip(tmp_path):
+    gate = _pooled_gate()
+    path = save_gate(gate, tmp_path / "gate.safetensors", "c" * 64)
+    loaded = load_gate(path)
+    assert loaded.capacity_scope == "model" and loaded.layer_capacity == gate.layer_capacity
+    hidden, idx, w = _routing(t=40, seed=9)
+    for layer in (0, 1):
+        assert torch.equal(gate.select_levels(layer, hidden, idx, w), loaded.select_levels(layer, hidden, idx, w))
+    meta = read_gate_meta(path)
+    assert meta["capacity_scope"] == "model" and set(meta["layer_capacity"]) == {0, 1}
+    skip = BitWidthGate(64, 4, [0, 1], proj_dim=8, router_skip=True)
+    skip.init_router_rule()
+    again = load_gate(save_gate(skip, tmp_path / "skip.safetensors", "c" * 64))
+    assert again.router_skip and torch.equal(again.heads["1"].router_out, skip.heads["1"].router_out)
+
+
+def test_ill_formed_layer_capacity_rejected(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = save_gate(_pooled_gate(), tmp_path / "gate.safetensors", "c" * 64)
+    with safe_open(str(good), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["gate"])
+
+    def rewrite(name, **update):
+        out = tmp_path / name
+        save_file(tensors, str(out), metadata=dict(header, gate=json.dumps(dict(meta, **update))))
+        return out
+
+    row = [0.3, 0.4, 0.3]
+    cases = {
+        "missing_layer": dict(layer_capacity={"0": row}),
+        "extra_layer": dict(layer_capacity={"0": row, "1": row, "2": row}),
+        "short_row": dict(layer_capacity={"0": row, "1": [0.5, 0.5]}),
+        "not_a_distribution": dict(layer_capacity={"0": row, "1": [0.1, 0.1, 0.1]}),
+        "negative": dict(layer_capacity={"0": row, "1": [-0.2, 0.6, 0.6]}),
+        "scope_layer_with_rows": dict(capacity_scope="layer"),
+        "unknown_scope": dict(capacity_scope="global"),
+        "not_numbers": dict(layer_capacity={"0": row, "1": ["a", 0.5, 0.5]}),
+    }
+    for name, update in cases.items():
+        with pytest.raises(FormatError):
+            load_gate(rewrite(f"{name}.safetensors", **update))
+    # a file from before scopes existed reads as the per-layer rule
+    old = {k: v for k, v in meta.items() if k not in ("capacity_scope", "layer_capacity")}
+    out = tmp_path / "old.safetensors"
+    save_file(tensors, str(out), metadata=dict(header, gate=json.dumps(old)))
+    legacy = load_gate(out)
+    assert legacy.capacity_scope == "layer" and legacy.layer_capacity is None
