@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from d2moe.quantize import dequantize
 from d2moe.runtime.scheduler import CostModel, Job, expert_flops_per_token, hebf_order, johnson_order
-from torch import nn
 
 MATRICES = ("gate", "up", "down")
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from d2moe.errors import FormatError
 from torch import nn
+
+from d2moe.errors import FormatError
 
 
 def build_skeleton(adapter, config: dict) -> nn.Module:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from d2moe.errors import UsageError
 
 ORDERS = ("hebf", "johnson", "id")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from d2moe.errors import BudgetError, InputError, UsageError
 from d2moe.units import format_size
 

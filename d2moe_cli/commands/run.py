@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from d2moe.errors import InputError, UsageError
 
 
@@ -72,7 +73,8 @@ def run(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
                                                 help="Wrap prompts in the tokenizer's chat template.")] = True,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for compute (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        envvar="D2MOE_THREADS", help="Torch compute threads (default: torch's choice; 1 is fastest for tiny models).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
 ) -> None:
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
@@ -83,6 +85,8 @@ def run(
     prompts = read_prompts(prompt, prompts_file)
 
     import torch
+
+    from d2moe.runtime.benchmark import set_threads
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
@@ -91,10 +95,7 @@ def run(
     batch = encode_prompts(tokenizer, prompts, chat_template)
     max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
     torch.manual_seed(seed)
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads {threads} must be at least 1")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     options = RunOptions(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
 
-from d2moe.cli import main  # noqa: E402
 from packed import packed_tiny  # noqa: E402
+
+from d2moe.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")

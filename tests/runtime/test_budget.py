@@ -7,6 +7,9 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from d2moe.errors import BudgetError, UsageError
 from d2moe.runtime.budget import (
     MemoryPlan,
@@ -16,8 +19,6 @@ from d2moe.runtime.budget import (
 )
 from d2moe.runtime.memory import MemoryMeter
 from d2moe.units import parse_size
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 MiB = 1024**2
 sizes = st.integers(0, 10**9)
@@ -83,8 +84,9 @@ def test_workspace_and_safetensors_sizes(tmp_path):
 
 
 def test_for_checkpoint_uses_the_checkpoint_numbers(tmp_path):
-    from d2moe.quantize import MWQConfig
     from safetensors.torch import save_file
+
+    from d2moe.quantize import MWQConfig
 
     save_file({"w": torch.zeros(1024, dtype=torch.float16)}, tmp_path / "dense.safetensors")
 

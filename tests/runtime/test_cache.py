@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from d2moe.errors import UsageError
 from d2moe.runtime.cache import ExpertCache
 from d2moe.runtime.memory import MemoryMeter
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 KEYS = [(layer, e) for layer in range(2) for e in range(4)]
 

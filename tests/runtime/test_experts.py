@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from packed import packed_tiny
+
 from d2moe.quantize import dequantize
 from d2moe.runtime.policies import UniformLevels
 from d2moe.runtime.session import RunOptions, Session
-from packed import packed_tiny
 
 BIG = 256 * 2**20
 

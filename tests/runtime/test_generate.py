@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packed import packed_tiny
+
 from d2moe.errors import BudgetError, UsageError
 from d2moe.runtime.generate import SamplingOptions, left_pad, sample_next
 from d2moe.runtime.session import RunOptions, Session
-from packed import packed_tiny
 
 BIG = 256 * 2**20
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packed import packed_tiny
+
 from d2moe.errors import FormatError
 from d2moe.quantize import dequantize
 from d2moe.runtime.experts import OffloadedExperts
 from d2moe.runtime.session import RunOptions, Session
-from packed import packed_tiny
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 BIG = 256 * 2**20

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packed import packed_tiny
+
 from d2moe.errors import BudgetError, UsageError
 from d2moe.runtime.generate import SamplingOptions
 from d2moe.runtime.policies import (
@@ -15,7 +17,6 @@ from d2moe.runtime.policies import (
     make_level_selector,
 )
 from d2moe.runtime.session import RunOptions, Session
-from packed import packed_tiny
 
 BIG = 256 * 2**20
 PROMPT = ["the quick brown fox jumps over the lazy dog"]

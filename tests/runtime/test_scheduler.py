@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from d2moe.errors import UsageError
 from d2moe.runtime.scheduler import (
     CostModel,
@@ -18,8 +21,6 @@ from d2moe.runtime.scheduler import (
     simulate,
     timeline,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 times = st.floats(0.0, 10.0, allow_nan=False).map(lambda x: round(x, 3))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from d2moe.errors import FormatError, InputError, UsageError
 from d2moe.runtime.store import ALIGN, ByteReader, ExpertStore
 
