@@ -381,6 +381,7 @@ def save_gate(gate: BitWidthGate, path: str | Path, fingerprint: str, extra_meta
         str(tmp),
         metadata={"format": GATE_FORMAT, "format_version": str(GATE_FORMAT_VERSION), "gate": json.dumps(meta)},
     )
+    tmp.chmod(0o644)  # safetensors creates files owner-only; a gate is meant to be shared and packed
     tmp.replace(path)
     return path
 

@@ -36,6 +36,12 @@ def embedded_model_dir() -> Path:
     return path
 
 
+def embedded_gate() -> Path | None:
+    """The bit-width gate trained for the embedded model at levels 2,3,4 (`d2moe train-router`), if shipped."""
+    path = embedded_model_dir().parent / "tiny-mixtral-gate.safetensors"
+    return path if path.is_file() else None
+
+
 def demo_cache_dir() -> Path:
     if os.environ.get("D2MOE_CACHE"):
         return Path(os.environ["D2MOE_CACHE"]) / "demo"
@@ -43,8 +49,8 @@ def demo_cache_dir() -> Path:
     return Path(base) / "d2moe" / "demo"
 
 
-def packed_is_current(out: Path, src: Path, bits: tuple[int, ...]) -> bool:
-    """True when `out` is a valid packed checkpoint of `src` (same fingerprint) at `bits`."""
+def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path | None = None) -> bool:
+    """True when `out` is a valid packed checkpoint of `src` (same fingerprint) at `bits`, with a gate iff `router`."""
     from d2moe.errors import D2MoEError
     from d2moe.runtime.format import open_checkpoint
     from d2moe.runtime.pack import SourceCheckpoint
@@ -61,21 +67,22 @@ def packed_is_current(out: Path, src: Path, bits: tuple[int, ...]) -> bool:
         same_source = ckpt.manifest["source"]["sha256"] == source.fingerprint()
     finally:
         source.close()
-    return same_source and tuple(ckpt.cfg.bits) == tuple(bits)
+    return same_source and tuple(ckpt.cfg.bits) == tuple(bits) and (ckpt.gate_path is None) == (router is None)
 
 
-def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool) -> tuple[bool, float]:
+def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
+                  router: Path | None = None) -> tuple[bool, float]:
     """Pack `src` into `out` unless a current pack is there; returns (packed now, seconds)."""
     import time
 
     from d2moe.quantize import MWQConfig
     from d2moe.runtime.pack import pack_checkpoint
 
-    if packed_is_current(out, src, bits):
+    if packed_is_current(out, src, bits, router):
         return False, 0.0
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    pack_checkpoint(src, out, MWQConfig(bits=bits), progress=progress, force=True)
+    pack_checkpoint(src, out, MWQConfig(bits=bits), router=router, progress=progress, force=True)
     return True, time.perf_counter() - t0
 
 
@@ -126,9 +133,12 @@ def demo(
     out = Path(out) if out is not None else demo_cache_dir()
     say = (lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True))
 
-    say(f"packing {src.name} -> {out} (bits {bits}) ..." if not packed_is_current(out, src, level_bits)
-        else f"using packed model in {out}")
-    packed_now, pack_s = ensure_packed(src, out, level_bits, progress=not json_out and sys.stderr.isatty())
+    # the shipped gate was trained for the embedded model at the default levels: dual routing with a trained gate
+    router = embedded_gate() if model is None and bits == DEFAULT_BITS else None
+    say(f"packing {src.name} -> {out} (bits {bits}{', trained bit-width gate' if router else ''}) ..."
+        if not packed_is_current(out, src, level_bits, router) else f"using packed model in {out}")
+    packed_now, pack_s = ensure_packed(src, out, level_bits, progress=not json_out and sys.stderr.isatty(),
+                                       router=router)
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(out)

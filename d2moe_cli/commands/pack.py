@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
         router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,
         force: Annotated[bool, typer.Option("--force", help="replace OUT if it is an existing packed checkpoint")] = False,
+        workers: Annotated[int | None, typer.Option(help="experts quantized at once (default: CPU count); output is the same")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object (no progress bar)")] = False,
     ) -> None:
         """Pack SRC into OUT: dense weights + one bit-nested blob per expert (levels read by prefix)."""
@@ -40,7 +41,8 @@ def register(app: typer.Typer) -> None:
         from d2moe.runtime.pack import pack_checkpoint
 
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
-        report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not as_json, force=force)
+        report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not as_json, force=force,
+                                 workers=workers)
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
         else:
