@@ -349,7 +349,7 @@ def _write_layer(experts: ExpertSource, layer: int, num_experts: int, layout: fm
     fname = fmt.experts_file_name(layer)
     names = [(fmt.expert_tensor_name(e), "U8", (layout.nbytes,)) for e in range(num_experts)]
     entries = []
-    pending: deque = deque()  # at most 2 x workers experts in memory at once
+    pending: deque = deque()  # at most workers + 1 experts in memory at once
     with AlignedSafetensorsWriter(tmp / fname, names, {"format": fmt.FORMAT_NAME, "layer": str(layer)}, fmt.ALIGN) as w:
         assert w.data_start % fmt.ALIGN == 0
 
@@ -370,7 +370,7 @@ def _write_layer(experts: ExpertSource, layer: int, num_experts: int, layout: fm
         for e in range(num_experts):
             weights = {m: experts.matrix(layer, e, m) for m in fmt.MATRICES}
             pending.append((e, pool.submit(_quantize_expert, weights, cfg)))
-            if len(pending) >= 2 * workers:
+            if len(pending) > workers:
                 finish_oldest()
         while pending:
             finish_oldest()

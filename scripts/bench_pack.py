@@ -73,10 +73,7 @@ def make_source(path: Path, layers: int, hidden: int, inter: int, experts: int, 
     return total
 
 
-def pack_child(src: str, out: str, bits: str, scheme: str, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+def pack_child(src: str, out: str, bits: str, scheme: str, workers: int) -> None:
     from d2moe.quantize import MWQConfig
     from d2moe.runtime.pack import pack_checkpoint
 
@@ -90,7 +87,7 @@ def pack_child(src: str, out: str, bits: str, scheme: str, threads: int) -> None
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     report = pack_checkpoint(Path(src), Path(out), MWQConfig(bits=tuple(int(b) for b in bits.split(",")), scheme=scheme),
-                             progress=False, force=True)
+                             progress=False, force=True, workers=workers)
     done.set()
     sampler.join()
     report["peak_rss_anon"] = peak_anon[0]
@@ -115,12 +112,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=40000)
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--scheme", default="residual")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="experts quantized at once (pack's --workers)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return pack_child(args.child[0], args.child[1], args.bits, args.scheme, args.threads)
+        return pack_child(args.child[0], args.child[1], args.bits, args.scheme, args.workers)
 
     src, out = args.work / "src", args.work / "packed"
     shutil.rmtree(args.work, ignore_errors=True)
@@ -131,7 +128,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", str(src), str(out), "--bits", args.bits,
-                           "--scheme", args.scheme, "--threads", str(args.threads)], capture_output=True, text=True)
+                           "--scheme", args.scheme, "--workers", str(args.workers)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(proc.stderr)
@@ -146,7 +143,7 @@ def main() -> None:
         "expert_throughput_mb_s": round(expert_bytes / 1e6 / report["seconds"], 2),
         "peak_rss_mb": round(peak_rss / 1e6, 1), "peak_rss_anon_mb": round(report["peak_rss_anon"] / 1e6, 1), "packed_mb": round(report["packed_bytes"] / 1e6, 1),
         "bytes_per_level": report["bytes_per_level"], "sqnr_db": report["sqnr_db"],
-        "threads": args.threads, "scheme": args.scheme, "bits": args.bits,
+        "workers": args.workers, "scheme": args.scheme, "bits": args.bits,
     }
     print(json.dumps(result, indent=2))
     if not args.keep:
