@@ -18,6 +18,12 @@ from tiny_models import TINY_ARCHS, make_tiny_checkpoint  # noqa: E402
 CORE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one torch thread (commands under test may change it, e.g. `--threads`)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_factory(tmp_path_factory):
     """`factory(arch, sharded=False, layout="legacy", seed=0, **overrides) -> Path`, cached per argument set.

@@ -31,14 +31,6 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(src, data, tmp_path, **kw) -> TrainConfig:
     base = dict(src=str(src), data=(str(data),), output=str(tmp_path / "gate.safetensors"), seq_len=32, batch_size=4,
                 max_steps=30, lr=1e-2, seed=0, bit_cost=0.0, eval_blocks=4, save_every=1000)
