@@ -41,7 +41,7 @@ class TrainConfig:
     capacity_scope: str = "model"  # "model": c over all layers' pairs (per-layer caps calibrated); "layer": c in each layer
     recalibrate_every: int = 0  # scope model: steps between per-layer cap updates; 0 = no caps in training (α price), calibrate at end
     calibration_blocks: int = 16  # training blocks the per-layer caps are calibrated on
-    init: str = "zero"  # "zero": small random start; "router": start at the router-weight rule
+    init: str = "router"  # "router": start at the router-weight rule (measured best with the α price); "zero": small random start
     group_size: int = 64
     scheme: str = "residual"
     seq_len: int = 256

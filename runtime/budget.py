@@ -5,7 +5,8 @@ Budget = everything the run holds on its device:
     dense weights + KV cache (max tokens) + staging (expert bytes landing from disk)
     + workspace (one expert dequantized to fp32) + expert cache
 
-The expert cache gets what the rest leaves. The pipeline needs one expert computing while the
+The expert cache gets what the rest leaves; its decoded tier (fp32 copies of experts, see
+`d2moe.runtime.experts`) lives inside that capacity, in the room its packed entries leave. The pipeline needs one expert computing while the
 next one loads, so the cache must hold at least two expert prefixes at the highest level in use;
 a budget below that fails before anything is loaded, saying the minimum.
 

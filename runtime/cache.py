@@ -5,6 +5,12 @@ An entry is keyed `(layer, expert)` and holds that expert's packed blob prefix u
 MWQTensors, or dequantized weights) whose bytes the caller declares. Because a blob is level
 ordered, the prefix held at level b also serves every lower level: the caller slices it.
 
+Decoded objects are a second tier: they only use room the packed entries leave. Attaching one
+(`set_decoded`) never evicts a packed entry; it may only drop colder unpinned decoded objects.
+When a packed entry or a reservation needs room, every other decoded object goes first (coldest
+first, pinned entries' last) before any packed entry is evicted. Replacing or upgrading an entry
+drops its decoded object (it no longer matches the bytes).
+
 Policy is kept apart from copy mechanics (mixtral-offloading): the cache only decides what
 stays. Eviction victims are unpinned entries, chosen by
 - "decay": lowest decayed activation frequency (`record_use(key, weight)` adds weight,
@@ -23,7 +29,8 @@ ExpertCache(capacity_bytes, policy="decay", decay=0.9)
     lookup(key, want=None) -> level | None       # records hit / upgrade (held < want) / miss
     peek(key) -> level | None                    # no stats
     get(key) -> (level, data)                    # KeyError if absent; counts as a use for LRU
-    get_decoded(key) / set_decoded(key, obj, nbytes=0) -> bool
+    get_decoded(key) / set_decoded(key, obj, nbytes=0) -> bool   # second tier: never evicts packed bytes
+    record_decoded_hit(key); decoded_bytes
     put(key, level, data, decoded=None, decoded_nbytes=0, reservation=None) -> bool   # never downgrades
     extend(key, level, extra, reservation=None) -> bool   # upgrade: held prefix + extra segment bytes
                                                           # (bytes-likes, or uint8 tensors on any device)
@@ -84,6 +91,8 @@ class LayerStats:
     misses: int = 0  # lookups of experts not held at all
     upgrades: int = 0  # lookups of experts held at a lower level than wanted
     evictions: int = 0  # entries removed to make room
+    decoded_hits: int = 0  # computes served by a held decoded object (no dequantization)
+    decoded_drops: int = 0  # decoded objects dropped to make room (their packed entry stays)
     rejected: int = 0  # puts / reservations that could not fit (compute-and-drop)
     bytes_inserted: int = 0  # bytes newly brought into the cache (upgrades count only the extra)
 
@@ -142,6 +151,7 @@ class ExpertCache:
         self._inflate = 1.0
         self._held = 0
         self._reserved = 0
+        self._decoded = 0  # of _held: bytes of decoded objects
         self._stats: dict[Any, LayerStats] = {}
         self._lock = threading.RLock()
 
@@ -159,6 +169,10 @@ class ExpertCache:
     @property
     def held_bytes(self) -> int:
         return self._held
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self._decoded
 
     @property
     def reserved_bytes(self) -> int:
@@ -230,15 +244,18 @@ class ExpertCache:
             if old is not None and old.level > level:
                 self._entries.move_to_end(key)
                 return True
-            new = _Entry(level, data, _nbytes(data) + int(decoded_nbytes), decoded, int(decoded_nbytes))
+            new = _Entry(level, data, _nbytes(data))
             old_bytes = old.nbytes if old else 0
             if not self._make_room(new.nbytes - old_bytes, exclude=key):
                 self._layer_stats(key).rejected += 1
                 return False
             self._held += new.nbytes - old_bytes
+            self._decoded -= old.decoded_nbytes if old else 0
             self._entries[key] = new
             self._entries.move_to_end(key)
             self._layer_stats(key).bytes_inserted += max(0, _nbytes(data) - (_nbytes(old.data) if old else 0))
+            if decoded is not None:
+                self.set_decoded(key, decoded, decoded_nbytes)  # second tier: held only if there is room
             return True
 
     def extend(self, key: Hashable, level: int, extra: Any, reservation: Reservation | None = None) -> bool:
@@ -257,28 +274,47 @@ class ExpertCache:
             return self.put(key, level, _concat(old.data, extra), reservation=reservation)
 
     def set_decoded(self, key: Hashable, decoded: Any, nbytes: int = 0) -> bool:
-        """Attach a decoded object of `nbytes` to a held entry; False if it cannot fit."""
+        """Attach (or replace) a held entry's decoded object of `nbytes`; False if it cannot fit.
+
+        Second tier: to fit it may drop decoded objects of unpinned entries colder than `key`
+        (lower score / less recent), never a packed entry. On False the entry keeps what it had.
+        """
         with self._lock:
             e = self._entries[key]
             delta = int(nbytes) - e.decoded_nbytes
-            if not self._make_room(delta, exclude=key):
-                self._layer_stats(key).rejected += 1
-                return False
+            need = delta - self.free_bytes
+            if need > 0:
+                rank = self._rank()
+                mine = rank(key)
+                colder = [k for k in self._decoded_victims(key) if not self._pins.get(k) and rank(k) < mine]
+                chosen = self._take(colder, need, lambda k: self._entries[k].decoded_nbytes)
+                if chosen is None:
+                    return False
+                for k in chosen:
+                    self._drop_decoded(k)
             self._held += delta
+            self._decoded += delta
             e.nbytes += delta
             e.decoded, e.decoded_nbytes = decoded, int(nbytes)
             return True
+
+    def record_decoded_hit(self, key: Hashable) -> None:
+        """Count a compute served by `key`'s decoded object (no dequantization)."""
+        with self._lock:
+            self._layer_stats(key).decoded_hits += 1
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
             e = self._entries.pop(key, None)
             if e is not None:
                 self._held -= e.nbytes
+                self._decoded -= e.decoded_nbytes
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._held = 0
+            self._decoded = 0
 
     # ---- reservations ------------------------------------------------------------------
     def reserve(self, nbytes: int, key: Hashable | None = None) -> Reservation | None:
@@ -304,31 +340,67 @@ class ExpertCache:
 
     # ---- eviction ----------------------------------------------------------------------
     def _make_room(self, nbytes: int, exclude: Hashable | None = None) -> bool:
-        """Evict unpinned entries (never `exclude`) until `nbytes` more fit; all-or-nothing."""
+        """Free room for `nbytes` more, all-or-nothing: drop decoded objects (any entry but
+        `exclude`, pinned ones last) first, then evict unpinned packed entries (never `exclude`)."""
         need = nbytes - self.free_bytes
         if need <= 0:
             return True
-        victims = self._victims(exclude)
-        freed, chosen = 0, []
-        for k in victims:
-            if freed >= need:
-                break
-            chosen.append(k)
-            freed += self._entries[k].nbytes
-        if freed < need:
+        decoded = self._decoded_victims(exclude)
+        freed_decoded = sum(self._entries[k].decoded_nbytes for k in decoded)
+        if freed_decoded >= need:
+            for k in self._take(decoded, need, lambda k: self._entries[k].decoded_nbytes):
+                self._drop_decoded(k)
+            return True
+        # every decoded object goes; packed victims free what is left of their entry
+        evicted = self._take(self._victims(exclude), need - freed_decoded,
+                             lambda k: self._entries[k].nbytes - self._entries[k].decoded_nbytes)
+        if evicted is None:
             return False
-        for k in chosen:
+        for k in decoded:
+            self._drop_decoded(k)
+        for k in evicted:
             self._held -= self._entries.pop(k).nbytes
             self._layer_stats(k).evictions += 1
         return True
 
+    @staticmethod
+    def _take(candidates: list[Hashable], need: int, size) -> list[Hashable] | None:
+        """The shortest prefix of `candidates` whose sizes add up to `need`; None if all of them fall short."""
+        freed, chosen = 0, []
+        for k in candidates:
+            if freed >= need:
+                break
+            chosen.append(k)
+            freed += size(k)
+        return chosen if freed >= need else None
+
+    def _drop_decoded(self, key: Hashable) -> None:
+        e = self._entries[key]
+        self._held -= e.decoded_nbytes
+        self._decoded -= e.decoded_nbytes
+        e.nbytes -= e.decoded_nbytes
+        e.decoded, e.decoded_nbytes = None, 0
+        self._layer_stats(key).decoded_drops += 1
+
+    def _rank(self):
+        """Sort key of the eviction order: smaller = colder = dropped first."""
+        recency = {k: i for i, k in enumerate(self._entries)}
+        if self.policy == "lru":
+            return recency.__getitem__
+        return lambda k: (self._scores.get(k, 0.0), recency[k])
+
     def _victims(self, exclude: Hashable | None) -> list[Hashable]:
         """Evictable keys, first victim first."""
-        recency = {k: i for i, k in enumerate(self._entries)}
         keys = [k for k in self._entries if k != exclude and not self._pins.get(k)]
         if self.policy == "lru":
             return keys  # OrderedDict order is least recent first
-        return sorted(keys, key=lambda k: (self._scores.get(k, 0.0), recency[k]))
+        return sorted(keys, key=self._rank())
+
+    def _decoded_victims(self, exclude: Hashable | None) -> list[Hashable]:
+        """Keys holding a decoded object (not `exclude`): unpinned coldest first, then pinned coldest first."""
+        rank = self._rank()
+        keys = [k for k, e in self._entries.items() if e.decoded_nbytes > 0 and k != exclude]
+        return sorted(keys, key=lambda k: (bool(self._pins.get(k)), rank(k)))
 
     # ---- pins --------------------------------------------------------------------------
     def pin(self, key: Hashable) -> None:

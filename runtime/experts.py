@@ -16,6 +16,11 @@ router stays. Each call is one layer step of the shared `ExpertPipeline`:
    when the cache is full of pinned work, computed and dropped) and computed;
 5. outputs are summed in expert order, so results do not depend on what was resident.
 
+Decoded tier (`decoded_tier=True`): the fp32 matrices an expert was dequantized to at a level are
+kept in its cache entry's decoded slot (keyed by level) when the cache has room besides its packed
+entries, so a later step at that level skips decoding and dequantization. They are exactly what
+`dequantize` returns, so outputs are bit-identical with and without the tier.
+
 Shape letters: T = tokens, H = hidden, K = experts per token, N = pairs routed to one expert.
 """
 
@@ -89,6 +94,7 @@ class ExpertPipeline:
         routers: dict[int, torch.Tensor] | None = None,
         top_k: int = 2,
         on_memory: Callable[[], None] | None = None,
+        decoded_tier: bool = True,
     ) -> None:
         self.ckpt = ckpt
         self.store = store
@@ -101,6 +107,7 @@ class ExpertPipeline:
         self.routers = routers or {}  # layer -> router weight [E, H] (predictive preload)
         self.top_k = top_k
         self.on_memory = on_memory  # called where held memory peaks (the session samples its meter)
+        self.decoded_tier = decoded_tier  # keep dequantized weights in the cache's decoded slots
         self.moe_layers = list(ckpt.moe_layers)
         self.flops_per_token = expert_flops_per_token(ckpt.matrix_shapes)
         self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
@@ -194,9 +201,10 @@ class ExpertPipeline:
         ordered = hebf_order(jobs) if self.spec.order == "hebf" else johnson_order(jobs)
         return [missing[j.key] for j in ordered]
 
-    def _fixed_flops(self, w: Work) -> float:
-        """Dequantization work: every weight, once per level computed, about `level` operations each."""
-        return float(sum(self.weight_elems * (level + 2) for level in w.pairs))
+    def _fixed_flops(self, w: Work, levels=None) -> float:
+        """Dequantization work: every weight, once per level dequantized (default: every level of `w`),
+        about `level` operations each."""
+        return float(sum(self.weight_elems * (level + 2) for level in (w.pairs if levels is None else levels)))
 
     def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:
         """Issue the reads of `order` (at most `window` in flight); compute each as it lands."""
@@ -240,26 +248,53 @@ class ExpertPipeline:
 
     # ---- compute -----------------------------------------------------------------------
     def _compute(self, layer, w: Work, data, hidden, top_k_weights, results, verify: bool) -> float:
-        """Decode the held prefix once and run the expert at each level its pairs need."""
+        """Run the expert at each level its pairs need: from held decoded weights, else by decoding
+        the held prefix once and dequantizing it."""
         t0 = time.perf_counter()
-        prefix = memoryview(data)[: self.ckpt.level_nbytes(w.want)]
-        mats = self.ckpt.decode_expert(layer, w.expert, w.want, prefix, verify=verify)
+        held = self.cache.peek(w.key)
+        keep = self.decoded_tier and held is not None and held >= w.want  # the entry holds these bytes
+        decoded = (self.cache.get_decoded(w.key) or {}) if keep else {}  # level -> (gate, up, down) fp32
+        mats, dequantized = None, []
         x_all = hidden.to(self.compute_dtype)
         for level, (rows, slots) in sorted(w.pairs.items()):
             x = x_all[rows]  # [N, H]
-            gate = dequantize(mats["gate"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
-            up = dequantize(mats["up"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
-            self._workspace(gate, up)
-            h = self.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [N, I]
-            del gate, up
-            down = dequantize(mats["down"].truncate(level), level, dtype=self.compute_dtype)  # [H, I]
-            self._workspace(down)
-            y = F.linear(h, down)  # [N, H]
-            self.workspace_bytes = 0
+            weights = decoded.get(level)
+            if weights is not None:
+                self.cache.record_decoded_hit(w.key)
+                gate, up, down = weights
+                y = F.linear(self.act_fn(F.linear(x, gate)) * F.linear(x, up), down)  # [N, H]
+            else:
+                if mats is None:
+                    prefix = memoryview(data)[: self.ckpt.level_nbytes(w.want)]
+                    mats = self.ckpt.decode_expert(layer, w.expert, w.want, prefix, verify=verify)
+                y, weights = self._dequantize_and_run(mats, level, x, keep)
+                dequantized.append(level)
+                if weights is not None:
+                    decoded = self._keep_decoded(w.key, decoded, level, weights)
             results[(w.expert, level)] = y * top_k_weights[rows, slots, None].to(self.compute_dtype)
         seconds = time.perf_counter() - t0
-        self.cost.observe_compute(w.tokens * self.flops_per_token + self._fixed_flops(w), seconds)
+        self.cost.observe_compute(w.tokens * self.flops_per_token + self._fixed_flops(w, dequantized), seconds)
         return seconds
+
+    def _dequantize_and_run(self, mats, level: int, x: torch.Tensor, keep: bool):
+        """y [N, H] of the expert at `level`; and its fp32 (gate, up, down) when `keep`, else None."""
+        gate = dequantize(mats["gate"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
+        up = dequantize(mats["up"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
+        self._workspace(gate, up)
+        h = self.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [N, I]
+        if not keep:
+            del gate, up  # without the tier only two matrices are alive at once
+        down = dequantize(mats["down"].truncate(level), level, dtype=self.compute_dtype)  # [H, I]
+        self._workspace(*((gate, up, down) if keep else (down,)))
+        y = F.linear(h, down)  # [N, H]
+        self.workspace_bytes = 0
+        return y, ((gate, up, down) if keep else None)
+
+    def _keep_decoded(self, key, decoded: dict, level: int, weights: tuple) -> dict:
+        """Hold `weights` at `level` in `key`'s decoded slot if the cache has room; the slot as now held."""
+        grown = {**decoded, level: weights}
+        nbytes = sum(t.untyped_storage().nbytes() for ws in grown.values() for t in ws)  # what the meter counts
+        return grown if self.cache.set_decoded(key, grown, nbytes) else decoded
 
     def _workspace(self, *tensors: torch.Tensor) -> None:
         self.workspace_bytes = sum(t.numel() * t.element_size() for t in tensors)

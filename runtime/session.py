@@ -47,6 +47,7 @@ class RunOptions:
     max_tokens: int = 1024  # KV-cache tokens reserved: batch x (prompt + new tokens)
     calibration_tokens: int = 16  # edgemoe: tokens counted before per-expert levels are fixed
     use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
+    decoded_tier: bool = True  # keep dequantized fp32 experts in the cache's spare room (skips re-dequantizing)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Session:
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
+            decoded_tier=options.decoded_tier,
         )
 
         def make_experts(layer: int, original):
@@ -278,7 +280,8 @@ class Session:
             "time_to_first_token_s": result.ttft_s,
             "cache": {"hit_rate": cache.hit_rate, "hits": cache.hits, "misses": cache.misses,
                       "upgrades": cache.upgrades, "evictions": cache.evictions, "rejected": cache.rejected,
-                      "capacity_bytes": self.cache.capacity_bytes,
+                      "decoded_tier": self.options.decoded_tier, "decoded_hits": cache.decoded_hits,
+                      "decoded_drops": cache.decoded_drops, "capacity_bytes": self.cache.capacity_bytes,
                       "per_layer": {str(k): {"hit_rate": v.hit_rate, "hits": v.hits, "misses": v.misses,
                                              "upgrades": v.upgrades, "evictions": v.evictions}
                                     for k, v in self.cache.stats().items()}},

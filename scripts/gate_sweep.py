@@ -14,6 +14,8 @@ Gates are calibrated on the *.train.txt files and evaluated on the *.heldout.txt
 
     .venv/bin/python scripts/gate_sweep.py                       # ~10-15 min on one CPU thread
     .venv/bin/python scripts/gate_sweep.py --steps 20 --quick    # smoke run
+    .venv/bin/python scripts/gate_sweep.py --compare-seeds 0,1,2 # α-only recipe, zero vs router init, per seed
+                                                                 # (adds "recipe_seeds" to the existing --out-json)
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def parse_args(argv=None):
     a("--calibration-blocks", type=int, default=16)
     a("--seed", type=int, default=0)
     a("--quick", action="store_true", help="matched-bits comparison only")
+    a("--compare-seeds", default=None,
+      help="only compare the α-only recipe (no caps in training, then calibrated caps) from zero and router init "
+           "over these seeds; merged into --out-json as 'recipe_seeds'")
+    a("--alpha", type=float, default=0.005, help="bit cost of the --compare-seeds recipes")
     a("--out-json", type=Path, default=REPO / "benchmarks" / "results" / "router.json")
     a("--plot", type=Path, default=REPO / "benchmarks" / "router_curve.png")
     return p.parse_args(argv)
@@ -93,18 +99,18 @@ def main(argv=None) -> None:
             {"level_fractions": r["level_fractions"]} if "level_fractions" in r else {})
 
     def fit(capacity, alpha, scope="model", init="router", recal=args.recalibrate_every, steps=args.steps,
-            estimator="ste", proj_dim=32, expert_embedding=True):
+            estimator="ste", proj_dim=32, expert_embedding=True, seed=args.seed):
         cfg = TrainConfig(src=str(args.model), data=(), bits=bits, capacity=capacity, seq_len=args.seq_len,
-                          batch_size=args.batch_size, max_steps=steps, lr=args.lr, seed=args.seed, bit_cost=alpha,
+                          batch_size=args.batch_size, max_steps=steps, lr=args.lr, seed=seed, bit_cost=alpha,
                           estimator=estimator, proj_dim=proj_dim, expert_embedding=expert_embedding,
                           capacity_scope=scope, recalibrate_every=recal, calibration_blocks=args.calibration_blocks,
                           init=init)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         gate = session.new_gate(capacity, proj_dim, expert_embedding, scope, init)
         t = time.perf_counter()
         hist = train_gate(session, gate, train, cfg)
         finish_capacity(session, gate, train, cfg)
-        print(f"  trained capacity={capacity} scope={scope} init={init} recal={recal} α={alpha}: {steps} steps in "
+        print(f"  trained capacity={capacity} scope={scope} init={init} recal={recal} α={alpha} seed={seed}: {steps} steps in "
               f"{time.perf_counter() - t:.0f}s, KL {sum(h.task for h in hist[:10]) / 10:.4g} -> "
               f"{sum(h.task for h in hist[-10:]) / 10:.4g}; layer caps {caps_text(gate)}", flush=True)
         return gate
@@ -128,6 +134,9 @@ def main(argv=None) -> None:
     rule = router_weight_gate(session, cap, "model")
     calibrate_layer_capacity(session, rule, train[: args.calibration_blocks])
     both("router-weight rule, scope model", rule)
+    if args.compare_seeds is not None:
+        compare_seeds(args, results, fit, ev, caps_text, cap, t0, argv)
+        return
     results["matched"]["router-weight rule, scope layer"] = ev("gated", router_weight_gate(session, cap, "layer"))
     gate = fit(cap, 0.0, scope="model", init="router")
     both("trained gate, scope model, router init", gate)
@@ -168,6 +177,32 @@ def main(argv=None) -> None:
     if results["alpha_sweep"]:
         plot(results, args.plot)
     print(f"done in {results['seconds']}s → {args.out_json}", flush=True)
+
+
+def compare_seeds(args, results, fit, ev, caps_text, cap, t0, argv) -> None:
+    """The α-only recipe (no caps while training, then calibrated model-scope caps) from zero vs router init, per seed."""
+    rows = []
+    for seed in (int(s) for s in args.compare_seeds.split(",")):
+        for init in ("zero", "router"):
+            g = fit(cap, args.alpha, scope="model", init=init, recal=0, seed=seed)
+            r = ev("gated", g)
+            rows.append({"seed": seed, "init": init, "alpha": args.alpha, "steps": args.steps, "gate": r,
+                         "layer_capacity": caps_text(g)})
+            print(f"seed {seed} init {init}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} bits {r['avg_bits']:.3f}", flush=True)
+    out = json.loads(args.out_json.read_text()) if args.out_json.is_file() else {}
+    out["recipe_seeds"] = {
+        "rows": rows,
+        "router_weight_rule": results["matched"]["router-weight rule, scope model"],
+        "uniform": results["uniform"], "full": results["full"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python scripts/gate_sweep.py " + shlex.join(argv or sys.argv[1:]),
+    }
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
+    args.out_json.write_text(json.dumps(out, indent=2) + "\n")
+    for init in ("zero", "router"):
+        ppl = [r["gate"]["ppl"] for r in rows if r["init"] == init]
+        print(f"init {init}: ppl mean {sum(ppl) / len(ppl):.3f} over {len(ppl)} seeds ({', '.join(f'{p:.2f}' for p in ppl)})")
+    print(f"done in {out['recipe_seeds']['seconds']}s → {args.out_json}", flush=True)
 
 
 def interpolate_uniform(results: dict, avg_bits: float) -> float:

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         capacity_scope: Annotated[str, typer.Option(help="model: --capacity is a budget over all layers' pairs (per-layer caps calibrated after training); layer: every layer applies it")] = "model",
         recalibrate_every: Annotated[int, typer.Option(help="scope model: steps between per-layer cap updates while training (0: no caps while training, the --bit-cost price alone; measured best)")] = 0,
         calibration_blocks: Annotated[int, typer.Option(help="calibration blocks the per-layer caps are computed on")] = 16,
-        init: Annotated[str, typer.Option(help="gate start: zero | router (the router-weight rule: heavier expert, more bits)")] = "zero",
+        init: Annotated[str, typer.Option(help="gate start: router (the router-weight rule: heavier expert, more bits; measured best) | zero (small random start)")] = "router",
         group_size: Annotated[int, typer.Option(help="MWQ group size (as pack will use)")] = 64,
         scheme: Annotated[str, typer.Option(help="MWQ scheme: residual | sliced (as pack will use)")] = "residual",
         seq_len: Annotated[int, typer.Option(help="tokens per calibration block")] = 256,

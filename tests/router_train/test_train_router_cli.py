@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -46,6 +47,9 @@ def test_cli_end_to_end(app, tiny_mixtral, tmp_path):
     gate = load_gate(out, expect_fingerprint=written["fingerprint"], expect_levels=[2, 3, 4])
     assert gate.capacity == (0.3, 0.4, 0.3) and gate.capacity_scope == "model"  # the default: a model-wide budget
     assert set(gate.layer_capacity) == {0, 1} and written["capacity_scope"] == "model"
+    # the default start is the router-weight rule (measured best): the head carries the direct router term
+    assert written["options"]["init"] == "router" and gate.router_skip
+    assert all(torch.count_nonzero(h.router_out) > 0 for h in gate.heads.values())
     assert (out.parent / "gate.safetensors.state" / "train_state.pt").is_file()
 
 

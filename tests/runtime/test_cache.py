@@ -71,16 +71,24 @@ def test_random_operations_keep_byte_and_pin_invariants(ops, policy, capacity):
         elif name == "step":
             cache.step()
         elif name == "decoded" and key in cache:
-            if cache.set_decoded(key, object(), n):
+            packed_before = {k: cache.peek(k) for k in cache.keys()}
+            obj = object()
+            if cache.set_decoded(key, obj, n):
                 decoded_sizes[key] = n
+                assert cache.get_decoded(key) is obj
+            assert {k: cache.peek(k) for k in cache.keys()} == packed_before  # second tier: no packed eviction
         elif name == "discard":
             cache.discard(key)
             pinned_before.pop(key, None)
+        for k in cache.keys():  # decoded objects may have been dropped to make room
+            if cache.get_decoded(k) is None:
+                decoded_sizes[k] = 0
         # invariants after every operation
         assert 0 <= cache.used_bytes <= cache.capacity_bytes
         assert cache.reserved_bytes == sum(r.nbytes for r in reservations if r)
         held = sum(len(cache.get(k)[1]) + decoded_sizes[k] for k in cache.keys())
         assert cache.held_bytes == held
+        assert cache.decoded_bytes == sum(decoded_sizes[k] for k in cache.keys())
         for k, level in pinned_before.items():  # pinned entries are never evicted (nor downgraded)
             assert k in cache and cache.peek(k) >= level
     for r in reservations:
@@ -274,3 +282,50 @@ def test_bad_arguments_raise_usage_errors():
         ExpertCache(10, decay=0)
     with pytest.raises(UsageError):
         ExpertCache(-1)
+
+
+def test_decoded_copies_never_evict_packed_entries_and_go_first_under_pressure():
+    cache = ExpertCache(1000, policy="lru")
+    for e in range(3):
+        assert cache.put((0, e), 2, bytes(200))  # 600 packed, 400 free
+    assert not cache.set_decoded((0, 0), "w0", 500)  # would need a packed eviction: refused
+    assert sorted(cache.keys()) == [(0, 0), (0, 1), (0, 2)] and cache.used_bytes == 600
+    assert cache.set_decoded((0, 0), "w0", 250) and cache.set_decoded((0, 1), "w1", 150)  # full: 1000
+    assert cache.free_bytes == 0 and cache.decoded_bytes == 400
+    # (0, 2) was used before (0, 0)'s and (0, 1)'s decoded copies landed: it is colder, it may not take theirs
+    cache.get((0, 0))
+    cache.get((0, 1))
+    assert not cache.set_decoded((0, 2), "w2", 100)
+    # a new packed entry needs 300: decoded copies go (least recent first), no packed entry is evicted
+    assert cache.put((0, 3), 2, bytes(300))
+    assert sorted(cache.keys()) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert cache.get_decoded((0, 0)) is None and cache.get_decoded((0, 1)) is None
+    assert cache.totals().evictions == 0 and cache.totals().decoded_drops == 2
+    assert cache.used_bytes == cache.held_bytes == 900 and cache.decoded_bytes == 0
+
+
+def test_pinned_decoded_copies_drop_last_and_a_hotter_copy_replaces_a_colder_one():
+    cache = ExpertCache(1000)  # decay policy
+    for e in range(3):
+        cache.put((0, e), 2, bytes(100))
+        cache.record_use((0, e), e + 1)  # (0, 2) hottest
+    assert cache.set_decoded((0, 0), "w0", 300) and cache.set_decoded((0, 1), "w1", 300)
+    cache.pin((0, 0))
+    r = cache.reserve(200)  # 100 free: one decoded copy goes, the unpinned one although (0, 0) is colder
+    assert r and cache.get_decoded((0, 1)) is None and cache.get_decoded((0, 0)) == "w0"
+    r.release()
+    cache.unpin((0, 0))
+    assert cache.set_decoded((0, 2), "w2", 600)  # hotter: takes (0, 0)'s room
+    assert cache.get_decoded((0, 0)) is None and cache.get_decoded((0, 2)) == "w2"
+    assert not cache.set_decoded((0, 0), "w0", 300)  # colder than (0, 2): refused
+    assert sorted(cache.keys()) == [(0, 0), (0, 1), (0, 2)] and cache.totals().evictions == 0
+    # a put too big for the spare room after dropping every decoded copy evicts packed entries next
+    assert cache.put((1, 0), 2, bytes(900))
+    assert cache.get_decoded((0, 2)) is None and cache.totals().evictions == 2 and cache.used_bytes == 1000
+
+
+def test_decoded_hits_are_counted_per_layer():
+    cache = ExpertCache(1000)
+    cache.put((3, 1), 2, bytes(10))
+    cache.record_decoded_hit((3, 1))
+    assert cache.stats()[3].decoded_hits == 1 and cache.totals().decoded_hits == 1

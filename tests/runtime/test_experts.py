@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from packed import packed_tiny
 
 from d2moe.quantize import dequantize
+from d2moe.runtime.experts import MATRICES
 from d2moe.runtime.policies import UniformLevels
 from d2moe.runtime.session import RunOptions, Session
 
@@ -102,3 +103,46 @@ def test_staging_stays_within_plan(packed):
         assert 0 < peak["staging"] <= s.plan.staging
         assert 0 < peak["workspace"] <= s.plan.workspace
         assert s.pipeline.staging_bytes == 0 and s.pipeline.workspace_bytes == 0
+
+
+def _generate(packed, budget, decoded_tier, **kw):
+    from d2moe.runtime.generate import SamplingOptions
+
+    opts = RunOptions(memory_budget=budget, decoded_tier=decoded_tier, max_tokens=64, **kw)
+    with Session(packed, opts) as s:
+        report = s.generate(token_ids=[[5, 17, 33, 2, 40, 41]], sampling=SamplingOptions(max_new_tokens=12))
+        return report.token_ids, report.stats
+
+
+@pytest.mark.parametrize("kw", [{"router_levels": (8, 2)}, {"policy": "matryoshka-free", "router_levels": (8, 2)}])
+def test_decoded_tier_gives_identical_tokens_within_budget(packed, kw):
+    with Session(packed, RunOptions(memory_budget=BIG, max_tokens=64, **kw)) as s:
+        minimum = s.plan.minimum
+    for budget in (BIG, minimum):
+        with_tier, stats = _generate(packed, budget, True, **kw)
+        without, plain = _generate(packed, budget, False, **kw)
+        assert with_tier == without
+        assert stats["memory"]["peak_bytes"] <= budget and plain["memory"]["peak_bytes"] <= budget
+        assert plain["cache"]["decoded_hits"] == 0
+        if budget == BIG:
+            assert stats["cache"]["decoded_hits"] > 0
+            assert stats["memory"]["peak_by_category"]["expert_cache"] > plain["memory"]["peak_by_category"]["expert_cache"]
+
+
+def test_decoded_weights_are_what_dequantize_returns_and_go_with_an_upgrade(packed):
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2))) as s:
+        hidden, index, weights = _inputs(4)
+        s.pipeline.selector = UniformLevels(2)
+        first = s.pipeline.step(0, hidden, index, weights)
+        expert = int(index[0, 0])
+        held = s.cache.get_decoded((0, expert))
+        assert set(held) == {2}
+        mats = s.ckpt.decode_expert(0, expert, 8, s.ckpt.read_prefix(0, expert, 8))
+        for name, w in zip(MATRICES, held[2], strict=True):
+            assert w.dtype == torch.float32 and torch.equal(w, dequantize(mats[name], 2))
+        assert torch.equal(s.pipeline.step(0, hidden, index, weights), first)  # served from decoded weights
+        assert s.cache.totals().decoded_hits == torch.unique(index).numel()
+        s.pipeline.selector = UniformLevels(8)
+        s.pipeline.step(0, hidden, index, weights)  # upgrade: the level-2 copy no longer matches the bytes
+        assert set(s.cache.get_decoded((0, expert))) == {8}
+        assert s.cache.decoded_bytes == s.cache.held_bytes - torch.unique(index).numel() * s.ckpt.level_nbytes(8)
