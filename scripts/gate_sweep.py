@@ -10,6 +10,8 @@ On the embedded fixture model (d2moe_cli/assets/tiny-mixtral), quantized once wi
    the α = 0.005 gate (≈ 3.0 bits) is also put under the 0.3/0.4/0.3 budget by calibration alone;
 3. capacity sweep at other averages (2.5, 3.5 bits, scope model): trained gate vs random assignment
    at the same histogram.
+4. with --compare-seeds only: the α-only recipe (no caps while training, then calibrated caps) from
+   zero init vs router-rule init, per seed, against the router-weight rule.
 Gates are calibrated on the *.train.txt files and evaluated on the *.heldout.txt files.
 
     .venv/bin/python scripts/gate_sweep.py                       # ~10-15 min on one CPU thread
