@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import InputError, UsageError
+from d2moe.options import parse_bits
 
 DEFAULT_PROMPT = "Once upon a time there was a king who had three daughters,"
 DEFAULT_BITS = "2,3,4"
@@ -125,16 +126,13 @@ def demo(
     set_threads(threads)
     if not 0 < expert_fraction <= 1:
         raise UsageError(f"--expert-fraction {expert_fraction} must be in (0, 1]")
-    try:
-        level_bits = tuple(int(b) for b in bits.split(","))
-    except ValueError:
-        raise UsageError(f"--bits {bits!r}: write a comma list such as 2,3,4") from None
+    level_bits = parse_bits(bits)
     src = Path(model) if model is not None else embedded_model_dir()
     out = Path(out) if out is not None else demo_cache_dir()
     say = (lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True))
 
     # the shipped gate was trained for the embedded model at the default levels: dual routing with a trained gate
-    router = embedded_gate() if model is None and bits == DEFAULT_BITS else None
+    router = embedded_gate() if model is None and level_bits == parse_bits(DEFAULT_BITS) else None
     say(f"packing {src.name} -> {out} (bits {bits}{', trained bit-width gate' if router else ''}) ..."
         if not packed_is_current(out, src, level_bits, router) else f"using packed model in {out}")
     packed_now, pack_s = ensure_packed(src, out, level_bits, progress=not json_out and sys.stderr.isatty(),

@@ -8,18 +8,7 @@ from typing import Annotated
 
 import typer
 
-from d2moe.errors import UsageError
-
-
-def parse_bits(text: str) -> tuple[int, ...]:
-    """'2,3,4' -> (2, 3, 4), validated as MWQ levels."""
-    try:
-        bits = tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise UsageError(f"--bits {text!r} is not a list of integers: write e.g. --bits 2,3,4") from None
-    from d2moe.quantize.types import MWQConfig
-
-    return MWQConfig(bits=bits).bits
+from d2moe.options import parse_bits
 
 
 def register(app: typer.Typer) -> None:

@@ -11,16 +11,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import UsageError
-
-
-def parse_bits(text: str) -> tuple[int, ...]:
-    try:
-        bits = tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise UsageError(f"--bits {text!r} is not a list of integers: write e.g. --bits 2,3,4") from None
-    from d2moe.quantize.types import MWQConfig
-
-    return MWQConfig(bits=bits).bits  # validates
+from d2moe.options import parse_bits
 
 
 def parse_capacity(text: str, n_levels: int) -> tuple[float, ...]:
