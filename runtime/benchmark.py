@@ -424,18 +424,3 @@ def run_bench(
         io_bandwidth=int(io_bandwidth) if io_bandwidth else None, expert_set_bytes=expert_set,
         reference_level=level, budgets=budget_list, policies=names, results=results,
     )
-
-
-def set_threads(threads: int | None) -> None:
-    """Torch intra-op threads for this process (None: leave torch's default).
-
-    On a small CPU shared with I/O threads, extra intra-op threads can make a tiny model tens of
-    times slower (measured: 2 threads on a busy 2-core machine, 0.5-1.4 vs 22-26 decode tok/s).
-    """
-    if threads is None:
-        return
-    if threads < 1:
-        raise UsageError(f"--threads {threads} must be at least 1")
-    import torch
-
-    torch.set_num_threads(threads)

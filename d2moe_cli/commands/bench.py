@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from d2moe.options import set_threads
+
 
 def bench(
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
@@ -37,7 +39,6 @@ def bench(
     from d2moe.runtime.benchmark import plot_throughput, run_bench
 
     bandwidth = parse_bandwidth(io_bandwidth)
-    from d2moe.runtime.benchmark import set_threads
 
     set_threads(threads)
     if plot is not None and plot.suffix.lower() != ".png":

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import InputError, UsageError
-from d2moe.options import parse_bits
+from d2moe.options import parse_bits, set_threads
 
 DEFAULT_PROMPT = "Once upon a time there was a king who had three daughters,"
 DEFAULT_BITS = "2,3,4"
@@ -119,7 +119,6 @@ def demo(
     """Pack the embedded tiny Mixtral (once), run it with most experts on disk, stream text, show the stats."""
     import torch
 
-    from d2moe.runtime.benchmark import set_threads
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 

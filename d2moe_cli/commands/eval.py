@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import UsageError
+from d2moe.options import set_threads
 
 
 def eval_command(
@@ -42,7 +43,6 @@ def eval_command(
     from d2moe.units import parse_size
 
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
-    from d2moe.runtime.benchmark import set_threads
 
     set_threads(threads)
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]

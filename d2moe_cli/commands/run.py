@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import InputError, UsageError
+from d2moe.options import set_threads
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
@@ -89,7 +90,6 @@ def run(
 
     import torch
 
-    from d2moe.runtime.benchmark import set_threads
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
