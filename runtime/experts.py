@@ -142,19 +142,19 @@ class ExpertPipeline:
         for w in works:
             w.have = self.cache.lookup(w.key, w.want)
             self.cache.record_use(w.key, w.tokens)
-        results: dict[tuple, torch.Tensor] = {}  # (expert, level) -> weighted output [N, H]
+        results: dict[tuple, tuple] = {}  # (expert, level) -> (rows [N], weighted output [N, H])
         compute_s = 0.0
         with self.cache.pinned_keys([w.key for w in works]):
             order = self._order(layer, works)
             for w in works:
                 if w.resident:
                     _, data = self.cache.get(w.key)
-                    compute_s += self._compute(layer, w, data, hidden, top_k_weights, results, verify=False)
+                    compute_s += self._compute(layer, w, data, hidden, top_k_weights, results)
             compute_s += self._load_and_compute(layer, order, hidden, top_k_weights, results)
         out = torch.zeros_like(hidden)
-        for expert, level in sorted(results):  # fixed summation order: output independent of residency
-            rows, _ = next(w.pairs[level] for w in works if w.expert == expert and level in w.pairs)
-            out.index_add_(0, rows, results[(expert, level)].to(out.dtype))
+        for key in sorted(results):  # fixed summation order: output independent of residency
+            rows, y = results[key]
+            out.index_add_(0, rows, y.to(out.dtype))
         self.cache.step()
         makespan = time.perf_counter() - start
         load_s = self.store.stats().busy_seconds - io_before
@@ -227,9 +227,10 @@ class ExpertPipeline:
             w, fut, nbytes, issued = in_flight.pop(0)
             data = fut.result()
             self.cost.observe_load(nbytes, time.perf_counter() - issued)
+            self.ckpt.verify_read(layer, w.expert, data, *self.read_span(w))  # only the segments just read
             full = self._install(w, data)
             issue()  # keep the I/O threads busy while this one computes
-            compute_s += self._compute(layer, w, full, hidden, top_k_weights, results, verify=True)
+            compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
             self._add_staging(-nbytes)  # a dropped item's bytes lived until its compute ended
         return compute_s
 
@@ -247,17 +248,16 @@ class ExpertPipeline:
         return bytes(held) + bytes(data)
 
     # ---- compute -----------------------------------------------------------------------
-    def _compute(self, layer, w: Work, data, hidden, top_k_weights, results, verify: bool) -> float:
+    def _compute(self, layer, w: Work, data, hidden, top_k_weights, results) -> float:
         """Run the expert at each level its pairs need: from held decoded weights, else by decoding
-        the held prefix once and dequantizing it."""
+        the held prefix once and dequantizing it. Bytes were crc-checked when they were read."""
         t0 = time.perf_counter()
         held = self.cache.peek(w.key)
         keep = self.decoded_tier and held is not None and held >= w.want  # the entry holds these bytes
         decoded = (self.cache.get_decoded(w.key) or {}) if keep else {}  # level -> (gate, up, down) fp32
         mats, dequantized = None, []
-        x_all = hidden.to(self.compute_dtype)
         for level, (rows, slots) in sorted(w.pairs.items()):
-            x = x_all[rows]  # [N, H]
+            x = hidden[rows].to(self.compute_dtype)  # [N, H]
             weights = decoded.get(level)
             if weights is not None:
                 self.cache.record_decoded_hit(w.key)
@@ -266,25 +266,25 @@ class ExpertPipeline:
             else:
                 if mats is None:
                     prefix = memoryview(data)[: self.ckpt.level_nbytes(w.want)]
-                    mats = self.ckpt.decode_expert(layer, w.expert, w.want, prefix, verify=verify)
+                    mats = self.ckpt.decode_expert(layer, w.expert, w.want, prefix, verify=False)
                 y, weights = self._dequantize_and_run(mats, level, x, keep)
                 dequantized.append(level)
                 if weights is not None:
                     decoded = self._keep_decoded(w.key, decoded, level, weights)
-            results[(w.expert, level)] = y * top_k_weights[rows, slots, None].to(self.compute_dtype)
+            results[(w.expert, level)] = (rows, y * top_k_weights[rows, slots, None].to(self.compute_dtype))
         seconds = time.perf_counter() - t0
         self.cost.observe_compute(w.tokens * self.flops_per_token + self._fixed_flops(w, dequantized), seconds)
         return seconds
 
     def _dequantize_and_run(self, mats, level: int, x: torch.Tensor, keep: bool):
         """y [N, H] of the expert at `level`; and its fp32 (gate, up, down) when `keep`, else None."""
-        gate = dequantize(mats["gate"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
-        up = dequantize(mats["up"].truncate(level), level, dtype=self.compute_dtype)  # [I, H]
+        gate = dequantize(mats["gate"], level, dtype=self.compute_dtype)  # [I, H]
+        up = dequantize(mats["up"], level, dtype=self.compute_dtype)  # [I, H]
         self._workspace(gate, up)
         h = self.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [N, I]
         if not keep:
             del gate, up  # without the tier only two matrices are alive at once
-        down = dequantize(mats["down"].truncate(level), level, dtype=self.compute_dtype)  # [H, I]
+        down = dequantize(mats["down"], level, dtype=self.compute_dtype)  # [H, I]
         self._workspace(*((gate, up, down) if keep else (down,)))
         y = F.linear(h, down)  # [N, H]
         self.workspace_bytes = 0
@@ -308,7 +308,9 @@ class ExpertPipeline:
             futures = [(e, self.store.submit(layer, e, None, level)) for e in range(self.ckpt.num_experts)]
             for e, fut in futures:
                 key = self.key(layer, e, level)
-                if not self.cache.put(key, level, fut.result()):
+                data = fut.result()
+                self.ckpt.verify_read(layer, e, data, None, level)
+                if not self.cache.put(key, level, data):
                     raise RuntimeError(f"expert cache cannot hold layer {layer} expert {e}: budget plan is wrong")
                 self.cache.pin(key)
 
@@ -341,8 +343,9 @@ class ExpertPipeline:
     def _land_preloads(self, layer: int) -> None:
         """Put this layer's finished (or finishing) preloads into the cache before looking up."""
         for key in [k for k, v in self._pending.items() if v[1] == layer]:
-            fut, _, _, have, want, nbytes = self._pending.pop(key)
+            fut, _, expert, have, want, nbytes = self._pending.pop(key)
             data = fut.result()
+            self.ckpt.verify_read(layer, expert, data, have, want)
             if have is None:
                 self.cache.put(key, want, data)
             elif self.cache.peek(key) == have:

@@ -304,11 +304,19 @@ class PackedCheckpoint:
             self._check_crc(e, prefix_bytes, k)
         return decode_blob(prefix_bytes, self.layout, self.cfg, level, self.matrix_shapes)
 
-    def _check_crc(self, e: ExpertEntry, blob, upto: int) -> None:
+    def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int) -> None:
+        """Check the crc32 of the segments that a `byte_range(layer, expert, have_level, want_level)` read brought."""
+        e = self.entry(layer, expert)
+        first = 0 if have_level is None else self.cfg.level_index(have_level) + 1
+        base = 0 if have_level is None else self.level_nbytes(have_level)
+        self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
+
+    def _check_crc(self, e: ExpertEntry, blob, upto: int, first: int = 0, base: int = 0) -> None:
+        """Segments first..upto of `blob`, whose byte 0 is byte `base` of the expert's blob."""
         view = memoryview(blob).cast("B")
-        for i in range(upto + 1):
+        for i in range(first, upto + 1):
             lo, hi = self.layout.segment_range(i)
-            if zlib.crc32(view[lo:hi]) != e.crc32[i]:
+            if hi - base > view.nbytes or zlib.crc32(view[lo - base:hi - base]) != e.crc32[i]:
                 raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
                                   f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
 

@@ -146,3 +146,25 @@ def test_decoded_weights_are_what_dequantize_returns_and_go_with_an_upgrade(pack
         s.pipeline.step(0, hidden, index, weights)  # upgrade: the level-2 copy no longer matches the bytes
         assert set(s.cache.get_decoded((0, expert))) == {8}
         assert s.cache.decoded_bytes == s.cache.held_bytes - torch.unique(index).numel() * s.ckpt.level_nbytes(8)
+
+
+def test_corrupted_expert_bytes_are_caught_when_read(packed, tmp_path):
+    """A flipped bit in a blob is reported (FormatError naming the expert) by every policy that reads it."""
+    import shutil
+
+    from d2moe.errors import FormatError
+    from d2moe.runtime import format as fmt
+
+    bad = tmp_path / "bad"
+    shutil.copytree(packed, bad)
+    ckpt = fmt.open_checkpoint(bad)
+    for entry in ckpt.experts.values():  # damage the level-4 segment of every expert
+        path = bad / entry.file
+        raw = bytearray(path.read_bytes())
+        raw[entry.offset + ckpt.level_nbytes(2) + 3] ^= 0x40
+        path.write_bytes(bytes(raw))
+    for policy, level in (("moqe-dynaio", 4), ("hold-int4", None)):
+        with pytest.raises(FormatError, match="layer .* expert .*: level-4 segment fails its crc32"):
+            opts = RunOptions(memory_budget=1 << 30, policy=policy, level=level)
+            with Session(bad, opts) as session:
+                session.generate(token_ids=[[1, 2, 3]], sampling=None)

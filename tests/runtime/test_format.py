@@ -195,3 +195,19 @@ def test_read_header_bounds_the_header_length(tmp_path):
     path.write_bytes(b"\x01\x00")
     with pytest.raises(FormatError, match="too short"):
         read_header(path)
+
+
+def test_verify_read_checks_only_the_segments_read(packed_checkpoint_factory):
+    _, out = packed_checkpoint_factory("mixtral")
+    ckpt = fmt.open_checkpoint(out)
+    whole = ckpt.read_prefix(0, 1, 4)
+    lo2, lo3 = ckpt.level_nbytes(2), ckpt.level_nbytes(3)
+    ckpt.verify_read(0, 1, whole, None, 4)
+    ckpt.verify_read(0, 1, whole[lo2:], 2, 4)  # an upgrade read: segments 3 and 4 only
+    upgrade = bytearray(whole[lo2:])
+    upgrade[lo3 - lo2 + 7] ^= 0x01  # a flip inside the level-4 segment of the upgrade bytes
+    with pytest.raises(FormatError, match="layer 0 expert 1: level-4 segment fails its crc32"):
+        ckpt.verify_read(0, 1, upgrade, 2, 4)
+    ckpt.verify_read(0, 1, upgrade[: lo3 - lo2], 2, 3)  # the level-3 part alone is intact
+    with pytest.raises(FormatError, match="level-4 segment"):
+        ckpt.verify_read(0, 1, whole[lo2:-1], 2, 4)  # short read
