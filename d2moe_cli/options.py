@@ -27,3 +27,12 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def parse_bandwidth(text: str | None) -> float | None:
+    """'3.5GB/s' -> 3.5e9 bytes per second (the '/s' is optional)."""
+    if text is None:
+        return None
+    from d2moe.units import parse_size
+
+    return float(parse_size(text.strip().removesuffix("/s").removesuffix("ps"), "--io-bandwidth"))

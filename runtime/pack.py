@@ -27,7 +27,7 @@ from d2moe.errors import D2MoEError, InputError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
 from d2moe.runtime import format as fmt
 from d2moe.runtime.adapters import ExpertKey, FusedExpertKey, adapter_for
-from d2moe.runtime.safetensors_io import TORCH_TO_ST, AlignedSafetensorsWriter, strict_json
+from d2moe.runtime.safetensors_io import DTYPE_SIZES, TORCH_TO_ST, AlignedSafetensorsWriter, strict_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -327,8 +327,7 @@ def _write_dense(source: SourceCheckpoint, dense: list[tuple[str, str]], tmp: Pa
         if is_float:
             counts[out_dtype] = counts.get(out_dtype, 0) + math.prod(sl.get_shape())
         plan.append((src_key, model_key, out_dtype, tuple(sl.get_shape())))
-    sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4}
-    plan.sort(key=lambda p: (-sizes.get(p[2], 2 if p[2] in ("F16", "BF16", "I16") else 1), p[1]))  # keeps alignment
+    plan.sort(key=lambda p: (-DTYPE_SIZES.get(p[2], 1), p[1]))  # widest first keeps every tensor aligned
     main = max(sorted(counts), key=lambda d: counts[d]) if counts else "F32"
     dense_dtype = dtype or _dtype_name(main)
     if dense_dtype not in fmt.DENSE_DTYPES:

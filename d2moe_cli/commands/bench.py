@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from d2moe.options import set_threads
+from d2moe.options import parse_bandwidth, set_threads
 
 
 def bench(
@@ -35,7 +35,6 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
 ) -> None:
     """Sweep policies x memory budgets: prefill/decode tokens/s, peak memory, bytes read, hit rate."""
-    from d2moe.commands.run import parse_bandwidth
     from d2moe.runtime.benchmark import plot_throughput, run_bench
 
     bandwidth = parse_bandwidth(io_bandwidth)

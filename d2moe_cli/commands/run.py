@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import InputError, UsageError
-from d2moe.options import set_threads
+from d2moe.options import parse_bandwidth, set_threads
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
@@ -123,15 +123,6 @@ def run(
             if len(prompts) > 1:
                 typer.echo("")
     print_summary(report.stats)
-
-
-def parse_bandwidth(text: str | None) -> float | None:
-    """'3.5GB/s' -> 3.5e9 bytes per second (the '/s' is optional)."""
-    if text is None:
-        return None
-    from d2moe.units import parse_size
-
-    return float(parse_size(text.strip().removesuffix("/s").removesuffix("ps"), "--io-bandwidth"))
 
 
 def print_summary(stats: dict) -> None:
