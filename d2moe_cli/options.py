@@ -35,4 +35,7 @@ def parse_bandwidth(text: str | None) -> float | None:
         return None
     from d2moe.units import parse_size
 
-    return float(parse_size(text.strip().removesuffix("/s").removesuffix("ps"), "--io-bandwidth"))
+    try:
+        return float(parse_size(text.strip().removesuffix("/s").removesuffix("ps"), "--io-bandwidth"))
+    except UsageError:
+        raise UsageError(f"--io-bandwidth {text!r} is not a rate: write e.g. 3.5GB/s (NVMe) or 1GB/s (eMMC)") from None
