@@ -23,8 +23,6 @@ from functools import lru_cache
 
 from d2moe.errors import InputError, UnsupportedModelError
 
-MATRICES = ("gate", "up", "down")
-
 
 @dataclass(frozen=True)
 class ExpertKey:

@@ -38,8 +38,6 @@ from torch import nn
 from d2moe.quantize import dequantize
 from d2moe.runtime.scheduler import CostModel, Job, expert_flops_per_token, hebf_order, johnson_order
 
-MATRICES = ("gate", "up", "down")
-
 
 @dataclass
 class Work:

@@ -137,9 +137,6 @@ def assign_with_capacity(logits: torch.Tensor, capacity: Sequence[float]) -> tor
     return assigned
 
 
-# the name ARCHITECTURE.md uses
-assign_levels = assign_with_capacity
-
 
 CAPACITY_SCOPES = ("model", "layer")
 

@@ -15,11 +15,11 @@ Public API
 MemoryMeter()
     register(category, name, obj)   # obj: tensor, nn.Module, bytes-like, ndarray, dict/list of them,
                                     # an ExpertCache (its held_objects()), or a callable -> int bytes
-    unregister(category, name);  categories() -> list[str]
+    unregister(category, name)
     sample() -> MemorySample(total, by_category);  peak, peak_by_category, samples
     rss_peak_delta -> int;  cuda_peak() -> int | None  (torch.cuda.max_memory_allocated when CUDA is up)
     report() -> dict
-CATEGORIES: the names used by the runtime ("dense", "kv", "expert_cache", "staging", "workspace").
+The runtime registers under the categories dense, kv, expert_cache, staging and workspace.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-
-CATEGORIES = ("dense", "kv", "expert_cache", "staging", "workspace")
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,6 @@ class MemoryMeter:
     def unregister(self, category: str, name: str) -> None:
         with self._lock:
             self._objs.get(category, {}).pop(name, None)
-
-    def categories(self) -> list[str]:
-        return list(self._objs)
 
     def sample(self) -> MemorySample:
         with self._lock:

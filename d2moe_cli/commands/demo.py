@@ -72,14 +72,16 @@ def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path 
 
 
 def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
-                  router: Path | None = None) -> tuple[bool, float]:
+                  router: Path | None = None, current: bool | None = None) -> tuple[bool, float]:
     """Pack `src` into `out` unless a current pack is there; returns (packed now, seconds)."""
     import time
 
     from d2moe.quantize import MWQConfig
     from d2moe.runtime.pack import pack_checkpoint
 
-    if packed_is_current(out, src, bits, router):
+    if current is None:
+        current = packed_is_current(out, src, bits, router)
+    if current:
         return False, 0.0
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +134,11 @@ def demo(
 
     # the shipped gate was trained for the embedded model at the default levels: dual routing with a trained gate
     router = embedded_gate() if model is None and level_bits == parse_bits(DEFAULT_BITS) else None
-    say(f"packing {src.name} -> {out} (bits {bits}{', trained bit-width gate' if router else ''}) ..."
-        if not packed_is_current(out, src, level_bits, router) else f"using packed model in {out}")
+    current = packed_is_current(out, src, level_bits, router)  # opens and fingerprints: once
+    say(f"using packed model in {out}" if current
+        else f"packing {src.name} -> {out} (bits {bits}{', trained bit-width gate' if router else ''}) ...")
     packed_now, pack_s = ensure_packed(src, out, level_bits, progress=not json_out and sys.stderr.isatty(),
-                                       router=router)
+                                       router=router, current=current)
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(out)

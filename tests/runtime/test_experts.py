@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from packed import packed_tiny
 
 from d2moe.quantize import dequantize
-from d2moe.runtime.experts import MATRICES
+from d2moe.runtime.format import MATRICES
 from d2moe.runtime.policies import UniformLevels
 from d2moe.runtime.session import RunOptions, Session
 
