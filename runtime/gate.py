@@ -487,7 +487,8 @@ def _check_layer_capacity(path: Path, scope: str, rows: dict | None, moe_layers:
         raise FormatError(f"{path}: gate per-layer capacities are for layers {sorted(rows)}, its MoE layers are "
                           f"{moe_layers}: {RETRAIN_HINT}")
     for layer, row in rows.items():
-        ok = len(row) == len(levels) and all(math.isfinite(c) and 0 <= c <= 1 for c in row) and sum(row) >= 1 - 1e-6
-        if not ok:
+        try:
+            validate_capacity(row, levels)
+        except (UsageError, TypeError, ValueError):
             raise FormatError(f"{path}: gate capacity of layer {layer} {row} is not a capacity over levels {levels} "
-                              f"(one fraction in [0, 1] per level, summing to at least 1): {RETRAIN_HINT}")
+                              f"(one fraction in [0, 1] per level, summing to at least 1): {RETRAIN_HINT}") from None
