@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -149,11 +149,23 @@ class ExpertCache:
         self._pins: Counter = Counter()
         self._scores: dict[Hashable, float] = {}  # inflated: true score = stored / self._inflate
         self._inflate = 1.0
-        self._held = 0
+        self._held_bytes = 0
+        self.version = 0  # bumped whenever what the entries hold changes (see _held)
+        self._measured: tuple[int, int] | None = None  # (version, bytes) of the last measured_bytes()
         self._reserved = 0
         self._decoded = 0  # of _held: bytes of decoded objects
         self._stats: dict[Any, LayerStats] = {}
         self._lock = threading.RLock()
+
+    @property
+    def _held(self) -> int:
+        return self._held_bytes
+
+    @_held.setter
+    def _held(self, value: int) -> None:
+        # every change of what entries hold goes through here (put, extend, decoded copies, eviction, clear)
+        self._held_bytes = value
+        self.version += 1
 
     # ---- queries -----------------------------------------------------------------------
     def __contains__(self, key: Hashable) -> bool:
@@ -190,6 +202,13 @@ class ExpertCache:
         """The data and decoded objects of every entry (for MemoryMeter's live count)."""
         with self._lock:
             return [x for e in self._entries.values() for x in (e.data, e.decoded) if x is not None]
+
+    def measured_bytes(self, measure: Callable[[list[Any]], int]) -> int:
+        """`measure(held_objects())`, re-run only after the held objects changed (the meter samples often)."""
+        with self._lock:
+            if self._measured is None or self._measured[0] != self.version:
+                self._measured = (self.version, measure(self.held_objects()))
+            return self._measured[1]
 
     def peek(self, key: Hashable) -> int | None:
         e = self._entries.get(key)

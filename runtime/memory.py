@@ -64,8 +64,8 @@ def nbytes_of(obj: Any, seen: set | None = None) -> int:
                 return 0
             seen.add(ident)
         return n
-    if hasattr(obj, "held_objects"):  # ExpertCache: measure what its entries hold, not its counters
-        return nbytes_of(obj.held_objects(), seen)
+    if hasattr(obj, "measured_bytes"):  # ExpertCache: measure what its entries hold, not its counters
+        return obj.measured_bytes(lambda objs: nbytes_of(objs, set()))
     if isinstance(obj, dict):
         return sum(nbytes_of(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
