@@ -323,14 +323,12 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4) -> tuple[int,
     """
     from d2moe.runtime.evaluate import UNLIMITED_BUDGET
     from d2moe.runtime.format import open_checkpoint
-    from d2moe.runtime.session import RunOptions, Session
+    from d2moe.runtime.session import RunOptions, plan_run
 
-    ckpt = open_checkpoint(checkpoint)
-    level = reference_level(ckpt.cfg.bits)
+    level = reference_level(open_checkpoint(checkpoint).cfg.bits)
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="moqe-dynaio", level=level,
                          max_tokens=max_tokens, io_threads=io_threads)
-    with Session(checkpoint, options) as session:
-        plan = session.plan
+    ckpt, *_, plan = plan_run(checkpoint, options)
     expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(level)
     return plan.budget - plan.expert_cache, expert_set, level
 

@@ -63,60 +63,15 @@ class Session:
     """A packed checkpoint, ready to generate under a memory budget (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, options: RunOptions, tokenizer=None) -> None:
-        from d2moe.runtime.adapters import adapter_for
-        from d2moe.runtime.budget import (
-            MemoryPlan,
-            expert_workspace_bytes,
-            kv_bytes_per_token,
-            safetensors_payload_bytes,
-        )
         from d2moe.runtime.cache import ExpertCache
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
-        from d2moe.runtime.format import open_checkpoint
         from d2moe.runtime.memory import MemoryMeter
-        from d2moe.runtime.model import assemble, build_skeleton, expert_activation, meta_buffer_bytes
-        from d2moe.runtime.policies import HOLD_LEVELS, check_level, get_policy
+        from d2moe.runtime.model import assemble, expert_activation
         from d2moe.runtime.store import ExpertStore
 
         self.options = options
-        self.spec = get_policy(options.policy, options.schedule)
-        if options.io_threads < 1:
-            raise UsageError(f"--io-threads {options.io_threads} must be at least 1")
-        path = Path(checkpoint)
-        if not path.exists():
-            raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
-        self.ckpt = ckpt = open_checkpoint(path)
-        self.adapter = adapter_for(ckpt.config)
-        bits = ckpt.cfg.bits
-
-        # --- plan before loading anything ---
-        self.hold_level = HOLD_LEVELS.get(self.spec.name)
-        if self.hold_level is not None and self.hold_level not in bits:
-            wanted = ",".join(str(b) for b in sorted(set(bits) | {self.hold_level}))
-            raise UsageError(f"--policy {self.spec.name} needs level {self.hold_level} but {path} holds levels "
-                             f"{list(bits)}: re-pack with `d2moe pack SRC OUT --bits {wanted}`")
-        for lv, option in [(options.level, "--level"), *((x, "--router-levels") for x in options.router_levels or ())]:
-            if lv is not None:
-                check_level(lv, bits, self.spec.name, option)
-        top = self.hold_level or max([options.level or 0, *(options.router_levels or ())]) or ckpt.cfg.bk
-        skeleton = build_skeleton(self.adapter, ckpt.config)
-        dense_bytes = safetensors_payload_bytes(ckpt.dense_path) + meta_buffer_bytes(skeleton)
-        kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
-        self.plan = MemoryPlan.build(
-            budget_bytes=options.memory_budget, dense_bytes=dense_bytes,
-            kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype), max_tokens=options.max_tokens,
-            expert_bytes=ckpt.level_nbytes(top), workspace_bytes=expert_workspace_bytes(ckpt.matrix_shapes),
-            staging_slots=options.io_threads + 1,  # reads in flight + the one computing after a full cache
-        )
-        if self.hold_level is not None:
-            need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(self.hold_level)
-            if need > self.plan.expert_cache:
-                minimum = options.memory_budget - self.plan.expert_cache + need
-                raise BudgetError(
-                    f"--policy {self.spec.name} holds every expert at {self.hold_level} bits ({format_size(need)}): "
-                    f"memory budget {format_size(options.memory_budget)} is below the minimum "
-                    f"{format_size(minimum)}; use --memory-budget {-(-minimum // 2**20)}MiB or more"
-                )
+        self.ckpt, self.adapter, self.spec, self.hold_level, skeleton, self.plan = plan_run(checkpoint, options)
+        ckpt = self.ckpt
 
         # --- build ---
         self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
@@ -346,3 +301,60 @@ def _as_list(v) -> list:
     if v is None:
         return []
     return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def plan_run(checkpoint: str | Path, options: RunOptions):
+    """Open `checkpoint` and plan memory for a run with `options`, reading no weight.
+
+    Returns (ckpt, adapter, policy spec, hold level | None, meta skeleton, MemoryPlan). Raises the
+    run's up-front errors: unknown policy, unpacked level, budget below the minimum. `Session` starts
+    here; tools that only size budgets (demo, bench) call it alone.
+    """
+    from d2moe.runtime.adapters import adapter_for
+    from d2moe.runtime.budget import (
+        MemoryPlan,
+        expert_workspace_bytes,
+        kv_bytes_per_token,
+        safetensors_payload_bytes,
+    )
+    from d2moe.runtime.format import open_checkpoint
+    from d2moe.runtime.model import build_skeleton, meta_buffer_bytes
+    from d2moe.runtime.policies import HOLD_LEVELS, check_level, get_policy
+
+    spec = get_policy(options.policy, options.schedule)
+    if options.io_threads < 1:
+        raise UsageError(f"--io-threads {options.io_threads} must be at least 1")
+    path = Path(checkpoint)
+    if not path.exists():
+        raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
+    ckpt = open_checkpoint(path)
+    adapter = adapter_for(ckpt.config)
+    bits = ckpt.cfg.bits
+    hold_level = HOLD_LEVELS.get(spec.name)
+    if hold_level is not None and hold_level not in bits:
+        wanted = ",".join(str(b) for b in sorted(set(bits) | {hold_level}))
+        raise UsageError(f"--policy {spec.name} needs level {hold_level} but {path} holds levels "
+                         f"{list(bits)}: re-pack with `d2moe pack SRC OUT --bits {wanted}`")
+    for lv, option in [(options.level, "--level"), *((x, "--router-levels") for x in options.router_levels or ())]:
+        if lv is not None:
+            check_level(lv, bits, spec.name, option)
+    top = hold_level or max([options.level or 0, *(options.router_levels or ())]) or ckpt.cfg.bk
+    skeleton = build_skeleton(adapter, ckpt.config)
+    dense_bytes = safetensors_payload_bytes(ckpt.dense_path) + meta_buffer_bytes(skeleton)
+    kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
+    plan = MemoryPlan.build(
+        budget_bytes=options.memory_budget, dense_bytes=dense_bytes,
+        kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype), max_tokens=options.max_tokens,
+        expert_bytes=ckpt.level_nbytes(top), workspace_bytes=expert_workspace_bytes(ckpt.matrix_shapes),
+        staging_slots=options.io_threads + 1,  # reads in flight + the one computing after a full cache
+    )
+    if hold_level is not None:
+        need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(hold_level)
+        if need > plan.expert_cache:
+            minimum = options.memory_budget - plan.expert_cache + need
+            raise BudgetError(
+                f"--policy {spec.name} holds every expert at {hold_level} bits ({format_size(need)}): "
+                f"memory budget {format_size(options.memory_budget)} is below the minimum "
+                f"{format_size(minimum)}; use --memory-budget {-(-minimum // 2**20)}MiB or more"
+            )
+    return ckpt, adapter, spec, hold_level, skeleton, plan

@@ -92,11 +92,10 @@ def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
 def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_threads: int = 4) -> tuple[int, int]:
     """(budget bytes, all-experts bytes at the highest level): the fixed part + a fraction of the experts."""
     from d2moe.runtime.evaluate import UNLIMITED_BUDGET
-    from d2moe.runtime.session import RunOptions, Session
+    from d2moe.runtime.session import RunOptions, plan_run
 
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="d2moe", max_tokens=max_tokens, io_threads=io_threads)
-    with Session(checkpoint, options) as session:
-        plan, ckpt = session.plan, session.ckpt
+    ckpt, *_, plan = plan_run(checkpoint, options)
     experts = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk)
     fixed = plan.budget - plan.expert_cache
     return max(plan.minimum, fixed + int(expert_fraction * experts)), experts
