@@ -342,10 +342,8 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     skeleton = build_skeleton(adapter, ckpt.config)
     dense_bytes = safetensors_payload_bytes(ckpt.dense_path) + meta_buffer_bytes(skeleton)
     kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
-    plan = MemoryPlan.build(
-        budget_bytes=options.memory_budget, dense_bytes=dense_bytes,
-        kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype), max_tokens=options.max_tokens,
-        expert_bytes=ckpt.level_nbytes(top), workspace_bytes=expert_workspace_bytes(ckpt.matrix_shapes),
+    plan = MemoryPlan.for_checkpoint(
+        ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
         staging_slots=options.io_threads + 1,  # reads in flight + the one computing after a full cache
     )
     if hold_level is not None:
