@@ -313,8 +313,6 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     from d2moe.runtime.adapters import adapter_for
     from d2moe.runtime.budget import (
         MemoryPlan,
-        expert_workspace_bytes,
-        kv_bytes_per_token,
         safetensors_payload_bytes,
     )
     from d2moe.runtime.format import open_checkpoint
