@@ -3,12 +3,14 @@
 Budget = everything the run holds on its device:
 
     dense weights + KV cache (max tokens) + staging (expert bytes landing from disk)
-    + workspace (one expert dequantized to fp32) + expert cache
+    + workspace (what the expert kernels and the model's activations hold for max tokens)
+    + expert cache
 
-The expert cache gets what the rest leaves; its decoded tier (fp32 copies of experts, see
-`d2moe.runtime.experts`) lives inside that capacity, in the room its packed entries leave. The pipeline needs one expert computing while the
-next one loads, so the cache must hold at least two expert prefixes at the highest level in use;
-a budget below that fails before anything is loaded, saying the minimum.
+The expert cache gets what the rest leaves. The kernels compute from the packed bytes, so the
+workspace is activations plus one bounded dequantized tile (prefill), not an fp32 expert. The
+pipeline needs one expert computing while the next one loads, so the cache must hold at least two
+expert prefixes at the highest level in use; a budget below that fails before anything is loaded,
+saying the minimum.
 
 Public API
 ----------
@@ -19,9 +21,8 @@ MemoryPlan.for_checkpoint(ckpt, budget_bytes, max_tokens, level=None, kv_dtype_b
     fields: budget, dense, kv, staging, workspace, expert_cache, expert_bytes, minimum;
     .summary() -> dict for --json / tables; .min_cache_experts
 kv_bytes_per_token(config, dtype_bytes=2) -> int   # layers x 2 (K,V) x kv_heads x head_dim x dtype
-expert_workspace_bytes(matrix_shapes) -> int        # fp32 gate/up/down of one expert
+workspace_bytes(config, matrix_shapes, tokens) -> int   # kernels + activations for `tokens` at once
 safetensors_payload_bytes(path) -> int              # tensor bytes of a safetensors file (header only)
-MemoryMeter lives in `d2moe.runtime.memory` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d2moe.errors import BudgetError, FormatError, UsageError
-from d2moe.runtime.memory import MemoryMeter  # noqa: F401  (re-export)
 from d2moe.units import format_size
 
 MIN_CACHE_EXPERTS = 2  # one computing, one loading
@@ -49,7 +49,7 @@ class MemoryPlan:
     dense: int  # non-expert weights as held on the device
     kv: int  # KV cache for max_tokens
     staging: int  # buffers expert bytes land in before they join the cache
-    workspace: int  # one expert dequantized (fp32) for compute
+    workspace: int  # expert kernels' buffers and the model's activations for max tokens
     expert_cache: int  # what is left: capacity given to ExpertCache
     expert_bytes: int  # largest expert prefix at the highest level in use
     minimum: int  # smallest budget that can run
@@ -126,7 +126,7 @@ class MemoryPlan:
             kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype_bytes),
             max_tokens=max_tokens,
             expert_bytes=ckpt.level_nbytes(level),
-            workspace_bytes=expert_workspace_bytes(ckpt.matrix_shapes),
+            workspace_bytes=workspace_bytes(ckpt.config, ckpt.matrix_shapes, max_tokens),
             staging_slots=staging_slots,
         )
 
@@ -157,9 +157,21 @@ def kv_bytes_per_token(config: Mapping, dtype_bytes: int = 2) -> int:
     return layers * 2 * kv_heads * head_dim * int(dtype_bytes)
 
 
-def expert_workspace_bytes(matrix_shapes: Mapping[str, tuple[int, int]]) -> int:
-    """fp32 bytes of one expert's matrices dequantized at once."""
-    return sum(4 * int(o) * int(i) for o, i in matrix_shapes.values())
+def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]], tokens: int) -> int:
+    """Bytes computing `tokens` positions at once may hold besides weights, KV and the cache: the
+    expert kernels' working set (d2moe.kernels.dispatch.workspace_bound) plus the model's own
+    activations (residual stream and projections in float32, one layer's attention scores, the
+    last position's logits), with a 16 MiB floor for the allocator's and interpreter's slack."""
+    from d2moe.kernels.dispatch import workspace_bound
+
+    cfg = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+    tokens = max(1, int(tokens))
+    hidden = int(cfg.get("hidden_size") or matrix_shapes["down"][0])
+    heads = int(cfg.get("num_attention_heads") or 1)
+    vocab = int(cfg.get("vocab_size") or 0)
+    dense_inter = int(cfg.get("intermediate_size") or 0) if cfg.get("shared_expert_intermediate_size") else 0
+    activations = 4 * tokens * (12 * hidden + 2 * dense_inter) + 4 * heads * tokens * tokens + 8 * vocab
+    return workspace_bound(matrix_shapes, tokens) + activations + 16 * _MIB
 
 
 def safetensors_payload_bytes(path: str | Path) -> int:

@@ -1,15 +1,10 @@
 """The bit-aware expert cache: packed expert prefixes held within a byte budget.
 
 An entry is keyed `(layer, expert)` and holds that expert's packed blob prefix up to one level
-(a bytes-like the cache never interprets) plus an optional decoded object (e.g. the dict of
-MWQTensors, or dequantized weights) whose bytes the caller declares. Because a blob is level
-ordered, the prefix held at level b also serves every lower level: the caller slices it.
-
-Decoded objects are a second tier: they only use room the packed entries leave. Attaching one
-(`set_decoded`) never evicts a packed entry; it may only drop colder unpinned decoded objects.
-When a packed entry or a reservation needs room, every other decoded object goes first (coldest
-first, pinned entries' last) before any packed entry is evicted. Replacing or upgrading an entry
-drops its decoded object (it no longer matches the bytes).
+(a bytes-like the cache never interprets), counted at its real size. Because a blob is level
+ordered, the prefix held at level b also serves every lower level: the caller slices it. An entry
+may carry an attachment (`attach`): an object derived from its bytes, such as the kernels' views
+into them, that holds no memory of its own; replacing, upgrading or evicting the entry drops it.
 
 Policy is kept apart from copy mechanics (mixtral-offloading): the cache only decides what
 stays. Eviction victims are unpinned entries, chosen by
@@ -17,11 +12,9 @@ stays. Eviction victims are unpinned entries, chosen by
   `step()` multiplies every score by `decay`), ties broken by least recent use;
 - "lru": least recently used.
 
-Byte accounting: `used_bytes = held bytes + reserved bytes <= capacity_bytes`, always. A load
-in flight first `reserve()`s its bytes (evicting if needed); when it lands, `put(...,
-reservation=r)` turns the reservation into the entry. When even evicting every unpinned entry
-cannot make room, `reserve` returns None and `put` returns False: the caller computes with the
-bytes it loaded and drops them (compute-and-drop), the cache is unchanged.
+Byte accounting: `held_bytes <= capacity_bytes`, always. When even evicting every unpinned
+entry cannot make room, `put` returns False: the caller computes with the bytes it loaded and
+drops them (compute-and-drop), the cache is unchanged.
 
 Public API
 ----------
@@ -29,16 +22,14 @@ ExpertCache(capacity_bytes, policy="decay", decay=0.9)
     lookup(key, want=None) -> level | None       # records hit / upgrade (held < want) / miss
     peek(key) -> level | None                    # no stats
     get(key) -> (level, data)                    # KeyError if absent; counts as a use for LRU
-    get_decoded(key) / set_decoded(key, obj, nbytes=0) -> bool   # second tier: never evicts packed bytes
-    record_decoded_hit(key); decoded_bytes
-    put(key, level, data, decoded=None, decoded_nbytes=0, reservation=None) -> bool   # never downgrades
-    extend(key, level, extra, reservation=None) -> bool   # upgrade: held prefix + extra segment bytes
-                                                          # (bytes-likes, or uint8 tensors on any device)
+    attach(key, obj) / attachment(key) -> obj | None   # derived views, dropped when the entry changes
+    put(key, level, data) -> bool                # never downgrades
+    extend(key, level, extra) -> bool            # upgrade: held prefix + extra segment bytes
+                                                 # (bytes-likes, or uint8 tensors on any device)
     discard(key); clear()
-    reserve(nbytes) -> Reservation | None;  Reservation.release()
     pin(key) / unpin(key) / pinned(key); `with cache.pinned_keys(keys): ...`
     record_use(key, weight=1.0); step(); score(key)
-    held_objects() -> list (for MemoryMeter); used_bytes, held_bytes, reserved_bytes, free_bytes, capacity_bytes, keys(), len(), `key in cache`
+    held_objects() -> list (for MemoryMeter); measured_bytes(measure); held_bytes, free_bytes, capacity_bytes, keys(), len(), `key in cache`
     stats() -> dict[layer, LayerStats]; totals() -> LayerStats; reset_stats()
 Thread-safe (one re-entrant lock): I/O threads may `put` while the compute thread looks up.
 """
@@ -49,7 +40,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from d2moe.errors import UsageError
@@ -91,9 +82,7 @@ class LayerStats:
     misses: int = 0  # lookups of experts not held at all
     upgrades: int = 0  # lookups of experts held at a lower level than wanted
     evictions: int = 0  # entries removed to make room
-    decoded_hits: int = 0  # computes served by a held decoded object (no dequantization)
-    decoded_drops: int = 0  # decoded objects dropped to make room (their packed entry stays)
-    rejected: int = 0  # puts / reservations that could not fit (compute-and-drop)
+    rejected: int = 0  # puts that could not fit (compute-and-drop)
     bytes_inserted: int = 0  # bytes newly brought into the cache (upgrades count only the extra)
 
     def __iadd__(self, other: LayerStats) -> LayerStats:
@@ -111,25 +100,8 @@ class LayerStats:
 class _Entry:
     level: int
     data: Any
-    nbytes: int  # len(data) + decoded_nbytes
-    decoded: Any = None
-    decoded_nbytes: int = 0
-
-
-@dataclass
-class Reservation:
-    """Bytes set aside for a load in flight. Release it if the load is dropped."""
-
-    cache: ExpertCache
     nbytes: int
-    layer: Any = None
-    active: bool = field(default=True)
-
-    def release(self) -> None:
-        self.cache._release(self)
-
-    def __bool__(self) -> bool:
-        return self.active
+    attachment: Any = None
 
 
 class ExpertCache:
@@ -152,8 +124,6 @@ class ExpertCache:
         self._held_bytes = 0
         self.version = 0  # bumped whenever what the entries hold changes (see _held)
         self._measured: tuple[int, int] | None = None  # (version, bytes) of the last measured_bytes()
-        self._reserved = 0
-        self._decoded = 0  # of _held: bytes of decoded objects
         self._stats: dict[Any, LayerStats] = {}
         self._lock = threading.RLock()
 
@@ -163,7 +133,7 @@ class ExpertCache:
 
     @_held.setter
     def _held(self, value: int) -> None:
-        # every change of what entries hold goes through here (put, extend, decoded copies, eviction, clear)
+        # every change of what entries hold goes through here (put, extend, eviction, clear)
         self._held_bytes = value
         self.version += 1
 
@@ -183,25 +153,13 @@ class ExpertCache:
         return self._held
 
     @property
-    def decoded_bytes(self) -> int:
-        return self._decoded
-
-    @property
-    def reserved_bytes(self) -> int:
-        return self._reserved
-
-    @property
-    def used_bytes(self) -> int:
-        return self._held + self._reserved
-
-    @property
     def free_bytes(self) -> int:
-        return self.capacity_bytes - self.used_bytes
+        return self.capacity_bytes - self._held
 
     def held_objects(self) -> list[Any]:
-        """The data and decoded objects of every entry (for MemoryMeter's live count)."""
+        """The data of every entry (for MemoryMeter's live count)."""
         with self._lock:
-            return [x for e in self._entries.values() for x in (e.data, e.decoded) if x is not None]
+            return [e.data for e in self._entries.values()]
 
     def measured_bytes(self, measure: Callable[[list[Any]], int]) -> int:
         """`measure(held_objects())`, re-run only after the held objects changed (the meter samples often)."""
@@ -235,30 +193,24 @@ class ExpertCache:
             self._entries.move_to_end(key)
             return e.level, e.data
 
-    def get_decoded(self, key: Hashable) -> Any:
+    def attachment(self, key: Hashable) -> Any:
         e = self._entries.get(key)
-        return None if e is None else e.decoded
+        return None if e is None else e.attachment
+
+    def attach(self, key: Hashable, obj: Any) -> None:
+        """Keep `obj`, derived from `key`'s bytes and holding none of its own, until the entry changes."""
+        with self._lock:
+            self._entries[key].attachment = obj
 
     # ---- insertion ---------------------------------------------------------------------
-    def put(
-        self,
-        key: Hashable,
-        level: int,
-        data: Any,
-        decoded: Any = None,
-        decoded_nbytes: int = 0,
-        reservation: Reservation | None = None,
-    ) -> bool:
+    def put(self, key: Hashable, level: int, data: Any) -> bool:
         """Hold `data` (the prefix up to `level`) for `key`, replacing what was held.
 
         Never downgrades: when a higher level is already held, that entry stays (it serves
-        `level` too) and the call returns True. Returns False, leaving the cache as it was
-        (apart from a consumed reservation), when the entry cannot fit even after evicting
-        every unpinned entry.
+        `level` too) and the call returns True. Returns False, leaving the cache as it was, when
+        the entry cannot fit even after evicting every unpinned entry.
         """
         with self._lock:
-            if reservation is not None:
-                self._release(reservation)
             old = self._entries.get(key)
             if old is not None and old.level > level:
                 self._entries.move_to_end(key)
@@ -269,157 +221,58 @@ class ExpertCache:
                 self._layer_stats(key).rejected += 1
                 return False
             self._held += new.nbytes - old_bytes
-            self._decoded -= old.decoded_nbytes if old else 0
             self._entries[key] = new
             self._entries.move_to_end(key)
-            self._layer_stats(key).bytes_inserted += max(0, _nbytes(data) - (_nbytes(old.data) if old else 0))
-            if decoded is not None:
-                self.set_decoded(key, decoded, decoded_nbytes)  # second tier: held only if there is room
+            self._layer_stats(key).bytes_inserted += max(0, new.nbytes - old_bytes)
             return True
 
-    def extend(self, key: Hashable, level: int, extra: Any, reservation: Reservation | None = None) -> bool:
-        """Upgrade `key` to `level` by appending the segment bytes `extra` to the held prefix.
-
-        The decoded object of the old level is dropped (it no longer matches the bytes).
-        """
+    def extend(self, key: Hashable, level: int, extra: Any) -> bool:
+        """Upgrade `key` to `level` by appending the segment bytes `extra` to the held prefix."""
         with self._lock:
             old = self._entries.get(key)
             if old is None:
-                if reservation is not None:
-                    self._release(reservation)
                 raise KeyError(f"cannot extend {key}: it is not in the cache")
             if level <= old.level:
                 raise UsageError(f"cannot extend {key} from level {old.level} to level {level}")
-            return self.put(key, level, _concat(old.data, extra), reservation=reservation)
-
-    def set_decoded(self, key: Hashable, decoded: Any, nbytes: int = 0) -> bool:
-        """Attach (or replace) a held entry's decoded object of `nbytes`; False if it cannot fit.
-
-        Second tier: to fit it may drop decoded objects of unpinned entries colder than `key`
-        (lower score / less recent), never a packed entry. On False the entry keeps what it had.
-        """
-        with self._lock:
-            e = self._entries[key]
-            delta = int(nbytes) - e.decoded_nbytes
-            need = delta - self.free_bytes
-            if need > 0:
-                rank = self._rank()
-                mine = rank(key)
-                colder = [k for k in self._decoded_victims(key) if not self._pins.get(k) and rank(k) < mine]
-                chosen = self._take(colder, need, lambda k: self._entries[k].decoded_nbytes)
-                if chosen is None:
-                    return False
-                for k in chosen:
-                    self._drop_decoded(k)
-            self._held += delta
-            self._decoded += delta
-            e.nbytes += delta
-            e.decoded, e.decoded_nbytes = decoded, int(nbytes)
-            return True
-
-    def record_decoded_hit(self, key: Hashable) -> None:
-        """Count a compute served by `key`'s decoded object (no dequantization)."""
-        with self._lock:
-            self._layer_stats(key).decoded_hits += 1
+            return self.put(key, level, _concat(old.data, extra))
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
             e = self._entries.pop(key, None)
             if e is not None:
                 self._held -= e.nbytes
-                self._decoded -= e.decoded_nbytes
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._held = 0
-            self._decoded = 0
-
-    # ---- reservations ------------------------------------------------------------------
-    def reserve(self, nbytes: int, key: Hashable | None = None) -> Reservation | None:
-        """Set aside `nbytes` for a load in flight, evicting unpinned entries; None if impossible.
-
-        `key`, when given, is the entry the load will upgrade: it is never evicted for its own room.
-        """
-        with self._lock:
-            if nbytes < 0:
-                raise UsageError(f"cannot reserve {nbytes} bytes")
-            if not self._make_room(nbytes, exclude=key):
-                if key is not None:
-                    self._layer_stats(key).rejected += 1
-                return None
-            self._reserved += nbytes
-            return Reservation(self, int(nbytes), None if key is None else _layer(key))
-
-    def _release(self, r: Reservation) -> None:
-        with self._lock:
-            if r.active:
-                r.active = False
-                self._reserved -= r.nbytes
 
     # ---- eviction ----------------------------------------------------------------------
     def _make_room(self, nbytes: int, exclude: Hashable | None = None) -> bool:
-        """Free room for `nbytes` more, all-or-nothing: drop decoded objects (any entry but
-        `exclude`, pinned ones last) first, then evict unpinned packed entries (never `exclude`)."""
+        """Free room for `nbytes` more by evicting unpinned entries (never `exclude`), all or nothing."""
         need = nbytes - self.free_bytes
         if need <= 0:
             return True
-        decoded = self._decoded_victims(exclude)
-        freed_decoded = sum(self._entries[k].decoded_nbytes for k in decoded)
-        if freed_decoded >= need:
-            for k in self._take(decoded, need, lambda k: self._entries[k].decoded_nbytes):
-                self._drop_decoded(k)
-            return True
-        # every decoded object goes; packed victims free what is left of their entry
-        evicted = self._take(self._victims(exclude), need - freed_decoded,
-                             lambda k: self._entries[k].nbytes - self._entries[k].decoded_nbytes)
-        if evicted is None:
-            return False
-        for k in decoded:
-            self._drop_decoded(k)
-        for k in evicted:
-            self._held -= self._entries.pop(k).nbytes
-            self._layer_stats(k).evictions += 1
-        return True
-
-    @staticmethod
-    def _take(candidates: list[Hashable], need: int, size) -> list[Hashable] | None:
-        """The shortest prefix of `candidates` whose sizes add up to `need`; None if all of them fall short."""
         freed, chosen = 0, []
-        for k in candidates:
+        for k in self._victims(exclude):
             if freed >= need:
                 break
             chosen.append(k)
-            freed += size(k)
-        return chosen if freed >= need else None
-
-    def _drop_decoded(self, key: Hashable) -> None:
-        e = self._entries[key]
-        self._held -= e.decoded_nbytes
-        self._decoded -= e.decoded_nbytes
-        e.nbytes -= e.decoded_nbytes
-        e.decoded, e.decoded_nbytes = None, 0
-        self._layer_stats(key).decoded_drops += 1
-
-    def _rank(self):
-        """Sort key of the eviction order: smaller = colder = dropped first."""
-        recency = {k: i for i, k in enumerate(self._entries)}
-        if self.policy == "lru":
-            return recency.__getitem__
-        return lambda k: (self._scores.get(k, 0.0), recency[k])
+            freed += self._entries[k].nbytes
+        if freed < need:
+            return False
+        for k in chosen:
+            self._held -= self._entries.pop(k).nbytes
+            self._layer_stats(k).evictions += 1
+        return True
 
     def _victims(self, exclude: Hashable | None) -> list[Hashable]:
         """Evictable keys, first victim first."""
         keys = [k for k in self._entries if k != exclude and not self._pins.get(k)]
         if self.policy == "lru":
             return keys  # OrderedDict order is least recent first
-        return sorted(keys, key=self._rank())
-
-    def _decoded_victims(self, exclude: Hashable | None) -> list[Hashable]:
-        """Keys holding a decoded object (not `exclude`): unpinned coldest first, then pinned coldest first."""
-        rank = self._rank()
-        keys = [k for k, e in self._entries.items() if e.decoded_nbytes > 0 and k != exclude]
-        return sorted(keys, key=lambda k: (bool(self._pins.get(k)), rank(k)))
+        recency = {k: i for i, k in enumerate(self._entries)}
+        return sorted(keys, key=lambda k: (self._scores.get(k, 0.0), recency[k]))
 
     # ---- pins --------------------------------------------------------------------------
     def pin(self, key: Hashable) -> None:

@@ -16,10 +16,11 @@ router stays. Each call is one layer step of the shared `ExpertPipeline`:
    when the cache is full of pinned work, computed and dropped) and computed;
 5. outputs are summed in expert order, so results do not depend on what was resident.
 
-Decoded tier (`decoded_tier=True`): the fp32 matrices an expert was dequantized to at a level are
-kept in its cache entry's decoded slot (keyed by level) when the cache has room besides its packed
-entries, so a later step at that level skips decoding and dequantization. They are exactly what
-`dequantize` returns, so outputs are bit-identical with and without the tier.
+Compute runs on the packed bytes where they sit (d2moe.kernels.dispatch.ExpertKernels): an
+expert's matrices are views into its cached prefix, described once per cache entry (the
+description rides on the entry as its attachment and goes with it), never an fp32 copy of a
+whole matrix. The kernels' result depends only on the bytes and the tokens, so outputs do not
+depend on the budget.
 
 Shape letters: T = tokens, H = hidden, K = experts per token, N = pairs routed to one expert.
 """
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2moe.quantize import dequantize
+from d2moe.kernels.dispatch import ExpertKernels
 from d2moe.runtime.scheduler import CostModel, Job, expert_flops_per_token, hebf_order, johnson_order
 
 
@@ -88,11 +89,10 @@ class ExpertPipeline:
         spec,
         act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
         window: int | None = None,
-        compute_dtype: torch.dtype = torch.float32,
         routers: dict[int, torch.Tensor] | None = None,
         top_k: int = 2,
         on_memory: Callable[[], None] | None = None,
-        decoded_tier: bool = True,
+        kernels: ExpertKernels | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.store = store
@@ -101,11 +101,11 @@ class ExpertPipeline:
         self.spec = spec
         self.act_fn = act_fn
         self.window = max(1, window or 4)  # loads in flight at once: bounds the staging bytes
-        self.compute_dtype = compute_dtype
         self.routers = routers or {}  # layer -> router weight [E, H] (predictive preload)
         self.top_k = top_k
         self.on_memory = on_memory  # called where held memory peaks (the session samples its meter)
-        self.decoded_tier = decoded_tier  # keep dequantized weights in the cache's decoded slots
+        self.kernels = kernels or ExpertKernels()
+        self.kernels.on_workspace = on_memory
         self.moe_layers = list(ckpt.moe_layers)
         self.flops_per_token = expert_flops_per_token(ckpt.matrix_shapes)
         self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
@@ -113,7 +113,6 @@ class ExpertPipeline:
         self.stats = PipelineStats()
         self._pending: dict[tuple, tuple] = {}  # preload key -> (future, layer, expert, have, want)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
-        self.workspace_bytes = 0  # dequantized weights alive right now
 
     # ---- keys and bytes ----------------------------------------------------------------
     def key(self, layer: int, expert: int, level: int) -> tuple:
@@ -194,15 +193,15 @@ class ExpertPipeline:
             have, want = self.read_span(w)
             nbytes = self.store.nbytes(layer, w.expert, have, want)
             load = self.cost.load_seconds(nbytes)
-            compute = self.cost.compute_seconds(w.tokens, self.flops_per_token, self._fixed_flops(w))
+            compute = self.cost.compute_seconds(0, 0.0, self._kernel_work(w))
             jobs.append(Job(i, w.want, w.tokens, load, compute, False))
         ordered = hebf_order(jobs) if self.spec.order == "hebf" else johnson_order(jobs)
         return [missing[j.key] for j in ordered]
 
-    def _fixed_flops(self, w: Work, levels=None) -> float:
-        """Dequantization work: every weight, once per level dequantized (default: every level of `w`),
-        about `level` operations each."""
-        return float(sum(self.weight_elems * (level + 2) for level in (w.pairs if levels is None else levels)))
+    def _kernel_work(self, w: Work) -> float:
+        """Relative kernel cost of a work item: every weight once per plane read (+ a fixed share),
+        per block of 8 tokens, at each level it runs (the cost model learns the rate)."""
+        return float(sum(self.weight_elems * (level + 4) * -(-len(rows) // 8) for level, (rows, _) in w.pairs.items()))
 
     def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:
         """Issue the reads of `order` (at most `window` in flight); compute each as it lands."""
@@ -247,57 +246,41 @@ class ExpertPipeline:
 
     # ---- compute -----------------------------------------------------------------------
     def _compute(self, layer, w: Work, data, hidden, top_k_weights, results) -> float:
-        """Run the expert at each level its pairs need: from held decoded weights, else by decoding
-        the held prefix once and dequantizing it. Bytes were crc-checked when they were read."""
+        """Run the expert at each level its pairs need, from the held prefix. Bytes were crc-checked
+        when they were read."""
         t0 = time.perf_counter()
-        held = self.cache.peek(w.key)
-        keep = self.decoded_tier and held is not None and held >= w.want  # the entry holds these bytes
-        decoded = (self.cache.get_decoded(w.key) or {}) if keep else {}  # level -> (gate, up, down) fp32
-        mats, dequantized = None, []
+        prepared = self._prepared(layer, w, data)
         for level, (rows, slots) in sorted(w.pairs.items()):
-            x = hidden[rows].to(self.compute_dtype)  # [N, H]
-            weights = decoded.get(level)
-            if weights is not None:
-                self.cache.record_decoded_hit(w.key)
-                gate, up, down = weights
-                y = F.linear(self.act_fn(F.linear(x, gate)) * F.linear(x, up), down)  # [N, H]
-            else:
-                if mats is None:
-                    prefix = memoryview(data)[: self.ckpt.level_nbytes(w.want)]
-                    mats = self.ckpt.decode_expert(layer, w.expert, w.want, prefix, verify=False)
-                y, weights = self._dequantize_and_run(mats, level, x, keep)
-                dequantized.append(level)
-                if weights is not None:
-                    decoded = self._keep_decoded(w.key, decoded, level, weights)
-            results[(w.expert, level)] = (rows, y * top_k_weights[rows, slots, None].to(self.compute_dtype))
+            x = hidden[rows].to(torch.float32)  # [N, H]
+            y = self.kernels.forward(prepared(level), x, self.act_fn)  # [N, H]
+            results[(w.expert, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
+        self.kernels.release()
         seconds = time.perf_counter() - t0
-        self.cost.observe_compute(w.tokens * self.flops_per_token + self._fixed_flops(w, dequantized), seconds)
+        self.cost.observe_compute(self._kernel_work(w), seconds)
         return seconds
 
-    def _dequantize_and_run(self, mats, level: int, x: torch.Tensor, keep: bool):
-        """y [N, H] of the expert at `level`; and its fp32 (gate, up, down) when `keep`, else None."""
-        gate = dequantize(mats["gate"], level, dtype=self.compute_dtype)  # [I, H]
-        up = dequantize(mats["up"], level, dtype=self.compute_dtype)  # [I, H]
-        self._workspace(gate, up)
-        h = self.act_fn(F.linear(x, gate)) * F.linear(x, up)  # [N, I]
-        if not keep:
-            del gate, up  # without the tier only two matrices are alive at once
-        down = dequantize(mats["down"], level, dtype=self.compute_dtype)  # [H, I]
-        self._workspace(*((gate, up, down) if keep else (down,)))
-        y = F.linear(h, down)  # [N, H]
-        self.workspace_bytes = 0
-        return y, ((gate, up, down) if keep else None)
+    def _prepared(self, layer: int, w: Work, data) -> Callable:
+        """level -> the kernels' description of the expert at that level, kept on the cache entry
+        while it holds these very bytes (described once, not every step)."""
+        held = self.cache.peek(w.key)
+        entry_data = self.cache.get(w.key)[1] if held is not None and held >= w.want else None
+        cached = self.cache.attachment(w.key) if entry_data is data else None
+        if cached is not None:
+            by_level = cached
+        else:
+            level = held if entry_data is data else w.want  # describe everything the bytes hold
+            prefix = memoryview(data)[: self.ckpt.level_nbytes(level)]
+            by_level = {"mats": self.ckpt.decode_expert(layer, w.expert, level, prefix, verify=False)}
+            if entry_data is data:
+                self.cache.attach(w.key, by_level)
 
-    def _keep_decoded(self, key, decoded: dict, level: int, weights: tuple) -> dict:
-        """Hold `weights` at `level` in `key`'s decoded slot if the cache has room; the slot as now held."""
-        grown = {**decoded, level: weights}
-        nbytes = sum(t.untyped_storage().nbytes() for ws in grown.values() for t in ws)  # what the meter counts
-        return grown if self.cache.set_decoded(key, grown, nbytes) else decoded
+        def get(level: int):
+            p = by_level.get(level)
+            if p is None:
+                p = by_level[level] = self.kernels.prepare(by_level["mats"], level)
+            return p
 
-    def _workspace(self, *tensors: torch.Tensor) -> None:
-        self.workspace_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        if self.on_memory:
-            self.on_memory()
+        return get
 
     # ---- whole-model residency and prediction ------------------------------------------
     def hold_all(self, level: int) -> None:

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from d2moe.errors import D2MoEError, FormatError, UsageError
+from d2moe.kernels.packed import PackedMatrix
 from d2moe.quantize.types import MWQConfig, MWQTensor
 from d2moe.runtime.safetensors_io import read_header, strict_json
 
@@ -178,11 +179,11 @@ def segment_crcs(blob, layout: BlobLayout) -> list[int]:
     return [zlib.crc32(view[slice(*layout.segment_range(i))]) for i in range(len(layout.segments))]
 
 
-def decode_blob(prefix, layout: BlobLayout, cfg: MWQConfig, level: int, shapes: dict[str, tuple[int, int]]) -> dict[str, MWQTensor]:
-    """MWQ tensors at `level` from a blob prefix; scale/offset are views into `prefix`, planes/alpha joined."""
+def decode_blob(prefix, layout: BlobLayout, cfg: MWQConfig, level: int, shapes: dict[str, tuple[int, int]]) -> dict[str, PackedMatrix]:
+    """Each matrix at `level` as views into `prefix` (nothing is copied: kernels read the bytes in place)."""
     k = cfg.level_index(level)
     view = memoryview(prefix).cast("B")
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {} for m in MATRICES}
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"planes": [], "alpha": []} for m in MATRICES}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers (bytes) are fine: we never write
         for i in range(k + 1):
@@ -191,16 +192,13 @@ def decode_blob(prefix, layout: BlobLayout, cfg: MWQConfig, level: int, shapes: 
                 count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
                 t = torch.frombuffer(view, dtype=slot.dtype, count=count, offset=base + slot.start) if count else \
                     torch.empty(0, dtype=slot.dtype)
-                parts[slot.matrix].setdefault(slot.name, []).append(t.view(slot.shape))
-    out = {}
-    for m in MATRICES:
-        p = parts[m]
-        planes = p["planes"][0] if len(p["planes"]) == 1 else torch.cat(p["planes"])
-        alpha = None
-        if cfg.scheme == "residual":
-            alpha = torch.cat(p["alpha"]) if p.get("alpha") else torch.empty((0, *p["scale"][0].shape), dtype=torch.float16)
-        out[m] = MWQTensor(tuple(shapes[m]), cfg, level, p["scale"][0], p["offset"][0], planes, alpha)
-    return out
+                t = t.view(slot.shape)
+                if slot.name in ("planes", "alpha"):
+                    parts[slot.matrix][slot.name].extend(t.unbind(0))
+                else:
+                    parts[slot.matrix][slot.name] = t
+    return {m: PackedMatrix(tuple(shapes[m]), cfg, level, p["scale"], p["offset"], tuple(p["planes"]), tuple(p["alpha"]))
+            for m, p in parts.items()}
 
 
 # ----------------------------------------------------------------------------- reader
@@ -292,7 +290,7 @@ class PackedCheckpoint:
             raise FormatError(f"{path.name}: layer {layer} expert {expert} truncated ({len(data)} of {nbytes} bytes)")
         return data
 
-    def decode_expert(self, layer: int, expert: int, level: int, prefix_bytes, verify: bool = True) -> dict[str, MWQTensor]:
+    def decode_expert(self, layer: int, expert: int, level: int, prefix_bytes, verify: bool = True) -> dict[str, PackedMatrix]:
         """The expert's three MWQ tensors at `level` from (at least) its prefix bytes at that level."""
         e = self.entry(layer, expert)
         k = self.cfg.level_index(level)

@@ -47,7 +47,8 @@ class RunOptions:
     max_tokens: int = 1024  # KV-cache tokens reserved: batch x (prompt + new tokens)
     calibration_tokens: int = 16  # edgemoe: tokens counted before per-expert levels are fixed
     use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
-    decoded_tier: bool = True  # keep dequantized fp32 experts in the cache's spare room (skips re-dequantizing)
+    threads: int | None = None  # expert-kernel threads (None: torch's intra-op thread count)
+    kernels: str = "auto"  # auto (native where it builds) | native | reference (the torch oracle)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Session:
     """A packed checkpoint, ready to generate under a memory budget (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, options: RunOptions, tokenizer=None) -> None:
+        from d2moe.kernels.dispatch import ExpertKernels
         from d2moe.runtime.cache import ExpertCache
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
         from d2moe.runtime.memory import MemoryMeter
@@ -79,10 +81,12 @@ class Session:
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
         self.meter = MemoryMeter()
         hf_config = skeleton.config
+        threads = options.threads if options.threads is not None else torch.get_num_threads()
+        self.kernels = ExpertKernels(options.kernels, threads=threads)
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
-            decoded_tier=options.decoded_tier,
+            kernels=self.kernels,
         )
 
         def make_experts(layer: int, original):
@@ -100,7 +104,7 @@ class Session:
         self.meter.register("expert_cache", "cache", self.cache if hasattr(self.cache, "held_objects")
                             else (lambda: self.cache.held_bytes))
         self.meter.register("staging", "reads", lambda: self.pipeline.staging_bytes)
-        self.meter.register("workspace", "dequantized", lambda: self.pipeline.workspace_bytes)
+        self.meter.register("workspace", "kernels", lambda: self.kernels.workspace_bytes)
         self.meter.sample()
 
         # --- hold-* baselines read everything up front ---
@@ -235,8 +239,7 @@ class Session:
             "time_to_first_token_s": result.ttft_s,
             "cache": {"hit_rate": cache.hit_rate, "hits": cache.hits, "misses": cache.misses,
                       "upgrades": cache.upgrades, "evictions": cache.evictions, "rejected": cache.rejected,
-                      "decoded_tier": self.options.decoded_tier, "decoded_hits": cache.decoded_hits,
-                      "decoded_drops": cache.decoded_drops, "capacity_bytes": self.cache.capacity_bytes,
+                      "capacity_bytes": self.cache.capacity_bytes,
                       "per_layer": {str(k): {"hit_rate": v.hit_rate, "hits": v.hits, "misses": v.misses,
                                              "upgrades": v.upgrades, "evictions": v.evictions}
                                     for k, v in self.cache.stats().items()}},
@@ -251,6 +254,8 @@ class Session:
             "expert_step_s": pipe.makespan_s,
             "expert_load_s": pipe.load_s,
             "expert_compute_s": pipe.compute_s,
+            "kernels": self.kernels.name,
+            "kernel_threads": self.kernels.splitter.threads,
             "memory": {"budget_bytes": self.options.memory_budget, "peak_bytes": memory["peak_bytes"],
                        "peak_by_category": memory["peak_by_category"], "plan": self.plan.summary(),
                        "rss_peak_delta_bytes": memory["rss_peak_delta_bytes"]},
@@ -259,6 +264,7 @@ class Session:
     def close(self) -> None:
         self.pipeline.drain()
         self.store.close()
+        self.kernels.close()
 
     def __enter__(self) -> Session:
         return self

@@ -44,16 +44,16 @@ def test_run_json_reports_texts_and_stats(packed, capsys):
     assert set(stats["tokens_per_level"]) == {"2", "8"}
 
 
-def test_decoded_tier_flag_changes_speed_path_not_tokens(packed, capsys):
+def test_native_kernels_give_the_reference_tokens(packed, capsys):
     runs = {}
-    for flag in ("--decoded-tier", "--no-decoded-tier"):
+    for backend in ("native", "reference"):
         code, out, _ = _run(capsys, packed, "--prompt", "hello world", "--memory-budget", "64MiB",
-                            "--max-new-tokens", "6", "--router-levels", "8,2", "--json", flag)
+                            "--max-new-tokens", "6", "--router-levels", "8,2", "--json", "--kernels", backend)
         assert code == 0
-        runs[flag] = json.loads(out)
-    on, off = runs["--decoded-tier"], runs["--no-decoded-tier"]
-    assert on["outputs"][0]["text"] == off["outputs"][0]["text"]
-    assert on["stats"]["cache"]["decoded_hits"] > 0 and off["stats"]["cache"]["decoded_hits"] == 0
+        runs[backend] = json.loads(out)
+    native, ref = runs["native"], runs["reference"]
+    assert native["outputs"][0]["text"] == ref["outputs"][0]["text"]
+    assert ref["stats"]["kernels"] == "torch reference" and native["stats"]["kernels"] != "torch reference"
 
 
 def test_prompts_file_runs_as_a_batch(packed, tmp_path, capsys):

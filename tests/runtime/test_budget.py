@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from d2moe.errors import BudgetError, UsageError
 from d2moe.runtime.budget import (
     MemoryPlan,
-    expert_workspace_bytes,
     kv_bytes_per_token,
     safetensors_payload_bytes,
+    workspace_bytes,
 )
 from d2moe.runtime.memory import MemoryMeter
 from d2moe.units import parse_size
@@ -76,8 +76,13 @@ def test_kv_bytes_per_token_matches_a_real_transformers_cache(tiny_mixtral):
 def test_workspace_and_safetensors_sizes(tmp_path):
     from safetensors.torch import save_file
 
-    shapes = {"gate": (128, 64), "up": (128, 64), "down": (64, 128)}
-    assert expert_workspace_bytes(shapes) == sum(torch.empty(s).nbytes for s in shapes.values())
+    shapes = {"gate": (4096, 1024), "up": (4096, 1024), "down": (1024, 4096)}
+    config = {"hidden_size": 1024, "num_attention_heads": 8, "vocab_size": 32000}
+    one, many = workspace_bytes(config, shapes, 1), workspace_bytes(config, shapes, 512)
+    fp32_expert = sum(torch.empty(s).nbytes for s in shapes.values())
+    assert one < many and one < fp32_expert  # kernels never hold a dequantized expert
+    # the tokens' activations are counted: x, gate, up, h in float32 at least
+    assert many - one >= 4 * 511 * (1024 + 3 * 4096)
     tensors = {"a": torch.zeros(3, 5, dtype=torch.bfloat16), "b": torch.zeros(7, dtype=torch.float32)}
     save_file(tensors, tmp_path / "dense.safetensors", metadata={"k": "v"})
     assert safetensors_payload_bytes(tmp_path / "dense.safetensors") == 3 * 5 * 2 + 7 * 4
@@ -100,10 +105,11 @@ def test_for_checkpoint_uses_the_checkpoint_numbers(tmp_path):
         def level_nbytes(level):
             return {2: 8192, 3: 12288, 4: 16384}[level]
 
-    plan = MemoryPlan.for_checkpoint(Ckpt, 10 * MiB, max_tokens=100)
+    plan = MemoryPlan.for_checkpoint(Ckpt, 64 * MiB, max_tokens=100)
     assert plan.dense == 2048 and plan.kv == 100 * 2 * 2 * 2 * 16 * 2
-    assert plan.expert_bytes == 16384 and plan.workspace == 4 * 3 * 128 * 64
-    assert MemoryPlan.for_checkpoint(Ckpt, 10 * MiB, 100, level=2).expert_bytes == 8192
+    assert plan.expert_bytes == 16384
+    assert plan.workspace == workspace_bytes(Ckpt.config, Ckpt.matrix_shapes, 100)
+    assert MemoryPlan.for_checkpoint(Ckpt, 64 * MiB, 100, level=2).expert_bytes == 8192
 
 
 def test_meter_peak_bounds_every_sample_and_counts_shared_storage_once():

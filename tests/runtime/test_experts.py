@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from packed import packed_tiny
 
 from d2moe.quantize import dequantize
-from d2moe.runtime.format import MATRICES
 from d2moe.runtime.policies import UniformLevels
 from d2moe.runtime.session import RunOptions, Session
 
@@ -31,6 +30,7 @@ def _inputs(tokens=6, seed=0):
 
 def _expert_out(ckpt, layer, expert, level, x):
     mats = ckpt.decode_expert(layer, expert, 8, ckpt.read_prefix(layer, expert, 8))
+    mats = {m: t.to_mwq() for m, t in mats.items()}  # packed views -> MWQ tensors
     w = {m: dequantize(t, level) for m, t in mats.items()}
     return F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
 
@@ -102,50 +102,45 @@ def test_staging_stays_within_plan(packed):
         peak = s.meter.report()["peak_by_category"]
         assert 0 < peak["staging"] <= s.plan.staging
         assert 0 < peak["workspace"] <= s.plan.workspace
-        assert s.pipeline.staging_bytes == 0 and s.pipeline.workspace_bytes == 0
+        assert s.pipeline.staging_bytes == 0 and s.kernels.workspace_bytes == 0
 
 
-def _generate(packed, budget, decoded_tier, **kw):
+def _generate(packed, budget, kernels, **kw):
     from d2moe.runtime.generate import SamplingOptions
 
-    opts = RunOptions(memory_budget=budget, decoded_tier=decoded_tier, max_tokens=64, **kw)
+    opts = RunOptions(memory_budget=budget, kernels=kernels, max_tokens=64, **kw)
     with Session(packed, opts) as s:
         report = s.generate(token_ids=[[5, 17, 33, 2, 40, 41]], sampling=SamplingOptions(max_new_tokens=12))
         return report.token_ids, report.stats
 
 
 @pytest.mark.parametrize("kw", [{"router_levels": (8, 2)}, {"policy": "matryoshka-free", "router_levels": (8, 2)}])
-def test_decoded_tier_gives_identical_tokens_within_budget(packed, kw):
+def test_native_kernels_give_the_reference_tokens_within_any_budget(packed, kw):
     with Session(packed, RunOptions(memory_budget=BIG, max_tokens=64, **kw)) as s:
         minimum = s.plan.minimum
+    tokens = {}
     for budget in (BIG, minimum):
-        with_tier, stats = _generate(packed, budget, True, **kw)
-        without, plain = _generate(packed, budget, False, **kw)
-        assert with_tier == without
-        assert stats["memory"]["peak_bytes"] <= budget and plain["memory"]["peak_bytes"] <= budget
-        assert plain["cache"]["decoded_hits"] == 0
-        if budget == BIG:
-            assert stats["cache"]["decoded_hits"] > 0
-            assert stats["memory"]["peak_by_category"]["expert_cache"] > plain["memory"]["peak_by_category"]["expert_cache"]
+        for kernels in ("native", "reference"):
+            tokens[budget, kernels], stats = _generate(packed, budget, kernels, **kw)
+            assert stats["memory"]["peak_bytes"] <= budget
+    assert len(set(map(str, tokens.values()))) == 1
 
 
-def test_decoded_weights_are_what_dequantize_returns_and_go_with_an_upgrade(packed):
+def test_kernel_views_ride_on_the_cache_entry_and_go_with_an_upgrade(packed):
     with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2))) as s:
         hidden, index, weights = _inputs(4)
         s.pipeline.selector = UniformLevels(2)
         first = s.pipeline.step(0, hidden, index, weights)
         expert = int(index[0, 0])
-        held = s.cache.get_decoded((0, expert))
-        assert set(held) == {2}
-        mats = s.ckpt.decode_expert(0, expert, 8, s.ckpt.read_prefix(0, expert, 8))
-        for name, w in zip(MATRICES, held[2], strict=True):
-            assert w.dtype == torch.float32 and torch.equal(w, dequantize(mats[name], 2))
-        assert torch.equal(s.pipeline.step(0, hidden, index, weights), first)  # served from decoded weights
-        assert s.cache.totals().decoded_hits == torch.unique(index).numel()
+        views = s.cache.attachment((0, expert))
+        assert views is not None and 2 in views and views["mats"]["gate"].level == 2
+        assert s.cache.held_bytes == torch.unique(index).numel() * s.ckpt.level_nbytes(2)  # views hold nothing
+        assert torch.equal(s.pipeline.step(0, hidden, index, weights), first)  # same bytes, same views, same output
+        assert s.cache.attachment((0, expert)) is views
         s.pipeline.selector = UniformLevels(8)
-        s.pipeline.step(0, hidden, index, weights)  # upgrade: the level-2 copy no longer matches the bytes
-        assert set(s.cache.get_decoded((0, expert))) == {8}
-        assert s.cache.decoded_bytes == s.cache.held_bytes - torch.unique(index).numel() * s.ckpt.level_nbytes(8)
+        s.pipeline.step(0, hidden, index, weights)  # upgrade: the level-2 views no longer describe the bytes
+        upgraded = s.cache.attachment((0, expert))
+        assert upgraded is not views and upgraded["mats"]["gate"].level == 8
 
 
 def test_corrupted_expert_bytes_are_caught_when_read(packed, tmp_path):

@@ -65,6 +65,7 @@ def test_encode_decode_round_trips_bit_for_bit_at_every_level(bits, scheme, seed
     blob = bytes(fmt.encode_expert(expert, layout, cfg))
     for i, b in enumerate(cfg.bits):
         got = fmt.decode_blob(blob[: layout.level_ends[i]], layout, cfg, b, shapes)
+        got = {m: t.to_mwq() for m, t in got.items()}  # packed views -> MWQ tensors
         for m in fmt.MATRICES:
             assert _same(got[m], expert[m].truncate(b))
 
@@ -83,7 +84,9 @@ def test_level_b_read_from_the_file_prefix_equals_the_whole_blob(packed_checkpoi
                 assert off_b == entry.offset and off_b % fmt.ALIGN == 0 and n_b == ckpt.level_nbytes(b)
                 prefix = os.pread(fd, n_b, off_b)  # only the prefix is read
                 from_prefix = ckpt.decode_expert(layer, expert, b, prefix)
+                from_prefix = {m: t.to_mwq() for m, t in from_prefix.items()}  # packed views -> MWQ tensors
                 from_whole = ckpt.decode_expert(layer, expert, b, whole)
+                from_whole = {m: t.to_mwq() for m, t in from_whole.items()}  # packed views -> MWQ tensors
                 for m in fmt.MATRICES:
                     assert _same(from_prefix[m], from_whole[m])
                     assert torch.equal(dequantize(from_prefix[m], b), dequantize(from_whole[m], b))

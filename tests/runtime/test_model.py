@@ -71,6 +71,7 @@ def test_same_dequantized_weights_in_reference_give_same_logits(arch_pair):
             experts = ref.get_submodule(adapter.experts_path(layer))
             for e in range(ckpt.num_experts):
                 mats = ckpt.decode_expert(layer, e, 8, ckpt.read_prefix(layer, e, 8))
+                mats = {m: t.to_mwq() for m, t in mats.items()}  # packed views -> MWQ tensors
                 w = {m: dequantize(t, 8) for m, t in mats.items()}
                 with torch.no_grad():
                     experts.gate_up_proj[e].copy_(torch.cat([w["gate"], w["up"]], dim=0))

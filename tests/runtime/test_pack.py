@@ -50,6 +50,7 @@ def test_pack_is_complete_and_exact(arch, packed_checkpoint_factory):
         fused = reference[f"{adapter.experts_path(layer)}.gate_up_proj"][expert]  # [2I, H]
         source = {"gate": fused[:inter], "up": fused[inter:], "down": reference[f"{adapter.experts_path(layer)}.down_proj"][expert]}
         got = ckpt.decode_expert(layer, expert, ckpt.cfg.bk, ckpt.read_prefix(layer, expert, ckpt.cfg.bk))
+        got = {m: t.to_mwq() for m, t in got.items()}  # packed views -> MWQ tensors
         for m, w in source.items():
             want = quantize_mwq(w, ckpt.cfg)
             assert torch.equal(got[m].planes, want.planes) and torch.equal(got[m].scale, want.scale)

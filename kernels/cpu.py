@@ -1,0 +1,244 @@
+"""The native CPU kernels (kernels/cpu/mwq_cpu.c): built at first use, called through ctypes.
+
+The C source is compiled once per machine with the system compiler (`cc -O3 -march=native`: the
+kernels use AVX-512 VNNI where the CPU has it, portable C elsewhere) into a cache folder
+(`$D2MOE_CACHE` or `~/.cache/d2moe`), keyed by the source, the compiler and the CPU's flags, and
+written atomically so concurrent first uses are safe. ctypes releases the GIL during a call, so
+row ranges of one matrix run on Python threads in parallel.
+
+`load()` returns None (after one warning) when no compiler is found or the build fails; the
+dispatcher (kernels/dispatch.py) then uses the torch reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from d2moe.kernels.packed import PackedMatrix
+
+SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"
+MAX_TERMS = 8
+MAX_PLANES = 8
+TOKENS_PER_BLOCK = 8
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11"]
+_c_float_p = ctypes.POINTER(ctypes.c_float)
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("group_size", ctypes.c_int32), ("nterms", ctypes.c_int32),
+        ("planes", ctypes.c_void_p * MAX_PLANES),
+        ("offset", ctypes.c_void_p),
+        ("coef", ctypes.c_void_p * MAX_TERMS),
+        ("term_first", ctypes.c_int32 * MAX_TERMS), ("term_nplanes", ctypes.c_int32 * MAX_TERMS),
+        ("term_mul", ctypes.c_float * MAX_TERMS), ("term_bias", ctypes.c_float * MAX_TERMS),
+    ]
+
+
+class _QX(ctypes.Structure):
+    _fields_ = [
+        ("ntok", ctypes.c_int32), ("cols", ctypes.c_int32), ("group_size", ctypes.c_int32),
+        ("hi", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("dx", ctypes.c_void_p), ("sx", ctypes.c_void_p),
+    ]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("D2MOE_CACHE") or Path.home() / ".cache" / "d2moe") / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = cache_dir() / f"mwq_cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{cc} failed")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)  # atomic: a concurrent first use sees the old name absent or complete
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (one warning) when they cannot be built here."""
+    if os.environ.get("D2MOE_KERNELS", "").lower() == "reference":
+        return None
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
+        return None
+    mp, qp = ctypes.POINTER(_Matrix), ctypes.POINTER(_QX)
+    lib.d2_simd_level.restype = ctypes.c_int
+    lib.d2_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.d2_scratch_floats.argtypes = [mp]
+    lib.d2_scratch_floats.restype = ctypes.c_int64
+    lib.d2_gemv_rows.argtypes = [mp, qp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                                 ctypes.c_void_p, ctypes.c_int32]
+    lib.d2_dequant_rows.argtypes = [mp, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    return lib
+
+
+def simd_name() -> str:
+    lib = load()
+    if lib is None:
+        return "torch reference"
+    return "avx512-vnni" if lib.d2_simd_level() else "portable C"
+
+
+class MatrixDesc:
+    """A PackedMatrix at one level as the C struct (pointers into its views, which it keeps alive)."""
+
+    __slots__ = ("struct", "ref", "matrix", "level", "rows", "cols", "group_size", "scratch_floats")
+
+    def __init__(self, m: PackedMatrix, level: int) -> None:
+        rows, cols = m.shape
+        terms = m.terms(level)
+        views = [m.offset, *m.planes[:level], *(t.coef for t in terms)]
+        for v in views:
+            if not v.is_contiguous() or v.device.type != "cpu":
+                raise ValueError("packed matrix views must be contiguous CPU tensors")
+        s = _Matrix()
+        s.rows, s.cols, s.group_size, s.nterms = rows, cols, m.cfg.group_size, len(terms)
+        for p in range(level):
+            s.planes[p] = m.planes[p].data_ptr()
+        s.offset = m.offset.data_ptr()
+        for i, t in enumerate(terms):
+            s.coef[i] = t.coef.data_ptr()
+            s.term_first[i], s.term_nplanes[i], s.term_mul[i], s.term_bias[i] = t.first, t.nplanes, t.mul, t.bias
+        self.struct, self.ref, self.matrix, self.level = s, ctypes.byref(s), m, level
+        self.rows, self.cols, self.group_size = rows, cols, m.cfg.group_size
+        self.scratch_floats = (MAX_TERMS + 1 + TOKENS_PER_BLOCK) * (cols // m.cfg.group_size)
+
+
+class QuantizedX:
+    """x [N, I] float32 quantized per group for the kernels (int16 as two int8 halves, step, sum)."""
+
+    __slots__ = ("struct", "ref", "tensors", "ntok")
+
+    def __init__(self, lib, x: torch.Tensor, group_size: int) -> None:
+        x = x.to(torch.float32).contiguous()
+        ntok, cols = x.shape
+        groups = cols // group_size
+        hi = torch.empty(ntok, cols, dtype=torch.int8)
+        lo = torch.empty(ntok, cols, dtype=torch.int8)
+        dx = torch.empty(ntok, groups, dtype=torch.float32)
+        sx = torch.empty(ntok, groups, dtype=torch.float32)
+        lib.d2_quantize_x(x.data_ptr(), ntok, cols, group_size, hi.data_ptr(), lo.data_ptr(), dx.data_ptr(), sx.data_ptr())
+        s = _QX(ntok, cols, group_size, hi.data_ptr(), lo.data_ptr(), dx.data_ptr(), sx.data_ptr())
+        self.struct, self.ref, self.tensors, self.ntok = s, ctypes.byref(s), (x, hi, lo, dx, sx), ntok
+
+
+class RowSplitter:
+    """Runs a row-range function over `threads` threads (the caller's included), in chunks taken
+    dynamically so a thread slowed by another process takes fewer."""
+
+    def __init__(self, threads: int = 1, min_rows_per_chunk: int = 64) -> None:
+        self.threads = max(1, int(threads))
+        self.min_rows = min_rows_per_chunk
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def _executor(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="d2moe-kernel")
+        return self._pool
+
+    def run(self, fn, rows: int, work: int) -> None:
+        """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay."""
+        threads = self.threads if work >= (1 << 21) else 1
+        if threads == 1 or rows < 2 * self.min_rows:
+            fn(0, rows)
+            return
+        nchunks = min(rows // self.min_rows, threads * 8)
+        bounds = [(rows * i // nchunks, rows * (i + 1) // nchunks) for i in range(nchunks)]
+        bounds.reverse()
+
+        def worker() -> None:
+            while True:
+                with self._lock:
+                    if not bounds:
+                        return
+                    r0, r1 = bounds.pop()
+                fn(r0, r1)
+
+        futures = [self._executor().submit(worker) for _ in range(threads - 1)]
+        worker()
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+_SERIAL = RowSplitter(1)
+
+
+def gemv(lib, desc: MatrixDesc, qx: QuantizedX, splitter: RowSplitter = _SERIAL, force_portable: bool = False) -> torch.Tensor:
+    """y [N, O] = x W^T for the matrix at its level, from its packed planes."""
+    y = torch.empty(qx.ntok, desc.rows, dtype=torch.float32)
+    yp = y.data_ptr()
+    scratch_n = desc.scratch_floats
+
+    def rows(r0: int, r1: int) -> None:
+        scratch = (ctypes.c_float * scratch_n)()
+        lib.d2_gemv_rows(desc.ref, qx.ref, yp, desc.rows, r0, r1, scratch, int(force_portable))
+
+    splitter.run(rows, desc.rows, desc.rows * desc.cols * qx.ntok)
+    return y
+
+
+def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of the weight at the descriptor's level, float32 [r1 - r0, I]."""
+    if out is None:
+        out = torch.empty(r1 - r0, desc.cols, dtype=torch.float32)
+    scratch = (ctypes.c_float * desc.scratch_floats)()
+    lib.d2_dequant_rows(desc.ref, out.data_ptr(), r0, r1, scratch)
+    return out

@@ -1,0 +1,365 @@
+/* CPU expert kernels: y = W_b x straight from MWQ bit-planes, never an fp32 copy of a matrix.
+
+   A level-b matrix is read as "terms": each term is a small unsigned code built from consecutive
+   bit-planes (MSB first) with a per-(row, group) float16 coefficient. With m_t, bias_t per term:
+       w[o, c] = offset[o, g] + sum_t m_t * coef_t[o, g] * (code_t[o, c] + bias_t)
+   sliced   : one term, planes [0, b), coef = scale, m = 2^-(b - b1), bias = 0.5
+   residual : term 0 = planes [0, b1), coef = scale, m = 1, bias = 0.5;
+              term j = plane b1 + j - 1, coef = alpha_j, m = 2, bias = -0.5
+   (kernels/reference.py has the same formula in torch: it is the oracle these are tested against.)
+
+   GEMV: y[n, o] = sum_g base[o, g] * sx[n, g] + sum_t sum_g m_t coef_t[o, g] dx[n, g] D_t[n, o, g]
+   with base = offset + sum_t m_t coef_t bias_t, sx the exact float sum of x over the group, and
+   D_t the integer dot product of the codes with x quantized to int16 per group (step dx). The
+   int16 is split in two signed bytes (x = 256 hi + lo) so one u8 x s8 dot-product instruction
+   (VNNI) serves both halves: activations keep 15 bits, the result is within ~1e-4 of fp32.
+   Cost per weight ~ planes read: level 2 reads and builds half of what level 4 does.
+
+   Two code paths with the same arithmetic: AVX-512 (BW + VL + VNNI; 32-column chunks, plane bits
+   used directly as byte masks) and portable C (any group size that is a multiple of 8). Integer
+   dot products are exact, so both paths give the same D_t; only float summation order differs.
+   Every entry point works on a range of rows so callers can split a matrix over threads; a row
+   range writes only its own outputs. */
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define D2_AVX512 1
+#else
+#define D2_AVX512 0
+#endif
+
+#define D2_MAX_TERMS 8
+#define D2_MAX_PLANES 8
+#define D2_MAX_TOKENS 8 /* tokens per register block */
+
+typedef struct {
+    int32_t rows, cols, group_size, nterms;
+    const uint8_t *planes[D2_MAX_PLANES]; /* plane p: [rows, cols / 8], bit c % 8 of byte c / 8 = column c */
+    const uint16_t *offset;               /* f16 [rows, G] */
+    const uint16_t *coef[D2_MAX_TERMS];   /* f16 [rows, G] */
+    int32_t term_first[D2_MAX_TERMS], term_nplanes[D2_MAX_TERMS];
+    float term_mul[D2_MAX_TERMS], term_bias[D2_MAX_TERMS];
+} d2_matrix;
+
+/* x of n tokens quantized per group: hi/lo int8 halves of the int16 code, step and exact sum. */
+typedef struct {
+    int32_t ntok, cols, group_size;
+    int8_t *hi, *lo; /* [ntok, cols] */
+    float *dx, *sx;  /* [ntok, G] */
+} d2_qx;
+
+int d2_simd_level(void) { return D2_AVX512; }
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline void f16_row(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+#if D2_AVX512
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+/* ---------------------------------------------------------------- activation quantization */
+
+void d2_quantize_x(const float *x, int32_t ntok, int32_t cols, int32_t group_size,
+                   int8_t *hi, int8_t *lo, float *dx, float *sx) {
+    const int G = cols / group_size;
+    for (int n = 0; n < ntok; n++) {
+        for (int g = 0; g < G; g++) {
+            const float *xs = x + (int64_t)n * cols + (int64_t)g * group_size;
+            float amax = 0.f, sum = 0.f;
+            for (int c = 0; c < group_size; c++) {
+                float a = fabsf(xs[c]);
+                amax = a > amax ? a : amax;
+                sum += xs[c];
+            }
+            const float d = amax > 0.f ? amax / 32511.f : 1.f, inv = 1.f / d;
+            dx[n * G + g] = amax > 0.f ? d : 0.f;
+            sx[n * G + g] = sum;
+            int8_t *h = hi + (int64_t)n * cols + (int64_t)g * group_size;
+            int8_t *l = lo + (int64_t)n * cols + (int64_t)g * group_size;
+            for (int c = 0; c < group_size; c++) {
+                int32_t q = (int32_t)lrintf(xs[c] * inv);
+                q = q > 32511 ? 32511 : (q < -32511 ? -32511 : q); /* keeps the high byte in [-127, 127] */
+                int32_t low = ((q + 128) & 255) - 128; /* signed low byte: q = 256 * high + low */
+                h[c] = (int8_t)((q - low) >> 8);
+                l[c] = (int8_t)low;
+            }
+        }
+    }
+}
+
+/* Per-row float coefficients: cf[t * G + g] = m_t coef_t[o, g]; base[g] = offset + sum_t cf bias_t. */
+static void row_coefs(const d2_matrix *m, int o, float *cf, float *base) {
+    const int G = m->cols / m->group_size;
+    f16_row(m->offset + (int64_t)o * G, base, G);
+    for (int t = 0; t < m->nterms; t++) {
+        float *c = cf + t * G;
+        f16_row(m->coef[t] + (int64_t)o * G, c, G);
+        const float mul = m->term_mul[t], bias = m->term_bias[t];
+        for (int g = 0; g < G; g++) {
+            c[g] *= mul;
+            base[g] += c[g] * bias;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- portable integer dot products */
+
+/* D[n] = sum over the group's columns of code_t * xq[n] (exact, int32), portable. */
+static void group_dots_c(const d2_matrix *m, int t, int o, int g, const d2_qx *q, int n0, int nt, int32_t *D) {
+    const int gs = m->group_size, rb = m->cols / 8, first = m->term_first[t], np = m->term_nplanes[t];
+    for (int n = 0; n < nt; n++) D[n] = 0;
+    for (int byte = 0; byte < gs / 8; byte++) {
+        uint8_t pl[D2_MAX_PLANES];
+        for (int p = 0; p < np; p++) pl[p] = m->planes[first + p][(int64_t)o * rb + g * (gs / 8) + byte];
+        int32_t code[8];
+        for (int k = 0; k < 8; k++) {
+            int32_t v = 0;
+            for (int p = 0; p < np; p++) v = (v << 1) | ((pl[p] >> k) & 1);
+            code[k] = v;
+        }
+        for (int n = 0; n < nt; n++) {
+            const int64_t at = (int64_t)(n0 + n) * m->cols + (int64_t)g * gs + byte * 8;
+            int32_t acc = 0;
+            for (int k = 0; k < 8; k++) acc += code[k] * (256 * (int32_t)q->hi[at + k] + (int32_t)q->lo[at + k]);
+            D[n] += acc;
+        }
+    }
+}
+
+static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, float *y, int64_t ystride,
+                        int32_t r0, int32_t r1, float *scratch) {
+    const int G = m->cols / m->group_size;
+    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G;
+    for (int o = r0; o < r1; o++) {
+        row_coefs(m, o, cf, base);
+        double acc[D2_MAX_TOKENS] = {0};
+        for (int n = 0; n < nt; n++) {
+            const float *sx = q->sx + (int64_t)(n0 + n) * G;
+            float s = 0.f;
+            for (int g = 0; g < G; g++) s += base[g] * sx[g];
+            acc[n] = s;
+        }
+        for (int g = 0; g < G; g++) {
+            for (int t = 0; t < m->nterms; t++) {
+                int32_t D[D2_MAX_TOKENS];
+                group_dots_c(m, t, o, g, q, n0, nt, D);
+                for (int n = 0; n < nt; n++) acc[n] += (double)(cf[t * G + g] * q->dx[(int64_t)(n0 + n) * G + g]) * (double)D[n];
+            }
+        }
+        for (int n = 0; n < nt; n++) y[(int64_t)(n0 + n) * ystride + o] = (float)acc[n];
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512 */
+#if D2_AVX512
+
+/* 64 columns' codes of an NP-plane term as u8 lanes: plane p's 64 bits mask the add of 2^(NP-1-p). */
+static inline __attribute__((always_inline)) __m512i code64(const uint8_t *const *pl, int64_t at, const int NP) {
+    uint64_t bits;
+    memcpy(&bits, pl[0] + at, 8);
+    __m512i code = _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), _mm512_set1_epi8((char)(1 << (NP - 1))));
+    for (int p = 1; p < NP; p++) {
+        memcpy(&bits, pl[p] + at, 8);
+        code = _mm512_mask_add_epi8(code, _cvtu64_mask64(bits), code, _mm512_set1_epi8((char)(1 << (NP - 1 - p))));
+    }
+    return code;
+}
+
+static inline __attribute__((always_inline)) __m256i code32(const uint8_t *const *pl, int64_t at, const int NP) {
+    uint32_t bits;
+    memcpy(&bits, pl[0] + at, 4);
+    __m256i code = _mm256_maskz_mov_epi8((__mmask32)bits, _mm256_set1_epi8((char)(1 << (NP - 1))));
+    for (int p = 1; p < NP; p++) {
+        memcpy(&bits, pl[p] + at, 4);
+        code = _mm256_mask_add_epi8(code, (__mmask32)bits, code, _mm256_set1_epi8((char)(1 << (NP - 1 - p))));
+    }
+    return code;
+}
+
+/* Integer dot products of one group (all its 64- or 32-column chunks) for NT tokens, combined
+   from the hi/lo halves: d[n] = sum over the group of code * (256 hi + lo), as int32 lanes. */
+static inline __attribute__((always_inline)) void group_dots(
+    const uint8_t *const *pl, const int NP, const int NT, const int W64, const d2_qx *q, int n0, int c0, int c1,
+    __m512i *d) {
+    const int64_t cols = q->cols;
+    if (W64) {
+        __m512i ih[D2_MAX_TOKENS], il[D2_MAX_TOKENS];
+        for (int n = 0; n < NT; n++) ih[n] = il[n] = _mm512_setzero_si512();
+        for (int c = c0; c < c1; c += 64) {
+            const __m512i code = code64(pl, c >> 3, NP);
+            for (int n = 0; n < NT; n++) {
+                const int64_t at = (int64_t)(n0 + n) * cols + c;
+                ih[n] = _mm512_dpbusd_epi32(ih[n], code, _mm512_loadu_si512(q->hi + at));
+                il[n] = _mm512_dpbusd_epi32(il[n], code, _mm512_loadu_si512(q->lo + at));
+            }
+        }
+        for (int n = 0; n < NT; n++) d[n] = _mm512_add_epi32(_mm512_slli_epi32(ih[n], 8), il[n]);
+    } else {
+        __m256i ih[D2_MAX_TOKENS], il[D2_MAX_TOKENS];
+        for (int n = 0; n < NT; n++) ih[n] = il[n] = _mm256_setzero_si256();
+        for (int c = c0; c < c1; c += 32) {
+            const __m256i code = code32(pl, c >> 3, NP);
+            for (int n = 0; n < NT; n++) {
+                const int64_t at = (int64_t)(n0 + n) * cols + c;
+                ih[n] = _mm256_dpbusd_epi32(ih[n], code, _mm256_loadu_si256((const __m256i *)(q->hi + at)));
+                il[n] = _mm256_dpbusd_epi32(il[n], code, _mm256_loadu_si256((const __m256i *)(q->lo + at)));
+            }
+        }
+        for (int n = 0; n < NT; n++)
+            d[n] = _mm512_zextsi256_si512(_mm256_add_epi32(_mm256_slli_epi32(ih[n], 8), il[n]));
+    }
+}
+
+/* One term of one row for NT tokens: facc[n] += sum_g s[n, g] * D_t[n, g] (s = m_t coef_t dx).
+   W64: 64-column chunks in zmm (group size % 64 == 0), else 32-column chunks in ymm. Two
+   accumulators per token (even and odd groups) so consecutive groups' FMAs do not wait on
+   each other; a group size of 64 is one chunk, unrolled by the compiler. */
+static inline __attribute__((always_inline)) void term_row(
+    const uint8_t *const *pl, const int NP, const int NT, const int W64, const d2_qx *q, int n0,
+    const int gs, int G, const float *s, __m512 *facc) {
+    __m512 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
+    for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm512_setzero_ps(); }
+    int g = 0;
+    for (; g + 2 <= G; g += 2) {
+        __m512i d0[D2_MAX_TOKENS], d1[D2_MAX_TOKENS];
+        group_dots(pl, NP, NT, W64, q, n0, g * gs, (g + 1) * gs, d0);
+        group_dots(pl, NP, NT, W64, q, n0, (g + 1) * gs, (g + 2) * gs, d1);
+        for (int n = 0; n < NT; n++) {
+            a0[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0[n]), _mm512_set1_ps(s[n * G + g]), a0[n]);
+            a1[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1[n]), _mm512_set1_ps(s[n * G + g + 1]), a1[n]);
+        }
+    }
+    if (g < G) {
+        __m512i d0[D2_MAX_TOKENS];
+        group_dots(pl, NP, NT, W64, q, n0, g * gs, (g + 1) * gs, d0);
+        for (int n = 0; n < NT; n++)
+            a0[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0[n]), _mm512_set1_ps(s[n * G + g]), a0[n]);
+    }
+    for (int n = 0; n < NT; n++) facc[n] = _mm512_add_ps(a0[n], a1[n]);
+}
+
+typedef void (*term_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const float *, __m512 *);
+
+#define D2_TERM(NP, NT, W)                                                                             \
+    static void term_##NP##_##NT##_##W(const uint8_t *const *pl, const d2_qx *q, int n0, int gs, int G, \
+                                       const float *s, __m512 *facc) {                                 \
+        if (W && gs == 64) term_row(pl, NP, NT, W, q, n0, 64, G, s, facc);                             \
+        else term_row(pl, NP, NT, W, q, n0, gs, G, s, facc);                                           \
+    }
+#define D2_TERMS_NT(NT, W) D2_TERM(1, NT, W) D2_TERM(2, NT, W) D2_TERM(3, NT, W) D2_TERM(4, NT, W) \
+    D2_TERM(5, NT, W) D2_TERM(6, NT, W) D2_TERM(7, NT, W) D2_TERM(8, NT, W)
+#define D2_TERMS_W(W) D2_TERMS_NT(1, W) D2_TERMS_NT(2, W) D2_TERMS_NT(3, W) D2_TERMS_NT(4, W) \
+    D2_TERMS_NT(5, W) D2_TERMS_NT(6, W) D2_TERMS_NT(7, W) D2_TERMS_NT(8, W)
+D2_TERMS_W(0)
+D2_TERMS_W(1)
+#define D2_ROW_NT(NT, W) {term_1_##NT##_##W, term_2_##NT##_##W, term_3_##NT##_##W, term_4_##NT##_##W, \
+                          term_5_##NT##_##W, term_6_##NT##_##W, term_7_##NT##_##W, term_8_##NT##_##W}
+#define D2_TABLE_W(W) {D2_ROW_NT(1, W), D2_ROW_NT(2, W), D2_ROW_NT(3, W), D2_ROW_NT(4, W), \
+                       D2_ROW_NT(5, W), D2_ROW_NT(6, W), D2_ROW_NT(7, W), D2_ROW_NT(8, W)}
+static const term_fn TERMS[2][D2_MAX_TOKENS][D2_MAX_PLANES] = {D2_TABLE_W(0), D2_TABLE_W(1)};
+
+static void rows_gemv_avx512(const d2_matrix *m, const d2_qx *q, int n0, int nt, float *y, int64_t ystride,
+                             int32_t r0, int32_t r1, float *scratch) {
+    const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8, w64 = gs % 64 == 0;
+    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *s = base + G;
+    for (int o = r0; o < r1; o++) {
+        row_coefs(m, o, cf, base);
+        __m512 facc[D2_MAX_TOKENS];
+        for (int n = 0; n < nt; n++) facc[n] = _mm512_setzero_ps();
+        for (int t = 0; t < m->nterms; t++) {
+            const uint8_t *pl[D2_MAX_PLANES];
+            const int np = m->term_nplanes[t];
+            for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + (int64_t)o * rb;
+            for (int n = 0; n < nt; n++) { /* s[n, g] = m_t coef_t[o, g] dx[n, g] */
+                const float *dx = q->dx + (int64_t)(n0 + n) * G, *c = cf + t * G;
+                for (int g = 0; g < G; g++) s[n * G + g] = c[g] * dx[g];
+            }
+            TERMS[w64][nt - 1][np - 1](pl, q, n0, gs, G, s, facc);
+        }
+        for (int n = 0; n < nt; n++) {
+            const float *sx = q->sx + (int64_t)(n0 + n) * G;
+            __m512 acc = facc[n];
+            int g = 0;
+            for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(base + g), _mm512_loadu_ps(sx + g), acc);
+            if (g < G) {
+                const __mmask16 k = (__mmask16)((1u << (G - g)) - 1);
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, base + g), _mm512_maskz_loadu_ps(k, sx + g), acc);
+            }
+            y[(int64_t)(n0 + n) * ystride + o] = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------- entry points */
+
+/* Scratch floats a row range needs: coefficients of every term and the base, per group. */
+int64_t d2_scratch_floats(const d2_matrix *m) { return (int64_t)(D2_MAX_TERMS + 1 + D2_MAX_TOKENS) * (m->cols / m->group_size); }
+
+/* y[n, o] for rows [r0, r1) and every token of q (ystride = y's row length). Rows are visited in
+   tiles so that a tile's planes stay in cache while every 8-token block of q reuses them. */
+void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
+                  float *scratch, int32_t force_portable) {
+    const int tile = q->ntok > D2_MAX_TOKENS ? 16 : (r1 - r0);
+    for (int t0 = r0; t0 < r1; t0 += tile) {
+        const int t1 = t0 + tile < r1 ? t0 + tile : r1;
+        for (int n0 = 0; n0 < q->ntok; n0 += D2_MAX_TOKENS) {
+            const int nt = q->ntok - n0 < D2_MAX_TOKENS ? q->ntok - n0 : D2_MAX_TOKENS;
+#if D2_AVX512
+            if (!force_portable && m->group_size % 32 == 0) {
+                rows_gemv_avx512(m, q, n0, nt, y, ystride, t0, t1, scratch);
+                continue;
+            }
+#endif
+            (void)force_portable;
+            rows_gemv_c(m, q, n0, nt, y, ystride, t0, t1, scratch);
+        }
+    }
+}
+
+/* Rows [r0, r1) of the level's weight as float32 into out [r1 - r0, cols] (prefill tiles). */
+void d2_dequant_rows(const d2_matrix *m, float *out, int32_t r0, int32_t r1, float *scratch) {
+    const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8;
+    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G;
+    for (int o = r0; o < r1; o++) {
+        row_coefs(m, o, cf, base);
+        float *w = out + (int64_t)(o - r0) * m->cols;
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < gs; c++) w[g * gs + c] = base[g];
+        for (int t = 0; t < m->nterms; t++) {
+            const int first = m->term_first[t], np = m->term_nplanes[t];
+            for (int byte = 0; byte < rb; byte++) {
+                const float s = cf[t * G + (byte * 8) / gs];
+                uint8_t pl[D2_MAX_PLANES];
+                for (int p = 0; p < np; p++) pl[p] = m->planes[first + p][(int64_t)o * rb + byte];
+                for (int k = 0; k < 8; k++) {
+                    int v = 0;
+                    for (int p = 0; p < np; p++) v = (v << 1) | ((pl[p] >> k) & 1);
+                    w[byte * 8 + k] += s * (float)v;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+"""Which code computes an expert: the native CPU kernels where they build, else the torch reference.
+
+`ExpertKernels(backend="auto"|"native"|"reference", threads=1)` is what the runtime holds. For
+one expert at one level it gives `prepare(mats, level)` (kernel-ready descriptors over the packed
+views: cheap, and kept with the cache entry so a resident expert is not re-described every step)
+and `forward(prepared, x, act_fn) -> y` for the SwiGLU expert y = down(act(gate x) * up x).
+
+Token counts pick the path (measured on a Zen 4 core, 14336x4096, kernels/README in BENCHMARKS.md):
+up to `gemv_max_tokens` rows the fused integer kernel reads the planes once per 8-token block;
+above it (prefill) the weights are dequantized a tile of rows at a time into one bounded float32
+buffer feeding torch's GEMM, so the dequantization is paid once for all tokens. Neither path ever
+holds an fp32 copy of a whole matrix: `workspace_bytes` is what they hold at most.
+
+`D2MOE_KERNELS=reference` forces the torch reference (tests use it as the oracle).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from d2moe.errors import UsageError
+from d2moe.kernels import cpu
+from d2moe.kernels.packed import PackedMatrix
+from d2moe.kernels.reference import dequantize_reference
+
+BACKENDS = ("auto", "native", "reference")
+GEMV_MAX_TOKENS = 16  # above: tile dequantization + GEMM (crossover measured at real shapes)
+TILE_ROWS = 128  # rows per dequantized tile: 128 x 14336 x 4 B = 7 MiB at Mixtral's widest
+
+
+def dequantize_packed(m: PackedMatrix, level: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The torch reference's [O, I] weight at `level` from a packed matrix (a full copy: oracle only)."""
+    t = m.to_mwq()
+    alpha = None if t.alpha is None else t.alpha[: level - m.cfg.b1]
+    return dequantize_reference(t.scale, t.offset, t.planes[:level], alpha, m.cfg.b1, level, m.cfg.group_size, dtype)
+
+
+@dataclass
+class Prepared:
+    """One expert at one level, ready to compute: descriptors (native) or packed matrices (reference)."""
+
+    level: int
+    gate: object
+    up: object
+    down: object
+
+
+class ExpertKernels:
+    def __init__(self, backend: str = "auto", threads: int = 1, gemv_max_tokens: int = GEMV_MAX_TOKENS) -> None:
+        if backend not in BACKENDS:
+            raise UsageError(f"kernel backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+        if os.environ.get("D2MOE_KERNELS", "").lower() == "reference":
+            backend = "reference"
+        self.lib = None if backend == "reference" else cpu.load()
+        if backend == "native" and self.lib is None:
+            raise UsageError("native CPU kernels are unavailable here (no C compiler?): use --kernels auto or reference")
+        self.splitter = cpu.RowSplitter(threads)
+        self.gemv_max_tokens = gemv_max_tokens
+        self.workspace_bytes = 0  # what forward holds right now (activations, quantized x, a weight tile)
+        self.on_workspace: Callable[[], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return cpu.simd_name() if self.lib is not None else "torch reference"
+
+    def prepare(self, mats: dict[str, PackedMatrix], level: int) -> Prepared:
+        if self.lib is None:
+            return Prepared(level, mats["gate"], mats["up"], mats["down"])
+        return Prepared(level, *(cpu.MatrixDesc(mats[m], level) for m in ("gate", "up", "down")))
+
+    def forward(self, p: Prepared, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """y [N, H] = down(act(gate x) * (up x)) for x [N, H] float32."""
+        if self.lib is None:
+            return self._forward_reference(p, x, act_fn)
+        if x.shape[0] > self.gemv_max_tokens:
+            gate, up = self._tiled(p.gate, x), self._tiled(p.up, x)
+            h = act_fn(gate) * up
+            return self._tiled(p.down, h)
+        qx = cpu.QuantizedX(self.lib, x, p.gate.group_size)
+        gate, up = self._gemv(p.gate, qx), self._gemv(p.up, qx)
+        h = act_fn(gate) * up
+        self._hold(qx, h)
+        return self._gemv(p.down, cpu.QuantizedX(self.lib, h, p.down.group_size))
+
+    def _gemv(self, desc, qx) -> torch.Tensor:
+        return cpu.gemv(self.lib, desc, qx, self.splitter)
+
+    def _tiled(self, desc, x: torch.Tensor) -> torch.Tensor:
+        """x [N, I] @ W^T by dequantizing TILE_ROWS rows at a time into one reused buffer."""
+        rows = desc.rows
+        tile = torch.empty(min(TILE_ROWS, rows), desc.cols, dtype=torch.float32)
+        out = torch.empty(rows, x.shape[0], dtype=torch.float32)  # W x^T, transposed at the end
+        self._hold(tile, out, x)
+        xt = x.t()
+        for r0 in range(0, rows, TILE_ROWS):
+            r1 = min(rows, r0 + TILE_ROWS)
+            w = cpu.dequant_rows(self.lib, desc, r0, r1, tile[: r1 - r0])
+            torch.mm(w, xt, out=out[r0:r1])
+        return out.t()
+
+    def _forward_reference(self, p: Prepared, x, act_fn) -> torch.Tensor:
+        level = p.level
+        gate = dequantize_packed(p.gate, level)
+        up = dequantize_packed(p.up, level)
+        self._hold(gate, up)
+        h = act_fn(F.linear(x, gate)) * F.linear(x, up)
+        del gate, up
+        down = dequantize_packed(p.down, level)
+        self._hold(down, h)
+        return F.linear(h, down)
+
+    def _hold(self, *objs) -> None:
+        """Record the bytes forward holds now (the memory meter samples them) ."""
+        n = 0
+        for o in objs:
+            for t in (o.tensors if isinstance(o, cpu.QuantizedX) else (o,)):
+                n += t.numel() * t.element_size()
+        self.workspace_bytes = n
+        if self.on_workspace is not None:
+            self.on_workspace()
+
+    def release(self) -> None:
+        self.workspace_bytes = 0
+
+    def close(self) -> None:
+        self.splitter.close()
+
+
+def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int) -> int:
+    """Most bytes `forward` holds for `tokens` rows: the larger of the two paths' working sets."""
+    hidden = matrix_shapes["down"][0]
+    inter = matrix_shapes["gate"][0]
+    widest = max(i for _, i in matrix_shapes.values())
+    acts = 4 * tokens * (hidden + 3 * inter)  # x, gate, up, h (float32)
+    quantized = tokens * (2 * max(hidden, inter) + 8 * max(hidden, inter) // 8)  # hi/lo + steps/sums
+    tile = 4 * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest
+    out_t = 4 * tokens * max(hidden, inter)
+    return acts + max(quantized, tile + out_t)

@@ -1,0 +1,69 @@
+"""`PackedMatrix`: one level-b MWQ matrix as views into the bytes it was read from.
+
+The blob stores a matrix's bit-planes in several level segments (b1 planes in the first, the
+planes each higher level adds in the next ones), so a level-b matrix is a tuple of per-plane
+views, never a concatenated copy. Kernels read the planes where they sit in the cache;
+`to_mwq()` joins them (a copy) only for the torch reference and tests.
+
+Its "terms" are how every kernel reads a level (see kernels/cpu/mwq_cpu.c):
+    w[o, c] = offset[o, g] + sum_t mul_t * coef_t[o, g] * (code_t[o, c] + bias_t)
+with code_t the unsigned number read from planes [first_t, first_t + n_t), most significant first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from d2moe.quantize.types import MWQConfig, MWQTensor
+
+
+@dataclass(frozen=True)
+class Term:
+    first: int  # first plane
+    nplanes: int
+    coef: torch.Tensor  # float16 [O, G]
+    mul: float
+    bias: float
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    shape: tuple[int, int]  # (O, I)
+    cfg: MWQConfig
+    level: int
+    scale: torch.Tensor  # float16 [O, G]
+    offset: torch.Tensor  # float16 [O, G]
+    planes: tuple[torch.Tensor, ...]  # `level` uint8 [O, I/8] views, most significant first
+    alphas: tuple[torch.Tensor, ...]  # residual: level - b1 float16 [O, G] views; sliced: ()
+
+    @classmethod
+    def from_mwq(cls, t: MWQTensor, level: int | None = None) -> PackedMatrix:
+        t = t if level is None else t.truncate(level)
+        alphas = () if t.alpha is None else tuple(t.alpha[j] for j in range(t.alpha.shape[0]))
+        return cls(t.shape, t.cfg, t.level, t.scale, t.offset, tuple(t.planes[p] for p in range(t.level)), alphas)
+
+    def to_mwq(self) -> MWQTensor:
+        rows, cols = self.shape
+        alpha = None
+        if self.cfg.scheme == "residual":
+            alpha = torch.stack(self.alphas) if self.alphas else torch.empty(0, *self.scale.shape, dtype=torch.float16)
+        return MWQTensor(self.shape, self.cfg, self.level, self.scale, self.offset, torch.stack(self.planes), alpha)
+
+    def terms(self, level: int) -> list[Term]:
+        """How `level` (<= self.level) reads as terms: one for sliced, 1 + level - b1 for residual."""
+        self.cfg.level_index(level)
+        if level > self.level:
+            raise ValueError(f"matrix holds levels up to {self.level}, not {level}")
+        b1 = self.cfg.b1
+        if self.cfg.scheme == "sliced":
+            return [Term(0, level, self.scale, 2.0 ** -(level - b1), 0.5)]
+        return [Term(0, b1, self.scale, 1.0, 0.5)] + [
+            Term(b1 + j, 1, self.alphas[j], 2.0, -0.5) for j in range(level - b1)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.scale, self.offset, *self.planes, *self.alphas)
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,136 @@
+"""Native CPU kernels against the torch reference: every level, scheme, group size, odd shapes, both paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2moe.kernels import cpu
+from d2moe.kernels.dispatch import ExpertKernels, dequantize_packed
+from d2moe.kernels.packed import PackedMatrix
+from d2moe.quantize import MWQConfig, quantize_mwq
+
+lib = cpu.load()
+pytestmark = pytest.mark.skipif(lib is None, reason="no C compiler: the native kernels cannot be built here")
+
+
+def _matrix(rows, cols, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02 + torch.randn(rows, 1, generator=g) * 0.01
+    return PackedMatrix.from_mwq(quantize_mwq(w, cfg))
+
+
+def _error_bound(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What quantizing x to 15 bits per group may cost: sum_c |w_oc| * (step_g(c) / 2), plus float rounding."""
+    n, cols = x.shape
+    amax = x.abs().view(n, cols // group_size, group_size).amax(-1)  # [N, G]
+    half_step = (amax / 32511 / 2).repeat_interleave(group_size, dim=1)  # [N, I]
+    return half_step @ w.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # [N, O]
+
+
+CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-wide, 32-wide, portable)
+    (37, 128, 64), (64, 192, 64), (5, 256, 128), (33, 96, 32), (17, 64, 16), (9, 40, 8), (70, 512, 64),
+]
+
+
+@pytest.mark.parametrize("scheme", ["sliced", "residual"])
+@pytest.mark.parametrize("rows,cols,gs", CASES)
+def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs):
+    cfg = MWQConfig(bits=(1, 2, 3, 4, 8) if scheme == "sliced" else (2, 3, 4, 8), group_size=gs, scheme=scheme)
+    m = _matrix(rows, cols, cfg, seed=rows + cols)
+    g = torch.Generator().manual_seed(1)
+    for level in cfg.bits:
+        w = dequantize_packed(m, level)
+        desc = cpu.MatrixDesc(m, level)
+        for tokens in (1, 3, 8, 11):
+            x = torch.randn(tokens, cols, generator=g) * torch.rand(1, cols, generator=g) * 3  # uneven columns
+            ref = x @ w.T
+            bound = _error_bound(w, x, gs)
+            qx = cpu.QuantizedX(lib, x, gs)
+            fast = cpu.gemv(lib, desc, qx)
+            portable = cpu.gemv(lib, desc, qx, force_portable=True)
+            assert ((fast - ref).abs() <= bound).all(), (level, tokens)
+            assert ((portable - ref).abs() <= bound).all(), (level, tokens)
+            # both paths compute the same exact integer dot products: they differ only by float rounding
+            torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["sliced", "residual"])
+def test_dequantized_tiles_are_the_reference_bit_for_bit(scheme):
+    cfg = MWQConfig(bits=(2, 3, 4, 8), group_size=32, scheme=scheme)
+    m = _matrix(45, 160, cfg)
+    for level in cfg.bits:
+        desc = cpu.MatrixDesc(m, level)
+        ref = dequantize_packed(m, level)
+        assert torch.equal(cpu.dequant_rows(lib, desc, 0, 45), ref)
+        assert torch.equal(cpu.dequant_rows(lib, desc, 10, 29), ref[10:29])
+
+
+def test_zero_and_constant_inputs():
+    cfg = MWQConfig(bits=(2, 4), group_size=64, scheme="sliced")
+    m = _matrix(16, 128, cfg)
+    desc = cpu.MatrixDesc(m, 4)
+    zero = cpu.gemv(lib, desc, cpu.QuantizedX(lib, torch.zeros(2, 128), 64))
+    assert torch.equal(zero, torch.zeros(2, 16))
+    ones = torch.ones(1, 128)
+    torch.testing.assert_close(cpu.gemv(lib, desc, cpu.QuantizedX(lib, ones, 64)), ones @ dequantize_packed(m, 4).T,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_threads_split_rows_without_changing_a_bit():
+    cfg = MWQConfig(bits=(2, 4), group_size=64)
+    m = _matrix(700, 1024, cfg)
+    desc = cpu.MatrixDesc(m, 4)
+    qx = cpu.QuantizedX(lib, torch.randn(3, 1024), 64)
+    splitter = cpu.RowSplitter(2, min_rows_per_chunk=16)
+    try:
+        one = cpu.gemv(lib, desc, qx)
+        two = cpu.gemv(lib, desc, qx, splitter)
+    finally:
+        splitter.close()
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 40])
+def test_expert_forward_paths_agree_with_the_reference(tokens):
+    cfg = MWQConfig(bits=(2, 3, 4), group_size=32)
+    mats = {"gate": _matrix(96, 64, cfg, 1), "up": _matrix(96, 64, cfg, 2), "down": _matrix(64, 96, cfg, 3)}
+    x = torch.randn(tokens, 64)
+    native, ref = ExpertKernels("native", gemv_max_tokens=8), ExpertKernels("reference")
+    for level in cfg.bits:
+        y = native.forward(native.prepare(mats, level), x, torch.nn.functional.silu)
+        want = ref.forward(ref.prepare(mats, level), x, torch.nn.functional.silu)
+        torch.testing.assert_close(y, want, rtol=2e-4, atol=2e-5)
+    # cost falls with the level: the planes read are level/8 of a byte per weight
+    assert native.prepare(mats, 2).gate.level == 2
+
+
+def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    cpu.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert cpu.load() is None
+        kernels = ExpertKernels("auto")
+        assert kernels.name == "torch reference"
+        with pytest.raises(Exception, match="unavailable"):
+            ExpertKernels("native")
+    finally:
+        monkeypatch.undo()
+        cpu.load.cache_clear()
+    assert cpu.load() is not None
+
+
+def test_a_broken_build_falls_back_and_the_cache_is_keyed_by_source(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("int d2_simd_level(void) { return 1 }\n")  # a syntax error
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "SOURCE", broken)
+    cpu.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the CPU expert kernels failed"):
+            assert cpu.load() is None
+        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
+    finally:
+        monkeypatch.undo()
+        cpu.load.cache_clear()
