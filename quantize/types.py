@@ -21,7 +21,7 @@ class MWQConfig:
 
     bits: tuple[int, ...] = (2, 3, 4)  # readable levels, ascending; b1 = bits[0], bk = bits[-1]
     group_size: int = 64  # consecutive input columns sharing one scale/offset
-    scheme: str = "residual"  # "residual": fitted per-group plane magnitudes; "sliced": tied (MSB slicing)
+    scheme: str = "sliced"  # "sliced": tied plane magnitudes (MSB slicing); "residual": fitted per group
 
     def __post_init__(self) -> None:
         bits = tuple(int(b) for b in self.bits)

@@ -57,13 +57,13 @@ def tiny_checkpoint(request, tiny_checkpoint_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def packed_checkpoint_factory(tmp_path_factory, tiny_checkpoint_factory):
-    """`factory(arch, bits=(2, 3, 4), scheme="residual", group_size=64, **source_kwargs) -> (src, packed)`, cached.
+    """`factory(arch, bits=(2, 3, 4), scheme="sliced", group_size=64, **source_kwargs) -> (src, packed)`, cached.
 
     Packs with the real `pack_checkpoint`; shared across tests: copy before modifying.
     """
     cache: dict[tuple, tuple[Path, Path]] = {}
 
-    def factory(arch: str, bits=(2, 3, 4), scheme: str = "residual", group_size: int = 64, **source_kwargs):
+    def factory(arch: str, bits=(2, 3, 4), scheme: str = "sliced", group_size: int = 64, **source_kwargs):
         from d2moe.quantize import MWQConfig
         from d2moe.runtime.pack import pack_checkpoint
 

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
         bits: Annotated[str, typer.Option(help="levels (bit-widths) one stored copy serves, ascending")] = "2,3,4",
         group_size: Annotated[int, typer.Option(help="input columns sharing one scale/offset")] = 64,
-        scheme: Annotated[str, typer.Option(help="residual (fitted plane magnitudes) | sliced (MSB slicing)")] = "residual",
+        scheme: Annotated[str, typer.Option(help="sliced (MSB slicing: one affine term per level, fastest kernels) | residual (fitted plane magnitudes)")] = "sliced",
         dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
         router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,
         force: Annotated[bool, typer.Option("--force", help="replace OUT if it is an existing packed checkpoint")] = False,

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         calibration_blocks: Annotated[int, typer.Option(help="calibration blocks the per-layer caps are computed on")] = 16,
         init: Annotated[str, typer.Option(help="gate start: router (the router-weight rule: heavier expert, more bits; measured best) | zero (small random start)")] = "router",
         group_size: Annotated[int, typer.Option(help="MWQ group size (as pack will use)")] = 64,
-        scheme: Annotated[str, typer.Option(help="MWQ scheme: residual | sliced (as pack will use)")] = "residual",
+        scheme: Annotated[str, typer.Option(help="MWQ scheme: sliced | residual (as pack will use)")] = "sliced",
         seq_len: Annotated[int, typer.Option(help="tokens per calibration block")] = 256,
         batch_size: Annotated[int, typer.Option(help="blocks per step (global)")] = 4,
         max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 200,
