@@ -119,6 +119,9 @@ def load() -> ctypes.CDLL | None:
     lib.d2_gemv_rows.argtypes = [mp, qp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                  ctypes.c_void_p, ctypes.c_int32]
     lib.d2_dequant_rows.argtypes = [mp, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    lib.d2_dense_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                  ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.c_int32]
     return lib
 
 
@@ -242,3 +245,24 @@ def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | No
     scratch = (ctypes.c_float * desc.scratch_floats)()
     lib.d2_dequant_rows(desc.ref, out.data_ptr(), r0, r1, scratch)
     return out
+
+
+DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+
+
+def dense_gemv(lib, weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
+               splitter: RowSplitter = _SERIAL, force_portable: bool = False) -> torch.Tensor:
+    """y [N, O] float32 = x [N, I] W^T for a resident row-major W [O, I] (float32, bfloat16, float16,
+    or int8 with a float32 `scale` per row), accumulated in float32."""
+    rows, cols = weight.shape
+    x = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    wp, xp, yp = weight.data_ptr(), x.data_ptr(), y.data_ptr()
+    sp = scale.data_ptr() if scale is not None else None
+    dtype, ntok = DENSE_DTYPES[weight.dtype], x.shape[0]
+
+    def run(r0: int, r1: int) -> None:
+        lib.d2_dense_rows(wp, dtype, sp, cols, xp, ntok, yp, rows, r0, r1, int(force_portable))
+
+    splitter.run(run, rows, rows * cols * ntok)
+    return y

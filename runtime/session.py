@@ -64,6 +64,7 @@ class Session:
     """A packed checkpoint, ready to generate under a memory budget (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, options: RunOptions, tokenizer=None) -> None:
+        from d2moe.kernels.dense import patch_linears
         from d2moe.kernels.dispatch import ExpertKernels
         from d2moe.runtime.cache import ExpertCache
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
@@ -94,6 +95,7 @@ class Session:
             return OffloadedExperts(layer, self.pipeline)
 
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
+        patch_linears(self.model, self.kernels.lib, self.kernels.splitter)  # decode-time dense GEMVs
         self.pipeline.routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)).detach()
                                  for layer in ckpt.moe_layers}
         self.gate = self._load_gate()

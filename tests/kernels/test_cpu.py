@@ -134,3 +134,38 @@ def test_a_broken_build_falls_back_and_the_cache_is_keyed_by_source(monkeypatch,
     finally:
         monkeypatch.undo()
         cpu.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("tokens", [1, 5, 8, 13])
+def test_dense_gemv_matches_float_matmul(dtype, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    cols = 200  # not a multiple of 32: the tail loop runs too
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (77, cols), generator=g, dtype=torch.int8)
+        scale = torch.rand(77, generator=g) * 0.01
+    else:
+        w, scale = (torch.randn(77, cols, generator=g) * 0.05).to(dtype), None
+    x = torch.randn(tokens, cols, generator=g)
+    ref = x.double() @ w.double().T * (1 if scale is None else scale.double())
+    for portable in (False, True):
+        y = cpu.dense_gemv(lib, w, x, scale, force_portable=portable)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_patched_linears_keep_the_layer_result_and_leave_big_inputs_to_torch():
+    from d2moe.kernels.dense import MAX_TOKENS, patch_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.SiLU(), torch.nn.Linear(48, 16, bias=False))
+    model = model.to(torch.bfloat16).eval()
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        want = model(x)
+        big = torch.randn(MAX_TOKENS + 1, 64).bfloat16()
+        want_big = model(big)
+        assert patch_linears(model, lib, cpu.RowSplitter(1)) == 2
+        got = model(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)  # bf16 output rounding
+        assert torch.equal(model(big), want_big)  # prefill-sized inputs: torch's own matmul

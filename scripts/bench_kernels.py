@@ -1,0 +1,120 @@
+"""Kernel table: y = W_b x from packed MWQ planes per level and batch, beside torch's own kernels.
+
+    python scripts/bench_kernels.py [--shape 14336x4096] [--levels 2,3,4,8] [--batches 1,4,8]
+                                    [--threads 1] [--repeats 7] [--json out.json]
+
+For each level b the native kernel (d2moe.kernels.cpu) runs on random planes of the shape (its
+speed does not depend on the values); "GB/s" is the packed bytes the level reads (b/8 byte per
+weight + f16 scale and offset per group) over the median time. Beside it on the same shape and
+batch: torch bf16 and fp32 matmul (weights resident), torch's int4 CPU kernel
+(`_weight_int4pack_mm_for_cpu`, group 64) and int8 kernel (`_weight_int8pack_mm`). Systems are
+interleaved within each repeat, so a noisy neighbour hits all of them alike; medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from d2moe.kernels import cpu
+from d2moe.kernels.packed import PackedMatrix
+from d2moe.quantize import MWQConfig
+
+
+def _packed(rows: int, cols: int, levels: tuple[int, ...], group_size: int) -> PackedMatrix:
+    g = torch.Generator().manual_seed(0)
+    cfg = MWQConfig(bits=levels, group_size=group_size, scheme="sliced")
+    planes = tuple(torch.randint(0, 256, (rows, cols // 8), generator=g, dtype=torch.uint8) for _ in range(levels[-1]))
+    scale = (torch.rand(rows, cols // group_size, generator=g) * 0.01 + 1e-3).half()
+    offset = (torch.randn(rows, cols // group_size, generator=g) * 0.01).half()
+    return PackedMatrix((rows, cols), cfg, levels[-1], scale, offset, planes, ())
+
+
+def _torch_rows(rows: int, cols: int) -> dict:
+    """name -> fn(x fp32 [N, I]) -> y for torch's kernels (weights prepared once)."""
+    w = torch.randn(rows, cols) * 0.02
+    wb = w.bfloat16()
+    out = {"torch bf16": lambda x: x.bfloat16() @ wb.T, "torch fp32": lambda x: x @ w.T}
+    try:
+        q = torch.randint(0, 16, (rows, cols), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        sz = torch.rand(cols // 64, rows, 2).bfloat16()
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.randn(1, cols).bfloat16(), packed, 64, sz)
+        out["torch int4 (g64)"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 64, sz)
+    except (RuntimeError, AttributeError) as exc:  # not in every torch build
+        print(f"torch int4 kernel unavailable: {exc}", file=sys.stderr)
+    try:
+        w8 = torch.randint(-127, 127, (rows, cols), dtype=torch.int8)
+        s8 = torch.rand(rows).bfloat16()
+        torch.ops.aten._weight_int8pack_mm(torch.randn(1, cols).bfloat16(), w8, s8)
+        out["torch int8"] = lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, s8)
+    except (RuntimeError, AttributeError) as exc:
+        print(f"torch int8 kernel unavailable: {exc}", file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="14336x4096", help="ROWSxCOLS of W (Mixtral's w1/w3; 4096x14336 is w2)")
+    p.add_argument("--levels", default="2,3,4,8")
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="kernel row threads and torch intra-op threads")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", default=None, help="write the table here as JSON")
+    a = p.parse_args(argv)
+    rows, cols = (int(v) for v in a.shape.lower().split("x"))
+    levels = tuple(int(v) for v in a.levels.split(","))
+    batches = [int(v) for v in a.batches.split(",")]
+    torch.set_num_threads(a.threads)
+    lib = cpu.load()
+    if lib is None:
+        print("native kernels unavailable (no compiler): nothing to measure", file=sys.stderr)
+        return 1
+    m = _packed(rows, cols, levels, a.group_size)
+    descs = {b: cpu.MatrixDesc(m, b) for b in levels}
+    splitter = cpu.RowSplitter(a.threads)
+    groups = rows * (cols // a.group_size)
+    packed_bytes = {b: rows * cols * b // 8 + 4 * groups for b in levels}
+    systems = {f"d2moe level {b}": (lambda x, b=b: cpu.gemv(lib, descs[b], cpu.QuantizedX(lib, x, a.group_size), splitter))
+               for b in levels}
+    systems.update(_torch_rows(rows, cols))
+    nbytes = {**{f"d2moe level {b}": packed_bytes[b] for b in levels}, "torch bf16": 2 * rows * cols,
+              "torch fp32": 4 * rows * cols, "torch int4 (g64)": rows * cols // 2 + 4 * groups, "torch int8": rows * cols + 2 * rows}
+    results = []
+    for n in batches:
+        x = torch.randn(n, cols)
+        times: dict[str, list[float]] = {k: [] for k in systems}
+        for fn in systems.values():
+            fn(x)  # warm-up
+        for _ in range(a.repeats):
+            for name, fn in systems.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            results.append({"system": name, "batch": n, "ms": med * 1e3, "GB/s": nbytes[name] / med / 1e9,
+                            "bytes": nbytes[name]})
+    splitter.close()
+    print(f"shape {rows}x{cols}, group {a.group_size}, threads {a.threads}, kernels {cpu.simd_name()}, "
+          f"median of {a.repeats}")
+    print("| system | batch | ms | GB/s of weights read | vs torch bf16 |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        bf16 = next(x["ms"] for x in results if x["system"] == "torch bf16" and x["batch"] == r["batch"])
+        print(f"| {r['system']} | {r['batch']} | {r['ms']:.2f} | {r['GB/s']:.1f} | {bf16 / r['ms']:.2f}x |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"shape": [rows, cols], "group_size": a.group_size, "threads": a.threads,
+                       "kernels": cpu.simd_name(), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
