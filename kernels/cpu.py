@@ -175,6 +175,26 @@ class QuantizedX:
         self.struct, self.ref, self.tensors, self.ntok = s, ctypes.byref(s), (x, hi, lo, dx, sx), ntok
 
 
+_threads: int | None = None
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> None:
+    """Process-wide kernel thread count (None: every available core)."""
+    global _threads
+    _threads = threads
+
+
+def threads() -> int:
+    return _threads or available_cores()
+
+
 class RowSplitter:
     """Runs a row-range function over `threads` threads (the caller's included), in chunks taken
     dynamically so a thread slowed by another process takes fewer."""
@@ -192,13 +212,14 @@ class RowSplitter:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="d2moe-kernel")
         return self._pool
 
-    def run(self, fn, rows: int, work: int) -> None:
+    def run(self, fn, rows: int, work: int, min_rows: int | None = None) -> None:
         """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay."""
+        min_rows = min_rows or self.min_rows
         threads = self.threads if work >= (1 << 21) else 1
-        if threads == 1 or rows < 2 * self.min_rows:
+        if threads == 1 or rows < 2 * min_rows:
             fn(0, rows)
             return
-        nchunks = min(rows // self.min_rows, threads * 8)
+        nchunks = min(rows // min_rows, threads * 8)
         bounds = [(rows * i // nchunks, rows * (i + 1) // nchunks) for i in range(nchunks)]
         bounds.reverse()
 

@@ -91,16 +91,22 @@ class ExpertKernels:
         return cpu.gemv(self.lib, desc, qx, self.splitter)
 
     def _tiled(self, desc, x: torch.Tensor) -> torch.Tensor:
-        """x [N, I] @ W^T by dequantizing TILE_ROWS rows at a time into one reused buffer."""
-        rows = desc.rows
-        tile = torch.empty(min(TILE_ROWS, rows), desc.cols, dtype=torch.float32)
-        out = torch.empty(rows, x.shape[0], dtype=torch.float32)  # W x^T, transposed at the end
-        self._hold(tile, out, x)
+        """x [N, I] @ W^T by dequantizing at most TILE_ROWS rows at a time per thread into a reused
+        buffer feeding torch's GEMM (one torch thread each: the splitter spreads the tiles)."""
+        rows, tokens = desc.rows, x.shape[0]
+        out = torch.empty(rows, tokens, dtype=torch.float32)  # W x^T, transposed at the end
         xt = x.t()
-        for r0 in range(0, rows, TILE_ROWS):
-            r1 = min(rows, r0 + TILE_ROWS)
-            w = cpu.dequant_rows(self.lib, desc, r0, r1, tile[: r1 - r0])
-            torch.mm(w, xt, out=out[r0:r1])
+        threads = min(self.splitter.threads, max(1, rows // TILE_ROWS))
+        self._hold(out, x, torch.empty(0), extra=threads * min(TILE_ROWS, rows) * desc.cols * 4)
+
+        def rows_of(r0: int, r1: int) -> None:
+            tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=torch.float32)
+            for t0 in range(r0, r1, TILE_ROWS):
+                t1 = min(r1, t0 + TILE_ROWS)
+                w = cpu.dequant_rows(self.lib, desc, t0, t1, tile[: t1 - t0])
+                torch.mm(w, xt, out=out[t0:t1])
+
+        self.splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
         return out.t()
 
     def _forward_reference(self, p: Prepared, x, act_fn) -> torch.Tensor:
@@ -114,9 +120,9 @@ class ExpertKernels:
         self._hold(down, h)
         return F.linear(h, down)
 
-    def _hold(self, *objs) -> None:
-        """Record the bytes forward holds now (the memory meter samples them) ."""
-        n = 0
+    def _hold(self, *objs, extra: int = 0) -> None:
+        """Record the bytes forward holds now (the memory meter samples them)."""
+        n = extra
         for o in objs:
             for t in (o.tensors if isinstance(o, cpu.QuantizedX) else (o,)):
                 n += t.numel() * t.element_size()
@@ -131,13 +137,13 @@ class ExpertKernels:
         self.splitter.close()
 
 
-def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int) -> int:
-    """Most bytes `forward` holds for `tokens` rows: the larger of the two paths' working sets."""
+def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, threads: int) -> int:
+    """Most bytes `forward` holds for `tokens` rows on `threads` threads: the larger path's working set."""
     hidden = matrix_shapes["down"][0]
     inter = matrix_shapes["gate"][0]
     widest = max(i for _, i in matrix_shapes.values())
     acts = 4 * tokens * (hidden + 3 * inter)  # x, gate, up, h (float32)
     quantized = tokens * (2 * max(hidden, inter) + 8 * max(hidden, inter) // 8)  # hi/lo + steps/sums
-    tile = 4 * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest
+    tile = 4 * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest * threads
     out_t = 4 * tokens * max(hidden, inter)
     return acts + max(quantized, tile + out_t)

@@ -17,11 +17,11 @@ Public API
 MemoryPlan.build(budget_bytes, dense_bytes, kv_bytes_per_token, max_tokens, expert_bytes,
                  workspace_bytes, staging_slots=1) -> MemoryPlan     # BudgetError below the minimum
 MemoryPlan.for_checkpoint(ckpt, budget_bytes, max_tokens, level=None, kv_dtype_bytes=2,
-                          dense_bytes=None, staging_slots=1) -> MemoryPlan
+                          dense_bytes=None, staging_slots=1, threads=1) -> MemoryPlan
     fields: budget, dense, kv, staging, workspace, expert_cache, expert_bytes, minimum;
     .summary() -> dict for --json / tables; .min_cache_experts
 kv_bytes_per_token(config, dtype_bytes=2) -> int   # layers x 2 (K,V) x kv_heads x head_dim x dtype
-workspace_bytes(config, matrix_shapes, tokens) -> int   # kernels + activations for `tokens` at once
+workspace_bytes(config, matrix_shapes, tokens, threads=1) -> int   # kernels + activations for `tokens` at once
 safetensors_payload_bytes(path) -> int              # tensor bytes of a safetensors file (header only)
 """
 
@@ -111,6 +111,7 @@ class MemoryPlan:
         kv_dtype_bytes: int = 2,
         dense_bytes: int | None = None,
         staging_slots: int = 1,
+        threads: int = 1,
     ) -> MemoryPlan:
         """The plan for a packed checkpoint (`d2moe.runtime.format`), at `level` (default: the highest).
 
@@ -126,7 +127,7 @@ class MemoryPlan:
             kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype_bytes),
             max_tokens=max_tokens,
             expert_bytes=ckpt.level_nbytes(level),
-            workspace_bytes=workspace_bytes(ckpt.config, ckpt.matrix_shapes, max_tokens),
+            workspace_bytes=workspace_bytes(ckpt.config, ckpt.matrix_shapes, max_tokens, threads),
             staging_slots=staging_slots,
         )
 
@@ -157,7 +158,7 @@ def kv_bytes_per_token(config: Mapping, dtype_bytes: int = 2) -> int:
     return layers * 2 * kv_heads * head_dim * int(dtype_bytes)
 
 
-def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]], tokens: int) -> int:
+def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]], tokens: int, threads: int = 1) -> int:
     """Bytes computing `tokens` positions at once may hold besides weights, KV and the cache: the
     expert kernels' working set (d2moe.kernels.dispatch.workspace_bound) plus the model's own
     activations (residual stream and projections in float32, one layer's attention scores, the
@@ -171,7 +172,7 @@ def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]
     vocab = int(cfg.get("vocab_size") or 0)
     dense_inter = int(cfg.get("intermediate_size") or 0) if cfg.get("shared_expert_intermediate_size") else 0
     activations = 4 * tokens * (12 * hidden + 2 * dense_inter) + 4 * heads * tokens * tokens + 8 * vocab
-    return workspace_bound(matrix_shapes, tokens) + activations + 16 * _MIB
+    return workspace_bound(matrix_shapes, tokens, threads) + activations + 16 * _MIB
 
 
 def safetensors_payload_bytes(path: str | Path) -> int:

@@ -47,7 +47,7 @@ class RunOptions:
     max_tokens: int = 1024  # KV-cache tokens reserved: batch x (prompt + new tokens)
     calibration_tokens: int = 16  # edgemoe: tokens counted before per-expert levels are fixed
     use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
-    threads: int | None = None  # expert-kernel threads (None: torch's intra-op thread count)
+    threads: int | None = None  # kernel row threads (None: the process default, d2moe.options.set_threads)
     kernels: str = "auto"  # auto (native where it builds) | native | reference (the torch oracle)
 
 
@@ -64,6 +64,7 @@ class Session:
     """A packed checkpoint, ready to generate under a memory budget (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, options: RunOptions, tokenizer=None) -> None:
+        from d2moe.kernels.cpu import threads as kernel_threads
         from d2moe.kernels.dense import patch_linears
         from d2moe.kernels.dispatch import ExpertKernels
         from d2moe.runtime.cache import ExpertCache
@@ -82,8 +83,7 @@ class Session:
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
         self.meter = MemoryMeter()
         hf_config = skeleton.config
-        threads = options.threads if options.threads is not None else torch.get_num_threads()
-        self.kernels = ExpertKernels(options.kernels, threads=threads)
+        self.kernels = ExpertKernels(options.kernels, threads=options.threads or kernel_threads())
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
@@ -318,6 +318,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     run's up-front errors: unknown policy, unpacked level, budget below the minimum. `Session` starts
     here; tools that only size budgets (demo, bench) call it alone.
     """
+    from d2moe.kernels.cpu import threads as kernel_threads
     from d2moe.runtime.adapters import adapter_for
     from d2moe.runtime.budget import (
         MemoryPlan,
@@ -351,6 +352,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     plan = MemoryPlan.for_checkpoint(
         ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
         staging_slots=options.io_threads + 1,  # reads in flight + the one computing after a full cache
+        threads=options.threads or kernel_threads(),
     )
     if hold_level is not None:
         need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(hold_level)

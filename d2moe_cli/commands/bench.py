@@ -30,7 +30,7 @@ def bench(
     chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
                                                 help="Wrap the prompt in the chat template.")] = False,
     threads: Annotated[int | None, typer.Option(
-        envvar="D2MOE_THREADS", help="Torch compute threads (default: torch's choice; 1 is fastest for tiny models).")] = None,
+        envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write throughput vs budget as a PNG (matplotlib).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
 ) -> None:

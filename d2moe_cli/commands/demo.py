@@ -114,7 +114,7 @@ def demo(
     policy: Annotated[str, typer.Option(help="Run policy (see `d2moe run --help`).")] = "d2moe",
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     threads: Annotated[int, typer.Option(
-        envvar="D2MOE_THREADS", help="Torch compute threads (1: the tiny model gains nothing from more).")] = 1,
+        envvar="D2MOE_THREADS", help="Compute threads (1: the tiny model gains nothing from more).")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print text and statistics as one JSON object.")] = False,
 ) -> None:
     """Pack the embedded tiny Mixtral (once), run it with most experts on disk, stream text, show the stats."""

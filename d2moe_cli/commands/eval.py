@@ -36,7 +36,7 @@ def eval_command(
     tasks_dir: Annotated[Path | None, typer.Option(help="Directory of local lm-eval task YAMLs.")] = None,
     limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task.")] = None,
     threads: Annotated[int | None, typer.Option(
-        envvar="D2MOE_THREADS", help="Torch compute threads (default: torch's choice; 1 is fastest for tiny models).")] = None,
+        envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""

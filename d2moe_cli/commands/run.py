@@ -75,7 +75,7 @@ def run(
     chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
                                                 help="Wrap prompts in the tokenizer's chat template.")] = True,
     threads: Annotated[int | None, typer.Option(
-        envvar="D2MOE_THREADS", help="Torch compute threads (default: torch's choice; 1 is fastest for tiny models).")] = None,
+        envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     kernels: Annotated[str, typer.Option(
         help="Expert compute: auto (native CPU kernels where they build) | native | reference (torch).")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
@@ -101,7 +101,7 @@ def run(
     options = RunOptions(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
-        direct_io=direct_io, max_tokens=max_tokens, threads=threads, kernels=kernels,
+        direct_io=direct_io, max_tokens=max_tokens, kernels=kernels,
     )
     stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
     with Session(checkpoint, options, tokenizer=tokenizer) as session:
