@@ -1,0 +1,41 @@
+"""The memory promise as the operating system sees it: a fresh `d2moe run` process's RSS growth
+after start-up stays within --memory-budget over a long generation, at the smallest budget."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ASSET = Path(__file__).parents[2] / "d2moe_cli" / "assets" / "tiny-mixtral"
+
+
+def _d2moe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "d2moe", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rss") / "packed"
+    proc = _d2moe("pack", str(ASSET), str(out), "--bits", "2,3,4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_rss_growth_stays_within_the_smallest_budget_over_a_long_generation(packed):
+    args = ["run", str(packed), "-p", "Once upon a time", "--max-new-tokens", "300", "--no-chat-template", "--json"]
+    too_small = _d2moe(*args, "-m", "1MiB")
+    minimum = re.search(r"use --memory-budget (\d+)MiB", too_small.stderr)
+    assert too_small.returncode != 0 and minimum, too_small.stderr
+    budget = int(minimum.group(1)) * 2**20
+    proc = _d2moe(*args, "-m", f"{minimum.group(1)}MiB")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    mem = stats["memory"]
+    assert stats["generated_tokens"] >= 100 and stats["cache"]["evictions"] > 0  # it really offloaded
+    assert 0 < mem["peak_bytes"] <= budget
+    assert 0 < mem["rss_peak_delta_bytes"] <= budget, (mem["rss_peak_delta_bytes"], budget)
