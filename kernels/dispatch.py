@@ -62,7 +62,8 @@ class ExpertKernels:
         self.splitter = cpu.RowSplitter(threads)
         self.gemv_max_tokens = gemv_max_tokens
         self.workspace_bytes = 0  # what forward holds right now (activations, quantized x, a weight tile)
-        self.on_workspace: Callable[[], None] | None = None
+        self.on_workspace: Callable[[], None] | None = None  # called when the workspace reaches a new peak
+        self._peak = 0
 
     @property
     def name(self) -> str:
@@ -97,7 +98,7 @@ class ExpertKernels:
         out = torch.empty(rows, tokens, dtype=torch.float32)  # W x^T, transposed at the end
         xt = x.t()
         threads = min(self.splitter.threads, max(1, rows // TILE_ROWS))
-        self._hold(out, x, torch.empty(0), extra=threads * min(TILE_ROWS, rows) * desc.cols * 4)
+        self._hold(out, x, extra=threads * min(TILE_ROWS, rows) * desc.cols * 4)
 
         def rows_of(r0: int, r1: int) -> None:
             tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=torch.float32)
@@ -127,8 +128,10 @@ class ExpertKernels:
             for t in (o.tensors if isinstance(o, cpu.QuantizedX) else (o,)):
                 n += t.numel() * t.element_size()
         self.workspace_bytes = n
-        if self.on_workspace is not None:
-            self.on_workspace()
+        if n > self._peak:  # only a new peak can raise the meter's: sampling every call costs more than compute
+            self._peak = n
+            if self.on_workspace is not None:
+                self.on_workspace()
 
     def release(self) -> None:
         self.workspace_bytes = 0

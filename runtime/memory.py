@@ -13,8 +13,10 @@ not cover, so it is a cross-check, not the measure of invariant 4.
 Public API
 ----------
 MemoryMeter()
-    register(category, name, obj)   # obj: tensor, nn.Module, bytes-like, ndarray, dict/list of them,
-                                    # an ExpertCache (its held_objects()), or a callable -> int bytes
+    register(category, name, obj, static=False)
+                                    # obj: tensor, nn.Module, bytes-like, ndarray, dict/list of them,
+                                    # an ExpertCache (its held_objects()), or a callable -> int bytes;
+                                    # static: obj never changes (e.g. loaded weights): measured once
     unregister(category, name)
     sample() -> MemorySample(total, by_category);  peak, peak_by_category, samples
     rss_peak_delta -> int;  cuda_peak() -> int | None  (torch.cuda.max_memory_allocated when CUDA is up)
@@ -85,6 +87,12 @@ def nbytes_of(obj: Any, seen: set | None = None) -> int:
     return len(memoryview(obj).cast("B"))
 
 
+@dataclass(frozen=True)
+class _Static:
+    nbytes: int
+    idents: frozenset
+
+
 class MemoryMeter:
     """Live bytes of registered objects by category, with peaks."""
 
@@ -98,8 +106,11 @@ class MemoryMeter:
         self.peak_by_category: dict[str, int] = {}
         self.samples = 0
 
-    def register(self, category: str, name: str, obj: Any | Callable[[], int]) -> None:
+    def register(self, category: str, name: str, obj: Any | Callable[[], int], static: bool = False) -> None:
         with self._lock:
+            if static:  # measured now, once: (bytes, storage identities) re-used by every sample
+                seen: set = set()
+                obj = _Static(nbytes_of(obj, seen), frozenset(seen))
             self._objs.setdefault(category, {})[name] = obj
 
     def unregister(self, category: str, name: str) -> None:
@@ -109,7 +120,12 @@ class MemoryMeter:
     def sample(self) -> MemorySample:
         with self._lock:
             seen: set = set()
-            by_cat = {c: sum(nbytes_of(o, seen) for o in objs.values()) for c, objs in self._objs.items()}
+            for objs in self._objs.values():  # static objects' storages first, so shared ones count once
+                for o in objs.values():
+                    if isinstance(o, _Static):
+                        seen |= o.idents
+            by_cat = {c: sum(o.nbytes if isinstance(o, _Static) else nbytes_of(o, seen) for o in objs.values())
+                      for c, objs in self._objs.items()}
             total = sum(by_cat.values())
             self.samples += 1
             self.peak = max(self.peak, total)

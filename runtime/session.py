@@ -101,7 +101,7 @@ class Session:
         self.gate = self._load_gate()
         self.pipeline.selector = self._make_selector()
         self._kv_bytes = 0
-        self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()])
+        self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()], static=True)
         self.meter.register("kv", "cache", lambda: self._kv_bytes)
         self.meter.register("expert_cache", "cache", self.cache if hasattr(self.cache, "held_objects")
                             else (lambda: self.cache.held_bytes))

@@ -159,3 +159,14 @@ def test_plan_for_a_real_packed_checkpoint(tiny_mixtral, tmp_path):
     assert plan.kv == 128 * kv_bytes_per_token(ckpt.config, 2)
     with pytest.raises(BudgetError, match=r"use --memory-budget \d+MiB or more"):
         MemoryPlan.for_checkpoint(ckpt, plan.minimum - 1, max_tokens=128)
+
+
+def test_static_objects_are_measured_once_and_still_count_shared_storage_once():
+    meter = MemoryMeter()
+    w = torch.zeros(256, 64)  # 64 KiB
+    meter.register("dense", "params", [w], static=True)
+    meter.register("workspace", "view", w[:4])  # shares the static storage: not counted again
+    assert meter.sample().total == w.nbytes
+    w2 = torch.zeros(10)
+    meter.register("workspace", "more", w2)
+    assert meter.sample().by_category == {"dense": w.nbytes, "workspace": w2.nbytes}
