@@ -118,7 +118,8 @@ def load() -> ctypes.CDLL | None:
     lib.d2_scratch_floats.restype = ctypes.c_int64
     lib.d2_gemv_rows.argtypes = [mp, qp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                  ctypes.c_void_p, ctypes.c_int32]
-    lib.d2_dequant_rows.argtypes = [mp, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    lib.d2_dequant_rows.argtypes = [mp, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
+                                    ctypes.c_int32, ctypes.c_int32]
     lib.d2_dense_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32]
@@ -154,7 +155,7 @@ class MatrixDesc:
             s.term_first[i], s.term_nplanes[i], s.term_mul[i], s.term_bias[i] = t.first, t.nplanes, t.mul, t.bias
         self.struct, self.ref, self.matrix, self.level = s, ctypes.byref(s), m, level
         self.rows, self.cols, self.group_size = rows, cols, m.cfg.group_size
-        self.scratch_floats = (MAX_TERMS + 1 + TOKENS_PER_BLOCK) * (cols // m.cfg.group_size)
+        self.scratch_floats = (MAX_TERMS + 1 + TOKENS_PER_BLOCK) * (cols // m.cfg.group_size) + cols
 
 
 class QuantizedX:
@@ -259,12 +260,16 @@ def gemv(lib, desc: MatrixDesc, qx: QuantizedX, splitter: RowSplitter = _SERIAL,
     return y
 
 
-def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [r0, r1) of the weight at the descriptor's level, float32 [r1 - r0, I]."""
+def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32, force_portable: bool = False) -> torch.Tensor:
+    """Rows [r0, r1) of the weight at the descriptor's level, [r1 - r0, I] float32 (the reference's
+    values bit for bit) or bfloat16 (those values rounded to nearest even)."""
     if out is None:
-        out = torch.empty(r1 - r0, desc.cols, dtype=torch.float32)
+        out = torch.empty(r1 - r0, desc.cols, dtype=dtype)
+    if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or out.shape != (r1 - r0, desc.cols):
+        raise ValueError(f"dequant_rows needs a contiguous float32/bfloat16 [{r1 - r0}, {desc.cols}] buffer")
     scratch = (ctypes.c_float * desc.scratch_floats)()
-    lib.d2_dequant_rows(desc.ref, out.data_ptr(), r0, r1, scratch)
+    lib.d2_dequant_rows(desc.ref, out.data_ptr(), r0, r1, scratch, int(out.dtype == torch.bfloat16), int(force_portable))
     return out
 
 

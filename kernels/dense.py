@@ -1,13 +1,17 @@
-"""Decode-time dense layers on the native kernel: every `nn.Linear` of the assembled model (attention
+"""Dense layers on the native kernel: every resident `nn.Linear` of the assembled model (attention
 projections, routers, shared experts, the LM head) computes a few-token input with
-`d2moe.kernels.cpu.dense_gemv` on the expert kernels' threads, and anything larger with torch.
+`d2moe.kernels.cpu.dense_gemv` on the kernels' threads, and anything larger with torch.
 
 Why: a decode step reads every dense weight once for one token, so it is bound by memory
 bandwidth; torch's bf16 GEMV reached 10.6 GB/s on a Zen 4 core where a plain load-convert-FMA
 loop reaches the memory's rate (BENCHMARKS.md), and torch's intra-op threads stall whenever
 another process holds a core, where the kernels' row splitter hands a slowed thread fewer rows.
-The weights stay where the model holds them (no copy); results are float32-accumulated and
-returned in the layer's dtype, like torch's.
+
+`int8=True` (run --dense-weights int8) also replaces each large weight by a per-row symmetric
+int8 copy and a float32 scale per row (weight-only: activations stay float32): half the bytes of
+bf16 to read per token, at a measured perplexity cost (BENCHMARKS.md). Weights shared with
+another module (tied embeddings) stay as they are. Results are float32-accumulated and returned
+in the layer's dtype, like torch's.
 """
 
 from __future__ import annotations
@@ -19,33 +23,87 @@ from torch import nn
 from d2moe.kernels import cpu
 
 MAX_TOKENS = 8  # above: torch's GEMM (prefill), where the weights are reused across tokens
+INT8_MIN_ELEMS = 1 << 16  # smaller layers (routers, norms' neighbours) keep their dtype
+TILE_ROWS = 512  # int8 prefill: rows dequantized at a time
 
 
-def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, skip: tuple[type, ...] = ()) -> int:
-    """Route the model's resident CPU `nn.Linear` layers through the kernel for small inputs; count them."""
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q int8 [O, I], scale float32 [O]) with w ~ q * scale[:, None]."""
+    w32 = w.detach().float()
+    scale = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, int8: bool = False) -> int:
+    """Route the model's resident CPU `nn.Linear` layers through the kernel; count them."""
     if lib is None:
         return 0
+    shared = _shared_weights(model)
     n = 0
     for module in model.modules():
-        if isinstance(module, skip) or type(module) is not nn.Linear:
+        if type(module) is not nn.Linear:
             continue
         w = module.weight
         if w.device.type != "cpu" or w.dtype not in cpu.DENSE_DTYPES or w.is_meta or not w.is_contiguous():
             continue
-        module.forward = _kernel_forward(module, lib, splitter)
+        if int8 and w.numel() >= INT8_MIN_ELEMS and id(w) not in shared and w.dtype != torch.int8:
+            q, scale = quantize_rows_int8(w)
+            del module.weight  # the int8 copy replaces it: its bytes are freed
+            module.register_buffer("weight_int8", q)
+            module.register_buffer("weight_scale", scale)
+            module.forward = _int8_forward(module, lib, splitter, w.dtype, w.shape)
+        else:
+            module.forward = _kernel_forward(module, lib, splitter)
         n += 1
     return n
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (tied embeddings)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _kernel_forward(module: nn.Linear, lib, splitter):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = module.weight
-        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if tokens == 0 or tokens > MAX_TOKENS or x.device.type != "cpu" or torch.is_grad_enabled() and w.requires_grad:
+        tokens = _tokens(x)
+        if tokens == 0 or tokens > MAX_TOKENS or x.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad):
             return F.linear(x, w, module.bias)
         y = cpu.dense_gemv(lib, w, x.reshape(tokens, x.shape[-1]), splitter=splitter)
         if module.bias is not None:
             y += module.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+    return forward
+
+
+def _int8_forward(module: nn.Linear, lib, splitter, dtype: torch.dtype, shape: torch.Size):
+    rows, cols = shape
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        q, scale = module.weight_int8, module.weight_scale
+        tokens = _tokens(x)
+        x2 = x.reshape(tokens, cols)
+        if tokens <= MAX_TOKENS:
+            y = cpu.dense_gemv(lib, q, x2, scale, splitter=splitter)
+        else:  # prefill: dequantize a tile of rows at a time (float32), never the whole matrix
+            yt = torch.empty(rows, tokens, dtype=torch.float32)  # W x^T, transposed at the end
+            xt = x2.float().t()
+            for r0 in range(0, rows, TILE_ROWS):
+                r1 = min(rows, r0 + TILE_ROWS)
+                torch.mm(q[r0:r1].float().mul_(scale[r0:r1, None]), xt, out=yt[r0:r1])
+            y = yt.t()
+        if module.bias is not None:
+            y += module.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], rows)
 
     return forward

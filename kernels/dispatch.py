@@ -7,8 +7,9 @@ and `forward(prepared, x, act_fn) -> y` for the SwiGLU expert y = down(act(gate 
 
 Token counts pick the path (measured on a Zen 4 core, 14336x4096, kernels/README in BENCHMARKS.md):
 up to `gemv_max_tokens` rows the fused integer kernel reads the planes once per 8-token block;
-above it (prefill) the weights are dequantized a tile of rows at a time into one bounded float32
-buffer feeding torch's GEMM, so the dequantization is paid once for all tokens. Neither path ever
+above it (prefill) the weights are dequantized a tile of rows at a time into a bounded bfloat16
+buffer per thread feeding torch's bf16 GEMM, so the dequantization is paid once for all tokens
+(prefill then computes as a bf16 checkpoint does in transformers; decode is float32-exact). Neither path ever
 holds an fp32 copy of a whole matrix: `workspace_bytes` is what they hold at most.
 
 `D2MOE_KERNELS=reference` forces the torch reference (tests use it as the oracle).
@@ -30,7 +31,7 @@ from d2moe.kernels.reference import dequantize_reference
 
 BACKENDS = ("auto", "native", "reference")
 GEMV_MAX_TOKENS = 16  # above: tile dequantization + GEMM (crossover measured at real shapes)
-TILE_ROWS = 128  # rows per dequantized tile: 128 x 14336 x 4 B = 7 MiB at Mixtral's widest
+TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest
 
 
 def dequantize_packed(m: PackedMatrix, level: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,22 +94,23 @@ class ExpertKernels:
 
     def _tiled(self, desc, x: torch.Tensor) -> torch.Tensor:
         """x [N, I] @ W^T by dequantizing at most TILE_ROWS rows at a time per thread into a reused
-        buffer feeding torch's GEMM (one torch thread each: the splitter spreads the tiles)."""
+        bfloat16 buffer feeding torch's bf16 GEMM (one torch thread each: the splitter spreads the
+        tiles). bf16, as a bf16 checkpoint runs in transformers: its GEMM has twice fp32's rate."""
         rows, tokens = desc.rows, x.shape[0]
-        out = torch.empty(rows, tokens, dtype=torch.float32)  # W x^T, transposed at the end
-        xt = x.t()
+        out = torch.empty(rows, tokens, dtype=torch.bfloat16)  # W x^T, transposed at the end
+        xt = x.to(torch.bfloat16).t()
         threads = min(self.splitter.threads, max(1, rows // TILE_ROWS))
-        self._hold(out, x, extra=threads * min(TILE_ROWS, rows) * desc.cols * 4)
+        self._hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * 2)
 
         def rows_of(r0: int, r1: int) -> None:
-            tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=torch.float32)
+            tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=torch.bfloat16)
             for t0 in range(r0, r1, TILE_ROWS):
                 t1 = min(r1, t0 + TILE_ROWS)
                 w = cpu.dequant_rows(self.lib, desc, t0, t1, tile[: t1 - t0])
                 torch.mm(w, xt, out=out[t0:t1])
 
         self.splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
-        return out.t()
+        return out.t().float()
 
     def _forward_reference(self, p: Prepared, x, act_fn) -> torch.Tensor:
         level = p.level
@@ -147,6 +149,6 @@ def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, thre
     widest = max(i for _, i in matrix_shapes.values())
     acts = 4 * tokens * (hidden + 3 * inter)  # x, gate, up, h (float32)
     quantized = tokens * (2 * max(hidden, inter) + 8 * max(hidden, inter) // 8)  # hi/lo + steps/sums
-    tile = 4 * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest * threads
+    tile = 2 * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest * threads
     out_t = 4 * tokens * max(hidden, inter)
     return acts + max(quantized, tile + out_t)

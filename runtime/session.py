@@ -49,6 +49,7 @@ class RunOptions:
     use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
     threads: int | None = None  # kernel row threads (None: the process default, d2moe.options.set_threads)
     kernels: str = "auto"  # auto (native where it builds) | native | reference (the torch oracle)
+    dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row weight-only, half of bf16's bytes)
 
 
 @dataclass
@@ -95,7 +96,12 @@ class Session:
             return OffloadedExperts(layer, self.pipeline)
 
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
-        patch_linears(self.model, self.kernels.lib, self.kernels.splitter)  # decode-time dense GEMVs
+        if options.dense_weights not in ("source", "int8"):
+            raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use source or int8")
+        if options.dense_weights == "int8" and self.kernels.lib is None:
+            raise UsageError("--dense-weights int8 runs on the native kernels, which are unavailable here "
+                             "(no C compiler, or --kernels reference): use --dense-weights source")
+        patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8")
         self.pipeline.routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)).detach()
                                  for layer in ckpt.moe_layers}
         self.gate = self._load_gate()

@@ -339,27 +339,74 @@ void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride,
     }
 }
 
-/* Rows [r0, r1) of the level's weight as float32 into out [r1 - r0, cols] (prefill tiles). */
-void d2_dequant_rows(const d2_matrix *m, float *out, int32_t r0, int32_t r1, float *scratch) {
+/* One row of the weight at the matrix's level into w (float32 [cols]): the same operations in the
+   same order as the torch reference (w = base, then w = fma(code_t, m_t coef_t, w) term by term). */
+static void dequant_row(const d2_matrix *m, int o, const float *cf, const float *base, float *w, int force_portable) {
     const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8;
-    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G;
-    for (int o = r0; o < r1; o++) {
-        row_coefs(m, o, cf, base);
-        float *w = out + (int64_t)(o - r0) * m->cols;
-        for (int g = 0; g < G; g++)
-            for (int c = 0; c < gs; c++) w[g * gs + c] = base[g];
-        for (int t = 0; t < m->nterms; t++) {
-            const int first = m->term_first[t], np = m->term_nplanes[t];
-            for (int byte = 0; byte < rb; byte++) {
-                const float s = cf[t * G + (byte * 8) / gs];
-                uint8_t pl[D2_MAX_PLANES];
-                for (int p = 0; p < np; p++) pl[p] = m->planes[first + p][(int64_t)o * rb + byte];
-                for (int k = 0; k < 8; k++) {
-                    int v = 0;
-                    for (int p = 0; p < np; p++) v = (v << 1) | ((pl[p] >> k) & 1);
-                    w[byte * 8 + k] += s * (float)v;
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < gs; c++) w[g * gs + c] = base[g];
+    for (int t = 0; t < m->nterms; t++) {
+        const int first = m->term_first[t], np = m->term_nplanes[t];
+        const uint8_t *pl[D2_MAX_PLANES];
+        for (int p = 0; p < np; p++) pl[p] = m->planes[first + p] + (int64_t)o * rb;
+#if D2_AVX512
+        if (!force_portable && gs % 64 == 0) {
+            for (int c = 0; c < m->cols; c += 64) {
+                __m512i code = _mm512_setzero_si512();
+                for (int p = 0; p < np; p++) {
+                    uint64_t bits;
+                    memcpy(&bits, pl[p] + c / 8, 8);
+                    code = _mm512_mask_add_epi8(code, _cvtu64_mask64(bits), code, _mm512_set1_epi8((char)(1 << (np - 1 - p))));
+                }
+                const __m512 sv = _mm512_set1_ps(cf[t * G + c / gs]);
+                const __m128i q0 = _mm512_extracti32x4_epi32(code, 0), q1 = _mm512_extracti32x4_epi32(code, 1);
+                const __m128i q2 = _mm512_extracti32x4_epi32(code, 2), q3 = _mm512_extracti32x4_epi32(code, 3);
+                const __m128i qs[4] = {q0, q1, q2, q3};
+                for (int k = 0; k < 4; k++) {
+                    float *wk = w + c + 16 * k;
+                    const __m512 cv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qs[k]));
+                    _mm512_storeu_ps(wk, _mm512_fmadd_ps(cv, sv, _mm512_loadu_ps(wk)));
                 }
             }
+            continue;
+        }
+#endif
+        (void)force_portable;
+        for (int byte = 0; byte < rb; byte++) {
+            const float sc = cf[t * G + (byte * 8) / gs];
+            for (int k = 0; k < 8; k++) {
+                int v = 0;
+                for (int p = 0; p < np; p++) v = (v << 1) | ((pl[p][byte] >> k) & 1);
+                w[byte * 8 + k] = fmaf((float)v, sc, w[byte * 8 + k]);
+            }
+        }
+    }
+}
+
+/* Rows [r0, r1) of the level's weight into out [r1 - r0, cols]: float32 (bf16 = 0) or bfloat16
+   rounded to nearest even (bf16 = 1; scratch then needs cols more floats). Prefill tiles. */
+void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
+                     int32_t force_portable) {
+    const int G = m->cols / m->group_size;
+    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *row = base + G;
+    for (int o = r0; o < r1; o++) {
+        row_coefs(m, o, cf, base);
+        if (!bf16) {
+            dequant_row(m, o, cf, base, (float *)out + (int64_t)(o - r0) * m->cols, force_portable);
+            continue;
+        }
+        dequant_row(m, o, cf, base, row, force_portable);
+        uint16_t *dst = (uint16_t *)out + (int64_t)(o - r0) * m->cols;
+        int c0 = 0;
+#if D2_AVX512 && defined(__AVX512BF16__)
+        if (!force_portable) /* same rounding (nearest even) as the loop below, 16 at a time */
+            for (; c0 + 16 <= m->cols; c0 += 16)
+                _mm256_storeu_si256((__m256i *)(dst + c0), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + c0)));
+#endif
+        for (int c = c0; c < m->cols; c++) { /* round to nearest even */
+            uint32_t u;
+            memcpy(&u, row + c, 4);
+            dst[c] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
         }
     }
 }

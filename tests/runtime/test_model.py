@@ -60,10 +60,14 @@ def test_highest_level_close_to_reference_and_error_falls_with_level(arch_pair):
 
 
 def test_same_dequantized_weights_in_reference_give_same_logits(arch_pair):
-    """Exact check: the reference model with our level-8 weights put in matches to ~1e-5."""
+    """Exact check: the reference model with our level-8 weights put in matches to ~1e-5 (assembly,
+    dense weights, routing; the torch reference computes the experts); the native kernels match it
+    within bf16 rounding (prefill-sized inputs run through bf16 tiles)."""
     arch, src, packed = arch_pair
     ids = _ids()
     with Session(packed, RunOptions(memory_budget=BIG, level=8)) as s:
+        native = _logits(s, ids)
+    with Session(packed, RunOptions(memory_budget=BIG, level=8, kernels="reference")) as s:
         ours = _logits(s, ids)
         ckpt, adapter = s.ckpt, s.adapter
         ref = _reference(src)
@@ -79,6 +83,7 @@ def test_same_dequantized_weights_in_reference_give_same_logits(arch_pair):
     with torch.no_grad():
         theirs = ref(ids).logits
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    assert (native - theirs).abs().max() <= 2e-2 * theirs.abs().max()
 
 
 def test_assembly_swaps_experts_keeps_routers_and_rebuilds_rotary(arch_pair):
