@@ -216,7 +216,7 @@ class RowSplitter:
     def run(self, fn, rows: int, work: int, min_rows: int | None = None) -> None:
         """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay."""
         min_rows = min_rows or self.min_rows
-        threads = self.threads if work >= (1 << 21) else 1
+        threads = self.threads if work >= (1 << 23) else 1  # below ~8M weight-tokens a handoff costs more
         if threads == 1 or rows < 2 * min_rows:
             fn(0, rows)
             return

@@ -161,26 +161,29 @@ class ExpertPipeline:
         s.load_s += load_s
         s.compute_s += compute_s
         s.bound_s += max(load_s, compute_s)
-        for level, n in zip(*torch.unique(levels, return_counts=True), strict=True):
-            s.pairs_per_level[int(level)] += int(n)
+        for w in works:
+            for level, (rows, _) in w.pairs.items():
+                s.pairs_per_level[level] += len(rows)
         return out
 
     def _group(self, layer: int, top_k_index: torch.Tensor, levels: torch.Tensor) -> list[Work]:
-        """Pairs -> work items, in expert id order."""
+        """Pairs -> work items, in expert id order (plain Python: a decode step has a handful of
+        pairs, where per-expert tensor ops cost more than the kernels of a small expert)."""
+        pairs: dict[tuple[int, int], tuple[list[int], list[int]]] = {}  # (expert, level) -> (rows, slots)
+        for row, (experts, lvs) in enumerate(zip(top_k_index.tolist(), levels.tolist(), strict=True)):
+            for slot, (expert, level) in enumerate(zip(experts, lvs, strict=True)):
+                rows, slots = pairs.setdefault((expert, level), ([], []))
+                rows.append(row)
+                slots.append(slot)
         by_key: dict[tuple, Work] = {}
-        idx, lv = top_k_index.cpu(), levels.cpu()
-        for expert in torch.unique(idx).tolist():
-            rows, slots = torch.where(idx == expert)  # [N], [N]
-            expert_levels = lv[rows, slots]
-            for level in sorted(set(expert_levels.tolist())):
-                sel = expert_levels == level
-                key = self.key(layer, expert, level)
-                w = by_key.get(key)
-                if w is None:
-                    w = by_key[key] = Work(key, expert, level, {})
-                w.pairs[level] = (rows[sel], slots[sel])
-                w.want = max(w.want, level)
-                w.tokens += int(sel.sum())
+        for (expert, level), (rows, slots) in sorted(pairs.items()):
+            key = self.key(layer, expert, level)
+            w = by_key.get(key)
+            if w is None:
+                w = by_key[key] = Work(key, expert, level, {})
+            w.pairs[level] = (torch.tensor(rows), torch.tensor(slots))
+            w.want = max(w.want, level)
+            w.tokens += len(rows)
         return list(by_key.values())
 
     def _order(self, layer: int, works: list[Work]) -> list[Work]:

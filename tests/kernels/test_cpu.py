@@ -83,13 +83,14 @@ def test_zero_and_constant_inputs():
 
 def test_threads_split_rows_without_changing_a_bit():
     cfg = MWQConfig(bits=(2, 4), group_size=64)
-    m = _matrix(700, 1024, cfg)
+    m = _matrix(2100, 1024, cfg)  # 2100 x 1024 x 4 tokens: above the threshold where threads pay
     desc = cpu.MatrixDesc(m, 4)
-    qx = cpu.QuantizedX(lib, torch.randn(3, 1024), 64)
+    qx = cpu.QuantizedX(lib, torch.randn(4, 1024), 64)
     splitter = cpu.RowSplitter(2, min_rows_per_chunk=16)
     try:
         one = cpu.gemv(lib, desc, qx)
         two = cpu.gemv(lib, desc, qx, splitter)
+        assert splitter._pool is not None  # the second thread really ran
     finally:
         splitter.close()
     assert torch.equal(one, two)
