@@ -399,8 +399,31 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
             dequant_row(m, o, cf, base, (float *)out + (int64_t)(o - r0) * m->cols, force_portable);
             continue;
         }
-        dequant_row(m, o, cf, base, row, force_portable);
         uint16_t *dst = (uint16_t *)out + (int64_t)(o - r0) * m->cols;
+#if D2_AVX512 && defined(__AVX512BF16__)
+        if (!force_portable && m->nterms == 1 && m->group_size % 64 == 0) { /* sliced: one pass, no float row */
+            const int gs = m->group_size, np = m->term_nplanes[0], rb = m->cols / 8;
+            const uint8_t *pl[D2_MAX_PLANES];
+            for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[0] + p] + (int64_t)o * rb;
+            for (int c = 0; c < m->cols; c += 64) {
+                __m512i code = _mm512_setzero_si512();
+                for (int p = 0; p < np; p++) {
+                    uint64_t bits;
+                    memcpy(&bits, pl[p] + c / 8, 8);
+                    code = _mm512_mask_add_epi8(code, _cvtu64_mask64(bits), code, _mm512_set1_epi8((char)(1 << (np - 1 - p))));
+                }
+                const __m512 sv = _mm512_set1_ps(cf[c / gs]), bv = _mm512_set1_ps(base[c / gs]);
+                const __m128i qs[4] = {_mm512_extracti32x4_epi32(code, 0), _mm512_extracti32x4_epi32(code, 1),
+                                       _mm512_extracti32x4_epi32(code, 2), _mm512_extracti32x4_epi32(code, 3)};
+                for (int k = 0; k < 4; k++) {
+                    const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qs[k])), sv, bv);
+                    _mm256_storeu_si256((__m256i *)(dst + c + 16 * k), (__m256i)_mm512_cvtneps_pbh(w));
+                }
+            }
+            continue;
+        }
+#endif
+        dequant_row(m, o, cf, base, row, force_portable);
         int c0 = 0;
 #if D2_AVX512 && defined(__AVX512BF16__)
         if (!force_portable) /* same rounding (nearest even) as the loop below, 16 at a time */
