@@ -297,7 +297,8 @@ def policy_list(text: str) -> list[str]:
     from d2moe.runtime.policies import POLICIES
 
     if text.strip() == "all":
-        return [p for p in BASELINE_ORDER if p in POLICIES] + [p for p in POLICIES if p not in BASELINE_ORDER]
+        rest = [p for p in POLICIES if p not in BASELINE_ORDER and p != "hold"]  # hold: hold-int8/int4 at any level
+        return [p for p in BASELINE_ORDER if p in POLICIES] + rest
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise UsageError("--policies is empty: give 'all' or a list such as d2moe,moqe-dynaio")

@@ -48,6 +48,8 @@ POLICIES: dict[str, PolicySpec] = {
                    summary="all experts resident at 8 bits, loaded up front"),
         PolicySpec("hold-int4", "uniform", hold_all=True, order="id",
                    summary="all experts resident at 4 bits, loaded up front"),
+        PolicySpec("hold", "uniform", hold_all=True, order="id",
+                   summary="all experts resident at --level bits, loaded up front (any packed level)"),
         PolicySpec("matryoshka-free", "gate", nested_reuse=False, order="id",
                    summary="the same mixed levels from separate per-level copies: no upgrade reuse"),
         PolicySpec("moqe-dynaio", "uniform", order="id", summary="one uniform level, experts loaded on demand"),
@@ -56,6 +58,15 @@ POLICIES: dict[str, PolicySpec] = {
     )
 }
 HOLD_LEVELS = {"hold-int8": 8, "hold-int4": 4}
+
+
+def hold_level(name: str, level: int | None) -> int | None:
+    """The level a hold policy keeps every expert at (None: not a hold policy)."""
+    if name == "hold":
+        if level is None:
+            raise UsageError("--policy hold keeps every expert resident at --level N: give --level (e.g. --level 2)")
+        return level
+    return HOLD_LEVELS.get(name)
 
 
 def get_policy(name: str, order: str | None = None) -> PolicySpec:

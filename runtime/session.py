@@ -332,7 +332,8 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     )
     from d2moe.runtime.format import open_checkpoint
     from d2moe.runtime.model import build_skeleton, meta_buffer_bytes
-    from d2moe.runtime.policies import HOLD_LEVELS, check_level, get_policy
+    from d2moe.runtime.policies import check_level, get_policy
+    from d2moe.runtime.policies import hold_level as policy_hold_level
 
     spec = get_policy(options.policy, options.schedule)
     if options.io_threads < 1:
@@ -343,7 +344,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     ckpt = open_checkpoint(path)
     adapter = adapter_for(ckpt.config)
     bits = ckpt.cfg.bits
-    hold_level = HOLD_LEVELS.get(spec.name)
+    hold_level = policy_hold_level(spec.name, options.level)
     if hold_level is not None and hold_level not in bits:
         wanted = ",".join(str(b) for b in sorted(set(bits) | {hold_level}))
         raise UsageError(f"--policy {spec.name} needs level {hold_level} but {path} holds levels "

@@ -58,7 +58,8 @@ def test_level_options_are_checked_against_packed_levels():
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_generates(packed, policy):
-    with Session(packed, RunOptions(memory_budget=BIG, policy=policy, calibration_tokens=4)) as s:
+    level = 2 if policy == "hold" else None  # hold: every expert resident at the level asked for
+    with Session(packed, RunOptions(memory_budget=BIG, policy=policy, calibration_tokens=4, level=level)) as s:
         report = s.generate(PROMPT, SamplingOptions(max_new_tokens=6))
     assert len(report.token_ids[0]) >= 1
     stats = report.stats
@@ -66,6 +67,13 @@ def test_every_policy_generates(packed, policy):
     assert stats["generated_tokens"] == len(report.token_ids[0])
     assert sum(stats["tokens_per_level"].values()) > 0
     assert stats["memory"]["peak_bytes"] <= stats["memory"]["budget_bytes"]
+    if policy == "hold":
+        assert set(stats["tokens_per_level"]) == {"2"} and stats["bytes_read"] == 0  # all read up front
+
+
+def test_hold_needs_a_level(packed):
+    with pytest.raises(UsageError, match="--level"):
+        Session(packed, RunOptions(memory_budget=BIG, policy="hold"))
 
 
 def test_matryoshka_free_reads_more_than_d2moe_on_mixed_levels(packed):
