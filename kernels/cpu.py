@@ -159,21 +159,26 @@ class MatrixDesc:
 
 
 class QuantizedX:
-    """x [N, I] float32 quantized per group for the kernels (int16 as two int8 halves, step, sum)."""
+    """x [N, I] float32 quantized per group for the kernels: `bits=16` as two int8 halves (hi, lo; within
+    ~1e-4 of float) or `bits=8` plain int8 (llama.cpp's Q8 activations; one dot product instead of two)."""
 
     __slots__ = ("struct", "ref", "tensors", "ntok")
 
-    def __init__(self, lib, x: torch.Tensor, group_size: int) -> None:
+    def __init__(self, lib, x: torch.Tensor, group_size: int, bits: int = 16) -> None:
+        if bits not in (8, 16):
+            raise ValueError(f"activation bits {bits}: use 8 or 16")
         x = x.to(torch.float32).contiguous()
         ntok, cols = x.shape
         groups = cols // group_size
         hi = torch.empty(ntok, cols, dtype=torch.int8)
-        lo = torch.empty(ntok, cols, dtype=torch.int8)
+        lo = torch.empty(ntok, cols, dtype=torch.int8) if bits == 16 else None
         dx = torch.empty(ntok, groups, dtype=torch.float32)
         sx = torch.empty(ntok, groups, dtype=torch.float32)
-        lib.d2_quantize_x(x.data_ptr(), ntok, cols, group_size, hi.data_ptr(), lo.data_ptr(), dx.data_ptr(), sx.data_ptr())
-        s = _QX(ntok, cols, group_size, hi.data_ptr(), lo.data_ptr(), dx.data_ptr(), sx.data_ptr())
-        self.struct, self.ref, self.tensors, self.ntok = s, ctypes.byref(s), (x, hi, lo, dx, sx), ntok
+        lo_p = lo.data_ptr() if lo is not None else None
+        lib.d2_quantize_x(x.data_ptr(), ntok, cols, group_size, hi.data_ptr(), lo_p, dx.data_ptr(), sx.data_ptr())
+        s = _QX(ntok, cols, group_size, hi.data_ptr(), lo_p, dx.data_ptr(), sx.data_ptr())
+        self.struct, self.ref, self.ntok = s, ctypes.byref(s), ntok
+        self.tensors = tuple(t for t in (x, hi, lo, dx, sx) if t is not None)
 
 
 _threads: int | None = None

@@ -63,7 +63,8 @@ class PipelineStats:
     steps: int = 0  # layer steps
     makespan_s: float = 0.0  # sum of measured wall time of layer steps (expert part)
     load_s: float = 0.0  # sum of I/O-busy seconds during layer steps
-    compute_s: float = 0.0  # sum of measured expert compute seconds (decode + dequantize + matmul)
+    compute_s: float = 0.0  # sum of measured expert compute seconds (kernels and their per-expert calls)
+    load_wait_s: float = 0.0  # sum of seconds the compute thread waited for a read to land
     bound_s: float = 0.0  # sum over steps of max(load, compute): what perfect overlap would take
     loads: int = 0  # reads issued (prefix or upgrade)
     upgrade_loads: int = 0  # of which upgrades (only the extra segments read)
@@ -225,7 +226,9 @@ class ExpertPipeline:
         issue()
         while in_flight:
             w, fut, nbytes, issued = in_flight.pop(0)
+            t_wait = time.perf_counter()
             data = fut.result()
+            self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(nbytes, time.perf_counter() - issued)
             self.ckpt.verify_read(layer, w.expert, data, *self.read_span(w))  # only the segments just read
             full = self._install(w, data)

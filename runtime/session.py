@@ -50,6 +50,7 @@ class RunOptions:
     threads: int | None = None  # kernel row threads (None: the process default, d2moe.options.set_threads)
     kernels: str = "auto"  # auto (native where it builds) | native | reference (the torch oracle)
     dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row weight-only, half of bf16's bytes)
+    activations: str = "auto"  # decode activations in the expert kernels: auto (int8 up to level 4) | int8 | int16
 
 
 @dataclass
@@ -84,7 +85,10 @@ class Session:
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
         self.meter = MemoryMeter()
         hf_config = skeleton.config
-        self.kernels = ExpertKernels(options.kernels, threads=options.threads or kernel_threads())
+        if options.activations not in ("auto", "int8", "int16"):
+            raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
+        self.kernels = ExpertKernels(options.kernels, threads=options.threads or kernel_threads(),
+                                     activation_bits=None if options.activations == "auto" else int(options.activations[3:]))
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
@@ -262,6 +266,11 @@ class Session:
             "expert_step_s": pipe.makespan_s,
             "expert_load_s": pipe.load_s,
             "expert_compute_s": pipe.compute_s,
+            "expert_layer_steps": pipe.steps,
+            # per MoE layer step, what is neither expert compute nor waiting on a read: routing, grouping,
+            # cache bookkeeping, ordering, summing (with everything resident, all of step - compute)
+            "step_overhead_us": (1e6 * max(0.0, pipe.makespan_s - pipe.compute_s - pipe.load_wait_s) / pipe.steps
+                                 if pipe.steps else 0.0),
             "kernels": self.kernels.name,
             "kernel_threads": self.kernels.splitter.threads,
             "memory": {"budget_bytes": self.options.memory_budget, "peak_bytes": memory["peak_bytes"],

@@ -78,6 +78,9 @@ def run(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     kernels: Annotated[str, typer.Option(
         help="Expert compute: auto (native CPU kernels where they build) | native | reference (torch).")] = "auto",
+    activations: Annotated[str, typer.Option(
+        help="Expert-kernel activations: auto (int8 for levels <= 4, int16 above) | int8 (fast, as llama.cpp's Q8) "
+             "| int16 (within ~1e-4 of float).")] = "auto",
     dense_weights: Annotated[str, typer.Option(
         help="Dense layers: source (packed dtype) | int8 (per-row weight-only: half the bytes, small quality cost).")] = "source",
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
@@ -104,6 +107,7 @@ def run(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
         direct_io=direct_io, max_tokens=max_tokens, kernels=kernels, dense_weights=dense_weights,
+        activations=activations,
     )
     stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
     with Session(checkpoint, options, tokenizer=tokenizer) as session:

@@ -93,10 +93,18 @@ void d2_quantize_x(const float *x, int32_t ntok, int32_t cols, int32_t group_siz
                 amax = a > amax ? a : amax;
                 sum += xs[c];
             }
-            const float d = amax > 0.f ? amax / 32511.f : 1.f, inv = 1.f / d;
+            const float qmax = lo ? 32511.f : 127.f; /* lo == NULL: plain int8 activations */
+            const float d = amax > 0.f ? amax / qmax : 1.f, inv = 1.f / d;
             dx[n * G + g] = amax > 0.f ? d : 0.f;
             sx[n * G + g] = sum;
             int8_t *h = hi + (int64_t)n * cols + (int64_t)g * group_size;
+            if (!lo) {
+                for (int c = 0; c < group_size; c++) {
+                    int32_t q = (int32_t)lrintf(xs[c] * inv);
+                    h[c] = (int8_t)(q > 127 ? 127 : (q < -127 ? -127 : q));
+                }
+                continue;
+            }
             int8_t *l = lo + (int64_t)n * cols + (int64_t)g * group_size;
             for (int c = 0; c < group_size; c++) {
                 int32_t q = (int32_t)lrintf(xs[c] * inv);
@@ -142,7 +150,10 @@ static void group_dots_c(const d2_matrix *m, int t, int o, int g, const d2_qx *q
         for (int n = 0; n < nt; n++) {
             const int64_t at = (int64_t)(n0 + n) * m->cols + (int64_t)g * gs + byte * 8;
             int32_t acc = 0;
-            for (int k = 0; k < 8; k++) acc += code[k] * (256 * (int32_t)q->hi[at + k] + (int32_t)q->lo[at + k]);
+            if (q->lo)
+                for (int k = 0; k < 8; k++) acc += code[k] * (256 * (int32_t)q->hi[at + k] + (int32_t)q->lo[at + k]);
+            else
+                for (int k = 0; k < 8; k++) acc += code[k] * (int32_t)q->hi[at + k];
             D[n] += acc;
         }
     }
@@ -201,8 +212,8 @@ static inline __attribute__((always_inline)) __m256i code32(const uint8_t *const
 /* Integer dot products of one group (all its 64- or 32-column chunks) for NT tokens, combined
    from the hi/lo halves: d[n] = sum over the group of code * (256 hi + lo), as int32 lanes. */
 static inline __attribute__((always_inline)) void group_dots(
-    const uint8_t *const *pl, const int NP, const int NT, const int W64, const d2_qx *q, int n0, int c0, int c1,
-    __m512i *d) {
+    const uint8_t *const *pl, const int NP, const int NT, const int W64, const int LO, const d2_qx *q, int n0,
+    int c0, int c1, __m512i *d) {
     const int64_t cols = q->cols;
     if (W64) {
         __m512i ih[D2_MAX_TOKENS], il[D2_MAX_TOKENS];
@@ -212,10 +223,10 @@ static inline __attribute__((always_inline)) void group_dots(
             for (int n = 0; n < NT; n++) {
                 const int64_t at = (int64_t)(n0 + n) * cols + c;
                 ih[n] = _mm512_dpbusd_epi32(ih[n], code, _mm512_loadu_si512(q->hi + at));
-                il[n] = _mm512_dpbusd_epi32(il[n], code, _mm512_loadu_si512(q->lo + at));
+                if (LO) il[n] = _mm512_dpbusd_epi32(il[n], code, _mm512_loadu_si512(q->lo + at));
             }
         }
-        for (int n = 0; n < NT; n++) d[n] = _mm512_add_epi32(_mm512_slli_epi32(ih[n], 8), il[n]);
+        for (int n = 0; n < NT; n++) d[n] = LO ? _mm512_add_epi32(_mm512_slli_epi32(ih[n], 8), il[n]) : ih[n];
     } else {
         __m256i ih[D2_MAX_TOKENS], il[D2_MAX_TOKENS];
         for (int n = 0; n < NT; n++) ih[n] = il[n] = _mm256_setzero_si256();
@@ -224,11 +235,11 @@ static inline __attribute__((always_inline)) void group_dots(
             for (int n = 0; n < NT; n++) {
                 const int64_t at = (int64_t)(n0 + n) * cols + c;
                 ih[n] = _mm256_dpbusd_epi32(ih[n], code, _mm256_loadu_si256((const __m256i *)(q->hi + at)));
-                il[n] = _mm256_dpbusd_epi32(il[n], code, _mm256_loadu_si256((const __m256i *)(q->lo + at)));
+                if (LO) il[n] = _mm256_dpbusd_epi32(il[n], code, _mm256_loadu_si256((const __m256i *)(q->lo + at)));
             }
         }
         for (int n = 0; n < NT; n++)
-            d[n] = _mm512_zextsi256_si512(_mm256_add_epi32(_mm256_slli_epi32(ih[n], 8), il[n]));
+            d[n] = _mm512_zextsi256_si512(LO ? _mm256_add_epi32(_mm256_slli_epi32(ih[n], 8), il[n]) : ih[n]);
     }
 }
 
@@ -237,15 +248,15 @@ static inline __attribute__((always_inline)) void group_dots(
    accumulators per token (even and odd groups) so consecutive groups' FMAs do not wait on
    each other; a group size of 64 is one chunk, unrolled by the compiler. */
 static inline __attribute__((always_inline)) void term_row(
-    const uint8_t *const *pl, const int NP, const int NT, const int W64, const d2_qx *q, int n0,
+    const uint8_t *const *pl, const int NP, const int NT, const int W64, const int LO, const d2_qx *q, int n0,
     const int gs, int G, const float *s, __m512 *facc) {
     __m512 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm512_setzero_ps(); }
     int g = 0;
     for (; g + 2 <= G; g += 2) {
         __m512i d0[D2_MAX_TOKENS], d1[D2_MAX_TOKENS];
-        group_dots(pl, NP, NT, W64, q, n0, g * gs, (g + 1) * gs, d0);
-        group_dots(pl, NP, NT, W64, q, n0, (g + 1) * gs, (g + 2) * gs, d1);
+        group_dots(pl, NP, NT, W64, LO, q, n0, g * gs, (g + 1) * gs, d0);
+        group_dots(pl, NP, NT, W64, LO, q, n0, (g + 1) * gs, (g + 2) * gs, d1);
         for (int n = 0; n < NT; n++) {
             a0[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0[n]), _mm512_set1_ps(s[n * G + g]), a0[n]);
             a1[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1[n]), _mm512_set1_ps(s[n * G + g + 1]), a1[n]);
@@ -253,7 +264,7 @@ static inline __attribute__((always_inline)) void term_row(
     }
     if (g < G) {
         __m512i d0[D2_MAX_TOKENS];
-        group_dots(pl, NP, NT, W64, q, n0, g * gs, (g + 1) * gs, d0);
+        group_dots(pl, NP, NT, W64, LO, q, n0, g * gs, (g + 1) * gs, d0);
         for (int n = 0; n < NT; n++)
             a0[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0[n]), _mm512_set1_ps(s[n * G + g]), a0[n]);
     }
@@ -265,8 +276,11 @@ typedef void (*term_fn)(const uint8_t *const *, const d2_qx *, int, int, int, co
 #define D2_TERM(NP, NT, W)                                                                             \
     static void term_##NP##_##NT##_##W(const uint8_t *const *pl, const d2_qx *q, int n0, int gs, int G, \
                                        const float *s, __m512 *facc) {                                 \
-        if (W && gs == 64) term_row(pl, NP, NT, W, q, n0, 64, G, s, facc);                             \
-        else term_row(pl, NP, NT, W, q, n0, gs, G, s, facc);                                           \
+        const int lo = q->lo != 0; /* int16 activations (hi/lo halves) or plain int8 */              \
+        if (W && gs == 64 && lo) term_row(pl, NP, NT, W, 1, q, n0, 64, G, s, facc);                    \
+        else if (W && gs == 64) term_row(pl, NP, NT, W, 0, q, n0, 64, G, s, facc);                     \
+        else if (lo) term_row(pl, NP, NT, W, 1, q, n0, gs, G, s, facc);                                \
+        else term_row(pl, NP, NT, W, 0, q, n0, gs, G, s, facc);                                        \
     }
 #define D2_TERMS_NT(NT, W) D2_TERM(1, NT, W) D2_TERM(2, NT, W) D2_TERM(3, NT, W) D2_TERM(4, NT, W) \
     D2_TERM(5, NT, W) D2_TERM(6, NT, W) D2_TERM(7, NT, W) D2_TERM(8, NT, W)

@@ -20,11 +20,11 @@ def _matrix(rows, cols, cfg, seed=0):
     return PackedMatrix.from_mwq(quantize_mwq(w, cfg))
 
 
-def _error_bound(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """What quantizing x to 15 bits per group may cost: sum_c |w_oc| * (step_g(c) / 2), plus float rounding."""
+def _error_bound(w: torch.Tensor, x: torch.Tensor, group_size: int, bits: int = 16) -> torch.Tensor:
+    """What quantizing x per group may cost: sum_c |w_oc| * (step_g(c) / 2), plus float rounding."""
     n, cols = x.shape
     amax = x.abs().view(n, cols // group_size, group_size).amax(-1)  # [N, G]
-    half_step = (amax / 32511 / 2).repeat_interleave(group_size, dim=1)  # [N, I]
+    half_step = (amax / (32511 if bits == 16 else 127) / 2).repeat_interleave(group_size, dim=1)  # [N, I]
     return half_step @ w.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # [N, O]
 
 
@@ -45,14 +45,15 @@ def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs):
         for tokens in (1, 3, 8, 11):
             x = torch.randn(tokens, cols, generator=g) * torch.rand(1, cols, generator=g) * 3  # uneven columns
             ref = x @ w.T
-            bound = _error_bound(w, x, gs)
-            qx = cpu.QuantizedX(lib, x, gs)
-            fast = cpu.gemv(lib, desc, qx)
-            portable = cpu.gemv(lib, desc, qx, force_portable=True)
-            assert ((fast - ref).abs() <= bound).all(), (level, tokens)
-            assert ((portable - ref).abs() <= bound).all(), (level, tokens)
-            # both paths compute the same exact integer dot products: they differ only by float rounding
-            torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
+            for bits in (16, 8):
+                bound = _error_bound(w, x, gs, bits)
+                qx = cpu.QuantizedX(lib, x, gs, bits)
+                fast = cpu.gemv(lib, desc, qx)
+                portable = cpu.gemv(lib, desc, qx, force_portable=True)
+                assert ((fast - ref).abs() <= bound).all(), (level, tokens, bits)
+                assert ((portable - ref).abs() <= bound).all(), (level, tokens, bits)
+                # both paths compute the same exact integer dot products: they differ only by float rounding
+                torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["sliced", "residual"])
@@ -101,7 +102,7 @@ def test_expert_forward_paths_agree_with_the_reference(tokens):
     cfg = MWQConfig(bits=(2, 3, 4), group_size=32)
     mats = {"gate": _matrix(96, 64, cfg, 1), "up": _matrix(96, 64, cfg, 2), "down": _matrix(64, 96, cfg, 3)}
     x = torch.randn(tokens, 64)
-    native, ref = ExpertKernels("native", gemv_max_tokens=8), ExpertKernels("reference")
+    native, ref = ExpertKernels("native", gemv_max_tokens=8, activation_bits=16), ExpertKernels("reference")
     for level in cfg.bits:
         y = native.forward(native.prepare(mats, level), x, torch.nn.functional.silu)
         want = ref.forward(ref.prepare(mats, level), x, torch.nn.functional.silu)

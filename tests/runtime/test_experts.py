@@ -36,7 +36,7 @@ def _expert_out(ckpt, layer, expert, level, x):
 
 
 def test_expert_at_two_levels_is_read_once_and_computed_at_both(packed):
-    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2))) as s:
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), activations="int16")) as s:
         hidden, _, _ = _inputs(2)
         index = torch.tensor([[0, 1], [1, 0]])  # expert 0: top-1 of token 0 (8 bits), second of token 1 (2 bits)
         weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
@@ -108,7 +108,7 @@ def test_staging_stays_within_plan(packed):
 def _generate(packed, budget, kernels, **kw):
     from d2moe.runtime.generate import SamplingOptions
 
-    opts = RunOptions(memory_budget=budget, kernels=kernels, max_tokens=64, **kw)
+    opts = RunOptions(memory_budget=budget, kernels=kernels, max_tokens=64, activations="int16", **kw)
     with Session(packed, opts) as s:
         report = s.generate(token_ids=[[5, 17, 33, 2, 40, 41]], sampling=SamplingOptions(max_new_tokens=12))
         return report.token_ids, report.stats
