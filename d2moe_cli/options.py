@@ -15,13 +15,14 @@ def parse_bits(text: str, option: str = "--bits") -> tuple[int, ...]:
 
 
 def set_threads(threads: int | None) -> None:
-    """Compute threads for this process: the expert and dense kernels' row threads, and torch's.
+    """Compute threads for this process: the expert and dense kernels' row threads (default: every
+    core this process may run on); torch keeps one intra-op thread.
 
-    Default (None): the kernels use every core this process may run on, torch one thread. Torch's
-    intra-op threads spin at each barrier and stall whenever another process holds a core
-    (measured on a 2-core machine under load: 3.7 vs 79.8 decode tok/s with 2 vs 1 torch threads),
-    whereas the kernels' splitter hands a slowed thread fewer rows; decode time is in the kernels.
-    An explicit N sets both.
+    Torch's intra-op threads spin after each op and take the core the kernels' second thread needs
+    (measured on Mixtral shapes, 2 threads: expert compute 1.39 s with torch at 2 threads, the same as
+    1 thread), and they stall whenever another process holds a core (3.7 vs 79.8 decode tok/s on the
+    embedded model under load); the kernels' splitter hands a slowed thread fewer rows. With
+    `--kernels reference` the session gives torch the threads instead.
     """
     if threads is not None and threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1")
@@ -29,7 +30,7 @@ def set_threads(threads: int | None) -> None:
 
     from d2moe.kernels import cpu
 
-    torch.set_num_threads(threads or 1)
+    torch.set_num_threads(1)
     cpu.set_threads(threads)
 
 

@@ -11,12 +11,12 @@ one VNNI dot product per chunk, ~20% faster on 14336x4096) or int16 as two int8 
 weights' own error, SQNR ~21 dB at 4 bits, is far above int8 activations' ~40 dB) and higher
 levels int16, so that an 8-bit expert is not limited by its activations.
 
-Token counts pick the path (measured on a Zen 4 core, 14336x4096, kernels/README in BENCHMARKS.md):
-up to `gemv_max_tokens` rows the fused integer kernel reads the planes once per 8-token block;
-above it (prefill) the weights are dequantized a tile of rows at a time into a bounded bfloat16
-buffer per thread feeding torch's bf16 GEMM, so the dequantization is paid once for all tokens
-(prefill then computes as a bf16 checkpoint does in transformers; decode is float32-exact). Neither path ever
-holds an fp32 copy of a whole matrix: `workspace_bytes` is what they hold at most.
+Token counts pick the path (crossover measured on a Zen 4 core at 14336x4096, BENCHMARKS.md):
+up to `gemv_max_tokens` rows the integer kernel reads a row tile's planes once per 4-token register
+block; above it (prefill) the weights are dequantized a tile of rows at a time into a bounded
+bfloat16 buffer per thread feeding torch's bf16 GEMM, so the dequantization is paid once for all
+tokens (prefill computes as a bf16 checkpoint does in transformers). Neither path ever holds an
+fp32 copy of a whole matrix: `workspace_bytes` is what they hold.
 
 `D2MOE_KERNELS=reference` forces the torch reference (tests use it as the oracle).
 """

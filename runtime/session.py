@@ -89,6 +89,8 @@ class Session:
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
         self.kernels = ExpertKernels(options.kernels, threads=options.threads or kernel_threads(),
                                      activation_bits=None if options.activations == "auto" else int(options.activations[3:]))
+        if self.kernels.lib is None:  # the torch reference computes: it gets the compute threads
+            torch.set_num_threads(self.kernels.splitter.threads)
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,

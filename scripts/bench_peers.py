@@ -15,7 +15,7 @@ which does not):
   (decode: the short prompt then N new tokens; prefill: the P-token prompt), figures from its stats.
   SPEC is comma-separated key=value: name (row label), budget (a size like 6GiB, or a percentage
   resolved like `d2moe bench --budgets`: dense + KV + staging + p x the 4-bit expert set), and
-  optional level, policy, io (--io-bandwidth, e.g. 2GB/s), io_threads, router_levels, dense
+  optional level, policy, io (--io-bandwidth, e.g. 2GB/s), io_threads, router_levels (e.g. 4:2), dense
   (--dense-weights source|int8), threads=default (run without --threads: d2moe's own choice).
 
 Measures: prefill tok/s (a P-token prompt, default 128), decode tok/s (greedy, N new tokens after a
@@ -245,8 +245,8 @@ class Bench:
         for key, flag in (("level", "--level"), ("policy", "--policy"), ("io", "--io-bandwidth"),
                           ("io_threads", "--io-threads"), ("router_levels", "--router-levels"),
                           ("dense", "--dense-weights")):
-            if key in s:
-                base += [flag, str(s[key])]
+            if key in s:  # router_levels=4:2 (a comma would end the key=value pair)
+                base += [flag, str(s[key]).replace(":", ",")]
         stats, rss, anon, wall = {}, 0, 0, 0.0
         for phase, prompt, new in (("decode", self.prompts["decode_text"], a.new_tokens),
                                    ("prefill", self.prompts["prefill_text"], 1)):

@@ -188,13 +188,11 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
 
 /* 64 columns' codes of an NP-plane term as u8 lanes: plane p's 64 bits mask the add of 2^(NP-1-p). */
 static inline __attribute__((always_inline)) __m512i code64(const uint8_t *const *pl, int64_t at, const int NP) {
-    uint64_t bits;
-    memcpy(&bits, pl[0] + at, 8);
-    __m512i code = _mm512_maskz_mov_epi8(_cvtu64_mask64(bits), _mm512_set1_epi8((char)(1 << (NP - 1))));
-    for (int p = 1; p < NP; p++) {
-        memcpy(&bits, pl[p] + at, 8);
-        code = _mm512_mask_add_epi8(code, _cvtu64_mask64(bits), code, _mm512_set1_epi8((char)(1 << (NP - 1 - p))));
-    }
+    /* kmovq k, m64 straight from the plane (a mask register loads 64 bits at any alignment) */
+    __m512i code = _mm512_maskz_mov_epi8(_load_mask64((__mmask64 *)(pl[0] + at)), _mm512_set1_epi8((char)(1 << (NP - 1))));
+    for (int p = 1; p < NP; p++)
+        code = _mm512_mask_add_epi8(code, _load_mask64((__mmask64 *)(pl[p] + at)), code,
+                                    _mm512_set1_epi8((char)(1 << (NP - 1 - p))));
     return code;
 }
 
