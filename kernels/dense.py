@@ -27,11 +27,17 @@ INT8_MIN_ELEMS = 1 << 16  # smaller layers (routers, norms' neighbours) keep the
 TILE_ROWS = 512  # int8 prefill: rows dequantized at a time
 
 
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: (q int8 [O, I], scale float32 [O]) with w ~ q * scale[:, None]."""
-    w32 = w.detach().float()
-    scale = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-    q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q int8 [O, I], scale float32 [O]) with w ~ q * scale[:, None], a chunk of
+    rows at a time (a float32 copy of a whole LM head would be several times its bf16 size)."""
+    rows = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    for r0 in range(0, rows, chunk_rows):
+        w32 = w[r0:r0 + chunk_rows].detach().float()
+        s = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        q[r0:r0 + chunk_rows] = torch.round(w32 / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r0:r0 + chunk_rows] = s
     return q, scale
 
 

@@ -4,11 +4,13 @@
                                     [--threads 1] [--repeats 7] [--json out.json]
 
 For each level b the native kernel (d2moe.kernels.cpu) runs on random planes of the shape (its
-speed does not depend on the values); "GB/s" is the packed bytes the level reads (b/8 byte per
+speed does not depend on the values), with the runtime's activation width (int8 up to level 4,
+int16 above; `--activation-bits` forces one); "GB/s" is the packed bytes the level reads (b/8 byte per
 weight + f16 scale and offset per group) over the median time. Beside it on the same shape and
 batch: torch bf16 and fp32 matmul (weights resident), torch's int4 CPU kernel
-(`_weight_int4pack_mm_for_cpu`, group 64) and int8 kernel (`_weight_int8pack_mm`). Systems are
-interleaved within each repeat, so a noisy neighbour hits all of them alike; medians reported.
+(`_weight_int4pack_mm_for_cpu`, group 64) and int8 kernel (`_weight_int8pack_mm`). d2moe's levels
+are interleaved within each repeat, then torch's kernels (torch's spinning intra-op threads would
+slow whichever d2moe call followed them); medians reported.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import torch
 
 from d2moe.kernels import cpu
+from d2moe.kernels.dispatch import INT8_ACTIVATIONS_UP_TO
 from d2moe.kernels.packed import PackedMatrix
 from d2moe.quantize import MWQConfig
 
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="kernel row threads and torch intra-op threads")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--activation-bits", type=int, choices=(8, 16), default=None,
+                   help="force int8/int16 activations (default: as the runtime, int8 up to level 4)")
     p.add_argument("--json", default=None, help="write the table here as JSON")
     a = p.parse_args(argv)
     rows, cols = (int(v) for v in a.shape.lower().split("x"))
@@ -81,7 +86,11 @@ def main(argv=None) -> int:
     splitter = cpu.RowSplitter(a.threads)
     groups = rows * (cols // a.group_size)
     packed_bytes = {b: rows * cols * b // 8 + 4 * groups for b in levels}
-    systems = {f"d2moe level {b}": (lambda x, b=b: cpu.gemv(lib, descs[b], cpu.QuantizedX(lib, x, a.group_size), splitter))
+    def act_bits(level: int) -> int:  # as the runtime's --activations auto (or the forced width)
+        return a.activation_bits or (8 if level <= INT8_ACTIVATIONS_UP_TO else 16)
+
+    systems = {f"d2moe level {b}": (lambda x, b=b: cpu.gemv(lib, descs[b], cpu.QuantizedX(lib, x, a.group_size,
+                                                                                       act_bits(b)), splitter))
                for b in levels}
     systems.update(_torch_rows(rows, cols))
     nbytes = {**{f"d2moe level {b}": packed_bytes[b] for b in levels}, "torch bf16": 2 * rows * cols,
@@ -90,20 +99,24 @@ def main(argv=None) -> int:
     for n in batches:
         x = torch.randn(n, cols)
         times: dict[str, list[float]] = {k: [] for k in systems}
-        for fn in systems.values():
-            fn(x)  # warm-up
-        for _ in range(a.repeats):
-            for name, fn in systems.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
+        # d2moe's levels interleaved with each other, then torch's kernels interleaved with each other:
+        # torch's intra-op threads spin after each op and would take the core from the next d2moe call
+        for group in ([k for k in systems if k.startswith("d2moe")], [k for k in systems if not k.startswith("d2moe")]):
+            for name in group:
+                systems[name](x)  # warm-up
+            for _ in range(a.repeats):
+                for name in group:
+                    t0 = time.perf_counter()
+                    systems[name](x)
+                    times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             med = statistics.median(ts)
             results.append({"system": name, "batch": n, "ms": med * 1e3, "GB/s": nbytes[name] / med / 1e9,
                             "bytes": nbytes[name]})
     splitter.close()
+    acts = f"int{a.activation_bits}" if a.activation_bits else "auto (int8 <= 4 bits, int16 above)"
     print(f"shape {rows}x{cols}, group {a.group_size}, threads {a.threads}, kernels {cpu.simd_name()}, "
-          f"median of {a.repeats}")
+          f"activations {acts}, median of {a.repeats}")
     print("| system | batch | ms | GB/s of weights read | vs torch bf16 |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
