@@ -10,12 +10,17 @@ Shape letters: B = batch (requests), S = prompt length (padded), V = vocabulary.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from d2moe.errors import UsageError
+
+# transformers 5.2x warns on every forward that `past_key_values` will be renamed `cache` (in 5.40):
+# the decode loop calls forward once per token, and the warning would interleave with streamed text
+warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
