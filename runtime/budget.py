@@ -162,7 +162,7 @@ def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]
     """Bytes computing `tokens` positions at once may hold besides weights, KV and the cache: the
     expert kernels' working set (d2moe.kernels.dispatch.workspace_bound) plus the model's own
     activations (residual stream and projections in float32, one layer's attention scores, the
-    last position's logits), with a 16 MiB floor for the allocator's and interpreter's slack."""
+    last position's logits), with 24 MiB for the allocator's and interpreter's slack."""
     from d2moe.kernels.dispatch import workspace_bound
 
     cfg = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
@@ -172,7 +172,7 @@ def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]
     vocab = int(cfg.get("vocab_size") or 0)
     dense_inter = int(cfg.get("intermediate_size") or 0) if cfg.get("shared_expert_intermediate_size") else 0
     activations = 4 * tokens * (12 * hidden + 2 * dense_inter) + 4 * heads * tokens * tokens + 8 * vocab
-    return workspace_bound(matrix_shapes, tokens, threads) + activations + 16 * _MIB
+    return workspace_bound(matrix_shapes, tokens, threads) + activations + 24 * _MIB
 
 
 def safetensors_payload_bytes(path: str | Path) -> int:

@@ -154,3 +154,25 @@ class MemoryMeter:
             "rss_peak_delta_bytes": self.rss_peak_delta,
             "cuda_peak_bytes": self.cuda_peak(),
         }
+
+
+def limit_allocator_overhead() -> None:
+    """glibc only: at most two malloc arenas, and blocks of 1 MiB or more mapped (and returned) on their
+    own. By default each thread that allocates (I/O, kernel and torch threads) may get an arena that
+    keeps freed memory, and the mmap threshold rises with every large free: RSS then grows past what
+    the run holds (measured on the embedded model: 14 vs 28 MiB of growth between two runs)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl, ...): nothing to tune
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_arena_max, 2)
+    mallopt(m_mmap_threshold, 1 << 20)
+

@@ -71,11 +71,12 @@ class Session:
         from d2moe.kernels.dispatch import ExpertKernels
         from d2moe.runtime.cache import ExpertCache
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
-        from d2moe.runtime.memory import MemoryMeter
+        from d2moe.runtime.memory import MemoryMeter, limit_allocator_overhead
         from d2moe.runtime.model import assemble, expert_activation
         from d2moe.runtime.store import ExpertStore
 
         self.options = options
+        limit_allocator_overhead()  # before any of the run's threads allocate
         self.ckpt, self.adapter, self.spec, self.hold_level, skeleton, self.plan = plan_run(checkpoint, options)
         ckpt = self.ckpt
 
@@ -83,7 +84,6 @@ class Session:
         self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
                                  direct=options.direct_io)
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
-        self.meter = MemoryMeter()
         hf_config = skeleton.config
         if options.activations not in ("auto", "int8", "int16"):
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
@@ -91,6 +91,11 @@ class Session:
                                      activation_bits=None if options.activations == "auto" else int(options.activations[3:]))
         if self.kernels.lib is None:  # the torch reference computes: it gets the compute threads
             torch.set_num_threads(self.kernels.splitter.threads)
+        import d2moe.runtime.generate  # noqa: F401  (code, like the kernels above, loads before the RSS baseline)
+
+        # start-up ends here: the meter's RSS baseline excludes code (imports, the compiled kernels),
+        # not data (dense weights, caches, buffers and activations all come after)
+        self.meter = MemoryMeter()
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
