@@ -201,3 +201,22 @@ def test_int8_dense_weights_halve_the_bytes_within_the_rounding_bound():
     assert after < 0.6 * before
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     torch.testing.assert_close(got, got_prefill, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (768, 2048)])  # Mixtral w1/w3, w2; Qwen3
+def test_real_shapes_within_the_bound(shape):
+    """At real expert shapes (random planes: the kernel's arithmetic does not depend on the values)."""
+    rows, cols = shape
+    g = torch.Generator().manual_seed(0)
+    cfg = MWQConfig(bits=(2, 3, 4, 8), group_size=64)
+    planes = tuple(torch.randint(0, 256, (rows, cols // 8), generator=g, dtype=torch.uint8) for _ in range(8))
+    scale = (torch.rand(rows, cols // 64, generator=g) * 1e-3 + 1e-4).half()
+    offset = (torch.randn(rows, cols // 64, generator=g) * 1e-3).half()
+    m = PackedMatrix((rows, cols), cfg, 8, scale, offset, planes, ())
+    x = torch.randn(3, cols, generator=g)
+    for level in (2, 4, 8):
+        w = dequantize_packed(m, level)
+        for bits in (8, 16):
+            y = cpu.gemv(lib, cpu.MatrixDesc(m, level), cpu.QuantizedX(lib, x, 64, bits))
+            assert ((y - x @ w.T).abs() <= _error_bound(w, x, 64, bits)).all(), (level, bits)
