@@ -41,11 +41,12 @@ def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     return q, scale
 
 
-def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, int8: bool = False) -> int:
-    """Route the model's resident CPU `nn.Linear` layers through the kernel; count them."""
+def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, int8: bool = False, keep=()) -> int:
+    """Route the model's resident CPU `nn.Linear` layers through the kernel; count them. Weights in
+    `keep` (the routers, read by the runtime too) and weights shared by two modules stay in their dtype."""
     if lib is None:
         return 0
-    shared = _shared_weights(model)
+    shared = _shared_weights(model) | {id(p) for p in keep}
     n = 0
     for module in model.modules():
         if type(module) is not nn.Linear:

@@ -62,7 +62,7 @@ class ExpertKernels:
     def __init__(self, backend: str = "auto", threads: int = 1, gemv_max_tokens: int = GEMV_MAX_TOKENS,
                  activation_bits: int | None = None) -> None:
         if backend not in BACKENDS:
-            raise UsageError(f"kernel backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+            raise UsageError(f"--kernels {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
         if activation_bits not in (None, 8, 16):
             raise UsageError(f"--activations int{activation_bits} is unknown: use auto, int8 or int16")
         self.activation_bits = activation_bits  # None: by level (INT8_ACTIVATIONS_UP_TO)

@@ -91,6 +91,11 @@ class Session:
                                      activation_bits=None if options.activations == "auto" else int(options.activations[3:]))
         if self.kernels.lib is None:  # the torch reference computes: it gets the compute threads
             torch.set_num_threads(self.kernels.splitter.threads)
+        if options.dense_weights not in ("source", "int8"):
+            raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use source or int8")
+        if options.dense_weights == "int8" and self.kernels.lib is None:
+            raise UsageError("--dense-weights int8 runs on the native kernels, which are unavailable here "
+                             "(no C compiler, or --kernels reference): use --dense-weights source")
         import d2moe.runtime.generate  # noqa: F401  (code, like the kernels above, loads before the RSS baseline)
 
         # start-up ends here: the meter's RSS baseline excludes code (imports, the compiled kernels),
@@ -107,14 +112,10 @@ class Session:
             return OffloadedExperts(layer, self.pipeline)
 
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
-        if options.dense_weights not in ("source", "int8"):
-            raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use source or int8")
-        if options.dense_weights == "int8" and self.kernels.lib is None:
-            raise UsageError("--dense-weights int8 runs on the native kernels, which are unavailable here "
-                             "(no C compiler, or --kernels reference): use --dense-weights source")
-        patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8")
         self.pipeline.routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)).detach()
                                  for layer in ckpt.moe_layers}
+        patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
+                      keep=[self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers])
         self.gate = self._load_gate()
         self.pipeline.selector = self._make_selector()
         self._kv_bytes = 0
