@@ -111,7 +111,9 @@ class ExpertKernels:
         rows, tokens = desc.rows, x.shape[0]
         out = torch.empty(rows, tokens, dtype=torch.bfloat16)  # W x^T, transposed at the end
         xt = x.to(torch.bfloat16).t()
-        threads = min(self.splitter.threads, max(1, rows // TILE_ROWS))
+        # torch's GEMM is already threaded in the prefill forward (run.decode's prefill_threads): one
+        # tile stream then, else the splitter spreads tiles over threads with one torch thread each
+        threads = 1 if torch.get_num_threads() > 1 else min(self.splitter.threads, max(1, rows // TILE_ROWS))
         self._hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * 2)
 
         inference = torch.is_inference_mode_enabled()  # thread-local: the splitter's threads enter it too
@@ -124,7 +126,10 @@ class ExpertKernels:
                     w = cpu.dequant_rows(self.lib, desc, t0, t1, tile[: t1 - t0])
                     torch.mm(w, xt, out=out[t0:t1])
 
-        self.splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
+        if threads == 1:
+            rows_of(0, rows)
+        else:
+            self.splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
         return out.t().float()
 
     def _forward_reference(self, p: Prepared, x, act_fn) -> torch.Tensor:

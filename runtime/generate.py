@@ -107,11 +107,14 @@ def decode(
     pad_id: int,
     on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    prefill_threads: int | None = None,
 ) -> DecodeResult:
     """Generate for a batch of token-id prompts.
 
     on_tokens(tokens [B], alive [B] bool): called after each sampled step (for streaming).
     on_step(kv_bytes): called after each forward with the KV cache's current size.
+    prefill_threads: torch intra-op threads for the prompt's forward only (its GEMMs use them well;
+    decode steps keep the caller's setting, where torch's spinning threads would slow the kernels).
     """
     from transformers import DynamicCache
 
@@ -127,8 +130,14 @@ def decode(
     kv_peak = 0
 
     start = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    decode_threads = torch.get_num_threads()
+    if prefill_threads:
+        torch.set_num_threads(prefill_threads)
+    try:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        torch.set_num_threads(decode_threads)
     token = sample_next(out.logits[:, -1], opts, generator)  # [B]
     ttft = time.perf_counter() - start
     prefill_s = ttft

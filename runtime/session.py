@@ -233,7 +233,8 @@ class Session:
             self._kv_bytes = kv_bytes
             self.meter.sample()
 
-        result = decode(self.model, batch, sampling, eos, pad_id, on_tokens=on_tokens, on_step=on_step)
+        result = decode(self.model, batch, sampling, eos, pad_id, on_tokens=on_tokens, on_step=on_step,
+                        prefill_threads=self.kernels.splitter.threads)
         self.pipeline.drain()
         self._kv_bytes = 0
         texts = [tok.decode(t, skip_special_tokens=True) for t in result.new_tokens] if tok is not None else []
