@@ -14,13 +14,20 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
+MAX_SIZE = float(1 << 60)  # 1 EiB: anything larger is a typo, not a budget
+
+
 def parse_size(text: str, what: str = "size") -> int:
     """Bytes in `text`; SI units (GB) are powers of 1000, binary units (GiB) powers of 1024."""
     m = _SIZE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise UsageError(f"{what} {text!r} is not a size: write e.g. 512MiB, 6GiB or 6GB")
-    value = int(float(m.group(1)) * _UNITS[unit])
+    number = float(m.group(1)) * _UNITS[unit]
+    if not number < MAX_SIZE:  # also inf/nan from absurdly long digit strings
+        shown = text if len(str(text)) <= 24 else f"{str(text)[:20]}…"
+        raise UsageError(f"{what} {shown!r} is larger than any machine (over 1 EiB): write e.g. 6GiB")
+    value = int(number)
     if value <= 0:
         raise UsageError(f"{what} {text!r} must be positive")
     return value

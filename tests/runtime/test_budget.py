@@ -170,3 +170,9 @@ def test_static_objects_are_measured_once_and_still_count_shared_storage_once():
     w2 = torch.zeros(10)
     meter.register("workspace", "more", w2)
     assert meter.sample().by_category == {"dense": w.nbytes, "workspace": w2.nbytes}
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "2000000TiB", "9" * 400 + ".5GiB"])
+def test_absurd_sizes_are_one_clear_error_not_an_overflow(text):
+    with pytest.raises(UsageError, match="larger than any machine"):
+        parse_size(text, "--memory-budget")
