@@ -30,7 +30,6 @@ from d2moe.kernels.packed import PackedMatrix
 SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"
 MAX_TERMS = 8
 MAX_PLANES = 8
-TOKENS_PER_BLOCK = 8
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11"]
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 
@@ -134,7 +133,8 @@ def simd_name() -> str:
 
 
 class MatrixDesc:
-    """A PackedMatrix at one level as the C struct (pointers into its views, which it keeps alive)."""
+    """A PackedMatrix at one level as the C struct (pointers into its views, which `matrix` keeps alive).
+    Built only where the native kernels loaded."""
 
     __slots__ = ("struct", "ref", "matrix", "level", "rows", "cols", "group_size", "scratch_floats")
 
@@ -155,7 +155,7 @@ class MatrixDesc:
             s.term_first[i], s.term_nplanes[i], s.term_mul[i], s.term_bias[i] = t.first, t.nplanes, t.mul, t.bias
         self.struct, self.ref, self.matrix, self.level = s, ctypes.byref(s), m, level
         self.rows, self.cols, self.group_size = rows, cols, m.cfg.group_size
-        self.scratch_floats = (MAX_TERMS + 1 + TOKENS_PER_BLOCK) * (cols // m.cfg.group_size) + cols
+        self.scratch_floats = int(load().d2_scratch_floats(self.ref))  # the C side owns the scratch layout
 
 
 class QuantizedX:

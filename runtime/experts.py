@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2moe.kernels.dispatch import ExpertKernels
-from d2moe.runtime.scheduler import CostModel, Job, expert_flops_per_token, hebf_order, johnson_order
+from d2moe.runtime.scheduler import CostModel, Job, hebf_order, johnson_order
 
 
 @dataclass
@@ -108,7 +108,6 @@ class ExpertPipeline:
         self.kernels = kernels or ExpertKernels()
         self.kernels.on_workspace = on_memory
         self.moe_layers = list(ckpt.moe_layers)
-        self.flops_per_token = expert_flops_per_token(ckpt.matrix_shapes)
         self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
         self.cost = CostModel()
         self.stats = PipelineStats()
@@ -204,7 +203,7 @@ class ExpertPipeline:
 
     def _kernel_work(self, w: Work) -> float:
         """Relative kernel cost of a work item: every weight once per plane read (+ a fixed share),
-        per block of 8 tokens, at each level it runs (the cost model learns the rate)."""
+        per 8 tokens, at each level it runs (a shape of the cost, not a count: the cost model learns the rate)."""
         return float(sum(self.weight_elems * (level + 4) * -(-len(rows) // 8) for level, (rows, _) in w.pairs.items()))
 
     def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:

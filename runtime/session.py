@@ -112,10 +112,10 @@ class Session:
             return OffloadedExperts(layer, self.pipeline)
 
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
-        self.pipeline.routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)).detach()
-                                 for layer in ckpt.moe_layers}
+        routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
+        self.pipeline.routers = {layer: w.detach() for layer, w in routers.items()}
         patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
-                      keep=[self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers])
+                      keep=routers.values())
         self.gate = self._load_gate()
         self.pipeline.selector = self._make_selector()
         self._kv_bytes = 0

@@ -196,6 +196,14 @@ static inline __attribute__((always_inline)) __m512i code64(const uint8_t *const
     return code;
 }
 
+/* The 64 u8 codes of code64 as four float32 vectors of 16 (prefill tiles). */
+static inline __attribute__((always_inline)) void code_ps(const __m512i code, __m512 out[4]) {
+    out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(code, 0)));
+    out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(code, 1)));
+    out[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(code, 2)));
+    out[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(code, 3)));
+}
+
 static inline __attribute__((always_inline)) __m256i code32(const uint8_t *const *pl, int64_t at, const int NP) {
     uint32_t bits;
     memcpy(&bits, pl[0] + at, 4);
@@ -380,7 +388,13 @@ static void rows_gemv_avx512(const d2_matrix *m, const d2_qx *q, int n0, int nt,
 /* ---------------------------------------------------------------- entry points */
 
 /* Scratch floats a row range needs: coefficients of every term and the base, per group. */
-int64_t d2_scratch_floats(const d2_matrix *m) { return (int64_t)(D2_MAX_TERMS + 1 + D2_MAX_TOKENS) * (m->cols / m->group_size); }
+/* Scratch floats any entry point needs for this matrix (the one owner of the layout): per-row term
+   coefficients and base (D2_MAX_TERMS + 1 per group), then either per-token group factors (gemv) or
+   one float32 row (bf16 tiles). */
+int64_t d2_scratch_floats(const d2_matrix *m) {
+    const int64_t G = m->cols / m->group_size, tokens = (int64_t)D2_MAX_TOKENS * G;
+    return (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
+}
 
 /* y[n, o] for rows [r0, r1) and every token of q (ystride = y's row length). Rows are visited in
    tiles so that a tile's planes stay in cache while every 8-token block of q reuses them. */
@@ -422,20 +436,12 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
 #if D2_AVX512
         if (!force_portable && gs % 64 == 0) {
             for (int c = 0; c < m->cols; c += 64) {
-                __m512i code = _mm512_setzero_si512();
-                for (int p = 0; p < np; p++) {
-                    uint64_t bits;
-                    memcpy(&bits, pl[p] + c / 8, 8);
-                    code = _mm512_mask_add_epi8(code, _cvtu64_mask64(bits), code, _mm512_set1_epi8((char)(1 << (np - 1 - p))));
-                }
+                __m512 cv[4];
+                code_ps(code64(pl, c / 8, np), cv);
                 const __m512 sv = _mm512_set1_ps(cf[t * G + c / gs]);
-                const __m128i q0 = _mm512_extracti32x4_epi32(code, 0), q1 = _mm512_extracti32x4_epi32(code, 1);
-                const __m128i q2 = _mm512_extracti32x4_epi32(code, 2), q3 = _mm512_extracti32x4_epi32(code, 3);
-                const __m128i qs[4] = {q0, q1, q2, q3};
                 for (int k = 0; k < 4; k++) {
                     float *wk = w + c + 16 * k;
-                    const __m512 cv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qs[k]));
-                    _mm512_storeu_ps(wk, _mm512_fmadd_ps(cv, sv, _mm512_loadu_ps(wk)));
+                    _mm512_storeu_ps(wk, _mm512_fmadd_ps(cv[k], sv, _mm512_loadu_ps(wk)));
                 }
             }
             continue;
@@ -472,19 +478,11 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
             const uint8_t *pl[D2_MAX_PLANES];
             for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[0] + p] + (int64_t)o * rb;
             for (int c = 0; c < m->cols; c += 64) {
-                __m512i code = _mm512_setzero_si512();
-                for (int p = 0; p < np; p++) {
-                    uint64_t bits;
-                    memcpy(&bits, pl[p] + c / 8, 8);
-                    code = _mm512_mask_add_epi8(code, _cvtu64_mask64(bits), code, _mm512_set1_epi8((char)(1 << (np - 1 - p))));
-                }
+                __m512 cv[4];
+                code_ps(code64(pl, c / 8, np), cv);
                 const __m512 sv = _mm512_set1_ps(cf[c / gs]), bv = _mm512_set1_ps(base[c / gs]);
-                const __m128i qs[4] = {_mm512_extracti32x4_epi32(code, 0), _mm512_extracti32x4_epi32(code, 1),
-                                       _mm512_extracti32x4_epi32(code, 2), _mm512_extracti32x4_epi32(code, 3)};
-                for (int k = 0; k < 4; k++) {
-                    const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qs[k])), sv, bv);
-                    _mm256_storeu_si256((__m256i *)(dst + c + 16 * k), (__m256i)_mm512_cvtneps_pbh(w));
-                }
+                for (int k = 0; k < 4; k++)
+                    _mm256_storeu_si256((__m256i *)(dst + c + 16 * k), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(cv[k], sv, bv)));
             }
             continue;
         }
