@@ -38,7 +38,7 @@ def parse_bandwidth(text: str | None) -> float | None:
     """'3.5GB/s' -> 3.5e9 bytes per second (the '/s' is optional)."""
     if text is None:
         return None
-    from d2moe.units import parse_size
+    from d2moe.runtime.units import parse_size
 
     try:
         return float(parse_size(text.strip().removesuffix("/s").removesuffix("ps"), "--io-bandwidth"))

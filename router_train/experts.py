@@ -122,7 +122,7 @@ def find_experts_modules(model: nn.Module, config: dict) -> dict[int, tuple[nn.M
     (gate_up_proj [E, 2I, H], down_proj [E, H, I], the 3-argument forward) to be trained here.
     """
     from d2moe.errors import UnsupportedModelError
-    from d2moe.runtime.adapters import adapter_for
+    from d2moe.quantize.adapters import adapter_for
 
     adapter = adapter_for(config)
     found = {}

@@ -82,7 +82,7 @@ def read_config(src: Path) -> dict:
 
 def router_weights(model: torch.nn.Module, config: dict, layers: list[int]) -> list[torch.Tensor]:
     """The model's own router weight [E, H] of each MoE layer, in layer order."""
-    from d2moe.runtime.adapters import adapter_for
+    from d2moe.quantize.adapters import adapter_for
 
     adapter = adapter_for(config)
     state = dict(model.named_parameters())
@@ -93,7 +93,7 @@ def open_session(src: str | Path, mwq: MWQConfig, device: torch.device | str = "
     """Load `src` (float32), quantize its experts at every level of `mwq`, and wire them for gating."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from d2moe.runtime.adapters import adapter_for
+    from d2moe.quantize.adapters import adapter_for
 
     src = Path(src)
     config = read_config(src)

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from d2moe.errors import InputError, UsageError
+from d2moe.quantize.adapters import adapter_for
 from d2moe.quantize.types import MWQConfig
 from d2moe.router_train.calibrate import calibrate_layer_capacity
 from d2moe.router_train.data import load_texts, split_blocks, token_blocks
 from d2moe.router_train.experts import ESTIMATORS
 from d2moe.router_train.loss import TARGETS, gate_loss
 from d2moe.router_train.session import Session, evaluate, open_session, read_config
-from d2moe.runtime.adapters import adapter_for
 from d2moe.runtime.gate import BitWidthGate, capacity_binds, save_gate, validate_capacity, validate_scope
 
 STATE_FILE = "train_state.pt"

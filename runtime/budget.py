@@ -27,15 +27,14 @@ safetensors_payload_bytes(path) -> int              # tensor bytes of a safetens
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d2moe.errors import BudgetError, FormatError, UsageError
-from d2moe.units import format_size
+from d2moe.quantize.format.constants import DENSE_NAME
+from d2moe.runtime.units import format_size
 
 MIN_CACHE_EXPERTS = 2  # one computing, one loading
 _MIB = 1024**2
@@ -113,7 +112,7 @@ class MemoryPlan:
         staging_slots: int = 1,
         threads: int = 1,
     ) -> MemoryPlan:
-        """The plan for a packed checkpoint (`d2moe.runtime.format`), at `level` (default: the highest).
+        """The plan for a packed checkpoint (`d2moe.quantize.format`), at `level` (default: the highest).
 
         `dense_bytes` defaults to the tensor bytes of the checkpoint's dense.safetensors (its
         source dtype); pass the held size instead when the run converts dtypes.
@@ -141,7 +140,7 @@ def _dense_path(ckpt) -> Path:
     if getattr(ckpt, "dense_path", None) is not None:
         return Path(ckpt.dense_path)
     if getattr(ckpt, "path", None) is not None:
-        return Path(ckpt.path) / "dense.safetensors"
+        return Path(ckpt.path) / DENSE_NAME
     raise UsageError("MemoryPlan.for_checkpoint: pass dense_bytes= (the checkpoint exposes no dense file path)")
 
 
@@ -176,13 +175,8 @@ def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]
 
 
 def safetensors_payload_bytes(path: str | Path) -> int:
-    """Sum of tensor byte sizes in a safetensors file, read from its header only."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise FormatError(f"{path} is not a readable safetensors file ({e}); re-run `d2moe pack`") from e
-    return sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0])
-               for k, v in header.items() if k != "__metadata__")
+    """Sum of tensor byte sizes in a safetensors file, read from its (validated) header only."""
+    from d2moe.quantize.format.safetensors_io import read_header
+
+    header = read_header(Path(path))
+    return sum(t.nbytes for t in header.tensors.values())

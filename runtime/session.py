@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from d2moe.errors import BudgetError, InputError, UsageError
-from d2moe.units import format_size
+from d2moe.runtime.units import format_size
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -343,12 +343,12 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     here; tools that only size budgets (demo, bench) call it alone.
     """
     from d2moe.kernels.cpu import threads as kernel_threads
-    from d2moe.runtime.adapters import adapter_for
+    from d2moe.quantize.adapters import adapter_for
+    from d2moe.quantize.format import open_checkpoint
     from d2moe.runtime.budget import (
         MemoryPlan,
         safetensors_payload_bytes,
     )
-    from d2moe.runtime.format import open_checkpoint
     from d2moe.runtime.model import build_skeleton, meta_buffer_bytes
     from d2moe.runtime.policies import check_level, get_policy
     from d2moe.runtime.policies import hold_level as policy_hold_level

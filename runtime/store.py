@@ -25,7 +25,7 @@ ExpertStore(ckpt, io_threads=4, bandwidth=None, direct=True)
     read(layer, expert, have, want) -> memoryview             # else the segments have -> want
     stats() / reset_stats() / close(), plus bytes_read, reads, busy_seconds properties
 `ckpt` is anything with `byte_range(layer, expert, have_level|None, want_level) -> (path, offset, nbytes)`
-(the packed checkpoint of `d2moe.runtime.format`).
+(the packed checkpoint of `d2moe.quantize.format`).
 
 The returned memoryview is writable and backed by its own mmap, so `torch.frombuffer(view,
 dtype=torch.uint8)` wraps it without a copy.
@@ -43,8 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2moe.errors import FormatError, InputError, UsageError
+from d2moe.quantize.format.constants import (
+    ALIGN,  # blobs are laid out for O_DIRECT: the same 4 KiB serves its reads
+)
 
-ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (safe for 512 B and 4 KiB sectors)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 

@@ -75,7 +75,7 @@ def make_source(path: Path, layers: int, hidden: int, inter: int, experts: int, 
 
 def pack_child(src: str, out: str, bits: str, scheme: str, workers: int) -> None:
     from d2moe.quantize import MWQConfig
-    from d2moe.runtime.pack import pack_checkpoint
+    from d2moe.quantize.convert.pack import pack_checkpoint
 
     peak_anon = [0]
     done = threading.Event()

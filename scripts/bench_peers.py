@@ -347,17 +347,17 @@ def parse_d2moe_spec(text: str) -> dict:
 def resolve_d2moe_budget(args, budget: str, max_tokens: int, io_threads: int) -> int:
     """Bytes for a d2moe budget: a size as is, a percentage as `d2moe bench --budgets` reads it."""
     if not budget.endswith("%"):
-        from d2moe.units import parse_size
+        from d2moe.runtime.units import parse_size
 
         return parse_size(budget, "budget")
-    from d2moe.runtime.benchmark import budget_basis, parse_budgets
+    from d2moe.apps.benchmark import budget_basis, parse_budgets
 
     fixed, expert_set, _ = budget_basis(args.packed, max_tokens=max_tokens, io_threads=io_threads)
     return parse_budgets(budget, fixed, expert_set)[0].bytes
 
 
 def make_systems(args, prompts: dict) -> list[System]:
-    from d2moe.units import parse_size
+    from d2moe.runtime.units import parse_size
 
     hf_bytes = dir_bytes(args.checkpoint, "*.safetensors")
     systems: list[System] = []

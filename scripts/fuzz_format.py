@@ -34,7 +34,7 @@ def main() -> None:
     from tiny_models import make_tiny_checkpoint
 
     from d2moe.quantize import MWQConfig
-    from d2moe.runtime.pack import pack_checkpoint
+    from d2moe.quantize.convert.pack import pack_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="d2moe-fuzz-"))
     src = make_tiny_checkpoint("mixtral", work / "src")

@@ -65,7 +65,7 @@ def packed_checkpoint_factory(tmp_path_factory, tiny_checkpoint_factory):
 
     def factory(arch: str, bits=(2, 3, 4), scheme: str = "sliced", group_size: int = 64, **source_kwargs):
         from d2moe.quantize import MWQConfig
-        from d2moe.runtime.pack import pack_checkpoint
+        from d2moe.quantize.convert.pack import pack_checkpoint
 
         key = (arch, tuple(bits), scheme, group_size, tuple(sorted(source_kwargs.items())))
         if key not in cache:

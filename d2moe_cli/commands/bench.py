@@ -35,7 +35,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
 ) -> None:
     """Sweep policies x memory budgets: prefill/decode tokens/s, peak memory, bytes read, hit rate."""
-    from d2moe.runtime.benchmark import plot_throughput, run_bench
+    from d2moe.apps.benchmark import plot_throughput, run_bench
 
     bandwidth = parse_bandwidth(io_bandwidth)
 
@@ -70,7 +70,7 @@ def print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from d2moe.units import format_size
+    from d2moe.runtime.units import format_size
 
     bw = f", I/O capped at {report.io_bandwidth / 1e9:g} GB/s" if report.io_bandwidth else ""
     table = Table(title=(f"d2moe bench: {report.prompt_tokens}-token prompt, {report.max_new_tokens} new tokens, "

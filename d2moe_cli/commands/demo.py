@@ -53,8 +53,8 @@ def demo_cache_dir() -> Path:
 def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path | None = None) -> bool:
     """True when `out` is a valid packed checkpoint of `src` (same fingerprint) at `bits`, with a gate iff `router`."""
     from d2moe.errors import D2MoEError
-    from d2moe.runtime.format import open_checkpoint
-    from d2moe.runtime.pack import SourceCheckpoint
+    from d2moe.quantize.convert.pack import SourceCheckpoint
+    from d2moe.quantize.format import open_checkpoint
 
     if not (out / "d2moe.json").is_file():
         return False
@@ -77,7 +77,7 @@ def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
     import time
 
     from d2moe.quantize import MWQConfig
-    from d2moe.runtime.pack import pack_checkpoint
+    from d2moe.quantize.convert.pack import pack_checkpoint
 
     if current is None:
         current = packed_is_current(out, src, bits, router)
@@ -91,7 +91,7 @@ def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
 
 def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_threads: int = 4) -> tuple[int, int]:
     """(budget bytes, all-experts bytes at the highest level): the fixed part + a fraction of the experts."""
-    from d2moe.runtime.evaluate import UNLIMITED_BUDGET
+    from d2moe.apps.evaluate import UNLIMITED_BUDGET
     from d2moe.runtime.session import RunOptions, plan_run
 
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="d2moe", max_tokens=max_tokens, io_threads=io_threads)
@@ -147,7 +147,7 @@ def demo(
     budget, experts = demo_budget(out, max_tokens, expert_fraction)
     options = RunOptions(memory_budget=budget, policy=policy, max_tokens=max_tokens)
     if not json_out:
-        from d2moe.units import format_size
+        from d2moe.runtime.units import format_size
 
         say(f"memory budget {format_size(budget)}: room for {expert_fraction:.0%} of the experts "
             f"({format_size(experts)} at {level_bits[-1]} bits), the rest loads from disk\n")
@@ -172,7 +172,7 @@ def print_stats(stats: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from d2moe.units import format_size
+    from d2moe.runtime.units import format_size
 
     mem = stats["memory"]
     levels = stats["tokens_per_level"]

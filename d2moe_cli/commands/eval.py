@@ -40,7 +40,7 @@ def eval_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""
-    from d2moe.units import parse_size
+    from d2moe.runtime.units import parse_size
 
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
 
@@ -51,8 +51,8 @@ def eval_command(
     if tasks_dir is not None and not task_list:
         raise UsageError("--tasks-dir needs --tasks naming the tasks to run")
 
-    from d2moe.runtime import evaluate as ev
-    from d2moe.runtime.format import open_checkpoint
+    from d2moe.apps import evaluate as ev
+    from d2moe.quantize.format import open_checkpoint
     from d2moe.runtime.session import load_tokenizer
 
     if task_list and not ev.lm_eval_available():
@@ -98,7 +98,7 @@ def print_table(rows: list[dict], tasks: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from d2moe.units import format_size
+    from d2moe.runtime.units import format_size
 
     table = Table(title="d2moe eval", title_justify="left")
     for col in ("target", "levels", "mean bits", "expert memory", "perplexity", "tokens", "seconds"):

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         verify: Annotated[bool, typer.Option("--verify", help="also read every byte and check every crc32")] = False,
     ) -> None:
         """Architecture, layers x experts, bytes and bits/weight per level, SQNR per level, validation."""
-        from d2moe.runtime.format import open_checkpoint
+        from d2moe.quantize.format import open_checkpoint
 
         try:
             summary = open_checkpoint(path, verify=verify).summary()
@@ -39,7 +39,7 @@ def _print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from d2moe.units import format_size
+    from d2moe.runtime.units import format_size
 
     console = Console()
     console.print(f"[bold]{s['path']}[/]: {s['arch']} ({s['source']}), format {s['format']} v{s['version']}, "

@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object (no progress bar)")] = False,
     ) -> None:
         """Pack SRC into OUT: dense weights + one bit-nested blob per expert (levels read by prefix)."""
+        from d2moe.quantize.convert.pack import pack_checkpoint
         from d2moe.quantize.types import MWQConfig
-        from d2moe.runtime.pack import pack_checkpoint
 
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
         report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not as_json, force=force,
@@ -42,7 +42,7 @@ def _print_report(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from d2moe.units import format_size
+    from d2moe.runtime.units import format_size
 
     table = Table(title=f"{r['out']}: {r['arch']}, {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts, "
                         f"{r['seconds']:.1f} s")

@@ -86,7 +86,7 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
 ) -> None:
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
-    from d2moe.units import parse_size
+    from d2moe.runtime.units import parse_size
 
     budget = parse_size(memory_budget, "--memory-budget")
     bandwidth = parse_bandwidth(io_bandwidth)
@@ -132,7 +132,7 @@ def run(
 
 def print_summary(stats: dict) -> None:
     """One dim line of the run's figures on stderr (rich on a terminal, plain otherwise)."""
-    from d2moe.units import format_size
+    from d2moe.runtime.units import format_size
 
     mem = stats["memory"]
     line = (f"{stats['policy']} · prefill {stats['prefill_tokens_per_s']:.1f} tok/s · decode "

@@ -9,13 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from packed import packed_tiny
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
-
-from packed import packed_tiny  # noqa: E402
-
+from d2moe.apps.evaluate import lm_eval_available  # noqa: E402
 from d2moe.cli import main  # noqa: E402
-from d2moe.runtime.evaluate import lm_eval_available  # noqa: E402
 
 TASKS = Path(__file__).parents[1] / "data" / "tasks"
 TEXT = "the quick brown fox jumps over the lazy dog . a mixture of experts routes every token to a few experts . " * 4
@@ -50,7 +47,7 @@ def _reference_nll(src: Path, packed: Path, ids: list[int], level: int | None) -
     from transformers import AutoModelForCausalLM
 
     from d2moe.quantize import dequantize
-    from d2moe.runtime.format import open_checkpoint
+    from d2moe.quantize.format import open_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     if level is not None:

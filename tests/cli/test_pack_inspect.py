@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from d2moe.cli import main
-from d2moe.runtime import format as fmt
+from d2moe.quantize import format as fmt
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ from d2moe.runtime.budget import (
     workspace_bytes,
 )
 from d2moe.runtime.memory import MemoryMeter
-from d2moe.units import parse_size
+from d2moe.runtime.units import parse_size
 
 MiB = 1024**2
 sizes = st.integers(0, 10**9)
@@ -146,8 +146,8 @@ def test_meter_rss_delta_sees_a_real_allocation():
 
 def test_plan_for_a_real_packed_checkpoint(tiny_mixtral, tmp_path):
     from d2moe.quantize import MWQConfig
-    from d2moe.runtime.format import open_checkpoint
-    from d2moe.runtime.pack import pack_checkpoint
+    from d2moe.quantize.convert.pack import pack_checkpoint
+    from d2moe.quantize.format import open_checkpoint
 
     out = tmp_path / "packed"
     pack_checkpoint(tiny_mixtral, out, MWQConfig(bits=(2, 3, 4)), progress=False)

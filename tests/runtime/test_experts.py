@@ -148,7 +148,7 @@ def test_corrupted_expert_bytes_are_caught_when_read(packed, tmp_path):
     import shutil
 
     from d2moe.errors import FormatError
-    from d2moe.runtime import format as fmt
+    from d2moe.quantize import format as fmt
 
     bad = tmp_path / "bad"
     shutil.copytree(packed, bad)

@@ -230,8 +230,8 @@ def test_expert_store_prefix_and_upgrade_segments(tmp_path):
 def packed_mixtral(tiny_mixtral, tmp_path_factory):
     """The tiny Mixtral packed at levels 2,3,4 by the real `pack`."""
     from d2moe.quantize import MWQConfig
-    from d2moe.runtime.format import open_checkpoint
-    from d2moe.runtime.pack import pack_checkpoint
+    from d2moe.quantize.convert.pack import pack_checkpoint
+    from d2moe.quantize.format import open_checkpoint
 
     out = tmp_path_factory.mktemp("packed") / "mixtral-d2moe"
     pack_checkpoint(tiny_mixtral, out, MWQConfig(bits=(2, 3, 4)), progress=False)

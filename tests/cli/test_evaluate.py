@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2moe.errors import DependencyError, InputError, UsageError
-from d2moe.runtime import evaluate
-from d2moe.runtime.evaluate import (
+from d2moe.apps import evaluate
+from d2moe.apps.evaluate import (
     encode_text,
     lm_eval_available,
     model_logits_fn,
@@ -22,6 +21,7 @@ from d2moe.runtime.evaluate import (
     sliding_windows,
     zero_shot,
 )
+from d2moe.errors import DependencyError, InputError, UsageError
 
 DATA = Path(__file__).parents[1] / "data"
 TASKS = DATA / "tasks"

@@ -13,8 +13,8 @@ from tiny_models import TINY_ARCHS, make_tiny_checkpoint
 
 from d2moe.errors import GateMismatchError, InputError, UnsupportedModelError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
-from d2moe.runtime import format as fmt
-from d2moe.runtime.pack import pack_checkpoint
+from d2moe.quantize import format as fmt
+from d2moe.quantize.convert.pack import pack_checkpoint
 
 
 def _hf_model(src: Path):
@@ -160,7 +160,7 @@ def test_bad_sources_are_explained(tmp_path, tiny_checkpoint_factory):
 
 
 def _gate_for(src: Path, path: Path, levels=(2, 3, 4), config_override: dict | None = None) -> Path:
-    from d2moe.runtime.adapters import adapter_for
+    from d2moe.quantize.adapters import adapter_for
     from d2moe.runtime.gate import BitWidthGate, model_fingerprint, save_gate
 
     config = {**json.loads((src / "config.json").read_text()), **(config_override or {})}

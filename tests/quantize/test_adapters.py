@@ -10,8 +10,8 @@ from safetensors import safe_open
 from tiny_models import TINY_ARCHS
 
 from d2moe.errors import InputError, UnsupportedModelError
-from d2moe.runtime.adapters import SUPPORTED, ExpertKey, FusedExpertKey, adapter_for
-from d2moe.runtime.pack import SourceCheckpoint
+from d2moe.quantize.adapters import SUPPORTED, ExpertKey, FusedExpertKey, adapter_for
+from d2moe.quantize.convert.pack import SourceCheckpoint
 
 
 def _meta_model(adapter, config: dict):

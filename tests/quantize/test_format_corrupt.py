@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from d2moe.errors import FormatError
-from d2moe.runtime import format as fmt
+from d2moe.quantize import format as fmt
 
 
 @pytest.fixture(scope="module")

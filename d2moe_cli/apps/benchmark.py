@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from d2moe.errors import BudgetError, UsageError
-from d2moe.units import parse_size
+from d2moe.runtime.units import parse_size
 
 SCHEMA = "d2moe.bench/1"
 OURS = "d2moe"
@@ -293,7 +293,7 @@ BASELINE_ORDER = ("hold-int8", "hold-int4", "matryoshka-free", "moqe-dynaio", "e
 
 def policy_list(text: str) -> list[str]:
     """'all' -> every policy (baselines first, d2moe last); else the comma list ('moqe-dynaio@2' sets a level)."""
-    from d2moe.runtime.evaluate import parse_policy
+    from d2moe.apps.evaluate import parse_policy
     from d2moe.runtime.policies import POLICIES
 
     if text.strip() == "all":
@@ -322,8 +322,8 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4) -> tuple[int,
     fixed = what a uniform run at the reference level holds besides its expert cache (dense, KV for
     max_tokens, staging, workspace), from the session's own memory plan.
     """
-    from d2moe.runtime.evaluate import UNLIMITED_BUDGET
-    from d2moe.runtime.format import open_checkpoint
+    from d2moe.apps.evaluate import UNLIMITED_BUDGET
+    from d2moe.quantize.format import open_checkpoint
     from d2moe.runtime.session import RunOptions, plan_run
 
     level = reference_level(open_checkpoint(checkpoint).cfg.bits)
@@ -354,8 +354,8 @@ def unavailable_policies(checkpoint, policies: Sequence[str]) -> dict[str, str]:
 
     A level given with @ that is not packed is the user's mistake, not n/a: UsageError.
     """
-    from d2moe.runtime.evaluate import parse_policy
-    from d2moe.runtime.format import open_checkpoint
+    from d2moe.apps.evaluate import parse_policy
+    from d2moe.quantize.format import open_checkpoint
     from d2moe.runtime.policies import HOLD_LEVELS
 
     bits = open_checkpoint(checkpoint).cfg.bits
@@ -374,7 +374,7 @@ def session_runner(
     io_threads: int = 4, tokenizer=None,
 ) -> RunFn:
     """A RunFn: a fresh Session (cold cache) per run, greedy decode of the prompt, its statistics."""
-    from d2moe.runtime.evaluate import parse_policy
+    from d2moe.apps.evaluate import parse_policy
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session
 

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from packed import packed_tiny
 
+from d2moe.apps import benchmark as bm
+from d2moe.apps.benchmark import Budget, RunMeasure
 from d2moe.errors import BudgetError, UsageError
-from d2moe.runtime import benchmark as bm
-from d2moe.runtime.benchmark import Budget, RunMeasure
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from packed import packed_tiny  # noqa: E402
 
 
 def _measure(decode: float) -> RunMeasure:

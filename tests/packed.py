@@ -16,7 +16,7 @@ _CACHE: dict[tuple, tuple[Path, Path]] = {}
 def packed_tiny(tmp_path_factory, arch: str = "mixtral", bits: tuple[int, ...] = (2, 4, 8), seed: int = 0,
                 **overrides) -> tuple[Path, Path]:
     from d2moe.quantize import MWQConfig
-    from d2moe.runtime.pack import pack_checkpoint
+    from d2moe.quantize.convert.pack import pack_checkpoint
 
     key = (arch, tuple(bits), seed, tuple(sorted(overrides.items())))
     if key not in _CACHE:

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from d2moe.errors import FormatError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
-from d2moe.runtime import format as fmt
-from d2moe.runtime.safetensors_io import AlignedSafetensorsWriter, read_header
+from d2moe.quantize import format as fmt
+from d2moe.quantize.format.safetensors_io import AlignedSafetensorsWriter, read_header
 
 SHAPES = {"gate": (128, 64), "up": (128, 64), "down": (64, 128)}
 

@@ -1,4 +1,4 @@
-"""`pack`: a Hugging Face MoE checkpoint -> a packed d2moe checkpoint (layout: d2moe.runtime.format).
+"""`pack`: a Hugging Face MoE checkpoint -> a packed d2moe checkpoint (layout: d2moe.quantize.format).
 
 Streams: tensors are read lazily one at a time (safetensors `safe_open`), experts are quantized
 and written one expert at a time, so memory stays at a few expert matrices plus one dense tensor,
@@ -25,9 +25,13 @@ import torch
 
 from d2moe.errors import D2MoEError, InputError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
-from d2moe.runtime import format as fmt
-from d2moe.runtime.adapters import ExpertKey, FusedExpertKey, adapter_for
-from d2moe.runtime.safetensors_io import DTYPE_SIZES, TORCH_TO_ST, AlignedSafetensorsWriter, strict_json
+from d2moe.quantize import format as fmt
+from d2moe.quantize.adapters import ExpertKey, FusedExpertKey, adapter_for
+from d2moe.quantize.format.safetensors_io import (
+    DTYPE_SIZES,
+    TORCH_TO_ST,
+    strict_json,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -333,24 +337,21 @@ def _write_dense(source: SourceCheckpoint, dense: list[tuple[str, str]], tmp: Pa
     if dense_dtype not in fmt.DENSE_DTYPES:
         raise InputError(f"{source.path}: dense weights are {dense_dtype}; pass --dtype float16|bfloat16|float32")
     path = tmp / fmt.DENSE_NAME
-    with AlignedSafetensorsWriter(path, [(m, d, s) for _, m, d, s in plan], {"format": "pt"}, fmt.DENSE_ALIGN) as w:
+    with fmt.dense_file_writer(path, [(m, d, s) for _, m, d, s in plan]) as w:
         for src_key, model_key, _, _ in plan:
             t = source.get(src_key)
             if dtype and t.is_floating_point():
                 t = t.to(getattr(torch, dtype))
             w.write(model_key, t.contiguous().view(torch.uint8).reshape(-1).numpy())
-    return {"file": fmt.DENSE_NAME, "nbytes": path.stat().st_size, "crc32": fmt.file_crc32(path)}, dense_dtype
+    return fmt.file_entry(path), dense_dtype
 
 
 def _write_layer(experts: ExpertSource, layer: int, num_experts: int, layout: fmt.BlobLayout, cfg: MWQConfig,
                  tmp: Path, bar, pool: ThreadPoolExecutor, workers: int) -> list[dict]:
     """Quantize a layer's experts on `pool` (reads stay on this thread), writing blobs in expert order."""
-    fname = fmt.experts_file_name(layer)
-    names = [(fmt.expert_tensor_name(e), "U8", (layout.nbytes,)) for e in range(num_experts)]
     entries = []
     pending: deque = deque()  # at most workers + 1 experts in memory at once
-    with AlignedSafetensorsWriter(tmp / fname, names, {"format": fmt.FORMAT_NAME, "layer": str(layer)}, fmt.ALIGN) as w:
-        assert w.data_start % fmt.ALIGN == 0
+    with fmt.ExpertsFileWriter(tmp, layer, num_experts, layout) as w:
 
         def finish_oldest() -> None:
             e, future = pending.popleft()
@@ -358,12 +359,7 @@ def _write_layer(experts: ExpertSource, layer: int, num_experts: int, layout: fm
                 quantized, sqnr = future.result()
             except UsageError as exc:
                 raise InputError(f"layer {layer} expert {e}: {exc}") from None
-            blob = fmt.encode_expert(quantized, layout, cfg)
-            w.write(fmt.expert_tensor_name(e), blob)
-            entries.append({
-                "layer": layer, "expert": e, "file": fname, "offset": w.offsets[fmt.expert_tensor_name(e)],
-                "level_ends": list(layout.level_ends), "crc32": fmt.segment_crcs(blob, layout), "sqnr_db": sqnr,
-            })
+            entries.append(w.add(e, fmt.encode_expert(quantized, layout, cfg), sqnr))
             bar.advance()
 
         for e in range(num_experts):
@@ -426,8 +422,7 @@ def _check_gate(router: Path, source: SourceCheckpoint, experts: ExpertSource, a
 def _copy_gate(router: Path, capacity: list[float], cfg: MWQConfig, tmp: Path) -> dict:
     dest = tmp / fmt.GATE_NAME
     shutil.copyfile(router, dest)
-    return {"file": fmt.GATE_NAME, "nbytes": dest.stat().st_size, "crc32": fmt.file_crc32(dest),
-            "levels": list(cfg.bits), "capacity": capacity}
+    return fmt.file_entry(dest, levels=list(cfg.bits), capacity=capacity)
 
 
 def _report(out: Path, manifest: dict, layout: fmt.BlobLayout, cfg: MWQConfig, source_bytes: int, seconds: float) -> dict:

@@ -1,0 +1,79 @@
+"""Where every tensor of one expert blob sits: a pure function of the matrix shapes and the MWQ config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from d2moe.errors import UsageError
+from d2moe.quantize.format.constants import ALIGN, MATRICES
+from d2moe.quantize.types import MWQConfig
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor inside a level segment."""
+
+    matrix: str
+    name: str  # "scale" | "offset" | "alpha" | "planes"
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset inside the segment
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * (2 if self.dtype == torch.float16 else 1)
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    segments: tuple[tuple[Slot, ...], ...]  # per level
+    level_ends: tuple[int, ...]  # padded prefix length per level
+
+    @property
+    def nbytes(self) -> int:
+        return self.level_ends[-1]
+
+    def segment_range(self, i: int) -> tuple[int, int]:
+        return (self.level_ends[i - 1] if i else 0), self.level_ends[i]
+
+
+@lru_cache(maxsize=64)
+def _layout(shapes: tuple[tuple[str, int, int], ...], cfg: MWQConfig) -> BlobLayout:
+    segments, ends, end = [], [], 0
+    for i, bits in enumerate(cfg.bits):
+        slots, cursor = [], 0
+        for matrix, rows, cols in shapes:
+            groups, row_bytes = cols // cfg.group_size, cols // 8
+            if i == 0:
+                names = [("scale", torch.float16, (rows, groups)), ("offset", torch.float16, (rows, groups)),
+                         ("planes", torch.uint8, (bits, rows, row_bytes))]
+            else:
+                n = bits - cfg.bits[i - 1]
+                names = [("alpha", torch.float16, (n, rows, groups))] if cfg.scheme == "residual" else []
+                names.append(("planes", torch.uint8, (n, rows, row_bytes)))
+            for name, dtype, shape in names:
+                slot = Slot(matrix, name, dtype, shape, cursor)
+                slots.append(slot)
+                cursor += slot.nbytes
+        end += -(-cursor // ALIGN) * ALIGN
+        segments.append(tuple(slots))
+        ends.append(end)
+    return BlobLayout(tuple(segments), tuple(ends))
+
+
+def blob_layout(matrix_shapes: dict[str, tuple[int, int]], cfg: MWQConfig) -> BlobLayout:
+    """Where every tensor of one expert blob sits, from the matrix shapes and the MWQ config."""
+    for matrix in MATRICES:
+        rows, cols = matrix_shapes[matrix]
+        if rows <= 0 or cols <= 0 or cols % cfg.group_size:
+            raise UsageError(
+                f"expert matrix {matrix} [{rows}, {cols}] cannot be split in groups of {cfg.group_size} columns: "
+                "pick a --group-size that divides the hidden and intermediate sizes"
+            )
+    return _layout(tuple((m, *matrix_shapes[m]) for m in MATRICES), cfg)

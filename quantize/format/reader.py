@@ -1,0 +1,263 @@
+"""Reading a packed checkpoint: `open_checkpoint` validates it whole (framing, manifest, sizes) and
+returns a `PackedCheckpoint` that reads, checks and decodes expert prefixes."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from d2moe.errors import D2MoEError, FormatError, UsageError
+from d2moe.kernels.packed import PackedMatrix
+from d2moe.quantize.format.constants import (
+    ALIGN,
+    CONFIG_NAME,
+    FORMAT_NAME,
+    MANIFEST_NAME,
+    MATRICES,
+    expert_tensor_name,
+)
+from d2moe.quantize.format.layout import BlobLayout, blob_layout
+from d2moe.quantize.format.manifest import ExpertEntry, read_json, validate_manifest
+from d2moe.quantize.format.safetensors_io import read_header
+from d2moe.quantize.format.writer import experts_file_metadata, file_crc32
+from d2moe.quantize.types import MWQConfig
+
+
+def decode_blob(prefix, layout: BlobLayout, cfg: MWQConfig, level: int, shapes: dict[str, tuple[int, int]]) -> dict[str, PackedMatrix]:
+    """Each matrix at `level` as views into `prefix` (nothing is copied: kernels read the bytes in place)."""
+    k = cfg.level_index(level)
+    view = memoryview(prefix).cast("B")
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"planes": [], "alpha": []} for m in MATRICES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers (bytes) are fine: we never write
+        for i in range(k + 1):
+            base = layout.segment_range(i)[0]
+            for slot in layout.segments[i]:
+                count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
+                t = torch.frombuffer(view, dtype=slot.dtype, count=count, offset=base + slot.start) if count else \
+                    torch.empty(0, dtype=slot.dtype)
+                t = t.view(slot.shape)
+                if slot.name in ("planes", "alpha"):
+                    parts[slot.matrix][slot.name].extend(t.unbind(0))
+                else:
+                    parts[slot.matrix][slot.name] = t
+    return {m: PackedMatrix(tuple(shapes[m]), cfg, level, p["scale"], p["offset"], tuple(p["planes"]), tuple(p["alpha"]))
+            for m, p in parts.items()}
+
+
+class PackedCheckpoint:
+    """A validated packed checkpoint (see the module docstring). Build with `open_checkpoint`."""
+
+    def __init__(self, path: Path, manifest: dict, config: dict, cfg: MWQConfig, experts: dict[tuple[int, int], ExpertEntry]):
+        self.path = path
+        self.manifest = manifest
+        self.config = config
+        self.cfg = cfg
+        self.experts = experts
+        self.arch: str = manifest["arch"]
+        self.moe_layers: list[int] = list(manifest["moe_layers"])
+        self.num_experts: int = manifest["num_experts"]
+        self.dtype: str = manifest["dtype"]
+        self.matrix_shapes: dict[str, tuple[int, int]] = {m: tuple(s) for m, s in manifest["matrix_shapes"].items()}
+        self.layout = blob_layout(self.matrix_shapes, cfg)
+        self.version: int = manifest["version"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path
+
+    @property
+    def dense_path(self) -> Path:
+        return self.path / self.manifest["dense"]["file"]
+
+    @property
+    def gate_path(self) -> Path | None:
+        gate = self.manifest["gate"]
+        return None if gate is None else self.path / gate["file"]
+
+    @property
+    def gate_capacity(self) -> tuple[float, ...] | None:
+        gate = self.manifest["gate"]
+        return None if gate is None else tuple(gate["capacity"])
+
+    @cached_property
+    def adapter(self):
+        from d2moe.quantize.adapters import adapter_for
+
+        return adapter_for(self.config)
+
+    def level_nbytes(self, level: int) -> int:
+        """Bytes of one expert's prefix at `level` (the same for every expert)."""
+        return self.layout.level_ends[self.cfg.level_index(level)]
+
+    def entry(self, layer: int, expert: int) -> ExpertEntry:
+        try:
+            return self.experts[(layer, expert)]
+        except KeyError:
+            raise UsageError(f"{self.path}: no expert {expert} in layer {layer} (MoE layers {self.moe_layers[:8]}…, "
+                             f"{self.num_experts} experts)") from None
+
+    def byte_range(self, layer: int, expert: int, have_level: int | None, want_level: int) -> tuple[Path, int, int]:
+        """(file, absolute offset, length) of what takes expert from `have_level` (None: nothing) to `want_level`."""
+        e = self.entry(layer, expert)
+        want = self.level_nbytes(want_level)
+        have = 0 if have_level is None else self.level_nbytes(have_level)
+        if have >= want:
+            raise UsageError(f"layer {layer} expert {expert}: level {have_level} already covers level {want_level}")
+        return self.path / e.file, e.offset + have, want - have
+
+    def read_prefix(self, layer: int, expert: int, level: int) -> bytes:
+        """One aligned read of the expert's prefix at `level` (convenience for tools and tests)."""
+        path, offset, nbytes = self.byte_range(layer, expert, None, level)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise FormatError(f"{path.name}: layer {layer} expert {expert} truncated ({len(data)} of {nbytes} bytes)")
+        return data
+
+    def decode_expert(self, layer: int, expert: int, level: int, prefix_bytes, verify: bool = True) -> dict[str, PackedMatrix]:
+        """The expert's three MWQ tensors at `level` from (at least) its prefix bytes at that level."""
+        e = self.entry(layer, expert)
+        k = self.cfg.level_index(level)
+        n = memoryview(prefix_bytes).nbytes
+        if n < e.level_ends[k] or n > e.nbytes:
+            raise FormatError(f"{e.file}: layer {layer} expert {expert}: {n} bytes given, level {level} needs "
+                              f"{e.level_ends[k]} (at most {e.nbytes})")
+        if verify:
+            self._check_crc(e, prefix_bytes, k)
+        return decode_blob(prefix_bytes, self.layout, self.cfg, level, self.matrix_shapes)
+
+    def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int) -> None:
+        """Check the crc32 of the segments that a `byte_range(layer, expert, have_level, want_level)` read brought."""
+        e = self.entry(layer, expert)
+        first = 0 if have_level is None else self.cfg.level_index(have_level) + 1
+        base = 0 if have_level is None else self.level_nbytes(have_level)
+        self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
+
+    def _check_crc(self, e: ExpertEntry, blob, upto: int, first: int = 0, base: int = 0) -> None:
+        """Segments first..upto of `blob`, whose byte 0 is byte `base` of the expert's blob."""
+        view = memoryview(blob).cast("B")
+        for i in range(first, upto + 1):
+            lo, hi = self.layout.segment_range(i)
+            if hi - base > view.nbytes or zlib.crc32(view[lo - base:hi - base]) != e.crc32[i]:
+                raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
+                                  f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
+
+    def verify(self) -> None:
+        """Read every byte once: check every expert segment's and the dense/gate files' crc32."""
+        for (layer, expert), e in sorted(self.experts.items()):
+            self._check_crc(e, self.read_prefix(layer, expert, self.cfg.bk), len(self.cfg.bits) - 1)
+        for section in ("dense", "gate"):
+            info = self.manifest[section]
+            if info is not None and file_crc32(self.path / info["file"]) != info["crc32"]:
+                raise FormatError(f"{info['file']}: crc32 differs from {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
+
+    def load_dense(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Every dense weight, keyed by transformers-5 model key, in its stored dtype."""
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.dense_path), device=device)
+        except Exception as exc:  # framing was validated at open: this is a race or I/O error
+            raise FormatError(f"{self.dense_path.name}: cannot be loaded ({exc})") from None
+
+    def summary(self) -> dict:
+        """What `d2moe inspect` shows: sizes, effective bits/weight and SQNR (min/median) per level."""
+        import statistics
+
+        weights = sum(r * c for r, c in self.matrix_shapes.values())  # per expert
+        n = len(self.experts)
+        levels = []
+        for i, b in enumerate(self.cfg.bits):
+            q = [e.sqnr_db[i] for e in self.experts.values() if e.sqnr_db[i] is not None]
+            levels.append({
+                "bits": b, "bytes_per_expert": self.layout.level_ends[i], "bytes_all_experts": self.layout.level_ends[i] * n,
+                "bits_per_weight": 8 * self.layout.level_ends[i] / weights,
+                "sqnr_db": {"min": min(q), "median": statistics.median(q)} if q else None,
+            })
+        gate = self.manifest["gate"]
+        return {
+            "path": str(self.path), "format": FORMAT_NAME, "version": self.version, "arch": self.arch,
+            "source": self.manifest["source"]["path"], "moe_layers": len(self.moe_layers), "num_experts": self.num_experts,
+            "matrix_shapes": {m: list(s) for m, s in self.matrix_shapes.items()}, "group_size": self.cfg.group_size,
+            "scheme": self.cfg.scheme, "dtype": self.dtype, "dense_bytes": self.manifest["dense"]["nbytes"],
+            "levels": levels, "gate": None if gate is None else {"capacity": gate["capacity"], "levels": gate["levels"]},
+        }
+
+    def __repr__(self) -> str:
+        return (f"PackedCheckpoint({self.path}, arch={self.arch}, levels={list(self.cfg.bits)}, "
+                f"layers={len(self.moe_layers)}, experts={self.num_experts})")
+
+
+def _file_size(path: Path, what: str) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise FormatError(f"{what}: file is missing (re-pack the checkpoint)") from None
+    except OSError as exc:
+        raise FormatError(f"{what}: cannot be read ({exc.strerror})") from None
+
+
+def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
+    """Open and validate a packed checkpoint; FormatError (naming file and expert) if anything is off.
+
+    verify=True also reads every byte and checks every crc32.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path} is not a packed checkpoint directory (make one with `d2moe pack SRC {path}`)")
+    try:
+        manifest = read_json(path / MANIFEST_NAME)
+        config = read_json(path / CONFIG_NAME)
+        if not isinstance(config, dict):
+            raise FormatError(f"{path / CONFIG_NAME}: must hold a JSON object (copy the source's config.json back)")
+        cfg, experts = validate_manifest(manifest, config, path)
+    except FormatError:
+        raise
+    except D2MoEError as exc:  # e.g. an adapter refusing the copied config
+        raise FormatError(f"{path / MANIFEST_NAME}: {exc}") from None
+    _check_files(path, manifest, cfg, experts)
+    ckpt = PackedCheckpoint(path, manifest, config, cfg, experts)
+    if verify:
+        ckpt.verify()
+    return ckpt
+
+
+def _check_files(path: Path, manifest: dict, cfg: MWQConfig, experts: dict[tuple[int, int], ExpertEntry]) -> None:
+    """Every file's safetensors framing agrees with the manifest, byte for byte."""
+    by_file: dict[str, list[ExpertEntry]] = {}
+    for e in experts.values():
+        by_file.setdefault(e.file, []).append(e)
+    for name, entries in sorted(by_file.items()):
+        size = _file_size(path / name, name)
+        for e in entries:
+            if e.offset + e.nbytes > size:
+                raise FormatError(f"{name}: layer {e.layer} expert {e.expert}: blob [{e.offset}, {e.offset + e.nbytes}) runs "
+                                  f"past the end of the {size}-byte file (truncated: re-pack or re-download)")
+        header = read_header(path / name, name)
+        want = {expert_tensor_name(e.expert): e for e in entries}
+        if set(header.tensors) != set(want):
+            extra = sorted(set(header.tensors) ^ set(want))[:3]
+            raise FormatError(f"{name}: holds tensors that disagree with {MANIFEST_NAME} (e.g. {extra}): re-pack")
+        layer = entries[0].layer
+        if header.metadata != experts_file_metadata(layer):
+            raise FormatError(f"{name}: metadata {header.metadata} should be format {FORMAT_NAME!r}, layer '{layer}' (re-pack)")
+        if header.data_start % ALIGN:
+            raise FormatError(f"{name}: data section starts at {header.data_start}, not {ALIGN}-aligned")
+        for tname, e in want.items():
+            info = header.tensors[tname]
+            if info.dtype != "U8" or info.shape != (e.nbytes,) or info.begin != e.offset:
+                raise FormatError(f"{name}: layer {e.layer} expert {e.expert}: tensor {tname} is {info.dtype} {list(info.shape)} "
+                                  f"at offset {info.begin}, manifest says U8 [{e.nbytes}] at {e.offset}")
+    for section in ("dense", "gate"):
+        info = manifest[section]
+        if info is None:
+            continue
+        header = read_header(path / info["file"], info["file"])
+        if header.file_size != info["nbytes"]:
+            raise FormatError(f"{info['file']}: {header.file_size} bytes, manifest says {info['nbytes']} (re-pack)")
