@@ -56,7 +56,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("D2MOE_CACHE") or Path.home() / ".cache" / "d2moe") / "kernels"
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
             return cc
@@ -73,18 +73,19 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+def build_shared(cc: str, source: Path = SOURCE, flags: list[str] = _FLAGS) -> Path:
+    """Compile `source` into a shared library once per (source, flags, compiler, CPU): a cached path."""
+    src = source.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = cache_dir() / f"mwq_cpu-{key}.so"
+    key = hashlib.sha256(src + " ".join(flags).encode() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{cc} failed")
         os.chmod(tmp, 0o755)
@@ -100,12 +101,12 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None (one warning) when they cannot be built here."""
     if os.environ.get("D2MOE_KERNELS", "").lower() == "reference":
         return None
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(build_shared(cc, SOURCE)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
         return None

@@ -53,7 +53,7 @@ def demo_cache_dir() -> Path:
 def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path | None = None) -> bool:
     """True when `out` is a valid packed checkpoint of `src` (same fingerprint) at `bits`, with a gate iff `router`."""
     from d2moe.errors import D2MoEError
-    from d2moe.quantize.convert.pack import SourceCheckpoint
+    from d2moe.quantize.convert.source import SourceCheckpoint
     from d2moe.quantize.format import open_checkpoint
 
     if not (out / "d2moe.json").is_file():
@@ -63,11 +63,8 @@ def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path 
     except D2MoEError:
         return False
     source = SourceCheckpoint(src)
-    try:
-        source.index_weights()  # the fingerprint covers the weight files' names and sizes
-        same_source = ckpt.manifest["source"]["sha256"] == source.fingerprint()
-    finally:
-        source.close()
+    source.index_weights()  # the fingerprint covers the weight files' names and sizes
+    same_source = ckpt.manifest["source"]["sha256"] == source.fingerprint()
     return same_source and tuple(ckpt.cfg.bits) == tuple(bits) and (ckpt.gate_path is None) == (router is None)
 
 

@@ -22,16 +22,19 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
         router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,
         force: Annotated[bool, typer.Option("--force", help="replace OUT if it is an existing packed checkpoint")] = False,
-        workers: Annotated[int | None, typer.Option(help="experts quantized at once (default: CPU count); output is the same")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object (no progress bar)")] = False,
+        workers: Annotated[int | None, typer.Option(help="threads fitting each matrix (default: CPU count); output is the same")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted pack of the same inputs and options (finished parts are verified by crc32 and kept)")] = False,
+        refits: Annotated[int, typer.Option(help="least-squares refits of each group's grid after the clip search (sliced)")] = 1,
+        quiet: Annotated[bool, typer.Option("--quiet", help="no progress on stderr")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout (progress stays on stderr)")] = False,
     ) -> None:
         """Pack SRC into OUT: dense weights + one bit-nested blob per expert (levels read by prefix)."""
         from d2moe.quantize.convert.pack import pack_checkpoint
         from d2moe.quantize.types import MWQConfig
 
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
-        report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not as_json, force=force,
-                                 workers=workers)
+        report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
+                                 workers=workers, resume=resume, refits=refits)
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
         else:

@@ -73,11 +73,13 @@ def manifest_bytes(manifest: dict) -> bytes:
 class ExpertsFileWriter:
     """One layer's experts file, written blob by blob in expert order; `add` returns the manifest entry."""
 
-    def __init__(self, directory: Path, layer: int, num_experts: int, layout: BlobLayout):
+    def __init__(self, path: Path, layer: int, num_experts: int, layout: BlobLayout):
+        """`path`: where to write (a temporary name is fine: entries name the file experts_file_name(layer))."""
         self.layer, self.layout = layer, layout
         self.name = experts_file_name(layer)
         tensors = [(expert_tensor_name(e), "U8", (layout.nbytes,)) for e in range(num_experts)]
-        self._w = AlignedSafetensorsWriter(Path(directory) / self.name, tensors, experts_file_metadata(layer), ALIGN)
+        self._w = AlignedSafetensorsWriter(Path(path), tensors, experts_file_metadata(layer), ALIGN)
+        self.file_size = self._w.file_size
 
     def add(self, expert: int, blob, sqnr_db: list[float | None]) -> dict:
         name = expert_tensor_name(expert)
@@ -102,9 +104,9 @@ def dense_file_writer(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]
     return AlignedSafetensorsWriter(path, tensors, {"format": "pt"}, DENSE_ALIGN)
 
 
-def file_entry(path: Path, **extra) -> dict:
-    """The manifest section of a whole file (dense, gate): name, size and crc32."""
-    return {"file": path.name, "nbytes": path.stat().st_size, "crc32": file_crc32(path), **extra}
+def file_entry(path: Path, name: str | None = None, **extra) -> dict:
+    """The manifest section of a whole file (dense, gate): name (default: path's), size and crc32."""
+    return {"file": name or path.name, "nbytes": path.stat().st_size, "crc32": file_crc32(path), **extra}
 
 
 def file_crc32(path: Path) -> int:

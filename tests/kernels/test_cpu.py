@@ -115,7 +115,7 @@ def test_expert_forward_paths_agree_with_the_reference(tokens):
 
 
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "compiler", lambda: None)
     cpu.load.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C compiler"):

@@ -11,7 +11,7 @@ from tiny_models import TINY_ARCHS
 
 from d2moe.errors import InputError, UnsupportedModelError
 from d2moe.quantize.adapters import SUPPORTED, ExpertKey, FusedExpertKey, adapter_for
-from d2moe.quantize.convert.pack import SourceCheckpoint
+from d2moe.quantize.convert.source import SourceCheckpoint
 
 
 def _meta_model(adapter, config: dict):

@@ -41,7 +41,7 @@ def _build(tmp_path, scheme: str):
     layout = fmt.blob_layout(SHAPES, cfg)
     blobs = [fmt.encode_expert({m: _tensor(SHAPES[m], cfg, e * 3 + i) for i, m in enumerate(fmt.MATRICES)}, layout, cfg)
              for e in range(2)]
-    with fmt.ExpertsFileWriter(tmp_path, 1, 2, layout) as w:
+    with fmt.ExpertsFileWriter(tmp_path / fmt.experts_file_name(1), 1, 2, layout) as w:
         entries = [w.add(e, blob, [10.0 + e, 20.0, 30.5]) for e, blob in enumerate(blobs)]
     manifest = fmt.build_manifest({"path": "src", "sha256": "0" * 64}, "mixtral", cfg, "bfloat16", SHAPES, [1], 2,
                                   {"file": fmt.DENSE_NAME, "nbytes": 128, "crc32": 7}, entries, None)

@@ -12,9 +12,17 @@ from safetensors.torch import load_file, save_file
 from tiny_models import TINY_ARCHS, make_tiny_checkpoint
 
 from d2moe.errors import GateMismatchError, InputError, UnsupportedModelError, UsageError
-from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
+from d2moe.quantize import MWQConfig, dequantize, native, quantize_mwq
 from d2moe.quantize import format as fmt
-from d2moe.quantize.convert.pack import pack_checkpoint
+from d2moe.quantize.convert.pack import DEFAULT_REFITS, pack_checkpoint
+
+
+def _pack_fit(w: torch.Tensor, cfg: MWQConfig):
+    """What pack's quantizer makes of one matrix: the native fit with pack's default refits, else the torch fit."""
+    lib = native.load()
+    if lib is None or cfg.scheme != "sliced":
+        return quantize_mwq(w, cfg)
+    return native.fit_sliced(lib, w, cfg, refits=DEFAULT_REFITS).tensor
 
 
 def _hf_model(src: Path):
@@ -52,7 +60,7 @@ def test_pack_is_complete_and_exact(arch, packed_checkpoint_factory):
         got = ckpt.decode_expert(layer, expert, ckpt.cfg.bk, ckpt.read_prefix(layer, expert, ckpt.cfg.bk))
         got = {m: t.to_mwq() for m, t in got.items()}  # packed views -> MWQ tensors
         for m, w in source.items():
-            want = quantize_mwq(w, ckpt.cfg)
+            want = _pack_fit(w, ckpt.cfg)
             assert torch.equal(got[m].planes, want.planes) and torch.equal(got[m].scale, want.scale)
             assert torch.equal(got[m].offset, want.offset)
             assert (got[m].alpha is None and want.alpha is None) or torch.equal(got[m].alpha, want.alpha)

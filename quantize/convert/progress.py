@@ -1,0 +1,72 @@
+"""Pack progress on stderr: a rich bar (ETA, MB/s) on a terminal; elsewhere (CI logs) one plain line
+every few seconds. Never on stdout, which carries the `--json` report."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+LINE_EVERY_S = 5.0
+
+
+class PackProgress:
+    def __init__(self, enabled: bool, total_bytes: int, layers: int, tty: bool | None = None):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.total, self.layers = max(1, total_bytes), layers
+        self.done = 0
+        self.layer_no = 0
+        self._t0 = self._last = time.monotonic()
+        self._bar = None
+
+    def __enter__(self) -> PackProgress:
+        if self.enabled and self.tty:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), transient=True, console=_stderr_console())
+            self._bar.__enter__()
+            self._task = self._bar.add_task("packing", total=self.total)
+        return self
+
+    def layer(self, index: int, layer: int) -> None:
+        self.layer_no = index + 1
+        self._layer_id = layer
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"packing layer {index + 1}/{self.layers}")
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+            return
+        now = time.monotonic()
+        if now - self._last >= LINE_EVERY_S or self.done >= self.total:
+            self._last = now
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = max(1e-9, now - self._t0)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (f"pack: layer {self.layer_no}/{self.layers}, {self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB, "
+                f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f} s")
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -1,0 +1,281 @@
+/* The MWQ "sliced" fit of a row range, the same algorithm as d2moe/quantize/grid.py's search_grid
+ * (whose torch version stays the fallback and the readable specification), plus an optional refit.
+ *
+ * Per group of S consecutive columns: clip-search one bk-bit grid (scale, offset) minimising the mean
+ * over the readable levels of log(weighted squared error); level b reads the top b bits of a code and
+ * reconstructs at the centre of its cell. Refit (K-quant style, kept nested): given the codes, the
+ * grid (offset, scale) that minimises the level-weighted least squares over all levels at once is a
+ * 2x2 solve (every level is linear in offset and scale); it is kept only where it lowers the
+ * objective. Column weights (calibration: mean squared activation per input column) weight the error.
+ *
+ * Output: bit-planes [bk, rows, cols/8] MSB first (bit c%8 of byte c/8 = column c), float16 scale and
+ * offset [rows, G], and per level the unweighted squared error and the signal (for SQNR).
+ * Built with -ffp-contract=off and no fast-math: results do not depend on the machine's FMA.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_S 1024
+#define MAX_LEVELS 8
+#define LANES 16
+
+enum { D2_F32 = 0, D2_BF16 = 1, D2_F16 = 2 };
+
+static const float COARSE[10] = {1.0f, 0.94f, 0.88f, 0.82f, 0.76f, 0.7f, 0.64f, 0.58f, 0.52f, 0.46f};
+static const float FINE[4] = {-0.03f, 0.03f, -0.015f, 0.015f};
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float round_f16(float x) { return (float)(_Float16)x; }
+
+static inline uint16_t f16_bits(float x) {
+    _Float16 h = (_Float16)x;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+static void load_group(const void *src, int dtype, int64_t idx, int n, float *x) {
+    if (dtype == D2_F32) {
+        memcpy(x, (const float *)src + idx, (size_t)n * 4);
+    } else if (dtype == D2_BF16) {
+        const uint16_t *p = (const uint16_t *)src + idx;
+        for (int j = 0; j < n; j++) x[j] = bf16_to_f32(p[j]);
+    } else {
+        const _Float16 *p = (const _Float16 *)src + idx;
+        for (int j = 0; j < n; j++) x[j] = (float)p[j];
+    }
+}
+
+/* sum over j of w[j] * v[j]^2 in LANES partial sums (an explicit order the compiler may vectorise) */
+typedef struct {
+    int n, bk, nlev;
+    const int *levels;
+    const float *x, *w; /* w may be NULL: unit weights */
+} Group;
+
+/* LANES floats as one GCC/clang vector: SIMD where the target has it, plain loops elsewhere. */
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+static inline vf splat(float v) { return (vf){0} + v; }
+
+/* floor(t) clamped to [0, top], exact for |t| < 2^31 (t is a position in cells: bounded by the grid). */
+static inline vf cell_index(vf t, vf top) {
+    vf q = __builtin_convertvector(__builtin_convertvector(t, vi), vf); /* trunc */
+    q += __builtin_convertvector(t < q, vf);                             /* mask -1 where t < trunc(t) */
+    q = (vf)((vi)q & (q > 0));
+    vi over = q > top;
+    return (vf)(((vi)q & ~over) | ((vi)top & over));
+}
+
+/* Weighted squared error per level of a grid (offset of cell 0's lower edge, step of the bk-bit cell):
+ * one pass over the group for all levels, one vector of partial sums per level. */
+static void level_errors(const Group *g, float offset, float step, double *err) {
+    float inv = step > 0 ? 1.0f / step : 0.0f;
+    vf acc[MAX_LEVELS], shrink[MAX_LEVELS], top[MAX_LEVELS];
+    for (int li = 0; li < g->nlev; li++) {
+        shrink[li] = splat(ldexpf(1.0f, -(g->bk - g->levels[li])));
+        top[li] = splat((float)((1 << g->levels[li]) - 1));
+        acc[li] = splat(0);
+    }
+    for (int j0 = 0; j0 < g->n; j0 += LANES) {
+        vf x, w;
+        if (j0 + LANES <= g->n) {
+            memcpy(&x, g->x + j0, sizeof x);
+            if (g->w) memcpy(&w, g->w + j0, sizeof w); else w = splat(1.0f);
+        } else { /* tail: padded lanes get weight 0 */
+            for (int k = 0; k < LANES; k++) {
+                int in = j0 + k < g->n;
+                x[k] = in ? g->x[j0 + k] : g->x[0];
+                w[k] = in ? (g->w ? g->w[j0 + k] : 1.0f) : 0.0f;
+            }
+        }
+        vf u = (x - offset) * inv;
+        for (int li = 0; li < g->nlev; li++) {
+            vf t = u * shrink[li];
+            vf e = t - cell_index(t, top[li]) - 0.5f;
+            acc[li] += w * (e * e);
+        }
+    }
+    for (int li = 0; li < g->nlev; li++) {
+        double s = 0;
+        for (int k = 0; k < LANES; k++) s += acc[li][k];
+        double cell = (double)step / shrink[li][0];
+        err[li] = s * cell * cell;
+    }
+}
+
+static double objective(const Group *g, float offset, float step) {
+    double err[MAX_LEVELS], obj = 0;
+    level_errors(g, offset, step, err);
+    for (int li = 0; li < g->nlev; li++) obj += log(err[li] + 1.1754943508222875e-38);
+    return obj / g->nlev;
+}
+
+/* The clip search of grid.py: shrink [min, max] about its midpoint, a coarse sweep, then steps around
+ * the best (the centre moves to the best after each +delta, as grid.py does). */
+static void search(const Group *g, float *offset_out, float *step_out) {
+    float mn = g->x[0], mx = g->x[0];
+    for (int j = 1; j < g->n; j++) {
+        mn = g->x[j] < mn ? g->x[j] : mn;
+        mx = g->x[j] > mx ? g->x[j] : mx;
+    }
+    float mid = (mx + mn) * 0.5f, half = (mx - mn) * 0.5f, ncodes = (float)((1 << g->bk) - 1);
+    double best = INFINITY;
+    float best_shrink = 1.0f;
+#define TRY(SHRINK)                                                   \
+    do {                                                              \
+        float sh_ = (SHRINK);                                         \
+        float st_ = (2.0f * half * sh_) / ncodes;                     \
+        double o_ = objective(g, mid - half * sh_ - st_ * 0.5f, st_); \
+        if (o_ < best) {                                              \
+            best = o_;                                                \
+            best_shrink = sh_;                                        \
+        }                                                             \
+    } while (0)
+    for (int c = 0; c < 10; c++) TRY(COARSE[c]);
+    float centre = best_shrink;
+    for (int c = 0; c < 4; c++) {
+        float sh = centre + FINE[c];
+        TRY(sh < 0.3f ? 0.3f : (sh > 1.0f ? 1.0f : sh));
+        if (FINE[c] > 0) centre = best_shrink;
+    }
+#undef TRY
+    float step = (2.0f * half * best_shrink) / ncodes;
+    *offset_out = mid - half * best_shrink - step * 0.5f;
+    *step_out = step;
+}
+
+/* bk-bit codes on the stored float16 grid (grid.py's grid_codes). */
+static void grid_codes(const Group *g, float scale16, float offset16, int b1, uint8_t *q) {
+    float step = scale16 * ldexpf(1.0f, -(g->bk - b1));
+    float inv = step > 0 ? 1.0f / step : 0.0f, top = (float)((1 << g->bk) - 1);
+    for (int j = 0; j < g->n; j++) {
+        float u = floorf((g->x[j] - offset16) * inv);
+        q[j] = (uint8_t)(u < 0 ? 0 : (u > top ? top : u));
+    }
+}
+
+/* Squared error per level on a stored float16 grid (its codes are grid_codes' by construction). */
+static void stored_errors(const Group *g, float scale16, float offset16, int b1, int weighted, double *err) {
+    Group u = *g;
+    if (!weighted) u.w = NULL;
+    level_errors(&u, offset16, scale16 * ldexpf(1.0f, -(g->bk - b1)), err);
+}
+
+static double mean_log(const double *err, int n, double floor_) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += log(err[i] + floor_);
+    return s / n;
+}
+
+/* One refit: the (offset, scale) minimising sum_b lambda_b sum_j w_j (x_j - offset - scale c_bj)^2 over
+ * the current codes, lambda_b = 1 / error_b (a Gauss-Newton step on the mean-log objective). */
+static int refit(const Group *g, const uint8_t *q, const double *err, int b1, double floor_, float *scale16,
+                 float *offset16) {
+    double a00 = 0, a01 = 0, a11 = 0, r0 = 0, r1 = 0;
+    for (int li = 0; li < g->nlev; li++) {
+        int b = g->levels[li];
+        double lam = 1.0 / (err[li] + floor_), unit = ldexp(1.0, -(b - b1));
+        for (int j = 0; j < g->n; j++) {
+            double w = (g->w ? g->w[j] : 1.0) * lam, c = unit * ((q[j] >> (g->bk - b)) + 0.5);
+            a00 += w;
+            a01 += w * c;
+            a11 += w * c * c;
+            r0 += w * g->x[j];
+            r1 += w * c * g->x[j];
+        }
+    }
+    double det = a00 * a11 - a01 * a01;
+    if (!(det > 1e-30 * a00 * a11)) return 0;
+    double off = (a11 * r0 - a01 * r1) / det, sc = (a00 * r1 - a01 * r0) / det;
+    if (!(sc > 0) || !isfinite(off) || !isfinite(sc)) return 0;
+    float s16 = round_f16((float)sc), o16 = round_f16((float)off);
+    if (!(s16 > 0) || !isfinite(s16) || !isfinite(o16)) return 0;
+    *scale16 = s16;
+    *offset16 = o16;
+    return 1;
+}
+
+/* Fit rows [r0, r1) of a [rows, cols] matrix (element (r, c) at src[r * row_stride + c]).
+ * planes: [bk][rows][cols/8]; scale/offset: float16 bits [rows][G]; err_out: [nlev] unweighted squared
+ * error summed over the row range; signal_out: sum of x^2. Returns 0, or -1 on bad arguments, -2 if
+ * a stored scale or offset overflows float16. */
+int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk, int b1,
+                 int nlev, const int *levels, const float *col_weight, int refits, int r0, int r1, uint8_t *planes,
+                 uint16_t *scale, uint16_t *offset, double *err_out, double *signal_out) {
+    if (group < 8 || group > MAX_S || group % 8 || cols % group || bk < 1 || bk > 8 || b1 < 1 || b1 > bk ||
+        nlev < 1 || nlev > MAX_LEVELS || r0 < 0 || r1 > rows)
+        return -1;
+    float x[MAX_S];
+    uint8_t q[MAX_S], q2[MAX_S];
+    int G = cols / group;
+    int64_t plane_stride = (int64_t)rows * (cols / 8);
+    double floor_tiny = 1.1754943508222875e-38;
+    for (int li = 0; li < nlev; li++) err_out[li] = 0;
+    *signal_out = 0;
+    for (int r = r0; r < r1; r++) {
+        for (int gi = 0; gi < G; gi++) {
+            load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+            Group g = {group, bk, nlev, levels, x, col_weight ? col_weight + (int64_t)gi * group : NULL};
+            float off, step;
+            search(&g, &off, &step);
+            float s16 = round_f16(step * ldexpf(1.0f, bk - b1)), o16;
+            if (s16 == 0) { /* too flat for float16: keep its mean */
+                double m = 0;
+                for (int j = 0; j < group; j++) m += x[j];
+                o16 = round_f16((float)(m / group));
+            } else {
+                o16 = round_f16(off);
+            }
+            if (!isfinite(s16) || !isfinite(o16)) return -2;
+            grid_codes(&g, s16, o16, b1, q);
+            if (refits > 0 && s16 > 0) {
+                double err[MAX_LEVELS], signal = 0;
+                for (int j = 0; j < group; j++) signal += (double)x[j] * x[j] * (g.w ? g.w[j] : 1.0);
+                double fl = 1e-12 * signal + floor_tiny;
+                stored_errors(&g, s16, o16, b1, 1, err);
+                double best = mean_log(err, nlev, fl);
+                for (int it = 0; it < refits; it++) {
+                    float ns = s16, no = o16;
+                    if (!refit(&g, q, err, b1, fl, &ns, &no)) break;
+                    double e2[MAX_LEVELS];
+                    grid_codes(&g, ns, no, b1, q2);
+                    stored_errors(&g, ns, no, b1, 1, e2);
+                    double obj = mean_log(e2, nlev, fl);
+                    if (!(obj < best)) break;
+                    best = obj;
+                    s16 = ns;
+                    o16 = no;
+                    memcpy(q, q2, (size_t)group);
+                    memcpy(err, e2, sizeof(e2));
+                }
+            }
+            scale[(int64_t)r * G + gi] = f16_bits(s16);
+            offset[(int64_t)r * G + gi] = f16_bits(o16);
+            double e[MAX_LEVELS];
+            stored_errors(&g, s16, o16, b1, 0, e);
+            for (int li = 0; li < nlev; li++) err_out[li] += e[li];
+            for (int j = 0; j < group; j++) *signal_out += (double)x[j] * x[j];
+            /* bit-planes: plane p holds bit (bk-1-p) of each code; 8 columns per byte, column c at bit c%8 */
+            int64_t byte0 = (int64_t)r * (cols / 8) + (int64_t)gi * group / 8;
+            for (int p = 0; p < bk; p++) {
+                uint8_t *dst = planes + p * plane_stride + byte0;
+                int shift = bk - 1 - p;
+                for (int j8 = 0; j8 < group; j8 += 8) {
+                    uint8_t v = 0;
+                    for (int k = 0; k < 8; k++) v |= (uint8_t)(((q[j8 + k] >> shift) & 1) << k);
+                    dst[j8 / 8] = v;
+                }
+            }
+        }
+    }
+    return 0;
+}

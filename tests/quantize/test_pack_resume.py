@@ -1,0 +1,98 @@
+"""Interrupted packs: kill -9 at three points, `--resume` gives byte-identical output; stale folders go."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2moe.quantize import MWQConfig
+from d2moe.quantize.convert import pack as pack_mod
+from d2moe.quantize.convert.pack import pack_checkpoint
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _pack_cli(src: Path, out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    env.pop(pack_mod.KILL_ENV, None)
+    if kill_at:
+        env[pack_mod.KILL_ENV] = kill_at
+    return subprocess.run([sys.executable, "-m", "d2moe", "pack", str(src), str(out), "--json", *extra],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("src") / "mixtral")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "packed"
+    pack_checkpoint(source, out, MWQConfig(), progress=False)
+    return _files(out)
+
+
+@pytest.mark.parametrize("kill_at", ["dense", "expert:1:2", "layer:1"])
+def test_kill_minus_9_then_resume_is_byte_identical(source, uninterrupted, tmp_path, kill_at):
+    out = tmp_path / "packed"
+    killed = _pack_cli(source, out, kill_at=kill_at)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    stale = list(tmp_path.glob(".packed.d2moe-tmp-*"))
+    assert len(stale) == 1
+    resumed = _pack_cli(source, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept" in resumed.stderr  # finished parts were verified and reused, not redone
+    assert _files(out) == uninterrupted
+    assert not list(tmp_path.glob(".packed.d2moe-*"))  # no temporary folder left
+
+
+def test_resume_redoes_a_damaged_part(source, uninterrupted, tmp_path):
+    out = tmp_path / "packed"
+    assert _pack_cli(source, out, kill_at="layer:1").returncode == -9
+    (stale,) = tmp_path.glob(".packed.d2moe-tmp-*")
+    layer_file = sorted(stale.glob("experts-*.safetensors"))[0]
+    data = bytearray(layer_file.read_bytes())
+    data[-5] ^= 0xFF
+    layer_file.write_bytes(bytes(data))
+    resumed = _pack_cli(source, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"kept {layer_file.name}" not in resumed.stderr
+    assert _files(out) == uninterrupted
+
+
+def test_without_resume_stale_folders_are_removed_and_said(source, uninterrupted, tmp_path):
+    out = tmp_path / "packed"
+    assert _pack_cli(source, out, kill_at="expert:0:1").returncode == -9
+    (tmp_path / ".packed.d2moe-tmp-999999999").mkdir()  # a dead PID's folder from long ago
+    again = _pack_cli(source, out)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("left by an interrupted pack") == 2
+    assert not list(tmp_path.glob(".packed.d2moe-*"))
+    assert _files(out) == uninterrupted
+
+
+def test_resume_ignores_parts_packed_with_other_options(source, tmp_path):
+    out = tmp_path / "packed"
+    assert _pack_cli(source, out, kill_at="layer:1").returncode == -9
+    resumed = _pack_cli(source, out, "--resume", "--bits", "2,4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept" not in resumed.stderr
+    assert "--resume: no interrupted pack" in resumed.stderr
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(source, tmp_path):
+    r = _pack_cli(source, tmp_path / "packed")
+    assert r.returncode == 0
+    assert r.stdout.strip().startswith("{") and r.stdout.count("\n") == 1  # --json alone on stdout
+    lines = [line for line in r.stderr.splitlines() if line.startswith("pack: layer")]
+    assert lines and "MB/s" in lines[-1] and "ETA" in lines[-1]
