@@ -181,17 +181,38 @@ static double mean_log(const double *err, int n, double floor_) {
 static int refit(const Group *g, const uint8_t *q, const double *err, int b1, double floor_, float *scale16,
                  float *offset16) {
     double a00 = 0, a01 = 0, a11 = 0, r0 = 0, r1 = 0;
-    for (int li = 0; li < g->nlev; li++) {
+    for (int li = 0; li < g->nlev; li++) { /* per-level sums in float vectors, combined in double */
         int b = g->levels[li];
-        double lam = 1.0 / (err[li] + floor_), unit = ldexp(1.0, -(b - b1));
-        for (int j = 0; j < g->n; j++) {
-            double w = (g->w ? g->w[j] : 1.0) * lam, c = unit * ((q[j] >> (g->bk - b)) + 0.5);
-            a00 += w;
-            a01 += w * c;
-            a11 += w * c * c;
-            r0 += w * g->x[j];
-            r1 += w * c * g->x[j];
+        float unit = ldexpf(1.0f, -(b - b1));
+        vf s0 = splat(0), s1 = splat(0), s2 = splat(0), t0 = splat(0), t1 = splat(0);
+        for (int j0 = 0; j0 < g->n; j0 += LANES) {
+            vf x, w, c;
+            for (int k = 0; k < LANES; k++) {
+                int in = j0 + k < g->n, j = in ? j0 + k : 0;
+                x[k] = g->x[j];
+                w[k] = in ? (g->w ? g->w[j] : 1.0f) : 0.0f;
+                c[k] = unit * ((float)(q[j] >> (g->bk - b)) + 0.5f);
+            }
+            vf wc = w * c;
+            s0 += w;
+            s1 += wc;
+            s2 += wc * c;
+            t0 += w * x;
+            t1 += wc * x;
         }
+        double lam = 1.0 / (err[li] + floor_), v[5] = {0, 0, 0, 0, 0};
+        for (int k = 0; k < LANES; k++) {
+            v[0] += s0[k];
+            v[1] += s1[k];
+            v[2] += s2[k];
+            v[3] += t0[k];
+            v[4] += t1[k];
+        }
+        a00 += lam * v[0];
+        a01 += lam * v[1];
+        a11 += lam * v[2];
+        r0 += lam * v[3];
+        r1 += lam * v[4];
     }
     double det = a00 * a11 - a01 * a01;
     if (!(det > 1e-30 * a00 * a11)) return 0;
