@@ -181,3 +181,28 @@ def relocate(m: PackedMatrix, device: torch.device | str, misalign: int = 0) -> 
     views = [buf[s:s + n].view(t.dtype).view(t.shape) for t, s, n in zip(parts, starts, sizes, strict=True)]
     k = len(m.planes)
     return PackedMatrix(m.shape, m.cfg, m.level, views[0], views[1], tuple(views[2:2 + k]), tuple(views[2 + k:]))
+
+
+_checked: dict[str, CudaExperts] = {}
+
+
+def checked_experts(device: str = "cuda") -> CudaExperts:
+    """The process's CudaExperts for `device`, self-checked at first use (kernels/selfcheck.py).
+    D2MOE_CUDA_EMULATE=1: on the CPU emulator (tests); D2MOE_CUDA_CORRUPT=k1,k2 corrupts those
+    emulated kernels (to watch the check disable them)."""
+    import os
+
+    emulate = os.environ.get("D2MOE_CUDA_EMULATE", "") == "1"
+    key = "emulated" if emulate else device
+    if key not in _checked:
+        from d2moe.kernels.selfcheck import checked
+
+        if emulate:
+            from d2moe.kernels.cuda_emulator import EmulatedLauncher
+
+            corrupt = {k for k in os.environ.get("D2MOE_CUDA_CORRUPT", "").split(",") if k}
+            launcher = EmulatedLauncher(corrupt)
+        else:
+            launcher = CupyLauncher(device)
+        _checked[key] = checked(CudaExperts(launcher))[0]
+    return _checked[key]
