@@ -132,6 +132,8 @@ class Session:
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
                           keep=routers.values())
         self.gate = self._load_gate()
+        if on_gpu and self.gate is not None:
+            self.gate.to("cuda")  # it reads the hidden states where they are
         self.pipeline.selector = self._make_selector()
         self._kv_bytes = 0
         self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()], static=True)
