@@ -99,7 +99,7 @@ class ExpertLayout:
 
     def views(self, level: int, buf: torch.Tensor) -> dict[str, PackedMatrix]:
         if level not in self._by_level:
-            from d2moe.runtime.format import decode_blob
+            from d2moe.quantize.format import decode_blob
 
             zeros = torch.zeros(self.ckpt.level_nbytes(level), dtype=torch.uint8)
             mats = decode_blob(memoryview(zeros.numpy()), self.ckpt.layout, self.ckpt.cfg, level,

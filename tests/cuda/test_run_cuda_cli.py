@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from packed import packed_tiny
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
-
-from packed import packed_tiny  # noqa: E402
-
-from d2moe.cli import main  # noqa: E402
+from d2moe.cli import main
 
 
 @pytest.fixture(scope="module")
