@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d2moe-installed
 
-.PHONY: setup test test-all demo lint bench clean
+.PHONY: setup test test-all demo lint bench clean check-cuda gpu-check
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q tests
+
+# every CUDA kernel to PTX for sm_80/sm_87/sm_90 through NVRTC (no GPU needed; also a test in `make test`)
+check-cuda: setup
+	$(PY) scripts/check_cuda.py
+
+# on a machine with an NVIDIA GPU: every GPU test and benchmark, tables into gpu_results/
+gpu-check: setup
+	bash scripts/gpu_check.sh gpu_results
 
 demo: setup
 	$(PY) -m d2moe demo

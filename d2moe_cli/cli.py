@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMANDS = ("pack", "inspect", "run", "train_router", "eval", "bench", "demo")
+COMMANDS = ("pack", "inspect", "run", "train_router", "eval", "bench", "demo", "doctor")
 
 for _name in COMMANDS:
     importlib.import_module(f"d2moe.commands.{_name}").register(app)

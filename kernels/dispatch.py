@@ -19,6 +19,11 @@ tokens (prefill computes as a bf16 checkpoint does in transformers). Neither pat
 fp32 copy of a whole matrix: `workspace_bytes` is what they hold.
 
 `D2MOE_KERNELS=reference` forces the torch reference (tests use it as the oracle).
+
+`device="cuda"` puts the CUDA kernels (kernels/cuda.py) behind the same calls, self-checked on the
+device at first use (kernels/selfcheck.py; a failing kernel falls back to the reference on the
+device); `forward_group` then runs all resident experts of a layer step in one grouped launch.
+`D2MOE_CUDA_EMULATE=1` runs that path on CPU with the emulated kernels (tests).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class Prepared:
 
 class ExpertKernels:
     def __init__(self, backend: str = "auto", threads: int = 1, gemv_max_tokens: int = GEMV_MAX_TOKENS,
-                 activation_bits: int | None = None) -> None:
+                 activation_bits: int | None = None, device: str = "cpu") -> None:
         if backend not in BACKENDS:
             raise UsageError(f"--kernels {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
         if activation_bits not in (None, 8, 16):
@@ -68,8 +73,17 @@ class ExpertKernels:
         self.activation_bits = activation_bits  # None: by level (INT8_ACTIVATIONS_UP_TO)
         if os.environ.get("D2MOE_KERNELS", "").lower() == "reference":
             backend = "reference"
-        self.lib = None if backend == "reference" else cpu.load()
-        if backend == "native" and self.lib is None:
+        self.device = device
+        self.gpu = None  # CudaExperts for --device cuda (None: the reference there)
+        if device != "cpu":
+            self.lib = None
+            if backend != "reference":
+                from d2moe.kernels.cuda import checked_experts
+
+                self.gpu = checked_experts()
+        else:
+            self.lib = None if backend == "reference" else cpu.load()
+        if backend == "native" and self.lib is None and self.gpu is None:
             raise UsageError("native CPU kernels are unavailable here (no C compiler?): use --kernels auto or reference")
         self.splitter = cpu.RowSplitter(threads)
         self.gemv_max_tokens = gemv_max_tokens
@@ -79,15 +93,33 @@ class ExpertKernels:
 
     @property
     def name(self) -> str:
+        if self.gpu is not None:
+            off = [k for k, on in self.gpu.enabled.items() if not on]
+            return "cuda" + (f" (reference for {', '.join(off)})" if off else "")
         return cpu.simd_name() if self.lib is not None else "torch reference"
 
+    @property
+    def grouped(self) -> bool:
+        """Whether `forward_group` runs several experts in one launch (the GPU's kernels)."""
+        return self.gpu is not None
+
+    def forward_group(self, work: list[tuple[object, torch.Tensor]], act_fn) -> list[torch.Tensor]:
+        """forward() of each (prepared, x): one grouped launch on the GPU, one call each elsewhere."""
+        if self.gpu is not None:
+            return self.gpu.forward_group(work, act_fn, self.gemv_max_tokens)
+        return [self.forward(p, x, act_fn) for p, x in work]
+
     def prepare(self, mats: dict[str, PackedMatrix], level: int) -> Prepared:
+        if self.gpu is not None:
+            return self.gpu.prepare(mats, level)
         if self.lib is None:
             return Prepared(level, mats["gate"], mats["up"], mats["down"])
         return Prepared(level, *(cpu.MatrixDesc(mats[m], level) for m in ("gate", "up", "down")))
 
     def forward(self, p: Prepared, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """y [N, H] = down(act(gate x) * (up x)) for x [N, H] float32."""
+        if self.gpu is not None:
+            return self.gpu.forward(p, x, act_fn, self.gemv_max_tokens)
         if self.lib is None:
             return self._forward_reference(p, x, act_fn)
         if x.shape[0] > self.gemv_max_tokens:

@@ -30,6 +30,8 @@ _ROW_CHUNK_ELEMS = 1 << 17
 def _lookup(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Per-byte table lookup: [..., I/8] bytes -> [..., I] entries (embedding is the fast gather)."""
     rows = plane.reshape(-1, plane.shape[-1]).int()
+    if table.device != plane.device:  # the reference also runs on a GPU (the CUDA kernels' oracle there)
+        table = table.to(plane.device)
     out = torch.nn.functional.embedding(rows, table)  # [R, I/8, 8]
     return out.reshape(*plane.shape[:-1], plane.shape[-1] * 8)
 
@@ -68,7 +70,7 @@ def dequantize_sliced(
     """
     rows, groups = scale.shape
     cols = groups * group_size
-    out = torch.empty(rows, cols, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=scale.device)
     step_all = scale.float().mul_(2.0 ** -(level - b1))  # [O, G] exact power-of-two rescale
     base_all = step_all * 0.5 + offset.float()  # [O, G] centre of cell 0
     for r0, r1 in _row_chunks(rows, cols):
@@ -97,7 +99,7 @@ def dequantize_residual(
     rows, groups = scale.shape
     cols = groups * group_size
     depth = level - b1
-    out = torch.empty(rows, cols, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=scale.device)
     scale_all = scale.float()  # [O, G]
     alpha_all = alpha[:depth].float() if depth else scale_all.new_zeros(0, rows, groups)  # [D, O, G]
     base_all = scale_all * 0.5 + offset.float() - alpha_all.sum(0)  # [O, G]

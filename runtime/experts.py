@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2moe.kernels.dispatch import ExpertKernels
+from d2moe.runtime.cache import _concat
 from d2moe.runtime.scheduler import CostModel, Job, hebf_order, johnson_order
 
 
@@ -94,6 +95,7 @@ class ExpertPipeline:
         top_k: int = 2,
         on_memory: Callable[[], None] | None = None,
         kernels: ExpertKernels | None = None,
+        transfer=None,
     ) -> None:
         self.ckpt = ckpt
         self.store = store
@@ -113,6 +115,13 @@ class ExpertPipeline:
         self.stats = PipelineStats()
         self._pending: dict[tuple, tuple] = {}  # preload key -> (future, layer, expert, have, want)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
+        # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
+        self.transfer = transfer
+        self.layout = None
+        if transfer is not None:
+            from d2moe.runtime.device import ExpertLayout
+
+            self.layout = ExpertLayout(ckpt)
 
     # ---- keys and bytes ----------------------------------------------------------------
     def key(self, layer: int, expert: int, level: int) -> tuple:
@@ -143,15 +152,18 @@ class ExpertPipeline:
         compute_s = 0.0
         with self.cache.pinned_keys([w.key for w in works]):
             order = self._order(layer, works)
-            for w in works:
-                if w.resident:
+            resident = [w for w in works if w.resident]
+            if getattr(self.kernels, "grouped", False) and len(resident) > 1:  # one grouped launch (GPU)
+                compute_s += self._compute_group(layer, resident, hidden, top_k_weights, results)
+            else:
+                for w in resident:
                     _, data = self.cache.get(w.key)
                     compute_s += self._compute(layer, w, data, hidden, top_k_weights, results)
             compute_s += self._load_and_compute(layer, order, hidden, top_k_weights, results)
         out = torch.zeros_like(hidden)
         for key in sorted(results):  # fixed summation order: output independent of residency
             rows, y = results[key]
-            out.index_add_(0, rows, y.to(out.dtype))
+            out.index_add_(0, rows.to(out.device), y.to(out.dtype))
         self.cache.step()
         makespan = time.perf_counter() - start
         load_s = self.store.stats().busy_seconds - io_before
@@ -230,6 +242,7 @@ class ExpertPipeline:
             self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(nbytes, time.perf_counter() - issued)
             self.ckpt.verify_read(layer, w.expert, data, *self.read_span(w))  # only the segments just read
+            data = self._on_device(data)
             full = self._install(w, data)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
@@ -247,7 +260,7 @@ class ExpertPipeline:
         if self.cache.extend(w.key, w.want, data):
             return self.cache.get(w.key)[1]
         self.stats.dropped += 1
-        return bytes(held) + bytes(data)
+        return _concat(held, data)
 
     # ---- compute -----------------------------------------------------------------------
     def _compute(self, layer, w: Work, data, hidden, top_k_weights, results) -> float:
@@ -264,6 +277,28 @@ class ExpertPipeline:
         self.cost.observe_compute(self._kernel_work(w), seconds)
         return seconds
 
+    def _compute_group(self, layer, works: list[Work], hidden, top_k_weights, results) -> float:
+        """Resident works at all their levels in one grouped kernel call (kernels.forward_group)."""
+        t0 = time.perf_counter()
+        calls, where = [], []
+        for w in works:
+            prepared = self._prepared(layer, w, self.cache.get(w.key)[1])
+            for level, (rows, slots) in sorted(w.pairs.items()):
+                calls.append((prepared(level), hidden[rows].to(torch.float32)))
+                where.append((w, level, rows, slots))
+        ys = self.kernels.forward_group(calls, self.act_fn)
+        for (w, level, rows, slots), y in zip(where, ys, strict=True):
+            results[(w.expert, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
+        self.kernels.release()
+        seconds = time.perf_counter() - t0
+        for w in works:  # the cost model learns a rate per unit of work: share the launch's time
+            self.cost.observe_compute(self._kernel_work(w), seconds / len(works))
+        return seconds
+
+    def _on_device(self, data):
+        """Landed host bytes as the device buffer the cache holds (--device cuda), else unchanged."""
+        return data if self.transfer is None else self.transfer.to_device(data)
+
     def _prepared(self, layer: int, w: Work, data) -> Callable:
         """level -> the kernels' description of the expert at that level, kept on the cache entry
         while it holds these very bytes (described once, not every step)."""
@@ -274,8 +309,11 @@ class ExpertPipeline:
             by_level = cached
         else:
             level = held if entry_data is data else w.want  # describe everything the bytes hold
-            prefix = memoryview(data)[: self.ckpt.level_nbytes(level)]
-            by_level = {"mats": self.ckpt.decode_expert(layer, w.expert, level, prefix, verify=False)}
+            if self.layout is not None:  # a device buffer: the blob's views rebased onto it
+                by_level = {"mats": self.layout.views(level, data)}
+            else:
+                prefix = memoryview(data)[: self.ckpt.level_nbytes(level)]
+                by_level = {"mats": self.ckpt.decode_expert(layer, w.expert, level, prefix, verify=False)}
             if entry_data is data:
                 self.cache.attach(w.key, by_level)
 
@@ -296,7 +334,7 @@ class ExpertPipeline:
                 key = self.key(layer, e, level)
                 data = fut.result()
                 self.ckpt.verify_read(layer, e, data, None, level)
-                if not self.cache.put(key, level, data):
+                if not self.cache.put(key, level, self._on_device(data)):
                     raise RuntimeError(f"expert cache cannot hold layer {layer} expert {e}: budget plan is wrong")
                 self.cache.pin(key)
 
@@ -332,6 +370,7 @@ class ExpertPipeline:
             fut, _, expert, have, want, nbytes = self._pending.pop(key)
             data = fut.result()
             self.ckpt.verify_read(layer, expert, data, have, want)
+            data = self._on_device(data)
             if have is None:
                 self.cache.put(key, want, data)
             elif self.cache.peek(key) == have:

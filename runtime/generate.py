@@ -118,14 +118,15 @@ def decode(
     """
     from transformers import DynamicCache
 
-    input_ids, mask = left_pad(prompts, pad_id)
-    generator = torch.Generator().manual_seed(opts.seed) if opts.temperature > 0 else None
-    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long)
+    device = next(model.parameters()).device  # cuda for `run --device cuda`
+    input_ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    generator = torch.Generator(device).manual_seed(opts.seed) if opts.temperature > 0 else None
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
 
     batch = input_ids.shape[0]
-    alive = torch.ones(batch, dtype=torch.bool)
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     kv_peak = 0
 

@@ -51,6 +51,7 @@ class RunOptions:
     kernels: str = "auto"  # auto (native where it builds) | native | reference (the torch oracle)
     dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row weight-only, half of bf16's bytes)
     activations: str = "auto"  # decode activations in the expert kernels: auto (int8 up to level 4) | int8 | int16
+    device: str = "cpu"  # cpu | cuda (experts cached on the GPU, CUDA kernels; d2moe.runtime.device)
 
 
 @dataclass
@@ -70,12 +71,15 @@ class Session:
         from d2moe.kernels.dense import patch_linears
         from d2moe.kernels.dispatch import ExpertKernels
         from d2moe.runtime.cache import ExpertCache
+        from d2moe.runtime.device import check_device, emulated
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
         from d2moe.runtime.memory import MemoryMeter, limit_allocator_overhead
         from d2moe.runtime.model import assemble, expert_activation
         from d2moe.runtime.store import ExpertStore
 
         self.options = options
+        check_device(options.device)  # one clear line when --device cuda cannot run here
+        on_gpu = options.device == "cuda" and not emulated()  # emulated: the CUDA path's host code on CPU
         limit_allocator_overhead()  # before any of the run's threads allocate
         self.ckpt, self.adapter, self.spec, self.hold_level, skeleton, self.plan = plan_run(checkpoint, options)
         ckpt = self.ckpt
@@ -88,12 +92,13 @@ class Session:
         if options.activations not in ("auto", "int8", "int16"):
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
         self.kernels = ExpertKernels(options.kernels, threads=options.threads or kernel_threads(),
-                                     activation_bits=None if options.activations == "auto" else int(options.activations[3:]))
-        if self.kernels.lib is None:  # the torch reference computes: it gets the compute threads
+                                     activation_bits=None if options.activations == "auto" else int(options.activations[3:]),
+                                     device=options.device)
+        if self.kernels.lib is None and options.device == "cpu":  # the torch reference computes: it gets the compute threads
             torch.set_num_threads(self.kernels.splitter.threads)
         if options.dense_weights not in ("source", "int8"):
             raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use source or int8")
-        if options.dense_weights == "int8" and self.kernels.lib is None:
+        if options.dense_weights == "int8" and (self.kernels.lib is None or options.device != "cpu"):
             raise UsageError("--dense-weights int8 runs on the native kernels, which are unavailable here "
                              "(no C compiler, or --kernels reference): use --dense-weights source")
         import d2moe.runtime.generate  # noqa: F401  (code, like the kernels above, loads before the RSS baseline)
@@ -101,10 +106,16 @@ class Session:
         # start-up ends here: the meter's RSS baseline excludes code (imports, the compiled kernels),
         # not data (dense weights, caches, buffers and activations all come after)
         self.meter = MemoryMeter()
+        self.transfer = None
+        if options.device == "cuda":
+            from d2moe.runtime.device import DeviceTransfer, EmulatedTransfer
+
+            self.transfer = (DeviceTransfer("cuda", options.io_threads + 1, self.plan.expert_bytes) if on_gpu
+                             else EmulatedTransfer())
         self.pipeline = ExpertPipeline(
             ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
             top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
-            kernels=self.kernels,
+            kernels=self.kernels, transfer=self.transfer,
         )
 
         def make_experts(layer: int, original):
@@ -113,10 +124,16 @@ class Session:
 
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
         routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
+        if on_gpu:
+            self.model.to("cuda")
+            routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
         self.pipeline.routers = {layer: w.detach() for layer, w in routers.items()}
-        patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
-                      keep=routers.values())
+        if options.device == "cpu":
+            patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
+                          keep=routers.values())
         self.gate = self._load_gate()
+        if on_gpu and self.gate is not None:
+            self.gate.to("cuda")  # it reads the hidden states where they are
         self.pipeline.selector = self._make_selector()
         self._kv_bytes = 0
         self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()], static=True)
@@ -281,11 +298,23 @@ class Session:
             "step_overhead_us": (1e6 * max(0.0, pipe.makespan_s - pipe.compute_s - pipe.load_wait_s) / pipe.steps
                                  if pipe.steps else 0.0),
             "kernels": self.kernels.name,
+            "device": self.options.device,
+            **self._device_stats(),
             "kernel_threads": self.kernels.splitter.threads,
             "memory": {"budget_bytes": self.options.memory_budget, "peak_bytes": memory["peak_bytes"],
                        "peak_by_category": memory["peak_by_category"], "plan": self.plan.summary(),
                        "rss_peak_delta_bytes": memory["rss_peak_delta_bytes"]},
         }
+
+    def _device_stats(self) -> dict:
+        """--device cuda: what went through staging and what the device really allocated."""
+        if self.transfer is None:
+            return {}
+        out = {"device_bytes_copied": self.transfer.bytes_copied, "pinned_staging_bytes": self.transfer.host_bytes}
+        if self.transfer.device.type == "cuda":
+            out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.transfer.device))
+            out["staging_waits"] = self.transfer.ring.waits
+        return out
 
     def close(self) -> None:
         self.pipeline.drain()

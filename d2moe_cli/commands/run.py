@@ -83,6 +83,8 @@ def run(
              "| int16 (within ~1e-4 of float).")] = "auto",
     dense_weights: Annotated[str, typer.Option(
         help="Dense layers: source (packed dtype) | int8 (per-row weight-only: half the bytes, small quality cost).")] = "source",
+    device: Annotated[str, typer.Option(
+        help="cpu | cuda (experts cached on the GPU, CUDA kernels; needs pip install -e '.[cuda]').")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
 ) -> None:
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
@@ -91,6 +93,9 @@ def run(
     budget = parse_size(memory_budget, "--memory-budget")
     bandwidth = parse_bandwidth(io_bandwidth)
     prompts = read_prompts(prompt, prompts_file)
+    from d2moe.runtime.device import check_device
+
+    check_device(device)  # before loading anything: one line when CuPy or the GPU is missing
 
     import torch
 
@@ -107,7 +112,7 @@ def run(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
         direct_io=direct_io, max_tokens=max_tokens, kernels=kernels, dense_weights=dense_weights,
-        activations=activations,
+        activations=activations, device=device,
     )
     stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
     with Session(checkpoint, options, tokenizer=tokenizer) as session:

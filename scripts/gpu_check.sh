@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark in one command (< 8 minutes on one H200), tables into a folder:
+#   bash scripts/gpu_check.sh [OUT_DIR=gpu_results]
+# Needs an NVIDIA GPU, a CUDA build of torch and pip install -e '.[cuda]' (make setup installs the dev extra).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-gpu_results}"
+mkdir -p "$OUT"
+PY="${PY:-.venv/bin/python}"
+D2MOE="$PY -m d2moe"
+status=0
+step() { echo "== $1"; shift; "$@" || { echo "FAILED: $*" | tee -a "$OUT/failures.txt"; status=1; }; }
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+step "PTX (sm_80/87/90)" bash -c "$PY scripts/check_cuda.py > '$OUT/ptx.md'"
+step "doctor (self-check table)" bash -c "$D2MOE doctor --device cuda > '$OUT/selfcheck.md'"
+step "tests (cuda + gpu marked)" timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/cuda tests/kernels -o addopts="" \
+  --junitxml="$OUT/pytest.xml"
+step "kernel tolerance + GEMV tables" timeout 240 "$PY" scripts/gpu_bench.py "$OUT"
+
+# end to end: the embedded model packed once, decode per policy under a budget that holds 40% of the experts
+CKPT="$OUT/tiny-mixtral-packed"
+step "pack embedded model" bash -c "$D2MOE pack \$($PY -c 'from d2moe.commands.demo import embedded_model_dir as e; print(e())') '$CKPT' --bits 2,3,4 --force > /dev/null"
+BUDGET=$($PY -c "from d2moe.commands.demo import demo_budget; print(demo_budget(__import__('pathlib').Path('$CKPT'), 160, 0.4)[0])")
+echo "| policy | device | decode tok/s | prefill tok/s | load s | compute s | wait s | hidden load % | peak / budget | cuda peak MiB |" > "$OUT/e2e.md"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" >> "$OUT/e2e.md"
+for policy in d2moe matryoshka-free moqe-dynaio edgemoe hold-int4; do
+  for dev in cuda cpu; do
+    step "run $policy $dev" timeout 60 $D2MOE run "$CKPT" --device "$dev" --policy "$policy" --memory-budget "$BUDGET" \
+      --prompt "Tell me about mixtures of experts." --max-new-tokens 96 --json > "$OUT/run-$policy-$dev.json" || continue
+    $PY - "$OUT/run-$policy-$dev.json" "$policy" "$dev" >> "$OUT/e2e.md" <<'PYEOF'
+import json, sys
+s = json.load(open(sys.argv[1]))["stats"]
+load, wait = s["expert_load_s"], s["expert_step_s"] - s["expert_compute_s"]
+hidden = 100 * (1 - min(load, max(wait, 0)) / load) if load > 0 else 100
+m = s["memory"]
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {s['decode_tokens_per_s']:.1f} | {s['prefill_tokens_per_s']:.1f} | {load:.3f} | "
+      f"{s['expert_compute_s']:.3f} | {wait:.3f} | {hidden:.0f} | {m['peak_bytes'] / m['budget_bytes']:.0%} | "
+      f"{s.get('cuda_peak_allocated_bytes', 0) / 2**20:.1f} |")
+PYEOF
+  done
+done
+cat "$OUT/e2e.md"
+echo "tables in $OUT (status $status)"
+exit $status
