@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int | None, typer.Option(help="threads fitting each matrix (default: CPU count); output is the same")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted pack of the same inputs and options (finished parts are verified by crc32 and kept)")] = False,
         refits: Annotated[int, typer.Option(help="least-squares refits of each group's grid after the clip search (sliced)")] = 1,
+        calib: Annotated[list[str] | None, typer.Option(help="calibration text: a txt/jsonl/parquet file or a hub dataset (repeatable); weights each expert's grid search by its input activations (imatrix-style)")] = None,
+        calib_tokens: Annotated[int, typer.Option(help="calibration tokens run through the source model for --calib")] = 16384,
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress on stderr")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout (progress stays on stderr)")] = False,
     ) -> None:
@@ -33,8 +35,14 @@ def register(app: typer.Typer) -> None:
         from d2moe.quantize.types import MWQConfig
 
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
+        weights, calib_id, calib_report = None, None, None
+        if calib:
+            from d2moe.router_train.activations import expert_column_weights
+
+            weights, calib_id, calib_report = expert_column_weights(src, calib, calib_tokens, progress=not quiet)
         report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
-                                 workers=workers, resume=resume, refits=refits)
+                                 workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id)
+        report["calib"] = calib_report
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
         else:

@@ -1,0 +1,147 @@
+"""Per-expert input statistics for calibration-aware packing (`d2moe pack --calib`), imatrix-style.
+
+The source model runs over calibration text one decoder layer at a time (GPTQ's "catcher"): the
+embeddings run once, the first layer's inputs are caught, then each layer is given its dense weights,
+run over every calibration sequence at once, and dropped. Its experts module is replaced by one that
+reads each expert's matrices from the source on demand (one expert in memory at a time), computes
+the exact output in float32, and accumulates, per expert, the mean square of every input column of
+`gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x). Resident memory: one
+layer's dense weights, one expert, and the calibration activations; never the model.
+
+Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
+unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
+no token touched still counts a little and nothing is ever NaN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d2moe.errors import InputError
+from d2moe.quantize.adapters import adapter_for
+from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
+from d2moe.runtime.model import build_skeleton, expert_activation, materialise_buffers, swap_experts
+
+MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit that expert unweighted
+FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs a little
+SEQ_LEN = 512
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0: records what it is called with, then stops the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        raise _Stop
+
+
+class _StatsExperts(nn.Module):
+    """An experts module computing from source weights read on demand, accumulating input statistics."""
+
+    def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, sums: dict, counts: dict):
+        super().__init__()
+        self.layer, self.experts, self.sums, self.counts = layer, experts, sums, counts
+        self.act = expert_activation(original)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        x_all = hidden_states.float()
+        out = torch.zeros_like(x_all)
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = (top_k_index == e).nonzero(as_tuple=True)
+            x = x_all[tok]
+            gate, up, down = (self.experts.matrix(self.layer, e, m).float() for m in ("gate", "up", "down"))
+            h = self.act(x @ gate.T) * (x @ up.T)
+            out.index_add_(0, tok, (h @ down.T) * top_k_weights[tok, slot].float().unsqueeze(-1))
+            for m, v in (("gate", x), ("down", h)):
+                key = (self.layer, e, m)
+                self.sums[key] = self.sums.get(key, 0) + v.square().sum(0, dtype=torch.float64)
+            self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
+        return out.to(hidden_states.dtype)
+
+
+def expert_column_weights(src: Path, specs: list[str], max_tokens: int, progress: bool = True
+                          ) -> tuple[dict[tuple[int, int, str], torch.Tensor], str, dict]:
+    """({(layer, expert, matrix): weight per input column}, an id of the calibration for --resume, a report)."""
+    from transformers import AutoTokenizer
+
+    from d2moe.router_train.data import load_texts, token_blocks
+
+    t0 = time.perf_counter()
+    source = SourceCheckpoint(src)
+    adapter = adapter_for(source.config)
+    source.index_weights()
+    config = source.config
+    moe_layers, num_experts = adapter.moe_layers(config), adapter.num_experts(config)
+    experts = ExpertSource(source, adapter, moe_layers, num_experts, adapter.matrix_shapes(config))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception as exc:
+        raise InputError(f"--calib needs the source's tokenizer, which {src} does not load ({type(exc).__name__}); "
+                         "copy the tokenizer files next to config.json") from None
+    texts = load_texts(specs)
+    blocks = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
+    calib_id = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()
+
+    model = build_skeleton(adapter, config)
+    sums: dict = {}
+    counts: dict = {}
+    swap_experts(model, adapter, moe_layers, lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts))
+    layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
+    layers = model.get_submodule(layers_path)
+    dense = {model_key: src_key for src_key, model_key in experts.dense}
+    per_layer = [f"{layers_path}.{i}." for i in range(len(layers))]
+    outside = {k: source.get(v) for k, v in dense.items() if not k.startswith(f"{layers_path}.")}
+    model.load_state_dict(outside, strict=False, assign=True)
+    materialise_buffers(model)
+
+    catcher = _Catcher()
+    first, layers[0] = layers[0], catcher
+    try:
+        with torch.no_grad():
+            model.model(input_ids=blocks)
+    except _Stop:
+        pass
+    layers[0] = first
+    (args, kwargs), = catcher.calls
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    kwargs.pop("hidden_states", None)
+    with torch.no_grad():
+        for i, prefix in enumerate(per_layer):
+            layer = layers[i]
+            state = {k[len(prefix):]: source.get(v) for k, v in dense.items() if k.startswith(prefix)}
+            layer.load_state_dict(state, strict=False, assign=True)
+            out = layer(hidden, *args[1:], **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            layers[i] = nn.Identity()  # its weights are no longer needed
+            if progress:
+                print(f"pack --calib: layer {i + 1}/{len(per_layer)} ({time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr, flush=True)
+    weights, starved = {}, []
+    for layer in moe_layers:
+        for e in range(num_experts):
+            n = counts.get((layer, e), 0)
+            if n < MIN_TOKENS:
+                starved.append([layer, e, n])
+                continue
+            for m, stat in (("gate", sums[(layer, e, "gate")]), ("down", sums[(layer, e, "down")])):
+                w = (stat / n).float()
+                w = w / w.mean().clamp_min(1e-30)
+                weights[(layer, e, m)] = w.clamp_min(FLOOR)
+            weights[(layer, e, "up")] = weights[(layer, e, "gate")]  # gate and up read the same input
+    report = {"tokens": int(blocks.numel()), "sequences": int(blocks.shape[0]), "experts": len(moe_layers) * num_experts,
+              "experts_without_enough_tokens": starved, "seconds": round(time.perf_counter() - t0, 1)}
+    return weights, calib_id, report
