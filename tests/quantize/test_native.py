@@ -60,9 +60,11 @@ def test_refits_lower_the_objective_and_column_weights_steer_the_error():
     weight = torch.ones(256)
     weight[:32] = 50.0  # the first half-group's columns matter most
     weighted = native.fit_sliced(lib, w, cfg, col_weight=weight)
+    def hot(t, b):
+        return (w[:, :32] - dequantize(t, b)[:, :32]).square().sum().item()
+
     for b in cfg.bits:
-        hot = lambda t: (w[:, :32] - dequantize(t, b)[:, :32]).square().sum().item()  # noqa: E731
-        assert hot(weighted.tensor) < hot(base.tensor)
+        assert hot(weighted.tensor, b) < hot(base.tensor, b)
     assert _mean_log_err(w, weighted.tensor, cfg, weight) < _mean_log_err(w, base.tensor, cfg, weight)
 
 
