@@ -89,6 +89,8 @@ def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | 
             scale.data_ptr(), offset.data_ptr(), errs[k], ctypes.byref(signals[k]))
 
     codes = list(pool.map(run, range(len(chunks)))) if pool is not None else [run(k) for k in range(len(chunks))]
+    if any(c == -3 for c in codes):
+        raise UsageError(f"weight of shape {tuple(w.shape)} holds NaN or infinite values; quantize a finite matrix")
     if any(c == -2 for c in codes):
         worst = float(w.float().abs().max())
         raise UsageError(f"weights reach {worst:g}, beyond float16 range of the stored scales; rescale the matrix")

@@ -236,8 +236,6 @@ class _Fitter:
         """(MWQTensor, squared error per level, signal) of one matrix."""
         try:
             if self.lib is not None:
-                if not torch.isfinite(w).all():
-                    raise UsageError("the weight holds NaN or infinite values; quantize a finite matrix")
                 f = native.fit_sliced(self.lib, w, self.cfg, self.calib.get(where), self.refits, self._pool)
                 return f.tensor, f.sq_error, f.signal
             w32 = w.float()

@@ -228,7 +228,7 @@ static int refit(const Group *g, const uint8_t *q, const double *err, int b1, do
 /* Fit rows [r0, r1) of a [rows, cols] matrix (element (r, c) at src[r * row_stride + c]).
  * planes: [bk][rows][cols/8]; scale/offset: float16 bits [rows][G]; err_out: [nlev] unweighted squared
  * error summed over the row range; signal_out: sum of x^2. Returns 0, or -1 on bad arguments, -2 if
- * a stored scale or offset overflows float16. */
+ * a stored scale or offset overflows float16, -3 if a weight is NaN or infinite. */
 int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk, int b1,
                  int nlev, const int *levels, const float *col_weight, int refits, int r0, int r1, uint8_t *planes,
                  uint16_t *scale, uint16_t *offset, double *err_out, double *signal_out) {
@@ -245,6 +245,9 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
     for (int r = r0; r < r1; r++) {
         for (int gi = 0; gi < G; gi++) {
             load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+            int finite = 1;
+            for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f; /* false for NaN and +-inf */
+            if (!finite) return -3;
             Group g = {group, bk, nlev, levels, x, col_weight ? col_weight + (int64_t)gi * group : NULL};
             float off, step;
             search(&g, &off, &step);

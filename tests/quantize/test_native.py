@@ -80,3 +80,13 @@ def test_bad_inputs_are_one_clear_error():
         native.fit_sliced(lib, torch.zeros(4, 128), MWQConfig(bits=(2, 3), group_size=64, scheme="residual"))
     with pytest.raises(UsageError, match="float16 range"):
         native.fit_sliced(lib, torch.full((4, 128), 1e6).index_fill_(1, torch.tensor([0]), -1e6), cfg)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(bad):
+    from d2moe.errors import UsageError
+
+    w = torch.zeros(8, 128)
+    w[5, 77] = bad
+    with pytest.raises(UsageError, match="NaN or infinite"):
+        native.fit_sliced(lib, w.bfloat16(), MWQConfig(bits=(2, 3, 4), group_size=64, scheme="sliced"))
