@@ -1,10 +1,11 @@
 """kill -9 a real pack at chosen moments, `--resume` it, and compare with an uninterrupted pack byte for byte.
 
-One uninterrupted `d2moe pack` gives the reference digests. Then a chain: start `pack`, SIGKILL it
-after T1 seconds; `pack --resume`, SIGKILL after T2; ... ; a last `pack --resume` runs to the end.
-Checks: every file's sha256 equals the reference, and no temporary folder is left beside OUT.
+One uninterrupted `d2moe pack` gives the reference digests and its time T. Then one trial per kill
+point f: a fresh `pack`, SIGKILL after f*T seconds, what the staging folder holds at that moment,
+then `pack --resume` to the end (what it kept, how long it took). Checks: every file's sha256 equals
+the reference, and no temporary folder is left beside OUT.
 
-    .venv/bin/python scripts/pack_resume_check.py /work/scale/olmoe --kills 20,45,70 [--bits 2,3,4]
+    .venv/bin/python scripts/pack_resume_check.py /work/scale/olmoe --kills 0.3,0.6,0.9 [--bits 2,3,4]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def pack_cmd(src: Path, out: Path, bits: str, resume: bool) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", type=Path)
-    ap.add_argument("--kills", default="20,45,70", help="seconds after each start at which to SIGKILL")
+    ap.add_argument("--kills", default="0.3,0.6,0.9", help="kill points as fractions of the uninterrupted time")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--scratch", type=Path, default=None)
     args = ap.parse_args()
@@ -51,33 +52,32 @@ def main() -> None:
         subprocess.run(pack_cmd(args.src, ref_out, args.bits, False), check=True, capture_output=True)
         reference = digests(ref_out)
         full_s = time.perf_counter() - t0
-        kills = []
-        for i, t in enumerate(float(x) for x in args.kills.split(",")):
-            p = subprocess.Popen(pack_cmd(args.src, out, args.bits, i > 0), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+        trials = []
+        for f in (float(x) for x in args.kills.split(",")):
+            shutil.rmtree(out, ignore_errors=True)
+            p = subprocess.Popen(pack_cmd(args.src, out, args.bits, False), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
             try:
-                p.wait(timeout=t)
-                kills.append({"after_s": t, "killed": False, "note": "finished before the kill"})
+                p.wait(timeout=f * full_s)
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
-                staged = [q.name for q in scratch.glob(".resumed.d2moe-tmp-*")]
-                parts = sorted(x.name for q in scratch.glob(".resumed.d2moe-tmp-*") for x in q.iterdir()
-                               if x.name.endswith(".done.json"))
-                kills.append({"after_s": t, "killed": True, "staging": staged, "finished_parts": parts,
-                              "kept_on_resume": [ln for ln in (p.stderr.read() or "").splitlines() if "kept" in ln]})
-        t1 = time.perf_counter()
-        final = subprocess.run(pack_cmd(args.src, out, args.bits, True), capture_output=True, text=True)
-        resume_s = time.perf_counter() - t1
-        kept = [ln for ln in final.stderr.splitlines() if "kept" in ln]
-        result = {
-            "source": str(args.src), "bits": args.bits, "uninterrupted_s": round(full_s, 1),
-            "last_resume_s": round(resume_s, 1), "kills": kills, "last_resume_kept": kept,
-            "byte_identical": final.returncode == 0 and digests(out) == reference,
-            "temporary_folders_left": [q.name for q in scratch.glob(".*d2moe-*")],
-        }
+            trial = {"kill_at_s": round(f * full_s, 1), "killed": p.returncode == -signal.SIGKILL,
+                     "finished_parts_at_kill": sorted(x.name[: -len(".done.json")] for q in scratch.glob(".resumed.d2moe-tmp-*")
+                                                      for x in q.iterdir() if x.name.endswith(".done.json"))}
+            if not out.exists():
+                t1 = time.perf_counter()
+                r = subprocess.run(pack_cmd(args.src, out, args.bits, True), capture_output=True, text=True)
+                trial["resume_s"] = round(time.perf_counter() - t1, 1)
+                trial["resume_rc"] = r.returncode
+                trial["kept"] = [ln.split("kept ")[1].split(" ")[0] for ln in r.stderr.splitlines() if "kept" in ln]
+            trial["byte_identical"] = out.is_dir() and digests(out) == reference
+            trial["temporary_folders_left"] = [q.name for q in scratch.glob(".*d2moe-*")]
+            trials.append(trial)
+        result = {"source": str(args.src), "bits": args.bits, "uninterrupted_s": round(full_s, 1), "trials": trials}
+        ok = all(t["byte_identical"] and not t["temporary_folders_left"] for t in trials)
         print(json.dumps(result, indent=1))
-        if not result["byte_identical"] or result["temporary_folders_left"]:
+        if not ok:
             sys.exit(1)
     finally:
         if args.scratch is None:
