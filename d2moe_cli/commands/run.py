@@ -12,15 +12,22 @@ import typer
 from d2moe.errors import InputError, UsageError
 from d2moe.options import parse_bandwidth, set_threads
 
+MAX_PROMPTS_BYTES = 256 * 1024 * 1024
+
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     """The prompts of --prompt and/or --prompts-file (JSONL: one {"prompt": "..."} object a line)."""
     prompts = [prompt] if prompt is not None else []
     if prompts_file is not None:
+        from d2moe.errors import FormatError
+        from d2moe.quantize.format.files import read_capped
+
         try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read --prompts-file {prompts_file}: {exc}") from None
+            lines = read_capped(prompts_file, MAX_PROMPTS_BYTES, f"--prompts-file {prompts_file}").decode("utf-8").splitlines()
+        except FormatError as exc:  # missing, unreadable, not a regular file (FIFO, /dev/zero), over the cap
+            raise InputError(f"cannot read {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"cannot read --prompts-file {prompts_file}: not UTF-8 ({exc.reason})") from None
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
