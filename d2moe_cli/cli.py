@@ -36,6 +36,11 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's standalone mode handles usage errors (exit 2) and --help; our errors are one line."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--json" in args or not sys.stderr.isatty():  # no third-party bars in logs or next to JSON
+        from d2moe.progress import quiet_third_party_bars
+
+        quiet_third_party_bars()
     try:
         app(args=argv, prog_name="d2moe")
     except D2MoEError as exc:
