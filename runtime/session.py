@@ -349,12 +349,16 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
     """Token ids of each prompt, through the chat template when asked and the tokenizer has one."""
     out = []
     for p in prompts:
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(p)["input_ids"]
+        try:
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(p)["input_ids"]
+        except Exception as exc:  # damaged tokenizer files fail here, in transformers, in many ways
+            raise InputError(f"the tokenizer cannot encode the prompt ({type(exc).__name__}: {str(exc)[:120]}): "
+                             "restore the source model's tokenizer files") from None
         if not ids:
             raise UsageError(f"prompt {p[:40]!r} encodes to no tokens")
         out.append(list(ids))

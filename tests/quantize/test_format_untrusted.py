@@ -234,3 +234,36 @@ def test_negative_rope_theta_is_refused(gated, tmp_path):
     (ckpt / fmt.CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="rope_theta -1.0 must be a positive number"):
         fmt.open_checkpoint(ckpt)
+
+
+# ---- found by scripts/fuzz_checkpoint.py -------------------------------------------------------
+
+@pytest.mark.parametrize("value", [["mixtral"], {"a": 1}])
+def test_model_type_of_the_wrong_json_type_is_a_format_error(gated, tmp_path, value):
+    ckpt = _copy(gated, tmp_path / "c")
+    _edit(ckpt, lambda c: c.update(model_type=value), fmt.CONFIG_NAME)
+    with pytest.raises(FormatError, match="is not supported"):
+        fmt.open_checkpoint(ckpt)
+
+
+def test_config_that_no_longer_matches_the_dense_shapes_is_exit_4(gated, tmp_path, capsys):
+    ckpt = _copy(gated, tmp_path / "c")
+    _edit(ckpt, lambda c: c.update(num_key_value_heads=4), fmt.CONFIG_NAME)  # in bounds, but k/v weights are for 2
+    code, out, err = _run(capsys, ckpt)
+    assert code == EXIT_CORRUPT and "dense.safetensors does not match the model its config.json describes" in err
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "sil5"}, {"hidden_act": "\u0000"}])
+def test_config_transformers_cannot_build_is_exit_4(gated, tmp_path, capsys, change):
+    ckpt = _copy(gated, tmp_path / "c")
+    _edit(ckpt, lambda c: c.update(change), fmt.CONFIG_NAME)
+    code, out, err = _run(capsys, ckpt)
+    assert code == EXIT_CORRUPT and "config.json describes a mixtral model transformers cannot build" in err
+
+
+@pytest.mark.parametrize("change", [{"model_max_length": [1, 2, 3]}, {"model_max_length": "x"}])
+def test_damaged_tokenizer_config_is_one_line(gated, tmp_path, capsys, change):
+    ckpt = _copy(gated, tmp_path / "c")
+    _edit(ckpt, lambda c: c.update(change), "tokenizer_config.json")
+    code, out, err = _run(capsys, ckpt)
+    assert code == 3 and "the tokenizer cannot encode the prompt" in err and len(err.strip().splitlines()) == 1
