@@ -59,6 +59,8 @@ def check_config_bounds(hf_config, num_experts: int, where: str) -> None:
         raise FormatError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
     if values["head_dim"] is None and heads is not None and values["hidden_size"] % heads:
         raise FormatError(f"{where}: hidden_size {values['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if values["sliding_window"] == 0 and getattr(hf_config, "use_sliding_window", True):
+        raise FormatError(f"{where}: sliding_window 0 (a window of no tokens): null disables it")
     top_k = getattr(hf_config, "num_experts_per_tok", None)
     if not _is_int(top_k) or not 1 <= top_k <= num_experts:
         raise FormatError(f"{where}: num_experts_per_tok {top_k!r} must be an integer in 1..{num_experts} (the experts "

@@ -213,6 +213,7 @@ CONFIG_CASES = [
     ("negative eps", {"rms_norm_eps": -1.0}, "rms_norm_eps -1.0 must lie in \\(0, 1\\)"),
     ("pad id past vocab", {"pad_token_id": 10**6}, "pad_token_id 1000000 must be token ids"),
     ("layers 1e9", {"num_hidden_layers": 10**9}, "num_hidden_layers"),
+    ("sliding window 0", {"sliding_window": 0}, "sliding_window 0 \\(a window of no tokens\\)"),  # fuzz: crashed run
 ]
 
 
