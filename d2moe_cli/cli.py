@@ -1,7 +1,9 @@
 """The `d2moe` command line: thin typer commands over one library call each.
 
 Each command lives in `d2moe.commands.<name>` and registers itself with `register(app)`.
-Project errors print as one red line (exit 1); D2MOE_DEBUG=1 shows the traceback.
+Project errors print as one red line and exit with their class's code (d2moe.errors: 2 usage, 3 bad
+input, 4 corrupt file, 5 I/O, 6 environment); an operating-system error that reaches here is one
+line with exit 5; D2MOE_DEBUG=1 shows the traceback.
 """
 
 import importlib
@@ -10,7 +12,7 @@ import sys
 
 import typer
 
-from d2moe.errors import D2MoEError
+from d2moe.errors import EXIT_INTERRUPTED, EXIT_IO, D2MoEError, describe_os_error
 
 app = typer.Typer(
     name="d2moe",
@@ -34,6 +36,11 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's standalone mode handles usage errors (exit 2) and --help; our errors are one line."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--json" in args or not sys.stderr.isatty():  # no third-party bars in logs or next to JSON
+        from d2moe.progress import quiet_third_party_bars
+
+        quiet_third_party_bars()
     try:
         app(args=argv, prog_name="d2moe")
     except D2MoEError as exc:
@@ -41,9 +48,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _print_error(_escape(str(exc)))
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the OS refused a read or write that no command turned into a D2MoEError
+        if os.environ.get("D2MOE_DEBUG"):
+            raise
+        _print_error(_escape(describe_os_error(exc)))
+        sys.exit(EXIT_IO)
     except KeyboardInterrupt:
         _print_error("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _escape(text: str) -> str:

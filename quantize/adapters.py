@@ -195,7 +195,7 @@ def adapter_for(config: dict) -> Adapter:
             f"transformers implements natively ({', '.join(SUPPORTED)})"
         )
     model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported: d2moe supports {', '.join(SUPPORTED)}"
         )

@@ -236,11 +236,14 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
     t0 = time.perf_counter()
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
-    adapter_for(read_config(Path(cfg.src)))  # fail fast on a missing or unsupported model
+    config = read_config(Path(cfg.src))
+    n_moe = len(adapter_for(config).moe_layers(config))  # fail fast on a missing or unsupported model
     phase("reading calibration data")
     texts = load_texts(cfg.data)
     phase(f"loading and quantizing {cfg.src} (levels {list(cfg.bits)})")
-    session = open_session(cfg.src, cfg.mwq, device=accelerator.device)
+    done = iter(range(1, n_moe + 1))
+    session = open_session(cfg.src, cfg.mwq, device=accelerator.device,
+                           progress=lambda layer: phase(f"quantized MoE layer {layer} ({next(done, n_moe)}/{n_moe})"))
     blocks = token_blocks(texts, session.tokenizer, cfg.seq_len, cfg.max_blocks)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_blocks)
     gate = session.new_gate(cfg.capacity, cfg.proj_dim, cfg.expert_embedding, cfg.capacity_scope, cfg.init)

@@ -21,8 +21,13 @@ def build_skeleton(adapter, config: dict) -> nn.Module:
     """The transformers model of `config` on the meta device, in eval mode, with SDPA attention."""
     hf_config = adapter.hf_config(config)
     hf_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = adapter.model_class()(hf_config)
+    try:
+        with torch.device("meta"):
+            model = adapter.model_class()(hf_config)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        # config.json values transformers cannot build a model from (an unknown activation or rope type, ...)
+        raise FormatError(f"config.json describes a {adapter.model_type} model transformers cannot build "
+                          f"({type(exc).__name__}: {str(exc)[:120]}): restore the source's config.json") from None
     return model.eval()
 
 
@@ -46,7 +51,12 @@ def swap_experts(model: nn.Module, adapter, moe_layers, make_experts: Callable[[
 
 def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str = "dense.safetensors") -> None:
     """Assign the dense weights; every parameter must end up real (tied weights re-tied)."""
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatches: the weights are not the model config.json describes
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:200])
+        raise FormatError(f"{where} does not match the model its config.json describes ({first}): mixed-up or "
+                          "edited files, re-pack") from None
     if result.unexpected_keys:
         raise FormatError(f"{where} holds {len(result.unexpected_keys)} tensors the model does not have "
                           f"(e.g. {result.unexpected_keys[0]!r}): the checkpoint does not match its config.json")
@@ -65,7 +75,11 @@ def materialise_buffers(model: nn.Module) -> None:
         config = getattr(module, "config", None)
         if config is None:
             raise FormatError(f"module {name} ({type(module).__name__}) has buffers the checkpoint cannot restore")
-        fresh = type(module)(config)
+        try:
+            fresh = type(module)(config)
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError) as exc:
+            raise FormatError(f"config.json: module {name} cannot be rebuilt from it ({type(exc).__name__}: "
+                              f"{str(exc)[:120]}): restore the source's config.json") from None
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
     left = [n for n, b in model.named_buffers() if b.is_meta]

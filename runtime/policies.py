@@ -33,7 +33,6 @@ class PolicySpec:
     name: str
     levels: str  # "uniform" | "router" | "gate" | "static": which level selector
     nested_reuse: bool = True  # a held lower level is upgraded with the extra segments (MWQ); False: per-level copies
-    hold_all: bool = False  # every expert loaded up front at `uniform level` and kept resident
     preload_next: bool = False  # predict the next layer's experts with its router and load them ahead
     order: str = "hebf"  # order of the loads of a layer step: "hebf" | "johnson" | "id" (expert id)
     summary: str = ""
@@ -44,11 +43,11 @@ POLICIES: dict[str, PolicySpec] = {
     for p in (
         PolicySpec("d2moe", "gate", order="hebf",
                    summary="gate levels (or router-weight levels), bit-aware cache with decay, HEBF, upgrades"),
-        PolicySpec("hold-int8", "uniform", hold_all=True, order="id",
+        PolicySpec("hold-int8", "uniform", order="id",
                    summary="all experts resident at 8 bits, loaded up front"),
-        PolicySpec("hold-int4", "uniform", hold_all=True, order="id",
+        PolicySpec("hold-int4", "uniform", order="id",
                    summary="all experts resident at 4 bits, loaded up front"),
-        PolicySpec("hold", "uniform", hold_all=True, order="id",
+        PolicySpec("hold", "uniform", order="id",
                    summary="all experts resident at --level bits, loaded up front (any packed level)"),
         PolicySpec("matryoshka-free", "gate", nested_reuse=False, order="id",
                    summary="the same mixed levels from separate per-level copies: no upgrade reuse"),

@@ -163,8 +163,11 @@ class Session:
                 or o.level is not None or o.router_levels is not None):
             return None
         routers = [self.pipeline.routers[layer] for layer in self.ckpt.moe_layers]
-        return load_gate(self.ckpt.gate_path, expect_fingerprint=model_fingerprint(self.ckpt.config, routers),
+        self.ckpt.verify_file("gate")  # its crc32 against the manifest, before any of it is trusted
+        gate = load_gate(self.ckpt.gate_path, expect_fingerprint=model_fingerprint(self.ckpt.config, routers),
                          expect_levels=self.ckpt.cfg.bits)
+        check_gate_capacity(gate.meta["capacity"], self.ckpt.gate_capacity, self.ckpt.gate_path)
+        return gate
 
     def _make_selector(self):
         from d2moe.runtime.policies import make_level_selector
@@ -346,16 +349,30 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
     """Token ids of each prompt, through the chat template when asked and the tokenizer has one."""
     out = []
     for p in prompts:
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(p)["input_ids"]
+        try:
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(p)["input_ids"]
+        except Exception as exc:  # damaged tokenizer files fail here, in transformers, in many ways
+            raise InputError(f"the tokenizer cannot encode the prompt ({type(exc).__name__}: {str(exc)[:120]}): "
+                             "restore the source model's tokenizer files") from None
         if not ids:
             raise UsageError(f"prompt {p[:40]!r} encodes to no tokens")
         out.append(list(ids))
     return out
+
+
+def check_gate_capacity(in_file, in_manifest, path: Path) -> None:
+    """The gate file's capacities are the ones the manifest declares (FormatError otherwise)."""
+    from d2moe.errors import FormatError
+
+    if in_manifest is None or len(in_file) != len(in_manifest) or any(
+            abs(float(a) - float(b)) > 1e-6 for a, b in zip(in_file, in_manifest, strict=False)):
+        raise FormatError(f"{path.name}: capacity {list(in_file)} differs from d2moe.json's {in_manifest} "
+                          "(edited manifest or mixed-up gate: re-pack with the gate)")
 
 
 def _as_list(v) -> list:

@@ -40,8 +40,13 @@ def register(app: typer.Typer) -> None:
             from d2moe.router_train.activations import expert_column_weights
 
             weights, calib_id, calib_report = expert_column_weights(src, calib, calib_tokens, progress=not quiet)
-        report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
-                                 workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id)
+        try:
+            report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
+                                     workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id)
+        except OSError as exc:  # e.g. OUT on a read-only or pseudo file system (/proc), disk full
+            from d2moe.errors import IOFailure, describe_os_error
+
+            raise IOFailure(f"cannot pack into {out}: {describe_os_error(exc)}") from None
         report["calib"] = calib_report
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))

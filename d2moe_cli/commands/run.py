@@ -12,15 +12,22 @@ import typer
 from d2moe.errors import InputError, UsageError
 from d2moe.options import parse_bandwidth, set_threads
 
+MAX_PROMPTS_BYTES = 256 * 1024 * 1024
+
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     """The prompts of --prompt and/or --prompts-file (JSONL: one {"prompt": "..."} object a line)."""
     prompts = [prompt] if prompt is not None else []
     if prompts_file is not None:
+        from d2moe.errors import FormatError
+        from d2moe.quantize.format.files import read_capped
+
         try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read --prompts-file {prompts_file}: {exc}") from None
+            lines = read_capped(prompts_file, MAX_PROMPTS_BYTES, f"--prompts-file {prompts_file}").decode("utf-8").splitlines()
+        except FormatError as exc:  # missing, unreadable, not a regular file (FIFO, /dev/zero), over the cap
+            raise InputError(f"cannot read {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"cannot read --prompts-file {prompts_file}: not UTF-8 ({exc.reason})") from None
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -72,8 +79,9 @@ def run(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    chat_template: Annotated[bool, typer.Option("--chat-template/--no-chat-template",
-                                                help="Wrap prompts in the tokenizer's chat template.")] = True,
+    chat_template: Annotated[bool | None, typer.Option(
+        "--chat-template/--no-chat-template",
+        help="Wrap prompts in the tokenizer's chat template (default: only for a chat model, e.g. *-Instruct).")] = None,
     threads: Annotated[int | None, typer.Option(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     kernels: Annotated[str, typer.Option(
@@ -104,6 +112,9 @@ def run(
 
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     tokenizer = load_tokenizer(checkpoint)
+    from d2moe.runtime.chat import use_chat_template
+
+    chat_template, note = use_chat_template(chat_template, tokenizer, checkpoint)
     batch = encode_prompts(tokenizer, prompts, chat_template)
     max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
     torch.manual_seed(seed)
@@ -116,6 +127,8 @@ def run(
     )
     stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
     with Session(checkpoint, options, tokenizer=tokenizer) as session:
+        if note:  # after the checks: an error stays one line
+            print(f"note: {note}", file=sys.stderr)
         on_text = (lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if stream else None
         report = session.generate(token_ids=batch, sampling=sampling, on_text=on_text)
     if json_out:

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             resume=resume,
         )
         show = not as_json and sys.stderr.isatty()
-        result = _run_with_progress(cfg, train_router, show)
+        result = _run_with_progress(cfg, train_router, show) if show else _run_with_log_lines(cfg, train_router)
         text = json.dumps(result.report, indent=2)
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +87,28 @@ def register(app: typer.Typer) -> None:
             _print_summary(result.report, output)
 
 
-def _run_with_progress(cfg, train_router, show: bool):
+def _run_with_log_lines(cfg, train_router):
+    """Not on a terminal (CI, a log file, --json): plain phase and step lines on stderr (d2moe.progress)."""
+    from d2moe.progress import LogLines
+
+    log = LogLines("train-router", cfg.max_steps, every_s=LOG_EVERY_S)
+
+    def on_step(s) -> None:
+        log.step(s.step, loss=float(s.loss), bits=float(s.avg_bits))
+
+    result = train_router(cfg, on_step=on_step, on_phase=log.phase)
+    log.phase(f"done: gate written to {cfg.output}")
+    return result
+
+
+LOG_EVERY_S = 30.0  # at most one step line per 30 s in logs (and always the last step)
+
+
+def _run_with_progress(cfg, train_router, show: bool = True):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    if not show:
-        return train_router(cfg)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}  bits {task.fields[bits]}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:

@@ -3,12 +3,15 @@ config.json and the blob layout, before anything is trusted."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from d2moe.errors import FormatError, UsageError
+from d2moe.quantize.format.config_bounds import check_config_bounds
 from d2moe.quantize.format.constants import (
     ALIGN,
+    CONFIG_NAME,
     DENSE_DTYPES,
     DENSE_NAME,
     FORMAT_NAME,
@@ -22,6 +25,7 @@ from d2moe.quantize.format.constants import (
     MAX_MANIFEST_BYTES,
     experts_file_name,
 )
+from d2moe.quantize.format.files import read_capped
 from d2moe.quantize.format.layout import BlobLayout, blob_layout
 from d2moe.quantize.format.safetensors_io import strict_json
 from d2moe.quantize.types import MWQConfig
@@ -43,17 +47,11 @@ class ExpertEntry:
 
 
 def read_json(path: Path) -> object:
-    try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise FormatError(f"{path}: {size} bytes exceeds the {MAX_MANIFEST_BYTES}-byte cap (corrupt or foreign file)")
-        data = path.read_bytes()
-    except FileNotFoundError:
+    """A JSON file of the checkpoint: a regular file, at most MAX_MANIFEST_BYTES, strict JSON."""
+    if not os.path.lexists(path):
         hint = "not a packed checkpoint: make one with `d2moe pack`" if path.name == MANIFEST_NAME else "re-pack"
-        raise FormatError(f"{path} is missing ({hint})") from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot be read ({exc.strerror})") from None
-    return strict_json(data, str(path))
+        raise FormatError(f"{path} is missing ({hint})")
+    return strict_json(read_capped(path, MAX_MANIFEST_BYTES), str(path))
 
 
 _TOP_KEYS = {
@@ -124,6 +122,8 @@ def validate_manifest(m, config: dict, path: Path) -> tuple[MWQConfig, dict[tupl
     from d2moe.quantize.adapters import adapter_for
 
     adapter = adapter_for(config)
+    check_config_bounds(adapter.hf_config(config), _int(adapter.num_experts(config), f"{where}: config.json experts",
+                                                        1, MAX_EXPERTS), f"{path / CONFIG_NAME}")
     if m["arch"] != adapter.model_type:
         raise FormatError(f"{where}: arch {m['arch']!r} but config.json says {adapter.model_type!r} (mixed-up files: re-pack)")
     shapes = _keys(m["matrix_shapes"], set(MATRICES), f"{where}: matrix_shapes")
@@ -147,6 +147,9 @@ def validate_manifest(m, config: dict, path: Path) -> tuple[MWQConfig, dict[tupl
         capacity = _list(gate["capacity"], f"{where}: gate.capacity", len(levels))
         if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in capacity):
             raise FormatError(f"{where}: gate.capacity {capacity!r} must be numbers in [0, 1]")
+        if sum(capacity) < 1 - 1e-6:  # the gate's own rule (runtime.gate.validate_capacity): 1.0 each = no limit
+            raise FormatError(f"{where}: gate.capacity {capacity!r} sums to {sum(capacity):.4g}: the fractions must "
+                              "cover every (token, expert) pair (sum >= 1)")
     return cfg, _validate_experts(m["experts"], moe_layers, num_experts, layout, where)
 
 

@@ -3,6 +3,7 @@ returns a `PackedCheckpoint` that reads, checks and decodes expert prefixes."""
 
 from __future__ import annotations
 
+import os
 import warnings
 import zlib
 from functools import cached_property
@@ -10,20 +11,28 @@ from pathlib import Path
 
 import torch
 
-from d2moe.errors import D2MoEError, FormatError, UsageError
+from d2moe.errors import D2MoEError, FormatError, InputError, UsageError
 from d2moe.kernels.packed import PackedMatrix
+from d2moe.quantize.format.checked import file_crc32_checked, read_checked_safetensors
 from d2moe.quantize.format.constants import (
     ALIGN,
     CONFIG_NAME,
+    COPIED_FILES,
+    DENSE_NAME,
+    DENSE_ST_DTYPES,
     FORMAT_NAME,
+    GATE_NAME,
     MANIFEST_NAME,
     MATRICES,
+    MAX_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
     expert_tensor_name,
 )
+from d2moe.quantize.format.files import check_regular
 from d2moe.quantize.format.layout import BlobLayout, blob_layout
 from d2moe.quantize.format.manifest import ExpertEntry, read_json, validate_manifest
 from d2moe.quantize.format.safetensors_io import read_header
-from d2moe.quantize.format.writer import experts_file_metadata, file_crc32
+from d2moe.quantize.format.writer import experts_file_metadata
 from d2moe.quantize.types import MWQConfig
 
 
@@ -153,18 +162,23 @@ class PackedCheckpoint:
         for (layer, expert), e in sorted(self.experts.items()):
             self._check_crc(e, self.read_prefix(layer, expert, self.cfg.bk), len(self.cfg.bits) - 1)
         for section in ("dense", "gate"):
-            info = self.manifest[section]
-            if info is not None and file_crc32(self.path / info["file"]) != info["crc32"]:
-                raise FormatError(f"{info['file']}: crc32 differs from {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
+            self.verify_file(section)
 
     def load_dense(self, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """Every dense weight, keyed by transformers-5 model key, in its stored dtype."""
-        from safetensors.torch import load_file
+        """Every dense weight, keyed by transformers-5 model key, in its stored dtype.
 
-        try:
-            return load_file(str(self.dense_path), device=device)
-        except Exception as exc:  # framing was validated at open: this is a race or I/O error
-            raise FormatError(f"{self.dense_path.name}: cannot be loaded ({exc})") from None
+        The file is read once, straight into the tensors, and its crc32 is computed on those same
+        bytes: a flipped bit anywhere in dense.safetensors is a FormatError before any weight is used.
+        """
+        info = self.manifest["dense"]
+        tensors = read_checked_safetensors(self.dense_path, info["crc32"], DENSE_NAME)
+        return tensors if device == "cpu" else {k: v.to(device) for k, v in tensors.items()}
+
+    def verify_file(self, section: str) -> None:
+        """Check the crc32 of the dense or gate file (`section`) against the manifest; FormatError if it differs."""
+        info = self.manifest[section]
+        if info is not None and file_crc32_checked(self.path / info["file"], info["file"]) != info["crc32"]:
+            raise FormatError(f"{info['file']}: crc32 differs from {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
 
     def summary(self) -> dict:
         """What `d2moe inspect` shows: sizes, effective bits/weight and SQNR (min/median) per level."""
@@ -195,12 +209,7 @@ class PackedCheckpoint:
 
 
 def _file_size(path: Path, what: str) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        raise FormatError(f"{what}: file is missing (re-pack the checkpoint)") from None
-    except OSError as exc:
-        raise FormatError(f"{what}: cannot be read ({exc.strerror})") from None
+    return check_regular(path, MAX_FILE_BYTES, what)
 
 
 def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
@@ -210,7 +219,9 @@ def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
     """
     path = Path(path)
     if not path.is_dir():
-        raise FormatError(f"{path} is not a packed checkpoint directory (make one with `d2moe pack SRC {path}`)")
+        raise InputError(f"{path} is not a packed checkpoint directory (make one with `d2moe pack SRC {path}`)")
+    if not os.path.lexists(path / MANIFEST_NAME):
+        raise InputError(f"{path / MANIFEST_NAME} is missing (not a packed checkpoint: make one with `d2moe pack`)")
     try:
         manifest = read_json(path / MANIFEST_NAME)
         config = read_json(path / CONFIG_NAME)
@@ -222,6 +233,9 @@ def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
     except D2MoEError as exc:  # e.g. an adapter refusing the copied config
         raise FormatError(f"{path / MANIFEST_NAME}: {exc}") from None
     _check_files(path, manifest, cfg, experts)
+    for name in COPIED_FILES:  # read later by transformers (tokenizer, chat template): regular files, bounded
+        if os.path.lexists(path / name):
+            check_regular(path / name, MAX_MANIFEST_BYTES, name)
     ckpt = PackedCheckpoint(path, manifest, config, cfg, experts)
     if verify:
         ckpt.verify()
@@ -254,6 +268,9 @@ def _check_files(path: Path, manifest: dict, cfg: MWQConfig, experts: dict[tuple
             if info.dtype != "U8" or info.shape != (e.nbytes,) or info.begin != e.offset:
                 raise FormatError(f"{name}: layer {e.layer} expert {e.expert}: tensor {tname} is {info.dtype} {list(info.shape)} "
                                   f"at offset {info.begin}, manifest says U8 [{e.nbytes}] at {e.offset}")
+    if manifest["gate"] is None and os.path.lexists(path / GATE_NAME):
+        raise FormatError(f"{GATE_NAME} is present but {MANIFEST_NAME} lists no gate (`gate: null`): the manifest was "
+                          "edited or the files mixed up; re-pack (with or without --router)")
     for section in ("dense", "gate"):
         info = manifest[section]
         if info is None:
@@ -261,3 +278,9 @@ def _check_files(path: Path, manifest: dict, cfg: MWQConfig, experts: dict[tuple
         header = read_header(path / info["file"], info["file"])
         if header.file_size != info["nbytes"]:
             raise FormatError(f"{info['file']}: {header.file_size} bytes, manifest says {info['nbytes']} (re-pack)")
+        if section == "dense":
+            want = DENSE_ST_DTYPES[manifest["dtype"]]
+            for tname, t in header.tensors.items():
+                if t.dtype in ("F16", "BF16", "F32", "F64") and t.dtype != want:
+                    raise FormatError(f"{DENSE_NAME}: tensor {tname!r} is {t.dtype} but {MANIFEST_NAME} says dtype "
+                                      f"{manifest['dtype']!r} ({want}): mixed-up or edited files, re-pack")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2moe.errors import FormatError
+from d2moe.quantize.format.files import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the cap safetensors itself enforces
 MAX_RANK = 8
@@ -92,9 +93,10 @@ def read_header(path: Path, what: str | None = None) -> SafetensorsHeader:
     """Read and validate the framing of safetensors file `path` (no tensor data is read)."""
     path = Path(path)
     what = what or str(path)
+    fd = open_regular(path, what)
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
+        file_size = os.fstat(fd).st_size
+        with open(fd, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise FormatError(f"{what}: {file_size} bytes is too short for a safetensors file (truncated)")
@@ -104,8 +106,6 @@ def read_header(path: Path, what: str | None = None) -> SafetensorsHeader:
             if 8 + n > file_size:
                 raise FormatError(f"{what}: header length {n} runs past the end of the {file_size}-byte file (truncated)")
             raw = f.read(n)
-    except FileNotFoundError:
-        raise FormatError(f"{what}: file is missing (re-pack the checkpoint)") from None
     except OSError as exc:
         raise FormatError(f"{what}: cannot be read ({exc.strerror})") from None
     if len(raw) != n:

@@ -13,6 +13,7 @@ from packed import packed_tiny
 
 from d2moe.apps.evaluate import lm_eval_available  # noqa: E402
 from d2moe.cli import main  # noqa: E402
+from d2moe.errors import EXIT_ENVIRONMENT, EXIT_USAGE  # noqa: E402
 
 TASKS = Path(__file__).parents[1] / "data" / "tasks"
 TEXT = "the quick brown fox jumps over the lazy dog . a mixture of experts routes every token to a few experts . " * 4
@@ -112,16 +113,16 @@ def test_eval_zero_shot_local_task(pair, capsys):
 def test_eval_errors_are_one_line(pair, text_file, capsys, monkeypatch):
     _, packed = pair
     code, _, err = _cli(capsys, "eval", packed)
-    assert code == 1 and "nothing to evaluate" in err
+    assert code == EXIT_USAGE and "nothing to evaluate" in err
     code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--level", "8")
-    assert code == 1 and "--level 8 is not a packed level" in err
+    assert code == EXIT_USAGE and "--level 8 is not a packed level" in err
     code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--level", "4", "--policy", "d2moe")
-    assert code == 1 and "exclude each other" in err
+    assert code == EXIT_USAGE and "exclude each other" in err
     code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 8, "--stride", 9)
-    assert code == 1 and "--stride" in err
+    assert code == EXIT_USAGE and "--stride" in err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     code, _, err = _cli(capsys, "eval", packed, "--tasks", "piqa")
-    assert code == 1 and "pip install lm-eval" in err
+    assert code == EXIT_ENVIRONMENT and "pip install lm-eval" in err
 
 
 def test_bench_json_plot_and_table(pair, tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_bench_json_plot_and_table(pair, tmp_path, capsys):
                         "--max-new-tokens", 2, "--repeats", 1)
     assert code == 0 and "n/a (needs" in out and "d2moe" in out
     code, _, err = _cli(capsys, "bench", packed, "--policies", "warp-drive")
-    assert code == 1 and "warp-drive" in err
+    assert code == EXIT_USAGE and "warp-drive" in err
 
 
 def test_demo_packs_once_streams_and_reports(pair, tmp_path, capsys):

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from d2moe.cli import main
+from d2moe.errors import EXIT_CORRUPT, EXIT_INPUT, EXIT_IO, EXIT_USAGE
 from d2moe.quantize import format as fmt
 
 
@@ -51,23 +52,25 @@ def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     assert code == 0 and "2-bit" in stdout and "4-bit" in stdout and "SQNR" in stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pack", "{tmp}/missing", "{tmp}/o"], "SRC {tmp}/missing does not exist"),
-    (["pack", "{tmp}", "{tmp}/o"], "is not a Hugging Face checkpoint: it has no config.json"),
-    (["pack", "{src}", "{tmp}/o", "--bits", "2,x"], "--bits '2,x' is not a list of integers"),
-    (["pack", "{src}", "{tmp}/o", "--bits", "4,2"], "must be distinct, ascending"),
-    (["pack", "{src}", "{tmp}/o", "--scheme", "magic"], "scheme 'magic' is unknown"),
-    (["pack", "{src}", "{tmp}/o", "--group-size", "48"], "group-size"),
-    (["pack", "{src}", "{tmp}/o", "--dtype", "int4"], "--dtype 'int4'"),
-    (["pack", "{src}", "{tmp}/exists"], "already exists: pass --force"),
-    (["inspect", "{tmp}/missing"], "is not a packed checkpoint directory"),
-    (["inspect", "{tmp}/exists"], "d2moe.json is missing"),
+@pytest.mark.parametrize("argv, message, want", [
+    (["pack", "{tmp}/missing", "{tmp}/o"], "SRC {tmp}/missing does not exist", EXIT_INPUT),
+    (["pack", "{tmp}", "{tmp}/o"], "is not a Hugging Face checkpoint: it has no config.json", EXIT_INPUT),
+    (["pack", "{src}", "{tmp}/o", "--bits", "2,x"], "--bits '2,x' is not a list of integers", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/o", "--bits", "4,2"], "must be distinct, ascending", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/o", "--scheme", "magic"], "scheme 'magic' is unknown", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/o", "--group-size", "48"], "group-size", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/o", "--dtype", "int4"], "--dtype 'int4'", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/exists"], "already exists: pass --force", EXIT_USAGE),
+    (["pack", "{src}", "/proc/d2moe-out"], "cannot pack into /proc/d2moe-out", EXIT_IO),
+    (["inspect", "{tmp}/missing"], "is not a packed checkpoint directory", EXIT_INPUT),
+    (["inspect", "{tmp}/exists"], "d2moe.json is missing", EXIT_INPUT),
 ])
-def test_errors_are_one_red_line_with_exit_code_1(tiny_checkpoint_factory, tmp_path, capsys, argv, message):
+def test_errors_are_one_red_line_with_the_exit_code_of_their_class(tiny_checkpoint_factory, tmp_path, capsys, argv,
+                                                                     message, want):
     (tmp_path / "exists").mkdir()
     subst = {"tmp": str(tmp_path), "src": str(tiny_checkpoint_factory("mixtral"))}
     code, stdout, stderr = _run(capsys, *(a.format(**subst) for a in argv))
-    assert code == 1
+    assert code == want, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("error: ")
     assert message.format(**subst) in stderr.replace("\n", "")
     assert not (tmp_path / "o").exists()
@@ -79,7 +82,7 @@ def test_unsupported_architecture(tiny_checkpoint_factory, tmp_path, capsys):
     cfg = json.loads((tiny_checkpoint_factory("mixtral") / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     code, _, stderr = _run(capsys, "pack", str(src), str(tmp_path / "o"))
-    assert code == 1 and "model_type 'gpt2' is not supported: d2moe supports" in stderr and "mixtral" in stderr
+    assert code == EXIT_INPUT and "model_type 'gpt2' is not supported: d2moe supports" in stderr and "mixtral" in stderr
 
 
 def test_inspect_json_reports_a_corrupt_checkpoint(packed_checkpoint_factory, tmp_path, capsys):
@@ -93,7 +96,7 @@ def test_inspect_json_reports_a_corrupt_checkpoint(packed_checkpoint_factory, tm
     assert code == 0 and json.loads(stdout)["valid"]  # structure alone cannot see it
     code, stdout, stderr = _run(capsys, "inspect", str(ckpt), "--json", "--verify")
     result = json.loads(stdout)
-    assert code == 1 and result["valid"] is False and "experts-0001.safetensors: layer 1 expert 3" in result["validation"]
+    assert code == EXIT_CORRUPT and result["valid"] is False and "experts-0001.safetensors: layer 1 expert 3" in result["validation"]
     assert "crc32" in stderr
 
 
@@ -101,6 +104,6 @@ def test_module_entry_point_prints_one_line(tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "d2moe", "inspect", str(tmp_path / "none")],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == EXIT_INPUT and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'none'} is not a packed checkpoint directory "
                                                 f"(make one with `d2moe pack SRC {tmp_path / 'none'}`)"]

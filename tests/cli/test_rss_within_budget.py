@@ -4,6 +4,7 @@ after start-up stays within --memory-budget over a long generation, at the small
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,5 +38,28 @@ def test_rss_growth_stays_within_the_smallest_budget_over_a_long_generation(pack
     stats = json.loads(proc.stdout)["stats"]
     mem = stats["memory"]
     assert stats["generated_tokens"] >= 100 and stats["cache"]["evictions"] > 0  # it really offloaded
+    assert 0 < mem["peak_bytes"] <= budget
+    assert 0 < mem["rss_peak_delta_bytes"] <= budget, (mem["rss_peak_delta_bytes"], budget)
+
+
+SCALE = Path(os.environ.get("D2MOE_SCALE_CHECKPOINT", "/work/scale/olmoe-d2"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SCALE / "d2moe.json").is_file(),
+                    reason=f"no real-shape packed checkpoint at {SCALE}: build one with scripts/make_scale_checkpoint.py "
+                           "and `d2moe pack`, then set D2MOE_SCALE_CHECKPOINT")
+def test_rss_growth_stays_within_the_smallest_budget_at_real_expert_shapes():
+    """The same promise at real expert shapes (OLMoE: 64 experts of 1024x2048 per layer, bf16 dense)."""
+    args = ["run", str(SCALE), "-p", "Once upon a time", "--max-new-tokens", "200", "--no-chat-template", "--json"]
+    too_small = _d2moe(*args, "-m", "1MiB")
+    minimum = re.search(r"use --memory-budget (\d+)MiB", too_small.stderr)
+    assert too_small.returncode == 2 and minimum, too_small.stderr
+    budget = int(minimum.group(1)) * 2**20
+    proc = _d2moe(*args, "-m", f"{minimum.group(1)}MiB")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    mem = stats["memory"]
+    assert stats["generated_tokens"] >= 100 and stats["cache"]["evictions"] > 0
     assert 0 < mem["peak_bytes"] <= budget
     assert 0 < mem["rss_peak_delta_bytes"] <= budget, (mem["rss_peak_delta_bytes"], budget)

@@ -9,6 +9,7 @@ import torch
 from packed import packed_tiny
 
 from d2moe.cli import main  # noqa: E402
+from d2moe.errors import EXIT_INPUT, EXIT_USAGE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +74,20 @@ def test_plain_output_prints_text_and_summary(packed, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--memory-budget", "300KiB"], "minimum"),
     (["--memory-budget", "lots"], "not a size"),
+    (["--memory-budget", "9" * 400], "larger than any machine"),
     (["--policy", "fastest"], "unknown"),
     (["--level", "3"], "--bits"),
 ])
 def test_bad_options_are_one_clear_line(packed, capsys, args, message):
     code, _, err = _run(capsys, packed, "-p", "hello", *args)
-    assert code == 1
+    assert code == EXIT_USAGE
     assert message in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     code, _, err = _run(capsys, tmp_path / "nope", "-p", "hello")
-    assert code == 1 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert code == EXIT_INPUT and "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("content,message", [
@@ -97,11 +99,11 @@ def test_bad_prompts_file_is_one_clear_line(packed, tmp_path, capsys, content, m
     f = tmp_path / "p.jsonl"
     f.write_text(content)
     code, _, err = _run(capsys, packed, "--prompts-file", f)
-    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert code == EXIT_INPUT and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_prompts_file_and_no_prompt(packed, tmp_path, capsys):
     code, _, err = _run(capsys, packed, "--prompts-file", tmp_path / "missing.jsonl")
-    assert code == 1 and "cannot read" in err
+    assert code == EXIT_INPUT and "cannot read" in err
     code, _, err = _run(capsys, packed)
-    assert code == 1 and "--prompt" in err
+    assert code == EXIT_USAGE and "--prompt" in err

@@ -10,6 +10,7 @@ import torch
 from packed import packed_tiny
 
 from d2moe.cli import main
+from d2moe.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_USAGE
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_emulated_cuda_with_a_corrupted_kernel_disables_it_and_still_matches(pac
 def test_device_cuda_without_cupy_is_one_line(packed, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
     code, out, err = _run(capsys, packed, "--prompt", "hi", "--device", "cuda")
-    assert code == 1 and out == ""
+    assert code == EXIT_ENVIRONMENT and out == ""
     assert "CuPy" in err and "pip install -e '.[cuda]'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
@@ -85,11 +86,11 @@ def test_device_cuda_without_a_gpu_is_one_line(packed, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "cupy", _Cupy)
     code, out, err = _run(capsys, packed, "--prompt", "hi", "--device", "cuda")
-    assert code == 1 and out == ""
+    assert code == EXIT_INPUT and out == ""
     assert "no usable CUDA GPU" in err and "--device cpu" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_unknown_device_is_a_usage_error(packed, capsys):
     code, _, err = _run(capsys, packed, "--prompt", "hi", "--device", "tpu")
-    assert code == 1 and "--device 'tpu' is unknown" in err
+    assert code == EXIT_USAGE and "--device 'tpu' is unknown" in err

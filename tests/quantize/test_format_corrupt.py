@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2moe.errors import FormatError
+from d2moe.errors import FormatError, InputError
 from d2moe.quantize import format as fmt
 
 
@@ -123,7 +123,6 @@ def _truncate(path: Path, n: int) -> None:
 
 FILE_CASES = [
     ("experts file missing", lambda c: (c / "experts-0001.safetensors").unlink(), "experts-0001.safetensors: file is missing"),
-    ("manifest missing", lambda c: (c / fmt.MANIFEST_NAME).unlink(), "d2moe.json is missing"),
     ("config missing", lambda c: (c / "config.json").unlink(), "config.json is missing"),
     ("config foreign", lambda c: (c / "config.json").write_text('{"model_type": "llama"}'), "model_type 'llama' is not supported"),
     ("config remote code", lambda c: (c / "config.json").write_text('{"model_type": "mixtral", "auto_map": {"a": "b"}}'), "remote code"),
@@ -134,7 +133,6 @@ FILE_CASES = [
     ("huge header length", lambda c: _patch(c / "experts-0001.safetensors", 0, struct.pack("<Q", 1 << 62)), "experts-0001.safetensors: header length \\d+ exceeds"),
     ("header renamed tensor", lambda c: _patch_text(c / "experts-0000.safetensors", b'"expert.2"', b'"expert.9"'), "experts-0000.safetensors: holds tensors that disagree"),
     ("header reshaped", lambda c: _patch_text(c / "experts-0000.safetensors", b'"shape":[16384]', b'"shape":[16383]'), "experts-0000.safetensors: tensor 'expert.0' spans 16384 bytes but U8 \\[16383\\] needs 16383"),
-    ("not a directory", lambda c: shutil.rmtree(c) or c.write_text("x"), "is not a packed checkpoint directory"),
 ]
 
 
@@ -155,6 +153,20 @@ def test_damaged_files(packed, tmp_path, name, damage, match):
     ckpt = _copy(packed, tmp_path / "c")
     damage(ckpt)
     with pytest.raises(FormatError, match=match):
+        fmt.open_checkpoint(ckpt)
+
+
+NOT_A_CHECKPOINT = [
+    ("manifest missing", lambda c: (c / fmt.MANIFEST_NAME).unlink(), "d2moe.json is missing"),
+    ("not a directory", lambda c: shutil.rmtree(c) or c.write_text("x"), "is not a packed checkpoint directory"),
+]
+
+
+@pytest.mark.parametrize("name, damage, match", NOT_A_CHECKPOINT, ids=[c[0] for c in NOT_A_CHECKPOINT])
+def test_not_a_checkpoint_is_bad_input(packed, tmp_path, name, damage, match):
+    ckpt = _copy(packed, tmp_path / "c")
+    damage(ckpt)
+    with pytest.raises(InputError, match=match):
         fmt.open_checkpoint(ckpt)
 
 

@@ -1,0 +1,62 @@
+"""Issue 11 item 7: the default run of a base model that ships a chat template gives text, not newlines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from d2moe.cli import main
+from d2moe.runtime.chat import use_chat_template
+
+ASSET = Path(__file__).parents[2] / "d2moe_cli" / "assets" / "tiny-mixtral"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from d2moe.quantize import MWQConfig
+    from d2moe.quantize.convert.pack import pack_checkpoint
+
+    out = tmp_path_factory.mktemp("chat") / "packed"
+    pack_checkpoint(ASSET, out, MWQConfig(), progress=False)
+    return out
+
+
+def _run(capsys, *argv):
+    try:
+        main(["run", *map(str, argv)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_default_run_of_the_embedded_base_model_gives_text(packed, capsys):
+    code, out, err = _run(capsys, packed, "-p", "Once upon a time", "--max-new-tokens", 60, "--json")
+    assert code == 0
+    text = json.loads(out)["outputs"][0]["text"]
+    assert sum(c.isalpha() for c in text) >= 40, repr(text)  # the template gave only "\n\n\n…"
+    assert "does not look like a chat model" in err and "--chat-template" in err
+    code, out, err = _run(capsys, packed, "-p", "Once upon a time", "--max-new-tokens", 4, "--chat-template", "--json")
+    assert code == 0 and "chat model" not in err  # asked for: applied, no note
+
+
+@pytest.mark.parametrize("names, template, requested, applied", [
+    (["Mixtral-8x7B-Instruct-v0.1"], "t", None, True),
+    (["Qwen1.5-MoE-A2.7B-Chat"], "t", None, True),
+    (["gemma-2-9b-it"], "t", None, True),
+    (["Mixtral-8x7B-v0.1"], "t", None, False),
+    (["Qwen3-30B-A3B-Base"], "t", None, False),
+    (["OLMoE-1B-7B-0924-Instruct"], None, None, False),  # no template: nothing to apply
+    (["Mixtral-8x7B-v0.1"], "t", True, True),  # the flag forces it
+    (["Mixtral-8x7B-Instruct-v0.1"], "t", False, False),
+])
+def test_chat_template_decision(tmp_path, monkeypatch, names, template, requested, applied):
+    import d2moe.runtime.chat as chat
+
+    monkeypatch.setattr(chat, "model_names", lambda checkpoint, tokenizer=None: names)
+    use, _ = use_chat_template(requested, SimpleNamespace(chat_template=template, name_or_path=""), tmp_path)
+    assert use is applied
