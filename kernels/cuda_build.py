@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from d2moe.errors import DependencyError, InputError
+from d2moe.errors import DependencyError
 from d2moe.kernels.cuda_abi import SOURCE
 
 KERNELS = ("d2_dequant", "d2_gemv")
@@ -82,10 +82,10 @@ def require_cuda() -> None:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, driver too old, no device
-        raise InputError(f"--device cuda: no usable CUDA GPU here ({str(exc).strip() or type(exc).__name__}): "
+        raise DependencyError(f"--device cuda: no usable CUDA GPU here ({str(exc).strip() or type(exc).__name__}): "
                          "run on a machine with an NVIDIA GPU and driver, or use --device cpu") from None
     if count < 1:
-        raise InputError("--device cuda: CuPy sees no CUDA GPU: run on a machine with an NVIDIA GPU, or use --device cpu")
+        raise DependencyError("--device cuda: CuPy sees no CUDA GPU: run on a machine with an NVIDIA GPU, or use --device cpu")
     import torch
 
     if not torch.cuda.is_available():

@@ -59,7 +59,7 @@ def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, int8: bool =
             del module.weight  # the int8 copy replaces it: its bytes are freed
             module.register_buffer("weight_int8", q)
             module.register_buffer("weight_scale", scale)
-            module.forward = _int8_forward(module, lib, splitter, w.dtype, w.shape)
+            module.forward = _int8_forward(module, lib, splitter, w.shape)
         else:
             module.forward = _kernel_forward(module, lib, splitter)
         n += 1
@@ -93,7 +93,7 @@ def _kernel_forward(module: nn.Linear, lib, splitter):
     return forward
 
 
-def _int8_forward(module: nn.Linear, lib, splitter, dtype: torch.dtype, shape: torch.Size):
+def _int8_forward(module: nn.Linear, lib, splitter, shape: torch.Size):
     rows, cols = shape
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,11 @@ Fit (per group of `group_size` consecutive input columns, vectorised over groups
 1. "sliced": clip-search one bk-bit grid whose objective is the mean over the readable levels
    of log(MSE) (every level good, not just the top); level b reads the top b bits of each code
    and reconstructs at the centre of its cell.
-2. "residual": the same codes and planes, then the base (scale, offset) and each plane's
-   magnitude alpha_j refit by least squares in sequence, each rounded to float16 as stored before
-   the next residual is taken. A group keeps a refit only where it is no worse than the tied
-   (sliced) values at every readable level, so residual >= sliced level by level.
+2. "residual": the same codes and planes, then the base (scale, offset) and every plane's
+   magnitude alpha_j refit at once by one weighted least-squares solve over all readable levels
+   (`fit_residual`), rounded to float16 as stored. A group keeps its refit only where it lowers
+   the mean log error, and groups are reverted until no level's total error exceeds the tied
+   (sliced) one, so residual >= sliced level by level.
 Dequantization is the torch reference in d2moe.kernels.reference.
 
 Shape letters: O rows, I columns, G = I / group_size, N groups in a chunk, S = group_size,

@@ -186,7 +186,7 @@ class Session:
     def describe_levels(self) -> str:
         return self.pipeline.selector.describe()
 
-    def _sample_memory(self, staging_bytes: int | None = None) -> None:
+    def _sample_memory(self) -> None:
         self.meter.sample()
 
     # ---- generation --------------------------------------------------------------------

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             resume=resume,
         )
         show = not as_json and sys.stderr.isatty()
-        result = _run_with_progress(cfg, train_router, show) if show else _run_with_log_lines(cfg, train_router)
+        result = _run_with_progress(cfg, train_router) if show else _run_with_log_lines(cfg, train_router)
         text = json.dumps(result.report, indent=2)
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def _run_with_log_lines(cfg, train_router):
 LOG_EVERY_S = 30.0  # at most one step line per 30 s in logs (and always the last step)
 
 
-def _run_with_progress(cfg, train_router, show: bool = True):
+def _run_with_progress(cfg, train_router):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -232,7 +232,7 @@ def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
         raise
     except D2MoEError as exc:  # e.g. an adapter refusing the copied config
         raise FormatError(f"{path / MANIFEST_NAME}: {exc}") from None
-    _check_files(path, manifest, cfg, experts)
+    _check_files(path, manifest, experts)
     for name in COPIED_FILES:  # read later by transformers (tokenizer, chat template): regular files, bounded
         if os.path.lexists(path / name):
             check_regular(path / name, MAX_MANIFEST_BYTES, name)
@@ -242,7 +242,7 @@ def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
     return ckpt
 
 
-def _check_files(path: Path, manifest: dict, cfg: MWQConfig, experts: dict[tuple[int, int], ExpertEntry]) -> None:
+def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], ExpertEntry]) -> None:
     """Every file's safetensors framing agrees with the manifest, byte for byte."""
     by_file: dict[str, list[ExpertEntry]] = {}
     for e in experts.values():

@@ -10,7 +10,7 @@ import torch
 from packed import packed_tiny
 
 from d2moe.cli import main
-from d2moe.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_USAGE
+from d2moe.errors import EXIT_ENVIRONMENT, EXIT_USAGE
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_device_cuda_without_a_gpu_is_one_line(packed, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "cupy", _Cupy)
     code, out, err = _run(capsys, packed, "--prompt", "hi", "--device", "cuda")
-    assert code == EXIT_INPUT and out == ""
+    assert code == EXIT_ENVIRONMENT and out == ""
     assert "no usable CUDA GPU" in err and "--device cpu" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
