@@ -57,8 +57,8 @@ def check_config_bounds(hf_config, num_experts: int, where: str) -> None:
     heads, kv = values["num_attention_heads"], values["num_key_value_heads"]
     if heads is not None and kv is not None and heads % kv:
         raise FormatError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    if values["head_dim"] is None and heads is not None and values["hidden_size"] % heads:
-        raise FormatError(f"{where}: hidden_size {values['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    # hidden_size need not divide by the heads: transformers takes head_dim = hidden_size // heads (a trained
+    # 256-wide model with 6 heads is valid); the dense shapes check at load catches a forged combination.
     if values["sliding_window"] == 0 and getattr(hf_config, "use_sliding_window", True):
         raise FormatError(f"{where}: sliding_window 0 (a window of no tokens): null disables it")
     top_k = getattr(hf_config, "num_experts_per_tok", None)
