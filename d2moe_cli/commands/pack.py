@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         refits: Annotated[int, typer.Option(help="least-squares refits of each group's grid after the clip search (sliced)")] = 1,
         calib: Annotated[list[str] | None, typer.Option(help="calibration text: a txt/jsonl/parquet file or a hub dataset (repeatable); weights each expert's grid search by its input activations (imatrix-style)")] = None,
         calib_tokens: Annotated[int, typer.Option(help="calibration tokens run through the source model for --calib")] = 16384,
+        similarity: Annotated[bool, typer.Option("--similarity/--no-similarity", help="store each expert's nearest neighbours (output cosine on a random probe) for `run --on-miss substitute`")] = True,
+        lossless: Annotated[bool, typer.Option("--lossless", help="also store each expert's exact source weights, losslessly coded (for `run --lossless`)")] = False,
+        lossless_codec: Annotated[str, typer.Option(help="codec of the exponent stream for --lossless: zstd | brotli | none (the raw weights: uncompressed 16-bit offloading)")] = "zstd",
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress on stderr")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout (progress stays on stderr)")] = False,
     ) -> None:
@@ -42,7 +45,8 @@ def register(app: typer.Typer) -> None:
             weights, calib_id, calib_report = expert_column_weights(src, calib, calib_tokens, progress=not quiet)
         try:
             report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
-                                     workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id)
+                                     workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id,
+                                     similarity=similarity, lossless=lossless_codec if lossless else None)
         except OSError as exc:  # e.g. OUT on a read-only or pseudo file system (/proc), disk full
             from d2moe.errors import IOFailure, describe_os_error
 

@@ -30,10 +30,12 @@ from d2moe.errors import InputError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, native, quantize_mwq
 from d2moe.quantize import format as fmt
 from d2moe.quantize.adapters import adapter_for
+from d2moe.quantize.convert.lossless_pack import lossless_layer, lossless_section
 from d2moe.quantize.convert.progress import PackProgress
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
 from d2moe.quantize.convert.staging import Staging, verify_experts_file, verify_whole_file
 from d2moe.quantize.format.safetensors_io import DTYPE_SIZES, TORCH_TO_ST
+from d2moe.quantize.similarity import SimilarityCollector
 
 SQNR_CAP_DB = 999.0  # a lossless level (all-zero matrix) is recorded as this, JSON has no infinity
 DEFAULT_REFITS = 1  # least-squares refits of each grid after the clip search (BENCHMARKS.md: cost and gain)
@@ -53,12 +55,16 @@ def pack_checkpoint(
     refits: int = DEFAULT_REFITS,
     calib: dict[tuple[int, int, str], torch.Tensor] | None = None,
     calib_id: str | None = None,
+    similarity: bool = True,
+    lossless: str | None = None,
 ) -> dict:
     """Pack HF checkpoint `src` into `out`; returns a report (bytes and SQNR per level, seconds, sizes).
 
     `workers` threads fit each matrix (default: the CPU count); `refits` least-squares refits per
     grid; `calib`: per (layer, expert, matrix) input-column weights (mean squared activation) that
-    weight the grid search, `calib_id` naming them for --resume.
+    weight the grid search, `calib_id` naming them for --resume. `similarity`: store each expert's
+    nearest neighbours (d2moe.quantize.similarity, for `--on-miss substitute`); `lossless`: also store
+    the exact source experts coded with that codec (d2moe.quantize.convert.lossless_pack).
     """
     t0 = time.perf_counter()
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -66,6 +72,8 @@ def pack_checkpoint(
         raise UsageError(f"--workers {workers} must be at least 1")
     if refits < 0:
         raise UsageError(f"--refits {refits} must be 0 or more")
+    if lossless is not None and lossless not in fmt.LOSSLESS_CODECS:
+        raise UsageError(f"--lossless-codec {lossless!r} is unknown: use one of {', '.join(fmt.LOSSLESS_CODECS)}")
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in fmt.DENSE_DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(fmt.DENSE_DTYPES)}")
@@ -83,7 +91,10 @@ def pack_checkpoint(
     gate_capacity = None if router is None else _check_gate(Path(router), source, experts, adapter, moe_layers, cfg)
     lib = native.load() if cfg.scheme == "sliced" else None
     fit = _Fitter(lib, cfg, refits, workers, calib)
-    key = _key(source, cfg, dtype, router, refits, calib_id, fit.name)
+    key = _key(source, cfg, dtype, router, refits, calib_id, fit.name + ("+sim" if similarity else ""))
+    sim = SimilarityCollector(str(config.get("hidden_act", "silu"))) if similarity else None
+    sim_rows: dict[int, list] = {}
+    ll_entries, ll_dtype = [], None
     staging = Staging(out, key, resume)
     total = sum(experts.matrix_nbytes(layer, m) * num_experts for layer in moe_layers for m in fmt.MATRICES)
     try:
@@ -93,7 +104,10 @@ def pack_checkpoint(
             entries = []
             for i, layer in enumerate(moe_layers):
                 bar.layer(i, layer)
-                entries += _layer_part(experts, i, layer, num_experts, layout, fit, staging, bar)
+                entries += _layer_part(experts, i, layer, num_experts, layout, fit, staging, bar, sim, sim_rows)
+                if lossless is not None:
+                    part, ll_dtype = lossless_layer(experts, layer, num_experts, staging, lossless)
+                    ll_entries += part
                 _maybe_kill(f"layer:{i}")
         tmp = staging.path
         gate_info = None if router is None else _copy_gate(Path(router), gate_capacity, cfg, tmp)
@@ -104,6 +118,8 @@ def pack_checkpoint(
             source={"path": src.resolve().name, "sha256": source.fingerprint()}, arch=adapter.model_type,
             cfg=cfg, dtype=dense_dtype, matrix_shapes=shapes, moe_layers=moe_layers, num_experts=num_experts,
             dense=dense_info, experts=entries, gate=gate_info,
+            similarity=sim.section(sim_rows) if sim is not None else None,
+            lossless=lossless_section(lossless, ll_dtype, ll_entries) if lossless is not None else None,
         )
         staging.clean_records()
         _write_file(tmp / fmt.MANIFEST_NAME, fmt.manifest_bytes(manifest))
@@ -249,11 +265,13 @@ class _Fitter:
 
 
 def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int, layout: fmt.BlobLayout,
-                fit: _Fitter, staging: Staging, bar: PackProgress) -> list[dict]:
+                fit: _Fitter, staging: Staging, bar: PackProgress, sim=None, sim_rows=None) -> list[dict]:
     """One layer's experts file: matrices read one ahead on the I/O thread, fitted, blobs written in order."""
     name = fmt.experts_file_name(layer)
     record = staging.done(name, verify_experts_file)
     if record is not None:
+        if sim is not None:
+            sim_rows[layer] = record["similarity"]
         bar.advance(sum(experts.matrix_nbytes(layer, m) for m in fmt.MATRICES) * num_experts)
         return record["entries"]
     order = [(e, m) for e in range(num_experts) for m in fmt.MATRICES]
@@ -267,6 +285,8 @@ def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int,
             if k + 1 < len(order):
                 pending = fit.reader.submit(experts.matrix, layer, *order[k + 1])
             fitted[m] = fit.fit(weight, (layer, e, m))
+            if sim is not None:
+                sim.observe(layer, e, m, weight)
             bar.advance(weight.numel() * weight.element_size())
             del weight
             if len(fitted) == len(fmt.MATRICES):
@@ -275,7 +295,10 @@ def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int,
                 fitted.clear()
                 _maybe_kill(f"expert:{index}:{e}")
         size = w.file_size
-    staging.finish(name, {"entries": entries, "size": size})
+    record = {"entries": entries, "size": size}
+    if sim is not None:
+        record["similarity"] = sim_rows[layer] = sim.neighbors(layer)
+    staging.finish(name, record)
     return entries
 
 

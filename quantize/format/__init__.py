@@ -54,6 +54,7 @@ from d2moe.quantize.format.constants import (
 from d2moe.quantize.format.layout import BlobLayout, Slot, blob_layout
 from d2moe.quantize.format.manifest import ExpertEntry
 from d2moe.quantize.format.reader import PackedCheckpoint, decode_blob, open_checkpoint
+from d2moe.quantize.format.sections import LOSSLESS_CODECS, lossless_file_name
 from d2moe.quantize.format.writer import (
     ExpertsFileWriter,
     build_manifest,
@@ -69,5 +70,5 @@ __all__ = [
     "ALIGN", "CONFIG_NAME", "COPIED_FILES", "DENSE_ALIGN", "DENSE_DTYPES", "DENSE_NAME", "FORMAT_NAME", "FORMAT_VERSION",
     "GATE_NAME", "MANIFEST_NAME", "MATRICES", "BlobLayout", "ExpertsFileWriter", "dense_file_writer", "file_entry", "ExpertEntry", "PackedCheckpoint", "Slot", "blob_layout",
     "build_manifest", "decode_blob", "encode_expert", "expert_tensor_name", "experts_file_name", "file_crc32",
-    "manifest_bytes", "open_checkpoint", "segment_crcs",
+    "manifest_bytes", "open_checkpoint", "segment_crcs", "LOSSLESS_CODECS", "lossless_file_name",
 ]

@@ -28,6 +28,7 @@ from d2moe.quantize.format.constants import (
 from d2moe.quantize.format.files import read_capped
 from d2moe.quantize.format.layout import BlobLayout, blob_layout
 from d2moe.quantize.format.safetensors_io import strict_json
+from d2moe.quantize.format.sections import OPTIONAL_KEYS, validate_lossless, validate_similarity
 from d2moe.quantize.types import MWQConfig
 
 
@@ -100,7 +101,7 @@ def validate_manifest(m, config: dict, path: Path) -> tuple[MWQConfig, dict[tupl
                           f"{FORMAT_VERSION}): upgrade d2moe")
     if version < FORMAT_VERSION:
         raise FormatError(f"{where}: format version {version} is older than this d2moe's {FORMAT_VERSION}: re-pack")
-    _keys(m, _TOP_KEYS, where)
+    _keys(m, _TOP_KEYS | (set(m) & set(OPTIONAL_KEYS)), where)
     src = _keys(m["source"], {"path", "sha256"}, f"{where}: source")
     if not isinstance(src["path"], str) or not isinstance(src["sha256"], str):
         raise FormatError(f"{where}: source.path and source.sha256 must be strings")
@@ -150,6 +151,11 @@ def validate_manifest(m, config: dict, path: Path) -> tuple[MWQConfig, dict[tupl
         if sum(capacity) < 1 - 1e-6:  # the gate's own rule (runtime.gate.validate_capacity): 1.0 each = no limit
             raise FormatError(f"{where}: gate.capacity {capacity!r} sums to {sum(capacity):.4g}: the fractions must "
                               "cover every (token, expert) pair (sum >= 1)")
+    if "similarity" in m:
+        validate_similarity(m["similarity"], moe_layers, num_experts, where)
+    if "lossless" in m:
+        weights = sum(o * i for o, i in (tuple(v) for v in shapes.values()))
+        validate_lossless(m["lossless"], moe_layers, num_experts, weights, where)
     return cfg, _validate_experts(m["experts"], moe_layers, num_experts, layout, where)
 
 

@@ -271,6 +271,12 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
     if manifest["gate"] is None and os.path.lexists(path / GATE_NAME):
         raise FormatError(f"{GATE_NAME} is present but {MANIFEST_NAME} lists no gate (`gate: null`): the manifest was "
                           "edited or the files mixed up; re-pack (with or without --router)")
+    if "lossless" in manifest:
+        from d2moe.quantize.format.sections import check_lossless_files, validate_lossless
+
+        weights = sum(o * i for o, i in manifest["matrix_shapes"].values())
+        check_lossless_files(path, validate_lossless(manifest["lossless"], manifest["moe_layers"],
+                                                     manifest["num_experts"], weights, str(path)))
     for section in ("dense", "gate"):
         info = manifest[section]
         if info is None:

@@ -1,0 +1,126 @@
+"""Optional manifest sections: expert similarity and the lossless tier (pack --lossless), validated and exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d2moe.errors import FormatError
+from d2moe.quantize import MWQConfig
+from d2moe.quantize import lossless as ll
+from d2moe.quantize.convert.pack import pack_checkpoint
+from d2moe.quantize.format import open_checkpoint
+from d2moe.quantize.similarity import SimilarityCollector
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=0, max_size=4000), st.sampled_from([2, 4]), st.sampled_from(ll.CODECS),
+       st.integers(1, 300))
+def test_lossless_codec_round_trips_any_bytes(data, width, codec, chunk):
+    raw = data[: len(data) // width * width]
+    assert bytes(ll.decode_bytes(ll.encode_bytes(raw, width, codec, chunk))) == raw
+
+
+def test_lossless_codec_compresses_gaussian_bf16_and_decodes_on_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = torch.randn(512, 1024).bfloat16()
+    raw = w.view(torch.uint8).numpy().tobytes()
+    blob = ll.encode_bytes(raw, 2, "zstd", chunk_weights=1 << 16)
+    assert len(raw) / len(blob) > 1.35  # exponent entropy ~2.6 bits of 8
+    out = bytearray(len(raw))
+    with ThreadPoolExecutor(2) as pool:
+        ll.decode_into(blob, out, pool)
+    assert bytes(out) == raw
+    with pytest.raises(FormatError):
+        ll.decode_bytes(blob[: len(blob) // 2])
+    with pytest.raises(FormatError):
+        ll.decode_bytes(b"XXXX" + blob[4:])
+
+
+def test_similarity_finds_a_twin_expert():
+    g = torch.Generator().manual_seed(1)
+    mats = [{m: torch.randn(*s, generator=g) for m, s in (("gate", (32, 16)), ("up", (32, 16)), ("down", (16, 32)))}
+            for _ in range(3)]
+    mats.append({m: mats[1][m][torch.randperm(32, generator=g)] if m != "down" else mats[1][m] for m in mats[1]})
+    perm = torch.randperm(32, generator=g)  # a twin of expert 1 with its neurons reordered
+    mats[3] = {"gate": mats[1]["gate"][perm], "up": mats[1]["up"][perm], "down": mats[1]["down"][:, perm]}
+    sim = SimilarityCollector(k=2)
+    for e, m in enumerate(mats):
+        for name in ("gate", "up", "down"):
+            sim.observe(0, e, name, m[name])
+    rows = sim.neighbors(0)
+    assert rows[1][0] == [3, 1.0] and rows[3][0] == [1, 1.0] and len(rows[0]) == 2
+
+
+@pytest.fixture(scope="module")
+def lossless_pack(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("lossless")
+    src = make_tiny_checkpoint("mixtral", root / "src", dtype="bfloat16", num_local_experts=4)
+    out = root / "packed"
+    pack_checkpoint(src, out, MWQConfig(bits=(2, 4)), progress=False, lossless="zstd")
+    return src, out
+
+
+def test_lossless_blobs_are_bit_identical_to_the_source(lossless_pack):
+    from d2moe.quantize.adapters import adapter_for
+    from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
+
+    src, out = lossless_pack
+    ckpt = open_checkpoint(out)
+    section = ckpt.manifest["lossless"]
+    assert section["codec"] == "zstd" and section["dtype"] == "bfloat16"
+    source = SourceCheckpoint(src)
+    adapter = adapter_for(source.config)
+    source.index_weights()
+    experts = ExpertSource(source, adapter, ckpt.moe_layers, ckpt.num_experts, adapter.matrix_shapes(source.config))
+    for item in section["experts"]:
+        with open(out / item["file"], "rb") as f:
+            f.seek(item["offset"])
+            blob = f.read(item["nbytes"])
+        raw = b"".join(experts.matrix(item["layer"], item["expert"], m).contiguous().view(torch.uint8).numpy().tobytes()
+                       for m in ("gate", "up", "down"))
+        assert bytes(ll.decode_bytes(blob)) == raw and len(raw) == item["raw_nbytes"]
+
+
+def _edit(out, tmp_path, edit):
+    copy = tmp_path / "edited"
+    shutil.copytree(out, copy)
+    m = json.loads((copy / "d2moe.json").read_text())
+    edit(m)
+    (copy / "d2moe.json").write_text(json.dumps(m))
+    return copy
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["similarity"]["neighbors"]["0"][0].append([0, 0.5]), "neighbour"),
+    (lambda m: m["similarity"]["neighbors"]["0"][1].__setitem__(0, [2, 7.0]), "neighbour"),
+    (lambda m: m["similarity"]["neighbors"].pop("0"), "every MoE layer"),
+    (lambda m: m["similarity"].pop("seed"), "keys"),
+    (lambda m: m["lossless"]["experts"][0].__setitem__("raw_nbytes", 5), "raw_nbytes"),
+    (lambda m: m["lossless"]["experts"][1].__setitem__("offset", 10**12), "runs past the end"),
+    (lambda m: m["lossless"].__setitem__("codec", "lzma"), "codec"),
+    (lambda m: m.__setitem__("extras", {}), "unknown"),
+])
+def test_bad_sections_are_rejected(lossless_pack, tmp_path, edit, match):
+    with pytest.raises(FormatError, match=match):
+        open_checkpoint(_edit(lossless_pack[1], tmp_path, edit))
+
+
+def test_sections_are_optional(lossless_pack, tmp_path):
+    copy = _edit(lossless_pack[1], tmp_path, lambda m: (m.pop("similarity"), m.pop("lossless")))
+    assert "lossless" not in open_checkpoint(copy).manifest
+
+
+def test_codec_none_stores_raw_weights():
+    x = np.arange(1000, dtype=np.uint16).tobytes()
+    blob = ll.encode_bytes(x, 2, "none")
+    assert x in blob and bytes(ll.decode_bytes(blob)) == x
