@@ -51,6 +51,7 @@ class Work:
     pairs: dict[int, tuple[torch.Tensor, torch.Tensor]]  # level -> (token rows [N], top-k slots [N])
     have: int | None = None  # level held in the cache at lookup
     tokens: int = 0
+    origin: int | None = None  # the selected expert this work stands in for (--on-miss substitute)
 
     @property
     def resident(self) -> bool:
@@ -113,6 +114,7 @@ class ExpertPipeline:
         self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
         self.cost = CostModel()
         self.stats = PipelineStats()
+        self.miss = None  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
         self._pending: dict[tuple, tuple] = {}  # preload key -> (future, layer, expert, have, want)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
@@ -148,6 +150,8 @@ class ExpertPipeline:
         for w in works:
             w.have = self.cache.lookup(w.key, w.want)
             self.cache.record_use(w.key, w.tokens)
+        if self.miss is not None:
+            works, top_k_weights = self.miss.handle(self, layer, works, top_k_weights, levels)
         results: dict[tuple, tuple] = {}  # (expert, level) -> (rows [N], weighted output [N, H])
         compute_s = 0.0
         with self.cache.pinned_keys([w.key for w in works]):
@@ -271,7 +275,7 @@ class ExpertPipeline:
         for level, (rows, slots) in sorted(w.pairs.items()):
             x = hidden[rows].to(torch.float32)  # [N, H]
             y = self.kernels.forward(prepared(level), x, self.act_fn)  # [N, H]
-            results[(w.expert, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
+            results[_result_key(w, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
         self.kernels.release()
         seconds = time.perf_counter() - t0
         self.cost.observe_compute(self._kernel_work(w), seconds)
@@ -288,7 +292,7 @@ class ExpertPipeline:
                 where.append((w, level, rows, slots))
         ys = self.kernels.forward_group(calls, self.act_fn)
         for (w, level, rows, slots), y in zip(where, ys, strict=True):
-            results[(w.expert, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
+            results[_result_key(w, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
         self.kernels.release()
         seconds = time.perf_counter() - t0
         for w in works:  # the cost model learns a rate per unit of work: share the launch's time
@@ -389,6 +393,11 @@ class ExpertPipeline:
         self.staging_bytes += nbytes
         if self.on_memory and nbytes > 0:
             self.on_memory()
+
+
+def _result_key(w: Work, level: int) -> tuple[int, int, int]:
+    """Summation key: expert, level, then the expert a substitute stands in for (-1: itself)."""
+    return (w.expert, level, -1 if w.origin is None else w.origin)
 
 
 class OffloadedExperts(nn.Module):

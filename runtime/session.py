@@ -52,6 +52,15 @@ class RunOptions:
     dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row weight-only, half of bf16's bytes)
     activations: str = "auto"  # decode activations in the expert kernels: auto (int8 up to level 4) | int8 | int16
     device: str = "cpu"  # cpu | cuda (experts cached on the GPU, CUDA kernels; d2moe.runtime.device)
+    on_miss: str = "load"  # what a low-importance miss does: load | lowbit | substitute | skip (d2moe.runtime.miss)
+    miss_threshold: float = 0.35  # importance below which a missed pair is handled by on_miss
+    miss_importance: str = "weight"  # weight (router weight) | gate (the selector's level)
+
+    @property
+    def miss(self):
+        from d2moe.runtime.miss import MissOptions
+
+        return MissOptions(self.on_miss, self.miss_threshold, self.miss_importance)
 
 
 @dataclass
@@ -135,6 +144,9 @@ class Session:
         if on_gpu and self.gate is not None:
             self.gate.to("cuda")  # it reads the hidden states where they are
         self.pipeline.selector = self._make_selector()
+        from d2moe.runtime import miss
+
+        miss.attach(self.pipeline, ckpt, options.miss)
         self._kv_bytes = 0
         self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()], static=True)
         self.meter.register("kv", "cache", lambda: self._kv_bytes)
@@ -235,6 +247,8 @@ class Session:
         self.store.reset_stats()
         self.cache.reset_stats()
         self.pipeline.reset_stats()
+        if self.pipeline.miss is not None:
+            self.pipeline.miss.reset_stats()
         streamed = [""] * len(batch)
         sofar: list[list[int]] = [[] for _ in batch]
 
@@ -289,6 +303,7 @@ class Session:
             "reads": io.reads,
             "upgrade_reads": pipe.upgrade_loads,
             "preloads": pipe.preloads,
+            "misses": self._miss_report(),
             "setup_bytes_read": self.setup_bytes_read,
             "tokens_per_level": {str(k): v for k, v in sorted(pipe.pairs_per_level.items())},
             "schedule_efficiency": pipe.schedule_efficiency,
@@ -308,6 +323,11 @@ class Session:
                        "peak_by_category": memory["peak_by_category"], "plan": self.plan.summary(),
                        "rss_peak_delta_bytes": memory["rss_peak_delta_bytes"]},
         }
+
+    def _miss_report(self) -> dict:
+        from d2moe.runtime import miss
+
+        return miss.report(self.pipeline, self.options.miss)
 
     def _device_stats(self) -> dict:
         """--device cuda: what went through staging and what the device really allocated."""
@@ -400,6 +420,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     from d2moe.runtime.policies import hold_level as policy_hold_level
 
     spec = get_policy(options.policy, options.schedule)
+    options.miss  # noqa: B018  (validates --on-miss and its options before anything is read)
     if options.io_threads < 1:
         raise UsageError(f"--io-threads {options.io_threads} must be at least 1")
     path = Path(checkpoint)

@@ -433,8 +433,12 @@ def evaluate_target(
     tasks_dir: Path | str | None = None,
     limit: int | None = None,
     on_window: Callable[[int, int], None] | None = None,
+    run_options: dict | None = None,
+    scoring: str = "window",
 ) -> dict:
     """Perplexity (when token_ids are given) and zero-shot accuracy (when tasks are) of one target.
+
+    run_options: more RunOptions fields (on_miss...); scoring "decode": one token per forward (miss_bench).
 
     Returns {"target", "policy", "level", "levels" (policy's level choice), "perplexity" (dict | None),
     "zero_shot" ({task: {metric: value}}), "tokens_per_level" ({bits: pairs}), "expert_bytes"
@@ -452,7 +456,7 @@ def evaluate_target(
         from d2moe.runtime.session import RunOptions, Session
 
         options = RunOptions(memory_budget=memory_budget or UNLIMITED_BUDGET, policy=target.policy,
-                             level=target.level, max_tokens=max(seq_len, 2))
+                             level=target.level, max_tokens=max(seq_len, 2), **(run_options or {}))
         session = Session(checkpoint, options)
         logits_fn, tokenizer = session_logits_fn(session), session.tokenizer
         ckpt = session.ckpt
@@ -460,11 +464,14 @@ def evaluate_target(
             len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(target.level) if target.level else None))
         session.pipeline.reset_stats()
     try:
-        result = perplexity(logits_fn, token_ids, seq_len, stride, on_window) if token_ids is not None else None
+        from d2moe.apps.miss_bench import score_perplexity
+
+        result = score_perplexity(session, logits_fn, token_ids, seq_len, stride, on_window, scoring)
         row["perplexity"] = result.to_dict() if result else None
         row["zero_shot"] = zero_shot(logits_fn, tokenizer, tasks, tasks_dir, limit, max_length=seq_len) if tasks else {}
         pairs = session.pipeline.stats.pairs_per_level if session is not None else {}
         row["tokens_per_level"] = {str(b): int(n) for b, n in sorted(pairs.items())}
+        row["scoring"], row["misses"] = scoring, session._miss_report() if session is not None else None
     finally:
         if session is not None:
             session.close()

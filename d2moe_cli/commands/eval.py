@@ -37,6 +37,14 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task.")] = None,
     threads: Annotated[int | None, typer.Option(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
+    on_miss: Annotated[str, typer.Option(
+        "--on-miss", help="Miss handling of the runs: load | lowbit | substitute | skip (lossy modes need "
+                          "--memory-budget to matter and score in decode mode).")] = "load",
+    miss_threshold: Annotated[float, typer.Option(help="Importance below which a missed pair is handled.")] = 0.35,
+    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight | gate.")] = "weight",
+    scoring: Annotated[str, typer.Option(
+        help="auto (decode when --on-miss is lossy, else window) | window (one forward per window) | decode "
+             "(one token per forward through the KV cache, as generation runs).")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""
@@ -45,6 +53,13 @@ def eval_command(
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
 
     set_threads(threads)
+    from d2moe.runtime.miss import MissOptions
+
+    MissOptions(on_miss, miss_threshold, miss_importance)  # option errors before any work
+    if scoring not in ("auto", "window", "decode"):
+        raise UsageError(f"--scoring {scoring!r} is unknown: use auto, window or decode")
+    scoring = ("decode" if on_miss != "load" else "window") if scoring == "auto" else scoring
+    run_options = {"on_miss": on_miss, "miss_threshold": miss_threshold, "miss_importance": miss_importance}
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not text and dataset is None and not task_list:
         raise UsageError("nothing to evaluate: give --text FILE, --dataset NAME or --tasks TASKS")
@@ -84,6 +99,7 @@ def eval_command(
             rows.append(ev.evaluate_target(
                 checkpoint, target, ids, seq_len=seq_len, stride=stride, memory_budget=budget, reference=reference,
                 tasks=task_list, tasks_dir=tasks_dir, limit=limit, on_window=on_window,
+                run_options=run_options, scoring=scoring,
             ))
     for row in rows:
         row["mean_bits"] = ev.mean_bits(row["tokens_per_level"])

@@ -93,6 +93,12 @@ def run(
         help="Dense layers: source (packed dtype) | int8 (per-row weight-only: half the bytes, small quality cost).")] = "source",
     device: Annotated[str, typer.Option(
         help="cpu | cuda (experts cached on the GPU, CUDA kernels; needs pip install -e '.[cuda]').")] = "cpu",
+    on_miss: Annotated[str, typer.Option(
+        "--on-miss", help="A low-importance expert that misses the cache: load (exact) | lowbit (lowest level) | "
+                          "substitute (most similar resident expert) | skip (drop, renormalise).")] = "load",
+    miss_threshold: Annotated[float, typer.Option(
+        help="Importance below which a missed pair is handled by --on-miss (the token's top-1 pair never is).")] = 0.35,
+    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
 ) -> None:
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
@@ -123,7 +129,8 @@ def run(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
         direct_io=direct_io, max_tokens=max_tokens, kernels=kernels, dense_weights=dense_weights,
-        activations=activations, device=device,
+        activations=activations, device=device, on_miss=on_miss, miss_threshold=miss_threshold,
+        miss_importance=miss_importance,
     )
     stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
     with Session(checkpoint, options, tokenizer=tokenizer) as session:

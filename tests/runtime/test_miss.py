@@ -1,0 +1,118 @@
+"""--on-miss: load stays exact across budgets; lowbit / substitute / skip read less and say what they did."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from packed import packed_tiny
+
+from d2moe.errors import UsageError
+from d2moe.runtime.generate import SamplingOptions
+from d2moe.runtime.miss import MissHandler, MissOptions
+from d2moe.runtime.session import RunOptions, Session
+
+BIG = 256 * 2**20
+PROMPT = ["the quick brown fox jumps over the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    torch.set_num_threads(1)
+    return packed_tiny(tmp_path_factory, "mixtral", bits=(2, 3, 4), num_local_experts=8)[1]
+
+
+def _budget(packed, experts: int) -> int:
+    """A budget whose expert cache holds about `experts` experts at 4 bits."""
+    from d2moe.runtime.session import plan_run
+
+    ckpt, *_, plan = plan_run(packed, RunOptions(memory_budget=BIG, max_tokens=64))
+    return plan.budget - plan.expert_cache + experts * ckpt.level_nbytes(4)
+
+
+def _run(packed, budget: int, **kw):
+    kw = kw if "level" in kw else {"router_levels": (4, 2), **kw}
+    with Session(packed, RunOptions(memory_budget=budget, max_tokens=64, **kw)) as s:
+        report = s.generate(PROMPT, SamplingOptions(max_new_tokens=12), chat_template=False)
+    return report.token_ids[0], report.stats
+
+
+def test_load_never_changes_the_output_with_the_budget(packed):
+    big, stats_big = _run(packed, BIG, on_miss="load")
+    small, stats_small = _run(packed, _budget(packed, 6), on_miss="load")
+    assert small == big
+    assert stats_small["misses"]["on_miss"] == "load" and stats_small["misses"]["bytes_saved"] == 0
+    assert stats_small["misses"]["pairs"] == {} and stats_small["cache"]["misses"] > stats_big["cache"]["misses"]
+
+
+@pytest.mark.parametrize("mode", ["lowbit", "substitute", "skip"])
+def test_lossy_modes_handle_misses_and_read_less(packed, mode):
+    budget = _budget(packed, 6)
+    _, load = _run(packed, budget, on_miss="load", level=4)
+    tokens, stats = _run(packed, budget, on_miss=mode, miss_threshold=0.5, level=4)
+    handled = stats["misses"]["pairs"]
+    assert handled.get(mode, 0) + handled.get("lowbit", 0) > 0, handled
+    assert stats["misses"]["bytes_saved"] > 0
+    assert stats["bytes_read"] < load["bytes_read"]
+    assert len(tokens) == 12
+
+
+def test_threshold_zero_handles_nothing(packed):
+    _, stats = _run(packed, _budget(packed, 6), on_miss="skip", miss_threshold=0.0)
+    assert stats["misses"]["pairs"] == {} and stats["misses"]["bytes_saved"] == 0
+
+
+def test_options_are_checked():
+    for bad in (dict(mode="drop"), dict(importance="loud"), dict(threshold=1.5)):
+        with pytest.raises(UsageError):
+            MissOptions(**bad)
+
+
+def test_top1_pair_is_never_unimportant():
+    h = MissHandler(MissOptions("skip", threshold=1.0), (2, 3, 4))
+    w = torch.tensor([[0.6, 0.4], [0.1, 0.9], [0.5, 0.5]])
+    low = h.unimportant(w, torch.full((3, 2), 2))
+    assert low.tolist() == [[False, True], [True, False], [False, True]]
+    g = MissHandler(MissOptions("skip", threshold=0.5, importance="gate"), (2, 3, 4))
+    levels = torch.tensor([[2, 4], [3, 2], [2, 2]])
+    assert g.unimportant(w, levels).tolist() == [[False, False], [False, False], [False, True]]
+
+
+def test_skip_renormalises_each_touched_token():
+    class W:
+        pairs = {2: (torch.tensor([0, 2]), torch.tensor([1, 0]))}
+
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.5]])
+    out = MissHandler._renormalise(w, [W()])
+    assert out[0].tolist() == pytest.approx([1.0, 0.0]) and out[1].tolist() == pytest.approx([0.6, 0.4])
+    assert out[2].tolist() == pytest.approx([0.0, 0.7])
+
+
+def test_substitute_uses_the_nearest_resident_neighbour(packed):
+    from d2moe.quantize.format import open_checkpoint
+
+    ckpt = open_checkpoint(packed)
+    sim = ckpt.manifest["similarity"]
+    assert set(sim["neighbors"]) == {str(layer) for layer in ckpt.moe_layers}
+    row = sim["neighbors"][str(ckpt.moe_layers[0])][0]
+    scores = [s for _, s in row]
+    assert scores == sorted(scores, reverse=True) and all(e != 0 for e, _ in row)
+    _, stats = _run(packed, _budget(packed, 6), on_miss="substitute", miss_threshold=0.5)
+    assert stats["misses"]["pairs"].get("substitute", 0) > 0
+
+
+def test_run_cli_reports_misses(packed):
+    import json
+
+    from typer.testing import CliRunner
+
+    from d2moe.cli import app
+
+    budget = _budget(packed, 6)
+    res = CliRunner().invoke(app, ["run", str(packed), "-p", PROMPT[0], "--memory-budget", str(budget),
+                                   "--max-new-tokens", "6", "--on-miss", "skip", "--miss-threshold", "0.5",
+                                   "--no-chat-template", "--json"])
+    assert res.exit_code == 0, res.output
+    misses = json.loads(res.stdout)["stats"]["misses"]
+    assert misses["on_miss"] == "skip" and set(misses) >= {"pairs", "works", "bytes_saved", "fallback_loads"}
+    bad = CliRunner().invoke(app, ["run", str(packed), "-p", "x", "--on-miss", "maybe"])
+    assert bad.exit_code != 0 and "--on-miss" in str(bad.exception)
