@@ -42,15 +42,17 @@ OURS = "d2moe"
 
 MEASURES = (
     "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_memory_bytes",
-    "bytes_read_per_token", "hit_rate", "schedule_efficiency", "generated_tokens",
+    "bytes_read_per_token", "hit_rate", "schedule_efficiency", "generated_tokens", "bytes_saved_per_token",
 )
 RESULT_KEYS = (
-    "policy", "budget_label", "budget_bytes", "status", "reason", "needs_bytes", *MEASURES,
-    "levels", "ratio_to_best_baseline", "runs",
+    "policy", "on_miss", "budget_label", "budget_bytes", "status", "reason", "needs_bytes", *MEASURES,
+    "levels", "ratio_to_best_baseline", "ratio_to_best_baseline_any_miss", "perplexity", "ppl_vs_load", "misses",
+    "runs",
 )
 REPORT_KEYS = (
     "schema", "checkpoint", "prompt_tokens", "max_new_tokens", "repeats", "io_bandwidth",
-    "expert_set_bytes", "reference_level", "budgets", "policies", "results",
+    "expert_set_bytes", "reference_level", "budgets", "policies", "on_miss", "miss_threshold", "quality_tokens",
+    "results",
 )
 
 
@@ -75,18 +77,31 @@ class RunMeasure:
     schedule_efficiency: float  # lower bound max(sum load, sum compute) / measured makespan, <= 1
     generated_tokens: int
     levels: dict[int, int] = field(default_factory=dict)  # bits -> (token, expert) pairs run at that level
+    bytes_saved_per_token: float = 0.0  # reads the miss handling avoided, per generated token
+    misses: dict = field(default_factory=dict)  # the run's `misses` stats (d2moe.runtime.miss.report)
 
 
 @dataclass
 class ConfigResult:
-    """All runs of one (policy, budget) configuration."""
+    """All runs of one (policy, on-miss, budget) configuration."""
 
     policy: str
     budget: Budget
     runs: list[RunMeasure] = field(default_factory=list)
     reason: str | None = None  # set when the configuration cannot run (n/a)
     needs_bytes: int | None = None
-    ratio_to_best_baseline: float | None = None
+    ratio_to_best_baseline: float | None = None  # vs the best baseline with the same on-miss mode
+    on_miss: str = "load"
+    ratio_to_best_baseline_any_miss: float | None = None  # vs the best baseline with any on-miss mode
+    perplexity: float | None = None  # decode-mode perplexity at this budget (--quality-text)
+    ppl_vs_load: float | None = None  # perplexity / the same policy's with on-miss load
+    misses: dict | None = None  # of the quality run (or of the last timed run without one)
+
+    @property
+    def label(self) -> str:
+        from d2moe.apps.miss_bench import label
+
+        return label(self.policy, self.on_miss)
 
     @property
     def ok(self) -> bool:
@@ -103,10 +118,14 @@ class ConfigResult:
             last = self.runs[-1].levels
             levels = {str(b): int(n) for b, n in sorted(last.items())}
         out = {
-            "policy": self.policy, "budget_label": self.budget.label, "budget_bytes": self.budget.bytes,
+            "policy": self.policy, "on_miss": self.on_miss, "budget_label": self.budget.label,
+            "budget_bytes": self.budget.bytes,
             "status": "ok" if self.ok else "n/a", "reason": self.reason, "needs_bytes": self.needs_bytes,
             **{m: self.median(m) for m in MEASURES},
             "levels": levels, "ratio_to_best_baseline": self.ratio_to_best_baseline,
+            "ratio_to_best_baseline_any_miss": self.ratio_to_best_baseline_any_miss,
+            "perplexity": self.perplexity, "ppl_vs_load": self.ppl_vs_load,
+            "misses": self.misses if self.misses is not None else (self.runs[-1].misses if self.ok else None),
             "runs": [{**{m: getattr(r, m) for m in MEASURES},
                       "levels": {str(b): int(n) for b, n in sorted(r.levels.items())}} for r in self.runs],
         }
@@ -131,12 +150,15 @@ class BenchReport:
     budgets: list[Budget]
     policies: list[str]
     results: list[ConfigResult]
+    on_miss: list[str] = field(default_factory=lambda: ["load"])
+    miss_threshold: float | None = None
+    quality_tokens: int | None = None
 
-    def result(self, policy: str, budget_label: str) -> ConfigResult:
+    def result(self, policy: str, budget_label: str, on_miss: str = "load") -> ConfigResult:
         for r in self.results:
-            if r.policy == policy and r.budget.label == budget_label:
+            if r.policy == policy and r.budget.label == budget_label and r.on_miss == on_miss:
                 return r
-        raise KeyError((policy, budget_label))
+        raise KeyError((policy, budget_label, on_miss))
 
     def to_dict(self) -> dict:
         return {
@@ -144,6 +166,7 @@ class BenchReport:
             "max_new_tokens": self.max_new_tokens, "repeats": self.repeats, "io_bandwidth": self.io_bandwidth,
             "expert_set_bytes": self.expert_set_bytes, "reference_level": self.reference_level,
             "budgets": [asdict(b) for b in self.budgets], "policies": list(self.policies),
+            "on_miss": list(self.on_miss), "miss_threshold": self.miss_threshold, "quality_tokens": self.quality_tokens,
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -192,7 +215,7 @@ def needs_from_error(exc: BaseException) -> int | None:
 # --------------------------------------------------------------------------- the sweep
 
 
-RunFn = Callable[[str, Budget], RunMeasure]  # (policy, budget) -> one measured run; BudgetError = n/a
+RunFn = Callable[[str, Budget], RunMeasure]  # (policy[+mode], budget) -> one measured run; BudgetError = n/a
 
 
 def sweep(
@@ -203,6 +226,7 @@ def sweep(
     warmup: bool = True,
     on_run: Callable[[str, Budget, int], None] | None = None,
     unavailable: dict[str, str] | None = None,
+    quality: Callable[[str, Budget], dict] | None = None,
 ) -> list[ConfigResult]:
     """Run every (policy, budget) `repeats` times, round-robin; one ConfigResult per configuration.
 
@@ -210,42 +234,62 @@ def sweep(
     needed) and it is not run again. unavailable: policy -> why it cannot run on this checkpoint at
     all (n/a at every budget). on_run(policy, budget, repeat) is called after each (progress).
     A discarded warm-up run of the first runnable configuration goes first (imports, allocator).
+    `policies` may carry a miss mode (`d2moe+skip`, d2moe.apps.miss_bench); quality(label, budget) ->
+    {"perplexity", "misses"} scores each runnable configuration once after the timed rounds.
     """
+    from d2moe.apps.miss_bench import split_label
+
     if repeats < 1:
         raise UsageError(f"--repeats {repeats} must be at least 1")
-    results = [ConfigResult(p, b, reason=(unavailable or {}).get(p)) for p in policies for b in budgets]
+    results = []
+    for p in policies:
+        name, mode = split_label(p)
+        results += [ConfigResult(name, b, on_miss=mode, reason=(unavailable or {}).get(name)) for b in budgets]
     warmed = not warmup
     for rep in range(repeats):
         for res in results:
             if res.reason is not None:
                 if on_run:
-                    on_run(res.policy, res.budget, rep)
+                    on_run(res.label, res.budget, rep)
                 continue
             try:
                 if not warmed:
-                    run(res.policy, res.budget)
+                    run(res.label, res.budget)
                     warmed = True
-                res.runs.append(run(res.policy, res.budget))
+                res.runs.append(run(res.label, res.budget))
             except BudgetError as exc:
                 res.reason, res.needs_bytes = str(exc), needs_from_error(exc)
                 res.runs.clear()
             if on_run:
-                on_run(res.policy, res.budget, rep)
+                on_run(res.label, res.budget, rep)
+    for res in results:
+        if quality is not None and res.ok:
+            q = quality(res.label, res.budget)
+            res.perplexity, res.misses = q["perplexity"], q["misses"]
     _fill_ratios(results)
     return results
 
 
 def _fill_ratios(results: list[ConfigResult]) -> None:
-    """Decode throughput over the best baseline's at the same budget."""
+    """Decode throughput over the best baseline's at the same budget (same miss mode, and any); ppl vs load."""
     by_budget: dict[str, list[ConfigResult]] = {}
     for r in results:
         by_budget.setdefault(r.budget.label, []).append(r)
     for group in by_budget.values():
-        base = [r.median("decode_tokens_per_s") for r in group if r.ok and r.policy != OURS]
-        best = max(base) if base else None
+        base = {r.on_miss: [] for r in group}
         for r in group:
+            if r.ok and r.policy != OURS:
+                base[r.on_miss].append(r.median("decode_tokens_per_s"))
+        best_any = max((x for v in base.values() for x in v), default=None)
+        loads = {r.policy: r.perplexity for r in group if r.on_miss == "load" and r.perplexity}
+        for r in group:
+            best = max(base[r.on_miss], default=None)
             if r.ok and best:
                 r.ratio_to_best_baseline = r.median("decode_tokens_per_s") / best
+            if r.ok and best_any:
+                r.ratio_to_best_baseline_any_miss = r.median("decode_tokens_per_s") / best_any
+            if r.perplexity and loads.get(r.policy):
+                r.ppl_vs_load = r.perplexity / loads[r.policy]
 
 
 # --------------------------------------------------------------------------- the figure
@@ -265,13 +309,13 @@ def plot_throughput(report: BenchReport, path, metric: str = "decode_tokens_per_
     mib = 1024**2
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     markers = "osD^v<>ph*"
-    for i, policy in enumerate(report.policies):
-        pts = [(r.budget.bytes / mib, r.median(metric)) for r in report.results if r.policy == policy and r.ok]
+    for i, name in enumerate(dict.fromkeys(r.label for r in report.results)):
+        pts = [(r.budget.bytes / mib, r.median(metric)) for r in report.results if r.label == name and r.ok]
         if not pts:
             continue
         xs, ys = zip(*sorted(pts), strict=True)
-        style = dict(linewidth=2.4, color="black") if policy == OURS else dict(linewidth=1.4)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], label=policy, **style)
+        style = dict(linewidth=2.4, color="black") if name == OURS else dict(linewidth=1.4)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], label=name, **style)
     ax.set_xlabel("memory budget (MiB)")
     ax.set_ylabel("decode tokens/s" if metric == "decode_tokens_per_s" else metric)
     ax.set_title("Throughput with different memory budgets")
@@ -346,13 +390,17 @@ def measure_from_stats(stats: dict) -> RunMeasure:
         schedule_efficiency=float(stats["schedule_efficiency"]),
         generated_tokens=int(stats["generated_tokens"]),
         levels={int(b): int(n) for b, n in stats["tokens_per_level"].items()},
+        bytes_saved_per_token=(stats["misses"]["bytes_saved"] / stats["generated_tokens"]
+                               if "misses" in stats and stats["generated_tokens"] else 0.0),
+        misses=stats.get("misses", {}),
     )
 
 
 def unavailable_policies(checkpoint, policies: Sequence[str]) -> dict[str, str]:
     """Policies this checkpoint cannot run at any budget (a hold-* level it does not pack), with why.
 
-    A level given with @ that is not packed is the user's mistake, not n/a: UsageError.
+    A level given with @ that is not packed is the user's mistake, not n/a: UsageError. (Names only:
+    no miss mode.)
     """
     from d2moe.apps.evaluate import parse_policy
     from d2moe.quantize.format import open_checkpoint
@@ -371,19 +419,23 @@ def unavailable_policies(checkpoint, policies: Sequence[str]) -> dict[str, str]:
 
 def session_runner(
     checkpoint, prompt_ids: Sequence[int], max_new_tokens: int, io_bandwidth: float | None = None,
-    io_threads: int = 4, tokenizer=None,
+    io_threads: int = 4, tokenizer=None, miss_threshold: float = 0.35, miss_importance: str = "weight",
+    max_tokens: int | None = None,
 ) -> RunFn:
     """A RunFn: a fresh Session (cold cache) per run, greedy decode of the prompt, its statistics."""
     from d2moe.apps.evaluate import parse_policy
+    from d2moe.apps.miss_bench import split_label
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session
 
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)
 
-    def run(policy: str, budget: Budget) -> RunMeasure:
+    def run(config: str, budget: Budget) -> RunMeasure:
+        policy, mode = split_label(config)
         name, level = parse_policy(policy)
         options = RunOptions(memory_budget=budget.bytes, policy=name, level=level, io_bandwidth=io_bandwidth,
-                             io_threads=io_threads, max_tokens=len(prompt_ids) + max_new_tokens)
+                             io_threads=io_threads, max_tokens=max_tokens or len(prompt_ids) + max_new_tokens, on_miss=mode,
+                             miss_threshold=miss_threshold, miss_importance=miss_importance)
         with Session(checkpoint, options, tokenizer=tokenizer) as session:
             report = session.generate(token_ids=[list(prompt_ids)], sampling=sampling)
         return measure_from_stats(report.stats)
@@ -403,23 +455,40 @@ def run_bench(
     chat_template: bool = False,
     on_run: Callable[[str, Budget, int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
+    on_miss: str | None = None,
+    miss_threshold: float = 0.35,
+    miss_importance: str = "weight",
+    quality_ids: Sequence[int] | None = None,
+    quality_seq_len: int = 256,
 ) -> BenchReport:
-    """The whole sweep on a packed checkpoint; on_plan(total runs) is called once the configurations are known."""
+    """The whole sweep on a packed checkpoint; on_plan(total runs) is called once the configurations are known.
+
+    on_miss: miss modes ('load,skip'; every policy runs with each); quality_ids: token ids scored in
+    decode mode per configuration (d2moe.apps.miss_bench).
+    """
+    from d2moe.apps import miss_bench
     from d2moe.runtime.session import encode_prompts, load_tokenizer
 
     names = policy_list(policies)
+    modes = miss_bench.miss_modes(on_miss)
     tokenizer = load_tokenizer(checkpoint)
     (prompt_ids,) = encode_prompts(tokenizer, [prompt], chat_template)
-    max_tokens = len(prompt_ids) + max_new_tokens
+    max_tokens = max(len(prompt_ids) + max_new_tokens, quality_seq_len if quality_ids is not None else 0)
     fixed, expert_set, level = budget_basis(checkpoint, max_tokens, io_threads)
     budget_list = parse_budgets(budgets, fixed, expert_set)
+    configs = [miss_bench.label(p, m) for p in names for m in modes]
     if on_plan:
-        on_plan(len(names) * len(budget_list) * repeats)
-    run = session_runner(checkpoint, prompt_ids, max_new_tokens, io_bandwidth, io_threads, tokenizer)
-    results = sweep(names, budget_list, run, repeats=repeats, on_run=on_run,
-                    unavailable=unavailable_policies(checkpoint, names))
+        on_plan(len(configs) * len(budget_list) * repeats)
+    run = session_runner(checkpoint, prompt_ids, max_new_tokens, io_bandwidth, io_threads, tokenizer,
+                         miss_threshold, miss_importance, max_tokens)
+    quality = None if quality_ids is None else miss_bench.quality_runner(
+        checkpoint, quality_ids, quality_seq_len, io_bandwidth, io_threads, miss_threshold, miss_importance, tokenizer,
+        max_tokens)
+    results = sweep(configs, budget_list, run, repeats=repeats, on_run=on_run,
+                    unavailable=unavailable_policies(checkpoint, names), quality=quality)
     return BenchReport(
         checkpoint=str(checkpoint), prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens, repeats=repeats,
         io_bandwidth=int(io_bandwidth) if io_bandwidth else None, expert_set_bytes=expert_set,
-        reference_level=level, budgets=budget_list, policies=names, results=results,
+        reference_level=level, budgets=budget_list, policies=names, results=results, on_miss=modes,
+        miss_threshold=miss_threshold, quality_tokens=len(quality_ids) if quality_ids is not None else None,
     )

@@ -32,6 +32,16 @@ def bench(
     threads: Annotated[int | None, typer.Option(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write throughput vs budget as a PNG (matplotlib).")] = None,
+    on_miss: Annotated[str, typer.Option(
+        "--on-miss", help="Miss handling modes to sweep with every policy: load,lowbit,substitute,skip (or all).")] = "load",
+    miss_threshold: Annotated[float, typer.Option(
+        help="Importance below which a missed pair is handled by the miss mode (router weight, or gate level in [0,1]).")] = 0.35,
+    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
+    quality_text: Annotated[list[Path] | None, typer.Option(
+        help="Text scored per configuration (decode-mode perplexity at that budget): the quality axis.")] = None,
+    quality_tokens: Annotated[int, typer.Option(help="Tokens of --quality-text scored per configuration.")] = 256,
+    pareto_plot: Annotated[Path | None, typer.Option(
+        help="Write perplexity vs decode tok/s per budget (policy x miss handling) as a PNG; needs --quality-text.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
 ) -> None:
     """Sweep policies x memory budgets: prefill/decode tokens/s, peak memory, bytes read, hit rate."""
@@ -47,6 +57,16 @@ def bench(
 
     import torch
 
+    quality_ids = None
+    if quality_text:
+        from d2moe.apps.evaluate import encode_text, load_text_files
+        from d2moe.runtime.session import load_tokenizer
+
+        quality_ids = encode_text(load_tokenizer(checkpoint), load_text_files(quality_text), quality_tokens + 1)
+    elif pareto_plot is not None:
+        from d2moe.errors import UsageError
+
+        raise UsageError("--pareto-plot plots perplexity: give --quality-text FILE")
     torch.manual_seed(0)
     show = not json_out and sys.stderr.isatty()
     with _Bar(show) as bar:
@@ -54,9 +74,15 @@ def bench(
             checkpoint, budgets, policies, prompt=prompt, max_new_tokens=max_new_tokens, repeats=repeats,
             io_bandwidth=bandwidth, io_threads=io_threads, chat_template=chat_template,
             on_run=bar.advance if show else None, on_plan=bar.start if show else None,
+            on_miss=on_miss, miss_threshold=miss_threshold, miss_importance=miss_importance,
+            quality_ids=quality_ids, quality_seq_len=quality_tokens + 1,
         )
     if plot is not None:
         plot_throughput(report, plot)
+    if pareto_plot is not None:
+        from d2moe.apps.miss_bench import plot_pareto
+
+        plot_pareto(report, pareto_plot)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -75,18 +101,24 @@ def print_report(report) -> None:
     bw = f", I/O capped at {report.io_bandwidth / 1e9:g} GB/s" if report.io_bandwidth else ""
     table = Table(title=(f"d2moe bench: {report.prompt_tokens}-token prompt, {report.max_new_tokens} new tokens, "
                          f"median of {report.repeats}{bw}"), title_justify="left")
-    for col in ("budget", "policy", "prefill tok/s", "decode tok/s", "× best baseline", "TTFT ms", "peak memory",
-                "read/token", "hit rate", "schedule eff.", "levels (pairs)"):
-        table.add_column(col, justify="left" if col in ("budget", "policy", "levels (pairs)") else "right")
+    quality = report.quality_tokens is not None
+    cols = ["budget", "policy", "prefill tok/s", "decode tok/s", "× best baseline", "TTFT ms", "peak memory",
+            "read/token", "hit rate", "schedule eff.", "levels (pairs)"]
+    if report.on_miss != ["load"]:
+        cols += ["saved/token", "misses handled"]
+    if quality:
+        cols += ["ppl", "ppl / load"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("budget", "policy", "levels (pairs)", "misses handled") else "right")
     for budget in report.budgets:
         label = f"{budget.label} ({format_size(budget.bytes)})" if budget.label.endswith("%") else budget.label
-        for i, policy in enumerate(report.policies):
-            r = report.result(policy, budget.label)
+        rows = [r for r in report.results if r.budget.label == budget.label]
+        for i, r in enumerate(rows):
             first = label if i == 0 else ""
-            name = f"[bold]{policy}[/]" if policy == "d2moe" else policy
+            name = f"[bold]{r.label}[/]" if r.policy == "d2moe" else r.label
             if not r.ok:
                 needs = f"needs {format_size(r.needs_bytes)}" if r.needs_bytes else r.reason.split(":")[0]
-                table.add_row(first, name, f"[dim]n/a ({needs})[/]", *[""] * 8)
+                table.add_row(first, name, f"[dim]n/a ({needs})[/]", *[""] * (len(cols) - 3))
                 continue
             levels = " ".join(f"{b}b:{n}" for b, n in sorted(r.runs[-1].levels.items()))
             ratio = "-" if r.ratio_to_best_baseline is None else f"{r.ratio_to_best_baseline:.2f}×"
@@ -94,10 +126,24 @@ def print_report(report) -> None:
                 first, name, f"{r.median('prefill_tokens_per_s'):.1f}", f"{r.median('decode_tokens_per_s'):.1f}", ratio,
                 f"{1000 * r.median('ttft_s'):.0f}", format_size(r.median("peak_memory_bytes")),
                 format_size(r.median("bytes_read_per_token")), f"{r.median('hit_rate'):.0%}",
-                f"{r.median('schedule_efficiency'):.0%}", levels,
+                f"{r.median('schedule_efficiency'):.0%}", levels, *_miss_cells(r, report.on_miss != ["load"], quality),
             )
         table.add_section()
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _miss_cells(r, misses: bool, quality: bool) -> list[str]:
+    from d2moe.runtime.units import format_size
+
+    cells = []
+    if misses:
+        handled = (r.misses or {}).get("pairs", {})
+        cells += [format_size(r.median("bytes_saved_per_token")),
+                  " ".join(f"{k}:{v}" for k, v in sorted(handled.items())) or "-"]
+    if quality:
+        cells += ["-" if r.perplexity is None else f"{r.perplexity:.2f}",
+                  "-" if r.ppl_vs_load is None else f"{r.ppl_vs_load:.3f}"]
+    return cells
 
 
 class _Bar:
