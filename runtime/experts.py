@@ -114,6 +114,7 @@ class ExpertPipeline:
         self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
         self.cost = CostModel()
         self.stats = PipelineStats()
+        self.exact = False  # lossless tier: compute as transformers does (rows in its order, no float32 cast)
         self.miss = None  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
         self._pending: dict[tuple, tuple] = {}  # preload key -> (future, layer, expert, have, want)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
@@ -273,9 +274,13 @@ class ExpertPipeline:
         t0 = time.perf_counter()
         prepared = self._prepared(layer, w, data)
         for level, (rows, slots) in sorted(w.pairs.items()):
-            x = hidden[rows].to(torch.float32)  # [N, H]
+            if self.exact:  # transformers' order: by top-k slot, then token; its dtypes
+                order = torch.argsort(slots * (int(rows.max()) + 1) + rows)
+                rows, slots = rows[order], slots[order]
+            x = hidden[rows] if self.exact else hidden[rows].to(torch.float32)  # [N, H]
             y = self.kernels.forward(prepared(level), x, self.act_fn)  # [N, H]
-            results[_result_key(w, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
+            weight = top_k_weights[rows, slots, None]
+            results[_result_key(w, level)] = (rows, y * (weight if self.exact else weight.to(torch.float32)))
         self.kernels.release()
         seconds = time.perf_counter() - t0
         self.cost.observe_compute(self._kernel_work(w), seconds)

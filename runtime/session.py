@@ -55,6 +55,7 @@ class RunOptions:
     on_miss: str = "load"  # what a low-importance miss does: load | lowbit | substitute | skip (d2moe.runtime.miss)
     miss_threshold: float = 0.35  # importance below which a missed pair is handled by on_miss
     miss_importance: str = "weight"  # weight (router weight) | gate (the selector's level)
+    lossless: bool = False  # serve the exact source experts from the lossless tier (d2moe.runtime.lossless)
 
     @property
     def miss(self):
@@ -94,15 +95,21 @@ class Session:
         ckpt = self.ckpt
 
         # --- build ---
-        self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
-                                 direct=options.direct_io)
+        if options.lossless:  # the exact tier: coded reads decoded on CPU threads, transformers' expert math
+            from d2moe.runtime.lossless import LosslessKernels, LosslessStore
+
+            threads = options.threads or kernel_threads()
+            self.store = LosslessStore(ckpt, options.io_threads, options.io_bandwidth, options.direct_io, threads)
+        else:
+            self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
+                                     direct=options.direct_io)
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
         hf_config = skeleton.config
         if options.activations not in ("auto", "int8", "int16"):
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
-        self.kernels = ExpertKernels(options.kernels, threads=options.threads or kernel_threads(),
-                                     activation_bits=None if options.activations == "auto" else int(options.activations[3:]),
-                                     device=options.device)
+        self.kernels = LosslessKernels(threads) if options.lossless else ExpertKernels(
+            options.kernels, threads=options.threads or kernel_threads(),
+            activation_bits=None if options.activations == "auto" else int(options.activations[3:]), device=options.device)
         if self.kernels.lib is None and options.device == "cpu":  # the torch reference computes: it gets the compute threads
             torch.set_num_threads(self.kernels.splitter.threads)
         if options.dense_weights not in ("source", "int8"):
@@ -137,7 +144,8 @@ class Session:
             self.model.to("cuda")
             routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
         self.pipeline.routers = {layer: w.detach() for layer, w in routers.items()}
-        if options.device == "cpu":
+        self.pipeline.exact = options.lossless  # transformers' order and dtypes (d2moe.runtime.lossless)
+        if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
                           keep=routers.values())
         self.gate = self._load_gate()
@@ -171,7 +179,7 @@ class Session:
         from d2moe.runtime.gate import load_gate, model_fingerprint
 
         o = self.options
-        if (self.ckpt.gate_path is None or not o.use_gate or self.spec.levels != "gate"
+        if (self.ckpt.gate_path is None or not o.use_gate or self.spec.levels != "gate" or o.lossless
                 or o.level is not None or o.router_levels is not None):
             return None
         routers = [self.pipeline.routers[layer] for layer in self.ckpt.moe_layers]
@@ -185,7 +193,8 @@ class Session:
         from d2moe.runtime.policies import make_level_selector
 
         o = self.options
-        return make_level_selector(self.spec, self.ckpt.cfg.bits, self.ckpt.num_experts, level=o.level,
+        level = self.ckpt.level if o.lossless else o.level  # the exact tier: one level, the source's bits
+        return make_level_selector(self.spec, self.ckpt.cfg.bits, self.ckpt.num_experts, level=level,
                                    router_levels=o.router_levels, gate=self.gate,
                                    calibration_tokens=o.calibration_tokens)
 
@@ -304,6 +313,9 @@ class Session:
             "upgrade_reads": pipe.upgrade_loads,
             "preloads": pipe.preloads,
             "misses": self._miss_report(),
+            "lossless": ({"codec": self.ckpt.section["codec"], "dtype": self.ckpt.dtype_name,
+                          "decode_s": self.store.decode_seconds, "raw_bytes_per_expert": self.ckpt.raw_nbytes}
+                         if self.options.lossless else None),
             "setup_bytes_read": self.setup_bytes_read,
             "tokens_per_level": {str(k): v for k, v in sorted(pipe.pairs_per_level.items())},
             "schedule_efficiency": pipe.schedule_efficiency,
@@ -427,6 +439,12 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
     ckpt = open_checkpoint(path)
+    if options.lossless:
+        from d2moe.runtime.lossless import LosslessView
+
+        if options.device != "cpu":
+            raise UsageError("--lossless runs on the CPU: drop --device")
+        ckpt = LosslessView(ckpt)
     adapter = adapter_for(ckpt.config)
     bits = ckpt.cfg.bits
     hold_level = policy_hold_level(spec.name, options.level)
