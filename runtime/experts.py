@@ -52,6 +52,7 @@ class Work:
     have: int | None = None  # level held in the cache at lookup
     tokens: int = 0
     origin: int | None = None  # the selected expert this work stands in for (--on-miss substitute)
+    read_to: int | None = None  # read beyond `want` up to this level (fetch-ahead into free cache room)
 
     @property
     def resident(self) -> bool:
@@ -72,6 +73,7 @@ class PipelineStats:
     upgrade_loads: int = 0  # of which upgrades (only the extra segments read)
     dropped: int = 0  # loaded items that did not fit the cache (computed and dropped)
     preloads: int = 0  # predictive reads issued ahead of their layer
+    fetch_ahead: int = 0  # reads taken up to the top level into free cache room (reuse-aware)
     pairs_per_level: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # (token, expert) pairs
 
     @property
@@ -133,7 +135,7 @@ class ExpertPipeline:
     def read_span(self, work: Work) -> tuple[int | None, int]:
         """(have, want) of the read a work needs: only the extra segments when nested reuse allows it."""
         have = work.have if (self.spec.nested_reuse and work.have is not None) else None
-        return have, work.want
+        return have, max(work.want, work.read_to or 0)
 
     def reset_stats(self) -> None:
         self.stats = PipelineStats()
@@ -153,6 +155,8 @@ class ExpertPipeline:
             self.cache.record_use(w.key, w.tokens)
         if self.miss is not None:
             works, top_k_weights = self.miss.handle(self, layer, works, top_k_weights, levels)
+        if self.spec.fetch_ahead:
+            self._fetch_ahead(layer, works)
         results: dict[tuple, tuple] = {}  # (expert, level) -> (rows [N], weighted output [N, H])
         compute_s = 0.0
         with self.cache.pinned_keys([w.key for w in works]):
@@ -218,6 +222,22 @@ class ExpertPipeline:
         ordered = hebf_order(jobs) if self.spec.order == "hebf" else johnson_order(jobs)
         return [missing[j.key] for j in ordered]
 
+    def _fetch_ahead(self, layer: int, works: list[Work]) -> None:
+        """Reuse-aware reads: while the cache has free room for every read of this step, missing experts
+        (hottest first) are read up to the top level, so a later pair wanting more bits hits instead of
+        paying another read. Computes at the levels the pairs want: the output does not change."""
+        top = self.ckpt.cfg.bk
+        missing = [w for w in works if not w.resident and self.spec.nested_reuse]
+        room = self.cache.free_bytes - sum(self.store.nbytes(layer, w.expert, *self.read_span(w)) for w in missing)
+        for w in sorted(missing, key=lambda w: (-w.tokens, w.expert)):
+            have, want = self.read_span(w)
+            if want >= top:
+                continue
+            extra = self.store.nbytes(layer, w.expert, have, top) - self.store.nbytes(layer, w.expert, have, want)
+            if extra <= room:
+                w.read_to, room = top, room - extra
+                self.stats.fetch_ahead += 1
+
     def _kernel_work(self, w: Work) -> float:
         """Relative kernel cost of a work item: every weight once per plane read (+ a fixed share),
         per 8 tokens, at each level it runs (a shape of the cost, not a count: the cost model learns the rate)."""
@@ -255,14 +275,14 @@ class ExpertPipeline:
         return compute_s
 
     def _install(self, w: Work, data) -> memoryview | bytes:
-        """Put landed bytes in the cache (extend an upgrade); return the full prefix up to `w.want`."""
-        have, _ = self.read_span(w)
+        """Put landed bytes in the cache (extend an upgrade); return the full prefix up to the level read."""
+        have, level = self.read_span(w)
         if have is None:
-            if not self.cache.put(w.key, w.want, data):
+            if not self.cache.put(w.key, level, data):
                 self.stats.dropped += 1
             return data
         _, held = self.cache.get(w.key)
-        if self.cache.extend(w.key, w.want, data):
+        if self.cache.extend(w.key, level, data):
             return self.cache.get(w.key)[1]
         self.stats.dropped += 1
         return _concat(held, data)

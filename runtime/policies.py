@@ -35,14 +35,17 @@ class PolicySpec:
     nested_reuse: bool = True  # a held lower level is upgraded with the extra segments (MWQ); False: per-level copies
     preload_next: bool = False  # predict the next layer's experts with its router and load them ahead
     order: str = "hebf"  # order of the loads of a layer step: "hebf" | "johnson" | "id" (expert id)
+    fetch_ahead: bool = False  # reuse-aware: read missing experts up to the top level while the cache has free room
+    hold_if_fits: bool = False  # reuse-aware: when every expert fits at the top level, read them all up front
     summary: str = ""
 
 
 POLICIES: dict[str, PolicySpec] = {
     p.name: p
     for p in (
-        PolicySpec("d2moe", "gate", order="hebf",
-                   summary="gate levels (or router-weight levels), bit-aware cache with decay, HEBF, upgrades"),
+        PolicySpec("d2moe", "gate", order="hebf", fetch_ahead=True, hold_if_fits=True,
+                   summary="gate levels (or router-weight levels), bit-aware cache with decay, HEBF, upgrades, "
+                           "reuse-aware reads (top level into free room; everything up front when it all fits)"),
         PolicySpec("hold-int8", "uniform", order="id",
                    summary="all experts resident at 8 bits, loaded up front"),
         PolicySpec("hold-int4", "uniform", order="id",

@@ -55,6 +55,7 @@ class RunOptions:
     on_miss: str = "load"  # what a low-importance miss does: load | lowbit | substitute | skip (d2moe.runtime.miss)
     miss_threshold: float = 0.35  # importance below which a missed pair is handled by on_miss
     miss_importance: str = "weight"  # weight (router weight) | gate (the selector's level)
+    reuse_aware: bool = True  # the policy's reuse-aware reads (d2moe: fetch-ahead, hold when all fits); False: off
     lossless: bool = False  # serve the exact source experts from the lossless tier (d2moe.runtime.lossless)
 
     @property
@@ -169,12 +170,20 @@ class Session:
         if self.hold_level is not None:
             self.pipeline.hold_all(self.hold_level)
             self.meter.sample()
+        elif self.spec.hold_if_fits and options.reuse_aware and self._all_fit():  # reuse-aware: the budget holds every expert at the top
+            self.pipeline.hold_all(ckpt.cfg.bk)
+            self.meter.sample()
         self.setup_bytes_read = self.store.bytes_read
         self.setup_seconds = time.perf_counter() - t0
         self.store.reset_stats()
         self._tokenizer = tokenizer  # loaded from the checkpoint on first use when None
 
     # ---- parts -------------------------------------------------------------------------
+    def _all_fit(self) -> bool:
+        ckpt = self.ckpt
+        return len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk) <= self.plan.expert_cache
+
+
     def _load_gate(self):
         from d2moe.runtime.gate import load_gate, model_fingerprint
 
@@ -312,6 +321,7 @@ class Session:
             "reads": io.reads,
             "upgrade_reads": pipe.upgrade_loads,
             "preloads": pipe.preloads,
+            "fetch_ahead_reads": pipe.fetch_ahead,
             "misses": self._miss_report(),
             "lossless": ({"codec": self.ckpt.section["codec"], "dtype": self.ckpt.dtype_name,
                           "decode_s": self.store.decode_seconds, "raw_bytes_per_expert": self.ckpt.raw_nbytes}
@@ -432,6 +442,10 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     from d2moe.runtime.policies import hold_level as policy_hold_level
 
     spec = get_policy(options.policy, options.schedule)
+    if not options.reuse_aware:
+        from dataclasses import replace
+
+        spec = replace(spec, fetch_ahead=False, hold_if_fits=False)
     options.miss  # noqa: B018  (validates --on-miss and its options before anything is read)
     if options.io_threads < 1:
         raise UsageError(f"--io-threads {options.io_threads} must be at least 1")

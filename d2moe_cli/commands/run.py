@@ -99,6 +99,9 @@ def run(
     miss_threshold: Annotated[float, typer.Option(
         help="Importance below which a missed pair is handled by --on-miss (the token's top-1 pair never is).")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
+    reuse_aware: Annotated[bool, typer.Option(
+        "--reuse-aware/--no-reuse-aware", help="d2moe: read missing experts up to the top level into free cache room, "
+                                              "and every expert up front when all fit (same output).")] = True,
     lossless: Annotated[bool, typer.Option(
         "--lossless", help="Serve the exact source experts from the lossless tier (`pack --lossless`): decoded on CPU "
                            "threads while the next ones are read; logits as transformers' in the source dtype.")] = False,
@@ -133,7 +136,7 @@ def run(
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
         direct_io=direct_io, max_tokens=max_tokens, kernels=kernels, dense_weights=dense_weights,
         activations=activations, device=device, on_miss=on_miss, miss_threshold=miss_threshold,
-        miss_importance=miss_importance, lossless=lossless,
+        miss_importance=miss_importance, lossless=lossless, reuse_aware=reuse_aware,
     )
     stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
     with Session(checkpoint, options, tokenizer=tokenizer) as session:

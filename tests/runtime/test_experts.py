@@ -36,7 +36,7 @@ def _expert_out(ckpt, layer, expert, level, x):
 
 
 def test_expert_at_two_levels_is_read_once_and_computed_at_both(packed):
-    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), activations="int16")) as s:
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False, activations="int16")) as s:
         hidden, _, _ = _inputs(2)
         index = torch.tensor([[0, 1], [1, 0]])  # expert 0: top-1 of token 0 (8 bits), second of token 1 (2 bits)
         weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
@@ -55,7 +55,7 @@ def test_expert_at_two_levels_is_read_once_and_computed_at_both(packed):
 @pytest.mark.parametrize("nested", [True, False])
 def test_upgrade_reads_only_the_extra_segments_unless_copies_are_separate(packed, nested):
     policy = "d2moe" if nested else "matryoshka-free"
-    with Session(packed, RunOptions(memory_budget=BIG, policy=policy, router_levels=(8, 2))) as s:
+    with Session(packed, RunOptions(memory_budget=BIG, policy=policy, router_levels=(8, 2), reuse_aware=False)) as s:
         hidden, index, weights = _inputs(4)
         experts = torch.unique(index).numel()
         s.pipeline.selector = UniformLevels(2)
@@ -96,7 +96,7 @@ def test_output_independent_of_schedule_and_residency(packed):
 
 
 def test_staging_stays_within_plan(packed):
-    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), io_threads=2)) as s:
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False, io_threads=2)) as s:
         hidden, index, weights = _inputs(16, seed=1)
         s.pipeline.step(0, hidden, index, weights)
         peak = s.meter.report()["peak_by_category"]
@@ -127,7 +127,7 @@ def test_native_kernels_give_the_reference_tokens_within_any_budget(packed, kw):
 
 
 def test_kernel_views_ride_on_the_cache_entry_and_go_with_an_upgrade(packed):
-    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2))) as s:
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False)) as s:
         hidden, index, weights = _inputs(4)
         s.pipeline.selector = UniformLevels(2)
         first = s.pipeline.step(0, hidden, index, weights)

@@ -84,7 +84,7 @@ def test_request_larger_than_the_planned_kv_is_refused(packed):
 
 
 def test_stats_report_the_run(packed):
-    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2))) as s:
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False)) as s:
         stats = s.generate(PROMPTS[:1], SamplingOptions(max_new_tokens=6)).stats
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "bytes_read_per_token"):
         assert stats[key] > 0, key
