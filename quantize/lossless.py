@@ -63,10 +63,14 @@ def split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def join(exp: np.ndarray, rest: np.ndarray, out: np.ndarray) -> None:
     """Inverse of `split`, written into `out` (unsigned ints [N])."""
-    if out.dtype == np.uint16:
-        r = rest.astype(np.uint16)
-        np.bitwise_or((r & 0x80) << 8, exp.astype(np.uint16) << 7, out=out)
-        out |= r & 0x7F
+    if out.dtype == np.uint16:  # byte arithmetic: high byte = sign | exp >> 1, low byte = exp << 7 | mantissa
+        pair = out.view(np.uint8).reshape(-1, 2)
+        t = np.right_shift(exp, 1)
+        t |= rest & 0x80
+        pair[:, 1] = t
+        np.left_shift(exp, 7, out=t)
+        t |= rest & 0x7F
+        pair[:, 0] = t
         return
     r3 = np.zeros((len(exp), 4), dtype=np.uint8)
     r3[:, :3] = rest.reshape(-1, 3)
