@@ -116,3 +116,36 @@ def test_run_cli_reports_misses(packed):
     assert misses["on_miss"] == "skip" and set(misses) >= {"pairs", "works", "bytes_saved", "fallback_loads"}
     bad = CliRunner().invoke(app, ["run", str(packed), "-p", "x", "--on-miss", "maybe"])
     assert bad.exit_code != 0 and "--on-miss" in str(bad.exception)
+
+
+def test_bench_sweeps_the_miss_axis_with_quality(packed, tmp_path):
+    from d2moe.apps.benchmark import RESULT_KEYS, run_bench
+    from d2moe.apps.miss_bench import plot_pareto
+
+    report = run_bench(packed, "30%", "moqe-dynaio@4,d2moe", prompt="the quick brown fox", max_new_tokens=4, repeats=1,
+                       on_miss="load,skip", miss_threshold=0.5, quality_ids=list(range(5, 30)), quality_seq_len=16)
+    doc = report.to_dict()
+    assert [(r["policy"], r["on_miss"]) for r in doc["results"]] == [
+        ("moqe-dynaio@4", "load"), ("moqe-dynaio@4", "skip"), ("d2moe", "load"), ("d2moe", "skip")]
+    for r in doc["results"]:
+        assert tuple(r) == RESULT_KEYS and r["perplexity"] > 1 and r["ratio_to_best_baseline_any_miss"] > 0
+    assert doc["results"][0]["ppl_vs_load"] == 1.0 and doc["on_miss"] == ["load", "skip"]
+    plot_pareto(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_eval_scores_lossy_modes_in_decode_mode(packed, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from d2moe.cli import app
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 6)
+    res = CliRunner().invoke(app, ["eval", str(packed), "--text", str(text), "--seq-len", "16", "--max-tokens", "40",
+                                   "--policy", "moqe-dynaio@4", "--on-miss", "skip", "--miss-threshold", "0.5",
+                                   "--memory-budget", str(_budget(packed, 6)), "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)["results"][0]
+    assert row["scoring"] == "decode" and row["misses"]["on_miss"] == "skip" and row["perplexity"]["tokens"] == 39
