@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2moe.errors import FormatError, GateMismatchError, UsageError
+from d2moe.runtime.gate_fast import SMALL, assign_small
 
 GATE_FORMAT = "d2moe-gate"
 GATE_FORMAT_VERSION = 1
@@ -109,6 +110,8 @@ def assign_with_capacity(logits: torch.Tensor, capacity: Sequence[float]) -> tor
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=logits.device)
     scores = logits.detach().to(torch.float64)
+    if n <= SMALL and scores.device.type == "cpu":  # a decode step's few pairs: the same rule in plain Python
+        return assign_small(scores, capacity_caps(capacity, n))
     prefs = torch.argsort(-scores, dim=1, stable=True)  # [N, L] levels, best first (ties: lower level)
     confidence = torch.softmax(scores, dim=1).amax(dim=1)  # [N]
     priority = torch.argsort(-confidence, stable=True)  # [N] pair ids, most confident first
