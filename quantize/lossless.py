@@ -12,7 +12,7 @@ round-trips (a float16's "exponent byte" is just its high bits; it compresses le
 
 Blob = header (magic, version, width, codec, weights, chunk weights, chunks) | per chunk: exponent
 length u32 | exponent bytes | rest bytes. Codecs: "zstd" (zstandard; its literals are Huffman
-coded), "brotli", "none" (no split, no coding: the raw weights, for uncompressed offloading). Choice measured in BENCHMARKS.md §9 (scripts/bench_codecs.py).
+coded), "brotli", "none" (no split, no coding: the raw weights, for uncompressed offloading). Choice measured in BENCHMARKS.md §10.4 (scripts/bench_codecs.py).
 """
 
 from __future__ import annotations
