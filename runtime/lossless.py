@@ -68,10 +68,11 @@ class LosslessView:
         self.cfg = LosslessConfig((self.level,))
         self.entries = {(e["layer"], e["expert"]): e for e in section["experts"]}
         self.raw_nbytes = section["experts"][0]["raw_nbytes"]
-        for name in ("path", "manifest", "config", "arch", "moe_layers", "num_experts", "matrix_shapes",
-                     "dense_path", "gate_path", "tokenizer_dir", "adapter", "load_dense"):
-            setattr(self, name, getattr(ckpt, name))
         self.dtype_name = section["dtype"]
+
+    def __getattr__(self, name: str):
+        """Everything else (path, manifest, config, dense, gate...) is the packed checkpoint's."""
+        return getattr(self.__dict__["inner"], name)
 
     def level_nbytes(self, level: int) -> int:
         self.cfg.level_index(level)
