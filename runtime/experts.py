@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2moe.kernels.dispatch import ExpertKernels
-from d2moe.runtime.cache import _concat
+from d2moe.quantize.format import PackedCheckpoint
+from d2moe.runtime.cache import ExpertCache, _concat
+from d2moe.runtime.policies import LevelSelector, PolicySpec
 from d2moe.runtime.scheduler import CostModel, Job, hebf_order, johnson_order
+from d2moe.runtime.store import Read, ReadSource
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Work:
     tokens: int = 0
     origin: int | None = None  # the selected expert this work stands in for (--on-miss substitute)
     read_to: int | None = None  # read beyond `want` up to this level (fetch-ahead into free cache room)
+    read: Read | None = None  # the planned read (ExpertPipeline.plan_read): one descriptor per work item
 
     @property
     def resident(self) -> bool:
@@ -87,11 +92,11 @@ class ExpertPipeline:
 
     def __init__(
         self,
-        ckpt,
-        store,
-        cache,
-        selector,
-        spec,
+        ckpt: PackedCheckpoint,
+        store: ReadSource,
+        cache: ExpertCache,
+        selector: LevelSelector,
+        spec: PolicySpec,
         act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
         window: int | None = None,
         routers: dict[int, torch.Tensor] | None = None,
@@ -99,6 +104,8 @@ class ExpertPipeline:
         on_memory: Callable[[], None] | None = None,
         kernels: ExpertKernels | None = None,
         transfer=None,
+        exact: bool = False,
+        miss=None,
     ) -> None:
         self.ckpt = ckpt
         self.store = store
@@ -116,9 +123,9 @@ class ExpertPipeline:
         self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
         self.cost = CostModel()
         self.stats = PipelineStats()
-        self.exact = False  # lossless tier: compute as transformers does (rows in its order, no float32 cast)
-        self.miss = None  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
-        self._pending: dict[tuple, tuple] = {}  # preload key -> (future, layer, expert, have, want)
+        self.exact = exact  # lossless tier: compute as transformers does (rows in its order, no float32 cast)
+        self.miss = miss  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
+        self._pending: dict[tuple, tuple[Future, Read]] = {}  # preload key -> (future, its read)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
         self.transfer = transfer
@@ -136,6 +143,13 @@ class ExpertPipeline:
         """(have, want) of the read a work needs: only the extra segments when nested reuse allows it."""
         have = work.have if (self.spec.nested_reuse and work.have is not None) else None
         return have, max(work.want, work.read_to or 0)
+
+    def plan_read(self, layer: int, w: Work) -> Read:
+        """The work's read, planned once and re-planned only if its span changed (miss handling, fetch-ahead)."""
+        have, want = self.read_span(w)
+        if w.read is None or (w.read.have, w.read.want) != (have, want):
+            w.read = self.store.plan(layer, w.expert, have, want)
+        return w.read
 
     def reset_stats(self) -> None:
         self.stats = PipelineStats()
@@ -214,9 +228,7 @@ class ExpertPipeline:
             return sorted(missing, key=lambda w: (w.expert, w.want))
         jobs = []
         for i, w in enumerate(missing):
-            have, want = self.read_span(w)
-            nbytes = self.store.nbytes(layer, w.expert, have, want)
-            load = self.cost.load_seconds(nbytes)
+            load = self.cost.load_seconds(self.plan_read(layer, w).nbytes)
             compute = self.cost.compute_seconds(0, 0.0, self._kernel_work(w))
             jobs.append(Job(i, w.want, w.tokens, load, compute, False))
         ordered = hebf_order(jobs) if self.spec.order == "hebf" else johnson_order(jobs)
@@ -228,12 +240,12 @@ class ExpertPipeline:
         paying another read. Computes at the levels the pairs want: the output does not change."""
         top = self.ckpt.cfg.bk
         missing = [w for w in works if not w.resident and self.spec.nested_reuse]
-        room = self.cache.free_bytes - sum(self.store.nbytes(layer, w.expert, *self.read_span(w)) for w in missing)
+        room = self.cache.free_bytes - sum(self.plan_read(layer, w).nbytes for w in missing)
         for w in sorted(missing, key=lambda w: (-w.tokens, w.expert)):
-            have, want = self.read_span(w)
-            if want >= top:
+            read = self.plan_read(layer, w)
+            if read.want >= top:
                 continue
-            extra = self.store.nbytes(layer, w.expert, have, top) - self.store.nbytes(layer, w.expert, have, want)
+            extra = self.store.plan(layer, w.expert, read.have, top).nbytes - read.nbytes
             if extra <= room:
                 w.read_to, room = top, room - extra
                 self.stats.fetch_ahead += 1
@@ -246,37 +258,36 @@ class ExpertPipeline:
     def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:
         """Issue the reads of `order` (at most `window` in flight); compute each as it lands."""
         compute_s = 0.0
-        in_flight: list[tuple[Work, object, int, float]] = []
+        in_flight: list[tuple[Work, Read, object, float]] = []
         queue = list(order)
 
         def issue() -> None:
             while queue and len(in_flight) < self.window:
                 w = queue.pop(0)
-                have, want = self.read_span(w)
-                nbytes = self.store.nbytes(layer, w.expert, have, want)
-                in_flight.append((w, self.store.submit(layer, w.expert, have, want), nbytes, time.perf_counter()))
-                self._add_staging(nbytes)
+                read = self.plan_read(layer, w)
+                in_flight.append((w, read, self.store.submit(read), time.perf_counter()))
+                self._add_staging(read.nbytes)
                 self.stats.loads += 1
-                self.stats.upgrade_loads += int(have is not None)
+                self.stats.upgrade_loads += int(read.have is not None)
 
         issue()
         while in_flight:
-            w, fut, nbytes, issued = in_flight.pop(0)
+            w, read, fut, issued = in_flight.pop(0)
             t_wait = time.perf_counter()
             data = fut.result()
             self.stats.load_wait_s += time.perf_counter() - t_wait
-            self.cost.observe_load(nbytes, time.perf_counter() - issued)
-            self.ckpt.verify_read(layer, w.expert, data, *self.read_span(w))  # only the segments just read
+            self.cost.observe_load(read.nbytes, time.perf_counter() - issued)
+            self.ckpt.verify_read(layer, w.expert, data, read.have, read.want)  # only the segments just read
             data = self._on_device(data)
-            full = self._install(w, data)
+            full = self._install(w, read, data)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
-            self._add_staging(-nbytes)  # a dropped item's bytes lived until its compute ended
+            self._add_staging(-read.nbytes)  # a dropped item's bytes lived until its compute ended
         return compute_s
 
-    def _install(self, w: Work, data) -> memoryview | bytes:
+    def _install(self, w: Work, read: Read, data) -> memoryview | bytes:
         """Put landed bytes in the cache (extend an upgrade); return the full prefix up to the level read."""
-        have, level = self.read_span(w)
+        have, level = read.have, read.want
         if have is None:
             if not self.cache.put(w.key, level, data):
                 self.stats.dropped += 1
@@ -358,7 +369,7 @@ class ExpertPipeline:
     def hold_all(self, level: int) -> None:
         """Read every expert at `level` into the cache and pin it (Hold-in-Memory baselines)."""
         for layer in self.moe_layers:
-            futures = [(e, self.store.submit(layer, e, None, level)) for e in range(self.ckpt.num_experts)]
+            futures = [(e, self.store.submit(self.store.plan(layer, e, None, level))) for e in range(self.ckpt.num_experts)]
             for e, fut in futures:
                 key = self.key(layer, e, level)
                 data = fut.result()
@@ -387,30 +398,29 @@ class ExpertPipeline:
             held = self.cache.peek(key)
             if key in self._pending or (held is not None and held >= level):
                 continue
-            have = held if self.spec.nested_reuse else None
-            nbytes = self.store.nbytes(nxt, e, have, level)
-            self._pending[key] = (self.store.submit(nxt, e, have, level), nxt, e, have, level, nbytes)
-            self._add_staging(nbytes)
+            read = self.store.plan(nxt, e, held if self.spec.nested_reuse else None, level)
+            self._pending[key] = (self.store.submit(read), read)
+            self._add_staging(read.nbytes)
             self.stats.preloads += 1
 
     def _land_preloads(self, layer: int) -> None:
         """Put this layer's finished (or finishing) preloads into the cache before looking up."""
-        for key in [k for k, v in self._pending.items() if v[1] == layer]:
-            fut, _, expert, have, want, nbytes = self._pending.pop(key)
+        for key in [k for k, (_, read) in self._pending.items() if read.layer == layer]:
+            fut, read = self._pending.pop(key)
             data = fut.result()
-            self.ckpt.verify_read(layer, expert, data, have, want)
+            self.ckpt.verify_read(layer, read.expert, data, read.have, read.want)
             data = self._on_device(data)
-            if have is None:
-                self.cache.put(key, want, data)
-            elif self.cache.peek(key) == have:
-                self.cache.extend(key, want, data)
-            self._add_staging(-nbytes)
+            if read.have is None:
+                self.cache.put(key, read.want, data)
+            elif self.cache.peek(key) == read.have:
+                self.cache.extend(key, read.want, data)
+            self._add_staging(-read.nbytes)
 
     def drain(self) -> None:
         """Wait for outstanding preloads (end of a request)."""
-        for fut, *rest in self._pending.values():
+        for fut, read in self._pending.values():
             fut.result()
-            self._add_staging(-rest[-1])
+            self._add_staging(-read.nbytes)
         self._pending.clear()
 
     def _add_staging(self, nbytes: int) -> None:
@@ -428,9 +438,13 @@ def _result_key(w: Work, level: int) -> tuple[int, int, int]:
 class OffloadedExperts(nn.Module):
     """Drop-in for a MoE block's experts module; the weights live in the pipeline's store/cache."""
 
-    def __init__(self, layer: int, pipeline: ExpertPipeline) -> None:
+    def __init__(self, layer: int, pipeline: ExpertPipeline | None = None) -> None:
+        """`pipeline` may come later (`bind`): the model is assembled before the pipeline that needs its routers."""
         super().__init__()
         self.layer = layer
+        self.pipeline = pipeline
+
+    def bind(self, pipeline: ExpertPipeline) -> None:
         self.pipeline = pipeline
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from d2moe.errors import FormatError, UsageError
 from d2moe.quantize import lossless as codec
-from d2moe.runtime.store import ByteReader
+from d2moe.runtime.store import ByteReader, Read
 
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -104,8 +104,10 @@ class LosslessStore:
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="d2moe-decode")
         self.decode_seconds = 0.0
 
-    def nbytes(self, layer: int, expert: int, have, want: int) -> int:
-        return self.view.entry(layer, expert)["nbytes"]
+    def plan(self, layer: int, expert: int, have, want: int) -> Read:
+        """The whole coded blob (the exact tier has no levels: `have` is ignored, nothing is an upgrade)."""
+        e = self.view.entry(layer, expert)
+        return Read(layer, expert, None, want, self.view.path / e["file"], e["offset"], e["nbytes"])
 
     def _read_and_decode(self, layer: int, expert: int) -> bytearray:
         e = self.view.entry(layer, expert)
@@ -119,11 +121,11 @@ class LosslessStore:
         self.decode_seconds += time.perf_counter() - t0
         return memoryview(out)
 
-    def submit(self, layer: int, expert: int, have, want: int) -> Future:
-        return self.reader._pool.submit(self._read_and_decode, layer, expert)
+    def submit(self, read: Read) -> Future:
+        return self.reader._pool.submit(self._read_and_decode, read.layer, read.expert)
 
-    def read(self, layer: int, expert: int, have, want: int):
-        return self._read_and_decode(layer, expert)
+    def read(self, read: Read):
+        return self._read_and_decode(read.layer, read.expert)
 
     def stats(self):
         return self.reader.stats()

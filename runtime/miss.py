@@ -120,14 +120,14 @@ class MissHandler:
             if w.resident or not all(bool(low[rows, slots].all()) for rows, slots in w.pairs.values()):
                 keep.append(w)
                 continue
-            would_read = pipeline.store.nbytes(layer, w.expert, *pipeline.read_span(w))
+            would_read = pipeline.plan_read(layer, w).nbytes
             held = self._held_below(pipeline, layer, w)
             if held is not None:
                 self._retarget(pipeline, layer, w, w.expert, held)
                 self._count("lowbit", w, would_read)
             elif self.options.mode == "lowbit":
                 self._retarget(pipeline, layer, w, w.expert, self.bits[0])
-                self._count("lowbit", w, would_read - pipeline.store.nbytes(layer, w.expert, *pipeline.read_span(w)))
+                self._count("lowbit", w, would_read - pipeline.plan_read(layer, w).nbytes)
             elif self.options.mode == "substitute":
                 sub = self._substitute(pipeline, layer, w.expert)
                 if sub is None:
@@ -206,14 +206,11 @@ class MissHandler:
         return w
 
 
-def attach(pipeline, ckpt, options: MissOptions) -> MissHandler | None:
-    """Give `pipeline` a MissHandler for `options` (none for `load`), with the checkpoint's similarity."""
+def handler(ckpt, options: MissOptions) -> MissHandler | None:
+    """The MissHandler for `options` (None for `load`), with the checkpoint's similarity."""
     if options.mode == "load":
-        pipeline.miss = None
         return None
-    neighbors = parse_similarity(ckpt.manifest.get("similarity"))
-    pipeline.miss = MissHandler(options, ckpt.cfg.bits, neighbors)
-    return pipeline.miss
+    return MissHandler(options, ckpt.cfg.bits, parse_similarity(ckpt.manifest.get("similarity")))
 
 
 def report(pipeline, options: MissOptions) -> dict:

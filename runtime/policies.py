@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -94,6 +95,15 @@ def check_level(level: int, bits: Sequence[int], policy: str, option: str = "--l
             f"use one of those or re-pack with `d2moe pack SRC OUT --bits {wanted}`"
         )
     return level
+
+
+class LevelSelector(Protocol):
+    """What every policy's level rule gives the pipeline: a level per (token, top-k slot) pair."""
+
+    def select(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
 
 
 class UniformLevels:

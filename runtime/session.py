@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from d2moe.errors import BudgetError, InputError, UsageError
 from d2moe.runtime.units import format_size
@@ -129,33 +130,38 @@ class Session:
 
             self.transfer = (DeviceTransfer("cuda", options.io_threads + 1, self.plan.expert_bytes) if on_gpu
                              else EmulatedTransfer())
-        self.pipeline = ExpertPipeline(
-            ckpt, self.store, self.cache, selector=None, spec=self.spec, window=options.io_threads,
-            top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
-            kernels=self.kernels, transfer=self.transfer,
-        )
+        # the model first (its routers and activation are the pipeline's), then the pipeline, whole
+        experts_modules: list[OffloadedExperts] = []
+        activations: list = []
 
         def make_experts(layer: int, original):
-            self.pipeline.act_fn = expert_activation(original)
-            return OffloadedExperts(layer, self.pipeline)
+            activations.append(expert_activation(original))
+            experts_modules.append(OffloadedExperts(layer))
+            return experts_modules[-1]
 
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
-        routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
         if on_gpu:
             self.model.to("cuda")
-            routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
-        self.pipeline.routers = {layer: w.detach() for layer, w in routers.items()}
-        self.pipeline.exact = options.lossless  # transformers' order and dtypes (d2moe.runtime.lossless)
+        routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
         if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
                           keep=routers.values())
         self.gate = self._load_gate()
         if on_gpu and self.gate is not None:
             self.gate.to("cuda")  # it reads the hidden states where they are
-        self.pipeline.selector = self._make_selector()
         from d2moe.runtime import miss
 
-        miss.attach(self.pipeline, ckpt, options.miss)
+        self.pipeline = ExpertPipeline(
+            ckpt, self.store, self.cache, selector=self._make_selector(), spec=self.spec,
+            act_fn=activations[0] if activations else F.silu, window=options.io_threads,
+            routers={layer: w.detach() for layer, w in routers.items()},
+            top_k=int(getattr(hf_config, "num_experts_per_tok", 2)), on_memory=self._sample_memory,
+            kernels=self.kernels, transfer=self.transfer,
+            exact=options.lossless,  # transformers' order and dtypes (d2moe.runtime.lossless)
+            miss=miss.handler(ckpt, options.miss),
+        )
+        for module in experts_modules:
+            module.bind(self.pipeline)
         self._kv_bytes = 0
         self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()], static=True)
         self.meter.register("kv", "cache", lambda: self._kv_bytes)

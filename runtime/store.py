@@ -20,9 +20,8 @@ ByteReader(io_threads=4, bandwidth=None, direct=True)
     stats() -> IOStats; reset_stats(); close(); context manager
     direct_paths -> set of files read with O_DIRECT (the rest fell back to buffered)
 ExpertStore(ckpt, io_threads=4, bandwidth=None, direct=True)
-    nbytes(layer, expert, have, want) -> int
-    submit(layer, expert, have, want) -> Future[memoryview]   # have=None: the prefix up to `want`;
-    read(layer, expert, have, want) -> memoryview             # else the segments have -> want
+    plan(layer, expert, have, want) -> Read   # have=None: the prefix up to `want`; else the segments have -> want
+    submit(read) -> Future[memoryview]; read(read) -> memoryview   # one Read descriptor per work item
     stats() / reset_stats() / close(), plus bytes_read, reads, busy_seconds properties
 `ckpt` is anything with `byte_range(layer, expert, have_level|None, want_level) -> (path, offset, nbytes)`
 (the packed checkpoint of `d2moe.quantize.format`).
@@ -41,6 +40,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from d2moe.errors import FormatError, InputError, UsageError
 from d2moe.quantize.format.constants import (
@@ -257,6 +257,31 @@ class ByteReader:
         self.close()
 
 
+@dataclass(frozen=True)
+class Read:
+    """One planned read: what it brings (expert `expert` of `layer` from level `have` to `want`) and where
+    it lies (file, absolute offset, length). Planned once per work item; the pipeline, the cost model and
+    the crc check all use this one descriptor."""
+
+    layer: int
+    expert: int
+    have: int | None
+    want: int
+    path: Path
+    offset: int
+    nbytes: int
+
+
+class ReadSource(Protocol):
+    """What the pipeline reads experts through (ExpertStore, or the lossless tier's store)."""
+
+    def plan(self, layer: int, expert: int, have: int | None, want: int) -> Read: ...
+
+    def submit(self, read: Read) -> Future: ...
+
+    def read(self, read: Read): ...
+
+
 class ExpertStore:
     """Reads expert level prefixes (have=None) or upgrade segments (have -> want) of a packed checkpoint."""
 
@@ -264,16 +289,17 @@ class ExpertStore:
         self.ckpt = ckpt
         self.reader = ByteReader(io_threads=io_threads, bandwidth=bandwidth, direct=direct)
 
-    def nbytes(self, layer: int, expert: int, have: int | None, want: int) -> int:
-        return self.ckpt.byte_range(layer, expert, have, want)[2]
+    def plan(self, layer: int, expert: int, have: int | None, want: int) -> Read:
+        """Where the bytes taking expert (layer, expert) from level `have` (None: nothing) to `want` lie."""
+        path, offset, nbytes = self.ckpt.byte_range(layer, expert, have, want)
+        return Read(layer, expert, have, want, Path(path), offset, nbytes)
 
-    def read(self, layer: int, expert: int, have: int | None, want: int) -> memoryview:
-        """Bytes of expert (layer, expert) from level `have` (None: from the start) up to level `want`."""
-        return self.reader.read_range(*self.ckpt.byte_range(layer, expert, have, want))
+    def read(self, read: Read) -> memoryview:
+        return self.reader.read_range(read.path, read.offset, read.nbytes)
 
-    def submit(self, layer: int, expert: int, have: int | None, want: int) -> Future:
+    def submit(self, read: Read) -> Future:
         """`read` on an I/O thread: Future[memoryview]."""
-        return self.reader.submit(*self.ckpt.byte_range(layer, expert, have, want))
+        return self.reader.submit(read.path, read.offset, read.nbytes)
 
     def stats(self) -> IOStats:
         return self.reader.stats()

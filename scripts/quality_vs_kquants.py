@@ -53,6 +53,8 @@ def d2moe_rows(args, work: Path) -> list[dict]:
             for r in ev["results"]:
                 if r is ref:
                     continue
+                if rows:
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 lvl = r["level"]
                 rows.append({"tool": "d2moe", "pack_bits": bits, "calibrated": calib, "level": lvl,
                              "bpw": round(8 * pack["bytes_per_level"][str(lvl)] / (weights * pack_experts(pack)), 3),
@@ -92,12 +94,18 @@ def llama_rows(args, work: Path) -> list[dict]:
     for bits, (qtype, bpw) in KQUANTS.items():
         for use_imatrix in (False, True):
             out = work / f"model-{qtype}{'-imat' if use_imatrix else ''}.gguf"
-            cmd = [bin_ / "llama-quantize"]
+            # a base type of F16 skips the overrides, so: base Q8_0, every non-expert matrix forced back to f16
+            cmd = [bin_ / "llama-quantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16"]
             if use_imatrix:
                 cmd += ["--imatrix", imatrix]
+            for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                cmd += ["--tensor-type", f"{t}=f16"]
             for t in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
                 cmd += ["--tensor-type", f"{t}={qtype.lower()}"]
-            run([*cmd, f16, out, "F16", "2"], f"quantize {qtype}")
+            log = run([*cmd, f16, out, "Q8_0", "2"], f"quantize {qtype}")
+            ktype = qtype.replace("_K", "_K").lower().replace("_k", "_K")  # llama prints "q2_K"
+            if f"-> {ktype}" not in log or "converting to q8_0" in log:
+                raise SystemExit(f"llama-quantize did not give experts {qtype} and the rest 16-bit:\n{log[-1500:]}")
             ppl = ppl_of(run([*perplexity, "-m", out], f"perplexity {qtype}"))
             rows.append({"tool": "llama.cpp", "type": qtype, "imatrix": use_imatrix, "level": bits, "bpw": bpw,
                          "ppl": ppl, "ppl_16bit": base, "ratio": round(ppl / base, 4)})
@@ -135,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="d2moe-quality-") as tmp:
         work = Path(tmp)
-        rows = d2moe_rows(args, work) + llama_rows(args, work)
+        rows = llama_rows(args, work) + d2moe_rows(args, work)
     md = table(rows)
     print(md)
     if args.out:

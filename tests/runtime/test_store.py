@@ -216,11 +216,12 @@ def test_expert_store_prefix_and_upgrade_segments(tmp_path):
     with ExpertStore(ckpt, io_threads=2) as store:
         for key in ckpt.entries:
             for lo, want in ((None, 2), (None, 3), (None, 4)):
-                assert bytes(store.read(*key, lo, want)) == ckpt.prefix(*key, want)
-            base = bytes(store.submit(*key, None, 2).result())
-            up = bytes(store.submit(*key, 2, 4).result())
+                assert bytes(store.read(store.plan(*key, lo, want))) == ckpt.prefix(*key, want)
+            base = bytes(store.submit(store.plan(*key, None, 2)).result())
+            upgrade = store.plan(*key, 2, 4)
+            up = bytes(store.submit(upgrade).result())
             assert base + up == ckpt.prefix(*key, 4)  # upgrade 2 -> 4 == direct read of 4
-            assert store.nbytes(*key, 2, 4) == len(up)
+            assert upgrade.nbytes == len(up) and (upgrade.have, upgrade.want) == (2, 4)
         assert store.reads == len(ckpt.entries) * 5
         sizes = {lv: sum(len(ckpt.prefix(*k, lv)) for k in ckpt.entries) for lv in ckpt.LEVELS}
         assert store.bytes_read == sizes[2] + sizes[3] + 2 * sizes[4]  # reads of 2, 3, 4, then 2 + (2->4)
@@ -243,11 +244,11 @@ def test_expert_store_on_a_real_packed_checkpoint(packed_mixtral):
     bits = ckpt.cfg.bits
     with ExpertStore(ckpt, io_threads=3) as store:
         for layer, expert in ckpt.experts:
-            direct = {lv: store.submit(layer, expert, None, lv) for lv in bits}
+            direct = {lv: store.submit(store.plan(layer, expert, None, lv)) for lv in bits}
             for lv, fut in direct.items():
                 assert bytes(fut.result()) == ckpt.read_prefix(layer, expert, lv)
             for have, want in itertools.combinations(bits, 2):  # upgrade segments == the direct read's tail
-                up = store.read(layer, expert, have, want)
+                up = store.read(store.plan(layer, expert, have, want))
                 assert bytes(direct[have].result()) + bytes(up) == bytes(direct[want].result())
             # the bytes decode: level 2 from a level-4 read is the level-2 read's tensors
             lo = ckpt.decode_expert(layer, expert, bits[0], direct[bits[0]].result())
