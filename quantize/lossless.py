@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from d2moe.errors import FormatError, UsageError
+from d2moe.errors import DependencyError, FormatError, UsageError
 
 MAGIC = b"D2LL"
 VERSION = 1
@@ -42,7 +42,10 @@ def _codec(codec: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], byte
         return (lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(b),
                 lambda b: zstandard.ZstdDecompressor().decompress(b))
     if codec == "brotli":
-        import brotli
+        try:
+            import brotli
+        except ImportError:
+            raise DependencyError("the brotli lossless codec needs `pip install brotli` (or use the default zstd)") from None
 
         return (lambda b: brotli.compress(b, quality=5)), brotli.decompress
     if codec == "none":

@@ -146,7 +146,7 @@ class Session:
         if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
                           keep=routers.values())
-        self.gate = self._load_gate()
+        self.gate = self._load_gate(routers)
         if on_gpu and self.gate is not None:
             self.gate.to("cuda")  # it reads the hidden states where they are
         from d2moe.runtime import miss
@@ -190,14 +190,14 @@ class Session:
         return len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk) <= self.plan.expert_cache
 
 
-    def _load_gate(self):
+    def _load_gate(self, routers: dict):
         from d2moe.runtime.gate import load_gate, model_fingerprint
 
         o = self.options
         if (self.ckpt.gate_path is None or not o.use_gate or self.spec.levels != "gate" or o.lossless
                 or o.level is not None or o.router_levels is not None):
             return None
-        routers = [self.pipeline.routers[layer] for layer in self.ckpt.moe_layers]
+        routers = [routers[layer].detach() for layer in self.ckpt.moe_layers]
         self.ckpt.verify_file("gate")  # its crc32 against the manifest, before any of it is trusted
         gate = load_gate(self.ckpt.gate_path, expect_fingerprint=model_fingerprint(self.ckpt.config, routers),
                          expect_levels=self.ckpt.cfg.bits)

@@ -23,6 +23,8 @@ from d2moe.quantize.similarity import SimilarityCollector
 @given(st.binary(min_size=0, max_size=4000), st.sampled_from([2, 4]), st.sampled_from(ll.CODECS),
        st.integers(1, 300))
 def test_lossless_codec_round_trips_any_bytes(data, width, codec, chunk):
+    if codec == "brotli":
+        pytest.importorskip("brotli")  # optional: the default codec is zstd
     raw = data[: len(data) // width * width]
     assert bytes(ll.decode_bytes(ll.encode_bytes(raw, width, codec, chunk))) == raw
 
