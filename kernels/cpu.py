@@ -27,7 +27,8 @@ import torch
 
 from d2moe.kernels.packed import PackedMatrix
 
-SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"
+SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"  # the expert kernels; built with DENSE_SOURCE into one library
+DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"
 MAX_TERMS = 8
 MAX_PLANES = 8
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11"]
@@ -73,19 +74,22 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def build_shared(cc: str, source: Path = SOURCE, flags: list[str] = _FLAGS) -> Path:
-    """Compile `source` into a shared library once per (source, flags, compiler, CPU): a cached path."""
-    src = source.read_bytes()
+def build_shared(cc: str, sources: Path | list[Path] = SOURCE, flags: list[str] = _FLAGS) -> Path:
+    """Compile C `sources` (and the headers beside them) into one shared library, once per (sources, headers,
+    flags, compiler, CPU): a cached path, named after the first source."""
+    sources = [sources] if isinstance(sources, Path) else list(sources)
+    headers = sorted({h for s in sources for h in s.parent.glob("*.h")})
+    src = b"".join(p.read_bytes() for p in [*sources, *headers])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(src + " ".join(flags).encode() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = cache_dir() / f"{source.stem}-{key}.so"
+    out = cache_dir() / f"{sources[0].stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *flags, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"{cc} failed")
         os.chmod(tmp, 0o755)
@@ -106,7 +110,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(build_shared(cc, SOURCE)))
+        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE])))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
         return None

@@ -21,20 +21,7 @@
    Every entry point works on a range of rows so callers can split a matrix over threads; a row
    range writes only its own outputs. */
 
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-
-#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define D2_AVX512 1
-#else
-#define D2_AVX512 0
-#endif
-
-#define D2_MAX_TERMS 8
-#define D2_MAX_PLANES 8
-#define D2_MAX_TOKENS 8 /* tokens per register block */
+#include "common.h"
 
 typedef struct {
     int32_t rows, cols, group_size, nterms;
@@ -53,31 +40,6 @@ typedef struct {
 } d2_qx;
 
 int d2_simd_level(void) { return D2_AVX512; }
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else { /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline void f16_row(const uint16_t *src, float *dst, int n) {
-    int i = 0;
-#if D2_AVX512
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-#endif
-    for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
-}
 
 /* ---------------------------------------------------------------- activation quantization */
 
@@ -499,90 +461,5 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
             memcpy(&u, row + c, 4);
             dst[c] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
         }
-    }
-}
-
-/* ---------------------------------------------------------------- dense GEMV (decode) */
-
-/* y[n, o] = sum_c W[o, c] x[n, c] (* scale[o] for int8) for rows [r0, r1), ntok <= 8 tokens.
-   W is row-major [rows, cols] of dtype 0 = float32, 1 = bfloat16, 2 = float16, 3 = int8 with a
-   float32 scale per row. x is float32 [ntok, cols]; accumulation is float32 in a fixed order. */
-enum { D2_F32 = 0, D2_BF16 = 1, D2_F16 = 2, D2_I8 = 3 };
-
-static inline float dense_at(const void *W, int dtype, int64_t i) {
-    switch (dtype) {
-    case D2_F32: return ((const float *)W)[i];
-    case D2_BF16: { uint32_t b = (uint32_t)((const uint16_t *)W)[i] << 16; float f; memcpy(&f, &b, 4); return f; }
-    case D2_F16: return f16_to_f32(((const uint16_t *)W)[i]);
-    default: return (float)((const int8_t *)W)[i];
-    }
-}
-
-#if D2_AVX512
-static inline __attribute__((always_inline)) __m512 dense16(const void *W, const int dtype, int64_t i) {
-    switch (dtype) {
-    case D2_F32: return _mm512_loadu_ps((const float *)W + i);
-    case D2_BF16: return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i))), 16));
-    case D2_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i)));
-    default: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)W + i))));
-    }
-}
-
-static inline __attribute__((always_inline)) void dense_rows_avx512(
-    const void *W, const int dtype, const float *scale, int cols, const float *x, const int NT, float *y,
-    int64_t ystride, int r0, int r1) {
-    for (int o = r0; o < r1; o++) {
-        __m512 acc[D2_MAX_TOKENS], acc2[D2_MAX_TOKENS];
-        for (int n = 0; n < NT; n++) acc[n] = acc2[n] = _mm512_setzero_ps();
-        const int64_t row = (int64_t)o * cols;
-        int c = 0;
-        for (; c + 32 <= cols; c += 32) { /* two independent chains hide the FMA latency */
-            const __m512 w0 = dense16(W, dtype, row + c), w1 = dense16(W, dtype, row + c + 16);
-            for (int n = 0; n < NT; n++) {
-                acc[n] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (int64_t)n * cols + c), acc[n]);
-                acc2[n] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (int64_t)n * cols + c + 16), acc2[n]);
-            }
-        }
-        for (int n = 0; n < NT; n++) {
-            float tail = 0.f;
-            for (int k = c; k < cols; k++) tail += dense_at(W, dtype, row + k) * x[(int64_t)n * cols + k];
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[n], acc2[n])) + tail;
-            y[(int64_t)n * ystride + o] = scale ? v * scale[o] : v;
-        }
-    }
-}
-
-#define D2_DENSE(DT, NT) \
-    static void dense_##DT##_##NT(const void *W, const float *s, int cols, const float *x, float *y, int64_t ys, int r0, int r1) { \
-        dense_rows_avx512(W, DT, s, cols, x, NT, y, ys, r0, r1); }
-#define D2_DENSE_DT(DT) D2_DENSE(DT, 1) D2_DENSE(DT, 2) D2_DENSE(DT, 3) D2_DENSE(DT, 4) \
-    D2_DENSE(DT, 5) D2_DENSE(DT, 6) D2_DENSE(DT, 7) D2_DENSE(DT, 8)
-D2_DENSE_DT(0) D2_DENSE_DT(1) D2_DENSE_DT(2) D2_DENSE_DT(3)
-typedef void (*dense_fn)(const void *, const float *, int, const float *, float *, int64_t, int, int);
-#define D2_DENSE_ROW(DT) {dense_##DT##_1, dense_##DT##_2, dense_##DT##_3, dense_##DT##_4, \
-                          dense_##DT##_5, dense_##DT##_6, dense_##DT##_7, dense_##DT##_8}
-static const dense_fn DENSE[4][D2_MAX_TOKENS] = {D2_DENSE_ROW(0), D2_DENSE_ROW(1), D2_DENSE_ROW(2), D2_DENSE_ROW(3)};
-#endif
-
-void d2_dense_rows(const void *W, int32_t dtype, const float *scale, int32_t cols, const float *x, int32_t ntok,
-                   float *y, int64_t ystride, int32_t r0, int32_t r1, int32_t force_portable) {
-    for (int n0 = 0; n0 < ntok; n0 += D2_MAX_TOKENS) {
-        const int nt = ntok - n0 < D2_MAX_TOKENS ? ntok - n0 : D2_MAX_TOKENS;
-        const float *xs = x + (int64_t)n0 * cols;
-        float *ys = y + (int64_t)n0 * ystride;
-#if D2_AVX512
-        if (!force_portable) {
-            DENSE[dtype][nt - 1](W, scale, cols, xs, ys, ystride, r0, r1);
-            continue;
-        }
-#endif
-        (void)force_portable;
-        for (int o = r0; o < r1; o++)
-            for (int n = 0; n < nt; n++) {
-                float acc = 0.f;
-                for (int c = 0; c < cols; c++) acc += dense_at(W, dtype, (int64_t)o * cols + c) * xs[(int64_t)n * cols + c];
-                ys[(int64_t)n * ystride + o] = scale ? acc * scale[o] : acc;
-            }
     }
 }

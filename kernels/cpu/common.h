@@ -1,0 +1,45 @@
+/* What the CPU kernel sources share: the SIMD switch, limits and float16 helpers. */
+#ifndef D2_CPU_COMMON_H
+#define D2_CPU_COMMON_H
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define D2_AVX512 1
+#else
+#define D2_AVX512 0
+#endif
+
+#define D2_MAX_TERMS 8
+#define D2_MAX_PLANES 8
+#define D2_MAX_TOKENS 8 /* tokens per register block */
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline void f16_row(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+#if D2_AVX512
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+#endif
