@@ -45,7 +45,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn(f"building the native quantizer failed ({exc}): pack uses the slower torch quantizer", stacklevel=2)
         return None
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.d2q_fit_rows.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, p, p, p, p, p]
+    lib.d2q_fit_rows.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, i32, p, p, p, p, p]
     lib.d2q_fit_rows.restype = ctypes.c_int
     return lib
 
@@ -60,7 +60,7 @@ class Fit:
 
 
 def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | None = None, refits: int = 0,
-               pool: ThreadPoolExecutor | None = None) -> Fit:
+               pool: ThreadPoolExecutor | None = None, magnitude: bool = False) -> Fit:
     """Fit a [O, I] float32/bfloat16/float16 matrix (row stride may exceed I) as a sliced MWQ tensor."""
     if cfg.scheme != "sliced":
         raise UsageError(f"the native quantizer fits the sliced scheme, not {cfg.scheme!r}")
@@ -85,7 +85,7 @@ def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | 
         r0, r1 = chunks[k]
         return lib.d2q_fit_rows(
             w.data_ptr(), DTYPES[w.dtype], w.stride(0), rows, cols, cfg.group_size, cfg.bk, cfg.b1, len(cfg.bits),
-            levels, None if weight is None else weight.data_ptr(), refits, r0, r1, planes.data_ptr(),
+            levels, None if weight is None else weight.data_ptr(), int(magnitude), refits, r0, r1, planes.data_ptr(),
             scale.data_ptr(), offset.data_ptr(), errs[k], ctypes.byref(signals[k]))
 
     codes = list(pool.map(run, range(len(chunks)))) if pool is not None else [run(k) for k in range(len(chunks))]

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         similarity: Annotated[bool, typer.Option("--similarity/--no-similarity", help="store each expert's nearest neighbours (output cosine on a random probe) for `run --on-miss substitute`")] = True,
         lossless: Annotated[bool, typer.Option("--lossless", help="also store each expert's exact source weights, losslessly coded (for `run --lossless`)")] = False,
         lossless_codec: Annotated[str, typer.Option(help="codec of the exponent stream for --lossless: zstd | brotli | none (the raw weights: uncompressed 16-bit offloading)")] = "zstd",
+        weighting: Annotated[str, typer.Option(help="each weight's share of the fit's error: mse (equal) | magnitude (sqrt(2 mean x^2 + x^2), as K-quants weigh)")] = "mse",
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress on stderr")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout (progress stays on stderr)")] = False,
     ) -> None:
@@ -46,7 +47,8 @@ def register(app: typer.Typer) -> None:
         try:
             report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
                                      workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id,
-                                     similarity=similarity, lossless=lossless_codec if lossless else None)
+                                     similarity=similarity, lossless=lossless_codec if lossless else None,
+                                     weighting=weighting)
         except OSError as exc:  # e.g. OUT on a read-only or pseudo file system (/proc), disk full
             from d2moe.errors import IOFailure, describe_os_error
 

@@ -39,6 +39,7 @@ from d2moe.quantize.similarity import SimilarityCollector
 
 SQNR_CAP_DB = 999.0  # a lossless level (all-zero matrix) is recorded as this, JSON has no infinity
 DEFAULT_REFITS = 1  # least-squares refits of each grid after the clip search (BENCHMARKS.md: cost and gain)
+WEIGHTINGS = ("mse", "magnitude")  # the fit's per-element error weight: 1, or sqrt(2 mean(x^2) + x^2) (K-quants')
 KILL_ENV = "D2MOE_TEST_KILL_AT"  # tests only: "dense" | "layer:N" | "expert:N:E" -> SIGKILL there
 
 
@@ -57,6 +58,7 @@ def pack_checkpoint(
     calib_id: str | None = None,
     similarity: bool = True,
     lossless: str | None = None,
+    weighting: str = "mse",
 ) -> dict:
     """Pack HF checkpoint `src` into `out`; returns a report (bytes and SQNR per level, seconds, sizes).
 
@@ -72,6 +74,8 @@ def pack_checkpoint(
         raise UsageError(f"--workers {workers} must be at least 1")
     if refits < 0:
         raise UsageError(f"--refits {refits} must be 0 or more")
+    if weighting not in WEIGHTINGS:
+        raise UsageError(f"--weighting {weighting!r} is unknown: use {' or '.join(WEIGHTINGS)}")
     if lossless is not None and lossless not in fmt.LOSSLESS_CODECS:
         raise UsageError(f"--lossless-codec {lossless!r} is unknown: use one of {', '.join(fmt.LOSSLESS_CODECS)}")
     src, out = Path(src), Path(out)
@@ -90,8 +94,9 @@ def pack_checkpoint(
     experts = ExpertSource(source, adapter, moe_layers, num_experts, shapes)
     gate_capacity = None if router is None else _check_gate(Path(router), source, experts, adapter, moe_layers, cfg)
     lib = native.load() if cfg.scheme == "sliced" else None
-    fit = _Fitter(lib, cfg, refits, workers, calib)
-    key = _key(source, cfg, dtype, router, refits, calib_id, fit.name + ("+sim" if similarity else ""))
+    fit = _Fitter(lib, cfg, refits, workers, calib, weighting == "magnitude")
+    key = _key(source, cfg, dtype, router, refits, calib_id,
+               fit.name + ("+sim" if similarity else "") + ("+magnitude" if fit.magnitude else ""))
     sim = SimilarityCollector(str(config.get("hidden_act", "silu"))) if similarity else None
     sim_rows: dict[int, list] = {}
     ll_entries, ll_dtype = [], None
@@ -226,12 +231,14 @@ def _dense_part(source: SourceCheckpoint, dense: list[tuple[str, str]], staging:
 class _Fitter:
     """Fits one matrix: the native C fit (rows on `workers` threads) or the torch fit."""
 
-    def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib):
+    def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib, magnitude: bool = False):
         self.lib, self.cfg, self.refits, self.workers, self.calib = lib, cfg, refits, workers, calib or {}
-        if lib is None and (refits or calib):
+        self.magnitude = magnitude
+        if lib is None and (refits or calib or magnitude):
             if cfg.scheme != "sliced":
                 raise UsageError(f"--refits and --calib apply to the sliced scheme, not {cfg.scheme!r}")
-            raise UsageError("--refits and --calib need the native quantizer, which could not be built (no C compiler?)")
+            raise UsageError("--refits, --calib and --weighting magnitude need the native quantizer, which could not "
+                             "be built (no C compiler?)")
         self.name = "native-1" if lib is not None else "torch-1"
 
     def __enter__(self) -> _Fitter:
@@ -252,7 +259,8 @@ class _Fitter:
         """(MWQTensor, squared error per level, signal) of one matrix."""
         try:
             if self.lib is not None:
-                f = native.fit_sliced(self.lib, w, self.cfg, self.calib.get(where), self.refits, self._pool)
+                f = native.fit_sliced(self.lib, w, self.cfg, self.calib.get(where), self.refits, self._pool,
+                                      magnitude=self.magnitude)
                 return f.tensor, f.sq_error, f.signal
             w32 = w.float()
             t = quantize_mwq(w32, self.cfg)

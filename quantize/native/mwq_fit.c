@@ -227,15 +227,17 @@ static int refit(const Group *g, const uint8_t *q, const double *err, int b1, do
 
 /* Fit rows [r0, r1) of a [rows, cols] matrix (element (r, c) at src[r * row_stride + c]).
  * planes: [bk][rows][cols/8]; scale/offset: float16 bits [rows][G]; err_out: [nlev] unweighted squared
- * error summed over the row range; signal_out: sum of x^2. Returns 0, or -1 on bad arguments, -2 if
- * a stored scale or offset overflows float16, -3 if a weight is NaN or infinite. */
+ * error summed over the row range; signal_out: sum of x^2. magnitude != 0 weights each element's error
+ * by sqrt(sigma2 + x^2) (sigma2 = twice the group's mean square; K-quants' weighting), times its column
+ * weight. Returns 0, or -1 on bad arguments, -2 if a stored scale or offset overflows float16, -3 if a
+ * weight is NaN or infinite. */
 int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk, int b1,
-                 int nlev, const int *levels, const float *col_weight, int refits, int r0, int r1, uint8_t *planes,
-                 uint16_t *scale, uint16_t *offset, double *err_out, double *signal_out) {
+                 int nlev, const int *levels, const float *col_weight, int magnitude, int refits, int r0, int r1,
+                 uint8_t *planes, uint16_t *scale, uint16_t *offset, double *err_out, double *signal_out) {
     if (group < 8 || group > MAX_S || group % 8 || cols % group || bk < 1 || bk > 8 || b1 < 1 || b1 > bk ||
         nlev < 1 || nlev > MAX_LEVELS || r0 < 0 || r1 > rows)
         return -1;
-    float x[MAX_S];
+    float x[MAX_S], wbuf[MAX_S];
     uint8_t q[MAX_S], q2[MAX_S];
     int G = cols / group;
     int64_t plane_stride = (int64_t)rows * (cols / 8);
@@ -248,7 +250,15 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
             int finite = 1;
             for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f; /* false for NaN and +-inf */
             if (!finite) return -3;
-            Group g = {group, bk, nlev, levels, x, col_weight ? col_weight + (int64_t)gi * group : NULL};
+            const float *cw = col_weight ? col_weight + (int64_t)gi * group : NULL;
+            if (magnitude) {
+                float s2 = 0;
+                for (int j = 0; j < group; j++) s2 += x[j] * x[j];
+                float sigma2 = 2.0f * s2 / group;
+                for (int j = 0; j < group; j++) wbuf[j] = (cw ? cw[j] : 1.0f) * sqrtf(sigma2 + x[j] * x[j]);
+                cw = wbuf;
+            }
+            Group g = {group, bk, nlev, levels, x, cw};
             float off, step;
             search(&g, &off, &step);
             float s16 = round_f16(step * ldexpf(1.0f, bk - b1)), o16;

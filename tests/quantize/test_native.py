@@ -90,3 +90,17 @@ def test_non_finite_weights_are_refused(bad):
     w[5, 77] = bad
     with pytest.raises(UsageError, match="NaN or infinite"):
         native.fit_sliced(lib, w.bfloat16(), MWQConfig(bits=(2, 3, 4), group_size=64, scheme="sliced"))
+
+
+def test_magnitude_weighting_favours_the_large_weights():
+    torch.manual_seed(3)
+    w = torch.randn(256, 256) * 0.02
+    cfg = MWQConfig(bits=(2, 3, 4), group_size=64, scheme="sliced")
+    plain = native.fit_sliced(lib, w, cfg)
+    weighted = native.fit_sliced(lib, w, cfg, magnitude=True)
+    big = w.abs() > 2 * w.abs().mean()  # the tails: what K-quants' weighting protects
+    def err_big(t, b):
+        return (w - dequantize(t, b))[big].square().sum().item()
+
+    for b in cfg.bits:
+        assert err_big(weighted.tensor, b) < err_big(plain.tensor, b)
