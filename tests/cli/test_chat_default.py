@@ -7,8 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_runner import invoke
 
-from d2moe.cli import main
 from d2moe.runtime.chat import use_chat_template
 
 ASSET = Path(__file__).parents[2] / "d2moe_cli" / "assets" / "tiny-mixtral"
@@ -25,13 +25,7 @@ def packed(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-    try:
-        main(["run", *map(str, argv)])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return invoke(capsys, "run", *argv)
 
 
 def test_default_run_of_the_embedded_base_model_gives_text(packed, capsys):

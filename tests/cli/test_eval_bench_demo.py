@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import invoke
 from packed import packed_tiny
 
 from d2moe.apps.evaluate import lm_eval_available  # noqa: E402
-from d2moe.cli import main  # noqa: E402
 from d2moe.errors import EXIT_ENVIRONMENT, EXIT_USAGE  # noqa: E402
 
 TASKS = Path(__file__).parents[1] / "data" / "tasks"
@@ -33,13 +33,7 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([*map(str, args)])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke(capsys, *args)
 
 
 @torch.no_grad()

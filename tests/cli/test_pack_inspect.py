@@ -8,20 +8,14 @@ import subprocess
 import sys
 
 import pytest
+from cli_runner import invoke
 
-from d2moe.cli import main
 from d2moe.errors import EXIT_CORRUPT, EXIT_INPUT, EXIT_IO, EXIT_USAGE
 from d2moe.quantize import format as fmt
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return invoke(capsys, *argv)
 
 
 def test_pack_then_inspect_json(tiny_checkpoint_factory, tmp_path, capsys):

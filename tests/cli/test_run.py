@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from cli_runner import invoke
 from packed import packed_tiny
 
-from d2moe.cli import main  # noqa: E402
 from d2moe.errors import EXIT_INPUT, EXIT_USAGE  # noqa: E402
 
 
@@ -19,13 +19,7 @@ def packed(tmp_path_factory):
 
 
 def _run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(["run", *map(str, args)])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke(capsys, "run", *args)
 
 
 def test_run_json_reports_texts_and_stats(packed, capsys):

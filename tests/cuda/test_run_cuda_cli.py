@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from cli_runner import invoke
 from packed import packed_tiny
 
-from d2moe.cli import main
 from d2moe.errors import EXIT_ENVIRONMENT, EXIT_USAGE
 
 
@@ -20,13 +20,7 @@ def packed(tmp_path_factory):
 
 
 def _run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(["run", *map(str, args)])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke(capsys, "run", *args)
 
 
 def _generate(capsys, packed, *extra) -> dict:

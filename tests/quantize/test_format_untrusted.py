@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import invoke
 
 from d2moe.cli import main
 from d2moe.errors import EXIT_CORRUPT, FormatError
@@ -75,13 +76,7 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def _run(capsys, ckpt: Path, *extra: str) -> tuple[int, str, str]:
-    try:
-        main(["run", str(ckpt), "-p", "hello", "--max-new-tokens", "3", "--no-chat-template", "-m", "1GiB", *extra])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return invoke(capsys, "run", ckpt, "-p", "hello", "--max-new-tokens", "3", "--no-chat-template", "-m", "1GiB", *extra)
 
 
 # ---- item 1: dense and gate bytes are checked on load --------------------------------------------
