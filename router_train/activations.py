@@ -101,10 +101,13 @@ def expert_column_weights(src: Path, specs: list[str], max_tokens: int, progress
     counts: dict = {}
     swap_experts(model, adapter, moe_layers, lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts))
     layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
+    inner = layers_path.rpartition(".")[0]  # "model": embeddings and rotary run before the first layer
     layers = model.get_submodule(layers_path)
     dense = {model_key: src_key for src_key, model_key in experts.dense}
     per_layer = [f"{layers_path}.{i}." for i in range(len(layers))]
-    outside = {k: source.get(v) for k, v in dense.items() if not k.startswith(f"{layers_path}.")}
+    # the inner model's own weights only: the LM head (as large as the embeddings) never runs here
+    outside = {k: source.get(v) for k, v in dense.items()
+               if k.startswith(f"{inner}.") and not k.startswith(f"{layers_path}.")}
     model.load_state_dict(outside, strict=False, assign=True)
     materialise_buffers(model)
 
@@ -112,7 +115,7 @@ def expert_column_weights(src: Path, specs: list[str], max_tokens: int, progress
     first, layers[0] = layers[0], catcher
     try:
         with torch.no_grad():
-            model.model(input_ids=blocks)
+            model.get_submodule(inner)(input_ids=blocks, use_cache=False)
     except _Stop:
         pass
     layers[0] = first

@@ -108,7 +108,7 @@ def pack_checkpoint(
             _maybe_kill("dense")
             entries = []
             for i, layer in enumerate(moe_layers):
-                bar.layer(i, layer)
+                bar.layer(i)
                 entries += _layer_part(experts, i, layer, num_experts, layout, fit, staging, bar, sim, sim_rows)
                 if lossless is not None:
                     part, ll_dtype = lossless_layer(experts, layer, num_experts, staging, lossless)

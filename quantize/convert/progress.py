@@ -36,9 +36,8 @@ class PackProgress:
             self._task = self._bar.add_task("packing", total=self.total)
         return self
 
-    def layer(self, index: int, layer: int) -> None:
+    def layer(self, index: int) -> None:
         self.layer_no = index + 1
-        self._layer_id = layer
         if self._bar is not None:
             self._bar.update(self._task, description=f"packing layer {index + 1}/{self.layers}")
 
