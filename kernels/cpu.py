@@ -1,7 +1,7 @@
 """The native CPU kernels (kernels/cpu/mwq_cpu.c): built at first use, called through ctypes.
 
 The C source is compiled once per machine with the system compiler (`cc -O3 -march=native`: the
-kernels use AVX-512 VNNI where the CPU has it, portable C elsewhere) into a cache folder
+kernels use AVX-512 VNNI or AVX2 where the CPU has them, portable C elsewhere) into a cache folder
 (`$D2MOE_CACHE` or `~/.cache/d2moe`), keyed by the source, the compiler and the CPU's flags, and
 written atomically so concurrent first uses are safe. ctypes releases the GIL during a call, so
 row ranges of one matrix run on Python threads in parallel.
@@ -134,7 +134,7 @@ def simd_name() -> str:
     lib = load()
     if lib is None:
         return "torch reference"
-    return "avx512-vnni" if lib.d2_simd_level() else "portable C"
+    return {1: "avx512-vnni", 2: "avx2"}.get(lib.d2_simd_level(), "portable C")
 
 
 class MatrixDesc:

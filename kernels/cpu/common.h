@@ -13,6 +13,23 @@
 #define D2_AVX512 0
 #endif
 
+/* AVX2 + FMA (+ F16C): the vector path of CPUs without AVX-512 (most laptops and desktops, Zen 1-3). */
+#if !D2_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define D2_AVX2 1
+#else
+#define D2_AVX2 0
+#endif
+
+#if D2_AVX2
+static inline float hsum256_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 #define D2_MAX_TERMS 8
 #define D2_MAX_PLANES 8
 #define D2_MAX_TOKENS 8 /* tokens per register block */
@@ -38,6 +55,9 @@ static inline void f16_row(const uint16_t *src, float *dst, int n) {
 #if D2_AVX512
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif D2_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
 #endif
     for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }

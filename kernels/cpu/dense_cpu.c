@@ -63,6 +63,51 @@ typedef void (*dense_fn)(const void *, const float *, int, const float *, float 
 #define D2_DENSE_ROW(DT) {dense_##DT##_1, dense_##DT##_2, dense_##DT##_3, dense_##DT##_4, \
                           dense_##DT##_5, dense_##DT##_6, dense_##DT##_7, dense_##DT##_8}
 static const dense_fn DENSE[4][D2_MAX_TOKENS] = {D2_DENSE_ROW(0), D2_DENSE_ROW(1), D2_DENSE_ROW(2), D2_DENSE_ROW(3)};
+#elif D2_AVX2
+static inline __attribute__((always_inline)) __m256 dense8(const void *W, const int dtype, int64_t i) {
+    switch (dtype) {
+    case D2_F32: return _mm256_loadu_ps((const float *)W + i);
+    case D2_BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + i))), 16));
+    case D2_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + i)));
+    default: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)W + i))));
+    }
+}
+
+static inline __attribute__((always_inline)) void dense_rows_avx2(
+    const void *W, const int dtype, const float *scale, int cols, const float *x, const int NT, float *y,
+    int64_t ystride, int r0, int r1) {
+    for (int o = r0; o < r1; o++) {
+        __m256 acc[D2_MAX_TOKENS], acc2[D2_MAX_TOKENS];
+        for (int n = 0; n < NT; n++) acc[n] = acc2[n] = _mm256_setzero_ps();
+        const int64_t row = (int64_t)o * cols;
+        int c = 0;
+        for (; c + 16 <= cols; c += 16) { /* two independent chains hide the FMA latency */
+            const __m256 w0 = dense8(W, dtype, row + c), w1 = dense8(W, dtype, row + c + 8);
+            for (int n = 0; n < NT; n++) {
+                acc[n] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (int64_t)n * cols + c), acc[n]);
+                acc2[n] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (int64_t)n * cols + c + 8), acc2[n]);
+            }
+        }
+        for (int n = 0; n < NT; n++) {
+            float tail = 0.f;
+            for (int k = c; k < cols; k++) tail += dense_at(W, dtype, row + k) * x[(int64_t)n * cols + k];
+            float v = hsum256_ps(_mm256_add_ps(acc[n], acc2[n])) + tail;
+            y[(int64_t)n * ystride + o] = scale ? v * scale[o] : v;
+        }
+    }
+}
+
+#define D2_DENSE(DT, NT) \
+    static void dense_##DT##_##NT(const void *W, const float *s, int cols, const float *x, float *y, int64_t ys, int r0, int r1) { \
+        dense_rows_avx2(W, DT, s, cols, x, NT, y, ys, r0, r1); }
+#define D2_DENSE_DT(DT) D2_DENSE(DT, 1) D2_DENSE(DT, 2) D2_DENSE(DT, 3) D2_DENSE(DT, 4) \
+    D2_DENSE(DT, 5) D2_DENSE(DT, 6) D2_DENSE(DT, 7) D2_DENSE(DT, 8)
+D2_DENSE_DT(0) D2_DENSE_DT(1) D2_DENSE_DT(2) D2_DENSE_DT(3)
+typedef void (*dense_fn)(const void *, const float *, int, const float *, float *, int64_t, int, int);
+#define D2_DENSE_ROW(DT) {dense_##DT##_1, dense_##DT##_2, dense_##DT##_3, dense_##DT##_4, \
+                          dense_##DT##_5, dense_##DT##_6, dense_##DT##_7, dense_##DT##_8}
+static const dense_fn DENSE[4][D2_MAX_TOKENS] = {D2_DENSE_ROW(0), D2_DENSE_ROW(1), D2_DENSE_ROW(2), D2_DENSE_ROW(3)};
 #endif
 
 void d2_dense_rows(const void *W, int32_t dtype, const float *scale, int32_t cols, const float *x, int32_t ntok,
@@ -71,7 +116,7 @@ void d2_dense_rows(const void *W, int32_t dtype, const float *scale, int32_t col
         const int nt = ntok - n0 < D2_MAX_TOKENS ? ntok - n0 : D2_MAX_TOKENS;
         const float *xs = x + (int64_t)n0 * cols;
         float *ys = y + (int64_t)n0 * ystride;
-#if D2_AVX512
+#if D2_AVX512 || D2_AVX2
         if (!force_portable) {
             DENSE[dtype][nt - 1](W, scale, cols, xs, ys, ystride, r0, r1);
             continue;

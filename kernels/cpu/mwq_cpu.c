@@ -39,7 +39,8 @@ typedef struct {
     float *dx, *sx;  /* [ntok, G] */
 } d2_qx;
 
-int d2_simd_level(void) { return D2_AVX512; }
+/* 1: AVX-512 VNNI, 2: AVX2, 0: portable C */
+int d2_simd_level(void) { return D2_AVX512 ? 1 : (D2_AVX2 ? 2 : 0); }
 
 /* ---------------------------------------------------------------- activation quantization */
 
@@ -144,6 +145,8 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
         for (int n = 0; n < nt; n++) y[(int64_t)(n0 + n) * ystride + o] = (float)acc[n];
     }
 }
+
+#include "mwq_avx2.h"
 
 /* ---------------------------------------------------------------- AVX-512 */
 #if D2_AVX512
@@ -362,12 +365,12 @@ int64_t d2_scratch_floats(const d2_matrix *m) {
    tiles so that a tile's planes stay in cache while every 8-token block of q reuses them. */
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
-#if D2_AVX512
+#if D2_AVX512 || D2_AVX2
     const int vector = !force_portable && m->group_size % 32 == 0;
 #else
     const int vector = 0;
 #endif
-    /* tokens per pass: 4 keep the AVX-512 accumulators in registers (8 spill: measured 2.9x slower) */
+    /* tokens per pass: 4 keep the vector accumulators in registers (8 spill: measured 2.9x slower on AVX-512) */
     const int block = vector ? 4 : D2_MAX_TOKENS;
     const int tile = q->ntok > block ? 16 : (r1 - r0);
     for (int t0 = r0; t0 < r1; t0 += tile) {
@@ -377,6 +380,11 @@ void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride,
 #if D2_AVX512
             if (vector) {
                 rows_gemv_avx512(m, q, n0, nt, y, ystride, t0, t1, scratch);
+                continue;
+            }
+#elif D2_AVX2
+            if (vector) {
+                rows_gemv_avx2(m, q, n0, nt, y, ystride, t0, t1, scratch);
                 continue;
             }
 #endif
@@ -406,6 +414,11 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
                     _mm512_storeu_ps(wk, _mm512_fmadd_ps(cv[k], sv, _mm512_loadu_ps(wk)));
                 }
             }
+            continue;
+        }
+#elif D2_AVX2
+        if (!force_portable && gs % 32 == 0) {
+            dequant_term_avx2(pl, np, cf + t * G, gs, m->cols, w);
             continue;
         }
 #endif

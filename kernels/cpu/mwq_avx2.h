@@ -1,0 +1,168 @@
+/* The expert kernels' AVX2 path (CPUs without AVX-512: most laptops and desktops, AMD Zen 1-3),
+   included by mwq_cpu.c after its types. The same arithmetic as the AVX-512 and portable paths:
+   exact integer dot products per group, scales applied in float32 per group.
+
+   32-column chunks in ymm. A plane's 32 bits become 32 byte masks (broadcast, byte shuffle, bit
+   test); a term's code is built from its planes as u8 lanes, multiplied by the int8 activations with
+   vpmaddubsw (u8 x s8 -> s16 pairs: no saturation while codes are <= 15) and summed into int32 with
+   vpmaddwd. Terms of 5-8 planes are split in two nibble codes, D = 16 D_hi + D_lo, so every code
+   stays <= 15. Cost per weight ~ planes read: level 2 builds half of what level 4 does. */
+
+#if D2_AVX2
+
+/* 32 columns of one plane row (4 bytes at p) as 32 byte masks: 0xff where the column's bit is set. */
+static inline __attribute__((always_inline)) __m256i plane_mask32(const uint8_t *p) {
+    uint32_t bits;
+    memcpy(&bits, p, 4);
+    /* every 128-bit lane holds the 4 bytes (broadcast), so in-lane shuffles can spread any of them */
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL); /* lane k tests bit k % 8 */
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* u8 codes of 32 columns from planes [p0, p0 + n), most significant first (byte `at` of each row). */
+static inline __attribute__((always_inline)) __m256i code32_avx2(const uint8_t *const *pl, int64_t at, const int p0,
+                                                                 const int n) {
+    __m256i code = _mm256_and_si256(plane_mask32(pl[p0] + at), _mm256_set1_epi8((char)(1 << (n - 1))));
+    for (int p = 1; p < n; p++)
+        code = _mm256_or_si256(code, _mm256_and_si256(plane_mask32(pl[p0 + p] + at),
+                                                      _mm256_set1_epi8((char)(1 << (n - 1 - p)))));
+    return code;
+}
+
+/* s16 pair sums of code * x over 32 columns (codes <= 15, x int8: |pair| <= 3840, so up to 8 chunks
+   add in int16 without overflow before one vpmaddwd widens them). */
+static inline __attribute__((always_inline)) __m256i pairs32_avx2(const __m256i code, const int8_t *x) {
+    return _mm256_maddubs_epi16(code, _mm256_loadu_si256((const __m256i *)x));
+}
+
+static inline __attribute__((always_inline)) __m256i widen_avx2(const __m256i pairs) {
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* One term of one row for NT tokens: facc[n] += sum_g s[n, g] * D_t[n, g] (s = m_t coef_t dx).
+   Two accumulators per token (even and odd groups) keep consecutive groups' FMAs independent. */
+static inline __attribute__((always_inline)) void term_row_avx2(
+    const uint8_t *const *pl, const int NP, const int NT, const int LO, const d2_qx *q, int n0, const int gs, int G,
+    const float *s, __m256 *facc) {
+    const int NH = NP > 4 ? NP - 4 : 0, NL = NP - NH; /* planes of the high and the low nibble */
+    const int64_t cols = q->cols;
+    __m256 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
+    for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm256_setzero_ps(); }
+    for (int g = 0; g < G; g++) {
+        __m256i d[D2_MAX_TOKENS];
+        for (int n = 0; n < NT; n++) d[n] = _mm256_setzero_si256();
+        for (int c0 = g * gs; c0 < (g + 1) * gs; c0 += 256) { /* int16 sums over at most 8 chunks */
+            const int c1 = c0 + 256 < (g + 1) * gs ? c0 + 256 : (g + 1) * gs;
+            /* int16 sums: [0] low nibble x hi, [1] high nibble x hi, [2] low x lo, [3] high x lo */
+            __m256i acc[D2_MAX_TOKENS][4];
+            for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = _mm256_setzero_si256();
+            for (int c = c0; c < c1; c += 32) {
+                const int64_t at = c >> 3;
+                const __m256i lo_code = code32_avx2(pl, at, NH, NL);
+                const __m256i hi_code = NH ? code32_avx2(pl, at, 0, NH) : lo_code;
+                for (int n = 0; n < NT; n++) {
+                    const int64_t xa = (int64_t)(n0 + n) * cols + c;
+                    acc[n][0] = _mm256_add_epi16(acc[n][0], pairs32_avx2(lo_code, q->hi + xa));
+                    if (NH) acc[n][1] = _mm256_add_epi16(acc[n][1], pairs32_avx2(hi_code, q->hi + xa));
+                    if (LO) {
+                        acc[n][2] = _mm256_add_epi16(acc[n][2], pairs32_avx2(lo_code, q->lo + xa));
+                        if (NH) acc[n][3] = _mm256_add_epi16(acc[n][3], pairs32_avx2(hi_code, q->lo + xa));
+                    }
+                }
+            }
+            for (int n = 0; n < NT; n++) {
+                __m256i dh = widen_avx2(acc[n][0]);
+                if (NH) dh = _mm256_add_epi32(dh, _mm256_slli_epi32(widen_avx2(acc[n][1]), 4));
+                if (LO) {
+                    __m256i dl = widen_avx2(acc[n][2]);
+                    if (NH) dl = _mm256_add_epi32(dl, _mm256_slli_epi32(widen_avx2(acc[n][3]), 4));
+                    dh = _mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl);
+                }
+                d[n] = _mm256_add_epi32(d[n], dh);
+            }
+        }
+        for (int n = 0; n < NT; n++) {
+            const __m256 sv = _mm256_set1_ps(s[n * G + g]);
+            if (g & 1) a1[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[n]), sv, a1[n]);
+            else a0[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[n]), sv, a0[n]);
+        }
+    }
+    for (int n = 0; n < NT; n++) facc[n] = _mm256_add_ps(a0[n], a1[n]);
+}
+
+typedef void (*term2_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const float *, __m256 *);
+
+/* One specialisation per plane count and token count; group sizes 32 and 64 get unrolled bodies. */
+#define D2_TERM2(NP, NT)                                                                                        \
+    static void term2_##NP##_##NT(const uint8_t *const *pl, const d2_qx *q, int n0, int gs, int G, const float *s, \
+                                  __m256 *facc) {                                                               \
+        const int lo = q->lo != 0;                                                                              \
+        if (gs == 64) {                                                                                         \
+            if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, 64, G, s, facc);                                        \
+            else term_row_avx2(pl, NP, NT, 0, q, n0, 64, G, s, facc);                                           \
+        } else if (gs == 32) {                                                                                  \
+            if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, 32, G, s, facc);                                        \
+            else term_row_avx2(pl, NP, NT, 0, q, n0, 32, G, s, facc);                                           \
+        } else if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, gs, G, s, facc);                                     \
+        else term_row_avx2(pl, NP, NT, 0, q, n0, gs, G, s, facc);                                               \
+    }
+#define D2_TERMS2_NT(NT) D2_TERM2(1, NT) D2_TERM2(2, NT) D2_TERM2(3, NT) D2_TERM2(4, NT) \
+    D2_TERM2(5, NT) D2_TERM2(6, NT) D2_TERM2(7, NT) D2_TERM2(8, NT)
+D2_TERMS2_NT(1)
+D2_TERMS2_NT(2)
+D2_TERMS2_NT(3)
+D2_TERMS2_NT(4)
+#define D2_ROW2_NT(NT) {term2_1_##NT, term2_2_##NT, term2_3_##NT, term2_4_##NT, \
+                        term2_5_##NT, term2_6_##NT, term2_7_##NT, term2_8_##NT}
+static const term2_fn TERMS2[4][D2_MAX_PLANES] = {D2_ROW2_NT(1), D2_ROW2_NT(2), D2_ROW2_NT(3), D2_ROW2_NT(4)};
+
+static void rows_gemv_avx2(const d2_matrix *m, const d2_qx *q, int n0, int nt, float *y, int64_t ystride,
+                           int32_t r0, int32_t r1, float *scratch) {
+    const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8;
+    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *s = base + G;
+    for (int o = r0; o < r1; o++) {
+        row_coefs(m, o, cf, base);
+        __m256 facc[D2_MAX_TOKENS];
+        for (int n = 0; n < nt; n++) facc[n] = _mm256_setzero_ps();
+        for (int t = 0; t < m->nterms; t++) {
+            const uint8_t *pl[D2_MAX_PLANES];
+            const int np = m->term_nplanes[t];
+            for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + (int64_t)o * rb;
+            for (int n = 0; n < nt; n++) { /* s[n, g] = m_t coef_t[o, g] dx[n, g] */
+                const float *dx = q->dx + (int64_t)(n0 + n) * G, *c = cf + t * G;
+                for (int g = 0; g < G; g++) s[n * G + g] = c[g] * dx[g];
+            }
+            TERMS2[nt - 1][np - 1](pl, q, n0, gs, G, s, facc);
+        }
+        for (int n = 0; n < nt; n++) {
+            const float *sx = q->sx + (int64_t)(n0 + n) * G;
+            __m256 acc = facc[n];
+            int g = 0;
+            for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(base + g), _mm256_loadu_ps(sx + g), acc);
+            float tail = 0.f;
+            for (; g < G; g++) tail += base[g] * sx[g];
+            y[(int64_t)(n0 + n) * ystride + o] = hsum256_ps(acc) + tail;
+        }
+    }
+}
+
+/* w += code_t * (m_t coef_t) for one term of one row, 32 columns at a time (gs % 32 == 0): the same
+   single-rounding fma per element as the portable loop and the torch reference. */
+static void dequant_term_avx2(const uint8_t *const *pl, int np, const float *cf, int gs, int cols, float *w) {
+    for (int c = 0; c < cols; c += 32) {
+        const __m256i code = code32_avx2(pl, c / 8, 0, np);
+        const __m256 sv = _mm256_set1_ps(cf[c / gs]);
+        const __m128i lo = _mm256_castsi256_si128(code), hi = _mm256_extracti128_si256(code, 1);
+        const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int k = 0; k < 4; k++) {
+            const __m256 cv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[k]));
+            float *wk = w + c + 8 * k;
+            _mm256_storeu_ps(wk, _mm256_fmadd_ps(cv, sv, _mm256_loadu_ps(wk)));
+        }
+    }
+}
+
+#endif
