@@ -468,6 +468,19 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
         if (!force_portable) /* same rounding (nearest even) as the loop below, 16 at a time */
             for (; c0 + 16 <= m->cols; c0 += 16)
                 _mm256_storeu_si256((__m256i *)(dst + c0), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + c0)));
+#elif D2_AVX2
+        if (!force_portable) /* the loop below's integer rounding, 16 at a time */
+            for (; c0 + 16 <= m->cols; c0 += 16) {
+                __m256i r[2];
+                for (int k = 0; k < 2; k++) {
+                    const __m256i u = _mm256_loadu_si256((const __m256i *)(row + c0 + 8 * k));
+                    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+                    r[k] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+                }
+                /* packus works per 128-bit lane: restore column order with a qword permute */
+                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
+                _mm256_storeu_si256((__m256i *)(dst + c0), packed);
+            }
 #endif
         for (int c = c0; c < m->cols; c++) { /* round to nearest even */
             uint32_t u;
