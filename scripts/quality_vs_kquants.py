@@ -41,7 +41,8 @@ def d2moe_rows(args, work: Path) -> list[dict]:
     for bits in ("2,3,4", "2,3,4,8"):
         for calib in (False, True):
             out = work / f"d2-{bits.replace(',', '')}-{'calib' if calib else 'plain'}"
-            cmd = [sys.executable, "-m", "d2moe", "pack", args.model, out, "--bits", bits, "--json", "--quiet", "--force"]
+            cmd = [sys.executable, "-m", "d2moe", "pack", args.model, out, "--bits", bits, "--json", "--quiet", "--force",
+                   "--weighting", args.weighting]
             if calib:
                 cmd += ["--calib", args.train, "--calib-tokens", str(args.calib_tokens)]
             pack = json.loads(run(cmd, f"pack {bits} calib={calib}").strip().splitlines()[-1])
@@ -56,7 +57,7 @@ def d2moe_rows(args, work: Path) -> list[dict]:
                 if rows:
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 lvl = r["level"]
-                rows.append({"tool": "d2moe", "pack_bits": bits, "calibrated": calib, "level": lvl,
+                rows.append({"tool": "d2moe", "pack_bits": bits, "calibrated": calib, "weighting": args.weighting, "level": lvl,
                              "bpw": round(8 * pack["bytes_per_level"][str(lvl)] / (weights * pack_experts(pack)), 3),
                              "ppl": round(r["perplexity"]["ppl"], 4), "ppl_16bit": round(base, 4),
                              "ratio": round(r["perplexity"]["ppl"] / base, 4)})
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--llama", type=Path, required=True, help="llama.cpp source tree with build/bin")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--weighting", default="magnitude", help="d2moe pack --weighting")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="d2moe-quality-") as tmp:
