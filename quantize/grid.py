@@ -17,9 +17,13 @@ import torch
 
 from d2moe.errors import UsageError
 
-# Shrink factors of each group's [min, max] range (about its midpoint) tried by the clip search:
-# a coarse sweep, then steps around each group's best (resolution 0.015 in 14 evaluations).
-COARSE_SHRINKS = tuple(1.0 - 0.06 * i for i in range(10))  # 1.0 ... 0.46
+# Scale factors of each group's [min, max] range (about its midpoint) tried by the clip search:
+# a coarse sweep, then steps around each group's best (resolution 0.015 in 17 evaluations). Factors
+# above 1 widen the grid so that a coarse level's outer cell centres can reach the extreme weights
+# (K-quants' grids end on them): on a trained MoE that kept the large weights' gain and lowered
+# perplexity at every level (BENCHMARKS.md §6.1).
+COARSE_SHRINKS = (1.24, 1.16, 1.08) + tuple(1.0 - 0.06 * i for i in range(10))  # 1.24 ... 0.46
+SHRINK_RANGE = (0.3, 1.3)
 FINE_STEPS = (-0.03, 0.03, -0.015, 0.015)
 
 # Elements per chunk: small enough that the search's temporaries stay in the CPU's L2 cache
@@ -87,7 +91,7 @@ def search_grid(x: torch.Tensor, bk: int, b1: int, levels: tuple[int, ...]) -> t
         best_obj, best_shrink = _keep_better(best_obj, best_shrink, objective, torch.full_like(mn, shrink))
     centre = best_shrink
     for delta in FINE_STEPS:
-        shrink = (centre + delta).clamp_(0.3, 1.0)
+        shrink = (centre + delta).clamp_(*SHRINK_RANGE)
         best_obj, best_shrink = _keep_better(best_obj, best_shrink, objective, shrink)
         if delta > 0:  # refine around the best of the pass just done
             centre = best_shrink

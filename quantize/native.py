@@ -30,6 +30,10 @@ SOURCE = Path(__file__).parent / "native" / "mwq_fit.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ROWS_PER_TASK = 256
+# Each element's share of the fit's error (the C side's weighting mode is the index): equal; sqrt(2 mean x^2 + x^2)
+# (K-quants' weighting at 3-6 bits); |x| (Q2_K's: the large weights kept, measured best on trained MoEs).
+WEIGHTINGS = ("mse", "magnitude", "abs")
+DEFAULT_WEIGHTING = "abs"
 
 
 @lru_cache(maxsize=1)
@@ -60,8 +64,12 @@ class Fit:
 
 
 def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | None = None, refits: int = 0,
-               pool: ThreadPoolExecutor | None = None, magnitude: bool = False) -> Fit:
-    """Fit a [O, I] float32/bfloat16/float16 matrix (row stride may exceed I) as a sliced MWQ tensor."""
+               pool: ThreadPoolExecutor | None = None, weighting: str = "mse") -> Fit:
+    """Fit a [O, I] float32/bfloat16/float16 matrix (row stride may exceed I) as a sliced MWQ tensor.
+
+    `weighting`: each element's share of the error, one of WEIGHTINGS (times its column weight)."""
+    if weighting not in WEIGHTINGS:
+        raise UsageError(f"--weighting {weighting!r} is unknown: use {', '.join(WEIGHTINGS)}")
     if cfg.scheme != "sliced":
         raise UsageError(f"the native quantizer fits the sliced scheme, not {cfg.scheme!r}")
     rows, cols = check_shape(tuple(w.shape), cfg.group_size)
@@ -85,7 +93,7 @@ def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | 
         r0, r1 = chunks[k]
         return lib.d2q_fit_rows(
             w.data_ptr(), DTYPES[w.dtype], w.stride(0), rows, cols, cfg.group_size, cfg.bk, cfg.b1, len(cfg.bits),
-            levels, None if weight is None else weight.data_ptr(), int(magnitude), refits, r0, r1, planes.data_ptr(),
+            levels, None if weight is None else weight.data_ptr(), WEIGHTINGS.index(weighting), refits, r0, r1, planes.data_ptr(),
             scale.data_ptr(), offset.data_ptr(), errs[k], ctypes.byref(signals[k]))
 
     codes = list(pool.map(run, range(len(chunks)))) if pool is not None else [run(k) for k in range(len(chunks))]

@@ -39,7 +39,6 @@ from d2moe.quantize.similarity import SimilarityCollector
 
 SQNR_CAP_DB = 999.0  # a lossless level (all-zero matrix) is recorded as this, JSON has no infinity
 DEFAULT_REFITS = 1  # least-squares refits of each grid after the clip search (BENCHMARKS.md: cost and gain)
-WEIGHTINGS = ("mse", "magnitude")  # the fit's per-element error weight: 1, or sqrt(2 mean(x^2) + x^2) (K-quants')
 KILL_ENV = "D2MOE_TEST_KILL_AT"  # tests only: "dense" | "layer:N" | "expert:N:E" -> SIGKILL there
 
 
@@ -53,17 +52,18 @@ def pack_checkpoint(
     force: bool = False,
     workers: int | None = None,
     resume: bool = False,
-    refits: int = DEFAULT_REFITS,
+    refits: int | None = None,
     calib: dict[tuple[int, int, str], torch.Tensor] | None = None,
     calib_id: str | None = None,
     similarity: bool = True,
     lossless: str | None = None,
-    weighting: str = "mse",
+    weighting: str | None = None,
 ) -> dict:
     """Pack HF checkpoint `src` into `out`; returns a report (bytes and SQNR per level, seconds, sizes).
 
     `workers` threads fit each matrix (default: the CPU count); `refits` least-squares refits per
-    grid; `calib`: per (layer, expert, matrix) input-column weights (mean squared activation) that
+    grid and `weighting` the fit's error weighting (defaults: DEFAULT_REFITS and native.DEFAULT_WEIGHTING
+    where the native sliced fit runs, none where the torch fit does); `calib`: per (layer, expert, matrix) input-column weights (mean squared activation) that
     weight the grid search, `calib_id` naming them for --resume. `similarity`: store each expert's
     nearest neighbours (d2moe.quantize.similarity, for `--on-miss substitute`); `lossless`: also store
     the exact source experts coded with that codec (d2moe.quantize.convert.lossless_pack).
@@ -72,10 +72,10 @@ def pack_checkpoint(
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UsageError(f"--workers {workers} must be at least 1")
-    if refits < 0:
+    if refits is not None and refits < 0:
         raise UsageError(f"--refits {refits} must be 0 or more")
-    if weighting not in WEIGHTINGS:
-        raise UsageError(f"--weighting {weighting!r} is unknown: use {' or '.join(WEIGHTINGS)}")
+    if weighting is not None and weighting not in native.WEIGHTINGS:
+        raise UsageError(f"--weighting {weighting!r} is unknown: use {', '.join(native.WEIGHTINGS)}")
     if lossless is not None and lossless not in fmt.LOSSLESS_CODECS:
         raise UsageError(f"--lossless-codec {lossless!r} is unknown: use one of {', '.join(fmt.LOSSLESS_CODECS)}")
     src, out = Path(src), Path(out)
@@ -94,9 +94,13 @@ def pack_checkpoint(
     experts = ExpertSource(source, adapter, moe_layers, num_experts, shapes)
     gate_capacity = None if router is None else _check_gate(Path(router), source, experts, adapter, moe_layers, cfg)
     lib = native.load() if cfg.scheme == "sliced" else None
-    fit = _Fitter(lib, cfg, refits, workers, calib, weighting == "magnitude")
+    if refits is None:
+        refits = DEFAULT_REFITS if lib is not None else 0
+    if weighting is None:
+        weighting = native.DEFAULT_WEIGHTING if lib is not None else "mse"
+    fit = _Fitter(lib, cfg, refits, workers, calib, weighting)
     key = _key(source, cfg, dtype, router, refits, calib_id,
-               fit.name + ("+sim" if similarity else "") + ("+magnitude" if fit.magnitude else ""))
+               fit.name + ("+sim" if similarity else "") + ("" if fit.weighting == "mse" else "+" + fit.weighting))
     sim = SimilarityCollector(str(config.get("hidden_act", "silu"))) if similarity else None
     sim_rows: dict[int, list] = {}
     ll_entries, ll_dtype = [], None
@@ -231,13 +235,13 @@ def _dense_part(source: SourceCheckpoint, dense: list[tuple[str, str]], staging:
 class _Fitter:
     """Fits one matrix: the native C fit (rows on `workers` threads) or the torch fit."""
 
-    def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib, magnitude: bool = False):
+    def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib, weighting: str = "mse"):
         self.lib, self.cfg, self.refits, self.workers, self.calib = lib, cfg, refits, workers, calib or {}
-        self.magnitude = magnitude
-        if lib is None and (refits or calib or magnitude):
+        self.weighting = weighting
+        if lib is None and (refits or calib or weighting != "mse"):
             if cfg.scheme != "sliced":
                 raise UsageError(f"--refits and --calib apply to the sliced scheme, not {cfg.scheme!r}")
-            raise UsageError("--refits, --calib and --weighting magnitude need the native quantizer, which could not "
+            raise UsageError("--refits, --calib and --weighting other than mse need the native quantizer, which could not "
                              "be built (no C compiler?)")
         self.name = "native-1" if lib is not None else "torch-1"
 
@@ -260,7 +264,7 @@ class _Fitter:
         try:
             if self.lib is not None:
                 f = native.fit_sliced(self.lib, w, self.cfg, self.calib.get(where), self.refits, self._pool,
-                                      magnitude=self.magnitude)
+                                      weighting=self.weighting)
                 return f.tensor, f.sq_error, f.signal
             w32 = w.float()
             t = quantize_mwq(w32, self.cfg)

@@ -22,7 +22,7 @@
 
 enum { D2_F32 = 0, D2_BF16 = 1, D2_F16 = 2 };
 
-static const float COARSE[10] = {1.0f, 0.94f, 0.88f, 0.82f, 0.76f, 0.7f, 0.64f, 0.58f, 0.52f, 0.46f};
+static const float COARSE[13] = {1.24f, 1.16f, 1.08f, 1.0f, 0.94f, 0.88f, 0.82f, 0.76f, 0.7f, 0.64f, 0.58f, 0.52f, 0.46f};
 static const float FINE[4] = {-0.03f, 0.03f, -0.015f, 0.015f};
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -131,7 +131,7 @@ static double objective(const Group *g, float offset, float step) {
     return obj / g->nlev;
 }
 
-/* The clip search of grid.py: shrink [min, max] about its midpoint, a coarse sweep, then steps around
+/* The clip search of grid.py: scale [min, max] about its midpoint (0.46-1.24), a coarse sweep, then steps around
  * the best (the centre moves to the best after each +delta, as grid.py does). */
 static void search(const Group *g, float *offset_out, float *step_out) {
     float mn = g->x[0], mx = g->x[0];
@@ -152,11 +152,11 @@ static void search(const Group *g, float *offset_out, float *step_out) {
             best_shrink = sh_;                                        \
         }                                                             \
     } while (0)
-    for (int c = 0; c < 10; c++) TRY(COARSE[c]);
+    for (int c = 0; c < 13; c++) TRY(COARSE[c]);
     float centre = best_shrink;
     for (int c = 0; c < 4; c++) {
         float sh = centre + FINE[c];
-        TRY(sh < 0.3f ? 0.3f : (sh > 1.0f ? 1.0f : sh));
+        TRY(sh < 0.3f ? 0.3f : (sh > 1.3f ? 1.3f : sh));
         if (FINE[c] > 0) centre = best_shrink;
     }
 #undef TRY
@@ -270,7 +270,8 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
             if (magnitude) {
                 float s2 = 0;
                 for (int j = 0; j < group; j++) s2 += x[j] * x[j];
-                float sigma2 = 2.0f * s2 / group;
+                /* 1: sqrt(2 mean x^2 + x^2) (K-quants' 3-6 bit weighting); 2: |x| + tiny (Q2_K's) */
+                float sigma2 = magnitude == 1 ? 2.0f * s2 / group : 1e-6f * s2 / group;
                 for (int j = 0; j < group; j++) wbuf[j] = (cw ? cw[j] : 1.0f) * sqrtf(sigma2 + x[j] * x[j]);
                 cw = wbuf;
             }

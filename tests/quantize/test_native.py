@@ -92,15 +92,24 @@ def test_non_finite_weights_are_refused(bad):
         native.fit_sliced(lib, w.bfloat16(), MWQConfig(bits=(2, 3, 4), group_size=64, scheme="sliced"))
 
 
-def test_magnitude_weighting_favours_the_large_weights():
+@pytest.mark.parametrize("weighting", ["magnitude", "abs"])
+def test_magnitude_weightings_favour_the_large_weights(weighting):
     torch.manual_seed(3)
     w = torch.randn(256, 256) * 0.02
     cfg = MWQConfig(bits=(2, 3, 4), group_size=64, scheme="sliced")
     plain = native.fit_sliced(lib, w, cfg)
-    weighted = native.fit_sliced(lib, w, cfg, magnitude=True)
+    weighted = native.fit_sliced(lib, w, cfg, weighting=weighting)
     big = w.abs() > 2 * w.abs().mean()  # the tails: what K-quants' weighting protects
+
     def err_big(t, b):
         return (w - dequantize(t, b))[big].square().sum().item()
 
     for b in cfg.bits:
         assert err_big(weighted.tensor, b) < err_big(plain.tensor, b)
+
+
+def test_unknown_weighting_is_refused():
+    from d2moe.errors import UsageError
+
+    with pytest.raises(UsageError, match="weighting"):
+        native.fit_sliced(lib, torch.zeros(8, 64), MWQConfig(bits=(2, 4), group_size=64), weighting="l1")

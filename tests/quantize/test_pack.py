@@ -18,11 +18,11 @@ from d2moe.quantize.convert.pack import DEFAULT_REFITS, pack_checkpoint
 
 
 def _pack_fit(w: torch.Tensor, cfg: MWQConfig):
-    """What pack's quantizer makes of one matrix: the native fit with pack's default refits, else the torch fit."""
+    """What pack's quantizer makes of one matrix: the native fit with pack's defaults, else the torch fit."""
     lib = native.load()
     if lib is None or cfg.scheme != "sliced":
         return quantize_mwq(w, cfg)
-    return native.fit_sliced(lib, w, cfg, refits=DEFAULT_REFITS).tensor
+    return native.fit_sliced(lib, w, cfg, refits=DEFAULT_REFITS, weighting=native.DEFAULT_WEIGHTING).tensor
 
 
 def _hf_model(src: Path):

@@ -1,0 +1,140 @@
+"""Would K-quant-style sub-block scales help the nested levels? A fake-quantization study on a trained MoE.
+
+Each variant quantizes every expert matrix of MODEL (everything else stays as trained), rebuilds the
+weights in float at each level of `--bits`, and reports held-out perplexity as a ratio to the
+unquantized model (d2moe's perplexity recipe, windows of 256 tokens), with the bits per weight the
+variant would store:
+
+- `f16gS`     today's format: one float16 (scale, offset) per S columns, the native fit (clip search + one
+              nested least-squares refit), error weighted equally;
+- `f16gSm`    the same with `--weighting magnitude` (sqrt(2 mean x^2 + x^2), K-quants' weighting);
+- `q8gS[m]`   sub-block parameters as K-quants store them: the fitted per-S (scale, offset) requantized to
+              8-bit codes against float16 (scale step, offset base, offset step) per 256 columns, each
+              group's codes chosen among the 4 neighbouring (scale, offset) codes by the fit's own
+              objective (mean over levels of log weighted squared error).
+
+    .venv/bin/python scripts/study_group_params.py MODEL --variants f16g64,f16g64m,q8g32m --heldout TEXT
+
+No variant is a format d2moe can serve: this only measures what a format change would buy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import torch
+
+from d2moe.apps.evaluate import encode_text, load_text_files, model_logits_fn, perplexity
+from d2moe.kernels.reference import dequantize_reference
+from d2moe.quantize import native
+from d2moe.quantize.types import MWQConfig
+
+SUPER = 256  # columns per super-block (K-quants' 256)
+VARIANT = re.compile(r"(f16|q8)g(\d+)(m|a|)")
+
+
+def bits_per_weight(kind: str, group: int, level: int) -> float:
+    if kind == "f16":
+        return level + 32 / group
+    return level + 16 / group + 48 / SUPER
+
+
+def cell_centres(x: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, bk: int, level: int) -> torch.Tensor:
+    """x [N, S] on the grid (offset [N] lower edge, step [N] bk-bit cell) read at `level`: the cell centres."""
+    cell = step * 2.0 ** (bk - level)
+    q = ((x - offset[:, None]) / cell.clamp_min(1e-30)[:, None]).floor().clamp(0, 2**level - 1)
+    return offset[:, None] + (q + 0.5) * cell[:, None]
+
+
+def requantize(x, step, offset, rows, cols, group, levels, importance):
+    """Per-group (step, offset) -> 8-bit codes against per-super-block float16 parameters; best of 4 neighbours."""
+    bk, per = levels[-1], max(1, SUPER // group)
+    n_groups = cols // group
+    n_super = -(-n_groups // per)
+    idx = torch.arange(x.shape[0])
+    sb = (idx // n_groups) * n_super + (idx % n_groups) // per
+
+    def seg(v, how):
+        return torch.zeros(rows * n_super).scatter_reduce(0, sb, v, how, include_self=False)
+
+    d = (seg(step, "amax") / 255).half().float()[sb]
+    o_lo = seg(offset, "amin").half().float()[sb]
+    o_step = ((seg(offset, "amax") - seg(offset, "amin")) / 255).half().float()[sb]
+    sc0, oc0 = (step / d.clamp_min(1e-30)).floor(), ((offset - o_lo) / o_step.clamp_min(1e-30)).floor()
+    best = None
+    for ds in (0, 1):
+        for do in (0, 1):
+            st, of = d * (sc0 + ds).clamp(1, 255), o_lo + o_step * (oc0 + do).clamp(0, 255)
+            err = torch.stack([((cell_centres(x, of, st, bk, b) - x).square() * importance).sum(-1) for b in levels])
+            obj = err.add_(1e-38).log_().mean(0)
+            if best is None:
+                best = [st, of, obj]
+            else:
+                better = obj < best[2]
+                best = [torch.where(better, a, b) for a, b in zip((st, of, obj), best)]
+    return best[0], best[1]
+
+
+def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    kind, group, magnitude = VARIANT.fullmatch(variant).groups()
+    group, magnitude = int(group), {"": 0, "m": 1, "a": 2}[magnitude]
+    cfg = MWQConfig(levels, group)
+    t = native.fit_sliced(native.load(), w.contiguous(), cfg, refits=1, magnitude=magnitude).tensor
+    assert magnitude < 2 or kind == "f16"
+    if kind == "f16":
+        return {b: dequantize_reference(t.scale, t.offset, t.planes, None, cfg.b1, b, group) for b in levels}
+    rows, cols = w.shape
+    x = w.float().reshape(-1, group)
+    step = t.scale.float().reshape(-1) * 2.0 ** -(cfg.bk - cfg.b1)
+    imp = (x.square().mean(-1, keepdim=True) * 2 + x.square()).sqrt() if magnitude else torch.ones_like(x)
+    step, offset = requantize(x, step, t.offset.float().reshape(-1), rows, cols, group, levels, imp)
+    return {b: cell_centres(x, offset, step, cfg.bk, b).view(rows, cols) for b in levels}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--variants", default="f16g64,f16g64m,f16g32m,q8g32,q8g32m")
+    ap.add_argument("--bits", default="2,3,4")
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(a.threads)
+    levels = tuple(int(b) for b in a.bits.split(","))
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    ids = encode_text(AutoTokenizer.from_pretrained(a.model), load_text_files([a.heldout]))
+
+    def ppl() -> float:
+        with torch.no_grad():
+            return perplexity(model_logits_fn(model), ids, seq_len=256).ppl
+
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    original = [(e.gate_up_proj.data.clone(), e.down_proj.data.clone()) for e in experts]
+    base = ppl()
+    print(json.dumps({"variant": "unquantized", "ppl": round(base, 4)}), flush=True)
+    for variant in a.variants.split(","):
+        if not VARIANT.fullmatch(variant):
+            raise SystemExit(f"unknown variant {variant!r}: f16gS, f16gSm, q8gS or q8gSm")
+        per_level = {b: [] for b in levels}
+        for gate_up, down in original:
+            for mats in (gate_up, down):
+                out = [quantize(m, variant, levels) for m in mats]
+                for b in levels:
+                    per_level[b].append(torch.stack([o[b] for o in out]))
+        for b in levels:
+            for i, e in enumerate(experts):
+                e.gate_up_proj.data = per_level[b][2 * i].to(original[i][0].dtype)
+                e.down_proj.data = per_level[b][2 * i + 1].to(original[i][1].dtype)
+            kind, group, _ = VARIANT.fullmatch(variant).groups()
+            print(json.dumps({"variant": variant, "level": b, "ratio": round(ppl() / base, 5),
+                              "bpw": round(bits_per_weight(kind, int(group), b), 4)}), flush=True)
+        for i, e in enumerate(experts):
+            e.gate_up_proj.data, e.down_proj.data = original[i]
+
+
+if __name__ == "__main__":
+    main()
