@@ -24,7 +24,8 @@ from d2moe.kernels import cpu
 
 MAX_TOKENS = 8  # above: torch's GEMM (prefill), where the weights are reused across tokens
 INT8_MIN_ELEMS = 1 << 16  # smaller layers (routers, norms' neighbours) keep their dtype
-TILE_ROWS = 512  # int8 prefill: rows dequantized at a time
+TILE_ROWS = 512  # prefill: rows widened to float32 at a time (int8, or 16-bit without a native 16-bit GEMM)
+_NATIVE_HALF_GEMM = cpu.has_bf16_gemm()
 
 
 def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,14 +84,31 @@ def _kernel_forward(module: nn.Linear, lib, splitter):
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = module.weight
         tokens = _tokens(x)
-        if tokens == 0 or tokens > MAX_TOKENS or x.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad):
+        if tokens == 0 or x.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad):
             return F.linear(x, w, module.bias)
-        y = cpu.dense_gemv(lib, w, x.reshape(tokens, x.shape[-1]), splitter=splitter)
+        if tokens > MAX_TOKENS:
+            if w.dtype == torch.float32 or _NATIVE_HALF_GEMM:
+                return F.linear(x, w, module.bias)
+            y = _tiled_fp32(w, x.reshape(tokens, x.shape[-1]))
+        else:
+            y = cpu.dense_gemv(lib, w, x.reshape(tokens, x.shape[-1]), splitter=splitter)
         if module.bias is not None:
             y += module.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
     return forward
+
+
+def _tiled_fp32(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [N, I] @ w^T for a 16-bit w on a CPU without native bf16/f16 GEMM (torch's runs in software there,
+    ~10x slower than fp32): TILE_ROWS rows at a time widened to float32, never the whole matrix."""
+    rows = w.shape[0]
+    yt = torch.empty(rows, x.shape[0], dtype=torch.float32)  # W x^T, transposed at the end
+    xt = x.float().t()
+    for r0 in range(0, rows, TILE_ROWS):
+        r1 = min(rows, r0 + TILE_ROWS)
+        torch.mm(w[r0:r1].float(), xt, out=yt[r0:r1])
+    return yt.t()
 
 
 def _int8_forward(module: nn.Linear, lib, splitter, shape: torch.Size):

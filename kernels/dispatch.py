@@ -14,8 +14,8 @@ levels int16, so that an 8-bit expert is not limited by its activations.
 Token counts pick the path (crossover measured on a Zen 4 core at 14336x4096, BENCHMARKS.md):
 up to `gemv_max_tokens` rows the integer kernel reads a row tile's planes once per 4-token register
 block; above it (prefill) the weights are dequantized a tile of rows at a time into a bounded
-bfloat16 buffer per thread feeding torch's bf16 GEMM, so the dequantization is paid once for all
-tokens (prefill computes as a bf16 checkpoint does in transformers). Neither path ever holds an
+buffer per thread feeding torch's GEMM (bf16 where the CPU multiplies bf16 natively, as a bf16
+checkpoint runs in transformers; fp32 elsewhere), so the dequantization is paid once for all tokens. Neither path ever holds an
 fp32 copy of a whole matrix: `workspace_bytes` is what they hold.
 
 `D2MOE_KERNELS=reference` forces the torch reference (tests use it as the oracle).
@@ -43,7 +43,9 @@ from d2moe.kernels.reference import dequantize_reference
 BACKENDS = ("auto", "native", "reference")
 GEMV_MAX_TOKENS = 16  # above: tile dequantization + GEMM (crossover measured at real shapes)
 INT8_ACTIVATIONS_UP_TO = 4  # auto: int8 activations for levels <= 4, int16 above
-TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest
+TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest (bf16)
+# Prefill tiles in bf16 where the CPU has a native bf16 GEMM, else fp32 (a software bf16 GEMM is far slower)
+TILE_DTYPE = torch.bfloat16 if cpu.has_bf16_gemm() else torch.float32
 
 
 def dequantize_packed(m: PackedMatrix, level: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -138,21 +140,21 @@ class ExpertKernels:
 
     def _tiled(self, desc, x: torch.Tensor) -> torch.Tensor:
         """x [N, I] @ W^T by dequantizing at most TILE_ROWS rows at a time per thread into a reused
-        bfloat16 buffer feeding torch's bf16 GEMM (one torch thread each: the splitter spreads the
-        tiles). bf16, as a bf16 checkpoint runs in transformers: its GEMM has twice fp32's rate."""
+        TILE_DTYPE buffer feeding torch's GEMM (one torch thread each: the splitter spreads the tiles).
+        bf16 where the CPU has native bf16 (its GEMM has twice fp32's rate), fp32 elsewhere."""
         rows, tokens = desc.rows, x.shape[0]
-        out = torch.empty(rows, tokens, dtype=torch.bfloat16)  # W x^T, transposed at the end
-        xt = x.to(torch.bfloat16).t()
+        out = torch.empty(rows, tokens, dtype=TILE_DTYPE)  # W x^T, transposed at the end
+        xt = x.to(TILE_DTYPE).t()
         # torch's GEMM is already threaded in the prefill forward (run.decode's prefill_threads): one
         # tile stream then, else the splitter spreads tiles over threads with one torch thread each
         threads = 1 if torch.get_num_threads() > 1 else min(self.splitter.threads, max(1, rows // TILE_ROWS))
-        self._hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * 2)
+        self._hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * TILE_DTYPE.itemsize)
 
         inference = torch.is_inference_mode_enabled()  # thread-local: the splitter's threads enter it too
 
         def rows_of(r0: int, r1: int) -> None:
             with torch.inference_mode(inference):
-                tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=torch.bfloat16)
+                tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=TILE_DTYPE)
                 for t0 in range(r0, r1, TILE_ROWS):
                     t1 = min(r1, t0 + TILE_ROWS)
                     w = cpu.dequant_rows(self.lib, desc, t0, t1, tile[: t1 - t0])
@@ -201,6 +203,6 @@ def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, thre
     widest = max(i for _, i in matrix_shapes.values())
     acts = 4 * tokens * (hidden + 3 * inter)  # x, gate, up, h (float32)
     quantized = tokens * (2 * max(hidden, inter) + 8 * max(hidden, inter) // 8)  # hi/lo + steps/sums
-    tile = 2 * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest * threads
+    tile = TILE_DTYPE.itemsize * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest * threads
     out_t = 4 * tokens * max(hidden, inter)
     return acts + max(quantized, tile + out_t)

@@ -7,8 +7,9 @@ variant would store:
 
 - `f16gS`     today's format: one float16 (scale, offset) per S columns, the native fit (clip search + one
               nested least-squares refit), error weighted equally;
-- `f16gSm`    the same with `--weighting magnitude` (sqrt(2 mean x^2 + x^2), K-quants' weighting);
-- `q8gS[m]`   sub-block parameters as K-quants store them: the fitted per-S (scale, offset) requantized to
+- `f16gSm`    the same with `--weighting magnitude` (sqrt(2 mean x^2 + x^2), Q4_K's weighting);
+- `f16gSa`    the same with `--weighting abs` (|x|, Q2_K's weighting; pack's default);
+- `q8gS[m|a]` sub-block parameters as K-quants store them: the fitted per-S (scale, offset) requantized to
               8-bit codes against float16 (scale step, offset base, offset step) per 256 columns, each
               group's codes chosen among the 4 neighbouring (scale, offset) codes by the fit's own
               objective (mean over levels of log weighted squared error).
@@ -79,16 +80,16 @@ def requantize(x, step, offset, rows, cols, group, levels, importance):
 
 def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...]) -> dict[int, torch.Tensor]:
     kind, group, magnitude = VARIANT.fullmatch(variant).groups()
-    group, magnitude = int(group), {"": 0, "m": 1, "a": 2}[magnitude]
+    group, weighting = int(group), {"": "mse", "m": "magnitude", "a": "abs"}[magnitude]
     cfg = MWQConfig(levels, group)
-    t = native.fit_sliced(native.load(), w.contiguous(), cfg, refits=1, magnitude=magnitude).tensor
-    assert magnitude < 2 or kind == "f16"
+    t = native.fit_sliced(native.load(), w.contiguous(), cfg, refits=1, weighting=weighting).tensor
     if kind == "f16":
         return {b: dequantize_reference(t.scale, t.offset, t.planes, None, cfg.b1, b, group) for b in levels}
     rows, cols = w.shape
     x = w.float().reshape(-1, group)
     step = t.scale.float().reshape(-1) * 2.0 ** -(cfg.bk - cfg.b1)
-    imp = (x.square().mean(-1, keepdim=True) * 2 + x.square()).sqrt() if magnitude else torch.ones_like(x)
+    sigma2 = {"mse": None, "magnitude": 2 * x.square().mean(-1, keepdim=True), "abs": 1e-6 * x.square().mean(-1, keepdim=True)}[weighting]
+    imp = torch.ones_like(x) if sigma2 is None else (sigma2 + x.square()).sqrt()
     step, offset = requantize(x, step, t.offset.float().reshape(-1), rows, cols, group, levels, imp)
     return {b: cell_centres(x, offset, step, cfg.bk, b).view(rows, cols) for b in levels}
 
@@ -118,7 +119,7 @@ def main() -> None:
     print(json.dumps({"variant": "unquantized", "ppl": round(base, 4)}), flush=True)
     for variant in a.variants.split(","):
         if not VARIANT.fullmatch(variant):
-            raise SystemExit(f"unknown variant {variant!r}: f16gS, f16gSm, q8gS or q8gSm")
+            raise SystemExit(f"unknown variant {variant!r}: (f16|q8)gS, optionally suffixed m or a")
         per_level = {b: [] for b in levels}
         for gate_up, down in original:
             for mats in (gate_up, down):
