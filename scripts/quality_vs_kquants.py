@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--llama", type=Path, required=True, help="llama.cpp source tree with build/bin")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--calib-tokens", type=int, default=32768)
-    ap.add_argument("--weighting", default="magnitude", help="d2moe pack --weighting")
+    ap.add_argument("--weighting", default="abs", help="d2moe pack --weighting (its default: abs)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="d2moe-quality-") as tmp:
