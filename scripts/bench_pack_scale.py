@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="d2moe-packbench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
     quantize = args.llama_src / "build" / "bin" / "llama-quantize"
     rows = []
     try:
