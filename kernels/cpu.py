@@ -74,6 +74,7 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
+@lru_cache(maxsize=1)
 def has_bf16_gemm() -> bool:
     """Whether the CPU multiplies bf16 natively (AVX512-BF16, AMX, Arm BF16): torch's bf16 GEMM then runs at
     twice the fp32 rate; without it the bf16 GEMM converts in software (measured ~10x slower than fp32 on an

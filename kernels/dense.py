@@ -99,15 +99,17 @@ def _kernel_forward(module: nn.Linear, lib, splitter):
     return forward
 
 
-def _tiled_fp32(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [N, I] @ w^T for a 16-bit w on a CPU without native bf16/f16 GEMM (torch's runs in software there,
-    ~10x slower than fp32): TILE_ROWS rows at a time widened to float32, never the whole matrix."""
+def _tiled_fp32(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, I] @ (w * scale per row)^T with TILE_ROWS rows of w at a time widened to float32, never the
+    whole matrix: int8 prefill, and 16-bit prefill on a CPU without a native bf16/f16 GEMM (torch's runs in
+    software there, ~10x slower than fp32)."""
     rows = w.shape[0]
     yt = torch.empty(rows, x.shape[0], dtype=torch.float32)  # W x^T, transposed at the end
     xt = x.float().t()
     for r0 in range(0, rows, TILE_ROWS):
         r1 = min(rows, r0 + TILE_ROWS)
-        torch.mm(w[r0:r1].float(), xt, out=yt[r0:r1])
+        tile = w[r0:r1].float()
+        torch.mm(tile if scale is None else tile.mul_(scale[r0:r1, None]), xt, out=yt[r0:r1])
     return yt.t()
 
 
@@ -120,13 +122,8 @@ def _int8_forward(module: nn.Linear, lib, splitter, shape: torch.Size):
         x2 = x.reshape(tokens, cols)
         if tokens <= MAX_TOKENS:
             y = cpu.dense_gemv(lib, q, x2, scale, splitter=splitter)
-        else:  # prefill: dequantize a tile of rows at a time (float32), never the whole matrix
-            yt = torch.empty(rows, tokens, dtype=torch.float32)  # W x^T, transposed at the end
-            xt = x2.float().t()
-            for r0 in range(0, rows, TILE_ROWS):
-                r1 = min(rows, r0 + TILE_ROWS)
-                torch.mm(q[r0:r1].float().mul_(scale[r0:r1, None]), xt, out=yt[r0:r1])
-            y = yt.t()
+        else:  # prefill
+            y = _tiled_fp32(q, x2, scale)
         if module.bias is not None:
             y += module.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], rows)

@@ -15,8 +15,8 @@ Token counts pick the path (crossover measured on a Zen 4 core at 14336x4096, BE
 up to `gemv_max_tokens` rows the integer kernel reads a row tile's planes once per 4-token register
 block; above it (prefill) the weights are dequantized a tile of rows at a time into a bounded
 buffer per thread feeding torch's GEMM (bf16 where the CPU multiplies bf16 natively, as a bf16
-checkpoint runs in transformers; fp32 elsewhere), so the dequantization is paid once for all tokens. Neither path ever holds an
-fp32 copy of a whole matrix: `workspace_bytes` is what they hold.
+checkpoint runs in transformers; fp32 elsewhere), so the dequantization is paid once for all
+tokens. Neither path ever holds an fp32 copy of a whole matrix: `workspace_bytes` is what they hold.
 
 `D2MOE_KERNELS=reference` forces the torch reference (tests use it as the oracle).
 

@@ -21,7 +21,7 @@ from d2moe.errors import UsageError
 # a coarse sweep, then steps around each group's best (resolution 0.015 in 17 evaluations). Factors
 # above 1 widen the grid so that a coarse level's outer cell centres can reach the extreme weights
 # (K-quants' grids end on them): on a trained MoE that kept the large weights' gain and lowered
-# perplexity at every level (BENCHMARKS.md §6.1).
+# perplexity at every level (BENCHMARKS.md §6.2).
 COARSE_SHRINKS = (1.24, 1.16, 1.08) + tuple(1.0 - 0.06 * i for i in range(10))  # 1.24 ... 0.46
 SHRINK_RANGE = (0.3, 1.3)
 FINE_STEPS = (-0.03, 0.03, -0.015, 0.015)

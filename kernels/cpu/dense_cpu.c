@@ -18,8 +18,17 @@ static inline float dense_at(const void *W, int dtype, int64_t i) {
     }
 }
 
+#if D2_AVX512 || D2_AVX2
+/* One row loop for both vector widths: VW floats per vector, the dtype's load widened to float32. */
 #if D2_AVX512
-static inline __attribute__((always_inline)) __m512 dense16(const void *W, const int dtype, int64_t i) {
+#define VW 16
+typedef __m512 vec;
+#define vzero _mm512_setzero_ps
+#define vloadu _mm512_loadu_ps
+#define vfmadd _mm512_fmadd_ps
+#define vadd _mm512_add_ps
+#define vsum _mm512_reduce_add_ps
+static inline __attribute__((always_inline)) vec dense_load(const void *W, const int dtype, int64_t i) {
     switch (dtype) {
     case D2_F32: return _mm512_loadu_ps((const float *)W + i);
     case D2_BF16: return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -28,43 +37,15 @@ static inline __attribute__((always_inline)) __m512 dense16(const void *W, const
     default: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)W + i))));
     }
 }
-
-static inline __attribute__((always_inline)) void dense_rows_avx512(
-    const void *W, const int dtype, const float *scale, int cols, const float *x, const int NT, float *y,
-    int64_t ystride, int r0, int r1) {
-    for (int o = r0; o < r1; o++) {
-        __m512 acc[D2_MAX_TOKENS], acc2[D2_MAX_TOKENS];
-        for (int n = 0; n < NT; n++) acc[n] = acc2[n] = _mm512_setzero_ps();
-        const int64_t row = (int64_t)o * cols;
-        int c = 0;
-        for (; c + 32 <= cols; c += 32) { /* two independent chains hide the FMA latency */
-            const __m512 w0 = dense16(W, dtype, row + c), w1 = dense16(W, dtype, row + c + 16);
-            for (int n = 0; n < NT; n++) {
-                acc[n] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + (int64_t)n * cols + c), acc[n]);
-                acc2[n] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + (int64_t)n * cols + c + 16), acc2[n]);
-            }
-        }
-        for (int n = 0; n < NT; n++) {
-            float tail = 0.f;
-            for (int k = c; k < cols; k++) tail += dense_at(W, dtype, row + k) * x[(int64_t)n * cols + k];
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[n], acc2[n])) + tail;
-            y[(int64_t)n * ystride + o] = scale ? v * scale[o] : v;
-        }
-    }
-}
-
-#define D2_DENSE(DT, NT) \
-    static void dense_##DT##_##NT(const void *W, const float *s, int cols, const float *x, float *y, int64_t ys, int r0, int r1) { \
-        dense_rows_avx512(W, DT, s, cols, x, NT, y, ys, r0, r1); }
-#define D2_DENSE_DT(DT) D2_DENSE(DT, 1) D2_DENSE(DT, 2) D2_DENSE(DT, 3) D2_DENSE(DT, 4) \
-    D2_DENSE(DT, 5) D2_DENSE(DT, 6) D2_DENSE(DT, 7) D2_DENSE(DT, 8)
-D2_DENSE_DT(0) D2_DENSE_DT(1) D2_DENSE_DT(2) D2_DENSE_DT(3)
-typedef void (*dense_fn)(const void *, const float *, int, const float *, float *, int64_t, int, int);
-#define D2_DENSE_ROW(DT) {dense_##DT##_1, dense_##DT##_2, dense_##DT##_3, dense_##DT##_4, \
-                          dense_##DT##_5, dense_##DT##_6, dense_##DT##_7, dense_##DT##_8}
-static const dense_fn DENSE[4][D2_MAX_TOKENS] = {D2_DENSE_ROW(0), D2_DENSE_ROW(1), D2_DENSE_ROW(2), D2_DENSE_ROW(3)};
-#elif D2_AVX2
-static inline __attribute__((always_inline)) __m256 dense8(const void *W, const int dtype, int64_t i) {
+#else
+#define VW 8
+typedef __m256 vec;
+#define vzero _mm256_setzero_ps
+#define vloadu _mm256_loadu_ps
+#define vfmadd _mm256_fmadd_ps
+#define vadd _mm256_add_ps
+#define vsum hsum256_ps
+static inline __attribute__((always_inline)) vec dense_load(const void *W, const int dtype, int64_t i) {
     switch (dtype) {
     case D2_F32: return _mm256_loadu_ps((const float *)W + i);
     case D2_BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -73,26 +54,27 @@ static inline __attribute__((always_inline)) __m256 dense8(const void *W, const 
     default: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)W + i))));
     }
 }
+#endif
 
-static inline __attribute__((always_inline)) void dense_rows_avx2(
+static inline __attribute__((always_inline)) void dense_rows_vec(
     const void *W, const int dtype, const float *scale, int cols, const float *x, const int NT, float *y,
     int64_t ystride, int r0, int r1) {
     for (int o = r0; o < r1; o++) {
-        __m256 acc[D2_MAX_TOKENS], acc2[D2_MAX_TOKENS];
-        for (int n = 0; n < NT; n++) acc[n] = acc2[n] = _mm256_setzero_ps();
+        vec acc[D2_MAX_TOKENS], acc2[D2_MAX_TOKENS];
+        for (int n = 0; n < NT; n++) acc[n] = acc2[n] = vzero();
         const int64_t row = (int64_t)o * cols;
         int c = 0;
-        for (; c + 16 <= cols; c += 16) { /* two independent chains hide the FMA latency */
-            const __m256 w0 = dense8(W, dtype, row + c), w1 = dense8(W, dtype, row + c + 8);
+        for (; c + 2 * VW <= cols; c += 2 * VW) { /* two independent chains hide the FMA latency */
+            const vec w0 = dense_load(W, dtype, row + c), w1 = dense_load(W, dtype, row + c + VW);
             for (int n = 0; n < NT; n++) {
-                acc[n] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (int64_t)n * cols + c), acc[n]);
-                acc2[n] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (int64_t)n * cols + c + 8), acc2[n]);
+                acc[n] = vfmadd(w0, vloadu(x + (int64_t)n * cols + c), acc[n]);
+                acc2[n] = vfmadd(w1, vloadu(x + (int64_t)n * cols + c + VW), acc2[n]);
             }
         }
         for (int n = 0; n < NT; n++) {
             float tail = 0.f;
             for (int k = c; k < cols; k++) tail += dense_at(W, dtype, row + k) * x[(int64_t)n * cols + k];
-            float v = hsum256_ps(_mm256_add_ps(acc[n], acc2[n])) + tail;
+            float v = vsum(vadd(acc[n], acc2[n])) + tail;
             y[(int64_t)n * ystride + o] = scale ? v * scale[o] : v;
         }
     }
@@ -100,7 +82,7 @@ static inline __attribute__((always_inline)) void dense_rows_avx2(
 
 #define D2_DENSE(DT, NT) \
     static void dense_##DT##_##NT(const void *W, const float *s, int cols, const float *x, float *y, int64_t ys, int r0, int r1) { \
-        dense_rows_avx2(W, DT, s, cols, x, NT, y, ys, r0, r1); }
+        dense_rows_vec(W, DT, s, cols, x, NT, y, ys, r0, r1); }
 #define D2_DENSE_DT(DT) D2_DENSE(DT, 1) D2_DENSE(DT, 2) D2_DENSE(DT, 3) D2_DENSE(DT, 4) \
     D2_DENSE(DT, 5) D2_DENSE(DT, 6) D2_DENSE(DT, 7) D2_DENSE(DT, 8)
 D2_DENSE_DT(0) D2_DENSE_DT(1) D2_DENSE_DT(2) D2_DENSE_DT(3)

@@ -63,8 +63,8 @@ def pack_checkpoint(
 
     `workers` threads fit each matrix (default: the CPU count); `refits` least-squares refits per
     grid and `weighting` the fit's error weighting (defaults: DEFAULT_REFITS and native.DEFAULT_WEIGHTING
-    where the native sliced fit runs, none where the torch fit does); `calib`: per (layer, expert, matrix) input-column weights (mean squared activation) that
-    weight the grid search, `calib_id` naming them for --resume. `similarity`: store each expert's
+    where the native sliced fit runs, none where the torch fit does); `calib`: per (layer, expert, matrix)
+    input-column weights (mean squared activation) that weight the grid search, `calib_id` naming them for --resume. `similarity`: store each expert's
     nearest neighbours (d2moe.quantize.similarity, for `--on-miss substitute`); `lossless`: also store
     the exact source experts coded with that codec (d2moe.quantize.convert.lossless_pack).
     """
@@ -240,7 +240,7 @@ class _Fitter:
         self.weighting = weighting
         if lib is None and (refits or calib or weighting != "mse"):
             if cfg.scheme != "sliced":
-                raise UsageError(f"--refits and --calib apply to the sliced scheme, not {cfg.scheme!r}")
+                raise UsageError(f"--refits, --calib and --weighting apply to the sliced scheme, not {cfg.scheme!r}")
             raise UsageError("--refits, --calib and --weighting other than mse need the native quantizer, which could not "
                              "be built (no C compiler?)")
         self.name = "native-1" if lib is not None else "torch-1"

@@ -243,12 +243,12 @@ static int refit(const Group *g, const uint8_t *q, const double *err, int b1, do
 
 /* Fit rows [r0, r1) of a [rows, cols] matrix (element (r, c) at src[r * row_stride + c]).
  * planes: [bk][rows][cols/8]; scale/offset: float16 bits [rows][G]; err_out: [nlev] unweighted squared
- * error summed over the row range; signal_out: sum of x^2. magnitude != 0 weights each element's error
- * by sqrt(sigma2 + x^2) (sigma2 = twice the group's mean square; K-quants' weighting), times its column
- * weight. Returns 0, or -1 on bad arguments, -2 if a stored scale or offset overflows float16, -3 if a
+ * error summed over the row range; signal_out: sum of x^2. weighting (quantize/native.py's WEIGHTINGS)
+ * weights each element's error, times its column weight: 0 equally, 1 by sqrt(sigma2 + x^2) (sigma2 = twice
+ * the group's mean square; K-quants' 3-6 bit weighting), 2 by |x| (Q2_K's; a tiny sigma2 keeps zeros in). Returns 0, or -1 on bad arguments, -2 if a stored scale or offset overflows float16, -3 if a
  * weight is NaN or infinite. */
 int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk, int b1,
-                 int nlev, const int *levels, const float *col_weight, int magnitude, int refits, int r0, int r1,
+                 int nlev, const int *levels, const float *col_weight, int weighting, int refits, int r0, int r1,
                  uint8_t *planes, uint16_t *scale, uint16_t *offset, double *err_out, double *signal_out) {
     if (group < 8 || group > MAX_S || group % 8 || cols % group || bk < 1 || bk > 8 || b1 < 1 || b1 > bk ||
         nlev < 1 || nlev > MAX_LEVELS || r0 < 0 || r1 > rows)
@@ -267,11 +267,11 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
             for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f; /* false for NaN and +-inf */
             if (!finite) return -3;
             const float *cw = col_weight ? col_weight + (int64_t)gi * group : NULL;
-            if (magnitude) {
+            if (weighting) {
                 float s2 = 0;
                 for (int j = 0; j < group; j++) s2 += x[j] * x[j];
                 /* 1: sqrt(2 mean x^2 + x^2) (K-quants' 3-6 bit weighting); 2: |x| + tiny (Q2_K's) */
-                float sigma2 = magnitude == 1 ? 2.0f * s2 / group : 1e-6f * s2 / group;
+                float sigma2 = weighting == 1 ? 2.0f * s2 / group : 1e-6f * s2 / group;
                 for (int j = 0; j < group; j++) wbuf[j] = (cw ? cw[j] : 1.0f) * sqrtf(sigma2 + x[j] * x[j]);
                 cw = wbuf;
             }
