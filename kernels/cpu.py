@@ -13,6 +13,7 @@ dispatcher (kernels/dispatch.py) then uses the torch reference.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -43,6 +44,7 @@ class _Matrix(ctypes.Structure):
         ("coef", ctypes.c_void_p * MAX_TERMS),
         ("term_first", ctypes.c_int32 * MAX_TERMS), ("term_nplanes", ctypes.c_int32 * MAX_TERMS),
         ("term_mul", ctypes.c_float * MAX_TERMS), ("term_bias", ctypes.c_float * MAX_TERMS),
+        ("layout", ctypes.c_int32),
     ]
 
 
@@ -133,6 +135,7 @@ def load() -> ctypes.CDLL | None:
                                  ctypes.c_void_p, ctypes.c_int32]
     lib.d2_dequant_rows.argtypes = [mp, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
                                     ctypes.c_int32, ctypes.c_int32]
+    lib.d2_block_planes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
     lib.d2_dense_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32]
@@ -144,6 +147,30 @@ def simd_name() -> str:
     if lib is None:
         return "torch reference"
     return {1: "avx512-vnni", 2: "avx2"}.get(lib.d2_simd_level(), "portable C")
+
+
+def blocks_planes(group_size: int) -> bool:
+    """Whether the loaded kernels read planes faster once blocked (d2_block_planes): the AVX2 path, whose
+    bit-to-byte expansion from the file's row layout costs more than the multiply itself."""
+    lib = load()
+    return lib is not None and lib.d2_simd_level() == 2 and group_size % 32 == 0
+
+
+def block_planes(planes: torch.Tensor) -> None:
+    """Plane rows [..., I/8] uint8 (contiguous, CPU) from the file's layout to the kernel-ready one, in place."""
+    if planes.dtype != torch.uint8 or not planes.is_contiguous() or planes.device.type != "cpu":
+        raise ValueError("block_planes needs contiguous uint8 CPU plane rows")
+    if planes.numel():
+        load().d2_block_planes(planes.data_ptr(), planes.numel() // planes.shape[-1], planes.shape[-1])
+
+
+def blocked(m: PackedMatrix) -> PackedMatrix:
+    """A copy of `m` whose planes are in the kernel-ready layout (tests and benchmarks; the runtime blocks
+    the cache's own bytes in place as they land)."""
+    planes = tuple(p.clone() for p in m.planes)
+    for p in planes:
+        block_planes(p)
+    return dataclasses.replace(m, planes=planes, blocked=True)
 
 
 class MatrixDesc:
@@ -167,6 +194,7 @@ class MatrixDesc:
         for i, t in enumerate(terms):
             s.coef[i] = t.coef.data_ptr()
             s.term_first[i], s.term_nplanes[i], s.term_mul[i], s.term_bias[i] = t.first, t.nplanes, t.mul, t.bias
+        s.layout = int(m.blocked)
         self.struct, self.ref, self.matrix, self.level = s, ctypes.byref(s), m, level
         self.rows, self.cols, self.group_size = rows, cols, m.cfg.group_size
         self.scratch_floats = int(load().d2_scratch_floats(self.ref))  # the C side owns the scratch layout

@@ -37,6 +37,7 @@ class PackedMatrix:
     offset: torch.Tensor  # float16 [O, G]
     planes: tuple[torch.Tensor, ...]  # `level` uint8 [O, I/8] views, most significant first
     alphas: tuple[torch.Tensor, ...]  # residual: level - b1 float16 [O, G] views; sliced: ()
+    blocked: bool = False  # planes in the CPU kernels' blocked layout (kernels/cpu/mwq_cpu.c), not the file's
 
     @classmethod
     def from_mwq(cls, t: MWQTensor, level: int | None = None) -> PackedMatrix:
@@ -45,6 +46,8 @@ class PackedMatrix:
         return cls(t.shape, t.cfg, t.level, t.scale, t.offset, tuple(t.planes[p] for p in range(t.level)), alphas)
 
     def to_mwq(self) -> MWQTensor:
+        if self.blocked:
+            raise ValueError("blocked planes are for the CPU kernels only: the reference reads the file's layout")
         rows, cols = self.shape
         alpha = None
         if self.cfg.scheme == "residual":

@@ -31,12 +31,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2moe.kernels import cpu
 from d2moe.kernels.dispatch import ExpertKernels
 from d2moe.quantize.format import PackedCheckpoint
 from d2moe.runtime.cache import ExpertCache, _concat
@@ -130,6 +131,10 @@ class ExpertPipeline:
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
         self.transfer = transfer
         self.layout = None
+        # CPU kernels that read planes faster in their blocked layout get every landed byte re-laid out in
+        # place (crc checked first); the cache then holds only blocked planes
+        self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None and hasattr(ckpt, "plane_rows")
+                        and cpu.blocks_planes(ckpt.cfg.group_size))
         if transfer is not None:
             from d2moe.runtime.device import ExpertLayout
 
@@ -277,8 +282,7 @@ class ExpertPipeline:
             data = fut.result()
             self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(read.nbytes, time.perf_counter() - issued)
-            self.ckpt.verify_read(layer, w.expert, data, read.have, read.want)  # only the segments just read
-            data = self._on_device(data)
+            data = self._landed(layer, w.expert, data, read.have, read.want)
             full = self._install(w, read, data)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
@@ -335,6 +339,15 @@ class ExpertPipeline:
             self.cost.observe_compute(self._kernel_work(w), seconds / len(works))
         return seconds
 
+    def _landed(self, layer: int, expert: int, data, have: int | None, want: int):
+        """Bytes just read, ready for the cache: crc-checked (only the segments read), planes blocked for
+        the CPU kernels where they read that layout, on the device for --device cuda."""
+        self.ckpt.verify_read(layer, expert, data, have, want)
+        if self.blocked:
+            for rows in self.ckpt.plane_rows(data, have, want):
+                cpu.block_planes(rows)
+        return self._on_device(data)
+
     def _on_device(self, data):
         """Landed host bytes as the device buffer the cache holds (--device cuda), else unchanged."""
         return data if self.transfer is None else self.transfer.to_device(data)
@@ -353,7 +366,8 @@ class ExpertPipeline:
                 by_level = {"mats": self.layout.views(level, data)}
             else:
                 prefix = memoryview(data)[: self.ckpt.level_nbytes(level)]
-                by_level = {"mats": self.ckpt.decode_expert(layer, w.expert, level, prefix, verify=False)}
+                mats = self.ckpt.decode_expert(layer, w.expert, level, prefix, verify=False)
+                by_level = {"mats": {k: replace(m, blocked=True) for k, m in mats.items()} if self.blocked else mats}
             if entry_data is data:
                 self.cache.attach(w.key, by_level)
 
@@ -373,8 +387,7 @@ class ExpertPipeline:
             for e, fut in futures:
                 key = self.key(layer, e, level)
                 data = fut.result()
-                self.ckpt.verify_read(layer, e, data, None, level)
-                if not self.cache.put(key, level, self._on_device(data)):
+                if not self.cache.put(key, level, self._landed(layer, e, data, None, level)):
                     raise RuntimeError(f"expert cache cannot hold layer {layer} expert {e}: budget plan is wrong")
                 self.cache.pin(key)
 
@@ -408,8 +421,7 @@ class ExpertPipeline:
         for key in [k for k, (_, read) in self._pending.items() if read.layer == layer]:
             fut, read = self._pending.pop(key)
             data = fut.result()
-            self.ckpt.verify_read(layer, read.expert, data, read.have, read.want)
-            data = self._on_device(data)
+            data = self._landed(layer, read.expert, data, read.have, read.want)
             if read.have is None:
                 self.cache.put(key, read.want, data)
             elif self.cache.peek(key) == read.have:

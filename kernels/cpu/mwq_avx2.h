@@ -32,6 +32,25 @@ static inline __attribute__((always_inline)) __m256i code32_avx2(const uint8_t *
     return code;
 }
 
+/* The same codes from D2_BLOCKED planes: chunk k of the 256-column block at byte `at` is bit k of its
+   32 bytes (one load, a shift and a mask per plane instead of a broadcast, shuffle and compare). */
+static inline __attribute__((always_inline)) __m256i code32_blocked(const uint8_t *const *pl, int64_t at, int k,
+                                                                    const int p0, const int n) {
+    const __m128i shift = _mm_cvtsi32_si128(k);
+    const __m256i one = _mm256_set1_epi8(1);
+    __m256i code = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(pl[p0] + at)), shift), one);
+    for (int p = 1; p < n; p++) /* code = 2 code + bit (the 16-bit shift's spill from the next byte is masked off) */
+        code = _mm256_or_si256(_mm256_add_epi8(code, code),
+                               _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(pl[p0 + p] + at)), shift), one));
+    return code;
+}
+
+/* Codes of the 32 columns at c: blocked where c lies in a full block (c < bl_end), else as on disk. */
+static inline __attribute__((always_inline)) __m256i code32_at(const uint8_t *const *pl, int c, int bl_end,
+                                                               const int p0, const int n) {
+    return c < bl_end ? code32_blocked(pl, (int64_t)(c >> 8) * 32, (c >> 5) & 7, p0, n) : code32_avx2(pl, c >> 3, p0, n);
+}
+
 /* s16 pair sums of code * x over 32 columns (codes <= 15, x int8: |pair| <= 3840, so up to 8 chunks
    add in int16 without overflow before one vpmaddwd widens them). */
 static inline __attribute__((always_inline)) __m256i pairs32_avx2(const __m256i code, const int8_t *x) {
@@ -46,12 +65,12 @@ static inline __attribute__((always_inline)) __m256i widen_avx2(const __m256i pa
    Two accumulators per token (even and odd groups) keep consecutive groups' FMAs independent. */
 static inline __attribute__((always_inline)) void term_row_avx2(
     const uint8_t *const *pl, const int NP, const int NT, const int LO, const d2_qx *q, int n0, const int gs, int G,
-    const float *s, __m256 *facc) {
+    int bl_end, int g0, const float *s, __m256 *facc) {
     const int NH = NP > 4 ? NP - 4 : 0, NL = NP - NH; /* planes of the high and the low nibble */
     const int64_t cols = q->cols;
     __m256 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm256_setzero_ps(); }
-    for (int g = 0; g < G; g++) {
+    for (int g = g0; g < G; g++) {
         __m256i d[D2_MAX_TOKENS];
         for (int n = 0; n < NT; n++) d[n] = _mm256_setzero_si256();
         for (int c0 = g * gs; c0 < (g + 1) * gs; c0 += 256) { /* int16 sums over at most 8 chunks */
@@ -60,9 +79,8 @@ static inline __attribute__((always_inline)) void term_row_avx2(
             __m256i acc[D2_MAX_TOKENS][4];
             for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = _mm256_setzero_si256();
             for (int c = c0; c < c1; c += 32) {
-                const int64_t at = c >> 3;
-                const __m256i lo_code = code32_avx2(pl, at, NH, NL);
-                const __m256i hi_code = NH ? code32_avx2(pl, at, 0, NH) : lo_code;
+                const __m256i lo_code = code32_at(pl, c, bl_end, NH, NL);
+                const __m256i hi_code = NH ? code32_at(pl, c, bl_end, 0, NH) : lo_code;
                 for (int n = 0; n < NT; n++) {
                     const int64_t xa = (int64_t)(n0 + n) * cols + c;
                     acc[n][0] = _mm256_add_epi16(acc[n][0], pairs32_avx2(lo_code, q->hi + xa));
@@ -93,21 +111,82 @@ static inline __attribute__((always_inline)) void term_row_avx2(
     for (int n = 0; n < NT; n++) facc[n] = _mm256_add_ps(a0[n], a1[n]);
 }
 
-typedef void (*term2_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const float *, __m256 *);
+/* Bits of chunk K (0..7) of a D2_BLOCKED block as byte lanes holding 1 << POS (K, POS compile-time). */
+static inline __attribute__((always_inline)) __m256i blocked_bits(const __m256i v, const int K, const int POS) {
+    const __m256i t = K > POS ? _mm256_srli_epi16(v, K - POS) : (K < POS ? _mm256_slli_epi16(v, POS - K) : v);
+    return _mm256_and_si256(t, _mm256_set1_epi8((char)(1 << POS)));
+}
+
+/* The decode hot path: int8 activations, codes of at most 4 planes, group size GS in {32, 64, 128},
+   over the row's full 256-column blocks. Each block is unrolled into its 8 chunks and 256 / GS groups
+   so every shift and group boundary is a constant (the generic loop's per-chunk bookkeeping cost more
+   than the arithmetic). BL: planes blocked (one load per plane and block) or as on disk. */
+static inline __attribute__((always_inline)) void term_blocks_avx2(
+    const uint8_t *const *pl, const int NP, const int NT, const int GS, const int BL, const d2_qx *q, int n0,
+    int nblk, int G, const float *s, __m256 *facc) {
+    const int CPG = GS / 32, GPB = 256 / GS; /* chunks per group, groups per block */
+    __m256 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
+    for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nblk; b++) {
+        __m256i v[4];
+        if (BL)
+            for (int p = 0; p < NP; p++) v[p] = _mm256_loadu_si256((const __m256i *)(pl[p] + (int64_t)b * 32));
+#pragma GCC unroll 8
+        for (int gi = 0; gi < GPB; gi++) {
+            __m256i acc[D2_MAX_TOKENS];
+            for (int n = 0; n < NT; n++) acc[n] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int kk = 0; kk < CPG; kk++) {
+                const int k = gi * CPG + kk, c = b * 256 + k * 32;
+                __m256i code;
+                if (BL) {
+                    code = blocked_bits(v[0], k, NP - 1);
+                    for (int p = 1; p < NP; p++) code = _mm256_or_si256(code, blocked_bits(v[p], k, NP - 1 - p));
+                } else
+                    code = code32_avx2(pl, c >> 3, 0, NP);
+                for (int n = 0; n < NT; n++)
+                    acc[n] = _mm256_add_epi16(acc[n], pairs32_avx2(code, q->hi + (int64_t)(n0 + n) * q->cols + c));
+            }
+            const int g = b * GPB + gi;
+            for (int n = 0; n < NT; n++) {
+                const __m256 d = _mm256_cvtepi32_ps(widen_avx2(acc[n]));
+                if (gi & 1) a1[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(s[n * G + g]), a1[n]);
+                else a0[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(s[n * G + g]), a0[n]);
+            }
+        }
+    }
+    for (int n = 0; n < NT; n++) facc[n] = _mm256_add_ps(a0[n], a1[n]);
+}
+
+typedef void (*term2_fn)(const uint8_t *const *, const d2_qx *, int, int, int, int, const float *, __m256 *);
 
 /* One specialisation per plane count and token count; group sizes 32 and 64 get unrolled bodies. */
 #define D2_TERM2(NP, NT)                                                                                        \
-    static void term2_##NP##_##NT(const uint8_t *const *pl, const d2_qx *q, int n0, int gs, int G, const float *s, \
-                                  __m256 *facc) {                                                               \
-        const int lo = q->lo != 0;                                                                              \
+    static void term2_##NP##_##NT(const uint8_t *const *pl, const d2_qx *q, int n0, int gs, int G, int bl_end, \
+                                  const float *s, __m256 *facc) {                                               \
+        const int lo = q->lo != 0, nblk = q->cols / 256;                                                        \
+        int g0 = 0;                                                                                             \
+        if (NP <= 4 && !lo && nblk && (gs == 32 || gs == 64 || gs == 128)) {                                    \
+            const int bl = bl_end > 0;                                                                          \
+            if (gs == 64) {                                                                                     \
+                if (bl) term_blocks_avx2(pl, NP, NT, 64, 1, q, n0, nblk, G, s, facc);                           \
+                else term_blocks_avx2(pl, NP, NT, 64, 0, q, n0, nblk, G, s, facc);                              \
+            } else if (gs == 32) {                                                                              \
+                if (bl) term_blocks_avx2(pl, NP, NT, 32, 1, q, n0, nblk, G, s, facc);                           \
+                else term_blocks_avx2(pl, NP, NT, 32, 0, q, n0, nblk, G, s, facc);                              \
+            } else if (bl) term_blocks_avx2(pl, NP, NT, 128, 1, q, n0, nblk, G, s, facc);                       \
+            else term_blocks_avx2(pl, NP, NT, 128, 0, q, n0, nblk, G, s, facc);                                 \
+            g0 = nblk * 256 / gs;                                                                               \
+            if (g0 == G) return;                                                                                \
+        }                                                                                                       \
         if (gs == 64) {                                                                                         \
-            if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, 64, G, s, facc);                                        \
-            else term_row_avx2(pl, NP, NT, 0, q, n0, 64, G, s, facc);                                           \
+            if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, 64, G, bl_end, g0, s, facc);                            \
+            else term_row_avx2(pl, NP, NT, 0, q, n0, 64, G, bl_end, g0, s, facc);                               \
         } else if (gs == 32) {                                                                                  \
-            if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, 32, G, s, facc);                                        \
-            else term_row_avx2(pl, NP, NT, 0, q, n0, 32, G, s, facc);                                           \
-        } else if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, gs, G, s, facc);                                     \
-        else term_row_avx2(pl, NP, NT, 0, q, n0, gs, G, s, facc);                                               \
+            if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, 32, G, bl_end, g0, s, facc);                            \
+            else term_row_avx2(pl, NP, NT, 0, q, n0, 32, G, bl_end, g0, s, facc);                               \
+        } else if (lo) term_row_avx2(pl, NP, NT, 1, q, n0, gs, G, bl_end, g0, s, facc);                         \
+        else term_row_avx2(pl, NP, NT, 0, q, n0, gs, G, bl_end, g0, s, facc);                                   \
     }
 #define D2_TERMS2_NT(NT) D2_TERM2(1, NT) D2_TERM2(2, NT) D2_TERM2(3, NT) D2_TERM2(4, NT) \
     D2_TERM2(5, NT) D2_TERM2(6, NT) D2_TERM2(7, NT) D2_TERM2(8, NT)
@@ -122,6 +201,7 @@ static const term2_fn TERMS2[4][D2_MAX_PLANES] = {D2_ROW2_NT(1), D2_ROW2_NT(2), 
 static void rows_gemv_avx2(const d2_matrix *m, const d2_qx *q, int n0, int nt, float *y, int64_t ystride,
                            int32_t r0, int32_t r1, float *scratch) {
     const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8;
+    const int bl_end = m->layout == D2_BLOCKED ? full_block_cols(m->cols) : 0;
     float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *s = base + G;
     for (int o = r0; o < r1; o++) {
         row_coefs(m, o, cf, base);
@@ -135,7 +215,7 @@ static void rows_gemv_avx2(const d2_matrix *m, const d2_qx *q, int n0, int nt, f
                 const float *dx = q->dx + (int64_t)(n0 + n) * G, *c = cf + t * G;
                 for (int g = 0; g < G; g++) s[n * G + g] = c[g] * dx[g];
             }
-            TERMS2[nt - 1][np - 1](pl, q, n0, gs, G, s, facc);
+            TERMS2[nt - 1][np - 1](pl, q, n0, gs, G, bl_end, s, facc);
         }
         for (int n = 0; n < nt; n++) {
             const float *sx = q->sx + (int64_t)(n0 + n) * G;
@@ -151,9 +231,9 @@ static void rows_gemv_avx2(const d2_matrix *m, const d2_qx *q, int n0, int nt, f
 
 /* w += code_t * (m_t coef_t) for one term of one row, 32 columns at a time (gs % 32 == 0): the same
    single-rounding fma per element as the portable loop and the torch reference. */
-static void dequant_term_avx2(const uint8_t *const *pl, int np, const float *cf, int gs, int cols, float *w) {
+static void dequant_term_avx2(const uint8_t *const *pl, int np, const float *cf, int gs, int cols, int bl_end, float *w) {
     for (int c = 0; c < cols; c += 32) {
-        const __m256i code = code32_avx2(pl, c / 8, 0, np);
+        const __m256i code = code32_at(pl, c, bl_end, 0, np);
         const __m256 sv = _mm256_set1_ps(cf[c / gs]);
         const __m128i lo = _mm256_castsi256_si128(code), hi = _mm256_extracti128_si256(code, 1);
         const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};

@@ -30,6 +30,7 @@ typedef struct {
     const uint16_t *coef[D2_MAX_TERMS];   /* f16 [rows, G] */
     int32_t term_first[D2_MAX_TERMS], term_nplanes[D2_MAX_TERMS];
     float term_mul[D2_MAX_TERMS], term_bias[D2_MAX_TERMS];
+    int32_t layout; /* D2_ROWS: planes as on disk; D2_BLOCKED: kernel-ready (d2_block_planes) */
 } d2_matrix;
 
 /* x of n tokens quantized per group: hi/lo int8 halves of the int16 code, step and exact sum. */
@@ -38,6 +39,28 @@ typedef struct {
     int8_t *hi, *lo; /* [ntok, cols] */
     float *dx, *sx;  /* [ntok, G] */
 } d2_qx;
+
+/* ---------------------------------------------------------------- plane layouts
+
+   D2_ROWS (the file's): bit c % 8 of row byte c / 8 is column c. D2_BLOCKED (kernel-ready, made in
+   place when bytes enter the cache on CPUs whose kernels read it, see d2_block_planes): every full
+   256-column block of a row keeps its 32 bytes, but byte j's bit k is column 32 k + j, so one
+   32-byte load and a shift give a 32-column chunk's bits as byte lanes (AVX2 has no bit-to-byte mask
+   instruction: from D2_ROWS that takes a broadcast, a shuffle and a compare per chunk and plane).
+   A row's last cols % 256 columns stay as in D2_ROWS. Same bytes, same size. */
+#define D2_ROWS 0
+#define D2_BLOCKED 1
+
+/* Bit of column c in one plane row (any layout; full_end = the row's columns in full blocks). */
+static inline int plane_bit(const uint8_t *row, int c, int layout, int full_end) {
+    if (layout == D2_BLOCKED && c < full_end) {
+        const int w = c & 255;
+        return (row[(c >> 8) * 32 + (w & 31)] >> (w >> 5)) & 1;
+    }
+    return (row[c >> 3] >> (c & 7)) & 1;
+}
+
+static inline int full_block_cols(int cols) { return cols & ~255; }
 
 /* 1: AVX-512 VNNI, 2: AVX2, 0: portable C */
 int d2_simd_level(void) { return D2_AVX512 ? 1 : (D2_AVX2 ? 2 : 0); }
@@ -100,14 +123,14 @@ static void row_coefs(const d2_matrix *m, int o, float *cf, float *base) {
 /* D[n] = sum over the group's columns of code_t * xq[n] (exact, int32), portable. */
 static void group_dots_c(const d2_matrix *m, int t, int o, int g, const d2_qx *q, int n0, int nt, int32_t *D) {
     const int gs = m->group_size, rb = m->cols / 8, first = m->term_first[t], np = m->term_nplanes[t];
+    const int full_end = full_block_cols(m->cols);
     for (int n = 0; n < nt; n++) D[n] = 0;
     for (int byte = 0; byte < gs / 8; byte++) {
-        uint8_t pl[D2_MAX_PLANES];
-        for (int p = 0; p < np; p++) pl[p] = m->planes[first + p][(int64_t)o * rb + g * (gs / 8) + byte];
         int32_t code[8];
         for (int k = 0; k < 8; k++) {
             int32_t v = 0;
-            for (int p = 0; p < np; p++) v = (v << 1) | ((pl[p] >> k) & 1);
+            for (int p = 0; p < np; p++)
+                v = (v << 1) | plane_bit(m->planes[first + p] + (int64_t)o * rb, g * gs + byte * 8 + k, m->layout, full_end);
             code[k] = v;
         }
         for (int n = 0; n < nt; n++) {
@@ -365,7 +388,9 @@ int64_t d2_scratch_floats(const d2_matrix *m) {
    tiles so that a tile's planes stay in cache while every 8-token block of q reuses them. */
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
-#if D2_AVX512 || D2_AVX2
+#if D2_AVX512
+    const int vector = !force_portable && m->group_size % 32 == 0 && m->layout == D2_ROWS;
+#elif D2_AVX2
     const int vector = !force_portable && m->group_size % 32 == 0;
 #else
     const int vector = 0;
@@ -404,7 +429,7 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
         const uint8_t *pl[D2_MAX_PLANES];
         for (int p = 0; p < np; p++) pl[p] = m->planes[first + p] + (int64_t)o * rb;
 #if D2_AVX512
-        if (!force_portable && gs % 64 == 0) {
+        if (!force_portable && gs % 64 == 0 && m->layout == D2_ROWS) {
             for (int c = 0; c < m->cols; c += 64) {
                 __m512 cv[4];
                 code_ps(code64(pl, c / 8, np), cv);
@@ -418,18 +443,16 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
         }
 #elif D2_AVX2
         if (!force_portable && gs % 32 == 0) {
-            dequant_term_avx2(pl, np, cf + t * G, gs, m->cols, w);
+            dequant_term_avx2(pl, np, cf + t * G, gs, m->cols, m->layout == D2_BLOCKED ? full_block_cols(m->cols) : 0, w);
             continue;
         }
 #endif
         (void)force_portable;
-        for (int byte = 0; byte < rb; byte++) {
-            const float sc = cf[t * G + (byte * 8) / gs];
-            for (int k = 0; k < 8; k++) {
-                int v = 0;
-                for (int p = 0; p < np; p++) v = (v << 1) | ((pl[p][byte] >> k) & 1);
-                w[byte * 8 + k] = fmaf((float)v, sc, w[byte * 8 + k]);
-            }
+        const int full_end = full_block_cols(m->cols);
+        for (int c = 0; c < m->cols; c++) {
+            int v = 0;
+            for (int p = 0; p < np; p++) v = (v << 1) | plane_bit(pl[p], c, m->layout, full_end);
+            w[c] = fmaf((float)v, cf[t * G + c / gs], w[c]);
         }
     }
 }
@@ -448,7 +471,7 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
         }
         uint16_t *dst = (uint16_t *)out + (int64_t)(o - r0) * m->cols;
 #if D2_AVX512 && defined(__AVX512BF16__)
-        if (!force_portable && m->nterms == 1 && m->group_size % 64 == 0) { /* sliced: one pass, no float row */
+        if (!force_portable && m->nterms == 1 && m->group_size % 64 == 0 && m->layout == D2_ROWS) { /* sliced: one pass */
             const int gs = m->group_size, np = m->term_nplanes[0], rb = m->cols / 8;
             const uint8_t *pl[D2_MAX_PLANES];
             for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[0] + p] + (int64_t)o * rb;
@@ -486,6 +509,31 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
             uint32_t u;
             memcpy(&u, row + c, 4);
             dst[c] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- kernel-ready planes */
+
+/* nrows plane rows of row_bytes bytes each, D2_ROWS -> D2_BLOCKED in place (every full 32-byte block
+   of a row is permuted within itself; the tail stays). Run once when bytes enter the cache. */
+void d2_block_planes(uint8_t *rows, int64_t nrows, int32_t row_bytes) {
+    const int nblocks = row_bytes / 32;
+    for (int64_t r = 0; r < nrows; r++) {
+        uint8_t *row = rows + r * row_bytes;
+        for (int b = 0; b < nblocks; b++) {
+            uint8_t *blk = row + 32 * b;
+#if D2_AVX2
+            __m256i out = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) /* chunk k = bytes 4k..4k+3: their 32 bits become bit k of the 32 bytes */
+                out = _mm256_or_si256(out, _mm256_and_si256(plane_mask32(blk + 4 * k), _mm256_set1_epi8((char)(1 << k))));
+            _mm256_storeu_si256((__m256i *)blk, out);
+#else
+            uint8_t out[32] = {0};
+            for (int k = 0; k < 8; k++)
+                for (int j = 0; j < 32; j++) out[j] |= (uint8_t)(((blk[4 * k + j / 8] >> (j % 8)) & 1) << k);
+            memcpy(blk, out, 32);
+#endif
         }
     }
 }

@@ -141,6 +141,21 @@ class PackedCheckpoint:
             self._check_crc(e, prefix_bytes, k)
         return decode_blob(prefix_bytes, self.layout, self.cfg, level, self.matrix_shapes)
 
+    def plane_rows(self, data, have_level: int | None, want_level: int) -> list[torch.Tensor]:
+        """The bit-plane rows that a `byte_range(layer, expert, have_level, want_level)` read brought, as
+        uint8 [planes * rows, I/8] views into `data` (the CPU kernels re-lay them out in place)."""
+        view = memoryview(data).cast("B")
+        first = 0 if have_level is None else self.cfg.level_index(have_level) + 1
+        base = 0 if have_level is None else self.level_nbytes(have_level)
+        out = []
+        for i in range(first, self.cfg.level_index(want_level) + 1):
+            start = self.layout.segment_range(i)[0] - base
+            for slot in self.layout.segments[i]:
+                if slot.name == "planes" and slot.nbytes:
+                    t = torch.frombuffer(view, dtype=torch.uint8, count=slot.nbytes, offset=start + slot.start)
+                    out.append(t.view(-1, slot.shape[-1]))
+        return out
+
     def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int) -> None:
         """Check the crc32 of the segments that a `byte_range(layer, expert, have_level, want_level)` read brought."""
         e = self.entry(layer, expert)

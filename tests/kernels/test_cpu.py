@@ -39,20 +39,44 @@ def _error_bound(w: torch.Tensor, x: torch.Tensor, group_size: int, bits: int = 
     return half_step @ dev.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # [N, O]
 
 
-CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-wide, 32-wide, portable)
+CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-wide, 32-wide, portable),
+    # full 256-column blocks with and without a tail (the blocked layout's two halves)
     (37, 128, 64), (64, 192, 64), (5, 256, 128), (33, 96, 32), (17, 64, 16), (9, 40, 8), (70, 512, 64),
+    (11, 1024 + 64, 64), (7, 512 + 32, 32), (6, 768 + 128, 128),
 ]
 
 
+def _blocked_spec(rows: torch.Tensor) -> torch.Tensor:
+    """The blocked layout in torch: in every full 32-byte block, byte j's bit k is column 32 k + j."""
+    n, nbytes = rows.shape
+    bits = (rows.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, bytes, 8]: column 8 byte + bit
+    cols = bits.reshape(n, nbytes * 8)
+    full = (nbytes // 32) * 256
+    blocks = cols[:, :full].reshape(n, -1, 8, 32).transpose(-1, -2)  # [n, block, j, k]
+    packed = (blocks << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).reshape(n, -1)
+    return torch.cat([packed, rows[:, full // 8:]], dim=1)
+
+
+@pytest.mark.parametrize("row_bytes", [8, 32, 36, 96, 100])
+def test_blocking_planes_is_the_specified_permutation(row_bytes):
+    g = torch.Generator().manual_seed(row_bytes)
+    rows = torch.randint(0, 256, (5, row_bytes), generator=g, dtype=torch.uint8)
+    got = rows.clone()
+    cpu.block_planes(got)
+    assert torch.equal(got, _blocked_spec(rows))
+
+
+@pytest.mark.parametrize("layout", ["rows", "blocked"])
 @pytest.mark.parametrize("scheme", ["sliced", "residual"])
 @pytest.mark.parametrize("rows,cols,gs", CASES)
-def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs):
+def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs, layout):
     cfg = MWQConfig(bits=(1, 2, 3, 4, 8) if scheme == "sliced" else (2, 3, 4, 8), group_size=gs, scheme=scheme)
     m = _matrix(rows, cols, cfg, seed=rows + cols)
+    km = cpu.blocked(m) if layout == "blocked" else m
     g = torch.Generator().manual_seed(1)
     for level in cfg.bits:
         w = dequantize_packed(m, level)
-        desc = cpu.MatrixDesc(m, level)
+        desc = cpu.MatrixDesc(km, level)
         for tokens in (1, 3, 8, 11):
             x = torch.randn(tokens, cols, generator=g) * torch.rand(1, cols, generator=g) * 3  # uneven columns
             ref = x @ w.T
@@ -70,11 +94,12 @@ def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs):
 
 @pytest.mark.parametrize("scheme", ["sliced", "residual"])
 def test_dequantized_tiles_are_the_reference_bit_for_bit(scheme):
-    for gs in (32, 64):  # the portable and the vector path
+    for gs, cols, layout in ((32, 192, "rows"), (64, 192, "rows"), (64, 320, "blocked"), (32, 544, "blocked")):
         cfg = MWQConfig(bits=(2, 3, 4, 8), group_size=gs, scheme=scheme)
-        m = _matrix(45, 192, cfg)
+        m = _matrix(45, cols, cfg)
+        km = cpu.blocked(m) if layout == "blocked" else m
         for level in cfg.bits:
-            desc = cpu.MatrixDesc(m, level)
+            desc = cpu.MatrixDesc(km, level)
             ref = dequantize_packed(m, level)
             for portable in (False, True):
                 assert torch.equal(cpu.dequant_rows(lib, desc, 0, 45, force_portable=portable), ref)
