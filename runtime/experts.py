@@ -270,7 +270,7 @@ class ExpertPipeline:
             while queue and len(in_flight) < self.window:
                 w = queue.pop(0)
                 read = self.plan_read(layer, w)
-                in_flight.append((w, read, self.store.submit(read), time.perf_counter()))
+                in_flight.append((w, read, self.store.submit(read, self._checked), time.perf_counter()))
                 self._add_staging(read.nbytes)
                 self.stats.loads += 1
                 self.stats.upgrade_loads += int(read.have is not None)
@@ -282,7 +282,7 @@ class ExpertPipeline:
             data = fut.result()
             self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(read.nbytes, time.perf_counter() - issued)
-            data = self._landed(layer, w.expert, data, read.have, read.want)
+            data = self._on_device(data)
             full = self._install(w, read, data)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
@@ -339,14 +339,14 @@ class ExpertPipeline:
             self.cost.observe_compute(self._kernel_work(w), seconds / len(works))
         return seconds
 
-    def _landed(self, layer: int, expert: int, data, have: int | None, want: int):
-        """Bytes just read, ready for the cache: crc-checked (only the segments read), planes blocked for
-        the CPU kernels where they read that layout, on the device for --device cuda."""
-        self.ckpt.verify_read(layer, expert, data, have, want)
+    def _checked(self, read: Read, data):
+        """Bytes just read, on the I/O thread that read them: crc-checked (only the segments read), then
+        planes blocked for the CPU kernels where they read that layout. The cache holds nothing else."""
+        self.ckpt.verify_read(read.layer, read.expert, data, read.have, read.want)
         if self.blocked:
-            for rows in self.ckpt.plane_rows(data, have, want):
+            for rows in self.ckpt.plane_rows(data, read.have, read.want):
                 cpu.block_planes(rows)
-        return self._on_device(data)
+        return data
 
     def _on_device(self, data):
         """Landed host bytes as the device buffer the cache holds (--device cuda), else unchanged."""
@@ -383,11 +383,12 @@ class ExpertPipeline:
     def hold_all(self, level: int) -> None:
         """Read every expert at `level` into the cache and pin it (Hold-in-Memory baselines)."""
         for layer in self.moe_layers:
-            futures = [(e, self.store.submit(self.store.plan(layer, e, None, level))) for e in range(self.ckpt.num_experts)]
+            futures = [(e, self.store.submit(self.store.plan(layer, e, None, level), self._checked))
+                       for e in range(self.ckpt.num_experts)]
             for e, fut in futures:
                 key = self.key(layer, e, level)
                 data = fut.result()
-                if not self.cache.put(key, level, self._landed(layer, e, data, None, level)):
+                if not self.cache.put(key, level, self._on_device(data)):
                     raise RuntimeError(f"expert cache cannot hold layer {layer} expert {e}: budget plan is wrong")
                 self.cache.pin(key)
 
@@ -412,7 +413,7 @@ class ExpertPipeline:
             if key in self._pending or (held is not None and held >= level):
                 continue
             read = self.store.plan(nxt, e, held if self.spec.nested_reuse else None, level)
-            self._pending[key] = (self.store.submit(read), read)
+            self._pending[key] = (self.store.submit(read, self._checked), read)
             self._add_staging(read.nbytes)
             self.stats.preloads += 1
 
@@ -421,7 +422,7 @@ class ExpertPipeline:
         for key in [k for k, (_, read) in self._pending.items() if read.layer == layer]:
             fut, read = self._pending.pop(key)
             data = fut.result()
-            data = self._landed(layer, read.expert, data, read.have, read.want)
+            data = self._on_device(data)
             if read.have is None:
                 self.cache.put(key, read.want, data)
             elif self.cache.peek(key) == read.have:

@@ -121,8 +121,10 @@ class LosslessStore:
         self.decode_seconds += time.perf_counter() - t0
         return memoryview(out)
 
-    def submit(self, read: Read) -> Future:
-        return self.reader._pool.submit(self._read_and_decode, read.layer, read.expert)
+    def submit(self, read: Read, then=None) -> Future:
+        if then is None:
+            return self.reader._pool.submit(self._read_and_decode, read.layer, read.expert)
+        return self.reader._pool.submit(lambda: then(read, self._read_and_decode(read.layer, read.expert)))
 
     def read(self, read: Read):
         return self._read_and_decode(read.layer, read.expert)

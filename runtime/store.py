@@ -32,6 +32,8 @@ dtype=torch.uint8)` wraps it without a copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import errno
 import mmap
 import os
@@ -277,7 +279,7 @@ class ReadSource(Protocol):
 
     def plan(self, layer: int, expert: int, have: int | None, want: int) -> Read: ...
 
-    def submit(self, read: Read) -> Future: ...
+    def submit(self, read: Read, then: Callable[[Read, object], object] | None = None) -> Future: ...
 
     def read(self, read: Read): ...
 
@@ -297,9 +299,12 @@ class ExpertStore:
     def read(self, read: Read) -> memoryview:
         return self.reader.read_range(read.path, read.offset, read.nbytes)
 
-    def submit(self, read: Read) -> Future:
-        """`read` on an I/O thread: Future[memoryview]."""
-        return self.reader.submit(read.path, read.offset, read.nbytes)
+    def submit(self, read: Read, then: Callable[[Read, object], object] | None = None) -> Future:
+        """`read` on an I/O thread: Future[memoryview], or of `then(read, bytes)` run on that thread too
+        (the crc check and the kernels' re-layout overlap other reads and the compute that way)."""
+        if then is None:
+            return self.reader.submit(read.path, read.offset, read.nbytes)
+        return self.reader._pool.submit(lambda: then(read, self.read(read)))
 
     def stats(self) -> IOStats:
         return self.reader.stats()

@@ -163,3 +163,19 @@ def test_corrupted_expert_bytes_are_caught_when_read(packed, tmp_path):
             opts = RunOptions(memory_budget=1 << 30, policy=policy, level=level)
             with Session(bad, opts) as session:
                 session.generate(token_ids=[[1, 2, 3]], sampling=None)
+
+
+def test_blocked_planes_in_the_cache_give_the_reference_tokens(tmp_path_factory):
+    """Experts wide enough for the kernels' blocked plane layout (256-column blocks, and a tail that stays
+    as on disk): where the CPU kernels block landed planes, the tokens still equal the torch reference's,
+    at every budget (reads of whole prefixes and of upgrade segments alike)."""
+    from d2moe.kernels import cpu
+
+    wide = packed_tiny(tmp_path_factory, "mixtral", bits=(2, 4, 8), hidden_size=256, intermediate_size=320,
+                       num_attention_heads=4, num_key_value_heads=2)[1]
+    with Session(wide, RunOptions(memory_budget=BIG, max_tokens=64, router_levels=(8, 2))) as s:
+        minimum = s.plan.minimum
+        assert s.pipeline.blocked == cpu.blocks_planes(64)
+    tokens = {(budget, kernels): _generate(wide, budget, kernels, router_levels=(8, 2))[0]
+              for budget in (BIG, minimum) for kernels in ("native", "reference")}
+    assert len(set(map(str, tokens.values()))) == 1
