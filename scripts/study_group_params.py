@@ -12,7 +12,10 @@ variant would store:
 - `q8gS[m|a]` sub-block parameters as K-quants store them: the fitted per-S (scale, offset) requantized to
               8-bit codes against float16 (scale step, offset base, offset step) per 256 columns, each
               group's codes chosen among the 4 neighbouring (scale, offset) codes by the fit's own
-              objective (mean over levels of log weighted squared error).
+              objective (mean over levels of log weighted squared error);
+- `...rR`     (f16 only) the lowest level's codes kept, its (scale, offset) refitted per R columns by
+              weighted least squares and stored in float16 (+32/R bits per weight at that level): what
+              a level-b1-only fine grid would buy with nesting intact.
 
     .venv/bin/python scripts/study_group_params.py MODEL --variants f16g64,f16g64m,q8g32m --heldout TEXT
 
@@ -33,13 +36,32 @@ from d2moe.quantize import native
 from d2moe.quantize.types import MWQConfig
 
 SUPER = 256  # columns per super-block (K-quants' 256)
-VARIANT = re.compile(r"(f16|q8)g(\d+)(m|a|)")
+VARIANT = re.compile(r"(f16|q8)g(\d+)(m|a|)(?:r(\d+))?")
 
 
-def bits_per_weight(kind: str, group: int, level: int) -> float:
+def bits_per_weight(kind: str, group: int, level: int, refit: int | None = None) -> float:
+    extra = 32 / refit if refit else 0.0  # the level-b1 refit's float16 (scale, offset) per `refit` columns
     if kind == "f16":
-        return level + 32 / group
-    return level + 16 / group + 48 / SUPER
+        return level + 32 / group + extra
+    return level + 16 / group + 48 / SUPER + extra
+
+
+def refit_lowest(x: torch.Tensor, wb: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+                 shift: int, refit: int, importance: torch.Tensor) -> torch.Tensor:
+    """Level b1's codes kept (they are the prefix every level shares), its (scale, offset) refitted per
+    `refit` columns by weighted least squares: x ~ o + s (q + 1/2). Returns the refitted level-b1 weight."""
+    rows, cols = x.shape
+    cell = (scale.float() * 2.0 ** -shift).repeat_interleave(group, 1)
+    u = ((wb - offset.float().repeat_interleave(group, 1)) / cell - 0.5).round() + 0.5  # q + 1/2, as built
+    xs, us, ims = (v.reshape(rows, cols // refit, refit) for v in (x, u, importance))
+    s0, s1, s2 = ims.sum(-1), (ims * us).sum(-1), (ims * us * us).sum(-1)
+    t0, t1 = (ims * xs).sum(-1), (ims * us * xs).sum(-1)
+    det = s0 * s2 - s1 * s1
+    s_fit = torch.where(det > 1e-12 * s0 * s2, (s0 * t1 - s1 * t0) / det.clamp_min(1e-30),
+                        cell.reshape(rows, cols // refit, refit)[..., 0])
+    o_fit = (t0 - s_fit * s1) / s0.clamp_min(1e-30)
+    s_fit, o_fit = s_fit.half().float(), o_fit.half().float()
+    return (o_fit[..., None] + s_fit[..., None] * us).reshape(rows, cols)
 
 
 def cell_centres(x: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, bk: int, level: int) -> torch.Tensor:
@@ -79,12 +101,18 @@ def requantize(x, step, offset, rows, cols, group, levels, importance):
 
 
 def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    kind, group, magnitude = VARIANT.fullmatch(variant).groups()
+    kind, group, magnitude, refit = VARIANT.fullmatch(variant).groups()
     group, weighting = int(group), {"": "mse", "m": "magnitude", "a": "abs"}[magnitude]
     cfg = MWQConfig(levels, group)
     t = native.fit_sliced(native.load(), w.contiguous(), cfg, refits=1, weighting=weighting).tensor
     if kind == "f16":
-        return {b: dequantize_reference(t.scale, t.offset, t.planes, None, cfg.b1, b, group) for b in levels}
+        out = {b: dequantize_reference(t.scale, t.offset, t.planes, None, cfg.b1, b, group) for b in levels}
+        if refit:
+            x = w.float()
+            imp = {"mse": torch.ones_like(x), "magnitude": (2 * x.square().mean(-1, keepdim=True) + x.square()).sqrt(),
+                   "abs": x.abs() + 1e-3 * x.abs().mean()}[weighting]
+            out[cfg.b1] = refit_lowest(x, out[cfg.b1], t.scale, t.offset, group, 0, int(refit), imp)
+        return out
     rows, cols = w.shape
     x = w.float().reshape(-1, group)
     step = t.scale.float().reshape(-1) * 2.0 ** -(cfg.bk - cfg.b1)
@@ -119,7 +147,7 @@ def main() -> None:
     print(json.dumps({"variant": "unquantized", "ppl": round(base, 4)}), flush=True)
     for variant in a.variants.split(","):
         if not VARIANT.fullmatch(variant):
-            raise SystemExit(f"unknown variant {variant!r}: (f16|q8)gS, optionally suffixed m or a")
+            raise SystemExit(f"unknown variant {variant!r}: (f16|q8)gS, optionally suffixed m or a, then rR")
         per_level = {b: [] for b in levels}
         for gate_up, down in original:
             for mats in (gate_up, down):
@@ -130,9 +158,10 @@ def main() -> None:
             for i, e in enumerate(experts):
                 e.gate_up_proj.data = per_level[b][2 * i].to(original[i][0].dtype)
                 e.down_proj.data = per_level[b][2 * i + 1].to(original[i][1].dtype)
-            kind, group, _ = VARIANT.fullmatch(variant).groups()
+            kind, group, _, refit = VARIANT.fullmatch(variant).groups()
+            extra = int(refit) if refit and b == levels[0] else None
             print(json.dumps({"variant": variant, "level": b, "ratio": round(ppl() / base, 5),
-                              "bpw": round(bits_per_weight(kind, int(group), b), 4)}), flush=True)
+                              "bpw": round(bits_per_weight(kind, int(group), b, extra), 4)}), flush=True)
         for i, e in enumerate(experts):
             e.gate_up_proj.data, e.down_proj.data = original[i]
 

@@ -117,39 +117,55 @@ static inline __attribute__((always_inline)) __m256i blocked_bits(const __m256i 
     return _mm256_and_si256(t, _mm256_set1_epi8((char)(1 << POS)));
 }
 
-/* The decode hot path: int8 activations, codes of at most 4 planes, group size GS in {32, 64, 128},
-   over the row's full 256-column blocks. Each block is unrolled into its 8 chunks and 256 / GS groups
-   so every shift and group boundary is a constant (the generic loop's per-chunk bookkeeping cost more
-   than the arithmetic). BL: planes blocked (one load per plane and block) or as on disk. */
+/* The decode hot path over a row's full 256-column blocks of D2_BLOCKED planes, group size GS in
+   {32, 64, 128}: each block unrolled into its 8 chunks and 256 / GS groups, so every shift and group
+   boundary is a constant (the generic loop's per-chunk bookkeeping cost more than the arithmetic), one
+   32-byte load per plane and block. Codes of 5-8 planes are split in nibbles and int16 activations
+   (LO) in bytes as in term_row_avx2; a group's int16 sums span at most 4 chunks. */
 static inline __attribute__((always_inline)) void term_blocks_avx2(
-    const uint8_t *const *pl, const int NP, const int NT, const int GS, const int BL, const d2_qx *q, int n0,
+    const uint8_t *const *pl, const int NP, const int NT, const int GS, const int LO, const d2_qx *q, int n0,
     int nblk, int G, const float *s, __m256 *facc) {
     const int CPG = GS / 32, GPB = 256 / GS; /* chunks per group, groups per block */
+    const int NH = NP > 4 ? NP - 4 : 0, NL = NP - NH; /* planes of the high and the low nibble */
+    const int64_t cols = q->cols;
     __m256 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm256_setzero_ps(); }
     for (int b = 0; b < nblk; b++) {
-        __m256i v[4];
-        if (BL)
-            for (int p = 0; p < NP; p++) v[p] = _mm256_loadu_si256((const __m256i *)(pl[p] + (int64_t)b * 32));
+        __m256i v[D2_MAX_PLANES];
+        for (int p = 0; p < NP; p++) v[p] = _mm256_loadu_si256((const __m256i *)(pl[p] + (int64_t)b * 32));
 #pragma GCC unroll 8
         for (int gi = 0; gi < GPB; gi++) {
-            __m256i acc[D2_MAX_TOKENS];
-            for (int n = 0; n < NT; n++) acc[n] = _mm256_setzero_si256();
-#pragma GCC unroll 8
+            __m256i acc[D2_MAX_TOKENS][4]; /* [0] low nibble x hi, [1] high nibble x hi, [2] low x lo, [3] high x lo */
+            for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = _mm256_setzero_si256();
+#pragma GCC unroll 4
             for (int kk = 0; kk < CPG; kk++) {
                 const int k = gi * CPG + kk, c = b * 256 + k * 32;
-                __m256i code;
-                if (BL) {
-                    code = blocked_bits(v[0], k, NP - 1);
-                    for (int p = 1; p < NP; p++) code = _mm256_or_si256(code, blocked_bits(v[p], k, NP - 1 - p));
-                } else
-                    code = code32_avx2(pl, c >> 3, 0, NP);
-                for (int n = 0; n < NT; n++)
-                    acc[n] = _mm256_add_epi16(acc[n], pairs32_avx2(code, q->hi + (int64_t)(n0 + n) * q->cols + c));
+                __m256i lo_code = blocked_bits(v[NH], k, NL - 1), hi_code = lo_code;
+                for (int p = 1; p < NL; p++) lo_code = _mm256_or_si256(lo_code, blocked_bits(v[NH + p], k, NL - 1 - p));
+                if (NH) {
+                    hi_code = blocked_bits(v[0], k, NH - 1);
+                    for (int p = 1; p < NH; p++) hi_code = _mm256_or_si256(hi_code, blocked_bits(v[p], k, NH - 1 - p));
+                }
+                for (int n = 0; n < NT; n++) {
+                    const int64_t xa = (int64_t)(n0 + n) * cols + c;
+                    acc[n][0] = _mm256_add_epi16(acc[n][0], pairs32_avx2(lo_code, q->hi + xa));
+                    if (NH) acc[n][1] = _mm256_add_epi16(acc[n][1], pairs32_avx2(hi_code, q->hi + xa));
+                    if (LO) {
+                        acc[n][2] = _mm256_add_epi16(acc[n][2], pairs32_avx2(lo_code, q->lo + xa));
+                        if (NH) acc[n][3] = _mm256_add_epi16(acc[n][3], pairs32_avx2(hi_code, q->lo + xa));
+                    }
+                }
             }
             const int g = b * GPB + gi;
             for (int n = 0; n < NT; n++) {
-                const __m256 d = _mm256_cvtepi32_ps(widen_avx2(acc[n]));
+                __m256i dh = widen_avx2(acc[n][0]);
+                if (NH) dh = _mm256_add_epi32(dh, _mm256_slli_epi32(widen_avx2(acc[n][1]), 4));
+                if (LO) {
+                    __m256i dl = widen_avx2(acc[n][2]);
+                    if (NH) dl = _mm256_add_epi32(dl, _mm256_slli_epi32(widen_avx2(acc[n][3]), 4));
+                    dh = _mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl);
+                }
+                const __m256 d = _mm256_cvtepi32_ps(dh);
                 if (gi & 1) a1[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(s[n * G + g]), a1[n]);
                 else a0[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(s[n * G + g]), a0[n]);
             }
@@ -164,19 +180,19 @@ typedef void (*term2_fn)(const uint8_t *const *, const d2_qx *, int, int, int, i
 #define D2_TERM2(NP, NT)                                                                                        \
     static void term2_##NP##_##NT(const uint8_t *const *pl, const d2_qx *q, int n0, int gs, int G, int bl_end, \
                                   const float *s, __m256 *facc) {                                               \
-        const int lo = q->lo != 0, nblk = q->cols / 256;                                                        \
+        const int lo = q->lo != 0;                                                                              \
         int g0 = 0;                                                                                             \
-        if (NP <= 4 && !lo && nblk && (gs == 32 || gs == 64 || gs == 128)) {                                    \
-            const int bl = bl_end > 0;                                                                          \
+        if (bl_end && (gs == 32 || gs == 64 || gs == 128)) { /* blocked: the unrolled path, then the tail */ \
+            const int nblk = bl_end / 256;                                                                      \
             if (gs == 64) {                                                                                     \
-                if (bl) term_blocks_avx2(pl, NP, NT, 64, 1, q, n0, nblk, G, s, facc);                           \
+                if (lo) term_blocks_avx2(pl, NP, NT, 64, 1, q, n0, nblk, G, s, facc);                           \
                 else term_blocks_avx2(pl, NP, NT, 64, 0, q, n0, nblk, G, s, facc);                              \
             } else if (gs == 32) {                                                                              \
-                if (bl) term_blocks_avx2(pl, NP, NT, 32, 1, q, n0, nblk, G, s, facc);                           \
+                if (lo) term_blocks_avx2(pl, NP, NT, 32, 1, q, n0, nblk, G, s, facc);                           \
                 else term_blocks_avx2(pl, NP, NT, 32, 0, q, n0, nblk, G, s, facc);                              \
-            } else if (bl) term_blocks_avx2(pl, NP, NT, 128, 1, q, n0, nblk, G, s, facc);                       \
+            } else if (lo) term_blocks_avx2(pl, NP, NT, 128, 1, q, n0, nblk, G, s, facc);                       \
             else term_blocks_avx2(pl, NP, NT, 128, 0, q, n0, nblk, G, s, facc);                                 \
-            g0 = nblk * 256 / gs;                                                                               \
+            g0 = bl_end / gs;                                                                                   \
             if (g0 == G) return;                                                                                \
         }                                                                                                       \
         if (gs == 64) {                                                                                         \
