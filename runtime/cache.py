@@ -117,6 +117,7 @@ class ExpertCache:
         self.capacity_bytes = int(capacity_bytes)
         self.policy = policy
         self.decay = float(decay)
+        self.on_drop: Callable[[Any], None] | None = None  # called with the bytes of an evicted or replaced entry
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # order = recency, oldest first
         self._pins: Counter = Counter()
         self._scores: dict[Hashable, float] = {}  # inflated: true score = stored / self._inflate
@@ -221,6 +222,8 @@ class ExpertCache:
                 self._layer_stats(key).rejected += 1
                 return False
             self._held += new.nbytes - old_bytes
+            if old is not None and self.on_drop is not None:
+                self.on_drop(old.data)
             self._entries[key] = new
             self._entries.move_to_end(key)
             self._layer_stats(key).bytes_inserted += max(0, new.nbytes - old_bytes)
@@ -241,6 +244,8 @@ class ExpertCache:
             e = self._entries.pop(key, None)
             if e is not None:
                 self._held -= e.nbytes
+                if self.on_drop is not None:
+                    self.on_drop(e.data)
 
     def clear(self) -> None:
         with self._lock:
@@ -262,7 +267,10 @@ class ExpertCache:
         if freed < need:
             return False
         for k in chosen:
-            self._held -= self._entries.pop(k).nbytes
+            e = self._entries.pop(k)
+            self._held -= e.nbytes
+            if self.on_drop is not None:
+                self.on_drop(e.data)
             self._layer_stats(k).evictions += 1
         return True
 

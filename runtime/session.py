@@ -29,6 +29,7 @@ from d2moe.errors import BudgetError, InputError, UsageError
 from d2moe.runtime.units import format_size
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+POOLED_BUFFERS = 1  # free read buffers kept for the next read (within the plan's staging slots)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Session:
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
         from d2moe.runtime.memory import MemoryMeter, limit_allocator_overhead
         from d2moe.runtime.model import assemble, expert_activation
-        from d2moe.runtime.store import ExpertStore
+        from d2moe.runtime.store import BufferPool, ExpertStore
 
         self.options = options
         check_device(options.device)  # one clear line when --device cuda cannot run here
@@ -102,10 +103,14 @@ class Session:
 
             threads = options.threads or kernel_threads()
             self.store = LosslessStore(ckpt, options.io_threads, options.io_bandwidth, options.direct_io, threads)
-        else:
+            self.pool = None
+        else:  # dropped cache entries hand their mapped buffers to the next read (one kept: a staging slot)
+            self.pool = BufferPool(keep=POOLED_BUFFERS) if options.device == "cpu" else None
             self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
-                                     direct=options.direct_io)
+                                     direct=options.direct_io, pool=self.pool)
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
+        if self.pool is not None:
+            self.cache.on_drop = self.pool.recycle
         hf_config = skeleton.config
         if options.activations not in ("auto", "int8", "int16"):
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
@@ -168,6 +173,8 @@ class Session:
         self.meter.register("expert_cache", "cache", self.cache if hasattr(self.cache, "held_objects")
                             else (lambda: self.cache.held_bytes))
         self.meter.register("staging", "reads", lambda: self.pipeline.staging_bytes)
+        if self.pool is not None:
+            self.meter.register("staging", "free buffers", lambda: self.pool.free_bytes)
         self.meter.register("workspace", "kernels", lambda: self.kernels.workspace_bytes)
         self.meter.sample()
 
@@ -481,7 +488,8 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
     plan = MemoryPlan.for_checkpoint(
         ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
-        staging_slots=options.io_threads + 1,  # reads in flight + the one computing after a full cache
+        # reads in flight + the one computing after a full cache (or the pool's free buffer: a read takes it)
+        staging_slots=options.io_threads + 1,
         threads=options.threads or kernel_threads(),
     )
     if hold_level is not None:

@@ -73,7 +73,8 @@ def run(
     cache_policy: Annotated[str, typer.Option(help="Expert cache eviction: decay | lru.")] = "decay",
     io_threads: Annotated[int, typer.Option(help="Expert reads in flight at once.")] = 4,
     io_bandwidth: Annotated[str | None, typer.Option(
-        help="Cap disk reads to emulate a device, e.g. 3.5GB/s (default: the real disk).")] = None,
+        help="Emulate a device disk of this speed, e.g. 2GB/s: reads are paced to it and may come from the "
+             "page cache (default: the real disk, past the page cache).")] = None,
     direct_io: Annotated[bool, typer.Option("--direct-io/--no-direct-io", help="O_DIRECT reads where allowed.")] = True,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,

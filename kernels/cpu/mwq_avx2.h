@@ -61,6 +61,30 @@ static inline __attribute__((always_inline)) __m256i widen_avx2(const __m256i pa
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
+/* One 32-column chunk into a token's int16 sums: [0] low nibble x hi, [1] high nibble x hi, [2] low x lo,
+   [3] high x lo (NH: planes in the high nibble; LO: int16 activations' low bytes). */
+static inline __attribute__((always_inline)) void add_chunk_avx2(__m256i *acc, const __m256i lo_code, const __m256i hi_code,
+                                                                 const int NH, const int LO, const d2_qx *q, int64_t xa) {
+    acc[0] = _mm256_add_epi16(acc[0], pairs32_avx2(lo_code, q->hi + xa));
+    if (NH) acc[1] = _mm256_add_epi16(acc[1], pairs32_avx2(hi_code, q->hi + xa));
+    if (LO) {
+        acc[2] = _mm256_add_epi16(acc[2], pairs32_avx2(lo_code, q->lo + xa));
+        if (NH) acc[3] = _mm256_add_epi16(acc[3], pairs32_avx2(hi_code, q->lo + xa));
+    }
+}
+
+/* The int32 dot products of add_chunk_avx2's sums: D = 256 (16 hi_hi + lo_hi) + (16 hi_lo + lo_lo). */
+static inline __attribute__((always_inline)) __m256i combine_avx2(const __m256i *acc, const int NH, const int LO) {
+    __m256i dh = widen_avx2(acc[0]);
+    if (NH) dh = _mm256_add_epi32(dh, _mm256_slli_epi32(widen_avx2(acc[1]), 4));
+    if (LO) {
+        __m256i dl = widen_avx2(acc[2]);
+        if (NH) dl = _mm256_add_epi32(dl, _mm256_slli_epi32(widen_avx2(acc[3]), 4));
+        dh = _mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl);
+    }
+    return dh;
+}
+
 /* One term of one row for NT tokens: facc[n] += sum_g s[n, g] * D_t[n, g] (s = m_t coef_t dx).
    Two accumulators per token (even and odd groups) keep consecutive groups' FMAs independent. */
 static inline __attribute__((always_inline)) void term_row_avx2(
@@ -81,26 +105,10 @@ static inline __attribute__((always_inline)) void term_row_avx2(
             for (int c = c0; c < c1; c += 32) {
                 const __m256i lo_code = code32_at(pl, c, bl_end, NH, NL);
                 const __m256i hi_code = NH ? code32_at(pl, c, bl_end, 0, NH) : lo_code;
-                for (int n = 0; n < NT; n++) {
-                    const int64_t xa = (int64_t)(n0 + n) * cols + c;
-                    acc[n][0] = _mm256_add_epi16(acc[n][0], pairs32_avx2(lo_code, q->hi + xa));
-                    if (NH) acc[n][1] = _mm256_add_epi16(acc[n][1], pairs32_avx2(hi_code, q->hi + xa));
-                    if (LO) {
-                        acc[n][2] = _mm256_add_epi16(acc[n][2], pairs32_avx2(lo_code, q->lo + xa));
-                        if (NH) acc[n][3] = _mm256_add_epi16(acc[n][3], pairs32_avx2(hi_code, q->lo + xa));
-                    }
-                }
+                for (int n = 0; n < NT; n++)
+                    add_chunk_avx2(acc[n], lo_code, hi_code, NH, LO, q, (int64_t)(n0 + n) * cols + c);
             }
-            for (int n = 0; n < NT; n++) {
-                __m256i dh = widen_avx2(acc[n][0]);
-                if (NH) dh = _mm256_add_epi32(dh, _mm256_slli_epi32(widen_avx2(acc[n][1]), 4));
-                if (LO) {
-                    __m256i dl = widen_avx2(acc[n][2]);
-                    if (NH) dl = _mm256_add_epi32(dl, _mm256_slli_epi32(widen_avx2(acc[n][3]), 4));
-                    dh = _mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl);
-                }
-                d[n] = _mm256_add_epi32(d[n], dh);
-            }
+            for (int n = 0; n < NT; n++) d[n] = _mm256_add_epi32(d[n], combine_avx2(acc[n], NH, LO));
         }
         for (int n = 0; n < NT; n++) {
             const __m256 sv = _mm256_set1_ps(s[n * G + g]);
@@ -146,26 +154,12 @@ static inline __attribute__((always_inline)) void term_blocks_avx2(
                     hi_code = blocked_bits(v[0], k, NH - 1);
                     for (int p = 1; p < NH; p++) hi_code = _mm256_or_si256(hi_code, blocked_bits(v[p], k, NH - 1 - p));
                 }
-                for (int n = 0; n < NT; n++) {
-                    const int64_t xa = (int64_t)(n0 + n) * cols + c;
-                    acc[n][0] = _mm256_add_epi16(acc[n][0], pairs32_avx2(lo_code, q->hi + xa));
-                    if (NH) acc[n][1] = _mm256_add_epi16(acc[n][1], pairs32_avx2(hi_code, q->hi + xa));
-                    if (LO) {
-                        acc[n][2] = _mm256_add_epi16(acc[n][2], pairs32_avx2(lo_code, q->lo + xa));
-                        if (NH) acc[n][3] = _mm256_add_epi16(acc[n][3], pairs32_avx2(hi_code, q->lo + xa));
-                    }
-                }
+                for (int n = 0; n < NT; n++)
+                    add_chunk_avx2(acc[n], lo_code, hi_code, NH, LO, q, (int64_t)(n0 + n) * cols + c);
             }
             const int g = b * GPB + gi;
             for (int n = 0; n < NT; n++) {
-                __m256i dh = widen_avx2(acc[n][0]);
-                if (NH) dh = _mm256_add_epi32(dh, _mm256_slli_epi32(widen_avx2(acc[n][1]), 4));
-                if (LO) {
-                    __m256i dl = widen_avx2(acc[n][2]);
-                    if (NH) dl = _mm256_add_epi32(dl, _mm256_slli_epi32(widen_avx2(acc[n][3]), 4));
-                    dh = _mm256_add_epi32(_mm256_slli_epi32(dh, 8), dl);
-                }
-                const __m256 d = _mm256_cvtepi32_ps(dh);
+                const __m256 d = _mm256_cvtepi32_ps(combine_avx2(acc[n], NH, LO));
                 if (gi & 1) a1[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(s[n * G + g]), a1[n]);
                 else a0[n] = _mm256_fmadd_ps(d, _mm256_set1_ps(s[n * G + g]), a0[n]);
             }

@@ -133,6 +133,16 @@ def test_meter_peak_bounds_every_sample_and_counts_shared_storage_once():
     assert meter.peak_by_category["staging"] == 5000 and meter.samples == 3
 
 
+def test_meter_rss_peak_counts_a_peak_between_samples():
+    """Where Linux reports the peak RSS (VmHWM), a peak that came and went between samples still counts."""
+    meter = MemoryMeter()
+    if not meter._hwm:
+        pytest.skip("this kernel does not let a process reset and read its peak RSS")
+    blob = bytearray(b"\x01" * (64 * MiB))  # resident while it lives; never sampled
+    del blob
+    assert meter.rss_peak_delta >= 32 * MiB
+
+
 def test_meter_rss_delta_sees_a_real_allocation():
     meter = MemoryMeter()
     blob = b"\x01" * (64 * MiB)  # written, so its pages are resident

@@ -267,3 +267,18 @@ def test_bad_arguments_raise_usage_errors():
         ExpertCache(10, decay=0)
     with pytest.raises(UsageError):
         ExpertCache(-1)
+
+
+def test_dropped_entries_are_handed_to_on_drop():
+    """Evicted, replaced and discarded entries' bytes go to `on_drop` (the read-buffer pool), each once."""
+    cache = ExpertCache(300, policy="lru")
+    dropped = []
+    cache.on_drop = dropped.append
+    a, b, c, a4 = bytes(100), bytes(150), bytes(120), bytes(140)
+    assert cache.put("a", 2, a) and cache.put("b", 2, b)
+    assert cache.put("c", 2, c)  # evicts a (least recent)
+    assert dropped == [a]
+    assert cache.put("b", 4, a4)  # replaces b's prefix: 120 + 140 held
+    assert dropped[-1] is b and cache.peek("b") == 4
+    cache.discard("c")
+    assert dropped[-1] is c and len(dropped) == len({id(d) for d in dropped})

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from d2moe.errors import FormatError, InputError, UsageError
+from d2moe.runtime import store
 from d2moe.runtime.store import ALIGN, ByteReader, ExpertStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,6 +172,19 @@ def test_single_read_takes_at_least_nbytes_over_bandwidth(tmp_path):
         assert r.stats().bytes_read == 0 and r.stats().reads == 0 and r.busy_seconds == 0
 
 
+def test_an_emulated_disk_reads_through_the_page_cache(tmp_path):
+    """With a bandwidth cap the pacer is the disk: no O_DIRECT and no dropped pages, so a host disk slower
+    than the emulated one cannot cap the emulation; without one, reads bypass the page cache."""
+    path = tmp_path / "emu.bin"
+    data = _write(path, 4 * ALIGN, seed=5)
+    with ByteReader(bandwidth=1e9) as r:
+        assert not r.direct
+        assert bytes(r.read_range(path, 100, 3000)) == data[100:3100]
+        assert r.stats().direct_reads == 0
+    with ByteReader() as r:
+        assert r.direct == (store._O_DIRECT != 0)
+
+
 def test_uncapped_reader_is_not_paced(tmp_path):
     path = tmp_path / "fast.bin"
     _write(path, 4_000_000)
@@ -259,3 +273,38 @@ def test_expert_store_on_a_real_packed_checkpoint(packed_mixtral):
         paths = {ckpt.byte_range(*k, None, bits[0])[0] for k in ckpt.experts}
         if all(_o_direct_supported(p) for p in paths):
             assert store.stats().direct_reads == store.reads
+
+
+def test_buffer_pool_reuses_a_dropped_buffer_only_once_nothing_views_it(tmp_path):
+    from d2moe.runtime.store import BufferPool
+
+    path = tmp_path / "pool.bin"
+    data = _write(path, 8 * ALIGN, seed=9)
+    pool = BufferPool(keep=1)
+    with ByteReader(pool=pool) as r:
+        first = r.read_range(path, 0, 2 * ALIGN)
+        buf = first.obj
+        pool.recycle(first)
+        viewer = torch.frombuffer(first, dtype=torch.uint8)  # a tensor still views it: not reusable
+        del first
+        second = r.read_range(path, 2 * ALIGN, 2 * ALIGN)
+        assert second.obj is not buf and pool.reused == 0
+        assert bytes(viewer[:16].numpy()) == data[:16]  # the viewed bytes were not overwritten
+        del viewer
+        assert pool.free_bytes == 2 * ALIGN
+        third = r.read_range(path, 4 * ALIGN, 2 * ALIGN)  # same size, now unviewed: the same pages
+        assert third.obj is buf and pool.reused == 1
+        assert bytes(third) == data[4 * ALIGN: 6 * ALIGN] and bytes(second) == data[2 * ALIGN: 4 * ALIGN]
+        assert pool.free_bytes == 0
+
+
+def test_buffer_pool_keeps_at_most_keep_free_buffers():
+    from d2moe.runtime.store import BufferPool
+
+    pool = BufferPool(keep=1)
+    bufs = [pool.take(ALIGN) for _ in range(3)]
+    for b in bufs:
+        pool.recycle(memoryview(b)[:10])
+    assert pool.free_bytes == 3 * ALIGN  # unviewed once the views above are gone
+    pool.take(2 * ALIGN)  # a size none of them has: the extra free ones are unmapped
+    assert pool.free_bytes == ALIGN and sum(b.closed for b in bufs) == 2
