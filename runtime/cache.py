@@ -59,8 +59,9 @@ def _layer(key: Hashable) -> Any:
     return key[0] if isinstance(key, tuple) and key else key
 
 
-def _concat(held: Any, extra: Any) -> Any:
-    """held + extra as one buffer of held's kind: a uint8 tensor on held's device, else a memoryview."""
+def _concat(held: Any, extra: Any, alloc: Callable[[int], Any] | None = None) -> Any:
+    """held + extra as one buffer of held's kind: a uint8 tensor on held's device, else a memoryview (of
+    `alloc(n)` where given: the read-buffer pool's already-mapped pages)."""
     if hasattr(held, "untyped_storage"):  # a torch tensor (e.g. a GPU-resident cache)
         import torch
 
@@ -68,10 +69,10 @@ def _concat(held: Any, extra: Any) -> Any:
             extra = torch.frombuffer(bytearray(extra), dtype=torch.uint8)
         return torch.cat([held.reshape(-1).view(torch.uint8), extra.reshape(-1).view(torch.uint8).to(held.device)])
     n_held, n_extra = _nbytes(held), _nbytes(extra)
-    joined = bytearray(n_held + n_extra)
+    joined = memoryview(alloc(n_held + n_extra) if alloc else bytearray(n_held + n_extra))[: n_held + n_extra]
     joined[:n_held] = held
     joined[n_held:] = extra
-    return memoryview(joined)
+    return joined
 
 
 @dataclass
@@ -118,6 +119,7 @@ class ExpertCache:
         self.policy = policy
         self.decay = float(decay)
         self.on_drop: Callable[[Any], None] | None = None  # called with the bytes of an evicted or replaced entry
+        self.alloc: Callable[[int], Any] | None = None  # buffers for upgrades' joined bytes (None: a bytearray)
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # order = recency, oldest first
         self._pins: Counter = Counter()
         self._scores: dict[Hashable, float] = {}  # inflated: true score = stored / self._inflate
@@ -237,7 +239,7 @@ class ExpertCache:
                 raise KeyError(f"cannot extend {key}: it is not in the cache")
             if level <= old.level:
                 raise UsageError(f"cannot extend {key} from level {old.level} to level {level}")
-            return self.put(key, level, _concat(old.data, extra))
+            return self.put(key, level, _concat(old.data, extra, self.alloc))
 
     def discard(self, key: Hashable) -> None:
         with self._lock:

@@ -302,7 +302,7 @@ class ExpertPipeline:
                 self.cache.on_drop(data)
             return self.cache.get(w.key)[1]
         self.stats.dropped += 1
-        return _concat(held, data)
+        return _concat(held, data, self.cache.alloc)
 
     # ---- compute -----------------------------------------------------------------------
     def _compute(self, layer, w: Work, data, hidden, top_k_weights, results) -> float:

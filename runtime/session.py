@@ -29,7 +29,6 @@ from d2moe.errors import BudgetError, InputError, UsageError
 from d2moe.runtime.units import format_size
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-POOLED_BUFFERS = 1  # free read buffers kept for the next read (within the plan's staging slots)
 
 
 @dataclass(frozen=True)
@@ -104,13 +103,13 @@ class Session:
             threads = options.threads or kernel_threads()
             self.store = LosslessStore(ckpt, options.io_threads, options.io_bandwidth, options.direct_io, threads)
             self.pool = None
-        else:  # dropped cache entries hand their mapped buffers to the next read (one kept: a staging slot)
-            self.pool = BufferPool(keep=POOLED_BUFFERS) if options.device == "cpu" else None
+        else:  # dropped cache entries hand their mapped buffers to the next read, within the plan's staging
+            self.pool = BufferPool(limit=self._staging_room) if options.device == "cpu" else None
             self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
                                      direct=options.direct_io, pool=self.pool)
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
         if self.pool is not None:
-            self.cache.on_drop = self.pool.recycle
+            self.cache.on_drop, self.cache.alloc = self.pool.recycle, self.pool.take
         hf_config = skeleton.config
         if options.activations not in ("auto", "int8", "int16"):
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
@@ -374,6 +373,11 @@ class Session:
             out["staging_waits"] = self.transfer.ring.waits
         return out
 
+    def _staging_room(self) -> int:
+        """Staging bytes the plan leaves for free read buffers: its staging less the reads in flight."""
+        pipeline = getattr(self, "pipeline", None)
+        return self.plan.staging - (pipeline.staging_bytes if pipeline is not None else 0)
+
     def close(self) -> None:
         self.pipeline.drain()
         self.store.close()
@@ -488,7 +492,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
     plan = MemoryPlan.for_checkpoint(
         ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
-        # reads in flight + the one computing after a full cache (or the pool's free buffer: a read takes it)
+        # reads in flight + the one computing after a full cache (or free buffers the next reads will take)
         staging_slots=options.io_threads + 1,
         threads=options.threads or kernel_threads(),
     )

@@ -105,39 +105,47 @@ class BufferPool:
     copy itself takes and slower than a 2 GB/s disk.
 
     `recycle(data)` takes a dropped memoryview of a pool buffer; the buffer is reused only once nothing
-    views it any more (an mmap refuses to resize while exported), and at most `keep` free buffers are
-    retained: the rest are unmapped."""
+    views it any more (an mmap refuses to resize while exported). Free buffers beyond `limit()` bytes (the
+    staging room the memory plan leaves) are unmapped, oldest first, whenever the pool is touched."""
 
-    def __init__(self, keep: int = 1) -> None:
-        self.keep = keep
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
         self._lock = threading.Lock()
-        self._given: list[mmap.mmap] = []  # dropped by the cache, maybe still viewed
+        self._given: list[mmap.mmap] = []  # dropped by the cache, maybe still viewed; oldest first
         self.reused = 0
 
     def take(self, size: int) -> mmap.mmap:
         with self._lock:
-            free = [m for m in self._given if _unviewed(m)]
-            match = next((m for m in free if len(m) == size), None)
+            match = next((m for m in reversed(self._given) if len(m) == size and _unviewed(m)), None)
             if match is not None:
-                free.remove(match)
                 self._given.remove(match)
                 self.reused += 1
-            for m in free[: max(0, len(free) - self.keep)]:  # beyond `keep`: back to the system
-                self._given.remove(m)
-                m.close()
+            self._trim()
         return match if match is not None else mmap.mmap(-1, size)
 
     def recycle(self, data) -> None:
-        if self.keep and isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
+        if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
             with self._lock:
                 if not any(m is data.obj for m in self._given):
                     self._given.append(data.obj)
+                self._trim()
 
     @property
     def free_bytes(self) -> int:
-        """Bytes of retained buffers that nothing views (RSS the cache no longer counts)."""
+        """Bytes of retained buffers that nothing views (RSS the cache no longer counts), after a trim."""
         with self._lock:
-            return sum(len(m) for m in self._given if _unviewed(m))
+            return self._trim()
+
+    def _trim(self) -> int:
+        free = [m for m in self._given if _unviewed(m)]
+        held, room = sum(len(m) for m in free), max(0, self.limit())
+        for m in free:
+            if held <= room:
+                break
+            self._given.remove(m)
+            held -= len(m)
+            m.close()
+        return held
 
 
 def _unviewed(m: mmap.mmap) -> bool:

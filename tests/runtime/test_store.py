@@ -280,7 +280,7 @@ def test_buffer_pool_reuses_a_dropped_buffer_only_once_nothing_views_it(tmp_path
 
     path = tmp_path / "pool.bin"
     data = _write(path, 8 * ALIGN, seed=9)
-    pool = BufferPool(keep=1)
+    pool = BufferPool(limit=lambda: 2 * ALIGN)
     with ByteReader(pool=pool) as r:
         first = r.read_range(path, 0, 2 * ALIGN)
         buf = first.obj
@@ -298,13 +298,15 @@ def test_buffer_pool_reuses_a_dropped_buffer_only_once_nothing_views_it(tmp_path
         assert pool.free_bytes == 0
 
 
-def test_buffer_pool_keeps_at_most_keep_free_buffers():
+def test_buffer_pool_keeps_free_buffers_within_its_limit():
     from d2moe.runtime.store import BufferPool
 
-    pool = BufferPool(keep=1)
+    room = [3 * ALIGN]
+    pool = BufferPool(limit=lambda: room[0])
     bufs = [pool.take(ALIGN) for _ in range(3)]
     for b in bufs:
         pool.recycle(memoryview(b)[:10])
     assert pool.free_bytes == 3 * ALIGN  # unviewed once the views above are gone
-    pool.take(2 * ALIGN)  # a size none of them has: the extra free ones are unmapped
-    assert pool.free_bytes == ALIGN and sum(b.closed for b in bufs) == 2
+    room[0] = ALIGN  # reads now in flight take the staging room: the oldest free buffers are unmapped
+    assert pool.free_bytes == ALIGN and [b.closed for b in bufs] == [True, True, False]
+    assert pool.take(ALIGN) is bufs[2] and pool.free_bytes == 0
