@@ -11,8 +11,8 @@ one VNNI dot product per chunk, ~20% faster on 14336x4096) or int16 as two int8 
 weights' own error, SQNR ~21 dB at 4 bits, is far above int8 activations' ~40 dB) and higher
 levels int16, so that an 8-bit expert is not limited by its activations.
 
-Token counts pick the path (crossover measured on a Zen 4 core at 14336x4096, BENCHMARKS.md):
-up to `gemv_max_tokens` rows the integer kernel reads a row tile's planes once per 4-token register
+Token counts pick the path (crossovers measured at 14336x4096 on a Zen 4 and an AVX2 Zen 3, BENCHMARKS.md):
+up to `gemv_limit(level)` rows the integer kernel reads a row tile's planes once per 4-token register
 block; above it (prefill) the weights are dequantized a tile of rows at a time into a bounded
 buffer per thread feeding torch's GEMM (bf16 where the CPU multiplies bf16 natively, as a bf16
 checkpoint runs in transformers; fp32 elsewhere), so the dequantization is paid once for all
@@ -42,6 +42,10 @@ from d2moe.kernels.reference import dequantize_reference
 
 BACKENDS = ("auto", "native", "reference")
 GEMV_MAX_TOKENS = 16  # above: tile dequantization + GEMM (crossover measured at real shapes)
+# int8 activations against float32 tiles (CPUs without a native bf16 GEMM): the integer kernel stays ahead
+# to ~64-128 tokens (14336x4096, AVX2 Zen 3: level 4 at 32 tokens 85 ms vs 107 for tiles, level 2 68 vs 112;
+# level 8's int16 activations lose from ~10 tokens, so they keep the default)
+GEMV_MAX_TOKENS_INT8_FP32 = 64
 INT8_ACTIVATIONS_UP_TO = 4  # auto: int8 activations for levels <= 4, int16 above
 TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest (bf16)
 # Prefill tiles in bf16 where the CPU has a native bf16 GEMM, else fp32 (a software bf16 GEMM is far slower)
@@ -66,7 +70,7 @@ class Prepared:
 
 
 class ExpertKernels:
-    def __init__(self, backend: str = "auto", threads: int = 1, gemv_max_tokens: int = GEMV_MAX_TOKENS,
+    def __init__(self, backend: str = "auto", threads: int = 1, gemv_max_tokens: int | None = None,
                  activation_bits: int | None = None, device: str = "cpu") -> None:
         if backend not in BACKENDS:
             raise UsageError(f"--kernels {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
@@ -88,7 +92,7 @@ class ExpertKernels:
         if backend == "native" and self.lib is None and self.gpu is None:
             raise UsageError("native CPU kernels are unavailable here (no C compiler?): use --kernels auto or reference")
         self.splitter = cpu.RowSplitter(threads)
-        self.gemv_max_tokens = gemv_max_tokens
+        self.gemv_max_tokens = gemv_max_tokens  # None: by level and CPU (gemv_limit)
         self.workspace_bytes = 0  # what forward holds right now (activations, quantized x, a weight tile)
         self.on_workspace: Callable[[], None] | None = None  # called when the workspace reaches a new peak
         self._peak = 0
@@ -108,7 +112,7 @@ class ExpertKernels:
     def forward_group(self, work: list[tuple[object, torch.Tensor]], act_fn) -> list[torch.Tensor]:
         """forward() of each (prepared, x): one grouped launch on the GPU, one call each elsewhere."""
         if self.gpu is not None:
-            return self.gpu.forward_group(work, act_fn, self.gemv_max_tokens)
+            return self.gpu.forward_group(work, act_fn, self.gemv_max_tokens or GEMV_MAX_TOKENS)
         return [self.forward(p, x, act_fn) for p, x in work]
 
     def prepare(self, mats: dict[str, PackedMatrix], level: int) -> Prepared:
@@ -121,19 +125,30 @@ class ExpertKernels:
     def forward(self, p: Prepared, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """y [N, H] = down(act(gate x) * (up x)) for x [N, H] float32."""
         if self.gpu is not None:
-            return self.gpu.forward(p, x, act_fn, self.gemv_max_tokens)
+            return self.gpu.forward(p, x, act_fn, self.gemv_max_tokens or GEMV_MAX_TOKENS)
         if self.lib is None:
             return self._forward_reference(p, x, act_fn)
-        if x.shape[0] > self.gemv_max_tokens:
+        if x.shape[0] > self.gemv_limit(p.level):
             gate, up = self._tiled(p.gate, x), self._tiled(p.up, x)
             h = act_fn(gate) * up
             return self._tiled(p.down, h)
-        bits = self.activation_bits or (8 if p.level <= INT8_ACTIVATIONS_UP_TO else 16)
+        bits = self.activation_bits_for(p.level)
         qx = cpu.QuantizedX(self.lib, x, p.gate.group_size, bits)
         gate, up = self._gemv(p.gate, qx), self._gemv(p.up, qx)
         h = act_fn(gate) * up
         self._hold(qx, h)
         return self._gemv(p.down, cpu.QuantizedX(self.lib, h, p.down.group_size, bits))
+
+    def activation_bits_for(self, level: int) -> int:
+        return self.activation_bits or (8 if level <= INT8_ACTIVATIONS_UP_TO else 16)
+
+    def gemv_limit(self, level: int) -> int:
+        """Most rows the integer kernel takes at `level`; above, dequantized tiles feed a GEMM."""
+        if self.gemv_max_tokens is not None:
+            return self.gemv_max_tokens
+        if self.activation_bits_for(level) == 8 and TILE_DTYPE == torch.float32:
+            return GEMV_MAX_TOKENS_INT8_FP32
+        return GEMV_MAX_TOKENS
 
     def _gemv(self, desc, qx) -> torch.Tensor:
         return cpu.gemv(self.lib, desc, qx, self.splitter)

@@ -257,3 +257,17 @@ def test_real_shapes_within_the_bound(shape):
         for bits in (8, 16):
             y = cpu.gemv(lib, cpu.MatrixDesc(m, level), cpu.QuantizedX(lib, x, 64, bits))
             assert ((y - x @ w.T).abs() <= _error_bound(w, x, 64, bits)).all(), (level, bits)
+
+
+def test_the_integer_kernel_takes_more_rows_where_tiles_are_float32():
+    """Prefill's path per level: int8-activation levels keep the integer kernel to 64 rows where tiles
+    would be float32 (no native bf16 GEMM), int16 levels and bf16 tiles switch at 16; an explicit
+    `gemv_max_tokens` wins everywhere."""
+    from d2moe.kernels import dispatch
+
+    auto = ExpertKernels("native")
+    int8_rows = dispatch.GEMV_MAX_TOKENS_INT8_FP32 if dispatch.TILE_DTYPE == torch.float32 else dispatch.GEMV_MAX_TOKENS
+    assert auto.gemv_limit(2) == auto.gemv_limit(4) == int8_rows
+    assert auto.gemv_limit(8) == dispatch.GEMV_MAX_TOKENS
+    assert ExpertKernels("native", activation_bits=16).gemv_limit(2) == dispatch.GEMV_MAX_TOKENS
+    assert ExpertKernels("native", gemv_max_tokens=5).gemv_limit(8) == 5
