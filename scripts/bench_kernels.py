@@ -1,7 +1,7 @@
 """Kernel table: y = W_b x from packed MWQ planes per level and batch, beside torch's own kernels.
 
     python scripts/bench_kernels.py [--shape 14336x4096] [--levels 2,3,4,8] [--batches 1,4,8]
-                                    [--threads 1] [--repeats 7] [--json out.json]
+                                    [--threads 1] [--repeats 7] [--tiles] [--json out.json]
 
 For each level b the native kernel (planes blocked where the runtime blocks them) (d2moe.kernels.cpu) runs on random planes of the shape (its
 speed does not depend on the values), with the runtime's activation width (int8 up to level 4,
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--activation-bits", type=int, choices=(8, 16), default=None,
                    help="force int8/int16 activations (default: as the runtime, int8 up to level 4)")
+    p.add_argument("--tiles", action="store_true",
+                   help="also time each level's prefill path (dequantized tiles + GEMM) at every batch: the crossover")
     p.add_argument("--json", default=None, help="write the table here as JSON")
     a = p.parse_args(argv)
     rows, cols = (int(v) for v in a.shape.lower().split("x"))
@@ -94,8 +96,14 @@ def main(argv=None) -> int:
     systems = {f"d2moe level {b}": (lambda x, b=b: cpu.gemv(lib, descs[b], cpu.QuantizedX(lib, x, a.group_size,
                                                                                        act_bits(b)), splitter))
                for b in levels}
+    if a.tiles:
+        from d2moe.kernels.dispatch import ExpertKernels
+
+        tiler = ExpertKernels("native", threads=a.threads)
+        systems.update({f"d2moe level {b} tiles": (lambda x, b=b: tiler._tiled(descs[b], x)) for b in levels})
     systems.update(_torch_rows(rows, cols))
-    nbytes = {**{f"d2moe level {b}": packed_bytes[b] for b in levels}, "torch bf16": 2 * rows * cols,
+    nbytes = {**{f"d2moe level {b}": packed_bytes[b] for b in levels},
+              **{f"d2moe level {b} tiles": packed_bytes[b] for b in levels}, "torch bf16": 2 * rows * cols,
               "torch fp32": 4 * rows * cols, "torch int4 (g64)": rows * cols // 2 + 4 * groups, "torch int8": rows * cols + 2 * rows}
     results = []
     for n in batches:
