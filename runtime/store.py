@@ -113,6 +113,9 @@ class BufferPool:
         self._lock = threading.Lock()
         self._given: list[mmap.mmap] = []  # dropped by the cache, maybe still viewed; oldest first
         self.reused = 0
+        probe = mmap.mmap(-1, mmap.PAGESIZE)
+        self.enabled = _unviewed(probe) is True  # off where anonymous maps cannot be resized: it could not tell
+        probe.close()
 
     def take(self, size: int) -> mmap.mmap:
         with self._lock:
@@ -124,7 +127,7 @@ class BufferPool:
         return match if match is not None else mmap.mmap(-1, size)
 
     def recycle(self, data) -> None:
-        if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
+        if self.enabled and isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
             with self._lock:
                 if not any(m is data.obj for m in self._given):
                     self._given.append(data.obj)
@@ -148,15 +151,18 @@ class BufferPool:
         return held
 
 
-def _unviewed(m: mmap.mmap) -> bool:
-    """Whether no memoryview or tensor views `m` (a same-size resize is refused while one does)."""
+def _unviewed(m: mmap.mmap) -> bool | None:
+    """Whether no memoryview or tensor views `m` (a same-size resize is refused while one does); None where
+    this platform cannot resize an anonymous map, so the test cannot tell."""
     if m.closed:
         return False
     try:
         m.resize(len(m))
         return True
-    except (BufferError, OSError, SystemError, ValueError):
+    except BufferError:
         return False
+    except (OSError, SystemError, ValueError):
+        return None
 
 
 class ByteReader:

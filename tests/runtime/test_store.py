@@ -310,3 +310,13 @@ def test_buffer_pool_keeps_free_buffers_within_its_limit():
     room[0] = ALIGN  # reads now in flight take the staging room: the oldest free buffers are unmapped
     assert pool.free_bytes == ALIGN and [b.closed for b in bufs] == [True, True, False]
     assert pool.take(ALIGN) is bufs[2] and pool.free_bytes == 0
+
+
+def test_buffer_pool_turns_itself_off_where_it_cannot_tell_a_viewed_buffer(monkeypatch):
+    from d2moe.runtime import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_unviewed", lambda m: None)  # e.g. no anonymous mremap on this OS
+    pool = store_mod.BufferPool(limit=lambda: 10 * ALIGN)
+    buf = pool.take(ALIGN)
+    pool.recycle(memoryview(buf))
+    assert not pool.enabled and pool.free_bytes == 0 and pool.take(ALIGN) is not buf  # nothing retained
