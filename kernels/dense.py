@@ -7,11 +7,13 @@ bandwidth; torch's bf16 GEMV reached 10.6 GB/s on a Zen 4 core where a plain loa
 loop reaches the memory's rate (BENCHMARKS.md), and torch's intra-op threads stall whenever
 another process holds a core, where the kernels' row splitter hands a slowed thread fewer rows.
 
-`int8=True` (run --dense-weights int8) also replaces each large weight by a per-row symmetric
+`weights="int8"` (run --dense-weights int8) also replaces each large weight by a per-row symmetric
 int8 copy and a float32 scale per row (weight-only: activations stay float32): half the bytes of
-bf16 to read per token, at a measured perplexity cost (BENCHMARKS.md). Weights shared with
-another module (tied embeddings) stay as they are. Results are float32-accumulated and returned
-in the layer's dtype, like torch's.
+bf16 to read per token. `weights="int4"` fits each large weight whose width is a multiple of 64 as a
+one-level 4-bit MWQ matrix (the experts' own format and fit, group 64: 4.5 bits per weight) and
+computes it with the expert kernels: a quarter of bf16's bytes. Both cost perplexity, measured in
+BENCHMARKS.md. Weights shared with another module (tied embeddings) stay as they are. Results are
+float32-accumulated and returned in the layer's dtype, like torch's.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2moe.errors import UsageError
 from d2moe.kernels import cpu
+from d2moe.kernels.packed import PackedMatrix
 
 MAX_TOKENS = 8  # above: torch's GEMM (prefill), where the weights are reused across tokens
+INT4_GROUP = 64
+INT4_MAX_TOKENS = 64  # int4: the integer kernel up to here (its crossover with fp32 tiles, kernels/dispatch.py)
+WEIGHTS = ("source", "int8", "int4")
 INT8_MIN_ELEMS = 1 << 16  # smaller layers (routers, norms' neighbours) keep their dtype
 TILE_ROWS = 512  # prefill: rows widened to float32 at a time (int8, or 16-bit without a native 16-bit GEMM)
 _NATIVE_HALF_GEMM = cpu.has_bf16_gemm()
@@ -42,9 +49,24 @@ def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     return q, scale
 
 
-def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, int8: bool = False, keep=()) -> int:
+def quantize_int4(w: torch.Tensor) -> PackedMatrix:
+    """w [O, I] as a one-level 4-bit MWQ matrix (native fit, group INT4_GROUP), planes as the kernels read them."""
+    from d2moe.quantize import MWQConfig, native
+
+    qlib = native.load()
+    if qlib is None:
+        raise UsageError("--dense-weights int4 needs the native quantizer (a C compiler): use int8 or source")
+    fit = native.fit_sliced(qlib, w.detach(), MWQConfig(bits=(4,), group_size=INT4_GROUP), refits=0, weighting="mse")
+    m = PackedMatrix.from_mwq(fit.tensor)
+    return cpu.blocked(m) if cpu.blocks_planes(INT4_GROUP) else m
+
+
+def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str = "source", keep=()) -> int:
     """Route the model's resident CPU `nn.Linear` layers through the kernel; count them. Weights in
-    `keep` (the routers, read by the runtime too) and weights shared by two modules stay in their dtype."""
+    `keep` (the routers, read by the runtime too) and weights shared by two modules stay in their dtype;
+    `weights` (WEIGHTS) is what the large others become."""
+    if weights not in WEIGHTS:
+        raise UsageError(f"--dense-weights {weights!r} is unknown: use {', '.join(WEIGHTS)}")
     if lib is None:
         return 0
     shared = _shared_weights(model) | {id(p) for p in keep}
@@ -55,7 +77,14 @@ def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, int8: bool =
         w = module.weight
         if w.device.type != "cpu" or w.dtype not in cpu.DENSE_DTYPES or w.is_meta or not w.is_contiguous():
             continue
-        if int8 and w.numel() >= INT8_MIN_ELEMS and id(w) not in shared and w.dtype != torch.int8:
+        small = w.numel() < INT8_MIN_ELEMS or id(w) in shared or w.dtype == torch.int8
+        if weights == "int4" and not small and w.shape[1] % INT4_GROUP == 0:
+            m = quantize_int4(w)
+            del module.weight  # the packed copy replaces it: its bytes are freed
+            for name, t in (("offset", m.offset), ("scale", m.scale), *((f"plane{i}", p) for i, p in enumerate(m.planes))):
+                module.register_buffer(f"weight_int4_{name}", t)  # counted with the model's buffers
+            module.forward = _int4_forward(module, lib, splitter, cpu.MatrixDesc(m, 4))
+        elif weights != "source" and not small:
             q, scale = quantize_rows_int8(w)
             del module.weight  # the int8 copy replaces it: its bytes are freed
             module.register_buffer("weight_int8", q)
@@ -111,6 +140,28 @@ def _tiled_fp32(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = N
         tile = w[r0:r1].float()
         torch.mm(tile if scale is None else tile.mul_(scale[r0:r1, None]), xt, out=yt[r0:r1])
     return yt.t()
+
+
+def _int4_forward(module: nn.Linear, lib, splitter, desc: cpu.MatrixDesc):
+    rows, cols = desc.rows, desc.cols
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        tokens = _tokens(x)
+        x2 = x.reshape(tokens, cols).float()
+        if tokens <= INT4_MAX_TOKENS:
+            y = cpu.gemv(lib, desc, cpu.QuantizedX(lib, x2, INT4_GROUP, 8), splitter)
+        else:  # prefill: float32 tiles of the 4-bit weight feed a GEMM
+            y = torch.empty(rows, tokens, dtype=torch.float32)
+            xt, tile = x2.t(), torch.empty(min(TILE_ROWS, rows), cols)
+            for r0 in range(0, rows, TILE_ROWS):
+                r1 = min(rows, r0 + TILE_ROWS)
+                torch.mm(cpu.dequant_rows(lib, desc, r0, r1, tile[: r1 - r0]), xt, out=y[r0:r1])
+            y = y.t()
+        if module.bias is not None:
+            y += module.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+    return forward
 
 
 def _int8_forward(module: nn.Linear, lib, splitter, shape: torch.Size):

@@ -50,7 +50,7 @@ class RunOptions:
     use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
     threads: int | None = None  # kernel row threads (None: the process default, d2moe.options.set_threads)
     kernels: str = "auto"  # auto (native where it builds) | native | reference (the torch oracle)
-    dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row weight-only, half of bf16's bytes)
+    dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row, half of bf16's bytes) | int4 (MWQ 4-bit)
     activations: str = "auto"  # decode activations in the expert kernels: auto (int8 up to level 4) | int8 | int16
     device: str = "cpu"  # cpu | cuda (experts cached on the GPU, CUDA kernels; d2moe.runtime.device)
     on_miss: str = "load"  # what a low-importance miss does: load | lowbit | substitute | skip (d2moe.runtime.miss)
@@ -118,11 +118,13 @@ class Session:
             activation_bits=None if options.activations == "auto" else int(options.activations[3:]), device=options.device)
         if self.kernels.lib is None and options.device == "cpu":  # the torch reference computes: it gets the compute threads
             torch.set_num_threads(self.kernels.splitter.threads)
-        if options.dense_weights not in ("source", "int8"):
-            raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use source or int8")
-        if options.dense_weights == "int8" and (self.kernels.lib is None or options.device != "cpu"):
-            raise UsageError("--dense-weights int8 runs on the native kernels, which are unavailable here "
-                             "(no C compiler, or --kernels reference): use --dense-weights source")
+        from d2moe.kernels.dense import WEIGHTS
+
+        if options.dense_weights not in WEIGHTS:
+            raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use {', '.join(WEIGHTS)}")
+        if options.dense_weights != "source" and (self.kernels.lib is None or options.device != "cpu"):
+            raise UsageError(f"--dense-weights {options.dense_weights} runs on the native kernels, which are unavailable "
+                             "here (no C compiler, or --kernels reference): use --dense-weights source")
         import d2moe.runtime.generate  # noqa: F401  (code, like the kernels above, loads before the RSS baseline)
 
         # start-up ends here: the meter's RSS baseline excludes code (imports, the compiled kernels),
@@ -148,7 +150,7 @@ class Session:
             self.model.to("cuda")
         routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
         if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
-            patch_linears(self.model, self.kernels.lib, self.kernels.splitter, int8=options.dense_weights == "int8",
+            patch_linears(self.model, self.kernels.lib, self.kernels.splitter, weights=options.dense_weights,
                           keep=routers.values())
         self.gate = self._load_gate(routers)
         if on_gpu and self.gate is not None:

@@ -46,6 +46,8 @@ def eval_command(
         help="auto (decode when --on-miss is lossy, else window) | window (one forward per window) | decode "
              "(one token per forward through the KV cache, as generation runs).")] = "auto",
     lossless: Annotated[bool, typer.Option("--lossless", help="Score the exact experts of the lossless tier (pack --lossless).")] = False,
+    dense_weights: Annotated[str, typer.Option(
+        help="Dense layers as `run` computes them: source | int8 | int4 (what each costs in perplexity).")] = "source",
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""
@@ -60,8 +62,12 @@ def eval_command(
     if scoring not in ("auto", "window", "decode"):
         raise UsageError(f"--scoring {scoring!r} is unknown: use auto, window or decode")
     scoring = ("decode" if on_miss != "load" else "window") if scoring == "auto" else scoring
+    from d2moe.kernels.dense import WEIGHTS
+
+    if dense_weights not in WEIGHTS:
+        raise UsageError(f"--dense-weights {dense_weights!r} is unknown: use {', '.join(WEIGHTS)}")
     run_options = {"on_miss": on_miss, "miss_threshold": miss_threshold, "miss_importance": miss_importance,
-                   "lossless": lossless}
+                   "lossless": lossless, "dense_weights": dense_weights}
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not text and dataset is None and not task_list:
         raise UsageError("nothing to evaluate: give --text FILE, --dataset NAME or --tasks TASKS")

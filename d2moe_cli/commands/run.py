@@ -91,7 +91,8 @@ def run(
         help="Expert-kernel activations: auto (int8 for levels <= 4, int16 above) | int8 (fast, as llama.cpp's Q8) "
              "| int16 (within ~1e-4 of float).")] = "auto",
     dense_weights: Annotated[str, typer.Option(
-        help="Dense layers: source (packed dtype) | int8 (per-row weight-only: half the bytes, small quality cost).")] = "source",
+        help="Dense layers: source (packed dtype) | int8 (per-row weight-only: half the bytes) | int4 (4-bit MWQ, "
+             "group 64, on the expert kernels: a quarter); both cost some perplexity (BENCHMARKS.md).")] = "source",
     device: Annotated[str, typer.Option(
         help="cpu | cuda (experts cached on the GPU, CUDA kernels; needs pip install -e '.[cuda]').")] = "cpu",
     on_miss: Annotated[str, typer.Option(

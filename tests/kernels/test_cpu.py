@@ -231,13 +231,37 @@ def test_int8_dense_weights_halve_the_bytes_within_the_rounding_bound():
     with torch.no_grad():
         want = model(x).float()
         before = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        patch_linears(model, lib, cpu.RowSplitter(1), int8=True)
+        patch_linears(model, lib, cpu.RowSplitter(1), weights="int8")
         after = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         got, got_prefill = model(x).float(), model(x.repeat(8, 1)).float()[:2]  # decode and tiled prefill paths
     assert not hasattr(big, "weight") and small.weight.dtype == torch.bfloat16  # only the large layer
     assert after < 0.6 * before
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     torch.testing.assert_close(got, got_prefill, rtol=2e-2, atol=2e-2)
+
+
+def test_int4_dense_weights_are_the_expert_format_at_a_quarter_of_the_bytes():
+    from d2moe.kernels.dense import INT4_MAX_TOKENS, patch_linears, quantize_int4
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.nn.Linear(512, 256, bias=True).bfloat16().eval()
+    odd = torch.nn.Linear(520, 256, bias=False).bfloat16().eval()  # 520 columns: not groups of 64, int8 instead
+    with torch.no_grad():
+        big.weight.copy_(torch.randn(256, 512, generator=g) * 0.05)
+        w4 = cpu.dequant_rows(lib, cpu.MatrixDesc(quantize_int4(big.weight), 4), 0, 256)  # the fit is deterministic
+        x = torch.randn(3, 512, generator=g).bfloat16()
+        before = sum(t.numel() * t.element_size() for t in big.parameters())
+        want = x.float() @ w4.T + big.bias.float()
+        patch_linears(torch.nn.Sequential(big, odd), lib, cpu.RowSplitter(1), weights="int4")
+        after = sum(t.numel() * t.element_size() for t in [*big.parameters(), *big.buffers()])
+        got = big(x).float()
+        got_prefill = big(x.repeat(INT4_MAX_TOKENS // 3 + 1, 1)).float()[:3]  # the tiled path
+    assert not hasattr(big, "weight") and hasattr(odd, "weight_int8")
+    assert after < 0.3 * before  # 4.5 bits per weight (+ the bias) against 16
+    # the 4-bit weight exactly, up to int8 activations (decode: the kernels' bound) and bf16 output rounding
+    rounding = want.abs() * 2**-8 + 1e-6
+    assert ((got - want).abs() <= _error_bound(w4, x.float(), 64, 8) + rounding).all()
+    assert ((got_prefill - want).abs() <= 1e-4 * (x.float().abs() @ w4.abs().T) + rounding).all()
 
 
 @pytest.mark.slow
