@@ -28,7 +28,6 @@ from d2moe.kernels.packed import PackedMatrix
 
 MAX_TOKENS = 8  # above: torch's GEMM (prefill), where the weights are reused across tokens
 INT4_GROUP = 64
-INT4_MAX_TOKENS = 64  # int4: the integer kernel up to here (its crossover with fp32 tiles, kernels/dispatch.py)
 WEIGHTS = ("source", "int8", "int4")
 INT8_MIN_ELEMS = 1 << 16  # smaller layers (routers, norms' neighbours) keep their dtype
 TILE_ROWS = 512  # prefill: rows widened to float32 at a time (int8, or 16-bit without a native 16-bit GEMM)
@@ -143,20 +142,19 @@ def _tiled_fp32(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = N
 
 
 def _int4_forward(module: nn.Linear, lib, splitter, desc: cpu.MatrixDesc):
-    rows, cols = desc.rows, desc.cols
+    """The expert kernels' per-matrix path: int8-activation GEMV up to their measured limit against float32
+    tiles, which serve above it (a dense layer's 4-bit error is its only one: no bf16 rounding on top)."""
+    from d2moe.kernels.dispatch import gemv_limit, tiled_matmul
+
+    rows, cols, limit = desc.rows, desc.cols, gemv_limit(8, torch.float32)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         tokens = _tokens(x)
         x2 = x.reshape(tokens, cols).float()
-        if tokens <= INT4_MAX_TOKENS:
+        if tokens <= limit:
             y = cpu.gemv(lib, desc, cpu.QuantizedX(lib, x2, INT4_GROUP, 8), splitter)
-        else:  # prefill: float32 tiles of the 4-bit weight feed a GEMM
-            y = torch.empty(rows, tokens, dtype=torch.float32)
-            xt, tile = x2.t(), torch.empty(min(TILE_ROWS, rows), cols)
-            for r0 in range(0, rows, TILE_ROWS):
-                r1 = min(rows, r0 + TILE_ROWS)
-                torch.mm(cpu.dequant_rows(lib, desc, r0, r1, tile[: r1 - r0]), xt, out=y[r0:r1])
-            y = y.t()
+        else:  # prefill
+            y = tiled_matmul(lib, desc, x2, splitter, dtype=torch.float32)
         if module.bias is not None:
             y += module.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], rows)

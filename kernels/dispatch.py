@@ -146,40 +146,13 @@ class ExpertKernels:
         """Most rows the integer kernel takes at `level`; above, dequantized tiles feed a GEMM."""
         if self.gemv_max_tokens is not None:
             return self.gemv_max_tokens
-        if self.activation_bits_for(level) == 8 and TILE_DTYPE == torch.float32:
-            return GEMV_MAX_TOKENS_INT8_FP32
-        return GEMV_MAX_TOKENS
+        return gemv_limit(self.activation_bits_for(level))
 
     def _gemv(self, desc, qx) -> torch.Tensor:
         return cpu.gemv(self.lib, desc, qx, self.splitter)
 
     def _tiled(self, desc, x: torch.Tensor) -> torch.Tensor:
-        """x [N, I] @ W^T by dequantizing at most TILE_ROWS rows at a time per thread into a reused
-        TILE_DTYPE buffer feeding torch's GEMM (one torch thread each: the splitter spreads the tiles).
-        bf16 where the CPU has native bf16 (its GEMM has twice fp32's rate), fp32 elsewhere."""
-        rows, tokens = desc.rows, x.shape[0]
-        out = torch.empty(rows, tokens, dtype=TILE_DTYPE)  # W x^T, transposed at the end
-        xt = x.to(TILE_DTYPE).t()
-        # torch's GEMM is already threaded in the prefill forward (run.decode's prefill_threads): one
-        # tile stream then, else the splitter spreads tiles over threads with one torch thread each
-        threads = 1 if torch.get_num_threads() > 1 else min(self.splitter.threads, max(1, rows // TILE_ROWS))
-        self._hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * TILE_DTYPE.itemsize)
-
-        inference = torch.is_inference_mode_enabled()  # thread-local: the splitter's threads enter it too
-
-        def rows_of(r0: int, r1: int) -> None:
-            with torch.inference_mode(inference):
-                tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=TILE_DTYPE)
-                for t0 in range(r0, r1, TILE_ROWS):
-                    t1 = min(r1, t0 + TILE_ROWS)
-                    w = cpu.dequant_rows(self.lib, desc, t0, t1, tile[: t1 - t0])
-                    torch.mm(w, xt, out=out[t0:t1])
-
-        if threads == 1:
-            rows_of(0, rows)
-        else:
-            self.splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
-        return out.t().float()
+        return tiled_matmul(self.lib, desc, x, self.splitter, self._hold)
 
     def _forward_reference(self, p: Prepared, x, act_fn) -> torch.Tensor:
         level = p.level
@@ -209,6 +182,45 @@ class ExpertKernels:
 
     def close(self) -> None:
         self.splitter.close()
+
+
+def gemv_limit(activation_bits: int, tile_dtype: torch.dtype = TILE_DTYPE) -> int:
+    """Most rows the integer kernel takes with these activations before `tile_dtype` tiles + GEMM win (measured)."""
+    if activation_bits == 8 and tile_dtype == torch.float32:
+        return GEMV_MAX_TOKENS_INT8_FP32
+    return GEMV_MAX_TOKENS
+
+
+def tiled_matmul(lib, desc, x: torch.Tensor, splitter: cpu.RowSplitter, hold: Callable[..., None] | None = None,
+                 dtype: torch.dtype = TILE_DTYPE) -> torch.Tensor:
+    """x [N, I] @ W^T float32 by dequantizing at most TILE_ROWS rows at a time per thread into a reused
+    `dtype` buffer feeding torch's GEMM (one torch thread each: the splitter spreads the tiles). TILE_DTYPE
+    is bf16 where the CPU has native bf16 (its GEMM has twice fp32's rate), fp32 elsewhere. `hold(*tensors,
+    extra=bytes)` is told what the call holds (the memory meter)."""
+    rows, tokens = desc.rows, x.shape[0]
+    out = torch.empty(rows, tokens, dtype=dtype)  # W x^T, transposed at the end
+    xt = x.to(dtype).t()
+    # torch's GEMM is already threaded in the prefill forward (run.decode's prefill_threads): one
+    # tile stream then, else the splitter spreads tiles over threads with one torch thread each
+    threads = 1 if torch.get_num_threads() > 1 else min(splitter.threads, max(1, rows // TILE_ROWS))
+    if hold is not None:
+        hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * dtype.itemsize)
+
+    inference = torch.is_inference_mode_enabled()  # thread-local: the splitter's threads enter it too
+
+    def rows_of(r0: int, r1: int) -> None:
+        with torch.inference_mode(inference):
+            tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=dtype)
+            for t0 in range(r0, r1, TILE_ROWS):
+                t1 = min(r1, t0 + TILE_ROWS)
+                w = cpu.dequant_rows(lib, desc, t0, t1, tile[: t1 - t0])
+                torch.mm(w, xt, out=out[t0:t1])
+
+    if threads == 1:
+        rows_of(0, rows)
+    else:
+        splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
+    return out.t().float()
 
 
 def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, threads: int) -> int:

@@ -239,7 +239,11 @@ class ExpertCache:
                 raise KeyError(f"cannot extend {key}: it is not in the cache")
             if level <= old.level:
                 raise UsageError(f"cannot extend {key} from level {old.level} to level {level}")
-            return self.put(key, level, _concat(old.data, extra, self.alloc))
+            if not self.put(key, level, _concat(old.data, extra, self.alloc)):
+                return False
+            if self.on_drop is not None:  # `extra` was copied into the entry
+                self.on_drop(extra)
+            return True
 
     def discard(self, key: Hashable) -> None:
         with self._lock:

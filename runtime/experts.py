@@ -298,8 +298,6 @@ class ExpertPipeline:
             return data
         _, held = self.cache.get(w.key)
         if self.cache.extend(w.key, level, data):
-            if self.cache.on_drop is not None:  # the upgrade's bytes were copied into the entry
-                self.cache.on_drop(data)
             return self.cache.get(w.key)[1]
         self.stats.dropped += 1
         return _concat(held, data, self.cache.alloc)

@@ -35,13 +35,12 @@ dtype=torch.uint8)` wraps it without a copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import errno
 import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path

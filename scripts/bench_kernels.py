@@ -97,10 +97,10 @@ def main(argv=None) -> int:
                                                                                        act_bits(b)), splitter))
                for b in levels}
     if a.tiles:
-        from d2moe.kernels.dispatch import ExpertKernels
+        from d2moe.kernels.dispatch import tiled_matmul
 
-        tiler = ExpertKernels("native", threads=a.threads)
-        systems.update({f"d2moe level {b} tiles": (lambda x, b=b: tiler._tiled(descs[b], x)) for b in levels})
+        systems.update({f"d2moe level {b} tiles": (lambda x, b=b: tiled_matmul(lib, descs[b], x, splitter))
+                        for b in levels})
     systems.update(_torch_rows(rows, cols))
     nbytes = {**{f"d2moe level {b}": packed_bytes[b] for b in levels},
               **{f"d2moe level {b} tiles": packed_bytes[b] for b in levels}, "torch bf16": 2 * rows * cols,

@@ -96,7 +96,7 @@ def requantize(x, step, offset, rows, cols, group, levels, importance):
                 best = [st, of, obj]
             else:
                 better = obj < best[2]
-                best = [torch.where(better, a, b) for a, b in zip((st, of, obj), best)]
+                best = [torch.where(better, a, b) for a, b in zip((st, of, obj), best, strict=True)]
     return best[0], best[1]
 
 

@@ -145,8 +145,7 @@ class PackedCheckpoint:
         """The bit-plane rows that a `byte_range(layer, expert, have_level, want_level)` read brought, as
         uint8 [planes * rows, I/8] views into `data` (the CPU kernels re-lay them out in place)."""
         view = memoryview(data).cast("B")
-        first = 0 if have_level is None else self.cfg.level_index(have_level) + 1
-        base = 0 if have_level is None else self.level_nbytes(have_level)
+        first, base = self._read_start(have_level)
         out = []
         for i in range(first, self.cfg.level_index(want_level) + 1):
             start = self.layout.segment_range(i)[0] - base
@@ -159,9 +158,14 @@ class PackedCheckpoint:
     def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int) -> None:
         """Check the crc32 of the segments that a `byte_range(layer, expert, have_level, want_level)` read brought."""
         e = self.entry(layer, expert)
-        first = 0 if have_level is None else self.cfg.level_index(have_level) + 1
-        base = 0 if have_level is None else self.level_nbytes(have_level)
+        first, base = self._read_start(have_level)
         self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
+
+    def _read_start(self, have_level: int | None) -> tuple[int, int]:
+        """(first segment, its byte offset in the blob) of a read that starts above `have_level`."""
+        if have_level is None:
+            return 0, 0
+        return self.cfg.level_index(have_level) + 1, self.level_nbytes(have_level)
 
     def _check_crc(self, e: ExpertEntry, blob, upto: int, first: int = 0, base: int = 0) -> None:
         """Segments first..upto of `blob`, whose byte 0 is byte `base` of the expert's blob."""

@@ -241,7 +241,8 @@ def test_int8_dense_weights_halve_the_bytes_within_the_rounding_bound():
 
 
 def test_int4_dense_weights_are_the_expert_format_at_a_quarter_of_the_bytes():
-    from d2moe.kernels.dense import INT4_MAX_TOKENS, patch_linears, quantize_int4
+    from d2moe.kernels.dense import patch_linears, quantize_int4
+    from d2moe.kernels.dispatch import gemv_limit
 
     g = torch.Generator().manual_seed(0)
     big = torch.nn.Linear(512, 256, bias=True).bfloat16().eval()
@@ -255,7 +256,7 @@ def test_int4_dense_weights_are_the_expert_format_at_a_quarter_of_the_bytes():
         patch_linears(torch.nn.Sequential(big, odd), lib, cpu.RowSplitter(1), weights="int4")
         after = sum(t.numel() * t.element_size() for t in [*big.parameters(), *big.buffers()])
         got = big(x).float()
-        got_prefill = big(x.repeat(INT4_MAX_TOKENS // 3 + 1, 1)).float()[:3]  # the tiled path
+        got_prefill = big(x.repeat(gemv_limit(8, torch.float32) // 3 + 1, 1)).float()[:3]  # the tiled path
     assert not hasattr(big, "weight") and hasattr(odd, "weight_int8")
     assert after < 0.3 * before  # 4.5 bits per weight (+ the bias) against 16
     # the 4-bit weight exactly, up to int8 activations (decode: the kernels' bound) and bf16 output rounding

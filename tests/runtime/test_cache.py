@@ -282,3 +282,6 @@ def test_dropped_entries_are_handed_to_on_drop():
     assert dropped[-1] is b and cache.peek("b") == 4
     cache.discard("c")
     assert dropped[-1] is c and len(dropped) == len({id(d) for d in dropped})
+    extra = bytes(10)
+    assert cache.extend("b", 8, extra)  # the held prefix and the segment copied after it both go
+    assert dropped[-2:] == [a4, extra] and dropped[-1] is extra
