@@ -123,8 +123,8 @@ class LosslessStore:
 
     def submit(self, read: Read, then=None) -> Future:
         if then is None:
-            return self.reader._pool.submit(self._read_and_decode, read.layer, read.expert)
-        return self.reader._pool.submit(lambda: then(read, self._read_and_decode(read.layer, read.expert)))
+            return self.reader.run(lambda: self._read_and_decode(read.layer, read.expert))
+        return self.reader.run(lambda: then(read, self._read_and_decode(read.layer, read.expert)))
 
     def read(self, read: Read):
         return self._read_and_decode(read.layer, read.expert)

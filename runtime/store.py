@@ -19,7 +19,7 @@ Public API
 ----------
 ByteReader(io_threads=4, bandwidth=None, direct=True)
     read_range(path, offset, nbytes) -> memoryview      # exactly those bytes, zero-copy view
-    submit(path, offset, nbytes) -> Future[memoryview]
+    submit(path, offset, nbytes) -> Future[memoryview]; run(fn) -> Future   # fn on an I/O thread
     stats() -> IOStats; reset_stats(); close(); context manager
     direct_paths -> set of files read with O_DIRECT (the rest fell back to buffered)
 ExpertStore(ckpt, io_threads=4, bandwidth=None, direct=True)
@@ -277,6 +277,10 @@ class ByteReader:
         """`read_range` on an I/O thread."""
         return self._pool.submit(self.read_range, path, offset, nbytes)
 
+    def run(self, fn: Callable[[], object]) -> Future:
+        """`fn()` on an I/O thread (a read and the work that belongs with it)."""
+        return self._pool.submit(fn)
+
     # ---- stats -------------------------------------------------------------------------
     def _begin(self) -> None:
         with self._stats_lock:
@@ -378,7 +382,7 @@ class ExpertStore:
         (the crc check and the kernels' re-layout overlap other reads and the compute that way)."""
         if then is None:
             return self.reader.submit(read.path, read.offset, read.nbytes)
-        return self.reader._pool.submit(lambda: then(read, self.read(read)))
+        return self.reader.run(lambda: then(read, self.read(read)))
 
     def stats(self) -> IOStats:
         return self.reader.stats()
