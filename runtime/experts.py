@@ -128,6 +128,7 @@ class ExpertPipeline:
         self.miss = miss  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
         self._pending: dict[tuple, tuple[Future, Read]] = {}  # preload key -> (future, its read)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
+        self.warming = False  # start-up warm-up (Session): steps return zeros and touch nothing
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
         self.transfer = transfer
         self.layout = None
@@ -162,6 +163,8 @@ class ExpertPipeline:
     # ---- the layer step ----------------------------------------------------------------
     def step(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> expert output [T, H]."""
+        if self.warming:  # the model's own code runs; no levels, reads, cache entries or stats
+            return torch.zeros_like(hidden)
         start = time.perf_counter()
         io_before = self.store.stats().busy_seconds
         self._land_preloads(layer)

@@ -18,7 +18,6 @@ The cache holds decoded experts at their raw size (what the budget counts); only
 from __future__ import annotations
 
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from d2moe.errors import FormatError, UsageError
 from d2moe.quantize import lossless as codec
+from d2moe.quantize.format.crc import crc32
 from d2moe.runtime.store import ByteReader, Read
 
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -112,7 +112,7 @@ class LosslessStore:
     def _read_and_decode(self, layer: int, expert: int) -> bytearray:
         e = self.view.entry(layer, expert)
         blob = self.reader.read_range(self.view.path / e["file"], e["offset"], e["nbytes"])
-        if zlib.crc32(blob) != e["crc32"]:
+        if crc32(blob) != e["crc32"]:
             raise FormatError(f"{e['file']}: layer {layer} expert {expert}: lossless blob fails its crc32 check "
                               "(corrupted file: re-pack or re-download)")
         t0 = time.perf_counter()

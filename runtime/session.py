@@ -168,6 +168,8 @@ class Session:
         )
         for module in experts_modules:
             module.bind(self.pipeline)
+        if options.device == "cpu":
+            self._warm_up()
         self._kv_bytes = 0
         self.meter.register("dense", "model", [*self.model.parameters(), *self.model.buffers()], static=True)
         self.meter.register("kv", "cache", lambda: self._kv_bytes)
@@ -193,6 +195,21 @@ class Session:
         self._tokenizer = tokenizer  # loaded from the checkpoint on first use when None
 
     # ---- parts -------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Run the model's own code once (a prompt long enough for its GEMM path, then a decode step)
+        with the experts returning zeros, so the library code a forward pass maps is start-up, not
+        growth: no expert is read, cached or counted."""
+        from d2moe.runtime.generate import SamplingOptions, decode
+
+        prompt = list(range(min(17, int(getattr(self.model.config, "vocab_size", 17)))))
+        self.pipeline.warming = True
+        try:
+            with self.meter.startup_code():
+                decode(self.model, [prompt], SamplingOptions(max_new_tokens=2, temperature=0.0), eos_ids=[],
+                       pad_id=0, prefill_threads=self.kernels.splitter.threads)
+        finally:
+            self.pipeline.warming = False
+
     def _all_fit(self) -> bool:
         ckpt = self.ckpt
         return len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk) <= self.plan.expert_cache

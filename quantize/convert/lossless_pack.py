@@ -9,13 +9,13 @@ then framed; the part is staged like the experts files (resumable, crc32-verifie
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import torch
 
 from d2moe.quantize import lossless as ll
 from d2moe.quantize.format.constants import ALIGN, MATRICES, expert_tensor_name
+from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.safetensors_io import AlignedSafetensorsWriter
 from d2moe.quantize.format.sections import lossless_file_name
 
@@ -28,7 +28,7 @@ def _verify(path: Path, record: dict) -> bool:
     with open(path, "rb") as f:
         for e in record["entries"]:
             f.seek(e["offset"])
-            if zlib.crc32(f.read(e["nbytes"])) != e["crc32"]:
+            if crc32(f.read(e["nbytes"])) != e["crc32"]:
                 return False
     return True
 
@@ -55,7 +55,7 @@ def lossless_layer(experts, layer: int, num_experts: int, staging, codec: str, p
             del raw, mats
             padded = -(-len(blob) // ALIGN) * ALIGN
             f.write(blob + bytes(padded - len(blob)))
-            sizes.append((len(blob), padded, zlib.crc32(blob)))
+            sizes.append((len(blob), padded, crc32(blob)))
     part = staging.part_path(name)
     tensors = [(expert_tensor_name(e), "U8", (padded,)) for e, (_, padded, _) in enumerate(sizes)]
     entries = []

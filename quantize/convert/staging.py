@@ -17,10 +17,10 @@ import json
 import os
 import shutil
 import sys
-import zlib
 from pathlib import Path
 
 from d2moe.errors import UsageError
+from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.writer import file_crc32
 
 STATE_NAME = "pack-state.json"
@@ -146,7 +146,7 @@ def verify_experts_file(path: Path, record: dict) -> bool:
             f.seek(e["offset"])
             start = 0
             for end, crc in zip(e["level_ends"], e["crc32"], strict=True):
-                if zlib.crc32(f.read(end - start)) != crc:
+                if crc32(f.read(end - start)) != crc:
                     return False
                 start = end
     return path.stat().st_size == record["size"]

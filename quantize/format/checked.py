@@ -7,13 +7,13 @@ one crc32 pass (no second read of the file, no copy of it), see BENCHMARKS.md "R
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import torch
 
 from d2moe.errors import FormatError
 from d2moe.quantize.format.constants import MANIFEST_NAME
+from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.files import open_regular
 from d2moe.quantize.format.safetensors_io import read_header
 
@@ -37,14 +37,14 @@ def _read_into(f, view: memoryview, crc: int, what: str) -> int:
         got = f.readinto(view[pos:min(n, pos + CHUNK)])
         if not got:
             raise FormatError(f"{what}: file shrank while it was read (truncated: re-pack or re-download)")
-        crc = zlib.crc32(view[pos:pos + got], crc)
+        crc = crc32(view[pos:pos + got], crc)
         pos += got
     return crc
 
 
-def read_checked_safetensors(path: Path, crc32: int, what: str) -> dict[str, torch.Tensor]:
+def read_checked_safetensors(path: Path, expected_crc: int, what: str) -> dict[str, torch.Tensor]:
     """Every tensor of safetensors file `path` (framing validated first), FormatError unless the
-    file's crc32 == `crc32`."""
+    file's crc32 == `expected_crc`."""
     header = read_header(path, what)
     tensors: dict[str, torch.Tensor] = {}
     fd = open_regular(path, what)
@@ -53,7 +53,7 @@ def read_checked_safetensors(path: Path, crc32: int, what: str) -> dict[str, tor
             head = f.read(header.data_start)
             if len(head) != header.data_start:
                 raise FormatError(f"{what}: file shrank while it was read (truncated: re-pack or re-download)")
-            crc = zlib.crc32(head)
+            crc = crc32(head)
             for name, info in header.tensors.items():  # file order, contiguous (read_header checked it)
                 dtype = ST_TO_TORCH.get(info.dtype)
                 if dtype is None:
@@ -66,13 +66,13 @@ def read_checked_safetensors(path: Path, crc32: int, what: str) -> dict[str, tor
                 raise FormatError(f"{what}: file grew while it was read (re-pack or re-download)")
     except OSError as exc:
         raise FormatError(f"{what}: cannot be read ({exc.strerror})") from None
-    if crc != crc32:
+    if crc != expected_crc:
         raise _corrupt(what)
     return tensors
 
 
 def file_crc32_checked(path: Path, what: str) -> int:
-    """zlib.crc32 of a whole regular file (FormatError for special files and read errors)."""
+    """crc32 of a whole regular file (FormatError for special files and read errors)."""
     fd = open_regular(path, what)
     crc = 0
     try:
@@ -80,7 +80,7 @@ def file_crc32_checked(path: Path, what: str) -> int:
             buf = bytearray(CHUNK)
             view = memoryview(buf)
             while got := f.readinto(buf):
-                crc = zlib.crc32(view[:got], crc)
+                crc = crc32(view[:got], crc)
     except OSError as exc:
         raise FormatError(f"{what}: cannot be read ({exc.strerror})") from None
     return crc

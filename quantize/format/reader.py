@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zlib
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from d2moe.quantize.format.constants import (
     MAX_MANIFEST_BYTES,
     expert_tensor_name,
 )
+from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.files import check_regular
 from d2moe.quantize.format.layout import BlobLayout, blob_layout
 from d2moe.quantize.format.manifest import ExpertEntry, read_json, validate_manifest
@@ -172,7 +172,7 @@ class PackedCheckpoint:
         view = memoryview(blob).cast("B")
         for i in range(first, upto + 1):
             lo, hi = self.layout.segment_range(i)
-            if hi - base > view.nbytes or zlib.crc32(view[lo - base:hi - base]) != e.crc32[i]:
+            if hi - base > view.nbytes or crc32(view[lo - base:hi - base]) != e.crc32[i]:
                 raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
                                   f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from d2moe.quantize.format.constants import (
     expert_tensor_name,
     experts_file_name,
 )
+from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.layout import BlobLayout
 from d2moe.quantize.format.safetensors_io import AlignedSafetensorsWriter
 from d2moe.quantize.types import MWQConfig, MWQTensor
@@ -47,7 +47,7 @@ def encode_expert(tensors: dict[str, MWQTensor], layout: BlobLayout, cfg: MWQCon
 
 def segment_crcs(blob, layout: BlobLayout) -> list[int]:
     view = memoryview(blob)
-    return [zlib.crc32(view[slice(*layout.segment_range(i))]) for i in range(len(layout.segments))]
+    return [crc32(view[slice(*layout.segment_range(i))]) for i in range(len(layout.segments))]
 
 
 def build_manifest(
@@ -117,5 +117,5 @@ def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
     return crc

@@ -91,3 +91,16 @@ def test_stats_report_the_run(packed):
     assert 0 <= stats["cache"]["hit_rate"] <= 1
     assert 0 < stats["schedule_efficiency"] <= 1.0 + 1e-6
     assert stats["bytes_read"] > 0 and stats["reads"] > 0
+
+
+def test_start_up_warm_up_reads_and_holds_no_expert(packed):
+    """The warm-up forward (library code mapped at start-up) runs the model with zero expert outputs:
+    nothing is read, cached or counted, and the first request computes as without it."""
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False)) as s:
+        assert s.store.bytes_read == 0 and s.cache.held_bytes == 0 and s.pipeline.stats.steps == 0
+        assert s.meter.rss_peak_delta >= 0
+        warm = s.generate(["Once upon a time"], SamplingOptions(max_new_tokens=6))
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False)) as s:
+        s._warm_up()  # a second warm-up changes nothing either
+        again = s.generate(["Once upon a time"], SamplingOptions(max_new_tokens=6))
+    assert warm.texts == again.texts and warm.texts[0]
