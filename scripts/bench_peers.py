@@ -27,7 +27,11 @@ after the token the prefill produced. Repeats are interleaved across systems and
 `--repeats 0` only prepares the GGUFs (convert + quantize) and prints the empty table.
 
 Page cache: offloaded/packed weights read from disk may be served from the page cache when RAM
-is free; pass --drop-caches (root) to drop it before every run for cold-disk figures.
+is free; pass --drop-caches (root) to drop it before every run for cold-disk figures. The device a
+user has is smaller than this host: `--device-ram SIZE` runs every transformers/accelerate and d2moe
+process in a memory cgroup of SIZE whose limit counts the page cache (bench_proc.MemoryCage), with its
+weights evicted from the page cache first, so a tool that re-reads offloaded or mmap'd weights reads
+them from the disk as it would there (the "RAM + page cache" column is the cgroup's peak charge).
 
 Usage:
     python scripts/bench_peers.py /work/scale/olmoe --threads 1,2 --repeats 3 \\
@@ -61,7 +65,8 @@ FALLBACK_TEXT = ("Once upon a time there lived a king who had three daughters, a
                  "beautiful that the sun itself, which has seen so much, was astonished whenever it shone "
                  "on her face. Close by the king's castle lay a great dark forest. ")
 SYSTEMS = ("transformers", "offload", "llama", "d2moe")
-MEASURES = ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "peak_anon_bytes", "d2moe_peak_bytes", "load_s")
+MEASURES = ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "peak_anon_bytes", "d2moe_peak_bytes", "load_s",
+            "cage_peak_bytes")
 
 
 from bench_proc import _tail, last_json, run_measured  # noqa: E402  (same folder)
@@ -132,14 +137,24 @@ class Bench:
             spec["offload_folder"] = folder
         try:
             p = run_measured([sys.executable, __file__, "--hf-child", json.dumps(spec)], self.args.timeout,
-                             drop_caches=self.args.drop_caches)
+                             drop_caches=self.args.drop_caches, **self._device(self.args.checkpoint))
         finally:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
-        if p.rc != 0:
-            raise RuntimeError(f"exit {p.rc}: {_tail(p.stderr)}")
+        self._check(p)
         return {**last_json(p.stdout), "peak_rss_bytes": p.peak_rss_bytes,
-                "peak_anon_bytes": p.peak_anon_bytes, "wall_s": p.wall_s}
+                "peak_anon_bytes": p.peak_anon_bytes, "wall_s": p.wall_s, "cage_peak_bytes": p.cage_peak_bytes}
+
+    def _device(self, weights: Path) -> dict:
+        """--device-ram: run caged at that RAM (page cache included), `weights` evicted from the page cache."""
+        return {"ram": self.args.device_ram, "evict": [weights]} if self.args.device_ram else {}
+
+    def _check(self, p, phase: str = "") -> None:
+        if p.rc == 0:
+            return
+        if p.rc == -9 and self.args.device_ram:
+            raise RuntimeError(f"{phase}killed: out of memory in {self.args.device_ram / 2**30:.2f} GiB of device RAM")
+        raise RuntimeError(f"{phase}exit {p.rc}: {_tail(p.stderr)}")
 
     _run_offload = _run_transformers
 
@@ -168,21 +183,21 @@ class Bench:
                           ("dense", "--dense-weights")):
             if key in s:  # router_levels=4:2 (a comma would end the key=value pair)
                 base += [flag, str(s[key]).replace(":", ",")]
-        if "io" in s and not a.drop_caches:  # an emulated disk reads through the page cache: warm it, so
-            _warm_page_cache(a.packed)       # the pacer, not this host's disk, sets the read rate
-        stats, rss, anon, wall = {}, 0, 0, 0.0
+        if "io" in s and not a.drop_caches and not a.device_ram:  # an emulated disk reads through the page
+            _warm_page_cache(a.packed)  # cache: warm it, so the pacer, not this host's disk, sets the read rate
+        stats, rss, anon, wall, cage = {}, 0, 0, 0.0, None
         for phase, prompt, new in (("decode", self.prompts["decode_text"], a.new_tokens),
                                    ("prefill", self.prompts["prefill_text"], 1)):
             p = run_measured([*base, "--prompt", prompt, "--max-new-tokens", str(new)], a.timeout,
-                             drop_caches=a.drop_caches)
-            if p.rc != 0:
-                raise RuntimeError(f"{phase} run exit {p.rc}: {_tail(p.stderr)}")
+                             drop_caches=a.drop_caches, **self._device(a.packed))
+            self._check(p, f"{phase} run ")
             stats[phase] = last_json(p.stdout)["stats"]
             rss, anon, wall = max(rss, p.peak_rss_bytes), max(anon, p.peak_anon_bytes), wall + p.wall_s
+            cage = max(cage or 0, p.cage_peak_bytes or 0) or None
         dec, pre = stats["decode"], stats["prefill"]
         return {"prefill_tok_s": pre["prefill_tokens_per_s"], "decode_tok_s": dec["decode_tokens_per_s"],
                 "prompt_tokens": pre["prompt_tokens"], "generated_tokens": dec["generated_tokens"],
-                "peak_rss_bytes": rss, "peak_anon_bytes": anon, "wall_s": wall,
+                "peak_rss_bytes": rss, "peak_anon_bytes": anon, "wall_s": wall, "cage_peak_bytes": cage,
                 "d2moe_peak_bytes": max(dec["memory"]["peak_bytes"], pre["memory"]["peak_bytes"]),
                 "bytes_read_per_token": dec.get("bytes_read_per_token"), "hit_rate": dec["cache"]["hit_rate"],
                 "levels": dec.get("levels")}
@@ -355,16 +370,16 @@ def markdown(rows: list[dict], baseline: str, header: str) -> str:
         return f"{r['median'][key] / b['median'][key]:.2f}×"
 
     lines = [header, "",
-             f"| system | threads | prefill tok/s | decode tok/s | peak RSS | peak anon | weights on disk | "
-             f"prefill × {baseline} | decode × {baseline} | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"| system | threads | prefill tok/s | decode tok/s | peak RSS | peak anon | RAM + page cache | "
+             f"weights on disk | prefill × {baseline} | decode × {baseline} | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         m = r.get("median") or {}
         note = (r.get("skipped") or r.get("error") or "").strip().splitlines()
         note = note[-1].replace("|", "/")[:160] if note else ""
         lines.append(f"| {r['system']} | {r['threads']} | {fmt(m.get('prefill_tok_s'))} | "
                      f"{fmt(m.get('decode_tok_s'))} | {fmt(m.get('peak_rss_bytes'), 'B')} | "
-                     f"{fmt(m.get('peak_anon_bytes'), 'B')} | "
+                     f"{fmt(m.get('peak_anon_bytes'), 'B')} | {fmt(m.get('cage_peak_bytes'), 'B')} | "
                      f"{fmt(r.get('model_bytes'), 'B')} | {ratio(r, 'prefill_tok_s')} | "
                      f"{ratio(r, 'decode_tok_s')} | {note} |")
     return "\n".join(lines) + "\n"
@@ -401,6 +416,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default="transformers-bf16", help="row the ratios are relative to")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before each run (root)")
+    p.add_argument("--device-ram", default=None, metavar="SIZE",
+                   help="run every system as on a device with SIZE of RAM: a memory cgroup whose limit counts the "
+                        "page cache, weights evicted from the page cache first (mmap'd or offloaded weights then "
+                        "come from the disk); llama.cpp rows are not caged")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
@@ -410,6 +429,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.threads = [int(t) for t in args.threads.split(",")]
     args.llama_types = [t.strip() for t in args.llama_types.split(",") if t.strip()]
     args.offload_budget = args.offload_budget or ["50%"]
+    if args.device_ram is not None:
+        from d2moe.runtime.units import parse_size
+
+        args.device_ram = parse_size(args.device_ram, "--device-ram")
     if args.llama_src is not None:
         args.llama_src = Path(args.llama_src).expanduser()
     cmd = args.d2moe_cmd or (str(Path(sys.executable).parent / "d2moe")
@@ -461,12 +484,13 @@ def main(argv=None) -> None:
     settings = {"checkpoint": str(args.checkpoint), "packed": str(args.packed) if args.packed else None,
                 "prompt_tokens": len(prompts["prefill_ids"]), "short_prompt_tokens": len(prompts["decode_ids"]),
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
-                "baseline": args.baseline, "drop_caches": args.drop_caches}
+                "baseline": args.baseline, "drop_caches": args.drop_caches, "device_ram": args.device_ram}
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     result = {"schema": SCHEMA, "settings": settings, "machine": machine, "rows": rows}
     header = (f"### {args.checkpoint.name}: prefill {settings['prompt_tokens']} tokens, decode {args.new_tokens} "
-              f"tokens after {settings['short_prompt_tokens']}, median of {args.repeats}")
+              f"tokens after {settings['short_prompt_tokens']}, median of {args.repeats}"
+              + (f", on {args.device_ram / 2**30:.2f} GiB of device RAM (page cache included)" if args.device_ram else ""))
     table = markdown(rows, args.baseline, header)
     print(table)
     if args.out:
