@@ -29,7 +29,9 @@ device); `forward_group` then runs all resident experts of a layer step in one g
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -200,17 +202,21 @@ def tiled_matmul(lib, desc, x: torch.Tensor, splitter: cpu.RowSplitter, hold: Ca
     rows, tokens = desc.rows, x.shape[0]
     out = torch.empty(rows, tokens, dtype=dtype)  # W x^T, transposed at the end
     xt = x.to(dtype).t()
-    # torch's GEMM is already threaded in the prefill forward (run.decode's prefill_threads): one
-    # tile stream then, else the splitter spreads tiles over threads with one torch thread each
-    threads = 1 if torch.get_num_threads() > 1 else min(splitter.threads, max(1, rows // TILE_ROWS))
+    # the splitter spreads tiles over threads, each dequantizing and multiplying its own with one torch
+    # thread: in the prefill forward torch has every thread (run.decode's prefill_threads), which left the
+    # dequantization on one core and a small GEMM per tile paying a fork/join (measured at 2 threads:
+    # 128-token prefill slower than at 1)
+    threads = min(splitter.threads, max(1, rows // TILE_ROWS))
     if hold is not None:
         hold(out, x, xt, extra=threads * min(TILE_ROWS, rows) * desc.cols * dtype.itemsize)
 
     inference = torch.is_inference_mode_enabled()  # thread-local: the splitter's threads enter it too
 
     def rows_of(r0: int, r1: int) -> None:
-        with torch.inference_mode(inference):
-            tile = torch.empty(min(TILE_ROWS, r1 - r0), desc.cols, dtype=dtype)
+        # one torch thread on every thread that runs tiles: OpenMP's thread count is per calling thread, so
+        # the splitter's own threads would otherwise each start a full team and share the cores with it
+        with torch.inference_mode(inference), torch_threads(1):
+            tile = _tile_buffer(min(TILE_ROWS, r1 - r0) * desc.cols, dtype).view(-1, desc.cols)
             for t0 in range(r0, r1, TILE_ROWS):
                 t1 = min(r1, t0 + TILE_ROWS)
                 w = cpu.dequant_rows(lib, desc, t0, t1, tile[: t1 - t0])
@@ -221,6 +227,34 @@ def tiled_matmul(lib, desc, x: torch.Tensor, splitter: cpu.RowSplitter, hold: Ca
     else:
         splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
     return out.t().float()
+
+
+_TILES = threading.local()
+
+
+def _tile_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reused tile of at least `n` elements. A fresh one per call was an mmap and a page
+    fault per 4 KiB (the run's allocator maps blocks of 1 MiB or more on their own, for RSS's sake):
+    with two threads faulting at once a 14336x4096 tile pass took 19 ms against 10 ms reused. Held
+    for the thread's life; the memory plan's workspace counts a tile per kernel thread."""
+    buf = getattr(_TILES, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = _TILES.buf = None  # the old one goes before the larger one is made
+        buf = _TILES.buf = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads for the calling thread set to `n` inside, restored after."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
 
 
 def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, threads: int) -> int:

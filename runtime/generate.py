@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2moe.errors import UsageError
+from d2moe.runtime.memory import prefill_allocator
 
 # transformers 5.2x warns on every forward that `past_key_values` will be renamed `cache` (in 5.40):
 # the decode loop calls forward once per token, and the warning would interleave with streamed text
@@ -135,8 +136,9 @@ def decode(
     if prefill_threads:
         torch.set_num_threads(prefill_threads)
     try:
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with prefill_allocator():
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         torch.set_num_threads(decode_threads)
     token = sample_next(out.logits[:, -1], opts, generator)  # [B]

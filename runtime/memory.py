@@ -220,5 +220,29 @@ def limit_allocator_overhead() -> None:
         return  # not glibc (musl, ...): nothing to tune
     m_mmap_threshold, m_arena_max = -3, -8
     mallopt(m_arena_max, 2)
-    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    _GLIBC.append(libc)
+
+
+MMAP_THRESHOLD = 1 << 20  # decode: blocks of 1 MiB or more mapped (and returned) on their own
+PREFILL_MMAP_THRESHOLD = 256 << 20  # the prompt's forward: its large temporaries reuse heap memory
+_GLIBC: list = []  # libc, once limit_allocator_overhead has tuned it
+
+
+@contextmanager
+def prefill_allocator():
+    """The prompt's forward with large blocks taken from the heap instead of fresh maps, then the heap
+    trimmed back (malloc_trim). Mapping every temporary of 1 MiB or more cost a page fault per 4 KiB
+    and serialised the kernel threads on the address-space lock: 128-token Mixtral prefill at 2 threads
+    measured 142 tok/s mapped, 229 from the heap. Decode keeps the tight setting. No-op off glibc."""
+    if not _GLIBC:
+        yield
+        return
+    libc, m_mmap_threshold = _GLIBC[0], -3
+    libc.mallopt(m_mmap_threshold, PREFILL_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+        libc.malloc_trim(0)  # what the prompt's temporaries left in the heap goes back to the OS
 
