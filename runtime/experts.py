@@ -27,10 +27,8 @@ Shape letters: T = tokens, H = hidden, K = experts per token, N = pairs routed t
 
 from __future__ import annotations
 
-import itertools
-import mmap
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -82,8 +80,6 @@ class PipelineStats:
     dropped: int = 0  # loaded items that did not fit the cache (computed and dropped)
     preloads: int = 0  # predictive reads issued ahead of their layer
     fetch_ahead: int = 0  # reads taken up to the top level into free cache room (reuse-aware)
-    above_cap: int = 0  # reads whose segments above the resident cap were computed and not kept
-    resident_cap: int | None = None  # the last step's cap (None: experts are kept at every level read)
     pairs_per_level: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # (token, expert) pairs
 
     @property
@@ -133,8 +129,6 @@ class ExpertPipeline:
         self._pending: dict[tuple, tuple[Future, Read]] = {}  # preload key -> (future, its read)
         self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
         self.warming = False  # start-up warm-up (Session): steps return zeros and touch nothing
-        self.cap: int | None = None  # resident cap (_resident_cap): the highest level the cache keeps
-        self._uses: Counter = Counter()  # (layer, expert) -> pairs routed to it so far (the cap's popularity)
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
         self.transfer = transfer
         self.layout = None
@@ -174,8 +168,6 @@ class ExpertPipeline:
         start = time.perf_counter()
         io_before = self.store.stats().busy_seconds
         self._land_preloads(layer)
-        if self.stats.steps % len(self.moe_layers) == 0:  # once per token's pass over the layers
-            self.cap = self.stats.resident_cap = self._resident_cap()
         levels = self.selector.select(layer, hidden, top_k_index, top_k_weights)  # [T, K]
         works = self._group(layer, top_k_index, levels)
         if self.spec.preload_next:
@@ -183,7 +175,6 @@ class ExpertPipeline:
         for w in works:
             w.have = self.cache.lookup(w.key, w.want)
             self.cache.record_use(w.key, w.tokens)
-            self._uses[(layer, w.expert)] += w.tokens
         if self.miss is not None:
             works, top_k_weights = self.miss.handle(self, layer, works, top_k_weights, levels)
         if self.spec.fetch_ahead:
@@ -255,7 +246,7 @@ class ExpertPipeline:
         """Reuse-aware reads: while the cache has free room for every read of this step, missing experts
         (hottest first) are read up to the top level, so a later pair wanting more bits hits instead of
         paying another read. Computes at the levels the pairs want: the output does not change."""
-        top = self.cap or self.ckpt.cfg.bk  # never past the resident cap: those bytes would not be kept
+        top = self.ckpt.cfg.bk
         missing = [w for w in works if not w.resident and self.spec.nested_reuse]
         room = self.cache.free_bytes - sum(self.plan_read(layer, w).nbytes for w in missing)
         for w in sorted(missing, key=lambda w: (-w.tokens, w.expert)):
@@ -295,68 +286,15 @@ class ExpertPipeline:
             self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(read.nbytes, time.perf_counter() - issued)
             data = self._on_device(data)
-            full, release = self._install_capped(w, read, data)
+            full = self._install(w, read, data)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
-            if release is not None:
-                release()
             self._add_staging(-read.nbytes)  # a dropped item's bytes lived until its compute ended
         return compute_s
 
-    def _resident_cap(self) -> int | None:
-        """The highest level worth keeping experts at (d2moe): the one that minimises the expected bytes a
-        pair reads, given the levels pairs ran at so far, how the pairs spread over experts and the
-        cache's room. Keeping a lower level fits more experts (their pairs hit at that level), at the
-        price of reading the segments above it for each higher-level pair (an upgrade computed from, not
-        kept). The hit rate of a cache of M experts is taken as the share of pairs the M most used experts
-        had (a frequency-ranked cache). A lower cap must save a tenth of the bytes: near a tie the top
-        level is kept. None: keep every level read (also when every expert fits at the top level).
-        Outputs do not depend on it, only bytes read do."""
-        counts = self.stats.pairs_per_level
-        if not (self.spec.resident_cap and self.spec.nested_reuse) or self.transfer is not None or self.exact \
-                or not counts:
-            return None
-        levels = self.ckpt.cfg.bits
-        size = {lv: self.ckpt.level_nbytes(lv) for lv in levels}
-        popular = list(itertools.accumulate(sorted(self._uses.values(), reverse=True)))
-        unseen = len(self.moe_layers) * self.ckpt.num_experts - len(popular)
-
-        def hit(cap: int) -> float:
-            m = self.cache.capacity_bytes // size[cap]
-            return 1.0 if m >= len(popular) + unseen else popular[min(m, len(popular)) - 1] / popular[-1] if m else 0.0
-
-        def expected(cap: int) -> float:
-            h = hit(cap)
-            return sum(f * (h * (size[lv] - size[min(lv, cap)]) + (1 - h) * size[lv]) for lv, f in counts.items()
-                       if lv in size)
-
-        top = expected(levels[-1])
-        best = min(levels[:-1], key=lambda cap: (expected(cap), -cap), default=None)
-        return best if best is not None and expected(best) < 0.9 * top else None
-
-    def _install_capped(self, w: Work, read: Read, data) -> tuple[object, Callable[[], None] | None]:
-        """`_install` under the resident cap: the segments of a read above the cap are computed from and
-        then let go; the rest is installed as usual. Returns (what to compute from, what to run once the
-        compute is done)."""
-        have, level = read.have, read.want
-        if self.cap is None or level <= self.cap or not isinstance(data, memoryview):
-            return self._install(w, have, level, data), None
-        self.stats.above_cap += 1
-        if have is not None and have >= self.cap:  # held at (or above) the cap: nothing of this read is kept
-            return _Split(self.cache.get(w.key)[1], have, data), lambda: self._recycle(data)
-        cut = self.ckpt.level_nbytes(self.cap) - (0 if have is None else self.ckpt.level_nbytes(have))
-        kept, upper = data[:cut], data[cut:]
-        base = self._install(w, have, self.cap, kept)
-        release = (lambda: _release_pages(data, cut)) if have is None and base is kept else None
-        return _Split(base, self.cap, upper), release
-
-    def _recycle(self, data) -> None:
-        """A read buffer nothing keeps goes back to the read-buffer pool (where there is one)."""
-        if self.cache.on_drop is not None:
-            self.cache.on_drop(data)
-
-    def _install(self, w: Work, have: int | None, level: int, data) -> memoryview | bytes:
+    def _install(self, w: Work, read: Read, data) -> memoryview | bytes:
         """Put landed bytes in the cache (extend an upgrade); return the full prefix up to the level read."""
+        have, level = read.have, read.want
         if have is None:
             if not self.cache.put(w.key, level, data):
                 self.stats.dropped += 1
@@ -420,23 +358,6 @@ class ExpertPipeline:
     def _prepared(self, layer: int, w: Work, data) -> Callable:
         """level -> the kernels' description of the expert at that level, kept on the cache entry
         while it holds these very bytes (described once, not every step)."""
-        if isinstance(data, _Split):  # a held prefix and an upgrade above the cap: described for this step only
-            mats = self.ckpt.decode_split(layer, w.expert, w.want, data.held, data.level, data.upper)
-            by_level = {"mats": {k: replace(m, blocked=True) for k, m in mats.items()} if self.blocked else mats}
-        else:
-            by_level = self._described(layer, w, data)
-
-        def get(level: int):
-            p = by_level.get(level)
-            if p is None:
-                p = by_level[level] = self.kernels.prepare(by_level["mats"], level)
-            return p
-
-        return get
-
-    def _described(self, layer: int, w: Work, data) -> dict:
-        """{"mats": the expert's matrices as views into `data`}, the one kept on the cache entry when `data`
-        is the entry's bytes (kernel descriptors per level join it as they are made)."""
         held = self.cache.peek(w.key)
         entry_data = self.cache.get(w.key)[1] if held is not None and held >= w.want else None
         cached = self.cache.attachment(w.key) if entry_data is data else None
@@ -452,7 +373,14 @@ class ExpertPipeline:
                 by_level = {"mats": {k: replace(m, blocked=True) for k, m in mats.items()} if self.blocked else mats}
             if entry_data is data:
                 self.cache.attach(w.key, by_level)
-        return by_level
+
+        def get(level: int):
+            p = by_level.get(level)
+            if p is None:
+                p = by_level[level] = self.kernels.prepare(by_level["mats"], level)
+            return p
+
+        return get
 
     # ---- whole-model residency and prediction ------------------------------------------
     def hold_all(self, level: int) -> None:
@@ -516,31 +444,6 @@ class ExpertPipeline:
         self.staging_bytes += nbytes
         if self.on_memory and nbytes > 0:
             self.on_memory()
-
-
-@dataclass
-class _Split:
-    """An expert's bytes in two buffers: the prefix up to `level` (held or just installed) and the
-    segments above it (read, computed from, not kept)."""
-
-    held: object
-    level: int
-    upper: object
-
-
-def _release_pages(view: memoryview, start: int) -> None:
-    """Give the whole pages of the mapped buffer under `view[start:]` back to the OS (MADV_DONTNEED: the
-    RSS drops, the mapping stays, a later reuse faults in zero pages): what the cache keeps of a read is
-    its prefix, and the rest must not linger in memory it does not count."""
-    m = view.obj
-    if not isinstance(m, mmap.mmap) or not hasattr(m, "madvise") or m.closed:
-        return
-    import numpy as np
-
-    offset = int(np.frombuffer(view, dtype=np.uint8)[start:].ctypes.data) - int(np.frombuffer(m, dtype=np.uint8).ctypes.data)
-    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    if first < len(m):
-        m.madvise(mmap.MADV_DONTNEED, first, len(m) - first)
 
 
 def _result_key(w: Work, level: int) -> tuple[int, int, int]:

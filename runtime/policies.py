@@ -38,17 +38,15 @@ class PolicySpec:
     order: str = "hebf"  # order of the loads of a layer step: "hebf" | "johnson" | "id" (expert id)
     fetch_ahead: bool = False  # reuse-aware: read missing experts up to the top level while the cache has free room
     hold_if_fits: bool = False  # reuse-aware: when every expert fits at the top level, read them all up front
-    resident_cap: bool = False  # keep experts only up to the level that minimises bytes read (higher: transient)
     summary: str = ""
 
 
 POLICIES: dict[str, PolicySpec] = {
     p.name: p
     for p in (
-        PolicySpec("d2moe", "gate", order="hebf", fetch_ahead=True, hold_if_fits=True, resident_cap=True,
+        PolicySpec("d2moe", "gate", order="hebf", fetch_ahead=True, hold_if_fits=True,
                    summary="gate levels (or router-weight levels), bit-aware cache with decay, HEBF, upgrades, "
-                           "reuse-aware reads (top level into free room; everything up front when it all fits), "
-                           "a resident cap (levels above it read per use, not kept, where that reads fewer bytes)"),
+                           "reuse-aware reads (top level into free room; everything up front when it all fits)"),
         PolicySpec("hold-int8", "uniform", order="id",
                    summary="all experts resident at 8 bits, loaded up front"),
         PolicySpec("hold-int4", "uniform", order="id",

@@ -353,8 +353,6 @@ class Session:
             "upgrade_reads": pipe.upgrade_loads,
             "preloads": pipe.preloads,
             "fetch_ahead_reads": pipe.fetch_ahead,
-            "above_cap_reads": pipe.above_cap,  # reads whose segments above the resident cap were not kept
-            "resident_cap": pipe.resident_cap,
             "misses": self._miss_report(),
             "lossless": ({"codec": self.ckpt.section["codec"], "dtype": self.ckpt.dtype_name,
                           "decode_s": self.store.decode_seconds, "raw_bytes_per_expert": self.ckpt.raw_nbytes}
@@ -483,7 +481,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     if not options.reuse_aware:
         from dataclasses import replace
 
-        spec = replace(spec, fetch_ahead=False, hold_if_fits=False, resident_cap=False)
+        spec = replace(spec, fetch_ahead=False, hold_if_fits=False)
     options.miss  # noqa: B018  (validates --on-miss and its options before anything is read)
     if options.io_threads < 1:
         raise UsageError(f"--io-threads {options.io_threads} must be at least 1")

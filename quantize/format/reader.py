@@ -36,22 +36,15 @@ from d2moe.quantize.format.writer import experts_file_metadata
 from d2moe.quantize.types import MWQConfig
 
 
-def decode_blob(prefix, layout: BlobLayout, cfg: MWQConfig, level: int, shapes: dict[str, tuple[int, int]],
-                upper=None, upper_from: int | None = None) -> dict[str, PackedMatrix]:
-    """Each matrix at `level` as views into `prefix` (nothing is copied: kernels read the bytes in place).
-    With `upper`: the segments above level `upper_from` come from that buffer (an upgrade read that is
-    computed from but not joined to the held prefix), the rest from `prefix`."""
+def decode_blob(prefix, layout: BlobLayout, cfg: MWQConfig, level: int, shapes: dict[str, tuple[int, int]]) -> dict[str, PackedMatrix]:
+    """Each matrix at `level` as views into `prefix` (nothing is copied: kernels read the bytes in place)."""
     k = cfg.level_index(level)
-    views = [memoryview(prefix).cast("B")]
-    split = len(cfg.bits) if upper is None else cfg.level_index(upper_from) + 1  # first segment read from `upper`
-    if upper is not None:
-        views.append(memoryview(upper).cast("B"))
+    view = memoryview(prefix).cast("B")
     parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"planes": [], "alpha": []} for m in MATRICES}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers (bytes) are fine: we never write
         for i in range(k + 1):
-            view = views[int(i >= split)]
-            base = layout.segment_range(i)[0] - (layout.segment_range(split)[0] if i >= split else 0)
+            base = layout.segment_range(i)[0]
             for slot in layout.segments[i]:
                 count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
                 t = torch.frombuffer(view, dtype=slot.dtype, count=count, offset=base + slot.start) if count else \
@@ -147,18 +140,6 @@ class PackedCheckpoint:
         if verify:
             self._check_crc(e, prefix_bytes, k)
         return decode_blob(prefix_bytes, self.layout, self.cfg, level, self.matrix_shapes)
-
-    def decode_split(self, layer: int, expert: int, level: int, held, held_level: int, upper) -> dict[str, PackedMatrix]:
-        """The expert at `level` from a held prefix at `held_level` and the upgrade read above it
-        (`byte_range(layer, expert, held_level, level)`'s bytes), without joining them. Bytes were
-        crc-checked when they were read."""
-        e = self.entry(layer, expert)
-        k, h = self.cfg.level_index(level), self.cfg.level_index(held_level)
-        n_held, n_upper = memoryview(held).nbytes, memoryview(upper).nbytes
-        if h >= k or n_held < e.level_ends[h] or n_upper < e.level_ends[k] - e.level_ends[h]:
-            raise FormatError(f"{e.file}: layer {layer} expert {expert}: {n_held} + {n_upper} bytes do not hold "
-                              f"level {level} above level {held_level}")
-        return decode_blob(held, self.layout, self.cfg, level, self.matrix_shapes, upper=upper, upper_from=held_level)
 
     def plane_rows(self, data, have_level: int | None, want_level: int) -> list[torch.Tensor]:
         """The bit-plane rows that a `byte_range(layer, expert, have_level, want_level)` read brought, as

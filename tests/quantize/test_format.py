@@ -98,27 +98,6 @@ def test_level_b_read_from_the_file_prefix_equals_the_whole_blob(packed_checkpoi
             os.close(fd)
 
 
-@pytest.mark.parametrize("scheme", ["sliced", "residual"])
-def test_held_prefix_plus_upgrade_read_decodes_as_the_joined_prefix(packed_checkpoint_factory, scheme):
-    """decode_split (a transient upgrade computed without joining it to the held prefix) gives the very
-    tensors the joined prefix gives, for every held level and target."""
-    _, out = packed_checkpoint_factory("mixtral", scheme=scheme)
-    ckpt = fmt.open_checkpoint(out)
-    cfg = ckpt.cfg
-    for layer, expert in [(0, 0), (1, 3)]:
-        for i, have in enumerate(cfg.bits):
-            held = ckpt.read_prefix(layer, expert, have)
-            for want in cfg.bits[i + 1:]:
-                whole = ckpt.read_prefix(layer, expert, want)
-                upper = whole[len(held):]
-                split = ckpt.decode_split(layer, expert, want, held, have, upper)
-                joined = ckpt.decode_expert(layer, expert, want, whole)
-                for m in fmt.MATRICES:
-                    assert _same(split[m].to_mwq(), joined[m].to_mwq())
-                with pytest.raises(FormatError, match="do not hold"):
-                    ckpt.decode_split(layer, expert, want, held, have, upper[:-1])
-
-
 def test_decode_checks_lengths_and_crc(packed_checkpoint_factory):
     _, out = packed_checkpoint_factory("mixtral")
     ckpt = fmt.open_checkpoint(out)

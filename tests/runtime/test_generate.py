@@ -63,7 +63,7 @@ def test_budget_changes_speed_never_output(packed, levels):
         tight = s.generate(PROMPTS, opts)
     assert tight.token_ids == unlimited.token_ids
     steps = tight.stats["generated_tokens"]
-    assert tight.stats["cache"]["evictions"] > 0 and tight.stats["reads"] >= steps  # it reads on every step
+    assert tight.stats["cache"]["evictions"] >= steps  # evictions on every step
     assert tight.stats["bytes_read"] > unlimited.stats["bytes_read"]
     for report in (unlimited, tight):
         mem = report.stats["memory"]
