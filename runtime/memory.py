@@ -221,7 +221,7 @@ def limit_allocator_overhead() -> None:
     m_mmap_threshold, m_arena_max = -3, -8
     mallopt(m_arena_max, 2)
     mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-    _GLIBC.append(libc)
+    _GLIBC[:] = [libc]
 
 
 MMAP_THRESHOLD = 1 << 20  # decode: blocks of 1 MiB or more mapped (and returned) on their own
