@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2moe.errors import UsageError
+from d2moe.kernels.dispatch import torch_threads
 from d2moe.runtime.memory import prefill_allocator
 
 # transformers 5.2x warns on every forward that `past_key_values` will be renamed `cache` (in 5.40):
@@ -132,15 +133,9 @@ def decode(
     kv_peak = 0
 
     start = time.perf_counter()
-    decode_threads = torch.get_num_threads()
-    if prefill_threads:
-        torch.set_num_threads(prefill_threads)
-    try:
-        with prefill_allocator():
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-    finally:
-        torch.set_num_threads(decode_threads)
+    with torch_threads(prefill_threads or torch.get_num_threads()), prefill_allocator():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = sample_next(out.logits[:, -1], opts, generator)  # [B]
     ttft = time.perf_counter() - start
     prefill_s = ttft

@@ -218,12 +218,12 @@ def limit_allocator_overhead() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return  # not glibc (musl, ...): nothing to tune
-    m_mmap_threshold, m_arena_max = -3, -8
-    mallopt(m_arena_max, 2)
-    mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    mallopt(_M_ARENA_MAX, 2)
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     _GLIBC[:] = [libc]
 
 
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 1 << 20  # decode: blocks of 1 MiB or more mapped (and returned) on their own
 PREFILL_MMAP_THRESHOLD = 256 << 20  # the prompt's forward: its large temporaries reuse heap memory
 _GLIBC: list = []  # libc, once limit_allocator_overhead has tuned it
@@ -238,11 +238,11 @@ def prefill_allocator():
     if not _GLIBC:
         yield
         return
-    libc, m_mmap_threshold = _GLIBC[0], -3
-    libc.mallopt(m_mmap_threshold, PREFILL_MMAP_THRESHOLD)
+    libc = _GLIBC[0]
+    libc.mallopt(_M_MMAP_THRESHOLD, PREFILL_MMAP_THRESHOLD)
     try:
         yield
     finally:
-        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.malloc_trim(0)  # what the prompt's temporaries left in the heap goes back to the OS
 

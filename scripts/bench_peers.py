@@ -150,9 +150,10 @@ class Bench:
         return {"ram": self.args.device_ram, "evict": [weights]} if self.args.device_ram else {}
 
     def _check(self, p, phase: str = "") -> None:
+        """RuntimeError naming why a run failed (the device cage's OOM killer, or its exit and stderr)."""
         if p.rc == 0:
             return
-        if p.rc == -9 and self.args.device_ram:
+        if p.oom_killed:
             raise RuntimeError(f"{phase}killed: out of memory in {self.args.device_ram / 2**30:.2f} GiB of device RAM")
         raise RuntimeError(f"{phase}exit {p.rc}: {_tail(p.stderr)}")
 
@@ -163,8 +164,7 @@ class Bench:
         cmd = [str(a.llama_bin / "llama-bench"), "-m", str(system.params["gguf"]), "-p", str(a.prompt_tokens),
                "-n", str(a.new_tokens), "-t", str(threads), "-r", "1", "-o", "json"]
         p = run_measured(cmd, a.timeout, drop_caches=a.drop_caches)
-        if p.rc != 0:
-            raise RuntimeError(f"exit {p.rc}: {_tail(p.stderr)}")
+        self._check(p)
         tests = last_json(p.stdout)
         pp = [t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0]
         tg = [t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0]

@@ -31,6 +31,7 @@ class Proc:
     peak_anon_bytes: int  # RssAnon sampled every 50 ms: memory the kernel cannot reclaim by dropping pages
     wall_s: float
     cage_peak_bytes: int | None = None  # with `ram`: the cgroup's peak charge (anonymous + page cache)
+    oom_killed: bool = False  # with `ram`: the cgroup's OOM killer ended a process of the run
 
 
 class AnonSampler(threading.Thread):
@@ -76,12 +77,13 @@ def run_measured(cmd: list[str], timeout: float, env: dict | None = None, drop_c
             timer.cancel()
             sampler.done.set()
             sampler.join()
-            cage_peak = cage.close() if cage else None
+            cage_peak, oom = cage.close() if cage else (None, False)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        return Proc(proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024, sampler.peak, wall, cage_peak)
+        return Proc(proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024, sampler.peak, wall, cage_peak,
+                    oom)
 
 
 class MemoryCage:
@@ -108,20 +110,25 @@ class MemoryCage:
         """In the child, before exec: join the cgroup (its allocations and page faults are charged there)."""
         (self.dir / "cgroup.procs").write_text(str(os.getpid()))
 
-    def close(self) -> int | None:
-        """The peak charge in bytes; the (now empty) cgroup is removed."""
+    def close(self) -> tuple[int | None, bool]:
+        """(the peak charge in bytes, whether the OOM killer acted); the (now empty) cgroup is removed."""
         name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
         try:
             peak = int((self.dir / name).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             peak = None
+        try:  # v2 memory.events / v1 memory.oom_control: one "oom_kill N" line
+            events = (self.dir / ("memory.events" if self.v2 else "memory.oom_control")).read_text().split()
+            oom = int(events[events.index("oom_kill") + 1]) > 0
+        except (OSError, ValueError, IndexError):
+            oom = False
         for _ in range(50):  # the exited child leaves the cgroup asynchronously
             try:
                 self.dir.rmdir()
                 break
             except OSError:
                 time.sleep(0.1)
-        return peak
+        return peak, oom
 
 
 def _cgroup_parent() -> tuple[Path, bool]:
@@ -147,7 +154,7 @@ def evict_page_cache(path: Path) -> None:
         except OSError:
             continue
         try:
-            os.fdatasync(fd) if os.access(f, os.W_OK) else None
+            os.fdatasync(fd)  # dirty pages (a file just written) cannot be dropped until they are on disk
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
