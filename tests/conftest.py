@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import d2moe  # noqa: F401  (first: takes the checkout root off sys.path before transformers loads)
+
 # tests run on a small shared CPU: one intra-op thread avoids oversubscription (10x slowdowns seen)
 torch.set_num_threads(1)
 
