@@ -210,32 +210,49 @@ static const term2_fn TERMS2[4][D2_MAX_PLANES] = {D2_ROW2_NT(1), D2_ROW2_NT(2), 
 
 static void rows_gemv_avx2(const d2_matrix *m, const d2_qx *q, int n0, int nt, float *y, int64_t ystride,
                            int32_t r0, int32_t r1, float *scratch) {
-    const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8;
+    const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8, G8 = G & ~7;
     const int bl_end = m->layout == D2_BLOCKED ? full_block_cols(m->cols) : 0;
-    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *s = base + G;
+    float *s = scratch; /* [nt, G] per term: s[n, g] = m_t coef_t[o, g] dx[n, g] */
     for (int o = r0; o < r1; o++) {
-        row_coefs(m, o, cf, base);
+        const uint16_t *off = m->offset + (int64_t)o * G;
+        /* the base term (sum_g base[o, g] sx[n, g], base = offset + sum_t m_t coef_t bias_t) 8 groups at a
+           time, the last G % 8 in scalars: per-row work in vectors (on AVX-512 it was a third of level 2) */
         __m256 facc[D2_MAX_TOKENS];
+        float tail[D2_MAX_TOKENS] = {0};
         for (int n = 0; n < nt; n++) facc[n] = _mm256_setzero_ps();
+        for (int g = 0; g < G8; g += 8) {
+            __m256 base = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(off + g)));
+            for (int t = 0; t < m->nterms; t++) {
+                const __m256 c = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m->coef[t] + (int64_t)o * G + g))),
+                                               _mm256_set1_ps(m->term_mul[t]));
+                base = _mm256_fmadd_ps(c, _mm256_set1_ps(m->term_bias[t]), base);
+            }
+            for (int n = 0; n < nt; n++)
+                facc[n] = _mm256_fmadd_ps(base, _mm256_loadu_ps(q->sx + (int64_t)(n0 + n) * G + g), facc[n]);
+        }
+        for (int g = G8; g < G; g++) {
+            float base = f16_to_f32(off[g]);
+            for (int t = 0; t < m->nterms; t++)
+                base += f16_to_f32(m->coef[t][(int64_t)o * G + g]) * m->term_mul[t] * m->term_bias[t];
+            for (int n = 0; n < nt; n++) tail[n] += base * q->sx[(int64_t)(n0 + n) * G + g];
+        }
         for (int t = 0; t < m->nterms; t++) {
             const uint8_t *pl[D2_MAX_PLANES];
             const int np = m->term_nplanes[t];
             for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + (int64_t)o * rb;
-            for (int n = 0; n < nt; n++) { /* s[n, g] = m_t coef_t[o, g] dx[n, g] */
-                const float *dx = q->dx + (int64_t)(n0 + n) * G, *c = cf + t * G;
-                for (int g = 0; g < G; g++) s[n * G + g] = c[g] * dx[g];
+            const uint16_t *coef = m->coef[t] + (int64_t)o * G;
+            const __m256 mul = _mm256_set1_ps(m->term_mul[t]);
+            for (int g = 0; g < G8; g += 8) {
+                const __m256 c = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(coef + g))), mul);
+                for (int n = 0; n < nt; n++)
+                    _mm256_storeu_ps(s + n * G + g, _mm256_mul_ps(c, _mm256_loadu_ps(q->dx + (int64_t)(n0 + n) * G + g)));
             }
+            for (int g = G8; g < G; g++)
+                for (int n = 0; n < nt; n++)
+                    s[n * G + g] = f16_to_f32(coef[g]) * m->term_mul[t] * q->dx[(int64_t)(n0 + n) * G + g];
             TERMS2[nt - 1][np - 1](pl, q, n0, gs, G, bl_end, s, facc);
         }
-        for (int n = 0; n < nt; n++) {
-            const float *sx = q->sx + (int64_t)(n0 + n) * G;
-            __m256 acc = facc[n];
-            int g = 0;
-            for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(base + g), _mm256_loadu_ps(sx + g), acc);
-            float tail = 0.f;
-            for (; g < G; g++) tail += base[g] * sx[g];
-            y[(int64_t)(n0 + n) * ystride + o] = hsum256_ps(acc) + tail;
-        }
+        for (int n = 0; n < nt; n++) y[(int64_t)(n0 + n) * ystride + o] = hsum256_ps(facc[n]) + tail[n];
     }
 }
 

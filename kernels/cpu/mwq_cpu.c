@@ -301,6 +301,30 @@ static inline __attribute__((always_inline)) void term_row(
         }
     }
 #endif
+    if (W64 && gs == 64) { /* one 64-column chunk per group: straight-line, plane pointers in registers */
+        const uint8_t *p[D2_MAX_PLANES];
+        for (int k = 0; k < NP; k++) p[k] = pl[k];
+        const int8_t *xh[D2_MAX_TOKENS], *xl[D2_MAX_TOKENS];
+        for (int n = 0; n < NT; n++) {
+            xh[n] = q->hi + (int64_t)(n0 + n) * q->cols;
+            xl[n] = LO ? q->lo + (int64_t)(n0 + n) * q->cols : 0;
+        }
+        for (; g + 2 <= G; g += 2) {
+            const __m512i c0 = code64(p, (int64_t)g * 8, NP), c1 = code64(p, (int64_t)g * 8 + 8, NP);
+            for (int n = 0; n < NT; n++) {
+                const int8_t *h = xh[n] + (int64_t)g * 64;
+                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(h));
+                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c1, _mm512_loadu_si512(h + 64));
+                if (LO) {
+                    const int8_t *l = xl[n] + (int64_t)g * 64;
+                    d0 = _mm512_add_epi32(_mm512_slli_epi32(d0, 8), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(l)));
+                    d1 = _mm512_add_epi32(_mm512_slli_epi32(d1, 8), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c1, _mm512_loadu_si512(l + 64)));
+                }
+                a0[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s[n * G + g]), a0[n]);
+                a1[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s[n * G + g + 1]), a1[n]);
+            }
+        }
+    }
     for (; g + 2 <= G; g += 2) {
         __m512i d0[D2_MAX_TOKENS], d1[D2_MAX_TOKENS];
         group_dots(pl, NP, NT, W64, LO, q, n0, g * gs, (g + 1) * gs, d0);
@@ -340,35 +364,43 @@ D2_TERMS_W(1)
 #define D2_TABLE_W(W) {D2_ROW_NT(1, W), D2_ROW_NT(2, W), D2_ROW_NT(3, W), D2_ROW_NT(4, W)}
 static const term_fn TERMS[2][4][D2_MAX_PLANES] = {D2_TABLE_W(0), D2_TABLE_W(1)}; /* [64-wide][tokens - 1][planes - 1] */
 
+/* float16 row -> 16 float lanes from g (masked at the row's end) */
+static inline __m512 f16x16(const uint16_t *row, int g, __mmask16 k) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, row + g));
+}
+
 static void rows_gemv_avx512(const d2_matrix *m, const d2_qx *q, int n0, int nt, float *y, int64_t ystride,
                              int32_t r0, int32_t r1, float *scratch) {
     const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8, w64 = gs % 64 == 0;
-    float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *s = base + G;
+    float *s = scratch; /* [nt, G] per term: s[n, g] = m_t coef_t[o, g] dx[n, g] */
     for (int o = r0; o < r1; o++) {
-        row_coefs(m, o, cf, base);
+        /* the base term first (sum_g base[o, g] sx[n, g], base = offset + sum_t m_t coef_t bias_t), 16
+           groups at a time: per-row work in vectors, not per-group scalar loops (a third of level 2's time) */
         __m512 facc[D2_MAX_TOKENS];
         for (int n = 0; n < nt; n++) facc[n] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g += 16) {
+            const __mmask16 k = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
+            __m512 base = f16x16(m->offset + (int64_t)o * G, g, k);
+            for (int t = 0; t < m->nterms; t++)
+                base = _mm512_fmadd_ps(_mm512_mul_ps(f16x16(m->coef[t] + (int64_t)o * G, g, k), _mm512_set1_ps(m->term_mul[t])),
+                                       _mm512_set1_ps(m->term_bias[t]), base);
+            for (int n = 0; n < nt; n++)
+                facc[n] = _mm512_fmadd_ps(base, _mm512_maskz_loadu_ps(k, q->sx + (int64_t)(n0 + n) * G + g), facc[n]);
+        }
         for (int t = 0; t < m->nterms; t++) {
             const uint8_t *pl[D2_MAX_PLANES];
             const int np = m->term_nplanes[t];
             for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + (int64_t)o * rb;
-            for (int n = 0; n < nt; n++) { /* s[n, g] = m_t coef_t[o, g] dx[n, g] */
-                const float *dx = q->dx + (int64_t)(n0 + n) * G, *c = cf + t * G;
-                for (int g = 0; g < G; g++) s[n * G + g] = c[g] * dx[g];
+            const __m512 mul = _mm512_set1_ps(m->term_mul[t]);
+            for (int g = 0; g < G; g += 16) {
+                const __mmask16 k = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
+                const __m512 c = _mm512_mul_ps(f16x16(m->coef[t] + (int64_t)o * G, g, k), mul);
+                for (int n = 0; n < nt; n++)
+                    _mm512_mask_storeu_ps(s + n * G + g, k, _mm512_mul_ps(c, _mm512_maskz_loadu_ps(k, q->dx + (int64_t)(n0 + n) * G + g)));
             }
             TERMS[w64][nt - 1][np - 1](pl, q, n0, gs, G, s, facc);
         }
-        for (int n = 0; n < nt; n++) {
-            const float *sx = q->sx + (int64_t)(n0 + n) * G;
-            __m512 acc = facc[n];
-            int g = 0;
-            for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(base + g), _mm512_loadu_ps(sx + g), acc);
-            if (g < G) {
-                const __mmask16 k = (__mmask16)((1u << (G - g)) - 1);
-                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, base + g), _mm512_maskz_loadu_ps(k, sx + g), acc);
-            }
-            y[(int64_t)(n0 + n) * ystride + o] = _mm512_reduce_add_ps(acc);
-        }
+        for (int n = 0; n < nt; n++) y[(int64_t)(n0 + n) * ystride + o] = _mm512_reduce_add_ps(facc[n]);
     }
 }
 #endif
