@@ -136,6 +136,9 @@ def load() -> ctypes.CDLL | None:
     lib.d2_dequant_rows.argtypes = [mp, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
                                     ctypes.c_int32, ctypes.c_int32]
     lib.d2_block_planes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
+    lib.d2_interleave_planes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+    lib.d2_interleave_params.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+    lib.d2_ready_layout.restype = ctypes.c_int
     lib.d2_dense_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32]
@@ -149,28 +152,60 @@ def simd_name() -> str:
     return {1: "avx512-vnni", 2: "avx2"}.get(lib.d2_simd_level(), "portable C")
 
 
-def blocks_planes(group_size: int) -> bool:
-    """Whether the loaded kernels read planes faster once blocked (d2_block_planes): the AVX2 path, whose
-    bit-to-byte expansion from the file's row layout costs more than the multiply itself."""
+ROWS, BLOCKED, ROWS16 = 0, 1, 2  # plane layouts (kernels/cpu/mwq_cpu.c, mwq_rows16.h)
+
+
+def ready_layout() -> int:
+    """The layout the loaded vector kernels read fastest: ROWS16 (AVX-512: 16 rows share each word, so one
+    VNNI dot product serves 16 rows), BLOCKED (AVX2: bits as byte lanes by load + shift), ROWS (the file's)."""
     lib = load()
-    return lib is not None and lib.d2_simd_level() == 2 and group_size % 32 == 0
+    return ROWS if lib is None else int(lib.d2_ready_layout())
+
+
+def blocks_planes(group_size: int) -> bool:
+    """Whether the cache should hold this machine's kernel-ready layout (block_planes/block_params as bytes
+    land): AVX2 for any group size % 32 (its bit-to-byte expansion from the file's rows costs more than the
+    multiply), AVX-512 for % 64 (from the file's rows every (row, group) pays a reduction)."""
+    layout = ready_layout()
+    return (layout == BLOCKED and group_size % 32 == 0) or (layout == ROWS16 and group_size % 64 == 0)
 
 
 def block_planes(planes: torch.Tensor) -> None:
-    """Plane rows [..., I/8] uint8 (contiguous, CPU) from the file's layout to the kernel-ready one, in place."""
+    """Planes [..., O, I/8] uint8 (contiguous, CPU; [O, I/8] is one plane) from the file's layout to the
+    kernel-ready one, in place."""
     if planes.dtype != torch.uint8 or not planes.is_contiguous() or planes.device.type != "cpu":
         raise ValueError("block_planes needs contiguous uint8 CPU plane rows")
-    if planes.numel():
+    if not planes.numel():
+        return
+    if ready_layout() == ROWS16:
+        rows, row_bytes = planes.shape[-2], planes.shape[-1]
+        load().d2_interleave_planes(planes.data_ptr(), planes.numel() // (rows * row_bytes), rows, row_bytes)
+    else:
         load().d2_block_planes(planes.data_ptr(), planes.numel() // planes.shape[-1], planes.shape[-1])
 
 
+def block_params(params: torch.Tensor) -> None:
+    """Per-group parameters [..., O, G] float16 (scale, offset, alpha) to the kernel-ready layout, in
+    place: [G, 16] per block of 16 rows under ROWS16; other layouts keep the file's."""
+    if params.dtype != torch.float16 or not params.is_contiguous() or params.device.type != "cpu":
+        raise ValueError("block_params needs contiguous float16 CPU parameter rows")
+    if params.numel() and ready_layout() == ROWS16:
+        rows, groups = params.shape[-2], params.shape[-1]
+        load().d2_interleave_params(params.data_ptr(), params.numel() // (rows * groups), rows, groups)
+
+
 def blocked(m: PackedMatrix) -> PackedMatrix:
-    """A copy of `m` whose planes are in the kernel-ready layout (tests and benchmarks; the runtime blocks
-    the cache's own bytes in place as they land)."""
+    """A copy of `m` in the kernel-ready layout (tests and benchmarks; the runtime re-lays out the cache's
+    own bytes in place as they land). Unchanged where the layout does not apply (ROWS16: group size % 64)."""
+    if ready_layout() == ROWS16 and not blocks_planes(m.cfg.group_size):
+        return m
     planes = tuple(p.clone() for p in m.planes)
     for p in planes:
         block_planes(p)
-    return dataclasses.replace(m, planes=planes, blocked=True)
+    scale, offset, alphas = m.scale.clone(), m.offset.clone(), tuple(a.clone() for a in m.alphas)
+    for t in (scale, offset, *alphas):
+        block_params(t)
+    return dataclasses.replace(m, scale=scale, offset=offset, planes=planes, alphas=alphas, blocked=True)
 
 
 class MatrixDesc:
@@ -194,7 +229,7 @@ class MatrixDesc:
         for i, t in enumerate(terms):
             s.coef[i] = t.coef.data_ptr()
             s.term_first[i], s.term_nplanes[i], s.term_mul[i], s.term_bias[i] = t.first, t.nplanes, t.mul, t.bias
-        s.layout = int(m.blocked)
+        s.layout = ready_layout() if m.blocked else ROWS
         self.struct, self.ref, self.matrix, self.level = s, ctypes.byref(s), m, level
         self.rows, self.cols, self.group_size = rows, cols, m.cfg.group_size
         self.scratch_floats = int(load().d2_scratch_floats(self.ref))  # the C side owns the scratch layout
@@ -268,7 +303,9 @@ class RowSplitter:
             fn(0, rows)
             return
         nchunks = min(rows // min_rows, threads * 8)
-        bounds = [(rows * i // nchunks, rows * (i + 1) // nchunks) for i in range(nchunks)]
+        # chunk edges on multiples of 16 rows: the ROWS16 layout computes whole 16-row blocks
+        edges = [0, *((rows * i // nchunks) & ~15 for i in range(1, nchunks)), rows]
+        bounds = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
         bounds.reverse()
 
         def worker() -> None:

@@ -37,7 +37,7 @@ class PackedMatrix:
     offset: torch.Tensor  # float16 [O, G]
     planes: tuple[torch.Tensor, ...]  # `level` uint8 [O, I/8] views, most significant first
     alphas: tuple[torch.Tensor, ...]  # residual: level - b1 float16 [O, G] views; sliced: ()
-    blocked: bool = False  # planes in the CPU kernels' blocked layout (kernels/cpu/mwq_cpu.c), not the file's
+    blocked: bool = False  # planes and parameters in the CPU kernels' ready layout (kernels.cpu.ready_layout), not the file's
 
     @classmethod
     def from_mwq(cls, t: MWQTensor, level: int | None = None) -> PackedMatrix:
@@ -47,7 +47,7 @@ class PackedMatrix:
 
     def to_mwq(self) -> MWQTensor:
         if self.blocked:
-            raise ValueError("blocked planes are for the CPU kernels only: the reference reads the file's layout")
+            raise ValueError("blocked planes and parameters are for the CPU kernels only: the reference reads the file's layout")
         rows, cols = self.shape
         alpha = None
         if self.cfg.scheme == "residual":

@@ -344,11 +344,14 @@ class ExpertPipeline:
 
     def _checked(self, read: Read, data):
         """Bytes just read, on the I/O thread that read them: crc-checked (only the segments read), then
-        planes blocked for the CPU kernels where they read that layout. The cache holds nothing else."""
+        planes and parameters re-laid out for the CPU kernels where they read another layout. The cache
+        holds nothing else."""
         self.ckpt.verify_read(read.layer, read.expert, data, read.have, read.want)
         if self.blocked:
-            for rows in self.ckpt.plane_rows(data, read.have, read.want):
-                cpu.block_planes(rows)
+            for planes in self.ckpt.plane_rows(data, read.have, read.want):
+                cpu.block_planes(planes)
+            for params in self.ckpt.param_rows(data, read.have, read.want):
+                cpu.block_params(params)
         return data
 
     def _on_device(self, data):

@@ -21,6 +21,8 @@
    Every entry point works on a range of rows so callers can split a matrix over threads; a row
    range writes only its own outputs. */
 
+#include <stdlib.h>
+
 #include "common.h"
 
 typedef struct {
@@ -405,6 +407,8 @@ static void rows_gemv_avx512(const d2_matrix *m, const d2_qx *q, int n0, int nt,
 }
 #endif
 
+#include "mwq_rows16.h"
+
 /* ---------------------------------------------------------------- entry points */
 
 /* Scratch floats a row range needs: coefficients of every term and the base, per group. */
@@ -413,13 +417,69 @@ static void rows_gemv_avx512(const d2_matrix *m, const d2_qx *q, int n0, int nt,
    one float32 row (bf16 tiles). */
 int64_t d2_scratch_floats(const d2_matrix *m) {
     const int64_t G = m->cols / m->group_size, tokens = (int64_t)D2_MAX_TOKENS * G;
-    return (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
+    const int64_t rows = (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
+    return m->layout == D2_ROWS16 ? rows + rows16_unpack_bytes(m) / 4 + 1 : rows; /* then one block unpacked */
+}
+
+/* The layout this build's vector kernels read fastest, made by d2_interleave_planes/_params (2) or
+   d2_block_planes (1) when bytes enter the cache; 0: the file's. */
+int d2_ready_layout(void) { return D2_AVX512 ? D2_ROWS16 : (D2_AVX2 ? D2_BLOCKED : D2_ROWS); }
+
+/* Rows [r0, r1) of a D2_ROWS16 matrix through a row-wise entry point: each touched block copied back
+   to the file's layout (the tail rows past the last full block already are), then fn on its rows. */
+typedef void (*rows_fn)(const d2_matrix *, int32_t r0, int32_t r1, void *ctx, int64_t row_offset);
+static void rows16_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, float *scratch, rows_fn fn, void *ctx) {
+    const int32_t full = m->rows & ~15;
+    uint8_t *buf = (uint8_t *)(scratch + (d2_scratch_floats(m) - rows16_unpack_bytes(m) / 4 - 1));
+    for (int32_t o = r0; o < r1 && o < full;) {
+        const int32_t b = o / 16, e = 16 * b + 16 < r1 ? 16 * b + 16 : r1;
+        const d2_matrix blk = rows16_unpack(m, b, buf);
+        fn(&blk, o - 16 * b, e - 16 * b, ctx, 16 * (int64_t)b);
+        o = e;
+    }
+    if (r1 > full) {
+        d2_matrix tail = *m;
+        tail.layout = D2_ROWS;
+        fn(&tail, r0 > full ? r0 : full, r1, ctx, 0);
+    }
 }
 
 /* y[n, o] for rows [r0, r1) and every token of q (ystride = y's row length). Rows are visited in
    tiles so that a tile's planes stay in cache while every 8-token block of q reuses them. */
+static void gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
+                      float *scratch, int32_t force_portable);
+
+typedef struct { const d2_qx *q; float *y; int64_t ystride; float *scratch; int32_t force_portable; } gemv_ctx;
+
+static void gemv_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ctx, int64_t row_offset) {
+    const gemv_ctx *c = (const gemv_ctx *)ctx;
+    gemv_rows(m, c->q, c->y + row_offset, c->ystride, r0, r1, c->scratch, c->force_portable);
+}
+
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
+    if (m->layout != D2_ROWS16) {
+        gemv_rows(m, q, y, ystride, r0, r1, scratch, force_portable);
+        return;
+    }
+#if D2_AVX512
+    if (!force_portable) { /* whole blocks inside the range: the block kernel */
+        const int32_t first = (r0 + 15) / 16, last = (r1 < (m->rows & ~15) ? r1 : (m->rows & ~15)) / 16;
+        for (int32_t b = first; b < last; b++) rows16_gemv_block(m, q, y, ystride, b);
+        if (first < last) { /* what is left: the partial blocks at both ends and the tail rows */
+            gemv_ctx c = {q, y, ystride, scratch, force_portable};
+            rows16_by_rows(m, r0, 16 * first, scratch, gemv_rows_fn, &c);
+            rows16_by_rows(m, 16 * last, r1, scratch, gemv_rows_fn, &c);
+            return;
+        }
+    }
+#endif
+    gemv_ctx c = {q, y, ystride, scratch, force_portable};
+    rows16_by_rows(m, r0, r1, scratch, gemv_rows_fn, &c);
+}
+
+static void gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
+                      float *scratch, int32_t force_portable) {
 #if D2_AVX512
     const int vector = !force_portable && m->group_size % 32 == 0 && m->layout == D2_ROWS;
 #elif D2_AVX2
@@ -491,8 +551,29 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
 
 /* Rows [r0, r1) of the level's weight into out [r1 - r0, cols]: float32 (bf16 = 0) or bfloat16
    rounded to nearest even (bf16 = 1; scratch then needs cols more floats). Prefill tiles. */
+static void dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
+                         int32_t force_portable);
+
+typedef struct { uint8_t *out; int32_t r0; float *scratch; int32_t bf16, force_portable; } dequant_ctx;
+
+static void dequant_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ctx, int64_t row_offset) {
+    const dequant_ctx *c = (const dequant_ctx *)ctx;
+    const int64_t at = (row_offset + r0 - c->r0) * m->cols * (c->bf16 ? 2 : 4);
+    dequant_rows(m, c->out + at, r0, r1, c->scratch, c->bf16, c->force_portable);
+}
+
 void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
                      int32_t force_portable) {
+    if (m->layout == D2_ROWS16) {
+        dequant_ctx c = {(uint8_t *)out, r0, scratch, bf16, force_portable};
+        rows16_by_rows(m, r0, r1, scratch, dequant_rows_fn, &c);
+        return;
+    }
+    dequant_rows(m, out, r0, r1, scratch, bf16, force_portable);
+}
+
+static void dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
+                         int32_t force_portable) {
     const int G = m->cols / m->group_size;
     float *cf = scratch, *base = scratch + D2_MAX_TERMS * G, *row = base + G;
     for (int o = r0; o < r1; o++) {

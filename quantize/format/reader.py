@@ -142,17 +142,26 @@ class PackedCheckpoint:
         return decode_blob(prefix_bytes, self.layout, self.cfg, level, self.matrix_shapes)
 
     def plane_rows(self, data, have_level: int | None, want_level: int) -> list[torch.Tensor]:
-        """The bit-plane rows that a `byte_range(layer, expert, have_level, want_level)` read brought, as
-        uint8 [planes * rows, I/8] views into `data` (the CPU kernels re-lay them out in place)."""
+        """The bit-planes that a `byte_range(layer, expert, have_level, want_level)` read brought, as
+        uint8 [planes, rows, I/8] views into `data` (the CPU kernels re-lay them out in place)."""
+        return self._landed(data, have_level, want_level, ("planes",))
+
+    def param_rows(self, data, have_level: int | None, want_level: int) -> list[torch.Tensor]:
+        """The per-group parameters (scale, offset, alpha) that such a read brought, as float16
+        [..., rows, G] views into `data` (the CPU kernels re-lay them out in place)."""
+        return self._landed(data, have_level, want_level, ("scale", "offset", "alpha"))
+
+    def _landed(self, data, have_level: int | None, want_level: int, names: tuple[str, ...]) -> list[torch.Tensor]:
         view = memoryview(data).cast("B")
         first, base = self._read_start(have_level)
         out = []
         for i in range(first, self.cfg.level_index(want_level) + 1):
             start = self.layout.segment_range(i)[0] - base
             for slot in self.layout.segments[i]:
-                if slot.name == "planes" and slot.nbytes:
-                    t = torch.frombuffer(view, dtype=torch.uint8, count=slot.nbytes, offset=start + slot.start)
-                    out.append(t.view(-1, slot.shape[-1]))
+                if slot.name in names and slot.nbytes:
+                    count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
+                    t = torch.frombuffer(view, dtype=slot.dtype, count=count, offset=start + slot.start)
+                    out.append(t.view(slot.shape))
         return out
 
     def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int) -> None:

@@ -43,6 +43,7 @@ CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-w
     # full 256-column blocks with and without a tail (the blocked layout's two halves)
     (37, 128, 64), (64, 192, 64), (5, 256, 128), (33, 96, 32), (17, 64, 16), (9, 40, 8), (70, 512, 64),
     (11, 1024 + 64, 64), (7, 512 + 32, 32), (6, 768 + 128, 128),
+    (40, 320, 64), (48, 256, 128),  # whole 16-row blocks with a tail / without (ROWS16 on AVX-512)
 ]
 
 
@@ -57,9 +58,37 @@ def _blocked_spec(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed, rows[:, full // 8:]], dim=1)
 
 
+def _rows16_spec(planes: torch.Tensor) -> torch.Tensor:
+    """ROWS16 in torch: per plane and full block of 16 rows, word j (8 bytes) holds columns 4j..4j+3 of the
+    16 rows, bit 4 i + k = row i, column 4 j + k; the rows past the last full block keep the file's layout."""
+    k, n, nbytes = planes.shape
+    full = n - n % 16
+    bits = ((planes[:, :full].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(k, full // 16, 16, -1, 4)
+    words = bits.permute(0, 1, 3, 2, 4).reshape(k, full // 16, -1, 8, 8)  # [plane, block, word, byte, bit]
+    packed = (words << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).reshape(k, full, nbytes)
+    return torch.cat([packed, planes[:, full:]], dim=1)
+
+
+def _rows16_params_spec(params: torch.Tensor) -> torch.Tensor:
+    k, n, groups = params.shape
+    full = n - n % 16
+    blocks = params[:, :full].reshape(k, full // 16, 16, groups).transpose(-1, -2).reshape(k, full, groups)
+    return torch.cat([blocks, params[:, full:]], dim=1)
+
+
 @pytest.mark.parametrize("row_bytes", [8, 32, 36, 96, 100])
 def test_blocking_planes_is_the_specified_permutation(row_bytes):
     g = torch.Generator().manual_seed(row_bytes)
+    if cpu.ready_layout() == cpu.ROWS16:  # whole 64-column words only (group sizes % 64)
+        planes = torch.randint(0, 256, (3, 37, 8 * row_bytes), generator=g, dtype=torch.uint8)
+        got = planes.clone()
+        cpu.block_planes(got)
+        assert torch.equal(got, _rows16_spec(planes))
+        params = torch.randn(2, 37, row_bytes, generator=g).half()
+        got = params.clone()
+        cpu.block_params(got)
+        assert torch.equal(got, _rows16_params_spec(params))
+        return
     rows = torch.randint(0, 256, (5, row_bytes), generator=g, dtype=torch.uint8)
     got = rows.clone()
     cpu.block_planes(got)

@@ -1,0 +1,220 @@
+/* D2_ROWS16: the AVX-512 kernels' kernel-ready layout (made in place when bytes enter the cache).
+
+   In the file's layout one row's group is one 64-column chunk, so every (row, group) pays a VNNI dot
+   product's reduction: an int32 -> float convert and an FMA per 64 weights, as much work as the dot
+   product itself, and level 2 ran no faster than level 4. Here 16 consecutive rows share each 64-bit
+   word: per plane, word j of a 16-row block holds columns 4j..4j+3 of the 16 rows (bit 4i + k = row i,
+   column 4j + k). A word's codes then fill one zmm as 16 rows x 4 columns, so one VNNI instruction
+   against the 4 activations of that quad (broadcast) adds straight into 16 row accumulators, and the
+   float work is once per (16 rows, group). Parameters (offset, scale, alpha: f16 [rows, G]) are stored
+   per block as [G][16], so a group's 16 row factors are one load.
+
+   Rows past the last full block of 16 stay in the file's layout (their bytes do not move). Same bytes,
+   same size: a permutation inside each plane's and each parameter array's 16-row blocks, so a level's
+   prefix and an upgrade's extra segments are re-laid out independently. Needs cols % 64 == 0. */
+
+#define D2_ROWS16 2
+
+/* 16 x 16 nibble transpose: nibble j of the word at in + i * istride becomes nibble i of the word at
+   out + j * ostride (rows <-> quads; the transform is its own inverse). */
+static void nib_transpose16_c(const uint8_t *in, int64_t istride, uint8_t *out, int64_t ostride) {
+    uint64_t q[16], o[16] = {0};
+    for (int i = 0; i < 16; i++) memcpy(&q[i], in + i * istride, 8);
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 16; i++) o[j] |= ((q[i] >> (4 * j)) & 15u) << (4 * i);
+    for (int j = 0; j < 16; j++) memcpy(out + j * ostride, &o[j], 8);
+}
+
+#if D2_AVX512 && defined(__AVX512VBMI__)
+static void nib_transpose16(const uint8_t *in, int64_t istride, uint8_t *out, int64_t ostride) {
+    const __m512i rows = _mm512_set_epi64(7 * istride, 6 * istride, 5 * istride, 4 * istride, 3 * istride,
+                                          2 * istride, istride, 0);
+    const __m512i a = istride == 8 ? _mm512_loadu_si512(in) : _mm512_i64gather_epi64(rows, in, 1);
+    const __m512i b = istride == 8 ? _mm512_loadu_si512(in + 64) : _mm512_i64gather_epi64(rows, in + 8 * istride, 1);
+    const __m512i nib = _mm512_set1_epi8(15);
+    /* bytes i * 8 + k of (a|b): word i's nibble 2k (lo) or 2k + 1 (hi) */
+    const __m512i alo = _mm512_and_si512(a, nib), blo = _mm512_and_si512(b, nib);
+    const __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib), bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+    uint8_t ie[64], io[64];
+    for (int kk = 0; kk < 8; kk++)
+        for (int m = 0; m < 8; m++) {
+            ie[kk * 8 + m] = (uint8_t)(16 * m + kk);     /* word 2m's nibble (2 kk or 2 kk + 1) */
+            io[kk * 8 + m] = (uint8_t)(16 * m + 8 + kk); /* word 2m + 1's */
+        }
+    const __m512i vie = _mm512_loadu_si512(ie), vio = _mm512_loadu_si512(io);
+    /* byte kk * 8 + m of out word (2 kk or 2 kk + 1) = nibbles of words 2m (low) and 2m + 1 (high) */
+    const __m512i qe = _mm512_or_si512(_mm512_permutex2var_epi8(alo, vie, blo),
+                                       _mm512_slli_epi16(_mm512_permutex2var_epi8(alo, vio, blo), 4));
+    const __m512i qo = _mm512_or_si512(_mm512_permutex2var_epi8(ahi, vie, bhi),
+                                       _mm512_slli_epi16(_mm512_permutex2var_epi8(ahi, vio, bhi), 4));
+    const __m512i lo = _mm512_permutex2var_epi64(qe, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), qo);
+    const __m512i hi = _mm512_permutex2var_epi64(qe, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), qo);
+    if (ostride == 8) {
+        _mm512_storeu_si512(out, lo);
+        _mm512_storeu_si512(out + 64, hi);
+    } else {
+        const __m512i outs = _mm512_set_epi64(7 * ostride, 6 * ostride, 5 * ostride, 4 * ostride, 3 * ostride,
+                                              2 * ostride, ostride, 0);
+        _mm512_i64scatter_epi64(out, outs, lo, 1);
+        _mm512_i64scatter_epi64(out + 8 * ostride, outs, hi, 1);
+    }
+}
+#else
+#define nib_transpose16 nib_transpose16_c
+#endif
+
+/* ---------------------------------------------------------------- re-layout (cache fill) */
+
+/* nplanes planes of [rows, row_bytes] (contiguous), file layout -> D2_ROWS16, in place. */
+void d2_interleave_planes(uint8_t *p, int64_t nplanes, int32_t rows, int32_t row_bytes) {
+    if (row_bytes % 8) return; /* cols % 64 != 0: never blocked (blocks_planes says no) */
+    const int64_t bbytes = 16 * (int64_t)row_bytes;
+    uint8_t *tmp = (uint8_t *)malloc((size_t)bbytes);
+    if (!tmp) return;
+    for (int64_t k = 0; k < nplanes; k++)
+        for (int b = 0; b < rows / 16; b++) {
+            uint8_t *blk = p + (k * rows + 16 * (int64_t)b) * row_bytes;
+            memcpy(tmp, blk, (size_t)bbytes);
+            for (int g = 0; g < row_bytes / 8; g++) nib_transpose16(tmp + 8 * g, row_bytes, blk + 128 * g, 8);
+        }
+    free(tmp);
+}
+
+/* narrays f16 arrays of [rows, G] (contiguous), [16, G] -> [G, 16] per full block of 16 rows, in place. */
+void d2_interleave_params(uint16_t *p, int64_t narrays, int32_t rows, int32_t G) {
+    uint16_t *tmp = (uint16_t *)malloc((size_t)16 * G * 2);
+    if (!tmp) return;
+    for (int64_t k = 0; k < narrays; k++)
+        for (int b = 0; b < rows / 16; b++) {
+            uint16_t *blk = p + (k * rows + 16 * (int64_t)b) * G;
+            for (int i = 0; i < 16; i++)
+                for (int g = 0; g < G; g++) tmp[g * 16 + i] = blk[i * G + g];
+            memcpy(blk, tmp, (size_t)16 * G * 2);
+        }
+    free(tmp);
+}
+
+/* Bytes of the buffer rows16_unpack needs: every plane and parameter array of one block. */
+static int64_t rows16_unpack_bytes(const d2_matrix *m) {
+    return (int64_t)D2_MAX_PLANES * 16 * (m->cols / 8) + (int64_t)(1 + D2_MAX_TERMS) * 16 * (m->cols / m->group_size) * 2;
+}
+
+/* Block b of m (its 16 rows) copied back into the file's layout in buf: a 16-row d2_matrix that every
+   row-wise path (portable, prefill tiles, partial blocks) reads as usual. */
+static d2_matrix rows16_unpack(const d2_matrix *m, int b, uint8_t *buf) {
+    const int rb = m->cols / 8, G = m->cols / m->group_size;
+    d2_matrix r = *m;
+    r.rows = 16;
+    r.layout = D2_ROWS;
+    int nplanes = 0;
+    for (int t = 0; t < m->nterms; t++)
+        if (m->term_first[t] + m->term_nplanes[t] > nplanes) nplanes = m->term_first[t] + m->term_nplanes[t];
+    for (int p = 0; p < nplanes; p++) {
+        uint8_t *dst = buf + (int64_t)p * 16 * rb;
+        const uint8_t *src = m->planes[p] + (int64_t)b * 16 * rb;
+        for (int g = 0; g < rb / 8; g++) nib_transpose16(src + 128 * g, 8, dst + 8 * g, rb);
+        r.planes[p] = dst;
+    }
+    uint16_t *prm = (uint16_t *)(buf + (int64_t)D2_MAX_PLANES * 16 * rb);
+    for (int a = 0; a <= m->nterms; a++) {
+        const uint16_t *src = (a == 0 ? m->offset : m->coef[a - 1]) + (int64_t)b * 16 * G;
+        uint16_t *dst = prm + (int64_t)a * 16 * G;
+        for (int i = 0; i < 16; i++)
+            for (int g = 0; g < G; g++) dst[i * G + g] = src[g * 16 + i];
+        if (a == 0) r.offset = dst;
+        else r.coef[a - 1] = dst;
+    }
+    return r;
+}
+
+/* ---------------------------------------------------------------- GEMV on 16-row blocks (AVX-512) */
+#if D2_AVX512
+
+/* One term over every group of a block for NT tokens: facc[n] (lane i = row i) += sum_g s[i, g] D[n, i, g]
+   with s = m_t coef_t dx. Quads' dot products go to CH independent accumulators (VNNI latency). */
+static inline __attribute__((always_inline)) void rows16_term(
+    const uint8_t *const *pl, const int NP, const int NT, const int LO, const d2_qx *q, int n0, int G, int qpg,
+    const uint16_t *coef, float mul, __m512 *facc) {
+    enum { CH = 4 };
+    const int8_t *xh[D2_MAX_TOKENS], *xl[D2_MAX_TOKENS];
+    for (int n = 0; n < NT; n++) {
+        xh[n] = q->hi + (int64_t)(n0 + n) * q->cols;
+        xl[n] = LO ? q->lo + (int64_t)(n0 + n) * q->cols : 0;
+    }
+    const int ch = NT == 1 ? CH : 2; /* more tokens are already independent chains */
+    for (int g = 0; g < G; g++) {
+        __m512i dh[D2_MAX_TOKENS][CH], dl[D2_MAX_TOKENS][CH];
+        for (int n = 0; n < NT; n++)
+            for (int c = 0; c < ch; c++) dh[n][c] = dl[n][c] = _mm512_setzero_si512();
+        const int64_t q0 = (int64_t)g * qpg;
+        for (int j = 0; j < qpg; j += ch)
+            for (int c = 0; c < ch; c++) {
+                const __m512i code = code64(pl, 8 * (q0 + j + c), NP);
+                for (int n = 0; n < NT; n++) {
+                    int32_t xv;
+                    memcpy(&xv, xh[n] + 4 * (q0 + j + c), 4);
+                    dh[n][c] = _mm512_dpbusd_epi32(dh[n][c], code, _mm512_set1_epi32(xv));
+                    if (LO) {
+                        memcpy(&xv, xl[n] + 4 * (q0 + j + c), 4);
+                        dl[n][c] = _mm512_dpbusd_epi32(dl[n][c], code, _mm512_set1_epi32(xv));
+                    }
+                }
+            }
+        const __m512 cs = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(coef + (int64_t)g * 16))),
+                                        _mm512_set1_ps(mul));
+        for (int n = 0; n < NT; n++) {
+            __m512i d = dh[n][0], e = dl[n][0];
+            for (int c = 1; c < ch; c++) {
+                d = _mm512_add_epi32(d, dh[n][c]);
+                if (LO) e = _mm512_add_epi32(e, dl[n][c]);
+            }
+            if (LO) d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e);
+            const __m512 s = _mm512_mul_ps(cs, _mm512_set1_ps(q->dx[(int64_t)(n0 + n) * G + g]));
+            facc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc[n]);
+        }
+    }
+}
+
+typedef void (*rows16_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const uint16_t *, float, __m512 *);
+#define D2_R16(NP, NT, LO)                                                                                   \
+    static void r16_##NP##_##NT##_##LO(const uint8_t *const *pl, const d2_qx *q, int n0, int G, int qpg,   \
+                                       const uint16_t *coef, float mul, __m512 *facc) {                     \
+        rows16_term(pl, NP, NT, LO, q, n0, G, qpg, coef, mul, facc);                                        \
+    }
+#define D2_R16_NT(NT, LO) D2_R16(1, NT, LO) D2_R16(2, NT, LO) D2_R16(3, NT, LO) D2_R16(4, NT, LO) \
+    D2_R16(5, NT, LO) D2_R16(6, NT, LO) D2_R16(7, NT, LO) D2_R16(8, NT, LO)
+#define D2_R16_LO(LO) D2_R16_NT(1, LO) D2_R16_NT(2, LO) D2_R16_NT(3, LO) D2_R16_NT(4, LO)
+D2_R16_LO(0)
+D2_R16_LO(1)
+#define D2_R16_ROW(NT, LO) {r16_1_##NT##_##LO, r16_2_##NT##_##LO, r16_3_##NT##_##LO, r16_4_##NT##_##LO, \
+                            r16_5_##NT##_##LO, r16_6_##NT##_##LO, r16_7_##NT##_##LO, r16_8_##NT##_##LO}
+#define D2_R16_TABLE(LO) {D2_R16_ROW(1, LO), D2_R16_ROW(2, LO), D2_R16_ROW(3, LO), D2_R16_ROW(4, LO)}
+static const rows16_fn ROWS16[2][4][D2_MAX_PLANES] = {D2_R16_TABLE(0), D2_R16_TABLE(1)}; /* [lo][tokens - 1][planes - 1] */
+
+/* y[n, 16 b + i] for every token of q and the 16 rows of block b. */
+static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int b) {
+    const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8, lo = q->lo != 0;
+    const int64_t pbase = (int64_t)b * 16 * rb, prm = (int64_t)b * 16 * G;
+    for (int n0 = 0; n0 < q->ntok; n0 += 4) {
+        const int nt = q->ntok - n0 < 4 ? q->ntok - n0 : 4;
+        __m512 facc[D2_MAX_TOKENS];
+        for (int n = 0; n < nt; n++) facc[n] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g++) { /* base term: offset + sum_t m_t coef_t bias_t, times the exact group sum */
+            __m512 base = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->offset + prm + (int64_t)g * 16)));
+            for (int t = 0; t < m->nterms; t++) {
+                const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->coef[t] + prm + (int64_t)g * 16)));
+                base = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_set1_ps(m->term_mul[t])), _mm512_set1_ps(m->term_bias[t]), base);
+            }
+            for (int n = 0; n < nt; n++)
+                facc[n] = _mm512_fmadd_ps(base, _mm512_set1_ps(q->sx[(int64_t)(n0 + n) * G + g]), facc[n]);
+        }
+        for (int t = 0; t < m->nterms; t++) {
+            const uint8_t *pl[D2_MAX_PLANES];
+            const int np = m->term_nplanes[t];
+            for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + pbase;
+            ROWS16[lo][nt - 1][np - 1](pl, q, n0, G, gs / 4, m->coef[t] + prm, m->term_mul[t], facc);
+        }
+        for (int n = 0; n < nt; n++) _mm512_storeu_ps(y + (int64_t)(n0 + n) * ystride + 16 * (int64_t)b, facc[n]);
+    }
+}
+#endif
