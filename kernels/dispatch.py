@@ -47,6 +47,8 @@ GEMV_MAX_TOKENS = 16  # above: tile dequantization + GEMM (crossover measured at
 # int8 activations against float32 tiles (CPUs without a native bf16 GEMM): the integer kernel stays ahead
 # to ~64-128 tokens (14336x4096, AVX2 Zen 3: level 4 at 32 tokens 85 ms vs 107 for tiles, level 2 68 vs 112;
 # level 8's int16 activations lose from ~10 tokens, so they keep the default)
+# The same holds for int8 activations on AVX-512's ROWS16 layout, whatever the tiles (14336x4096, Zen 4, bf16
+# tiles: level 4 at 64 tokens 42 ms vs 49, level 2 34 vs 45; at 128 a tie for level 4)
 GEMV_MAX_TOKENS_INT8_FP32 = 64
 INT8_ACTIVATIONS_UP_TO = 4  # auto: int8 activations for levels <= 4, int16 above
 TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest (bf16)
@@ -130,7 +132,7 @@ class ExpertKernels:
             return self.gpu.forward(p, x, act_fn, self.gemv_max_tokens or GEMV_MAX_TOKENS)
         if self.lib is None:
             return self._forward_reference(p, x, act_fn)
-        if x.shape[0] > self.gemv_limit(p.level):
+        if x.shape[0] > self.gemv_limit(p.level, p.gate.struct.layout):
             gate, up = self._tiled(p.gate, x), self._tiled(p.up, x)
             h = act_fn(gate) * up
             return self._tiled(p.down, h)
@@ -144,11 +146,12 @@ class ExpertKernels:
     def activation_bits_for(self, level: int) -> int:
         return self.activation_bits or (8 if level <= INT8_ACTIVATIONS_UP_TO else 16)
 
-    def gemv_limit(self, level: int) -> int:
-        """Most rows the integer kernel takes at `level`; above, dequantized tiles feed a GEMM."""
+    def gemv_limit(self, level: int, layout: int = cpu.ROWS) -> int:
+        """Most rows the integer kernel takes at `level` on planes in `layout`; above, dequantized tiles
+        feed a GEMM."""
         if self.gemv_max_tokens is not None:
             return self.gemv_max_tokens
-        return gemv_limit(self.activation_bits_for(level))
+        return gemv_limit(self.activation_bits_for(level), layout=layout)
 
     def _gemv(self, desc, qx) -> torch.Tensor:
         return cpu.gemv(self.lib, desc, qx, self.splitter)
@@ -186,9 +189,10 @@ class ExpertKernels:
         self.splitter.close()
 
 
-def gemv_limit(activation_bits: int, tile_dtype: torch.dtype = TILE_DTYPE) -> int:
-    """Most rows the integer kernel takes with these activations before `tile_dtype` tiles + GEMM win (measured)."""
-    if activation_bits == 8 and tile_dtype == torch.float32:
+def gemv_limit(activation_bits: int, tile_dtype: torch.dtype = TILE_DTYPE, layout: int = cpu.ROWS) -> int:
+    """Most rows the integer kernel takes with these activations on planes in `layout` before `tile_dtype`
+    tiles + GEMM win (measured)."""
+    if activation_bits == 8 and (tile_dtype == torch.float32 or layout == cpu.ROWS16):
         return GEMV_MAX_TOKENS_INT8_FP32
     return GEMV_MAX_TOKENS
 
