@@ -26,26 +26,32 @@ static void nib_transpose16_c(const uint8_t *in, int64_t istride, uint8_t *out, 
 }
 
 #if D2_AVX512 && defined(__AVX512VBMI__)
-static void nib_transpose16(const uint8_t *in, int64_t istride, uint8_t *out, int64_t ostride) {
-    const __m512i rows = _mm512_set_epi64(7 * istride, 6 * istride, 5 * istride, 4 * istride, 3 * istride,
-                                          2 * istride, istride, 0);
-    const __m512i a = istride == 8 ? _mm512_loadu_si512(in) : _mm512_i64gather_epi64(rows, in, 1);
-    const __m512i b = istride == 8 ? _mm512_loadu_si512(in + 64) : _mm512_i64gather_epi64(rows, in + 8 * istride, 1);
-    const __m512i nib = _mm512_set1_epi8(15);
-    /* bytes i * 8 + k of (a|b): word i's nibble 2k (lo) or 2k + 1 (hi) */
-    const __m512i alo = _mm512_and_si512(a, nib), blo = _mm512_and_si512(b, nib);
-    const __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib), bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+#define D2_NIB_SIMD 1
+/* The transpose on registers: a, b = words 0-7, 8-15 (one per qword lane) -> out words 0-7, 8-15. */
+static inline __attribute__((always_inline)) void nib_core(__m512i a, __m512i b, __m512i *lo, __m512i *hi) {
     /* byte kk * 8 + m <- word 2m's (ie) or 2m + 1's (io) byte kk: 16 m + kk, 16 m + 8 + kk */
     static const uint8_t ie[64] = {0,16,32,48,64,80,96,112,1,17,33,49,65,81,97,113,2,18,34,50,66,82,98,114,3,19,35,51,67,83,99,115,4,20,36,52,68,84,100,116,5,21,37,53,69,85,101,117,6,22,38,54,70,86,102,118,7,23,39,55,71,87,103,119};
     static const uint8_t io[64] = {8,24,40,56,72,88,104,120,9,25,41,57,73,89,105,121,10,26,42,58,74,90,106,122,11,27,43,59,75,91,107,123,12,28,44,60,76,92,108,124,13,29,45,61,77,93,109,125,14,30,46,62,78,94,110,126,15,31,47,63,79,95,111,127};
-    const __m512i vie = _mm512_loadu_si512(ie), vio = _mm512_loadu_si512(io);
+    const __m512i nib = _mm512_set1_epi8(15), vie = _mm512_loadu_si512(ie), vio = _mm512_loadu_si512(io);
+    /* bytes i * 8 + k of (a|b): word i's nibble 2k (lo) or 2k + 1 (hi) */
+    const __m512i alo = _mm512_and_si512(a, nib), blo = _mm512_and_si512(b, nib);
+    const __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib), bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
     /* byte kk * 8 + m of out word (2 kk or 2 kk + 1) = nibbles of words 2m (low) and 2m + 1 (high) */
     const __m512i qe = _mm512_or_si512(_mm512_permutex2var_epi8(alo, vie, blo),
                                        _mm512_slli_epi16(_mm512_permutex2var_epi8(alo, vio, blo), 4));
     const __m512i qo = _mm512_or_si512(_mm512_permutex2var_epi8(ahi, vie, bhi),
                                        _mm512_slli_epi16(_mm512_permutex2var_epi8(ahi, vio, bhi), 4));
-    const __m512i lo = _mm512_permutex2var_epi64(qe, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), qo);
-    const __m512i hi = _mm512_permutex2var_epi64(qe, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), qo);
+    *lo = _mm512_permutex2var_epi64(qe, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), qo);
+    *hi = _mm512_permutex2var_epi64(qe, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), qo);
+}
+
+static void nib_transpose16(const uint8_t *in, int64_t istride, uint8_t *out, int64_t ostride) {
+    const __m512i rows = _mm512_set_epi64(7 * istride, 6 * istride, 5 * istride, 4 * istride, 3 * istride,
+                                          2 * istride, istride, 0);
+    const __m512i a = istride == 8 ? _mm512_loadu_si512(in) : _mm512_i64gather_epi64(rows, in, 1);
+    const __m512i b = istride == 8 ? _mm512_loadu_si512(in + 64) : _mm512_i64gather_epi64(rows, in + 8 * istride, 1);
+    __m512i lo, hi;
+    nib_core(a, b, &lo, &hi);
     if (ostride == 8) {
         _mm512_storeu_si512(out, lo);
         _mm512_storeu_si512(out + 64, hi);
@@ -56,7 +62,28 @@ static void nib_transpose16(const uint8_t *in, int64_t istride, uint8_t *out, in
         for (int j = 0; j < 16; j++) memcpy(out + j * ostride, &w[j], 8);
     }
 }
+
+/* r[i] lane g -> r[g] lane i (8 x 8 qwords) */
+static inline __attribute__((always_inline)) void transpose8x8_epi64(__m512i r[8]) {
+    __m512i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm512_unpacklo_epi64(r[i], r[i + 1]);     /* columns 0, 2, 4, 6 of rows i, i + 1 */
+        t[i + 1] = _mm512_unpackhi_epi64(r[i], r[i + 1]); /* columns 1, 3, 5, 7 */
+    }
+    const __m512i p04 = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), p26 = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    for (int h = 0; h < 8; h += 4) { /* rows h..h+3: u[h + c] holds columns (c, c + 4) for c = 0, 2 and 1, 3 */
+        u[h + 0] = _mm512_permutex2var_epi64(t[h], p04, t[h + 2]);
+        u[h + 2] = _mm512_permutex2var_epi64(t[h], p26, t[h + 2]);
+        u[h + 1] = _mm512_permutex2var_epi64(t[h + 1], p04, t[h + 3]);
+        u[h + 3] = _mm512_permutex2var_epi64(t[h + 1], p26, t[h + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm512_shuffle_i64x2(u[c], u[c + 4], 0x44);
+        r[c + 4] = _mm512_shuffle_i64x2(u[c], u[c + 4], 0xEE);
+    }
+}
 #else
+#define D2_NIB_SIMD 0
 #define nib_transpose16 nib_transpose16_c
 #endif
 
@@ -72,7 +99,25 @@ void d2_interleave_planes(uint8_t *p, int64_t nplanes, int32_t rows, int32_t row
         for (int b = 0; b < rows / 16; b++) {
             uint8_t *blk = p + (k * rows + 16 * (int64_t)b) * row_bytes;
             memcpy(tmp, blk, (size_t)bbytes);
-            for (int g = 0; g < row_bytes / 8; g++) nib_transpose16(tmp + 8 * g, row_bytes, blk + 128 * g, 8);
+            int g = 0;
+#if D2_NIB_SIMD
+            for (; g + 8 <= row_bytes / 8; g += 8) { /* 8 words of 16 rows: transposed in registers, no gathers */
+                __m512i r[8], s[8];
+                for (int i = 0; i < 8; i++) {
+                    r[i] = _mm512_loadu_si512(tmp + i * (int64_t)row_bytes + 8 * g);
+                    s[i] = _mm512_loadu_si512(tmp + (i + 8) * (int64_t)row_bytes + 8 * g);
+                }
+                transpose8x8_epi64(r);
+                transpose8x8_epi64(s);
+                for (int k = 0; k < 8; k++) {
+                    __m512i lo, hi;
+                    nib_core(r[k], s[k], &lo, &hi);
+                    _mm512_storeu_si512(blk + 128 * (int64_t)(g + k), lo);
+                    _mm512_storeu_si512(blk + 128 * (int64_t)(g + k) + 64, hi);
+                }
+            }
+#endif
+            for (; g < row_bytes / 8; g++) nib_transpose16(tmp + 8 * g, row_bytes, blk + 128 * g, 8);
         }
     free(tmp);
 }
@@ -84,8 +129,16 @@ void d2_interleave_params(uint16_t *p, int64_t narrays, int32_t rows, int32_t G)
     for (int64_t k = 0; k < narrays; k++)
         for (int b = 0; b < rows / 16; b++) {
             uint16_t *blk = p + (k * rows + 16 * (int64_t)b) * G;
-            for (int i = 0; i < 16; i++)
-                for (int g = 0; g < G; g++) tmp[g * 16 + i] = blk[i * G + g];
+            int g = 0;
+#if D2_AVX512
+            /* a group's 16 row values by one 32-bit gather (the value in each low half), narrowed */
+            const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(2 * G));
+            for (; g < G - 1; g++) /* the last group's gather would read 2 bytes past the block */
+                _mm256_storeu_si256((__m256i *)(tmp + g * 16), _mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, blk + g, 1)));
+#endif
+            for (; g < G; g++)
+                for (int i = 0; i < 16; i++) tmp[g * 16 + i] = blk[i * G + g];
             memcpy(blk, tmp, (size_t)16 * G * 2);
         }
     free(tmp);
