@@ -21,6 +21,7 @@
    Every entry point works on a range of rows so callers can split a matrix over threads; a row
    range writes only its own outputs. */
 
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -185,8 +186,7 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
    one float32 row (bf16 tiles). */
 int64_t d2_scratch_floats(const d2_matrix *m) {
     const int64_t G = m->cols / m->group_size, tokens = (int64_t)D2_MAX_TOKENS * G;
-    const int64_t rows = (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
-    return m->layout == D2_ROWS16 ? rows + rows16_unpack_bytes(m) / 4 + 1 : rows; /* then one block unpacked */
+    return (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
 }
 
 /* The layout this build's vector kernels read fastest, made by d2_interleave_planes/_params (2) or
@@ -196,15 +196,21 @@ int d2_ready_layout(void) { return D2_AVX512 ? D2_ROWS16 : (D2_AVX2 ? D2_BLOCKED
 /* Rows [r0, r1) of a D2_ROWS16 matrix through a row-wise entry point: each touched block copied back
    to the file's layout (the tail rows past the last full block already are), then fn on its rows. */
 typedef void (*rows_fn)(const d2_matrix *, int32_t r0, int32_t r1, void *ctx, int64_t row_offset);
-static void rows16_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, float *scratch, rows_fn fn, void *ctx) {
+static void rows16_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, rows_fn fn, void *ctx) {
     const int32_t full = m->rows & ~15;
-    uint8_t *buf = (uint8_t *)(scratch + (d2_scratch_floats(m) - rows16_unpack_bytes(m) / 4 - 1));
+    /* the unpacked block: allocated only here (whole-block GEMV ranges, the hot path, never need it) */
+    uint8_t *buf = r0 < r1 && r0 < full ? (uint8_t *)malloc((size_t)rows16_unpack_bytes(m)) : NULL;
+    if (r0 < r1 && r0 < full && !buf) { /* a quarter MiB: out of memory is not an answer to return */
+        fputs("d2moe kernels: out of memory unpacking a 16-row block\n", stderr);
+        abort();
+    }
     for (int32_t o = r0; o < r1 && o < full;) {
         const int32_t b = o / 16, e = 16 * b + 16 < r1 ? 16 * b + 16 : r1;
         const d2_matrix blk = rows16_unpack(m, b, buf);
         fn(&blk, o - 16 * b, e - 16 * b, ctx, 16 * (int64_t)b);
         o = e;
     }
+    free(buf);
     if (r1 > full) {
         d2_matrix tail = *m;
         tail.layout = D2_ROWS;
@@ -236,14 +242,14 @@ void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride,
         for (int32_t b = first; b < last; b++) rows16_gemv_block(m, q, y, ystride, b);
         if (first < last) { /* what is left: the partial blocks at both ends and the tail rows */
             gemv_ctx c = {q, y, ystride, scratch, force_portable};
-            rows16_by_rows(m, r0, 16 * first, scratch, gemv_rows_fn, &c);
-            rows16_by_rows(m, 16 * last, r1, scratch, gemv_rows_fn, &c);
+            rows16_by_rows(m, r0, 16 * first, gemv_rows_fn, &c);
+            rows16_by_rows(m, 16 * last, r1, gemv_rows_fn, &c);
             return;
         }
     }
 #endif
     gemv_ctx c = {q, y, ystride, scratch, force_portable};
-    rows16_by_rows(m, r0, r1, scratch, gemv_rows_fn, &c);
+    rows16_by_rows(m, r0, r1, gemv_rows_fn, &c);
 }
 
 static void gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
@@ -334,7 +340,7 @@ void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, floa
                      int32_t force_portable) {
     if (m->layout == D2_ROWS16) {
         dequant_ctx c = {(uint8_t *)out, r0, scratch, bf16, force_portable};
-        rows16_by_rows(m, r0, r1, scratch, dequant_rows_fn, &c);
+        rows16_by_rows(m, r0, r1, dequant_rows_fn, &c);
         return;
     }
     dequant_rows(m, out, r0, r1, scratch, bf16, force_portable);
