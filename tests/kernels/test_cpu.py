@@ -148,10 +148,11 @@ def test_zero_and_constant_inputs():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_threads_split_rows_without_changing_a_bit():
+@pytest.mark.parametrize("layout", ["rows", "blocked"])
+def test_threads_split_rows_without_changing_a_bit(layout):
     cfg = MWQConfig(bits=(2, 4), group_size=64)
     m = _matrix(2100, 1024, cfg)  # 2100 x 1024 x 4 tokens: above the threshold where threads pay
-    desc = cpu.MatrixDesc(m, 4)
+    desc = cpu.MatrixDesc(cpu.blocked(m) if layout == "blocked" else m, 4)  # ROWS16: 131 blocks + 4 rows
     qx = cpu.QuantizedX(lib, torch.randn(4, 1024), 64)
     splitter = cpu.RowSplitter(2, min_rows_per_chunk=16)
     try:
