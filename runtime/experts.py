@@ -46,6 +46,14 @@ from d2moe.runtime.scheduler import CostModel, Job, hebf_order, johnson_order
 from d2moe.runtime.store import Read, ReadSource
 
 
+def _relayout(slot, tensor) -> None:
+    """One checked blob tensor to the CPU kernels' ready layout, in place (planes and per-group parameters)."""
+    if slot.name == "planes":
+        cpu.block_planes(tensor)
+    else:
+        cpu.block_params(tensor)
+
+
 @dataclass
 class Work:
     """One expert's work in one layer step (one copy for matryoshka-free)."""
@@ -134,7 +142,7 @@ class ExpertPipeline:
         self.layout = None
         # CPU kernels that read planes faster in their blocked layout get every landed byte re-laid out in
         # place (crc checked first); the cache then holds only blocked planes
-        self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None and hasattr(ckpt, "plane_rows")
+        self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None and hasattr(ckpt, "layout")
                         and cpu.blocks_planes(ckpt.cfg.group_size))
         if transfer is not None:
             from d2moe.runtime.device import ExpertLayout
@@ -344,14 +352,11 @@ class ExpertPipeline:
 
     def _checked(self, read: Read, data):
         """Bytes just read, on the I/O thread that read them: crc-checked (only the segments read), then
-        planes and parameters re-laid out for the CPU kernels where they read another layout. The cache
-        holds nothing else."""
-        self.ckpt.verify_read(read.layer, read.expert, data, read.have, read.want)
-        if self.blocked:
-            for planes in self.ckpt.plane_rows(data, read.have, read.want):
-                cpu.block_planes(planes)
-            for params in self.ckpt.param_rows(data, read.have, read.want):
-                cpu.block_params(params)
+        planes and parameters re-laid out for the CPU kernels where they read another layout, each tensor
+        right after the checksum read it (cache-hot: one pass over memory, not two). The cache holds
+        nothing else."""
+        self.ckpt.verify_read(read.layer, read.expert, data, read.have, read.want,
+                              **({"visit": _relayout} if self.blocked else {}))
         return data
 
     def _on_device(self, data):

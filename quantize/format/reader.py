@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from d2moe.quantize.format.constants import (
 )
 from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.files import check_regular
-from d2moe.quantize.format.layout import BlobLayout, blob_layout
+from d2moe.quantize.format.layout import BlobLayout, Slot, blob_layout
 from d2moe.quantize.format.manifest import ExpertEntry, read_json, validate_manifest
 from d2moe.quantize.format.safetensors_io import read_header
 from d2moe.quantize.format.writer import experts_file_metadata
@@ -141,34 +142,35 @@ class PackedCheckpoint:
             self._check_crc(e, prefix_bytes, k)
         return decode_blob(prefix_bytes, self.layout, self.cfg, level, self.matrix_shapes)
 
-    def plane_rows(self, data, have_level: int | None, want_level: int) -> list[torch.Tensor]:
-        """The bit-planes that a `byte_range(layer, expert, have_level, want_level)` read brought, as
-        uint8 [planes, rows, I/8] views into `data` (the CPU kernels re-lay them out in place)."""
-        return self._landed(data, have_level, want_level, ("planes",))
+    def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int,
+                    visit: Callable[[Slot, torch.Tensor], None] | None = None) -> None:
+        """Check the crc32 of the segments that a `byte_range(layer, expert, have_level, want_level)` read brought.
 
-    def param_rows(self, data, have_level: int | None, want_level: int) -> list[torch.Tensor]:
-        """The per-group parameters (scale, offset, alpha) that such a read brought, as float16
-        [..., rows, G] views into `data` (the CPU kernels re-lay them out in place)."""
-        return self._landed(data, have_level, want_level, ("scale", "offset", "alpha"))
-
-    def _landed(self, data, have_level: int | None, want_level: int, names: tuple[str, ...]) -> list[torch.Tensor]:
-        view = memoryview(data).cast("B")
-        first, base = self._read_start(have_level)
-        out = []
-        for i in range(first, self.cfg.level_index(want_level) + 1):
-            start = self.layout.segment_range(i)[0] - base
-            for slot in self.layout.segments[i]:
-                if slot.name in names and slot.nbytes:
-                    count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
-                    t = torch.frombuffer(view, dtype=slot.dtype, count=count, offset=start + slot.start)
-                    out.append(t.view(slot.shape))
-        return out
-
-    def verify_read(self, layer: int, expert: int, data, have_level: int | None, want_level: int) -> None:
-        """Check the crc32 of the segments that a `byte_range(layer, expert, have_level, want_level)` read brought."""
+        `visit(slot, tensor)` (optional) is called on each tensor of those segments (a view into `data`
+        of the slot's shape and dtype) right after its bytes entered the checksum, while they are still in
+        the CPU's cache: the kernels re-lay out planes and parameters in place there instead of in a pass
+        of their own over memory. A failed check still raises; the bytes are then not to be used."""
         e = self.entry(layer, expert)
         first, base = self._read_start(have_level)
-        self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
+        if visit is None:
+            self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
+            return
+        view = memoryview(data).cast("B")
+        for i in range(first, self.cfg.level_index(want_level) + 1):
+            lo, hi = self.layout.segment_range(i)
+            if hi - base > view.nbytes:
+                self._check_crc(e, data, i, first=i, base=base)  # raises: the read is short
+            crc, at = 0, lo - base
+            for slot in self.layout.segments[i]:
+                start = lo - base + slot.start
+                crc = crc32(view[at:start + slot.nbytes], crc)  # (slots are contiguous: no gap in practice)
+                at = start + slot.nbytes
+                if slot.nbytes:
+                    count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
+                    visit(slot, torch.frombuffer(view, dtype=slot.dtype, count=count, offset=start).view(slot.shape))
+            if crc32(view[at:hi - base], crc) != e.crc32[i]:
+                raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
+                                  f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
 
     def _read_start(self, have_level: int | None) -> tuple[int, int]:
         """(first segment, its byte offset in the blob) of a read that starts above `have_level`."""

@@ -214,3 +214,28 @@ def test_verify_read_checks_only_the_segments_read(packed_checkpoint_factory):
     ckpt.verify_read(0, 1, upgrade[: lo3 - lo2], 2, 3)  # the level-3 part alone is intact
     with pytest.raises(FormatError, match="level-4 segment"):
         ckpt.verify_read(0, 1, whole[lo2:-1], 2, 4)  # short read
+
+
+def test_verify_read_visits_every_tensor_it_checked_and_still_refuses_damage(packed_checkpoint_factory):
+    """The visit hook (the kernels' in-place re-layout) sees each tensor of the segments read, as views of the
+    read bytes with the slot's shape, after their bytes entered the checksum; damage still raises."""
+    _, out = packed_checkpoint_factory("mixtral")
+    ckpt = fmt.open_checkpoint(out)
+    whole = bytearray(ckpt.read_prefix(0, 1, 4))
+    lo2 = ckpt.level_nbytes(2)
+    seen = []
+
+    def visit(slot, t):
+        seen.append((slot.matrix, slot.name, tuple(t.shape)))
+        t.view(torch.uint8).bitwise_not_()  # what a re-layout may do: rewrite the bytes in place
+
+    upgrade = whole[lo2:]
+    ckpt.verify_read(0, 1, upgrade, 2, 4, visit=visit)
+    want = [(s.matrix, s.name, s.shape) for i in (1, 2) for s in ckpt.layout.segments[i] if s.nbytes]
+    assert seen == want and upgrade != whole[lo2:]  # every slot, in order, and the bytes were rewritten
+    damaged = bytearray(whole[lo2:])
+    damaged[-5] ^= 0x10
+    with pytest.raises(FormatError, match="level-4 segment fails its crc32"):
+        ckpt.verify_read(0, 1, damaged, 2, 4, visit=lambda slot, t: None)
+    with pytest.raises(FormatError, match="level-4 segment"):
+        ckpt.verify_read(0, 1, whole[lo2:-1], 2, 4, visit=lambda slot, t: None)  # short read
