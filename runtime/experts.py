@@ -142,8 +142,8 @@ class ExpertPipeline:
         self.layout = None
         # CPU kernels that read planes faster in their blocked layout get every landed byte re-laid out in
         # place (crc checked first); the cache then holds only blocked planes
-        self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None and hasattr(ckpt, "layout")
-                        and cpu.blocks_planes(ckpt.cfg.group_size))
+        self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None
+                        and isinstance(ckpt, PackedCheckpoint) and cpu.blocks_planes(ckpt.cfg.group_size))
         if transfer is not None:
             from d2moe.runtime.device import ExpertLayout
 

@@ -200,10 +200,7 @@ static void rows16_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, rows_fn f
     const int32_t full = m->rows & ~15;
     /* the unpacked block: allocated only here (whole-block GEMV ranges, the hot path, never need it) */
     uint8_t *buf = r0 < r1 && r0 < full ? (uint8_t *)malloc((size_t)rows16_unpack_bytes(m)) : NULL;
-    if (r0 < r1 && r0 < full && !buf) { /* a quarter MiB: out of memory is not an answer to return */
-        fputs("d2moe kernels: out of memory unpacking a 16-row block\n", stderr);
-        abort();
-    }
+    if (r0 < r1 && r0 < full && !buf) rows16_out_of_memory(); /* a quarter MiB */
     for (int32_t o = r0; o < r1 && o < full;) {
         const int32_t b = o / 16, e = 16 * b + 16 < r1 ? 16 * b + 16 : r1;
         const d2_matrix blk = rows16_unpack(m, b, buf);
@@ -260,6 +257,7 @@ static void gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystr
     const int vector = !force_portable && m->group_size % 32 == 0;
 #else
     const int vector = 0;
+    (void)force_portable;
 #endif
     /* tokens per pass: 4 keep the vector accumulators in registers (8 spill: measured 2.9x slower on AVX-512) */
     const int block = vector ? 4 : D2_MAX_TOKENS;

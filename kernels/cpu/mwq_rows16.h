@@ -17,7 +17,7 @@
 
 /* 16 x 16 nibble transpose: nibble j of the word at in + i * istride becomes nibble i of the word at
    out + j * ostride (rows <-> quads; the transform is its own inverse). */
-static void nib_transpose16_c(const uint8_t *in, int64_t istride, uint8_t *out, int64_t ostride) {
+static inline void nib_transpose16_c(const uint8_t *in, int64_t istride, uint8_t *out, int64_t ostride) {
     uint64_t q[16], o[16] = {0};
     for (int i = 0; i < 16; i++) memcpy(&q[i], in + i * istride, 8);
     for (int j = 0; j < 16; j++)
@@ -89,12 +89,18 @@ static inline __attribute__((always_inline)) void transpose8x8_epi64(__m512i r[8
 
 /* ---------------------------------------------------------------- re-layout (cache fill) */
 
+/* A few KiB of scratch not granted: bytes flagged ROWS16 but left as they were would compute garbage. */
+static void rows16_out_of_memory(void) {
+    fputs("d2moe kernels: out of memory re-laying out a 16-row block\n", stderr);
+    abort();
+}
+
 /* nplanes planes of [rows, row_bytes] (contiguous), file layout -> D2_ROWS16, in place. */
 void d2_interleave_planes(uint8_t *p, int64_t nplanes, int32_t rows, int32_t row_bytes) {
     if (row_bytes % 8) return; /* cols % 64 != 0: never blocked (blocks_planes says no) */
     const int64_t bbytes = 16 * (int64_t)row_bytes;
     uint8_t *tmp = (uint8_t *)malloc((size_t)bbytes);
-    if (!tmp) return;
+    if (!tmp) rows16_out_of_memory();
     for (int64_t k = 0; k < nplanes; k++)
         for (int b = 0; b < rows / 16; b++) {
             uint8_t *blk = p + (k * rows + 16 * (int64_t)b) * row_bytes;
@@ -125,7 +131,7 @@ void d2_interleave_planes(uint8_t *p, int64_t nplanes, int32_t rows, int32_t row
 /* narrays f16 arrays of [rows, G] (contiguous), [16, G] -> [G, 16] per full block of 16 rows, in place. */
 void d2_interleave_params(uint16_t *p, int64_t narrays, int32_t rows, int32_t G) {
     uint16_t *tmp = (uint16_t *)malloc((size_t)16 * G * 2);
-    if (!tmp) return;
+    if (!tmp) rows16_out_of_memory();
     for (int64_t k = 0; k < narrays; k++)
         for (int b = 0; b < rows / 16; b++) {
             uint16_t *blk = p + (k * rows + 16 * (int64_t)b) * G;
