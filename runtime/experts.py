@@ -281,7 +281,7 @@ class ExpertPipeline:
             while queue and len(in_flight) < self.window:
                 w = queue.pop(0)
                 read = self.plan_read(layer, w)
-                in_flight.append((w, read, self.store.submit(read, self._checked), time.perf_counter()))
+                in_flight.append((w, read, self._submit(read), time.perf_counter()))
                 self._add_staging(read.nbytes)
                 self.stats.loads += 1
                 self.stats.upgrade_loads += int(read.have is not None)
@@ -350,6 +350,14 @@ class ExpertPipeline:
             self.cost.observe_compute(self._kernel_work(w), seconds / len(works))
         return seconds
 
+    def _submit(self, read: Read):
+        """The read on an I/O thread, checked (and re-laid out) as its chunks land where the checkpoint
+        can check a stream (a packed one), else once it has landed."""
+        if isinstance(self.ckpt, PackedCheckpoint):
+            visit = _relayout if self.blocked else None
+            return self.store.submit(read, stream=lambda r: self.ckpt.read_check(r.layer, r.expert, r.have, r.want, visit))
+        return self.store.submit(read, self._checked)
+
     def _checked(self, read: Read, data):
         """Bytes just read, on the I/O thread that read them: crc-checked (only the segments read), then
         planes and parameters re-laid out for the CPU kernels where they read another layout, each tensor
@@ -394,7 +402,7 @@ class ExpertPipeline:
     def hold_all(self, level: int) -> None:
         """Read every expert at `level` into the cache and pin it (Hold-in-Memory baselines)."""
         for layer in self.moe_layers:
-            futures = [(e, self.store.submit(self.store.plan(layer, e, None, level), self._checked))
+            futures = [(e, self._submit(self.store.plan(layer, e, None, level)))
                        for e in range(self.ckpt.num_experts)]
             for e, fut in futures:
                 key = self.key(layer, e, level)
@@ -424,7 +432,7 @@ class ExpertPipeline:
             if key in self._pending or (held is not None and held >= level):
                 continue
             read = self.store.plan(nxt, e, held if self.spec.nested_reuse else None, level)
-            self._pending[key] = (self.store.submit(read, self._checked), read)
+            self._pending[key] = (self._submit(read), read)
             self._add_staging(read.nbytes)
             self.stats.preloads += 1
 

@@ -164,6 +164,13 @@ def _unviewed(m: mmap.mmap) -> bool | None:
         return None
 
 
+def _after(previous: Future | None, fn: Callable[..., None], *args) -> None:
+    """fn(*args) once `previous` (the same read's last progress call) has returned; its failure is this one's."""
+    if previous is not None:
+        previous.result()
+    fn(*args)
+
+
 class ByteReader:
     """Aligned reads of byte ranges from files, with stats, a thread pool and a bandwidth cap."""
 
@@ -176,10 +183,12 @@ class ByteReader:
         # an emulated disk (the pacer) reads through the page cache; the real one bypasses it
         self.direct = bool(direct) and _O_DIRECT != 0 and self.pacer is None
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="d2moe-io")
+        self._io_threads = io_threads
         self._fds: dict[Path, tuple[int, bool]] = {}  # path -> (fd, opened with O_DIRECT)
         self._fd_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.direct_paths: set[Path] = set()
+        self._helper: ThreadPoolExecutor | None = None  # runs streamed reads' progress calls (read_range)
         self.reset_stats()
 
     # ---- files -------------------------------------------------------------------------
@@ -217,8 +226,16 @@ class ByteReader:
             return cur_fd
 
     # ---- reads -------------------------------------------------------------------------
-    def read_range(self, path: str | os.PathLike, offset: int, nbytes: int) -> memoryview:
-        """Exactly `nbytes` bytes of `path` from `offset`, read past the page cache."""
+    def read_range(self, path: str | os.PathLike, offset: int, nbytes: int,
+                   progress: Callable[[memoryview, int], None] | None = None) -> memoryview:
+        """Exactly `nbytes` bytes of `path` from `offset`, read past the page cache.
+
+        `progress(payload, landed)` (optional) is called in order, on a helper thread, each time another
+        chunk of the read has landed (`landed` payload bytes from the start), while this thread reads the
+        next chunk: work on the bytes (their crc, the kernels' re-layout) overlaps the transfer instead of
+        following it. The read returns once every call has; an exception in one is the read's."""
+        if progress is not None:
+            return self._read_streamed(Path(path), offset, nbytes, progress)
         path = Path(path)
         if offset < 0 or nbytes < 0:
             raise UsageError(f"bad byte range offset={offset} nbytes={nbytes} for {path}")
@@ -258,6 +275,72 @@ class ByteReader:
             self._reads += 1
             self._direct_reads += int(is_direct)
         return memoryview(buf)[offset - start : offset - start + nbytes]
+
+    STREAM_CHUNK = 8 << 20  # bytes per chunk of a streamed read (a multiple of ALIGN)
+
+    def _read_streamed(self, path: Path, offset: int, nbytes: int,
+                       progress: Callable[[memoryview, int], None]) -> memoryview:
+        if offset < 0 or nbytes <= 0:
+            data = self.read_range(path, offset, nbytes)
+            progress(data, data.nbytes)
+            return data
+        fd, is_direct = self._fd(path)
+        start = (offset // ALIGN) * ALIGN
+        end = -(-(offset + nbytes) // ALIGN) * ALIGN
+        buf = self.pool.take(end - start) if self.pool is not None else mmap.mmap(-1, end - start)
+        payload = memoryview(buf)[offset - start : offset - start + nbytes]
+        deadline = self.pacer.acquire(nbytes) if self.pacer else None
+        begun = deadline - nbytes / self.pacer.rate if deadline is not None else None
+        calls: list[Future] = []
+        self._begin()
+        t0 = time.perf_counter()
+        view, done = memoryview(buf), 0
+        try:
+            if not is_direct and self.pacer is None:  # as read_range: really from the disk
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            while done < len(buf):
+                size = min(self.STREAM_CHUNK, len(buf) - done)
+                try:
+                    n = os.preadv(fd, [view[done:done + size]], start + done)
+                except OSError as e:
+                    if not (is_direct and done == 0 and e.errno == errno.EINVAL):
+                        raise
+                    fd, is_direct = self._demote(path, fd), False
+                    continue
+                if n == 0:
+                    break
+                done += n
+                landed = max(0, min(nbytes, start + done - offset))
+                if begun is not None:  # the emulated disk delivers this chunk at its rate
+                    BandwidthPacer.wait_until(begun + landed / self.pacer.rate)
+                calls.append(self._landing().submit(_after, calls[-1] if calls else None, progress, payload, landed))
+            if done < offset + nbytes - start:
+                raise FormatError(
+                    f"{path} is truncated: needed bytes {offset}..{offset + nbytes} but the file ends at "
+                    f"{start + done}; re-run `d2moe pack`"
+                )
+            if deadline is not None:
+                BandwidthPacer.wait_until(deadline)
+        except BaseException:
+            for c in calls:
+                c.cancel()
+            raise
+        finally:
+            view.release()
+            self._end(time.perf_counter() - t0)  # the transfer; the last chunk's work is not the disk's
+        calls[-1].result()  # each call waits for the one before it: the first failure surfaces here
+        with self._stats_lock:
+            self._bytes += nbytes
+            self._reads += 1
+            self._direct_reads += int(is_direct)
+        return payload
+
+    def _landing(self) -> ThreadPoolExecutor:
+        """Threads for streamed reads' progress calls (one read's calls run in order, reads in parallel)."""
+        with self._fd_lock:
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="d2moe-landing")
+            return self._helper
 
     @staticmethod
     def _preadv_all(fd: int, buf: mmap.mmap, file_offset: int) -> int:
@@ -324,6 +407,8 @@ class ByteReader:
     # ---- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
         with self._fd_lock:
             for fd, _ in self._fds.values():
                 os.close(fd)
@@ -356,7 +441,8 @@ class ReadSource(Protocol):
 
     def plan(self, layer: int, expert: int, have: int | None, want: int) -> Read: ...
 
-    def submit(self, read: Read, then: Callable[[Read, object], object] | None = None) -> Future: ...
+    def submit(self, read: Read, then: Callable[[Read, object], object] | None = None,
+               stream: Callable[[Read], object] | None = None) -> Future: ...
 
     def read(self, read: Read): ...
 
@@ -377,9 +463,19 @@ class ExpertStore:
     def read(self, read: Read) -> memoryview:
         return self.reader.read_range(read.path, read.offset, read.nbytes)
 
-    def submit(self, read: Read, then: Callable[[Read, object], object] | None = None) -> Future:
+    def submit(self, read: Read, then: Callable[[Read, object], object] | None = None,
+               stream: Callable[[Read], object] | None = None) -> Future:
         """`read` on an I/O thread: Future[memoryview], or of `then(read, bytes)` run on that thread too
-        (the crc check and the kernels' re-layout overlap other reads and the compute that way)."""
+        (the crc check and the kernels' re-layout overlap other reads and the compute that way).
+        `stream(read)` (optional) gives a check with `feed(bytes, landed)` and `finish(bytes)`
+        (PackedCheckpoint.read_check): it is fed as the read's chunks land, overlapping the transfer."""
+        if stream is not None:
+            def streamed():
+                check = stream(read)
+                data = self.reader.read_range(read.path, read.offset, read.nbytes, progress=check.feed)
+                check.finish(data)
+                return data if then is None else then(read, data)
+            return self.reader.run(streamed)
         if then is None:
             return self.reader.submit(read.path, read.offset, read.nbytes)
         return self.reader.run(lambda: then(read, self.read(read)))

@@ -150,27 +150,23 @@ class PackedCheckpoint:
         of the slot's shape and dtype) right after its bytes entered the checksum, while they are still in
         the CPU's cache: the kernels re-lay out planes and parameters in place there instead of in a pass
         of their own over memory. A failed check still raises; the bytes are then not to be used."""
-        e = self.entry(layer, expert)
-        first, base = self._read_start(have_level)
         if visit is None:
+            e = self.entry(layer, expert)
+            first, base = self._read_start(have_level)
             self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
             return
-        view = memoryview(data).cast("B")
-        for i in range(first, self.cfg.level_index(want_level) + 1):
-            lo, hi = self.layout.segment_range(i)
-            if hi - base > view.nbytes:
-                self._check_crc(e, data, i, first=i, base=base)  # raises: the read is short
-            crc, at = 0, lo - base
-            for slot in self.layout.segments[i]:
-                start = lo - base + slot.start
-                crc = crc32(view[at:start + slot.nbytes], crc)  # (slots are contiguous: no gap in practice)
-                at = start + slot.nbytes
-                if slot.nbytes:
-                    count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
-                    visit(slot, torch.frombuffer(view, dtype=slot.dtype, count=count, offset=start).view(slot.shape))
-            if crc32(view[at:hi - base], crc) != e.crc32[i]:
-                raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
-                                  f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
+        check = self.read_check(layer, expert, have_level, want_level, visit)
+        check.feed(data, memoryview(data).nbytes)
+        check.finish(data)
+
+    def read_check(self, layer: int, expert: int, have_level: int | None, want_level: int,
+                   visit: Callable[[Slot, torch.Tensor], None] | None = None) -> ReadCheck:
+        """verify_read as a stream: `feed(data, upto)` as the read's first `upto` bytes land (checksums and
+        visits what they complete), then `finish(data)`."""
+        e = self.entry(layer, expert)
+        first, base = self._read_start(have_level)
+        segments = [(i, *self.layout.segment_range(i)) for i in range(first, self.cfg.level_index(want_level) + 1)]
+        return ReadCheck(self, e, [(i, lo - base, hi - base) for i, lo, hi in segments], visit)
 
     def _read_start(self, have_level: int | None) -> tuple[int, int]:
         """(first segment, its byte offset in the blob) of a read that starts above `have_level`."""
@@ -320,3 +316,54 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
                 if t.dtype in ("F16", "BF16", "F32", "F64") and t.dtype != want:
                     raise FormatError(f"{DENSE_NAME}: tensor {tname!r} is {t.dtype} but {MANIFEST_NAME} says dtype "
                                       f"{manifest['dtype']!r} ({want}): mixed-up or edited files, re-pack")
+
+
+class ReadCheck:
+    """The crc32 check of one read's segments, fed as its bytes land (PackedCheckpoint.read_check)."""
+
+    def __init__(self, ckpt: PackedCheckpoint, entry: ExpertEntry, segments: list[tuple[int, int, int]],
+                 visit: Callable[[Slot, torch.Tensor], None] | None) -> None:
+        self.ckpt, self.entry, self.visit = ckpt, entry, visit
+        self.segments = segments  # (segment index, start, end) relative to the read's bytes
+        self.k = 0  # segment being checked
+        self.at = segments[0][1] if segments else 0  # bytes up to here are in the running crc
+        self.crc = 0
+        self.slot = 0  # next slot of segment k to visit
+
+    def feed(self, data, upto: int) -> None:
+        """The read's bytes [0, upto) have landed: checksum them, visit every slot they complete, and
+        check every segment they complete."""
+        view = memoryview(data).cast("B")
+        while self.k < len(self.segments):
+            i, lo, hi = self.segments[self.k]
+            end = min(upto, hi)
+            if end > self.at:
+                self.crc = crc32(view[self.at:end], self.crc)
+                self.at = end
+            slots = self.ckpt.layout.segments[i]
+            while self.slot < len(slots) and lo + slots[self.slot].start + slots[self.slot].nbytes <= self.at:
+                slot = slots[self.slot]
+                self.slot += 1
+                if self.visit is not None and slot.nbytes:
+                    count = slot.nbytes // (2 if slot.dtype == torch.float16 else 1)
+                    self.visit(slot, torch.frombuffer(view, dtype=slot.dtype, count=count, offset=lo + slot.start)
+                               .view(slot.shape))
+            if self.at < hi:
+                return
+            if self.crc != self.entry.crc32[i]:
+                self._fail(i)
+            self.k, self.crc, self.slot = self.k + 1, 0, 0
+            if self.k < len(self.segments):
+                self.at = self.segments[self.k][1]
+
+    def finish(self, data) -> None:
+        """Every byte has landed: any segment not complete is a short read."""
+        if self.k < len(self.segments):
+            self.feed(data, memoryview(data).nbytes)
+        if self.k < len(self.segments):
+            self._fail(self.segments[self.k][0])
+
+    def _fail(self, i: int) -> None:
+        e = self.entry
+        raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.ckpt.cfg.bits[i]} segment fails its "
+                          f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")

@@ -320,3 +320,70 @@ def test_buffer_pool_turns_itself_off_where_it_cannot_tell_a_viewed_buffer(monke
     buf = pool.take(ALIGN)
     pool.recycle(memoryview(buf))
     assert not pool.enabled and pool.free_bytes == 0 and pool.take(ALIGN) is not buf  # nothing retained
+
+
+@pytest.mark.parametrize("direct,bandwidth", [(True, None), (False, None), (False, 200e6)])
+def test_streamed_reads_feed_their_chunks_in_order_while_reading(data_file, direct, bandwidth, monkeypatch):
+    """read_range(progress=): the same bytes as a plain read; progress sees growing prefixes of the payload
+    ending at the whole of it, each call after the one before, and its failure is the read's."""
+    path, data = data_file
+    monkeypatch.setattr(ByteReader, "STREAM_CHUNK", 2 * ALIGN)  # several chunks for a small file
+    with ByteReader(direct=direct, bandwidth=bandwidth) as r:
+        for offset, nbytes in [r_ for r_ in RANGES if r_[1] > 0]:
+            seen = []
+
+            def progress(view, landed, offset=offset, seen=seen):
+                assert bytes(view[:landed]) == data[offset:offset + landed]  # landed bytes are final
+                seen.append(landed)
+
+            got = r.read_range(path, offset, nbytes, progress=progress)
+            assert bytes(got) == data[offset:offset + nbytes]
+            assert seen == sorted(seen) and seen[-1] == nbytes, (offset, nbytes, seen)
+        assert r.stats().reads == len([x for x in RANGES if x[1] > 0])
+
+        calls = []
+
+        def failing(view, landed):
+            calls.append(landed)
+            if len(calls) == 2:
+                raise FormatError("damaged")
+
+        with pytest.raises(FormatError, match="damaged"):
+            r.read_range(path, 0, 7 * ALIGN + 123, progress=failing)
+        assert calls[:2] == sorted(calls[:2])
+
+
+def test_streamed_read_of_a_truncated_file_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "short.bin"
+    _write(path, 3 * ALIGN + 10)
+    monkeypatch.setattr(ByteReader, "STREAM_CHUNK", ALIGN)
+    with ByteReader() as r, pytest.raises(FormatError, match="short.bin is truncated"):
+        r.read_range(path, ALIGN, 4 * ALIGN, progress=lambda view, landed: None)
+
+
+def test_expert_store_streams_the_check_and_refuses_a_damaged_segment(packed_mixtral, tmp_path, monkeypatch):
+    """submit(stream=): bytes equal the plain read's, the check is fed as chunks land, and a flipped bit
+    in any segment fails the read with the checkpoint's crc error."""
+    import shutil
+
+    from d2moe.quantize import format as fmt
+
+    ckpt = packed_mixtral
+    monkeypatch.setattr(ByteReader, "STREAM_CHUNK", ALIGN)
+    bits = ckpt.cfg.bits
+    check = lambda r: ckpt.read_check(r.layer, r.expert, r.have, r.want)  # noqa: E731
+    with ExpertStore(ckpt) as s:
+        read = s.plan(0, 1, None, bits[-1])
+        assert bytes(s.submit(read, stream=check).result()) == ckpt.read_prefix(0, 1, bits[-1])
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt.path, bad)
+    damaged = fmt.open_checkpoint(bad)
+    e = damaged.entry(0, 1)
+    raw = bytearray((bad / e.file).read_bytes())
+    raw[e.offset + damaged.level_nbytes(bits[0]) + 1] ^= 0x04  # inside the second segment
+    (bad / e.file).write_bytes(bytes(raw))
+    with ExpertStore(damaged) as s:
+        read = s.plan(0, 1, None, bits[-1])
+        fut = s.submit(read, stream=lambda r: damaged.read_check(r.layer, r.expert, r.have, r.want))
+        with pytest.raises(FormatError, match=f"level-{bits[1]} segment fails its crc32"):
+            fut.result()
