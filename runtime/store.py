@@ -40,6 +40,7 @@ import mmap
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -164,11 +165,51 @@ def _unviewed(m: mmap.mmap) -> bool | None:
         return None
 
 
-def _after(previous: Future | None, fn: Callable[..., None], *args) -> None:
-    """fn(*args) once `previous` (the same read's last progress call) has returned; its failure is this one's."""
-    if previous is not None:
-        previous.result()
-    fn(*args)
+class _InOrder:
+    """Calls run one after another on `executor`, in the order added (one read's progress calls), without a
+    worker waiting on another: a worker takes the queue while it has calls. The first failure skips the
+    rest and is raised by `wait`."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self.executor = executor
+        self.lock = threading.Lock()
+        self.queue: deque = deque()
+        self.busy = False
+        self.error: BaseException | None = None
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def add(self, fn: Callable[..., None], *args) -> None:
+        with self.lock:
+            self.queue.append((fn, args))
+            self.idle.clear()
+            if self.busy:
+                return
+            self.busy = True
+        self.executor.submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.busy = False
+                    self.idle.set()
+                    return
+                fn, args = self.queue.popleft()
+            if self.error is None:
+                try:
+                    fn(*args)
+                except BaseException as e:  # handed to wait()
+                    self.error = e
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.queue.clear()
+
+    def wait(self) -> None:
+        self.idle.wait()
+        if self.error is not None:
+            raise self.error
 
 
 class ByteReader:
@@ -291,7 +332,7 @@ class ByteReader:
         payload = memoryview(buf)[offset - start : offset - start + nbytes]
         deadline = self.pacer.acquire(nbytes) if self.pacer else None
         begun = deadline - nbytes / self.pacer.rate if deadline is not None else None
-        calls: list[Future] = []
+        calls = _InOrder(self._landing())
         self._begin()
         t0 = time.perf_counter()
         view, done = memoryview(buf), 0
@@ -313,7 +354,7 @@ class ByteReader:
                 landed = max(0, min(nbytes, start + done - offset))
                 if begun is not None:  # the emulated disk delivers this chunk at its rate
                     BandwidthPacer.wait_until(begun + landed / self.pacer.rate)
-                calls.append(self._landing().submit(_after, calls[-1] if calls else None, progress, payload, landed))
+                calls.add(progress, payload, landed)
             if done < offset + nbytes - start:
                 raise FormatError(
                     f"{path} is truncated: needed bytes {offset}..{offset + nbytes} but the file ends at "
@@ -322,13 +363,12 @@ class ByteReader:
             if deadline is not None:
                 BandwidthPacer.wait_until(deadline)
         except BaseException:
-            for c in calls:
-                c.cancel()
+            calls.cancel()
             raise
         finally:
             view.release()
             self._end(time.perf_counter() - t0)  # the transfer; the last chunk's work is not the disk's
-        calls[-1].result()  # each call waits for the one before it: the first failure surfaces here
+        calls.wait()  # the first failure of a progress call is the read's
         with self._stats_lock:
             self._bytes += nbytes
             self._reads += 1
@@ -336,7 +376,7 @@ class ByteReader:
         return payload
 
     def _landing(self) -> ThreadPoolExecutor:
-        """Threads for streamed reads' progress calls (one read's calls run in order, reads in parallel)."""
+        """Threads for streamed reads' progress calls (one read's calls in order, reads in parallel)."""
         with self._fd_lock:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="d2moe-landing")
