@@ -302,19 +302,10 @@ class ByteReader:
                 if self.pacer is None:  # drop cached pages of this range so the read really comes from disk
                     os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
                 got = self._preadv_all(fd, buf, start)
-            if got < offset + nbytes - start:
-                raise FormatError(
-                    f"{path} is truncated: needed bytes {offset}..{offset + nbytes} but the file ends at "
-                    f"{start + got}; re-run `d2moe pack`"
-                )
-            if deadline is not None:
-                BandwidthPacer.wait_until(deadline)
+            self._whole(path, offset, nbytes, start + got, deadline)
         finally:
             self._end(time.perf_counter() - t0)
-        with self._stats_lock:
-            self._bytes += nbytes
-            self._reads += 1
-            self._direct_reads += int(is_direct)
+        self._count(nbytes, is_direct)
         return memoryview(buf)[offset - start : offset - start + nbytes]
 
     STREAM_CHUNK = 8 << 20  # bytes per chunk of a streamed read (a multiple of ALIGN)
@@ -355,13 +346,7 @@ class ByteReader:
                 if begun is not None:  # the emulated disk delivers this chunk at its rate
                     BandwidthPacer.wait_until(begun + landed / self.pacer.rate)
                 calls.add(progress, payload, landed)
-            if done < offset + nbytes - start:
-                raise FormatError(
-                    f"{path} is truncated: needed bytes {offset}..{offset + nbytes} but the file ends at "
-                    f"{start + done}; re-run `d2moe pack`"
-                )
-            if deadline is not None:
-                BandwidthPacer.wait_until(deadline)
+            self._whole(path, offset, nbytes, start + done, deadline)
         except BaseException:
             calls.cancel()
             raise
@@ -369,11 +354,24 @@ class ByteReader:
             view.release()
             self._end(time.perf_counter() - t0)  # the transfer; the last chunk's work is not the disk's
         calls.wait()  # the first failure of a progress call is the read's
+        self._count(nbytes, is_direct)
+        return payload
+
+    @staticmethod
+    def _whole(path: Path, offset: int, nbytes: int, file_end: int, deadline: float | None) -> None:
+        """A read that ended at `file_end` brought all its bytes (else the file is truncated); with an
+        emulated disk, wait for the time it takes."""
+        if file_end < offset + nbytes:
+            raise FormatError(f"{path} is truncated: needed bytes {offset}..{offset + nbytes} but the file ends at "
+                              f"{file_end}; re-run `d2moe pack`")
+        if deadline is not None:
+            BandwidthPacer.wait_until(deadline)
+
+    def _count(self, nbytes: int, is_direct: bool) -> None:
         with self._stats_lock:
             self._bytes += nbytes
             self._reads += 1
             self._direct_reads += int(is_direct)
-        return payload
 
     def _landing(self) -> ThreadPoolExecutor:
         """Threads for streamed reads' progress calls (one read's calls in order, reads in parallel)."""
