@@ -34,6 +34,17 @@ static inline float hsum256_ps(__m256 v) {
 #define D2_MAX_PLANES 8
 #define D2_MAX_TOKENS 8 /* tokens per register block */
 
+/* Kernel templates are instantiated per plane count (1..8) and token block (1..4): D2_FOR_KERNELS(M, X) expands
+   M(NP, NT, X), which defines NAME_NP_NT_X, for all 32, and D2_KERNEL_TABLE(NAME, X) is their
+   [tokens - 1][planes - 1] table. */
+#define D2_FOR_PLANES(M, NT, X) M(1, NT, X) M(2, NT, X) M(3, NT, X) M(4, NT, X) M(5, NT, X) M(6, NT, X) \
+    M(7, NT, X) M(8, NT, X)
+#define D2_FOR_KERNELS(M, X) D2_FOR_PLANES(M, 1, X) D2_FOR_PLANES(M, 2, X) D2_FOR_PLANES(M, 3, X) D2_FOR_PLANES(M, 4, X)
+#define D2_KERNEL_ROW(NAME, NT, X) {NAME##_1_##NT##_##X, NAME##_2_##NT##_##X, NAME##_3_##NT##_##X, NAME##_4_##NT##_##X, \
+                                    NAME##_5_##NT##_##X, NAME##_6_##NT##_##X, NAME##_7_##NT##_##X, NAME##_8_##NT##_##X}
+#define D2_KERNEL_TABLE(NAME, X) {D2_KERNEL_ROW(NAME, 1, X), D2_KERNEL_ROW(NAME, 2, X), D2_KERNEL_ROW(NAME, 3, X), \
+                                  D2_KERNEL_ROW(NAME, 4, X)}
+
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {

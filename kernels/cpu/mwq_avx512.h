@@ -184,15 +184,9 @@ typedef void (*term_fn)(const uint8_t *const *, const d2_qx *, int, int, int, co
         else if (lo) term_row(pl, NP, NT, W, 1, q, n0, gs, G, s, facc);                                \
         else term_row(pl, NP, NT, W, 0, q, n0, gs, G, s, facc);                                        \
     }
-#define D2_TERMS_NT(NT, W) D2_TERM(1, NT, W) D2_TERM(2, NT, W) D2_TERM(3, NT, W) D2_TERM(4, NT, W) \
-    D2_TERM(5, NT, W) D2_TERM(6, NT, W) D2_TERM(7, NT, W) D2_TERM(8, NT, W)
-#define D2_TERMS_W(W) D2_TERMS_NT(1, W) D2_TERMS_NT(2, W) D2_TERMS_NT(3, W) D2_TERMS_NT(4, W)
-D2_TERMS_W(0)
-D2_TERMS_W(1)
-#define D2_ROW_NT(NT, W) {term_1_##NT##_##W, term_2_##NT##_##W, term_3_##NT##_##W, term_4_##NT##_##W, \
-                          term_5_##NT##_##W, term_6_##NT##_##W, term_7_##NT##_##W, term_8_##NT##_##W}
-#define D2_TABLE_W(W) {D2_ROW_NT(1, W), D2_ROW_NT(2, W), D2_ROW_NT(3, W), D2_ROW_NT(4, W)}
-static const term_fn TERMS[2][4][D2_MAX_PLANES] = {D2_TABLE_W(0), D2_TABLE_W(1)}; /* [64-wide][tokens - 1][planes - 1] */
+D2_FOR_KERNELS(D2_TERM, 0)
+D2_FOR_KERNELS(D2_TERM, 1)
+static const term_fn TERMS[2][4][D2_MAX_PLANES] = {D2_KERNEL_TABLE(term, 0), D2_KERNEL_TABLE(term, 1)}; /* [64-wide][tokens - 1][planes - 1] */
 
 /* float16 row -> 16 float lanes from g (masked at the row's end) */
 static inline __m512 f16x16(const uint16_t *row, int g, __mmask16 k) {

@@ -237,15 +237,9 @@ typedef void (*rows16_fn)(const uint8_t *const *, const d2_qx *, int, int, int, 
                                        const uint16_t *coef, float mul, __m512 *facc) {                     \
         rows16_term(pl, NP, NT, LO, q, n0, G, qpg, coef, mul, facc);                                        \
     }
-#define D2_R16_NT(NT, LO) D2_R16(1, NT, LO) D2_R16(2, NT, LO) D2_R16(3, NT, LO) D2_R16(4, NT, LO) \
-    D2_R16(5, NT, LO) D2_R16(6, NT, LO) D2_R16(7, NT, LO) D2_R16(8, NT, LO)
-#define D2_R16_LO(LO) D2_R16_NT(1, LO) D2_R16_NT(2, LO) D2_R16_NT(3, LO) D2_R16_NT(4, LO)
-D2_R16_LO(0)
-D2_R16_LO(1)
-#define D2_R16_ROW(NT, LO) {r16_1_##NT##_##LO, r16_2_##NT##_##LO, r16_3_##NT##_##LO, r16_4_##NT##_##LO, \
-                            r16_5_##NT##_##LO, r16_6_##NT##_##LO, r16_7_##NT##_##LO, r16_8_##NT##_##LO}
-#define D2_R16_TABLE(LO) {D2_R16_ROW(1, LO), D2_R16_ROW(2, LO), D2_R16_ROW(3, LO), D2_R16_ROW(4, LO)}
-static const rows16_fn ROWS16[2][4][D2_MAX_PLANES] = {D2_R16_TABLE(0), D2_R16_TABLE(1)}; /* [lo][tokens - 1][planes - 1] */
+D2_FOR_KERNELS(D2_R16, 0)
+D2_FOR_KERNELS(D2_R16, 1)
+static const rows16_fn ROWS16[2][4][D2_MAX_PLANES] = {D2_KERNEL_TABLE(r16, 0), D2_KERNEL_TABLE(r16, 1)}; /* [lo][tokens - 1][planes - 1] */
 
 /* y[n, 16 b + i] for every token of q and the 16 rows of block b. */
 static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int b) {
