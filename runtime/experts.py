@@ -351,20 +351,18 @@ class ExpertPipeline:
         return seconds
 
     def _submit(self, read: Read):
-        """The read on an I/O thread, checked (and re-laid out) as its chunks land where the checkpoint
-        can check a stream (a packed one), else once it has landed."""
+        """The read on an I/O thread, checked as its chunks land where the checkpoint can check a stream (a
+        packed one), each tensor re-laid out for the CPU kernels right after the checksum read it (cache-hot:
+        one pass over memory), else checked once it has landed. The cache holds nothing else."""
         if isinstance(self.ckpt, PackedCheckpoint):
             visit = _relayout if self.blocked else None
             return self.store.submit(read, stream=lambda r: self.ckpt.read_check(r.layer, r.expert, r.have, r.want, visit))
         return self.store.submit(read, self._checked)
 
     def _checked(self, read: Read, data):
-        """Bytes just read, on the I/O thread that read them: crc-checked (only the segments read), then
-        planes and parameters re-laid out for the CPU kernels where they read another layout, each tensor
-        right after the checksum read it (cache-hot: one pass over memory, not two). The cache holds
-        nothing else."""
-        self.ckpt.verify_read(read.layer, read.expert, data, read.have, read.want,
-                              **({"visit": _relayout} if self.blocked else {}))
+        """Bytes just read by a store that cannot stream its check (the lossless tier's), on the I/O thread
+        that read them: crc-checked (only the segments read)."""
+        self.ckpt.verify_read(read.layer, read.expert, data, read.have, read.want)
         return data
 
     def _on_device(self, data):

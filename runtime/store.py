@@ -267,6 +267,8 @@ class ByteReader:
             return cur_fd
 
     # ---- reads -------------------------------------------------------------------------
+    STREAM_CHUNK = 8 << 20  # bytes per chunk of a read with `progress` (a multiple of ALIGN)
+
     def read_range(self, path: str | os.PathLike, offset: int, nbytes: int,
                    progress: Callable[[memoryview, int], None] | None = None) -> memoryview:
         """Exactly `nbytes` bytes of `path` from `offset`, read past the page cache.
@@ -275,85 +277,57 @@ class ByteReader:
         chunk of the read has landed (`landed` payload bytes from the start), while this thread reads the
         next chunk: work on the bytes (their crc, the kernels' re-layout) overlaps the transfer instead of
         following it. The read returns once every call has; an exception in one is the read's."""
-        if progress is not None:
-            return self._read_streamed(Path(path), offset, nbytes, progress)
         path = Path(path)
         if offset < 0 or nbytes < 0:
             raise UsageError(f"bad byte range offset={offset} nbytes={nbytes} for {path}")
         if nbytes == 0:
-            return memoryview(bytearray())
+            data = memoryview(bytearray())
+            if progress is not None:
+                progress(data, 0)
+            return data
         fd, is_direct = self._fd(path)
         start = (offset // ALIGN) * ALIGN  # widen to aligned boundaries; slice the payload out after
         end = -(-(offset + nbytes) // ALIGN) * ALIGN
         # anonymous mmap: page-aligned, as O_DIRECT wants; a recycled one is already mapped
         buf = self.pool.take(end - start) if self.pool is not None else mmap.mmap(-1, end - start)
-        deadline = self.pacer.acquire(nbytes) if self.pacer else None
-        self._begin()
-        t0 = time.perf_counter()
-        try:
-            if is_direct:
-                try:
-                    got = self._preadv_all(fd, buf, start)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    fd, is_direct = self._demote(path, fd), False
-            if not is_direct:
-                if self.pacer is None:  # drop cached pages of this range so the read really comes from disk
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-                got = self._preadv_all(fd, buf, start)
-            self._whole(path, offset, nbytes, start + got, deadline)
-        finally:
-            self._end(time.perf_counter() - t0)
-        self._count(nbytes, is_direct)
-        return memoryview(buf)[offset - start : offset - start + nbytes]
-
-    STREAM_CHUNK = 8 << 20  # bytes per chunk of a streamed read (a multiple of ALIGN)
-
-    def _read_streamed(self, path: Path, offset: int, nbytes: int,
-                       progress: Callable[[memoryview, int], None]) -> memoryview:
-        if offset < 0 or nbytes <= 0:
-            data = self.read_range(path, offset, nbytes)
-            progress(data, data.nbytes)
-            return data
-        fd, is_direct = self._fd(path)
-        start = (offset // ALIGN) * ALIGN
-        end = -(-(offset + nbytes) // ALIGN) * ALIGN
-        buf = self.pool.take(end - start) if self.pool is not None else mmap.mmap(-1, end - start)
         payload = memoryview(buf)[offset - start : offset - start + nbytes]
         deadline = self.pacer.acquire(nbytes) if self.pacer else None
-        begun = deadline - nbytes / self.pacer.rate if deadline is not None else None
-        calls = _InOrder(self._landing())
+        calls = _InOrder(self._landing()) if progress is not None else None
+        chunk = self.STREAM_CHUNK if calls is not None else end - start
         self._begin()
         t0 = time.perf_counter()
         view, done = memoryview(buf), 0
         try:
-            if not is_direct and self.pacer is None:  # as read_range: really from the disk
+            if not is_direct and self.pacer is None:  # drop cached pages of this range so the read really comes from disk
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
             while done < len(buf):
-                size = min(self.STREAM_CHUNK, len(buf) - done)
                 try:
-                    n = os.preadv(fd, [view[done:done + size]], start + done)
+                    n = os.preadv(fd, [view[done:done + chunk]], start + done)
                 except OSError as e:
-                    if not (is_direct and done == 0 and e.errno == errno.EINVAL):
+                    if not (is_direct and e.errno == errno.EINVAL):
                         raise
-                    fd, is_direct = self._demote(path, fd), False
-                    continue
+                    fd, is_direct = self._demote(path, fd), False  # O_DIRECT accepted at open, refused here
+                    if self.pacer is None:
+                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                    continue  # go on buffered (the chunks already read stay)
                 if n == 0:
                     break
                 done += n
-                landed = max(0, min(nbytes, start + done - offset))
-                if begun is not None:  # the emulated disk delivers this chunk at its rate
-                    BandwidthPacer.wait_until(begun + landed / self.pacer.rate)
-                calls.add(progress, payload, landed)
+                if calls is not None:
+                    landed = max(0, min(nbytes, start + done - offset))
+                    if deadline is not None:  # the emulated disk delivers this chunk at its rate
+                        BandwidthPacer.wait_until(deadline - (nbytes - landed) / self.pacer.rate)
+                    calls.add(progress, payload, landed)
             self._whole(path, offset, nbytes, start + done, deadline)
         except BaseException:
-            calls.cancel()
+            if calls is not None:
+                calls.cancel()
             raise
         finally:
             view.release()
             self._end(time.perf_counter() - t0)  # the transfer; the last chunk's work is not the disk's
-        calls.wait()  # the first failure of a progress call is the read's
+        if calls is not None:
+            calls.wait()  # the first failure of a progress call is the read's
         self._count(nbytes, is_direct)
         return payload
 
@@ -379,20 +353,6 @@ class ByteReader:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="d2moe-landing")
             return self._helper
-
-    @staticmethod
-    def _preadv_all(fd: int, buf: mmap.mmap, file_offset: int) -> int:
-        """Fill `buf` from `file_offset`; returns the bytes read (short only at end of file)."""
-        view, done = memoryview(buf), 0
-        try:
-            while done < len(buf):
-                n = os.preadv(fd, [view[done:]], file_offset + done)
-                if n == 0:
-                    break
-                done += n
-        finally:
-            view.release()
-        return done
 
     def submit(self, path: str | os.PathLike, offset: int, nbytes: int) -> Future:
         """`read_range` on an I/O thread."""

@@ -150,11 +150,6 @@ class PackedCheckpoint:
         of the slot's shape and dtype) right after its bytes entered the checksum, while they are still in
         the CPU's cache: the kernels re-lay out planes and parameters in place there instead of in a pass
         of their own over memory. A failed check still raises; the bytes are then not to be used."""
-        if visit is None:
-            e = self.entry(layer, expert)
-            first, base = self._read_start(have_level)
-            self._check_crc(e, data, self.cfg.level_index(want_level), first=first, base=base)
-            return
         check = self.read_check(layer, expert, have_level, want_level, visit)
         check.feed(data, memoryview(data).nbytes)
         check.finish(data)
@@ -180,8 +175,7 @@ class PackedCheckpoint:
         for i in range(first, upto + 1):
             lo, hi = self.layout.segment_range(i)
             if hi - base > view.nbytes or crc32(view[lo - base:hi - base]) != e.crc32[i]:
-                raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.cfg.bits[i]} segment fails its "
-                                  f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
+                raise _segment_error(e, self.cfg.bits[i])
 
     def verify(self) -> None:
         """Read every byte once: check every expert segment's and the dense/gate files' crc32."""
@@ -364,6 +358,9 @@ class ReadCheck:
             self._fail(self.segments[self.k][0])
 
     def _fail(self, i: int) -> None:
-        e = self.entry
-        raise FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{self.ckpt.cfg.bits[i]} segment fails its "
-                          f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
+        raise _segment_error(self.entry, self.ckpt.cfg.bits[i])
+
+
+def _segment_error(e: ExpertEntry, bits: int) -> FormatError:
+    return FormatError(f"{e.file}: layer {e.layer} expert {e.expert}: level-{bits} segment fails its "
+                       f"crc32 check against {MANIFEST_NAME} (corrupted file: re-pack or re-download)")
