@@ -20,6 +20,7 @@ MemoryPlan.for_checkpoint(ckpt, budget_bytes, max_tokens, level=None, kv_dtype_b
                           dense_bytes=None, staging_slots=1, threads=1) -> MemoryPlan
     fields: budget, dense, kv, staging, workspace, expert_cache, expert_bytes, minimum;
     .summary() -> dict for --json / tables; .min_cache_experts
+    .with_dense(dense_bytes) -> MemoryPlan            # converted dense weights' saving goes to the cache
 kv_bytes_per_token(config, dtype_bytes=2) -> int   # layers x 2 (K,V) x kv_heads x head_dim x dtype
 workspace_bytes(config, matrix_shapes, tokens, threads=1) -> int   # kernels + activations for `tokens` at once
 safetensors_payload_bytes(path) -> int              # tensor bytes of a safetensors file (header only)
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from d2moe.errors import BudgetError, FormatError, UsageError
@@ -56,6 +57,13 @@ class MemoryPlan:
     @property
     def min_cache_experts(self) -> int:
         return MIN_CACHE_EXPERTS
+
+    def with_dense(self, dense_bytes: int) -> MemoryPlan:
+        """The plan once the dense weights are known to hold `dense_bytes`: what they hold below the
+        planned size (--dense-weights int8/int4 convert them after loading) joins the expert cache."""
+        saved = max(0, self.dense - int(dense_bytes))
+        return replace(self, dense=self.dense - saved, expert_cache=self.expert_cache + saved,
+                       minimum=self.minimum - saved)
 
     @property
     def cache_experts(self) -> int:

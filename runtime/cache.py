@@ -12,9 +12,12 @@ stays. Eviction victims are unpinned entries, chosen by
   `step()` multiplies every score by `decay`), ties broken by least recent use;
 - "lru": least recently used.
 
-Byte accounting: `held_bytes <= capacity_bytes`, always. When even evicting every unpinned
-entry cannot make room, `put` returns False: the caller computes with the bytes it loaded and
-drops them (compute-and-drop), the cache is unchanged.
+Byte accounting: `held_bytes + reserved_bytes <= capacity_bytes`, always. A read about to be issued
+reserves the room its bytes will take (`reserve`, evicting as `put` would), so bytes in flight are
+counted in the cache they land in, not in a staging area of their own; `put`/`extend` hand the
+reservation back as the entry takes its place. When even evicting every unpinned entry cannot make
+room, `reserve` and `put` return False: the caller computes with the bytes it loaded and drops them
+(compute-and-drop), the cache is unchanged.
 
 Public API
 ----------
@@ -23,13 +26,16 @@ ExpertCache(capacity_bytes, policy="decay", decay=0.9)
     peek(key) -> level | None                    # no stats
     get(key) -> (level, data)                    # KeyError if absent; counts as a use for LRU
     attach(key, obj) / attachment(key) -> obj | None   # derived views, dropped when the entry changes
-    put(key, level, data) -> bool                # never downgrades
-    extend(key, level, extra) -> bool            # upgrade: held prefix + extra segment bytes
+    reserve(nbytes) -> bool; unreserve(nbytes)   # room for bytes in flight (evicts like put)
+    put(key, level, data, reserved=0) -> bool    # never downgrades; `reserved`: the read's reservation, handed back
+    extend(key, level, extra, reserved=0) -> bool   # upgrade: held prefix + extra segment bytes
                                                  # (bytes-likes, or uint8 tensors on any device)
+    entry_bytes(key) -> int                      # bytes held for key (0 when absent)
     discard(key); clear()
     pin(key) / unpin(key) / pinned(key); `with cache.pinned_keys(keys): ...`
     record_use(key, weight=1.0); step(); score(key)
-    held_objects() -> list (for MemoryMeter); measured_bytes(measure); held_bytes, free_bytes, capacity_bytes, keys(), len(), `key in cache`
+    held_objects() -> list (for MemoryMeter); measured_bytes(measure); held_bytes, reserved_bytes, free_bytes,
+    capacity_bytes, keys(), len(), `key in cache`
     stats() -> dict[layer, LayerStats]; totals() -> LayerStats; reset_stats()
 Thread-safe (one re-entrant lock): I/O threads may `put` while the compute thread looks up.
 """
@@ -125,6 +131,7 @@ class ExpertCache:
         self._scores: dict[Hashable, float] = {}  # inflated: true score = stored / self._inflate
         self._inflate = 1.0
         self._held_bytes = 0
+        self._reserved = 0  # room promised to reads in flight (reserve), not yet held
         self.version = 0  # bumped whenever what the entries hold changes (see _held)
         self._measured: tuple[int, int] | None = None  # (version, bytes) of the last measured_bytes()
         self._stats: dict[Any, LayerStats] = {}
@@ -156,8 +163,16 @@ class ExpertCache:
         return self._held
 
     @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    @property
     def free_bytes(self) -> int:
-        return self.capacity_bytes - self._held
+        return self.capacity_bytes - self._held - self._reserved
+
+    def entry_bytes(self, key: Hashable) -> int:
+        e = self._entries.get(key)
+        return 0 if e is None else e.nbytes
 
     def held_objects(self) -> list[Any]:
         """The data of every entry (for MemoryMeter's live count)."""
@@ -206,14 +221,32 @@ class ExpertCache:
             self._entries[key].attachment = obj
 
     # ---- insertion ---------------------------------------------------------------------
-    def put(self, key: Hashable, level: int, data: Any) -> bool:
-        """Hold `data` (the prefix up to `level`) for `key`, replacing what was held.
+    def reserve(self, nbytes: int) -> bool:
+        """Promise `nbytes` of room to a read about to be issued, evicting unpinned entries as `put` would
+        (all or nothing). The read's `put`/`extend` hands it back; a read that will not land calls `unreserve`."""
+        with self._lock:
+            if nbytes < 0 or not self._make_room(nbytes):
+                return False
+            self._reserved += nbytes
+            return True
+
+    def unreserve(self, nbytes: int) -> None:
+        with self._lock:
+            if not 0 <= nbytes <= self._reserved:
+                raise UsageError(f"unreserve({nbytes}) exceeds the {self._reserved} bytes reserved")
+            self._reserved -= nbytes
+
+    def put(self, key: Hashable, level: int, data: Any, reserved: int = 0) -> bool:
+        """Hold `data` (the prefix up to `level`) for `key`, replacing what was held; `reserved`
+        (the read's `reserve`) is handed back first, whatever the outcome.
 
         Never downgrades: when a higher level is already held, that entry stays (it serves
         `level` too) and the call returns True. Returns False, leaving the cache as it was, when
         the entry cannot fit even after evicting every unpinned entry.
         """
         with self._lock:
+            if reserved:
+                self.unreserve(reserved)
             old = self._entries.get(key)
             if old is not None and old.level > level:
                 self._entries.move_to_end(key)
@@ -231,9 +264,12 @@ class ExpertCache:
             self._layer_stats(key).bytes_inserted += max(0, new.nbytes - old_bytes)
             return True
 
-    def extend(self, key: Hashable, level: int, extra: Any) -> bool:
-        """Upgrade `key` to `level` by appending the segment bytes `extra` to the held prefix."""
+    def extend(self, key: Hashable, level: int, extra: Any, reserved: int = 0) -> bool:
+        """Upgrade `key` to `level` by appending the segment bytes `extra` to the held prefix
+        (`reserved`: as for `put`)."""
         with self._lock:
+            if reserved:
+                self.unreserve(reserved)
             old = self._entries.get(key)
             if old is None:
                 raise KeyError(f"cannot extend {key}: it is not in the cache")
@@ -257,6 +293,7 @@ class ExpertCache:
         with self._lock:
             self._entries.clear()
             self._held = 0
+            self._reserved = 0
 
     # ---- eviction ----------------------------------------------------------------------
     def _make_room(self, nbytes: int, exclude: Hashable | None = None) -> bool:

@@ -11,9 +11,12 @@ router stays. Each call is one layer step of the shared `ExpertPipeline`:
 3. the cache says which items are resident; a lower level held is upgraded by reading only the
    extra segments (bit-aware), a missing one is read as one aligned prefix;
 4. loads are issued in the policy's order (HEBF: hottest expert first, lowest level first;
-   Johnson's rule; or expert id) through the store's I/O threads, at most `window` in flight
-   (bounded staging); resident items compute while they load; each landed item is cached (or,
-   when the cache is full of pinned work, computed and dropped) and computed;
+   Johnson's rule; or expert id) through the store's I/O threads, at most `window` in flight;
+   each read first reserves its room in the cache (evicting there and then), so bytes in flight
+   are counted where they will land; only a read the cache cannot make room for (everything
+   pinned) goes through staging, bounded by `staging_limit`; resident items compute while they
+   load; each landed item is cached (or, when the cache is full of pinned work, computed and
+   dropped) and computed;
 5. outputs are summed in expert order, so results do not depend on what was resident.
 
 Compute runs on the packed bytes where they sit (d2moe.kernels.dispatch.ExpertKernels): an
@@ -86,6 +89,7 @@ class PipelineStats:
     loads: int = 0  # reads issued (prefix or upgrade)
     upgrade_loads: int = 0  # of which upgrades (only the extra segments read)
     dropped: int = 0  # loaded items that did not fit the cache (computed and dropped)
+    staged_loads: int = 0  # reads the cache could not reserve room for (through staging)
     preloads: int = 0  # predictive reads issued ahead of their layer
     fetch_ahead: int = 0  # reads taken up to the top level into free cache room (reuse-aware)
     pairs_per_level: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # (token, expert) pairs
@@ -115,6 +119,7 @@ class ExpertPipeline:
         transfer=None,
         exact: bool = False,
         miss=None,
+        staging_limit: int | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.store = store
@@ -122,7 +127,9 @@ class ExpertPipeline:
         self.selector = selector
         self.spec = spec
         self.act_fn = act_fn
-        self.window = max(1, window or 4)  # loads in flight at once: bounds the staging bytes
+        self.window = max(1, window or 4)  # loads in flight at once
+        # bytes of reads the cache could not reserve room for (the memory plan's staging; None: unbounded)
+        self.staging_limit = staging_limit
         self.routers = routers or {}  # layer -> router weight [E, H] (predictive preload)
         self.top_k = top_k
         self.on_memory = on_memory  # called where held memory peaks (the session samples its meter)
@@ -134,8 +141,9 @@ class ExpertPipeline:
         self.stats = PipelineStats()
         self.exact = exact  # lossless tier: compute as transformers does (rows in its order, no float32 cast)
         self.miss = miss  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
-        self._pending: dict[tuple, tuple[Future, Read]] = {}  # preload key -> (future, its read)
-        self.staging_bytes = 0  # read but not yet in the cache: in flight, or computing after a dropped put
+        self._pending: dict[tuple, tuple[Future, Read, int]] = {}  # preload key -> (future, its read, reserved)
+        self.staging_bytes = 0  # read outside the cache's reservations: in flight, or computing after a dropped put
+        self.landing_bytes = 0  # reads in flight into room the cache reserved for them
         self.warming = False  # start-up warm-up (Session): steps return zeros and touch nothing
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
         self.transfer = transfer
@@ -274,44 +282,66 @@ class ExpertPipeline:
     def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:
         """Issue the reads of `order` (at most `window` in flight); compute each as it lands."""
         compute_s = 0.0
-        in_flight: list[tuple[Work, Read, object, float]] = []
+        in_flight: list[tuple[Work, Read, int, int, object, float]] = []
         queue = list(order)
 
         def issue() -> None:
             while queue and len(in_flight) < self.window:
+                read = self.plan_read(layer, queue[0])
+                cost = self._room_needed(read)
+                reserved = cost if self.cache.reserve(cost) else 0
+                staged = 0 if reserved else cost
+                if staged and self.staging_limit is not None and self.staging_bytes + staged > self.staging_limit \
+                        and (in_flight or self.staging_bytes):
+                    return  # staging is full: wait for a read to land or a dropped item to finish
                 w = queue.pop(0)
-                read = self.plan_read(layer, w)
-                in_flight.append((w, read, self._submit(read), time.perf_counter()))
-                self._add_staging(read.nbytes)
+                in_flight.append((w, read, reserved, staged, self._submit(read), time.perf_counter()))
+                self._add_landing(reserved)
+                self._add_staging(staged)
                 self.stats.loads += 1
                 self.stats.upgrade_loads += int(read.have is not None)
+                self.stats.staged_loads += int(bool(staged))
 
         issue()
         while in_flight:
-            w, read, fut, issued = in_flight.pop(0)
+            w, read, reserved, staged, fut, issued = in_flight.pop(0)
             t_wait = time.perf_counter()
             data = fut.result()
             self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(read.nbytes, time.perf_counter() - issued)
             data = self._on_device(data)
-            full = self._install(w, read, data)
+            self._add_landing(-reserved)
+            full, kept = self._install(w, read, data, reserved)
+            if reserved and not kept:  # its room went back to the cache; the dropped bytes live until computed
+                staged = self._room_needed(read)
+                self._add_staging(staged)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
-            self._add_staging(-read.nbytes)  # a dropped item's bytes lived until its compute ended
+            self._add_staging(-staged)
+            issue()  # the staging room this item held
         return compute_s
 
-    def _install(self, w: Work, read: Read, data) -> memoryview | bytes:
-        """Put landed bytes in the cache (extend an upgrade); return the full prefix up to the level read."""
+    def _room_needed(self, read: Read) -> int:
+        """Bytes a read holds from issue until it is in the cache: its own, and for an upgrade also the joined
+        copy of held prefix + extra that replaces the entry."""
+        if read.have is None:
+            return read.nbytes
+        return 2 * read.nbytes + self.cache.entry_bytes(self.key(read.layer, read.expert, read.have))
+
+    def _install(self, w: Work, read: Read, data, reserved: int = 0) -> tuple[memoryview | bytes, bool]:
+        """Put landed bytes in the cache (extend an upgrade), handing back their reservation; return the full
+        prefix up to the level read and whether the cache kept it."""
         have, level = read.have, read.want
         if have is None:
-            if not self.cache.put(w.key, level, data):
+            if not self.cache.put(w.key, level, data, reserved=reserved):
                 self.stats.dropped += 1
-            return data
+                return data, False
+            return data, True
         _, held = self.cache.get(w.key)
-        if self.cache.extend(w.key, level, data):
-            return self.cache.get(w.key)[1]
+        if self.cache.extend(w.key, level, data, reserved=reserved):
+            return self.cache.get(w.key)[1], True
         self.stats.dropped += 1
-        return _concat(held, data, self.cache.alloc)
+        return _concat(held, data, self.cache.alloc), False
 
     # ---- compute -----------------------------------------------------------------------
     def _compute(self, layer, w: Work, data, hidden, top_k_weights, results) -> float:
@@ -430,28 +460,39 @@ class ExpertPipeline:
             if key in self._pending or (held is not None and held >= level):
                 continue
             read = self.store.plan(nxt, e, held if self.spec.nested_reuse else None, level)
-            self._pending[key] = (self._submit(read), read)
-            self._add_staging(read.nbytes)
+            reserved = self._room_needed(read)
+            if not self.cache.reserve(reserved):
+                continue  # a guess is not worth staging room: the step reads it if it is needed
+            self._pending[key] = (self._submit(read), read, reserved)
+            self._add_landing(reserved)
             self.stats.preloads += 1
 
     def _land_preloads(self, layer: int) -> None:
         """Put this layer's finished (or finishing) preloads into the cache before looking up."""
-        for key in [k for k, (_, read) in self._pending.items() if read.layer == layer]:
-            fut, read = self._pending.pop(key)
-            data = fut.result()
-            data = self._on_device(data)
+        for key in [k for k, (_, read, _) in self._pending.items() if read.layer == layer]:
+            fut, read, reserved = self._pending.pop(key)
+            data = self._on_device(fut.result())
+            self._add_landing(-reserved)
             if read.have is None:
-                self.cache.put(key, read.want, data)
+                self.cache.put(key, read.want, data, reserved=reserved)
             elif self.cache.peek(key) == read.have:
-                self.cache.extend(key, read.want, data)
-            self._add_staging(-read.nbytes)
+                self.cache.extend(key, read.want, data, reserved=reserved)
+            else:  # the prefix it extends was evicted meanwhile: drop it
+                self.cache.unreserve(reserved)
 
     def drain(self) -> None:
         """Wait for outstanding preloads (end of a request)."""
-        for fut, read in self._pending.values():
+        for fut, _, reserved in self._pending.values():
             fut.result()
-            self._add_staging(-read.nbytes)
+            self._add_landing(-reserved)
+            self.cache.unreserve(reserved)
         self._pending.clear()
+
+    def _add_landing(self, nbytes: int) -> None:
+        """Bytes in flight into room the cache reserved, for the memory meter."""
+        self.landing_bytes += nbytes
+        if self.on_memory and nbytes > 0:
+            self.on_memory()
 
     def _add_staging(self, nbytes: int) -> None:
         """Bytes read but not yet in the cache (in flight or being installed), for the memory meter."""

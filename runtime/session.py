@@ -152,6 +152,9 @@ class Session:
         if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, weights=options.dense_weights,
                           keep=routers.values())
+            # converted dense weights hold less than planned (their source bytes): the cache gets the rest
+            self.plan = self.plan.with_dense(sum(t.nbytes for t in [*self.model.parameters(), *self.model.buffers()]))
+            self.cache.capacity_bytes = self.plan.expert_cache
         self.gate = self._load_gate(routers)
         if on_gpu and self.gate is not None:
             self.gate.to("cuda")  # it reads the hidden states where they are
@@ -165,6 +168,7 @@ class Session:
             kernels=self.kernels, transfer=self.transfer,
             exact=options.lossless,  # transformers' order and dtypes (d2moe.runtime.lossless)
             miss=miss.handler(ckpt, options.miss),
+            staging_limit=self.plan.staging,
         )
         for module in experts_modules:
             module.bind(self.pipeline)
@@ -175,6 +179,7 @@ class Session:
         self.meter.register("kv", "cache", lambda: self._kv_bytes)
         self.meter.register("expert_cache", "cache", self.cache if hasattr(self.cache, "held_objects")
                             else (lambda: self.cache.held_bytes))
+        self.meter.register("expert_cache", "landing", lambda: self.pipeline.landing_bytes)
         self.meter.register("staging", "reads", lambda: self.pipeline.staging_bytes)
         if self.pool is not None:
             self.meter.register("staging", "free buffers", lambda: self.pool.free_bytes)
@@ -459,6 +464,16 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def staging_slots(options: RunOptions) -> int:
+    """Expert-sized staging slots the memory plan keeps beside the cache. On the CPU, reads reserve their room
+    in the cache (d2moe.runtime.experts), so staging only takes a read the cache cannot make room for: one
+    upgrade, its bytes and the joined copy (2 slots). The lossless tier's decoded bytes and --device cuda's
+    pinned ring stage every read in flight and the one computing after a full cache."""
+    if options.device == "cpu" and not options.lossless:
+        return 2
+    return options.io_threads + 1
+
+
 def plan_run(checkpoint: str | Path, options: RunOptions):
     """Open `checkpoint` and plan memory for a run with `options`, reading no weight.
 
@@ -511,8 +526,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
     plan = MemoryPlan.for_checkpoint(
         ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
-        # reads in flight + the one computing after a full cache (or free buffers the next reads will take)
-        staging_slots=options.io_threads + 1,
+        staging_slots=staging_slots(options),
         threads=options.threads or kernel_threads(),
     )
     if hold_level is not None:

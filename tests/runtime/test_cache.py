@@ -24,6 +24,9 @@ op = st.one_of(
     st.tuples(st.just("step"), st.sampled_from(KEYS), st.just(0), st.just(0)),
     st.tuples(st.just("attach"), st.sampled_from(KEYS), st.just(0), st.just(0)),
     st.tuples(st.just("discard"), st.sampled_from(KEYS), st.just(0), st.just(0)),
+    st.tuples(st.just("reserve"), st.sampled_from(KEYS), st.just(0), st.integers(0, 400)),
+    st.tuples(st.just("land"), st.sampled_from(KEYS), st.integers(2, 4), st.just(0)),
+    st.tuples(st.just("cancel"), st.sampled_from(KEYS), st.just(0), st.just(0)),
 )
 
 
@@ -33,6 +36,7 @@ def test_random_operations_keep_byte_and_pin_invariants(ops, policy, capacity):
     cache = ExpertCache(capacity, policy=policy)
     pins: dict = {}
     attached: dict = {}  # what each entry carries, as the test attached it
+    reservations: list[int] = []  # room promised to reads in flight
     for name, key, a, n in ops:
         pinned_before = {k: cache.peek(k) for k in pins if pins[k] and k in cache}
         if name == "put":
@@ -69,10 +73,25 @@ def test_random_operations_keep_byte_and_pin_invariants(ops, policy, capacity):
         elif name == "discard":
             cache.discard(key)
             pinned_before.pop(key, None)
+        elif name == "reserve":
+            free_before = cache.free_bytes
+            if cache.reserve(n):
+                reservations.append(n)
+            else:  # all or nothing: only unpinned entries could not make the room
+                assert cache.free_bytes == free_before
+        elif name == "land" and reservations:  # a read lands in the room it reserved
+            n = reservations.pop()
+            before = cache.peek(key)
+            if cache.put(key, a, bytes(n), reserved=n) and (before is None or before <= a):
+                attached.pop(key, None)
+                assert cache.get(key) == (a, bytes(n))
+        elif name == "cancel" and reservations:
+            cache.unreserve(reservations.pop())
         for k in [k for k in attached if k not in cache]:  # evicted or discarded: the attachment went with it
             del attached[k]
         # invariants after every operation
-        assert 0 <= cache.held_bytes <= cache.capacity_bytes
+        assert 0 <= cache.held_bytes <= cache.held_bytes + cache.reserved_bytes <= cache.capacity_bytes
+        assert cache.reserved_bytes == sum(reservations)
         assert cache.held_bytes == sum(len(cache.get(k)[1]) for k in cache.keys())
         for k in cache.keys():  # an entry carries what was attached to these very bytes, or nothing
             assert cache.attachment(k) is attached.get(k)
@@ -96,6 +115,24 @@ def test_pinned_entries_block_admission_and_put_reports_it():
     assert (0, 1) not in cache and cache.stats()[0].evictions == 1
     with pytest.raises(UsageError, match="unpin"):
         cache.unpin((0, 1))
+
+
+def test_reserved_room_is_taken_from_unpinned_entries_and_handed_back_by_put():
+    cache = ExpertCache(300)
+    for e in range(3):
+        assert cache.put((0, e), 2, bytes(100))
+    cache.pin((0, 2))
+    assert cache.reserve(150)  # evicts the two coldest unpinned entries, all at once
+    assert sorted(cache.keys()) == [(0, 2)] and cache.free_bytes == 50 and cache.reserved_bytes == 150
+    assert not cache.reserve(100)  # only the pinned entry is left: nothing changes
+    assert cache.free_bytes == 50 and cache.stats()[0].evictions == 2
+    assert cache.put((0, 5), 2, bytes(150), reserved=150)  # lands where it was promised: no eviction
+    assert cache.reserved_bytes == 0 and cache.held_bytes == 250 and (0, 2) in cache
+    cache.pin((0, 5))
+    assert cache.reserve(40) and not cache.put((0, 6), 2, bytes(200), reserved=40)  # too big even so
+    assert cache.reserved_bytes == 0  # handed back whatever the outcome
+    with pytest.raises(UsageError, match="unreserve"):
+        cache.unreserve(1)
 
 
 def test_pinned_keys_context_protects_then_releases():

@@ -95,14 +95,35 @@ def test_output_independent_of_schedule_and_residency(packed):
     assert all(torch.equal(o, layer1[0]) for o in layer1)
 
 
-def test_staging_stays_within_plan(packed):
+def test_reads_land_in_room_the_cache_reserved(packed):
     with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False, io_threads=2)) as s:
         hidden, index, weights = _inputs(16, seed=1)
         s.pipeline.step(0, hidden, index, weights)
         peak = s.meter.report()["peak_by_category"]
-        assert 0 < peak["staging"] <= s.plan.staging
+        assert s.pipeline.stats.loads > 0 and s.pipeline.stats.staged_loads == 0
+        assert peak["staging"] == 0 and 0 < peak["expert_cache"] <= s.plan.expert_cache
         assert 0 < peak["workspace"] <= s.plan.workspace
-        assert s.pipeline.staging_bytes == 0 and s.kernels.workspace_bytes == 0
+        assert s.pipeline.staging_bytes == s.pipeline.landing_bytes == s.cache.reserved_bytes == 0
+        assert s.kernels.workspace_bytes == 0
+
+
+def test_reads_the_cache_cannot_hold_go_through_staging_within_the_plan(packed):
+    """At the smallest budget a 16-token step pins more experts than the cache holds: the reads it cannot
+    reserve room for are staged (computed and dropped), never more than the plan's staging at once."""
+    hidden, index, weights = _inputs(16, seed=1)
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), reuse_aware=False)) as s:
+        want = s.pipeline.step(0, hidden, index, weights)
+        minimum = s.plan.minimum
+    with Session(packed, RunOptions(memory_budget=minimum, router_levels=(8, 2), reuse_aware=False,
+                                    io_threads=4)) as s:
+        for _ in range(2):
+            assert torch.equal(s.pipeline.step(0, hidden, index, weights), want)
+        report = s.meter.report()
+        assert s.pipeline.stats.staged_loads > 0 and s.pipeline.stats.dropped > 0
+        assert report["peak_by_category"]["staging"] <= s.plan.staging
+        assert report["peak_by_category"]["expert_cache"] <= s.plan.expert_cache
+        assert report["peak_bytes"] <= s.plan.budget
+        assert s.pipeline.staging_bytes == s.pipeline.landing_bytes == s.cache.reserved_bytes == 0
 
 
 def _generate(packed, budget, kernels, **kw):
@@ -179,3 +200,20 @@ def test_blocked_planes_in_the_cache_give_the_reference_tokens(tmp_path_factory)
     tokens = {(budget, kernels): _generate(wide, budget, kernels, router_levels=(8, 2))[0]
               for budget in (BIG, minimum) for kernels in ("native", "reference")}
     assert len(set(map(str, tokens.values()))) == 1
+
+
+@pytest.mark.parametrize("dense", ["int8", "int4"])
+def test_converted_dense_weights_give_their_saving_to_the_expert_cache(tmp_path_factory, dense):
+    from d2moe.kernels import cpu
+
+    if cpu.load() is None:
+        pytest.skip("no C compiler: dense weights stay in their dtype")
+    packed = packed_tiny(tmp_path_factory, "mixtral", bits=(2, 4, 8), hidden_size=256)[1]  # attention large enough to convert
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2))) as s:
+        source = s.plan
+    with Session(packed, RunOptions(memory_budget=BIG, router_levels=(8, 2), dense_weights=dense)) as s:
+        held = sum(t.nbytes for t in [*s.model.parameters(), *s.model.buffers()])
+        assert s.plan.dense == held < source.dense
+        assert s.cache.capacity_bytes == s.plan.expert_cache == source.expert_cache + (source.dense - held)
+        p = s.plan
+        assert p.dense + p.kv + p.staging + p.workspace + p.expert_cache == p.budget == BIG
