@@ -186,8 +186,6 @@ class ExpertPipeline:
         self._land_preloads(layer)
         levels = self.selector.select(layer, hidden, top_k_index, top_k_weights)  # [T, K]
         works = self._group(layer, top_k_index, levels)
-        if self.spec.preload_next:
-            self._preload_next(layer, hidden)
         for w in works:
             w.have = self.cache.lookup(w.key, w.want)
             self.cache.record_use(w.key, w.tokens)
@@ -200,13 +198,7 @@ class ExpertPipeline:
         with self.cache.pinned_keys([w.key for w in works]):
             order = self._order(layer, works)
             resident = [w for w in works if w.resident]
-            if getattr(self.kernels, "grouped", False) and len(resident) > 1:  # one grouped launch (GPU)
-                compute_s += self._compute_group(layer, resident, hidden, top_k_weights, results)
-            else:
-                for w in resident:
-                    _, data = self.cache.get(w.key)
-                    compute_s += self._compute(layer, w, data, hidden, top_k_weights, results)
-            compute_s += self._load_and_compute(layer, order, hidden, top_k_weights, results)
+            compute_s += self._load_and_compute(layer, order, resident, hidden, top_k_weights, results)
         out = torch.zeros_like(hidden)
         for key in sorted(results):  # fixed summation order: output independent of residency
             rows, y = results[key]
@@ -279,8 +271,9 @@ class ExpertPipeline:
         per 8 tokens, at each level it runs (a shape of the cost, not a count: the cost model learns the rate)."""
         return float(sum(self.weight_elems * (level + 4) * -(-len(rows) // 8) for level, (rows, _) in w.pairs.items()))
 
-    def _load_and_compute(self, layer, order: list[Work], hidden, top_k_weights, results) -> float:
-        """Issue the reads of `order` (at most `window` in flight); compute each as it lands."""
+    def _load_and_compute(self, layer, order: list[Work], resident: list[Work], hidden, top_k_weights, results) -> float:
+        """Issue the reads of `order` (at most `window` in flight), compute the resident works while they load,
+        then each read as it lands."""
         compute_s = 0.0
         in_flight: list[tuple[Work, Read, int, int, object, float]] = []
         queue = list(order)
@@ -303,6 +296,13 @@ class ExpertPipeline:
                 self.stats.staged_loads += int(bool(staged))
 
         issue()
+        if self.spec.preload_next:  # behind this step's reads, with its experts pinned
+            self._preload_next(layer, hidden)
+        if getattr(self.kernels, "grouped", False) and len(resident) > 1:  # one grouped launch (GPU)
+            compute_s += self._compute_group(layer, resident, hidden, top_k_weights, results)
+        else:
+            for w in resident:
+                compute_s += self._compute(layer, w, self.cache.get(w.key)[1], hidden, top_k_weights, results)
         while in_flight:
             w, read, reserved, staged, fut, issued = in_flight.pop(0)
             t_wait = time.perf_counter()

@@ -358,6 +358,8 @@ class Session:
             "upgrade_reads": pipe.upgrade_loads,
             "preloads": pipe.preloads,
             "fetch_ahead_reads": pipe.fetch_ahead,
+            "staged_reads": pipe.staged_loads,  # reads the cache could not reserve room for (through staging)
+            "dropped_reads": pipe.dropped,  # of which computed and dropped (the cache full of pinned work)
             "misses": self._miss_report(),
             "lossless": ({"codec": self.ckpt.section["codec"], "dtype": self.ckpt.dtype_name,
                           "decode_s": self.store.decode_seconds, "raw_bytes_per_expert": self.ckpt.raw_nbytes}

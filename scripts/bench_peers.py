@@ -16,7 +16,8 @@ which does not):
   SPEC is comma-separated key=value: name (row label), budget (a size like 6GiB, or a percentage
   resolved like `d2moe bench --budgets`: dense + KV + staging + p x the 4-bit expert set), and
   optional level, policy, io (--io-bandwidth, e.g. 2GB/s), io_threads, router_levels (e.g. 4:2), dense
-  (--dense-weights source|int8), threads=default (run without --threads: d2moe's own choice).
+  (--dense-weights source|int8|int4), threads=default (run without --threads: d2moe's own choice), cmd (this
+  row's d2moe command instead of --d2moe-cmd: two builds side by side in one run).
 
 Measures: prefill tok/s (a P-token prompt, default 128), decode tok/s (greedy, N new tokens after a
 short prompt, KV cache on), peak RSS. transformers decodes exactly like d2moe: N - 1 timed steps
@@ -174,7 +175,7 @@ class Bench:
 
     def _run_d2moe(self, system: System, threads: int) -> dict:
         a, s = self.args, system.params
-        base = [*a.d2moe_cmd, "run", str(a.packed), "--memory-budget", str(s["budget_bytes"]), "--json",
+        base = [*(shlex.split(s["cmd"]) if "cmd" in s else a.d2moe_cmd), "run", str(a.packed), "--memory-budget", str(s["budget_bytes"]), "--json",
                 "--no-chat-template"]
         if s.get("threads") != "default":  # threads=default: d2moe's own choice (no --threads)
             base += ["--threads", str(threads)]
@@ -283,10 +284,12 @@ def parse_d2moe_spec(text: str) -> dict:
         spec = dict(item.split("=", 1) for item in text.split(",") if item.strip())
     except ValueError:
         sys.exit(f"--d2moe {text!r}: write key=value pairs, e.g. name=d2moe-50pct,budget=50%,io=2GB/s")
-    unknown = set(spec) - {"name", "budget", "level", "policy", "io", "io_threads", "router_levels", "dense", "threads"}
+    unknown = set(spec) - {"name", "budget", "level", "policy", "io", "io_threads", "router_levels", "dense", "threads",
+                           "cmd"}
     if unknown or "budget" not in spec:
         sys.exit(f"--d2moe {text!r}: needs budget=...; keys: name, budget, level, policy, io, io_threads, "
-                 f"router_levels, dense (source|int8), threads (default: omit --threads) (unknown: {sorted(unknown)})")
+                 f"router_levels, dense (source|int8|int4), threads (default: omit --threads), cmd (this row's d2moe "
+                 f"command, e.g. another build's) (unknown: {sorted(unknown)})")
     spec.setdefault("name", f"d2moe-{spec['budget']}")
     return spec
 

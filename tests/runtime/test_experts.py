@@ -217,3 +217,17 @@ def test_converted_dense_weights_give_their_saving_to_the_expert_cache(tmp_path_
         assert s.cache.capacity_bytes == s.plan.expert_cache == source.expert_cache + (source.dense - held)
         p = s.plan
         assert p.dense + p.kv + p.staging + p.workspace + p.expert_cache == p.budget == BIG
+
+
+def test_resident_experts_compute_while_the_missing_ones_are_read(packed):
+    """A step's reads are issued before its resident experts compute, so the two overlap."""
+    with Session(packed, RunOptions(memory_budget=BIG, level=4, reuse_aware=False)) as s:
+        hidden = _inputs(1)[0]
+        weights = torch.tensor([[0.6, 0.4]])
+        s.pipeline.step(0, hidden, torch.tensor([[0, 1]]), weights)  # experts 0 and 1 resident now
+        events = []
+        submit, compute = s.pipeline.store.submit, s.pipeline._compute
+        s.pipeline.store.submit = lambda read, *a, **k: events.append(("read", read.expert)) or submit(read, *a, **k)
+        s.pipeline._compute = lambda layer, w, *a: events.append(("compute", w.expert)) or compute(layer, w, *a)
+        s.pipeline.step(0, hidden, torch.tensor([[0, 2]]), weights)  # 0 resident, 2 missing
+        assert events == [("read", 2), ("compute", 0), ("compute", 2)]
