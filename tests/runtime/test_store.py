@@ -387,3 +387,25 @@ def test_expert_store_streams_the_check_and_refuses_a_damaged_segment(packed_mix
         fut = s.submit(read, stream=lambda r: damaged.read_check(r.layer, r.expert, r.have, r.want))
         with pytest.raises(FormatError, match=f"level-{bits[1]} segment fails its crc32"):
             fut.result()
+
+
+def test_buffer_pool_resizes_a_free_buffer_to_the_size_asked_for(tmp_path):
+    """Nested levels and upgrades read many sizes: a free buffer of another size is resized, not unmapped."""
+    from d2moe.runtime.store import BufferPool
+
+    path = tmp_path / "pool.bin"
+    data = _write(path, 8 * ALIGN, seed=3)
+    pool = BufferPool(limit=lambda: 8 * ALIGN)
+    if not pool.enabled:
+        pytest.skip("anonymous maps cannot be resized here")
+    with ByteReader(pool=pool) as r:
+        big, small = r.read_range(path, 0, 4 * ALIGN), r.read_range(path, 0, ALIGN)
+        big_buf, small_buf = big.obj, small.obj
+        pool.recycle(big)
+        pool.recycle(small)
+        del big, small
+        mid = r.read_range(path, ALIGN, 2 * ALIGN)  # the smallest larger buffer, shrunk
+        assert mid.obj is big_buf and len(big_buf) == 2 * ALIGN and bytes(mid) == data[ALIGN: 3 * ALIGN]
+        grown = r.read_range(path, 0, 6 * ALIGN)  # only a smaller one is free: grown
+        assert grown.obj is small_buf and len(small_buf) == 6 * ALIGN and bytes(grown) == data[: 6 * ALIGN]
+        assert pool.reused == 2 and pool.free_bytes == 0
