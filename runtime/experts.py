@@ -313,7 +313,7 @@ class ExpertPipeline:
             self._add_landing(-reserved)
             full, kept = self._install(w, read, data, reserved)
             if reserved and not kept:  # its room went back to the cache; the dropped bytes live until computed
-                staged = self._room_needed(read)
+                staged = reserved
                 self._add_staging(staged)
             issue()  # keep the I/O threads busy while this one computes
             compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)

@@ -85,7 +85,7 @@ class Session:
         from d2moe.runtime.cache import ExpertCache
         from d2moe.runtime.device import check_device, emulated
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
-        from d2moe.runtime.memory import MemoryMeter, limit_allocator_overhead
+        from d2moe.runtime.memory import MemoryMeter, limit_allocator_overhead, nbytes_of
         from d2moe.runtime.model import assemble, expert_activation
         from d2moe.runtime.store import BufferPool, ExpertStore
 
@@ -107,9 +107,6 @@ class Session:
             self.pool = BufferPool(limit=self._staging_room) if options.device == "cpu" else None
             self.store = ExpertStore(ckpt, io_threads=options.io_threads, bandwidth=options.io_bandwidth,
                                      direct=options.direct_io, pool=self.pool)
-        self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
-        if self.pool is not None:
-            self.cache.on_drop, self.cache.alloc = self.pool.recycle, self.pool.take
         hf_config = skeleton.config
         if options.activations not in ("auto", "int8", "int16"):
             raise UsageError(f"--activations {options.activations!r} is unknown: use auto, int8 or int16")
@@ -134,7 +131,7 @@ class Session:
         if options.device == "cuda":
             from d2moe.runtime.device import DeviceTransfer, EmulatedTransfer
 
-            self.transfer = (DeviceTransfer("cuda", options.io_threads + 1, self.plan.expert_bytes) if on_gpu
+            self.transfer = (DeviceTransfer("cuda", staging_slots(options), self.plan.expert_bytes) if on_gpu
                              else EmulatedTransfer())
         # the model first (its routers and activation are the pipeline's), then the pipeline, whole
         experts_modules: list[OffloadedExperts] = []
@@ -153,8 +150,10 @@ class Session:
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, weights=options.dense_weights,
                           keep=routers.values())
             # converted dense weights hold less than planned (their source bytes): the cache gets the rest
-            self.plan = self.plan.with_dense(sum(t.nbytes for t in [*self.model.parameters(), *self.model.buffers()]))
-            self.cache.capacity_bytes = self.plan.expert_cache
+            self.plan = self.plan.with_dense(nbytes_of(self.model, set()))
+        self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
+        if self.pool is not None:
+            self.cache.on_drop, self.cache.alloc = self.pool.recycle, self.pool.take
         self.gate = self._load_gate(routers)
         if on_gpu and self.gate is not None:
             self.gate.to("cuda")  # it reads the hidden states where they are
