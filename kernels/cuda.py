@@ -33,7 +33,7 @@ KERNEL_NAMES = ("dequant_f16", "dequant_bf16", "gemv", "gemv_grouped")
 class CupyLauncher:
     """Launches on a real GPU, on torch's current stream (no host synchronisation)."""
 
-    def __init__(self, device: torch.device | str = "cuda") -> None:
+    def __init__(self, device: torch.device | str = "cuda", defines: tuple[str, ...] = ()) -> None:
         from d2moe.kernels.cuda_build import module, require_cuda
 
         require_cuda()
@@ -44,7 +44,7 @@ class CupyLauncher:
 
         self._cupy = cupy
         with cupy.cuda.Device(self.device.index):
-            self._module = module()
+            self._module = module(defines)
         self._functions: dict[str, object] = {}
 
     def ptr(self, t: torch.Tensor) -> int:

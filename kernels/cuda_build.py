@@ -93,9 +93,11 @@ def require_cuda() -> None:
                               "(pip install torch --index-url https://download.pytorch.org/whl/cu126)")
 
 
-@lru_cache(maxsize=1)
-def module():
-    """The kernels as a `cupy.RawModule` on the current GPU (compiled at first use)."""
+@lru_cache(maxsize=4)
+def module(defines: tuple[str, ...] = ()):
+    """The kernels as a `cupy.RawModule` on the current GPU (compiled at first use); `defines` such as
+    D2_GENERIC_ONLY build a variant (scripts/gpu_bench.py)."""
     import cupy
 
-    return cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS, name_expressions=None)
+    return cupy.RawModule(code=SOURCE.read_text(), options=OPTIONS + tuple(f"-D{d}" for d in defines),
+                          name_expressions=None)

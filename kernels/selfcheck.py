@@ -25,6 +25,10 @@ from d2moe.quantize.types import MWQConfig
 CASES = ((37, 96, 32, 0), (5, 200, 8, 2), (64, 192, 64, 0), (3, 72, 24, 6))  # rows, cols, group, misalign
 BITS = (2, 3, 4, 8)
 SCHEMES = ("sliced", "residual")
+# d2_gemv's fast path is compiled per first-term plane count (sliced: the level; residual: the first
+# level's bits); these layouts reach the counts BITS does not, on one word-aligned case each
+FAST_LAYOUTS = (("sliced", (1, 5, 6)), ("residual", (1, 2)), ("residual", (3, 4)), ("residual", (4, 5)))
+FAST_CASE = (24, 128, 32, 0)
 GEMV_TOKENS = (1, 3, 8)
 GEMV_RTOL = 1e-4
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -41,9 +45,10 @@ class CheckRow:
     ok: bool
 
 
-def random_matrix(rows: int, cols: int, group_size: int, scheme: str, gen: torch.Generator) -> PackedMatrix:
+def random_matrix(rows: int, cols: int, group_size: int, scheme: str, gen: torch.Generator,
+                  bits: tuple[int, ...] = BITS) -> PackedMatrix:
     """A packed matrix at the top level with random planes and plausible scales (no quantizer needed)."""
-    cfg = MWQConfig(bits=BITS, group_size=group_size, scheme=scheme)
+    cfg = MWQConfig(bits=bits, group_size=group_size, scheme=scheme)
     groups = cols // group_size
 
     def f16(lo: float, hi: float, *shape) -> torch.Tensor:
@@ -76,21 +81,26 @@ def run_selfcheck(experts: CudaExperts, seed: int = 0) -> list[CheckRow]:
     dev = experts.device
     gen = torch.Generator().manual_seed(seed)
     rows_out: list[CheckRow] = []
+
+    def check_alone(m: PackedMatrix, shape: str, scheme: str, level: int) -> tuple:
+        ref = _reference(m, level)
+        d = experts.describe(m, level)
+        for dtype, name in ((torch.float16, "dequant_f16"), (torch.bfloat16, "dequant_bf16")):
+            ratio = _ratio_dequant(experts.dequant(d, dtype), ref, dtype)
+            rows_out.append(CheckRow(name, scheme, level, shape, 0, ratio, ratio <= 1.0))
+        for n in GEMV_TOKENS:
+            x = torch.randn(n, m.shape[1], generator=gen).to(dev)
+            ratio = _ratio_gemv(experts.gemv([(d, x)])[0], x, ref)
+            rows_out.append(CheckRow("gemv", scheme, level, shape, n, ratio, ratio <= 1.0))
+        return d, ref
+
     for scheme in SCHEMES:
         mats = [(relocate(random_matrix(r, c, g, scheme, gen), dev, misalign), f"{r}x{c}/g{g}")
                 for r, c, g, misalign in CASES]
         grouped = []  # (desc, x, ref, shape, level): one launch over all cases at mixed levels
         for ci, (m, shape) in enumerate(mats):
             for li, level in enumerate(BITS):
-                ref = _reference(m, level)
-                d = experts.describe(m, level)
-                for dtype, name in ((torch.float16, "dequant_f16"), (torch.bfloat16, "dequant_bf16")):
-                    ratio = _ratio_dequant(experts.dequant(d, dtype), ref, dtype)
-                    rows_out.append(CheckRow(name, scheme, level, shape, 0, ratio, ratio <= 1.0))
-                for n in GEMV_TOKENS:
-                    x = torch.randn(n, m.shape[1], generator=gen).to(dev)
-                    ratio = _ratio_gemv(experts.gemv([(d, x)])[0], x, ref)
-                    rows_out.append(CheckRow("gemv", scheme, level, shape, n, ratio, ratio <= 1.0))
+                d, ref = check_alone(m, shape, scheme, level)
                 if (li + ci) % 2 == 0 or level == BITS[-1]:
                     n = (1, 5, 8, 11)[(li + ci) % 4]  # 11: two token chunks of one expert
                     grouped.append((d, torch.randn(n, m.shape[1], generator=gen).to(dev), ref, shape, level))
@@ -98,6 +108,11 @@ def run_selfcheck(experts: CudaExperts, seed: int = 0) -> list[CheckRow]:
         for y, (_, x, ref, shape, level) in zip(ys, grouped, strict=True):
             ratio = _ratio_gemv(y, x, ref)
             rows_out.append(CheckRow("gemv_grouped", scheme, level, shape, x.shape[0], ratio, ratio <= 1.0))
+    r, c, g, misalign = FAST_CASE
+    for scheme, bits in FAST_LAYOUTS:
+        m = relocate(random_matrix(r, c, g, scheme, gen, bits), dev, misalign)
+        for level in bits:
+            check_alone(m, f"{r}x{c}/g{g} bits {','.join(map(str, bits))}", scheme, level)
     return rows_out
 
 

@@ -7,7 +7,8 @@ Timing (CUDA events, median of 5 blocks after warm-up; the stream is held by a s
 block is queued, so host launch cost stays out): every matrix is read from HBM, not from the L2
 (50-60 MB on H100/H200, which holds a whole level-4 Mixtral matrix): `kernel_us` is one grouped
 d2_gemv launch over K distinct copies (K x bytes >= 256 MiB, as a layer step groups its experts)
-divided by K; the bf16 matmul rotates over copies likewise. `call_us` is one `CudaExperts.gemv`
+divided by K; `general_us` the same launch of the kernel built with D2_GENERIC_ONLY (the per-column
+path every layout took before the word-aligned fast path); the bf16 matmul rotates over copies likewise. `call_us` is one `CudaExperts.gemv`
 call on one matrix as the runtime makes it (records built and uploaded per call), host wall clock.
 The roofline is this card's measured device-to-device copy (bytes read + written), not a datasheet.
 """
@@ -84,7 +85,7 @@ def _level_bytes(o: int, i: int, n: int, level: int, scheme: str) -> int:
     return nbytes
 
 
-def gemv_table(experts, roofline_gbs: float, scheme: str = "sliced") -> list[dict]:
+def gemv_table(experts, general, roofline_gbs: float, scheme: str = "sliced") -> list[dict]:
     from d2moe.kernels import cuda_abi as abi
     from d2moe.kernels.cuda import relocate
     from d2moe.kernels.selfcheck import random_matrix
@@ -106,9 +107,15 @@ def gemv_table(experts, roofline_gbs: float, scheme: str = "sliced") -> list[dic
                 recs = launcher.upload(abi.problem_records([(d.record, ptr(x), ptr(y), n) for d, y in zip(descs, ys, strict=True)]))
                 grid, block = abi.gemv_geometry([o] * len(descs))
                 t_kernel = _time([lambda: launcher.launch("d2_gemv", grid, block, (ptr(recs),))]) / len(descs)  # noqa: B023
+                t_general = _time([lambda: general.launch("d2_gemv", grid, block, (ptr(recs),))]) / len(descs)  # noqa: B023
+                launcher.launch("d2_gemv", grid, block, (ptr(recs),))
+                ys_fast = ys.clone()
+                general.launch("d2_gemv", grid, block, (ptr(recs),))
+                agree = float((ys - ys_fast).abs().max() / ys_fast.abs().max().clamp_min(1e-30))
                 t_call = _wall(lambda: experts.gemv([(descs[0], x)]))  # noqa: B023
                 gbs = _level_bytes(o, i, n, level, scheme) / t_kernel / 1e9
                 rows.append({"shape": f"{o}x{i}", "batch": n, "level": level, "copies": len(descs), "kernel_us": t_kernel * 1e6,
+                             "general_us": t_general * 1e6, "fast_vs_general": t_general / t_kernel, "max_rel_diff": agree,
                              "call_us": t_call * 1e6, "GB_s": gbs, "roofline_pct": 100 * gbs / roofline_gbs,
                              "bf16_matmul_us": t_bf16 * 1e6, "bf16_GB_s": 2 * o * i / t_bf16 / 1e9,
                              "speedup_vs_bf16": t_bf16 / t_kernel})
@@ -132,13 +139,14 @@ def main() -> int:
     from d2moe.kernels.cuda import CudaExperts, CupyLauncher
 
     experts = CudaExperts(CupyLauncher())
+    general = CupyLauncher(defines=("D2_GENERIC_ONLY",))
     roofline = copy_bandwidth()
     card = {"device": torch.cuda.get_device_name(), "copy_GB_s": roofline}
     print(f"## card\n{card}")
     tables = {"card": [card], "kernel_tolerance": tolerance_table(experts)}
-    tables["gemv_sliced"] = gemv_table(experts, roofline, "sliced")
+    tables["gemv_sliced"] = gemv_table(experts, general, roofline, "sliced")
     if "--quick" not in sys.argv:
-        tables["gemv_residual"] = gemv_table(experts, roofline, "residual")
+        tables["gemv_residual"] = gemv_table(experts, general, roofline, "residual")
     for name, rows in tables.items():
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
         (out / f"{name}.md").write_text(markdown(rows))

@@ -43,6 +43,25 @@ print(f"| {sys.argv[2]} | {sys.argv[3]} | {s['decode_tokens_per_s']:.1f} | {s['p
 PYEOF
   done
 done
+# transformers alone on the same GPU and model (bf16, KV cache, greedy): how much of a GPU token is ours
+step "transformers on the GPU" $PY - >> "$OUT/e2e.md" <<'PYEOF'
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from d2moe.commands.demo import embedded_model_dir
+src = embedded_model_dir()
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to("cuda").eval()
+ids = AutoTokenizer.from_pretrained(src)("Tell me about mixtures of experts.", return_tensors="pt").input_ids.cuda()
+with torch.inference_mode():
+    for rep in range(2):  # the first pass warms up
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        out = model(ids, use_cache=True); past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize(); prefill = time.perf_counter() - t0; t0 = time.perf_counter()
+        for _ in range(95):
+            out = model(tok, past_key_values=past, use_cache=True); past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize(); decode = time.perf_counter() - t0
+print(f"| transformers bf16 (all on the GPU) | cuda | {95 / decode:.1f} | {ids.shape[1] / prefill:.1f} | | | | | | |")
+PYEOF
 cat "$OUT/e2e.md"
 echo "tables in $OUT (status $status)"
 exit $status

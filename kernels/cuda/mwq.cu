@@ -39,22 +39,43 @@ struct D2Problem {  // one GEMV of a grouped launch: y [ntok, rows] = x [ntok, c
     long long pad;
 };
 
+// The conversions are PTX on the GPU; compiled for the host (tests/cuda/simt_host.cpp) they are C.
 __device__ __forceinline__ float d2_h2f(unsigned short h) {
+#ifdef __CUDACC__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#else
+    _Float16 v;
+    __builtin_memcpy(&v, &h, 2);
+    return (float)v;
+#endif
 }
 
 __device__ __forceinline__ unsigned short d2_f2h(float f) {
+#ifdef __CUDACC__
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#else
+    _Float16 v = (_Float16)f;
+    unsigned short h;
+    __builtin_memcpy(&h, &v, 2);
+    return h;
+#endif
 }
 
 __device__ __forceinline__ unsigned short d2_f2bf(float f) {
+#ifdef __CUDACC__
     unsigned short h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#else
+    unsigned int u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+#endif
 }
 
 // Word k (columns [32 k, 32 k + 32)) of plane p, row r; bytes past the row's end read as 0.
@@ -111,18 +132,14 @@ __device__ __forceinline__ float d2_weight(const D2Mat& m, const unsigned int* w
     return w;
 }
 
-// (a) Level-b dequantization: one thread per (row, 32-column word); out_kind 0 f32, 1 f16, 2 bf16.
-// grid = (rows, ceil(words / D2_DEQUANT_THREADS)), block = D2_DEQUANT_THREADS.
-extern "C" __global__ void d2_dequant(const D2Mat* __restrict__ mp, void* __restrict__ out, int out_kind) {
-    const D2Mat& m = *mp;
-    const long long r = blockIdx.x;
-    const long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x;
-    const long long words = (m.cols + 31) >> 5;
-    if (r >= m.rows || k >= words) return;
+// The general path over one (row, 32-column word): fn(j, c, w) for every column c = 32 k + j < cols,
+// with w its weight; any group size (the group may change inside the word) and any terms.
+template <class Fn>
+__device__ __forceinline__ void d2_word_weights(const D2Mat& m, long long r, long long k, Fn fn) {
     unsigned int w[D2_MAX_PLANES];
     d2_load_words(m, r, k, w);
     float a[D2_MAX_TERMS];
-    long long c0 = 32 * k;
+    const long long c0 = 32 * k;
     long long g = c0 / m.group_size, g_end = (g + 1) * m.group_size;
     float base = d2_group(m, r, g, a);
 #pragma unroll 4
@@ -134,18 +151,162 @@ extern "C" __global__ void d2_dequant(const D2Mat* __restrict__ mp, void* __rest
             g_end += m.group_size;
             base = d2_group(m, r, g, a);
         }
-        const float v = d2_weight(m, w, j, base, a);
+        fn(j, c, d2_weight(m, w, j, base, a));
+    }
+}
+
+// (a) Level-b dequantization: one thread per (row, 32-column word); out_kind 0 f32, 1 f16, 2 bf16.
+// grid = (rows, ceil(words / D2_DEQUANT_THREADS)), block = D2_DEQUANT_THREADS.
+extern "C" __global__ void d2_dequant(const D2Mat* __restrict__ mp, void* __restrict__ out, int out_kind) {
+    const D2Mat& m = *mp;
+    const long long r = blockIdx.x;
+    const long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= m.rows || k >= ((m.cols + 31) >> 5)) return;
+    d2_word_weights(m, r, k, [&](int, long long c, float v) {
         const long long i = r * m.cols + c;
         if (out_kind == 0) ((float*)out)[i] = v;
         else if (out_kind == 1) ((unsigned short*)out)[i] = d2_f2h(v);
         else ((unsigned short*)out)[i] = d2_f2bf(v);
+    });
+}
+
+// x's chunk of D2_CHUNK_WORDS words (columns [32 w0, 32 (w0 + D2_CHUNK_WORDS))) of every token into
+// shared memory, padded to 33 floats per word so that lane l reading word l hits bank (l + j) % 32.
+__device__ __forceinline__ void d2_stage_x(float (*xs)[D2_CHUNK_WORDS][33], const float* x, int ntok,
+                                           long long cols, long long w0) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < ntok * D2_CHUNK_WORDS * 32; i += blockDim.x) {
+        const int n = i / (D2_CHUNK_WORDS * 32), c = i % (D2_CHUNK_WORDS * 32);
+        const long long col = 32 * w0 + c;
+        xs[n][c >> 5][c & 31] = col < cols ? x[n * cols + col] : 0.f;
+    }
+    __syncthreads();
+}
+
+// Each row's 32 lane partial sums -> y [ntok, rows] (warp-shuffle reduction).
+template <int NT>
+__device__ __forceinline__ void d2_store_rows(float (&acc)[D2_ROWS_PER_WARP][NT], float* y, long long rows,
+                                              long long row0, int ntok, int lane) {
+#pragma unroll
+    for (int rr = 0; rr < D2_ROWS_PER_WARP; ++rr) {
+        const long long r = row0 + rr;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            float v = acc[rr][n];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+            if (lane == 0 && r < rows && n < ntok) y[n * rows + r] = v;
+        }
+    }
+}
+
+// The fast path's layout: planes read as words, every word inside one group (group_size % 32 == 0),
+// and terms "F planes from plane 0, then one term per further plane": sliced (one term, F = level)
+// and residual (F = b1, then one single-plane term per extra level) are both of this form.
+__device__ __forceinline__ int d2_fast_first(const D2Mat& m) {
+#ifdef D2_GENERIC_ONLY  // the general path alone (scripts/gpu_bench.py times both; tests check both)
+    return 0;
+#endif
+    if (!m.words_aligned || (m.group_size & 31) || m.nterms < 1 || m.first[0] != 0) return 0;
+    const int F = m.nplanes[0];
+    for (int t = 1; t < m.nterms; ++t)
+        if (m.nplanes[t] != 1 || m.first[t] != F + t - 1) return 0;
+    return F;
+}
+
+// One warp's rows over every column chunk: x staged per chunk, `word(r, k, acc[r's row])` adds row r's
+// word k (32 columns) to its NT token sums, then the warp reduces and stores. Both paths are this loop.
+template <int NT, class Word>
+__device__ __forceinline__ void d2_gemv_rows(const D2Mat& m, const float* x, float* y, int ntok, long long row0,
+                                             int lane, float (*xs)[D2_CHUNK_WORDS][33], Word word) {
+    const long long words = (m.cols + 31) >> 5;
+    float acc[D2_ROWS_PER_WARP][NT];
+#pragma unroll
+    for (int rr = 0; rr < D2_ROWS_PER_WARP; ++rr)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) acc[rr][n] = 0.f;
+    for (long long w0 = 0; w0 < words; w0 += D2_CHUNK_WORDS) {
+        d2_stage_x(xs, x, ntok, m.cols, w0);
+        const long long k = w0 + lane;
+        if (k >= words) continue;
+#pragma unroll
+        for (int rr = 0; rr < D2_ROWS_PER_WARP; ++rr)
+            if (row0 + rr < m.rows) word(row0 + rr, k, acc[rr]);
+    }
+    d2_store_rows<NT>(acc, y, m.rows, row0, ntok, lane);
+}
+
+// Fast GEMV of one warp's rows, F, whether there are single-plane terms (residual) and the token
+// count NT (>= ntok) fixed at compile time: per column the code of term 0 is assembled from F plane
+// bits and turned into a float by the exponent trick (no int-to-float conversion), w = base + a0 code
+// (+ the single-plane terms' a_s whose bit is set), then NT FMAs.
+template <int F, bool SINGLES, int NT>
+__device__ void d2_gemv_fast(const D2Mat& m, const float* x, float* y, int ntok, long long row0, int lane,
+                             float (*xs)[D2_CHUNK_WORDS][33]) {
+    const long long row_bytes = m.cols >> 3, G = m.cols / m.group_size;
+    const int nsingle = (int)m.nterms - 1;
+    const int words_per_group = (int)(m.group_size >> 5);
+    d2_gemv_rows<NT>(m, x, y, ntok, row0, lane, xs, [&](long long r, long long k, float (&acc)[NT]) {
+        unsigned int w[D2_MAX_PLANES];
+#pragma unroll
+        for (int p = 0; p < D2_MAX_PLANES; ++p)
+            w[p] = p < F + nsingle ? __ldg((const unsigned int*)((const unsigned char*)m.planes[p] + r * row_bytes) + k) : 0u;
+        const long long rg = r * G + k / words_per_group;
+        const float a0 = m.mul[0] * d2_h2f(__ldg((const unsigned short*)m.coef[0] + rg));
+        float base = d2_h2f(__ldg((const unsigned short*)m.offset + rg)) + a0 * m.bias[0];
+        float as[D2_MAX_PLANES];
+#pragma unroll
+        for (int s = 0; s < D2_MAX_PLANES - F; ++s) {
+            as[s] = SINGLES && s < nsingle ? m.mul[s + 1] * d2_h2f(__ldg((const unsigned short*)m.coef[s + 1] + rg)) : 0.f;
+            base += as[s] * (SINGLES && s < nsingle ? m.bias[s + 1] : 0.f);
+        }
+#pragma unroll 8
+        for (int j = 0; j < 32; ++j) {
+            unsigned int code = 0x4B000000u;  // 2^23: the code lands in the mantissa's low bits
+#pragma unroll
+            for (int p = 0; p < F; ++p) code |= ((w[p] >> j) & 1u) << (F - 1 - p);
+            float v = fmaf(a0, __int_as_float(code) - 8388608.f, base);
+            if (SINGLES) {
+#pragma unroll
+                for (int s = 0; s < D2_MAX_PLANES - F; ++s)
+                    if (s < nsingle && ((w[F + s] >> j) & 1u)) v += as[s];
+            }
+#pragma unroll
+            for (int n = 0; n < NT; ++n) acc[n] = fmaf(v, xs[n][lane][j], acc[n]);
+        }
+    });
+}
+
+template <int NT>
+__device__ __forceinline__ bool d2_gemv_fast_nt(int F, bool singles, const D2Mat& m, const float* x, float* y,
+                                                int ntok, long long row0, int lane, float (*xs)[D2_CHUNK_WORDS][33]) {
+    if (singles) {  // residual: F = the first level's bits
+        switch (F) {
+            case 1: d2_gemv_fast<1, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
+            case 2: d2_gemv_fast<2, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
+            case 3: d2_gemv_fast<3, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
+            case 4: d2_gemv_fast<4, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
+            default: return false;
+        }
+    }
+    switch (F) {  // sliced: F = the level
+        case 1: d2_gemv_fast<1, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        case 2: d2_gemv_fast<2, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        case 3: d2_gemv_fast<3, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        case 4: d2_gemv_fast<4, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        case 5: d2_gemv_fast<5, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        case 6: d2_gemv_fast<6, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        case 8: d2_gemv_fast<8, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
+        default: return false;
     }
 }
 
 // (b)+(c) Fused dequant-GEMV, grouped: blockIdx.y picks the problem (one per active expert matrix,
 // each at its own level), blockIdx.x a tile of D2_GEMV_WARPS * D2_ROWS_PER_WARP rows. Lane l of a
-// warp takes word l of each D2_CHUNK_WORDS-word column chunk; x's chunk sits in shared memory padded
-// to 33 floats per word so the 32 lanes hit 32 banks. float32 accumulation, warp-shuffle reduction.
+// warp takes word l of each D2_CHUNK_WORDS-word column chunk; x's chunk sits in shared memory.
+// float32 accumulation, warp-shuffle reduction. The layout of d2_fast_first (every packed layout
+// d2moe writes when columns and groups are multiples of 32) takes d2_gemv_fast; anything else the
+// general per-column path below. Every branch between them is uniform over the block.
 // grid = (ceil(max rows / rows per block), problems), block = 32 * D2_GEMV_WARPS.
 extern "C" __global__ void d2_gemv(const D2Problem* __restrict__ problems) {
     __shared__ float xs[D2_MAX_TOKENS][D2_CHUNK_WORDS][33];
@@ -157,58 +318,23 @@ extern "C" __global__ void d2_gemv(const D2Problem* __restrict__ problems) {
     const long long row0 = (long long)blockIdx.x * rows_per_block + (long long)warp * D2_ROWS_PER_WARP;
     const int ntok = (int)pr.ntok;
     const float* x = (const float*)pr.x;
-    const long long words = (m.cols + 31) >> 5;
-    float acc[D2_ROWS_PER_WARP][D2_MAX_TOKENS];
-#pragma unroll
-    for (int rr = 0; rr < D2_ROWS_PER_WARP; ++rr)
-#pragma unroll
-        for (int n = 0; n < D2_MAX_TOKENS; ++n) acc[rr][n] = 0.f;
-
-    for (long long w0 = 0; w0 < words; w0 += D2_CHUNK_WORDS) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < ntok * D2_CHUNK_WORDS * 32; i += blockDim.x) {
-            const int n = i / (D2_CHUNK_WORDS * 32), c = i % (D2_CHUNK_WORDS * 32);
-            const long long col = 32 * w0 + c;
-            xs[n][c >> 5][c & 31] = col < m.cols ? x[n * m.cols + col] : 0.f;
-        }
-        __syncthreads();
-        const long long k = w0 + lane;
-        if (k >= words) continue;
-#pragma unroll
-        for (int rr = 0; rr < D2_ROWS_PER_WARP; ++rr) {
-            const long long r = row0 + rr;
-            if (r >= m.rows) continue;
-            unsigned int w[D2_MAX_PLANES];
-            d2_load_words(m, r, k, w);
-            float a[D2_MAX_TERMS];
-            const long long c0 = 32 * k;
-            long long g = c0 / m.group_size, g_end = (g + 1) * m.group_size;
-            float base = d2_group(m, r, g, a);
-            for (int j = 0; j < 32; ++j) {
-                const long long c = c0 + j;
-                if (c >= m.cols) break;
-                if (c == g_end) {
-                    ++g;
-                    g_end += m.group_size;
-                    base = d2_group(m, r, g, a);
-                }
-                const float v = d2_weight(m, w, j, base, a);
-#pragma unroll
-                for (int n = 0; n < D2_MAX_TOKENS; ++n)
-                    if (n < ntok) acc[rr][n] += v * xs[n][lane][j];
-            }
-        }
-    }
     float* y = (float*)pr.y;
-#pragma unroll
-    for (int rr = 0; rr < D2_ROWS_PER_WARP; ++rr) {
-        const long long r = row0 + rr;
-#pragma unroll
-        for (int n = 0; n < D2_MAX_TOKENS; ++n) {
-            float v = acc[rr][n];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-            if (lane == 0 && r < m.rows && n < ntok) y[n * m.rows + r] = v;
-        }
+
+    const int F = d2_fast_first(m);
+    if (F > 0) {
+        const bool singles = m.nterms > 1;
+        bool done;
+        if (ntok == 1) done = d2_gemv_fast_nt<1>(F, singles, m, x, y, ntok, row0, lane, xs);
+        else if (ntok <= 4) done = d2_gemv_fast_nt<4>(F, singles, m, x, y, ntok, row0, lane, xs);
+        else done = d2_gemv_fast_nt<8>(F, singles, m, x, y, ntok, row0, lane, xs);
+        if (done) return;
     }
+
+    d2_gemv_rows<D2_MAX_TOKENS>(m, x, y, ntok, row0, lane, xs, [&](long long r, long long k, float (&acc)[D2_MAX_TOKENS]) {
+        d2_word_weights(m, r, k, [&](int j, long long, float v) {
+#pragma unroll
+            for (int n = 0; n < D2_MAX_TOKENS; ++n)
+                if (n < ntok) acc[n] += v * xs[n][lane][j];
+        });
+    });
 }
