@@ -142,13 +142,16 @@ class GateLevels:
 
     def __init__(self, gate) -> None:
         self.gate = gate
-        # decode steps (a few pairs on the CPU) run the frozen numpy copy: the same levels for ~1/3 the time
-        float32 = all(p.dtype == torch.float32 and p.device.type == "cpu" for p in gate.parameters())
+        # decode steps (a few pairs) run the frozen numpy copy on the CPU: the same levels for ~1/3 the time.
+        # On a GPU too: the step copies the routing to the host anyway, and the torch gate there is ~30 tiny
+        # launches and a sync (~1.2 ms a layer step on an H100, BENCHMARKS.md §8) against ~40 µs of numpy.
+        float32 = all(p.dtype == torch.float32 for p in gate.parameters())
         self.frozen = FrozenGate(gate) if float32 else None
 
     def select(self, layer: int, hidden: torch.Tensor, top_k_index, top_k_weights) -> torch.Tensor:
-        if self.frozen is not None and top_k_index.numel() <= SMALL and hidden.device.type == "cpu":
-            return self.frozen.select_levels(layer, hidden.detach(), top_k_index, top_k_weights.detach())
+        if self.frozen is not None and top_k_index.numel() <= SMALL:
+            return self.frozen.select_levels(layer, hidden.detach().cpu(), top_k_index.cpu(),
+                                             top_k_weights.detach().cpu())
         return self.gate.select_levels(layer, hidden.float(), top_k_index, top_k_weights.float()).long().cpu()
 
     def describe(self) -> str:
