@@ -1,5 +1,6 @@
 """GPU tables for scripts/gpu_check.sh (needs a GPU): kernel tolerance per kernel x scheme x level x
-shape, and GEMV time / effective bandwidth per level at batch 1/4/8 beside torch's bf16 matmul.
+shape, GEMV time / effective bandwidth per level at batch 1/4/8 beside torch's bf16 matmul, and the
+dequantization to bf16 that prefill tiles use; the fast and the general kernel path side by side.
 
     python scripts/gpu_bench.py OUT_DIR [--quick]
 
@@ -124,6 +125,35 @@ def gemv_table(experts, general, roofline_gbs: float, scheme: str = "sliced") ->
     return rows
 
 
+def dequant_table(experts, general, roofline_gbs: float, scheme: str = "sliced") -> list[dict]:
+    """d2_dequant to bf16 (the prefill path's tiles) on the Mixtral shapes: fast vs general path, GB/s
+    of bytes read + written."""
+    from d2moe.kernels import cuda_abi as abi
+    from d2moe.kernels.cuda import relocate
+    from d2moe.kernels.selfcheck import random_matrix
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for o, i in SHAPES[:2]:
+        copies = [relocate(random_matrix(o, i, 64, scheme, gen), DEV) for _ in range(3)]
+        out = torch.empty(o, i, dtype=torch.bfloat16, device=DEV)
+        grid, block = abi.dequant_geometry(o, i)
+        for level in LEVELS:
+            descs = [experts.describe(m, level) for m in copies]
+            times = {}
+            for name, launcher in (("fast", experts.launcher), ("general", general)):
+                times[name] = _time([lambda d=d, la=launcher, g=grid, b=block, out=out: la.launch(
+                    "d2_dequant", g, b, (la.ptr(d.struct), la.ptr(out), abi.OUT_KINDS[torch.bfloat16]))
+                    for d in descs])
+            nbytes = _level_bytes(o, i, 0, level, scheme) + 2 * o * i
+            rows.append({"shape": f"{o}x{i}", "level": level, "fast_us": times["fast"] * 1e6,
+                         "general_us": times["general"] * 1e6, "fast_vs_general": times["general"] / times["fast"],
+                         "GB_s": nbytes / times["fast"] / 1e9, "roofline_pct": 100 * nbytes / times["fast"] / 1e9 / roofline_gbs})
+        del copies
+        torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return "(none)\n"
@@ -145,6 +175,7 @@ def main() -> int:
     print(f"## card\n{card}")
     tables = {"card": [card], "kernel_tolerance": tolerance_table(experts)}
     tables["gemv_sliced"] = gemv_table(experts, general, roofline, "sliced")
+    tables["dequant_sliced"] = dequant_table(experts, general, roofline, "sliced")
     if "--quick" not in sys.argv:
         tables["gemv_residual"] = gemv_table(experts, general, roofline, "residual")
     for name, rows in tables.items():

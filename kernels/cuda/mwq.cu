@@ -155,21 +155,6 @@ __device__ __forceinline__ void d2_word_weights(const D2Mat& m, long long r, lon
     }
 }
 
-// (a) Level-b dequantization: one thread per (row, 32-column word); out_kind 0 f32, 1 f16, 2 bf16.
-// grid = (rows, ceil(words / D2_DEQUANT_THREADS)), block = D2_DEQUANT_THREADS.
-extern "C" __global__ void d2_dequant(const D2Mat* __restrict__ mp, void* __restrict__ out, int out_kind) {
-    const D2Mat& m = *mp;
-    const long long r = blockIdx.x;
-    const long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x;
-    if (r >= m.rows || k >= ((m.cols + 31) >> 5)) return;
-    d2_word_weights(m, r, k, [&](int, long long c, float v) {
-        const long long i = r * m.cols + c;
-        if (out_kind == 0) ((float*)out)[i] = v;
-        else if (out_kind == 1) ((unsigned short*)out)[i] = d2_f2h(v);
-        else ((unsigned short*)out)[i] = d2_f2bf(v);
-    });
-}
-
 // x's chunk of D2_CHUNK_WORDS words (columns [32 w0, 32 (w0 + D2_CHUNK_WORDS))) of every token into
 // shared memory, padded to 33 floats per word so that lane l reading word l hits bank (l + j) % 32.
 __device__ __forceinline__ void d2_stage_x(float (*xs)[D2_CHUNK_WORDS][33], const float* x, int ntok,
@@ -236,45 +221,111 @@ __device__ __forceinline__ void d2_gemv_rows(const D2Mat& m, const float* x, flo
     d2_store_rows<NT>(acc, y, m.rows, row0, ntok, lane);
 }
 
-// Fast GEMV of one warp's rows, F, whether there are single-plane terms (residual) and the token
-// count NT (>= ntok) fixed at compile time: per column the code of term 0 is assembled from F plane
-// bits and turned into a float by the exponent trick (no int-to-float conversion), w = base + a0 code
-// (+ the single-plane terms' a_s whose bit is set), then NT FMAs.
-template <int F, bool SINGLES, int NT>
-__device__ void d2_gemv_fast(const D2Mat& m, const float* x, float* y, int ntok, long long row0, int lane,
-                             float (*xs)[D2_CHUNK_WORDS][33]) {
-    const long long row_bytes = m.cols >> 3, G = m.cols / m.group_size;
-    const int nsingle = (int)m.nterms - 1;
-    const int words_per_group = (int)(m.group_size >> 5);
-    d2_gemv_rows<NT>(m, x, y, ntok, row0, lane, xs, [&](long long r, long long k, float (&acc)[NT]) {
-        unsigned int w[D2_MAX_PLANES];
+// One (row, 32-column word) of a fast-path layout (d2_fast_first): the level's plane words and the
+// group's constants, F and whether there are single-plane terms fixed at compile time. weight(j): the
+// code of term 0 assembled from F plane bits, made a float by the exponent trick (no int-to-float
+// conversion), w = base + a0 code (+ the single-plane terms' a_s whose bit is set).
+template <int F, bool SINGLES>
+struct D2FastWord {
+    unsigned int w[D2_MAX_PLANES];
+    float a0, base, as[D2_MAX_PLANES];
+    int nsingle;
+
+    __device__ __forceinline__ D2FastWord(const D2Mat& m, long long r, long long k) {
+        const long long row_bytes = m.cols >> 3, rg = r * (m.cols / m.group_size) + k / (m.group_size >> 5);
+        nsingle = (int)m.nterms - 1;
 #pragma unroll
         for (int p = 0; p < D2_MAX_PLANES; ++p)
             w[p] = p < F + nsingle ? __ldg((const unsigned int*)((const unsigned char*)m.planes[p] + r * row_bytes) + k) : 0u;
-        const long long rg = r * G + k / words_per_group;
-        const float a0 = m.mul[0] * d2_h2f(__ldg((const unsigned short*)m.coef[0] + rg));
-        float base = d2_h2f(__ldg((const unsigned short*)m.offset + rg)) + a0 * m.bias[0];
-        float as[D2_MAX_PLANES];
+        a0 = m.mul[0] * d2_h2f(__ldg((const unsigned short*)m.coef[0] + rg));
+        base = d2_h2f(__ldg((const unsigned short*)m.offset + rg)) + a0 * m.bias[0];
 #pragma unroll
         for (int s = 0; s < D2_MAX_PLANES - F; ++s) {
             as[s] = SINGLES && s < nsingle ? m.mul[s + 1] * d2_h2f(__ldg((const unsigned short*)m.coef[s + 1] + rg)) : 0.f;
             base += as[s] * (SINGLES && s < nsingle ? m.bias[s + 1] : 0.f);
         }
+    }
+
+    __device__ __forceinline__ float weight(int j) const {
+        unsigned int code = 0x4B000000u;  // 2^23: the code lands in the mantissa's low bits
+#pragma unroll
+        for (int p = 0; p < F; ++p) code |= ((w[p] >> j) & 1u) << (F - 1 - p);
+        float v = fmaf(a0, __int_as_float(code) - 8388608.f, base);
+        if (SINGLES) {
+#pragma unroll
+            for (int s = 0; s < D2_MAX_PLANES - F; ++s)
+                if (s < nsingle && ((w[F + s] >> j) & 1u)) v += as[s];
+        }
+        return v;
+    }
+};
+
+// Fast GEMV of one warp's rows (D2FastWord per word), the token count NT (>= ntok) fixed at compile
+// time: per column one weight, then NT FMAs.
+template <int F, bool SINGLES, int NT>
+__device__ void d2_gemv_fast(const D2Mat& m, const float* x, float* y, int ntok, long long row0, int lane,
+                             float (*xs)[D2_CHUNK_WORDS][33]) {
+    d2_gemv_rows<NT>(m, x, y, ntok, row0, lane, xs, [&](long long r, long long k, float (&acc)[NT]) {
+        const D2FastWord<F, SINGLES> fw(m, r, k);
 #pragma unroll 8
         for (int j = 0; j < 32; ++j) {
-            unsigned int code = 0x4B000000u;  // 2^23: the code lands in the mantissa's low bits
-#pragma unroll
-            for (int p = 0; p < F; ++p) code |= ((w[p] >> j) & 1u) << (F - 1 - p);
-            float v = fmaf(a0, __int_as_float(code) - 8388608.f, base);
-            if (SINGLES) {
-#pragma unroll
-                for (int s = 0; s < D2_MAX_PLANES - F; ++s)
-                    if (s < nsingle && ((w[F + s] >> j) & 1u)) v += as[s];
-            }
+            const float v = fw.weight(j);
 #pragma unroll
             for (int n = 0; n < NT; ++n) acc[n] = fmaf(v, xs[n][lane][j], acc[n]);
         }
     });
+}
+
+// Fast dequantization of one (row, word): 32 weights written 8 at a time as 16-byte stores (fp16/bf16
+// pairs packed in 32-bit words) or 2 x 16 bytes (fp32). The row's output is 16-byte aligned (checked).
+template <int F, bool SINGLES>
+__device__ void d2_dequant_fast(const D2Mat& m, long long r, long long k, void* out, int out_kind) {
+    const D2FastWord<F, SINGLES> fw(m, r, k);
+    const long long first = r * m.cols + 32 * k;  // element index of column 32 k
+#pragma unroll 1
+    for (int j0 = 0; j0 < 32; j0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) v[jj] = fw.weight(j0 + jj);
+        if (out_kind == 0) {
+            float4* o = (float4*)((float*)out + first + j0);
+            o[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            unsigned int h[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const unsigned int lo = out_kind == 1 ? d2_f2h(v[2 * i]) : d2_f2bf(v[2 * i]);
+                const unsigned int hi = out_kind == 1 ? d2_f2h(v[2 * i + 1]) : d2_f2bf(v[2 * i + 1]);
+                h[i] = lo | (hi << 16);
+            }
+            *(uint4*)((unsigned short*)out + first + j0) = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+    }
+}
+
+// The fast dequantization for the layout's F (false: a count not compiled, the general path runs).
+__device__ __forceinline__ bool d2_dequant_fast_any(int F, bool singles, const D2Mat& m, long long r, long long k,
+                                                    void* out, int out_kind) {
+    if (singles) {
+        switch (F) {
+            case 1: d2_dequant_fast<1, true>(m, r, k, out, out_kind); return true;
+            case 2: d2_dequant_fast<2, true>(m, r, k, out, out_kind); return true;
+            case 3: d2_dequant_fast<3, true>(m, r, k, out, out_kind); return true;
+            case 4: d2_dequant_fast<4, true>(m, r, k, out, out_kind); return true;
+            default: return false;
+        }
+    }
+    switch (F) {
+        case 1: d2_dequant_fast<1, false>(m, r, k, out, out_kind); return true;
+        case 2: d2_dequant_fast<2, false>(m, r, k, out, out_kind); return true;
+        case 3: d2_dequant_fast<3, false>(m, r, k, out, out_kind); return true;
+        case 4: d2_dequant_fast<4, false>(m, r, k, out, out_kind); return true;
+        case 5: d2_dequant_fast<5, false>(m, r, k, out, out_kind); return true;
+        case 6: d2_dequant_fast<6, false>(m, r, k, out, out_kind); return true;
+        case 8: d2_dequant_fast<8, false>(m, r, k, out, out_kind); return true;
+        default: return false;
+    }
 }
 
 template <int NT>
@@ -299,6 +350,24 @@ __device__ __forceinline__ bool d2_gemv_fast_nt(int F, bool singles, const D2Mat
         case 8: d2_gemv_fast<8, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
         default: return false;
     }
+}
+
+// (a) Level-b dequantization: one thread per (row, 32-column word); out_kind 0 f32, 1 f16, 2 bf16. A
+// fast-path layout into a 16-byte aligned output takes d2_dequant_fast, anything else the general path.
+// grid = (rows, ceil(words / D2_DEQUANT_THREADS)), block = D2_DEQUANT_THREADS.
+extern "C" __global__ void d2_dequant(const D2Mat* __restrict__ mp, void* __restrict__ out, int out_kind) {
+    const D2Mat& m = *mp;
+    const long long r = blockIdx.x;
+    const long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= m.rows || k >= ((m.cols + 31) >> 5)) return;
+    const int F = ((unsigned long long)out & 15) ? 0 : d2_fast_first(m);
+    if (F > 0 && d2_dequant_fast_any(F, m.nterms > 1, m, r, k, out, out_kind)) return;
+    d2_word_weights(m, r, k, [&](int, long long c, float v) {
+        const long long i = r * m.cols + c;
+        if (out_kind == 0) ((float*)out)[i] = v;
+        else if (out_kind == 1) ((unsigned short*)out)[i] = d2_f2h(v);
+        else ((unsigned short*)out)[i] = d2_f2bf(v);
+    });
 }
 
 // (b)+(c) Fused dequant-GEMV, grouped: blockIdx.y picks the problem (one per active expert matrix,

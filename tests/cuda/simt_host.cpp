@@ -127,6 +127,15 @@ static inline float __shfl_down_sync(unsigned, float v, int off) {
 template <class T>
 static inline T __ldg(const T* p) { return *p; }
 
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 static inline float __int_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);

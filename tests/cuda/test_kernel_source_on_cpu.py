@@ -39,9 +39,30 @@ def test_word_aligned_layouts_take_the_fast_path_and_others_the_general_one(tmp_
     broken = tmp_path / "mwq_fast_fault.cu"
     broken.write_text(src.replace("- 8388608.f", "- 8388607.f"))
     rows = selfcheck.run_selfcheck(CudaExperts(simt.SimtLauncher(simt.build(tmp_path, broken))))
-    gemv = [r for r in rows if r.kernel in ("gemv", "gemv_grouped")]
-    assert all(not r.ok for r in gemv if "/g32" in r.shape or "/g64" in r.shape)
-    assert all(r.ok for r in gemv if "/g8" in r.shape or "/g24" in r.shape)
+    for kernel in ("gemv", "gemv_grouped", "dequant_f16", "dequant_bf16"):
+        mine = [r for r in rows if r.kernel == kernel]
+        assert all(not r.ok for r in mine if "/g32" in r.shape or "/g64" in r.shape), kernel
+        assert all(r.ok for r in mine if "/g8" in r.shape or "/g24" in r.shape), kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequant_into_an_unaligned_output_takes_the_general_path(simt_so, dtype):
+    """The fast dequantization stores 16 bytes at a time: an output not 16-byte aligned must not take it."""
+    gen = torch.Generator().manual_seed(5)
+    m = relocate(selfcheck.random_matrix(9, 128, 32, "sliced", gen), "cpu")
+    launcher = simt.SimtLauncher(simt_so)
+    d = CudaExperts(launcher).describe(m, 3)
+    for shift in (0, 1):  # elements past a 64-byte aligned start
+        buf = torch.full((9 * 128 + 8,), float("nan"), dtype=dtype)
+        out = buf[shift:shift + 9 * 128]
+        grid, block = abi.dequant_geometry(9, 128)
+        launcher.launch("d2_dequant", grid, block, (launcher.ptr(d.struct), launcher.ptr(out), abi.OUT_KINDS[dtype]))
+        ref = selfcheck._reference(m, 3)
+        got = out.reshape(9, 128)
+        if dtype == torch.float32:
+            assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), shift
+        else:
+            assert selfcheck._ratio_dequant(got, ref, dtype) <= 1.0, shift
 
 
 @pytest.mark.parametrize("scheme", ["sliced", "residual"])
