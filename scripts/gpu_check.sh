@@ -63,5 +63,7 @@ with torch.inference_mode():
 print(f"| transformers bf16 (all on the GPU) | cuda | {95 / decode:.1f} | {ids.shape[1] / prefill:.1f} | | | | | | |")
 PYEOF
 cat "$OUT/e2e.md"
-echo "tables in $OUT (status $status)"
+# one archive of every table and run (a lent machine may return only a few files)
+tar czf "$OUT.tgz" --exclude=tiny-mixtral-packed -C "$(dirname "$OUT")" "$(basename "$OUT")" || true
+echo "tables in $OUT and $OUT.tgz (status $status)"
 exit $status
