@@ -30,9 +30,10 @@ from d2moe.kernels.packed import PackedMatrix
 
 SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"  # the expert kernels; built with DENSE_SOURCE into one library
 DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"
+POOL_SOURCE = Path(__file__).parent / "cpu" / "pool.c"  # row splitting inside the library (RowSplitter)
 MAX_TERMS = 8
 MAX_PLANES = 8
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
@@ -121,7 +122,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE])))
+        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE])))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
         return None
@@ -142,6 +143,12 @@ def load() -> ctypes.CDLL | None:
     lib.d2_dense_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32]
+    lib.d2_pool_gemv.argtypes = [mp, qp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32,
+                                 ctypes.c_int32, ctypes.c_int32]
+    lib.d2_pool_workers.restype = ctypes.c_int32
+    lib.d2_pool_dense.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                  ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.c_int32, ctypes.c_int32]
     return lib
 
 
@@ -295,14 +302,26 @@ class RowSplitter:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="d2moe-kernel")
         return self._pool
 
+    def chunks(self, rows: int, work: int, min_rows: int | None = None) -> int:
+        """How many row chunks a call of `work` (weights x tokens) over `rows` is split into; 1: the caller
+        runs it alone (below ~8M weight-tokens a handoff costs more than it saves)."""
+        min_rows = min_rows or self.min_rows
+        if self.threads == 1 or work < (1 << 23) or rows < 2 * min_rows:
+            return 1
+        return min(rows // min_rows, self.threads * 8)
+
+    def native(self, lib) -> bool:
+        """Whether the kernels' own pool splits the call (kernels/cpu/pool.c: no Python handoff per call);
+        D2MOE_SPLIT=python keeps the Python threads (A/B)."""
+        return lib is not None and hasattr(lib, "d2_pool_gemv") and os.environ.get("D2MOE_SPLIT") != "python"
+
     def run(self, fn, rows: int, work: int, min_rows: int | None = None) -> None:
         """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay."""
-        min_rows = min_rows or self.min_rows
-        threads = self.threads if work >= (1 << 23) else 1  # below ~8M weight-tokens a handoff costs more
-        if threads == 1 or rows < 2 * min_rows:
+        nchunks = self.chunks(rows, work, min_rows)
+        if nchunks == 1:
             fn(0, rows)
             return
-        nchunks = min(rows // min_rows, threads * 8)
+        threads = self.threads
         # chunk edges on multiples of 16 rows: the ROWS16 layout computes whole 16-row blocks
         edges = [0, *((rows * i // nchunks) & ~15 for i in range(1, nchunks)), rows]
         bounds = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
@@ -336,11 +355,18 @@ def gemv(lib, desc: MatrixDesc, qx: QuantizedX, splitter: RowSplitter = _SERIAL,
     yp = y.data_ptr()
     scratch_n = desc.scratch_floats
 
+    work = desc.rows * desc.cols * qx.ntok
+    nchunks = splitter.chunks(desc.rows, work)
+    if nchunks > 1 and splitter.native(lib):
+        lib.d2_pool_gemv(desc.ref, qx.ref, yp, desc.rows, desc.rows, scratch_n, int(force_portable), splitter.threads,
+                         nchunks)
+        return y
+
     def rows(r0: int, r1: int) -> None:
         scratch = (ctypes.c_float * scratch_n)()
         lib.d2_gemv_rows(desc.ref, qx.ref, yp, desc.rows, r0, r1, scratch, int(force_portable))
 
-    splitter.run(rows, desc.rows, desc.rows * desc.cols * qx.ntok)
+    splitter.run(rows, desc.rows, work)
     return y
 
 
@@ -370,6 +396,11 @@ def dense_gemv(lib, weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor |
     wp, xp, yp = weight.data_ptr(), x.data_ptr(), y.data_ptr()
     sp = scale.data_ptr() if scale is not None else None
     dtype, ntok = DENSE_DTYPES[weight.dtype], x.shape[0]
+
+    nchunks = splitter.chunks(rows, rows * cols * ntok)
+    if nchunks > 1 and splitter.native(lib):
+        lib.d2_pool_dense(wp, dtype, sp, cols, xp, ntok, yp, rows, rows, int(force_portable), splitter.threads, nchunks)
+        return y
 
     def run(r0: int, r1: int) -> None:
         lib.d2_dense_rows(wp, dtype, sp, cols, xp, ntok, yp, rows, r0, r1, int(force_portable))

@@ -149,7 +149,9 @@ def test_zero_and_constant_inputs():
 
 
 @pytest.mark.parametrize("layout", ["rows", "blocked"])
-def test_threads_split_rows_without_changing_a_bit(layout):
+@pytest.mark.parametrize("split", ["native", "python"])
+def test_threads_split_rows_without_changing_a_bit(layout, split, monkeypatch):
+    monkeypatch.setenv("D2MOE_SPLIT", split)
     cfg = MWQConfig(bits=(2, 4), group_size=64)
     m = _matrix(2100, 1024, cfg)  # 2100 x 1024 x 4 tokens: above the threshold where threads pay
     desc = cpu.MatrixDesc(cpu.blocked(m) if layout == "blocked" else m, 4)  # ROWS16: 131 blocks + 4 rows
@@ -158,10 +160,45 @@ def test_threads_split_rows_without_changing_a_bit(layout):
     try:
         one = cpu.gemv(lib, desc, qx)
         two = cpu.gemv(lib, desc, qx, splitter)
-        assert splitter._pool is not None  # the second thread really ran
+        if split == "native":  # the library's pool ran it
+            assert lib.d2_pool_workers() >= 1 and splitter._pool is None
+        else:  # the second Python thread really ran
+            assert splitter._pool is not None
     finally:
         splitter.close()
     assert torch.equal(one, two)
+
+
+def test_the_native_pool_survives_many_calls_thread_counts_and_a_fork(monkeypatch):
+    """Back-to-back calls (workers spinning), calls after a pause (workers asleep), 2 and 3 threads, the
+    dense kernel, and a forked child (the parent's workers are not there: the child starts its own)."""
+    import multiprocessing
+    import time
+
+    monkeypatch.setenv("D2MOE_SPLIT", "native")
+    cfg = MWQConfig(bits=(2, 4), group_size=64)
+    desc = cpu.MatrixDesc(_matrix(1024, 2048, cfg), 2)
+    qx = cpu.QuantizedX(lib, torch.randn(8, 2048), 64)
+    w = torch.randn(1536, 2048)
+    x = torch.randn(4, 2048)
+    one, dense_one = cpu.gemv(lib, desc, qx), cpu.dense_gemv(lib, w, x)
+    for threads in (2, 3):
+        splitter = cpu.RowSplitter(threads)
+        for i in range(60):
+            if i % 20 == 19:
+                time.sleep(0.05)  # past the spin window: the workers sleep and are woken
+            assert torch.equal(cpu.gemv(lib, desc, qx, splitter), one)
+            assert torch.equal(cpu.dense_gemv(lib, w, x, splitter=splitter), dense_one)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply(_gemv_in_child, (desc.matrix,)) is True
+
+
+def _gemv_in_child(m) -> bool:
+    desc = cpu.MatrixDesc(m, 2)
+    torch.manual_seed(0)
+    qx = cpu.QuantizedX(lib, torch.randn(8, 2048), 64)
+    return bool(torch.equal(cpu.gemv(lib, desc, qx, cpu.RowSplitter(2)), cpu.gemv(lib, desc, qx)))
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 40])
