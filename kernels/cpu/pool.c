@@ -120,6 +120,10 @@ static void *worker_main(void *arg) {
 static void ensure_workers(int threads) {
     const pid_t me = getpid();
     if (owner != me) { /* first use, or a forked child: the parent's workers are not here */
+        if (owner != 0) { /* a parent's worker may have held these at the fork */
+            pthread_mutex_init(&sleep_lock, NULL);
+            pthread_cond_init(&wake, NULL);
+        }
         workers = 0;
         sleepers = 0;
         owner = me;
