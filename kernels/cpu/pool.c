@@ -2,8 +2,9 @@
 
    Splitting from Python (kernels/cpu.py RowSplitter) costs ~70 us per call on a 2-core VM (a thread pool's
    submit, wake-up and join; BENCHMARKS.md section 0.9), and a decode token makes ~21 such calls. Here the
-   caller publishes the call (a generation counter), the workers take chunks of rows with an atomic counter
-   as the caller does, and the caller waits until every chunk is done. Workers spin briefly for the next call
+   caller publishes the call (a generation counter), the workers take chunks of rows as the caller does (a
+   compare-and-swap on a ticket that carries the call's generation), and the caller waits until every chunk
+   is done. Workers spin briefly for the next call
    (a token's calls come back to back), then sleep on a condition variable, so an idle process or a core
    taken by another program costs nothing for long. Chunks are taken dynamically: a thread slowed by
    another process takes fewer. One call at a time (a mutex); a forked child starts its own workers. */
@@ -154,6 +155,9 @@ static void run_job(int threads) {
     }
     run_chunks(g);
     while (__atomic_load_n(&done_chunks, __ATOMIC_ACQUIRE) < job.nchunks) sched_yield();
+    /* closed before the next call rewrites the job: a thread that read this call's ticket and then the
+       next call's chunk count fails its compare-and-swap instead of taking a chunk with the wrong edges */
+    __atomic_store_n(&ticket, ((g & 0xffffffffu) << 32) | 0x7fffffffu, __ATOMIC_RELEASE);
 }
 
 /* Chunk edges over [0, rows): `nchunks` pieces on multiples of 16 rows (ROWS16 computes whole blocks). */

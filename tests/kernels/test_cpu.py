@@ -194,6 +194,20 @@ def test_the_native_pool_survives_many_calls_thread_counts_and_a_fork(monkeypatc
         assert pool.apply(_gemv_in_child, (desc.matrix,)) is True
 
 
+def test_the_native_pool_under_preemption_keeps_every_result(monkeypatch):
+    """More threads than cores and many short calls back to back: threads are preempted mid-call, late
+    ones meet the next call; every result must still equal the single-thread one."""
+    monkeypatch.setenv("D2MOE_SPLIT", "native")
+    cfg = MWQConfig(bits=(2, 4), group_size=64)
+    desc = cpu.MatrixDesc(_matrix(512, 2048, cfg, 3), 2)
+    qx = cpu.QuantizedX(lib, torch.randn(8, 2048), 64)  # 512 x 2048 x 8: just at the threshold where threads split
+    one = cpu.gemv(lib, desc, qx)
+    splitter = cpu.RowSplitter(4, min_rows_per_chunk=16)
+    assert splitter.chunks(512, 512 * 2048 * 8) > 1
+    for _ in range(300):
+        assert torch.equal(cpu.gemv(lib, desc, qx, splitter), one)
+
+
 def _gemv_in_child(m) -> bool:
     desc = cpu.MatrixDesc(m, 2)
     torch.manual_seed(0)
