@@ -3,8 +3,9 @@
 The C source is compiled once per machine with the system compiler (`cc -O3 -march=native`: the
 kernels use AVX-512 VNNI or AVX2 where the CPU has them, portable C elsewhere) into a cache folder
 (`$D2MOE_CACHE` or `~/.cache/d2moe`), keyed by the source, the compiler and the CPU's flags, and
-written atomically so concurrent first uses are safe. ctypes releases the GIL during a call, so
-row ranges of one matrix run on Python threads in parallel.
+written atomically so concurrent first uses are safe. A matrix's rows are split over threads inside the
+library (kernels/cpu/pool.c: one call per matrix); callers that split from Python (prefill tiles) rely on
+ctypes releasing the GIL during a call.
 
 `load()` returns None (after one warning) when no compiler is found or the build fails; the
 dispatcher (kernels/dispatch.py) then uses the torch reference.
