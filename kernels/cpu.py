@@ -311,18 +311,18 @@ class RowSplitter:
             return 1
         return min(rows // min_rows, self.threads * 8)
 
-    def native(self, lib) -> bool:
-        """Whether the kernels' own pool splits the call (kernels/cpu/pool.c: no Python handoff per call);
-        D2MOE_SPLIT=python keeps the Python threads (A/B)."""
-        return lib is not None and hasattr(lib, "d2_pool_gemv") and os.environ.get("D2MOE_SPLIT") != "python"
-
-    def run(self, fn, rows: int, work: int, min_rows: int | None = None) -> None:
-        """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay."""
+    def run(self, fn, rows: int, work: int, min_rows: int | None = None, native=None) -> None:
+        """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay. `native(threads,
+        nchunks)`, where given, splits the call inside the library instead (kernels/cpu/pool.c: no Python
+        handoff per call); D2MOE_SPLIT=python keeps the Python threads (A/B)."""
         nchunks = self.chunks(rows, work, min_rows)
         if nchunks == 1:
             fn(0, rows)
             return
         threads = self.threads
+        if native is not None and os.environ.get("D2MOE_SPLIT") != "python":
+            native(threads, nchunks)
+            return
         # chunk edges on multiples of 16 rows: the ROWS16 layout computes whole 16-row blocks
         edges = [0, *((rows * i // nchunks) & ~15 for i in range(1, nchunks)), rows]
         bounds = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
@@ -356,18 +356,14 @@ def gemv(lib, desc: MatrixDesc, qx: QuantizedX, splitter: RowSplitter = _SERIAL,
     yp = y.data_ptr()
     scratch_n = desc.scratch_floats
 
-    work = desc.rows * desc.cols * qx.ntok
-    nchunks = splitter.chunks(desc.rows, work)
-    if nchunks > 1 and splitter.native(lib):
-        lib.d2_pool_gemv(desc.ref, qx.ref, yp, desc.rows, desc.rows, scratch_n, int(force_portable), splitter.threads,
-                         nchunks)
-        return y
-
     def rows(r0: int, r1: int) -> None:
         scratch = (ctypes.c_float * scratch_n)()
         lib.d2_gemv_rows(desc.ref, qx.ref, yp, desc.rows, r0, r1, scratch, int(force_portable))
 
-    splitter.run(rows, desc.rows, work)
+    def native(threads: int, nchunks: int) -> None:
+        lib.d2_pool_gemv(desc.ref, qx.ref, yp, desc.rows, desc.rows, scratch_n, int(force_portable), threads, nchunks)
+
+    splitter.run(rows, desc.rows, desc.rows * desc.cols * qx.ntok, native=native)
     return y
 
 
@@ -398,13 +394,11 @@ def dense_gemv(lib, weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor |
     sp = scale.data_ptr() if scale is not None else None
     dtype, ntok = DENSE_DTYPES[weight.dtype], x.shape[0]
 
-    nchunks = splitter.chunks(rows, rows * cols * ntok)
-    if nchunks > 1 and splitter.native(lib):
-        lib.d2_pool_dense(wp, dtype, sp, cols, xp, ntok, yp, rows, rows, int(force_portable), splitter.threads, nchunks)
-        return y
-
     def run(r0: int, r1: int) -> None:
         lib.d2_dense_rows(wp, dtype, sp, cols, xp, ntok, yp, rows, r0, r1, int(force_portable))
 
-    splitter.run(run, rows, rows * cols * ntok)
+    def native(threads: int, nchunks: int) -> None:
+        lib.d2_pool_dense(wp, dtype, sp, cols, xp, ntok, yp, rows, rows, int(force_portable), threads, nchunks)
+
+    splitter.run(run, rows, rows * cols * ntok, native=native)
     return y

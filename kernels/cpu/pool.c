@@ -4,9 +4,8 @@
    submit, wake-up and join; BENCHMARKS.md section 0.9), and a decode token makes ~21 such calls. Here the
    caller publishes the call (a generation counter), the workers take chunks of rows as the caller does (a
    compare-and-swap on a ticket that carries the call's generation), and the caller waits until every chunk
-   is done. Workers spin briefly for the next call
-   (a token's calls come back to back), then sleep on a condition variable, so an idle process or a core
-   taken by another program costs nothing for long. Chunks are taken dynamically: a thread slowed by
+   is done. Workers spin briefly for the next call (a token's calls come back to back), then sleep on a
+   condition variable, so an idle process or a core taken by another program costs nothing for long. Chunks are taken dynamically: a thread slowed by
    another process takes fewer. One call at a time (a mutex); a forked child starts its own workers. */
 #define _GNU_SOURCE
 #include <pthread.h>
