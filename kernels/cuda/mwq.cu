@@ -304,53 +304,56 @@ __device__ void d2_dequant_fast(const D2Mat& m, long long r, long long k, void* 
     }
 }
 
-// The fast dequantization for the layout's F (false: a count not compiled, the general path runs).
-__device__ __forceinline__ bool d2_dequant_fast_any(int F, bool singles, const D2Mat& m, long long r, long long k,
-                                                    void* out, int out_kind) {
+// Runs body.run<F, SINGLES>() for the compiled fast-path variant of (F, singles) and returns true, or
+// returns false when none is compiled (the general path runs). Sliced layouts: F = the level; residual:
+// F = the first level's bits, with single-plane terms above it.
+template <class Body>
+__device__ __forceinline__ bool d2_fast_variant(int F, bool singles, const Body& body) {
     if (singles) {
         switch (F) {
-            case 1: d2_dequant_fast<1, true>(m, r, k, out, out_kind); return true;
-            case 2: d2_dequant_fast<2, true>(m, r, k, out, out_kind); return true;
-            case 3: d2_dequant_fast<3, true>(m, r, k, out, out_kind); return true;
-            case 4: d2_dequant_fast<4, true>(m, r, k, out, out_kind); return true;
+            case 1: body.template run<1, true>(); return true;
+            case 2: body.template run<2, true>(); return true;
+            case 3: body.template run<3, true>(); return true;
+            case 4: body.template run<4, true>(); return true;
             default: return false;
         }
     }
     switch (F) {
-        case 1: d2_dequant_fast<1, false>(m, r, k, out, out_kind); return true;
-        case 2: d2_dequant_fast<2, false>(m, r, k, out, out_kind); return true;
-        case 3: d2_dequant_fast<3, false>(m, r, k, out, out_kind); return true;
-        case 4: d2_dequant_fast<4, false>(m, r, k, out, out_kind); return true;
-        case 5: d2_dequant_fast<5, false>(m, r, k, out, out_kind); return true;
-        case 6: d2_dequant_fast<6, false>(m, r, k, out, out_kind); return true;
-        case 8: d2_dequant_fast<8, false>(m, r, k, out, out_kind); return true;
+        case 1: body.template run<1, false>(); return true;
+        case 2: body.template run<2, false>(); return true;
+        case 3: body.template run<3, false>(); return true;
+        case 4: body.template run<4, false>(); return true;
+        case 5: body.template run<5, false>(); return true;
+        case 6: body.template run<6, false>(); return true;
+        case 8: body.template run<8, false>(); return true;
         default: return false;
     }
 }
 
+// d2_fast_variant's bodies: one warp's rows of a GEMV with NT token slots, and one (row, word) dequantized.
 template <int NT>
-__device__ __forceinline__ bool d2_gemv_fast_nt(int F, bool singles, const D2Mat& m, const float* x, float* y,
-                                                int ntok, long long row0, int lane, float (*xs)[D2_CHUNK_WORDS][33]) {
-    if (singles) {  // residual: F = the first level's bits
-        switch (F) {
-            case 1: d2_gemv_fast<1, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
-            case 2: d2_gemv_fast<2, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
-            case 3: d2_gemv_fast<3, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
-            case 4: d2_gemv_fast<4, true, NT>(m, x, y, ntok, row0, lane, xs); return true;
-            default: return false;
-        }
-    }
-    switch (F) {  // sliced: F = the level
-        case 1: d2_gemv_fast<1, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        case 2: d2_gemv_fast<2, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        case 3: d2_gemv_fast<3, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        case 4: d2_gemv_fast<4, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        case 5: d2_gemv_fast<5, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        case 6: d2_gemv_fast<6, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        case 8: d2_gemv_fast<8, false, NT>(m, x, y, ntok, row0, lane, xs); return true;
-        default: return false;
-    }
-}
+struct D2GemvFast {
+    const D2Mat& m;
+    const float* x;
+    float* y;
+    int ntok;
+    long long row0;
+    int lane;
+    float (*xs)[D2_CHUNK_WORDS][33];
+
+    template <int F, bool SINGLES>
+    __device__ __forceinline__ void run() const { d2_gemv_fast<F, SINGLES, NT>(m, x, y, ntok, row0, lane, xs); }
+};
+
+struct D2DequantFast {
+    const D2Mat& m;
+    long long r, k;
+    void* out;
+    int out_kind;
+
+    template <int F, bool SINGLES>
+    __device__ __forceinline__ void run() const { d2_dequant_fast<F, SINGLES>(m, r, k, out, out_kind); }
+};
 
 // (a) Level-b dequantization: one thread per (row, 32-column word); out_kind 0 f32, 1 f16, 2 bf16. A
 // fast-path layout into a 16-byte aligned output takes d2_dequant_fast, anything else the general path.
@@ -361,7 +364,7 @@ extern "C" __global__ void d2_dequant(const D2Mat* __restrict__ mp, void* __rest
     const long long k = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (r >= m.rows || k >= ((m.cols + 31) >> 5)) return;
     const int F = ((unsigned long long)out & 15) ? 0 : d2_fast_first(m);
-    if (F > 0 && d2_dequant_fast_any(F, m.nterms > 1, m, r, k, out, out_kind)) return;
+    if (F > 0 && d2_fast_variant(F, m.nterms > 1, D2DequantFast{m, r, k, out, out_kind})) return;
     d2_word_weights(m, r, k, [&](int, long long c, float v) {
         const long long i = r * m.cols + c;
         if (out_kind == 0) ((float*)out)[i] = v;
@@ -393,9 +396,9 @@ extern "C" __global__ void d2_gemv(const D2Problem* __restrict__ problems) {
     if (F > 0) {
         const bool singles = m.nterms > 1;
         bool done;
-        if (ntok == 1) done = d2_gemv_fast_nt<1>(F, singles, m, x, y, ntok, row0, lane, xs);
-        else if (ntok <= 4) done = d2_gemv_fast_nt<4>(F, singles, m, x, y, ntok, row0, lane, xs);
-        else done = d2_gemv_fast_nt<8>(F, singles, m, x, y, ntok, row0, lane, xs);
+        if (ntok == 1) done = d2_fast_variant(F, singles, D2GemvFast<1>{m, x, y, ntok, row0, lane, xs});
+        else if (ntok <= 4) done = d2_fast_variant(F, singles, D2GemvFast<4>{m, x, y, ntok, row0, lane, xs});
+        else done = d2_fast_variant(F, singles, D2GemvFast<8>{m, x, y, ntok, row0, lane, xs});
         if (done) return;
     }
 
