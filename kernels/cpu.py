@@ -32,6 +32,7 @@ from d2moe.kernels.packed import PackedMatrix
 SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"  # the expert kernels; built with DENSE_SOURCE into one library
 DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"
 POOL_SOURCE = Path(__file__).parent / "cpu" / "pool.c"  # row splitting inside the library (RowSplitter)
+GATE_SOURCE = Path(__file__).parent / "cpu" / "gate_cpu.c"  # the served bit-width gate's decode steps
 MAX_TERMS = 8
 MAX_PLANES = 8
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
@@ -55,6 +56,14 @@ class _QX(ctypes.Structure):
         ("ntok", ctypes.c_int32), ("cols", ctypes.c_int32), ("group_size", ctypes.c_int32),
         ("hi", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("dx", ctypes.c_void_p), ("sx", ctypes.c_void_p),
     ]
+
+
+class GateHead(ctypes.Structure):
+    """kernels/cpu/gate_cpu.c's D2GateHead: one layer's bit-width gate head (addresses of float32 arrays)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("proj_w", "proj_b", "router_dir", "expert_emb", "out_w", "out_b", "router_out")] + \
+               [(name, ctypes.c_int32) for name in ("E", "D", "L", "H")]
 
 
 def cache_dir() -> Path:
@@ -123,7 +132,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE])))
+        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE, GATE_SOURCE])))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
         return None
@@ -150,6 +159,9 @@ def load() -> ctypes.CDLL | None:
     lib.d2_pool_dense.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32, ctypes.c_int32]
+    vp, i32 = ctypes.c_void_p, ctypes.c_int32
+    lib.d2_gate_levels.argtypes = [ctypes.POINTER(GateHead), vp, i32, vp, vp, i32, vp, vp, vp, vp, vp]
+    lib.d2_gate_levels.restype = i32
     return lib
 
 
