@@ -159,7 +159,9 @@ def load() -> ctypes.CDLL | None:
     lib.d2_pool_dense.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32, ctypes.c_int32]
-    vp, i32 = ctypes.c_void_p, ctypes.c_int32
+    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.d2_expert_silu.argtypes = [mp, mp, mp, vp, i32, i32, vp, i64, i32, i32, i32, i32]
+    lib.d2_expert_silu.restype = i64
     lib.d2_gate_levels.argtypes = [ctypes.POINTER(GateHead), vp, i32, vp, vp, i32, vp, vp, vp, vp, vp]
     lib.d2_gate_levels.restype = i32
     return lib
@@ -377,6 +379,25 @@ def gemv(lib, desc: MatrixDesc, qx: QuantizedX, splitter: RowSplitter = _SERIAL,
 
     splitter.run(rows, desc.rows, desc.rows * desc.cols * qx.ntok, native=native)
     return y
+
+
+def expert_silu(lib, gate: MatrixDesc, up: MatrixDesc, down: MatrixDesc, x: torch.Tensor, bits: int,
+                splitter: RowSplitter = _SERIAL, force_portable: bool = False) -> tuple[torch.Tensor, int]:
+    """(y [N, H], workspace bytes) = down(silu(gate x) * (up x)) for x [N, H] float32 in one library call
+    (kernels/cpu/mwq_cpu.c d2_expert_silu): the three GEMVs and the SwiGLU between them, rows split on the
+    library's pool as `gemv` would split them. ValueError when the matrices do not chain."""
+    x = x.to(torch.float32).contiguous()
+    ntok = x.shape[0]
+    y = torch.empty(ntok, down.rows, dtype=torch.float32)
+    scratch = max(gate.scratch_floats, up.scratch_floats, down.scratch_floats)
+    chunks_in = splitter.chunks(gate.rows, gate.rows * gate.cols * ntok)
+    chunks_down = splitter.chunks(down.rows, down.rows * down.cols * ntok)
+    used = lib.d2_expert_silu(gate.ref, up.ref, down.ref, x.data_ptr(), ntok, bits, y.data_ptr(), scratch,
+                              splitter.threads, chunks_in, chunks_down, int(force_portable))
+    if used < 0:
+        raise ValueError(f"expert matrices do not chain: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+                         f"down {down.rows}x{down.cols}")
+    return y, int(used)
 
 
 def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | None = None,

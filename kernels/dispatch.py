@@ -56,6 +56,12 @@ TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtr
 TILE_DTYPE = torch.bfloat16 if cpu.has_bf16_gemm() else torch.float32
 
 
+def _is_silu(act_fn) -> bool:
+    """Whether the experts' activation is SiLU (the fused call computes it in C): torch's, or transformers'
+    SiLUActivation (which calls F.silu)."""
+    return act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
 def dequantize_packed(m: PackedMatrix, level: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The torch reference's [O, I] weight at `level` from a packed matrix (a full copy: oracle only)."""
     t = m.to_mwq()
@@ -96,6 +102,8 @@ class ExpertKernels:
         if backend == "native" and self.lib is None and self.gpu is None:
             raise UsageError("native CPU kernels are unavailable here (no C compiler?): use --kernels auto or reference")
         self.splitter = cpu.RowSplitter(threads)
+        # decode experts in one library call; D2MOE_FUSED_EXPERT=0 (or D2MOE_SPLIT=python) keeps the composed form (A/B)
+        self.fused = os.environ.get("D2MOE_FUSED_EXPERT", "1") != "0" and os.environ.get("D2MOE_SPLIT") != "python"
         self.gemv_max_tokens = gemv_max_tokens  # None: by level and CPU (gemv_limit)
         self.workspace_bytes = 0  # what forward holds right now (activations, quantized x, a weight tile)
         self.on_workspace: Callable[[], None] | None = None  # called when the workspace reaches a new peak
@@ -137,6 +145,10 @@ class ExpertKernels:
             h = act_fn(gate) * up
             return self._tiled(p.down, h)
         bits = self.activation_bits_for(p.level)
+        if self.fused and _is_silu(act_fn):  # one library call: no Python between the three GEMVs
+            y, workspace = cpu.expert_silu(self.lib, p.gate, p.up, p.down, x, bits, self.splitter)
+            self._hold(extra=workspace)
+            return y
         qx = cpu.QuantizedX(self.lib, x, p.gate.group_size, bits)
         gate, up = self._gemv(p.gate, qx), self._gemv(p.up, qx)
         h = act_fn(gate) * up

@@ -422,3 +422,72 @@ void d2_block_planes(uint8_t *rows, int64_t nrows, int32_t row_bytes) {
         }
     }
 }
+
+/* ---------------------------------------------------------------- one decode expert in one call
+
+   y [ntok, H] = down(silu(gate x) * (up x)) for x [ntok, H]: the activations quantized, three GEMVs (rows
+   split on the pool when chunks > 1) and the SwiGLU between them, without returning to Python. A small
+   expert's six kernel calls and ~15 tensor allocations cost more than its arithmetic from Python
+   (kernels/dispatch.py keeps that composed form as the fallback; the numbers are the same up to the
+   float rounding of silu). Buffers are one arena per calling thread, grown to the largest call. */
+
+void d2_pool_gemv(const void *m, const void *q, float *y, int64_t ystride, int32_t rows, int64_t scratch_floats,
+                  int32_t force_portable, int32_t threads, int32_t nchunks);
+
+static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
+/* Bytes the arena holds for a call of these shapes (what the caller counts as workspace). */
+int64_t d2_expert_workspace(const d2_matrix *gate, const d2_matrix *down, int32_t ntok, int32_t act_bits,
+                            int64_t scratch_floats) {
+    const int64_t H = gate->cols, I = gate->rows, halves = act_bits == 16 ? 2 : 1;
+    const int64_t gx = H / gate->group_size, gh = I / down->group_size;
+    return align64(halves * ntok * H) + align64(8 * ntok * gx) + 2 * align64(4 * ntok * I) +
+           align64(halves * ntok * I) + align64(8 * ntok * gh) + align64(4 * scratch_floats) + 64;
+}
+
+static void expert_gemv(const d2_matrix *m, const d2_qx *q, float *y, float *scratch, int64_t scratch_floats,
+                        int32_t threads, int32_t nchunks, int32_t force_portable) {
+    if (nchunks > 1 && threads > 1)
+        d2_pool_gemv(m, q, y, m->rows, m->rows, scratch_floats, force_portable, threads, nchunks);
+    else
+        d2_gemv_rows(m, q, y, m->rows, 0, m->rows, scratch, force_portable);
+}
+
+/* Returns the workspace bytes used (>= 0), or -1 when the shapes do not chain (gate/up [I, H], down [H, I],
+   one group size for gate and up) or the arena cannot be allocated. */
+int64_t d2_expert_silu(const d2_matrix *gate, const d2_matrix *up, const d2_matrix *down, const float *x,
+                       int32_t ntok, int32_t act_bits, float *y, int64_t scratch_floats, int32_t threads,
+                       int32_t chunks_in, int32_t chunks_down, int32_t force_portable) {
+    static __thread unsigned char *arena;
+    static __thread int64_t arena_cap;
+    const int32_t H = gate->cols, I = gate->rows;
+    if (up->rows != I || up->cols != H || down->rows != H || down->cols != I || up->group_size != gate->group_size ||
+        ntok <= 0 || (act_bits != 8 && act_bits != 16))
+        return -1;
+    const int64_t bytes = d2_expert_workspace(gate, down, ntok, act_bits, scratch_floats);
+    if (bytes > arena_cap) {
+        free(arena);
+        arena = (unsigned char *)malloc((size_t)bytes);
+        arena_cap = arena ? bytes : 0;
+        if (!arena) return -1;
+    }
+    const int64_t halves = act_bits == 16 ? 2 : 1, gx = H / gate->group_size, gh = I / down->group_size;
+    unsigned char *p = (unsigned char *)(((uintptr_t)arena + 63) & ~(uintptr_t)63);
+    int8_t *xq = (int8_t *)p;          p += align64(halves * ntok * H);
+    float *xds = (float *)p;           p += align64(8 * (int64_t)ntok * gx);
+    float *g = (float *)p;             p += align64(4 * (int64_t)ntok * I);
+    float *u = (float *)p;             p += align64(4 * (int64_t)ntok * I);
+    int8_t *hq = (int8_t *)p;          p += align64(halves * ntok * I);
+    float *hds = (float *)p;           p += align64(8 * (int64_t)ntok * gh);
+    float *scratch = (float *)p;
+
+    d2_qx qx = {ntok, H, gate->group_size, xq, halves == 2 ? xq + (int64_t)ntok * H : NULL, xds, xds + (int64_t)ntok * gx};
+    d2_quantize_x(x, ntok, H, gate->group_size, qx.hi, qx.lo, qx.dx, qx.sx);
+    expert_gemv(gate, &qx, g, scratch, scratch_floats, threads, chunks_in, force_portable);
+    expert_gemv(up, &qx, u, scratch, scratch_floats, threads, chunks_in, force_portable);
+    for (int64_t i = 0; i < (int64_t)ntok * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    d2_qx qh = {ntok, I, down->group_size, hq, halves == 2 ? hq + (int64_t)ntok * I : NULL, hds, hds + (int64_t)ntok * gh};
+    d2_quantize_x(g, ntok, I, down->group_size, qh.hi, qh.lo, qh.dx, qh.sx);
+    expert_gemv(down, &qh, y, scratch, scratch_floats, threads, chunks_down, force_portable);
+    return bytes;
+}

@@ -232,6 +232,40 @@ def test_expert_forward_paths_agree_with_the_reference(tokens):
     assert native.prepare(mats, 2).gate.level == 2
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("shape", [(96, 64, 32), (512, 1024, 64), (3 * 256 + 128, 512, 128)])
+def test_one_call_expert_equals_the_composed_kernels(shape, bits, monkeypatch):
+    """d2_expert_silu (quantize, gate and up GEMVs, SwiGLU, quantize, down GEMV in C) against the same steps
+    from Python: equal up to the float rounding of silu, at every level; its own threaded rows bit-equal to
+    one thread; and the forward takes it for SiLU experts only."""
+    inter, hidden, gs = shape
+    cfg = MWQConfig(bits=(2, 3, 4), group_size=gs)
+    mats = {"gate": _matrix(inter, hidden, cfg, 1), "up": _matrix(inter, hidden, cfg, 2),
+            "down": _matrix(hidden, inter, cfg, 3)}
+    kernels = ExpertKernels("native", activation_bits=bits)
+    splitter = cpu.RowSplitter(2, min_rows_per_chunk=16)
+    for level in cfg.bits:
+        p = kernels.prepare(mats, level)
+        for tokens in (1, 5, 8):
+            x = torch.randn(tokens, hidden)
+            qx = cpu.QuantizedX(lib, x, gs, bits)
+            h = torch.nn.functional.silu(cpu.gemv(lib, p.gate, qx)) * cpu.gemv(lib, p.up, qx)
+            want = cpu.gemv(lib, p.down, cpu.QuantizedX(lib, h, gs, bits))
+            got, workspace = cpu.expert_silu(lib, p.gate, p.up, p.down, x, bits)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            assert workspace >= tokens * inter * 8  # gate and up outputs at least
+            assert torch.equal(cpu.expert_silu(lib, p.gate, p.up, p.down, x, bits, splitter)[0], got)
+            assert torch.equal(kernels.forward(p, x, torch.nn.functional.silu), got)
+            gelu = kernels.forward(p, x, torch.nn.functional.gelu)  # not SiLU: the composed form
+            qx = cpu.QuantizedX(lib, x, gs, bits)
+            h = torch.nn.functional.gelu(cpu.gemv(lib, p.gate, qx)) * cpu.gemv(lib, p.up, qx)
+            assert torch.equal(gelu, cpu.gemv(lib, p.down, cpu.QuantizedX(lib, h, gs, bits)))
+    splitter.close()
+    p = kernels.prepare(mats, 2)
+    with pytest.raises(ValueError, match="do not chain"):
+        cpu.expert_silu(lib, p.gate, p.down, p.down, torch.randn(1, hidden), bits)
+
+
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "compiler", lambda: None)
     cpu.load.cache_clear()
