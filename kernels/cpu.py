@@ -58,6 +58,15 @@ class _QX(ctypes.Structure):
     ]
 
 
+class _ExpertItem(ctypes.Structure):
+    """kernels/cpu/mwq_cpu.c's d2_expert_item: one expert of a step's batch (d2_experts_silu)."""
+
+    _fields_ = [("gate", ctypes.c_void_p), ("up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("x", ctypes.c_void_p), ("y", ctypes.c_void_p), ("ntok", ctypes.c_int32),
+                ("act_bits", ctypes.c_int32), ("chunks_in", ctypes.c_int32), ("chunks_down", ctypes.c_int32),
+                ("used", ctypes.c_int64)]
+
+
 class GateHead(ctypes.Structure):
     """kernels/cpu/gate_cpu.c's D2GateHead: one layer's bit-width gate head (addresses of float32 arrays)."""
 
@@ -162,6 +171,8 @@ def load() -> ctypes.CDLL | None:
     vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.d2_expert_silu.argtypes = [mp, mp, mp, vp, i32, i32, vp, i64, i32, i32, i32, i32]
     lib.d2_expert_silu.restype = i64
+    lib.d2_experts_silu.argtypes = [vp, i32, i64, i32, i32]
+    lib.d2_experts_silu.restype = i64
     lib.d2_gate_levels.argtypes = [ctypes.POINTER(GateHead), vp, i32, vp, vp, i32, vp, vp, vp, vp, vp]
     lib.d2_gate_levels.restype = i32
     return lib
@@ -300,6 +311,10 @@ def threads() -> int:
     return _threads or available_cores()
 
 
+PYTHON_SPLIT_WORK = 1 << 23  # weights x tokens below which a split from Python costs more than it saves
+NATIVE_SPLIT_WORK = 1 << 19  # the same inside the library's pool (kernels/cpu/pool.c)
+
+
 class RowSplitter:
     """Runs a row-range function over `threads` threads (the caller's included), in chunks taken
     dynamically so a thread slowed by another process takes fewer."""
@@ -317,11 +332,12 @@ class RowSplitter:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="d2moe-kernel")
         return self._pool
 
-    def chunks(self, rows: int, work: int, min_rows: int | None = None) -> int:
+    def chunks(self, rows: int, work: int, min_rows: int | None = None, native: bool = False) -> int:
         """How many row chunks a call of `work` (weights x tokens) over `rows` is split into; 1: the caller
-        runs it alone (below ~8M weight-tokens a handoff costs more than it saves)."""
+        runs it alone. A handoff costs ~70 µs from Python (pays above ~8M weight-tokens) and a few µs inside
+        the library's pool (`native`: pays from ~0.5M, BENCHMARKS.md §0.12)."""
         min_rows = min_rows or self.min_rows
-        if self.threads == 1 or work < (1 << 23) or rows < 2 * min_rows:
+        if self.threads == 1 or work < (NATIVE_SPLIT_WORK if native else PYTHON_SPLIT_WORK) or rows < 2 * min_rows:
             return 1
         return min(rows // min_rows, self.threads * 8)
 
@@ -329,12 +345,13 @@ class RowSplitter:
         """fn(r0, r1) over [0, rows); `work` (weights x tokens) decides whether threads pay. `native(threads,
         nchunks)`, where given, splits the call inside the library instead (kernels/cpu/pool.c: no Python
         handoff per call); D2MOE_SPLIT=python keeps the Python threads (A/B)."""
-        nchunks = self.chunks(rows, work, min_rows)
+        in_library = native is not None and os.environ.get("D2MOE_SPLIT") != "python"
+        nchunks = self.chunks(rows, work, min_rows, native=in_library)
         if nchunks == 1:
             fn(0, rows)
             return
         threads = self.threads
-        if native is not None and os.environ.get("D2MOE_SPLIT") != "python":
+        if in_library:
             native(threads, nchunks)
             return
         # chunk edges on multiples of 16 rows: the ROWS16 layout computes whole 16-row blocks
@@ -390,14 +407,47 @@ def expert_silu(lib, gate: MatrixDesc, up: MatrixDesc, down: MatrixDesc, x: torc
     ntok = x.shape[0]
     y = torch.empty(ntok, down.rows, dtype=torch.float32)
     scratch = max(gate.scratch_floats, up.scratch_floats, down.scratch_floats)
-    chunks_in = splitter.chunks(gate.rows, gate.rows * gate.cols * ntok)
-    chunks_down = splitter.chunks(down.rows, down.rows * down.cols * ntok)
+    chunks_in = splitter.chunks(gate.rows, gate.rows * gate.cols * ntok, native=True)
+    chunks_down = splitter.chunks(down.rows, down.rows * down.cols * ntok, native=True)
     used = lib.d2_expert_silu(gate.ref, up.ref, down.ref, x.data_ptr(), ntok, bits, y.data_ptr(), scratch,
                               splitter.threads, chunks_in, chunks_down, int(force_portable))
     if used < 0:
         raise ValueError(f"expert matrices do not chain: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
                          f"down {down.rows}x{down.cols}")
     return y, int(used)
+
+
+def experts_silu(lib, work: list[tuple[MatrixDesc, MatrixDesc, MatrixDesc, torch.Tensor, int]],
+                 splitter: RowSplitter = _SERIAL, force_portable: bool = False) -> tuple[list[torch.Tensor], int]:
+    """expert_silu for each (gate, up, down, x, bits) of a step in one library call: experts too small to
+    split by rows run whole on the pool's threads at once, larger ones one after another split by rows.
+    Returns the outputs and the workspace bytes held at once."""
+    n = len(work)
+    items = (_ExpertItem * n)()
+    ys, keep = [], []
+    scratch = 0
+    # whole experts on the threads while there are enough of them and each is below what pays from Python
+    # (where a row split would add more handoffs than it balances); else each expert split by rows
+    whole = n >= splitter.threads and all(
+        splitter.chunks(w[0].rows, w[0].rows * w[0].cols * w[3].shape[0]) == 1 for w in work)
+    for item, (gate, up, down, x, bits) in zip(items, work, strict=True):
+        x = x.to(torch.float32).contiguous()
+        ntok = x.shape[0]
+        y = torch.empty(ntok, down.rows, dtype=torch.float32)
+        item.gate, item.up, item.down = ctypes.addressof(gate.struct), ctypes.addressof(up.struct), ctypes.addressof(down.struct)
+        item.x, item.y, item.ntok, item.act_bits = x.data_ptr(), y.data_ptr(), ntok, bits
+        item.chunks_in = 1 if whole else splitter.chunks(gate.rows, gate.rows * gate.cols * ntok, native=True)
+        item.chunks_down = 1 if whole else splitter.chunks(down.rows, down.rows * down.cols * ntok, native=True)
+        scratch = max(scratch, gate.scratch_floats, up.scratch_floats, down.scratch_floats)
+        ys.append(y)
+        keep.append(x)
+    used = lib.d2_experts_silu(ctypes.addressof(items), n, scratch, splitter.threads, int(force_portable))
+    if used < 0:
+        bad = next(i for i, it in enumerate(items) if it.used < 0)
+        gate, up, down = work[bad][:3]
+        raise ValueError(f"expert matrices do not chain: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+                         f"down {down.rows}x{down.cols}")
+    return ys, int(used)
 
 
 def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | None = None,

@@ -118,14 +118,29 @@ class ExpertKernels:
 
     @property
     def grouped(self) -> bool:
-        """Whether `forward_group` runs several experts in one launch (the GPU's kernels)."""
-        return self.gpu is not None
+        """Whether `forward_group` runs several experts in one call: one launch on the GPU, one library call
+        on the CPU (d2_experts_silu, small experts on the pool's threads at once)."""
+        return self.gpu is not None or (self.lib is not None and self.fused)
 
     def forward_group(self, work: list[tuple[object, torch.Tensor]], act_fn) -> list[torch.Tensor]:
-        """forward() of each (prepared, x): one grouped launch on the GPU, one call each elsewhere."""
+        """forward() of each (prepared, x): one grouped launch on the GPU, one library call for the decode-sized
+        SiLU experts on the CPU, one call each otherwise."""
         if self.gpu is not None:
             return self.gpu.forward_group(work, act_fn, self.gemv_max_tokens or GEMV_MAX_TOKENS)
-        return [self.forward(p, x, act_fn) for p, x in work]
+        batch = [i for i, (p, x) in enumerate(work) if self.lib is not None and self.fused and _is_silu(act_fn)
+                 and isinstance(p.gate, cpu.MatrixDesc) and x.shape[0] <= self.gemv_limit(p.level, p.gate.struct.layout)]
+        out: list[torch.Tensor | None] = [None] * len(work)
+        if batch:
+            ys, workspace = cpu.experts_silu(self.lib, [(work[i][0].gate, work[i][0].up, work[i][0].down, work[i][1],
+                                                        self.activation_bits_for(work[i][0].level)) for i in batch],
+                                             self.splitter)
+            self._hold(extra=workspace)
+            for i, y in zip(batch, ys, strict=True):
+                out[i] = y
+        for i, (p, x) in enumerate(work):
+            if out[i] is None:
+                out[i] = self.forward(p, x, act_fn)
+        return out
 
     def prepare(self, mats: dict[str, PackedMatrix], level: int) -> Prepared:
         if self.gpu is not None:

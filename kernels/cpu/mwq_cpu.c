@@ -491,3 +491,53 @@ int64_t d2_expert_silu(const d2_matrix *gate, const d2_matrix *up, const d2_matr
     expert_gemv(down, &qh, y, scratch, scratch_floats, threads, chunks_down, force_portable);
     return bytes;
 }
+
+/* A step's experts in one call: items[i] = (gate, up, down, x, y, ntok, act_bits) as d2_expert_silu. Experts
+   too small to split by rows (chunks_in = chunks_down = 1 for every item) run whole, one per pool thread;
+   otherwise one after another, each split by rows. Returns the workspace bytes held at once (one arena
+   per thread running), or -1 when an item's shapes do not chain. */
+typedef struct {
+    const d2_matrix *gate, *up, *down;
+    const float *x;
+    float *y;
+    int32_t ntok, act_bits, chunks_in, chunks_down;
+    int64_t used; /* out: the item's workspace bytes, -1 on error */
+} d2_expert_item;
+
+typedef struct {
+    d2_expert_item *items;
+    int64_t scratch_floats;
+    int32_t force_portable;
+} d2_items_ctx;
+
+void d2_pool_items(void (*item)(void *ctx, int32_t i), void *ctx, int32_t n, int32_t threads);
+
+static void run_expert_item(void *ctx, int32_t i) {
+    const d2_items_ctx *c = (const d2_items_ctx *)ctx;
+    d2_expert_item *it = c->items + i;
+    it->used = d2_expert_silu(it->gate, it->up, it->down, it->x, it->ntok, it->act_bits, it->y, c->scratch_floats,
+                              1, 1, 1, c->force_portable);
+}
+
+int64_t d2_experts_silu(d2_expert_item *items, int32_t n, int64_t scratch_floats, int32_t threads,
+                        int32_t force_portable) {
+    int split_rows = 0;
+    for (int32_t i = 0; i < n; i++) split_rows |= items[i].chunks_in > 1 || items[i].chunks_down > 1;
+    int64_t most = 0, total = 0;
+    if (split_rows || threads <= 1) {
+        for (int32_t i = 0; i < n; i++) {
+            d2_expert_item *it = items + i;
+            it->used = d2_expert_silu(it->gate, it->up, it->down, it->x, it->ntok, it->act_bits, it->y, scratch_floats,
+                                      threads, it->chunks_in, it->chunks_down, force_portable);
+        }
+    } else {
+        d2_items_ctx ctx = {items, scratch_floats, force_portable};
+        d2_pool_items(run_expert_item, &ctx, n, threads);
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (items[i].used < 0) return -1;
+        most = items[i].used > most ? items[i].used : most;
+    }
+    total = most * (split_rows || threads <= 1 ? 1 : (n < threads ? n : threads));
+    return total;
+}

@@ -26,13 +26,15 @@ void d2_dense_rows(const void *W, int32_t dtype, const float *scale, int32_t col
 #define D2_SPIN_NS 300000 /* how long an idle worker waits for the next call before it sleeps */
 
 typedef struct {
-    int kind; /* 0: d2_gemv_rows, 1: d2_dense_rows */
+    int kind; /* 0: d2_gemv_rows, 1: d2_dense_rows, 2: item(ctx, i) for each i in the chunk */
     const void *a, *b;
     const float *scale, *x;
     float *y;
     int64_t ystride, scratch_floats;
     int32_t dtype, cols, ntok, force_portable, nchunks;
     int32_t edges[D2_POOL_CHUNKS + 1];
+    void (*item)(void *ctx, int32_t i);
+    void *ctx;
 } d2_job;
 
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
@@ -76,9 +78,11 @@ static void run_chunks(uint64_t g) {
         const int32_t r0 = job.edges[c], r1 = job.edges[c + 1];
         if (job.kind == 0)
             d2_gemv_rows(job.a, job.b, job.y, job.ystride, r0, r1, thread_scratch(job.scratch_floats), job.force_portable);
-        else
+        else if (job.kind == 1)
             d2_dense_rows(job.a, job.dtype, job.scale, job.cols, job.x, job.ntok, job.y, job.ystride, r0, r1,
                           job.force_portable);
+        else
+            for (int32_t i = r0; i < r1; i++) job.item(job.ctx, i);
         __atomic_fetch_add(&done_chunks, 1, __ATOMIC_ACQ_REL);
     }
 }
@@ -194,6 +198,23 @@ void d2_pool_dense(const void *W, int32_t dtype, const float *scale, int32_t col
     const d2_job call = {.kind = 1, .a = W, .dtype = dtype, .scale = scale, .cols = cols, .x = x, .ntok = ntok,
                          .y = y, .ystride = ystride, .force_portable = force_portable};
     pool_call(&call, rows, threads, nchunks);
+}
+
+/* item(ctx, i) for i in [0, n), one item per chunk, on `threads` threads (the caller's included): work
+   split by whole items (a step's small experts, each too small to split by rows). item must not call
+   the pool itself (one call at a time). */
+void d2_pool_items(void (*item)(void *ctx, int32_t i), void *ctx, int32_t n, int32_t threads) {
+    if (n <= 0) return;
+    if (threads <= 1 || n == 1) {
+        for (int32_t i = 0; i < n; i++) item(ctx, i);
+        return;
+    }
+    const int32_t nchunks = n < D2_POOL_CHUNKS ? n : D2_POOL_CHUNKS;
+    pthread_mutex_lock(&call_lock);
+    job = (d2_job){.kind = 2, .item = item, .ctx = ctx, .nchunks = nchunks};
+    for (int32_t i = 0; i <= nchunks; i++) job.edges[i] = (int32_t)((int64_t)n * i / nchunks);
+    run_job(threads);
+    pthread_mutex_unlock(&call_lock);
 }
 
 /* Threads started besides callers in this process (tests: the pool really ran). */

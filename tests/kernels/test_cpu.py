@@ -266,6 +266,33 @@ def test_one_call_expert_equals_the_composed_kernels(shape, bits, monkeypatch):
         cpu.expert_silu(lib, p.gate, p.down, p.down, torch.randn(1, hidden), bits)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_steps_experts_in_one_call_equal_one_call_each(threads, monkeypatch):
+    """d2_experts_silu: small experts whole on the pool's threads (more experts than threads, and fewer),
+    large ones one after another split by rows, mixed levels and token counts; every output bit-equal to
+    its expert's own call, and the step's grouped forward (forward_group) the same."""
+    monkeypatch.setenv("D2MOE_SPLIT", "native")
+    cfg = MWQConfig(bits=(2, 3, 4), group_size=64)
+    kernels = ExpertKernels("native", threads=threads)
+    small = [kernels.prepare({"gate": _matrix(128, 256, cfg, 3 * e), "up": _matrix(128, 256, cfg, 3 * e + 1),
+                              "down": _matrix(256, 128, cfg, 3 * e + 2)}, 2 + e % 3) for e in range(9)]
+    big = kernels.prepare({"gate": _matrix(2048, 4096, cfg, 40), "up": _matrix(2048, 4096, cfg, 41),
+                           "down": _matrix(4096, 2048, cfg, 42)}, 4)
+    for preps in (small, small[:2], [big, small[0]]):
+        xs = [torch.randn(1 + i % 3, p.gate.cols) for i, p in enumerate(preps)]
+        bits = [kernels.activation_bits_for(p.level) for p in preps]
+        ys, workspace = cpu.experts_silu(lib, [(p.gate, p.up, p.down, x, b) for p, x, b in zip(preps, xs, bits)],
+                                         kernels.splitter)
+        assert workspace > 0
+        for p, x, b, y in zip(preps, xs, bits, ys, strict=True):
+            assert torch.equal(y, cpu.expert_silu(lib, p.gate, p.up, p.down, x, b)[0])
+        grouped = kernels.forward_group(list(zip(preps, xs)), torch.nn.functional.silu)
+        assert all(torch.equal(a, b) for a, b in zip(grouped, ys, strict=True))
+    if threads > 1:
+        assert lib.d2_pool_workers() >= threads - 1
+    kernels.splitter.close()
+
+
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "compiler", lambda: None)
     cpu.load.cache_clear()
