@@ -281,12 +281,12 @@ def test_a_steps_experts_in_one_call_equal_one_call_each(threads, monkeypatch):
     for preps in (small, small[:2], [big, small[0]]):
         xs = [torch.randn(1 + i % 3, p.gate.cols) for i, p in enumerate(preps)]
         bits = [kernels.activation_bits_for(p.level) for p in preps]
-        ys, workspace = cpu.experts_silu(lib, [(p.gate, p.up, p.down, x, b) for p, x, b in zip(preps, xs, bits)],
+        ys, workspace = cpu.experts_silu(lib, [(p.gate, p.up, p.down, x, b) for p, x, b in zip(preps, xs, bits, strict=True)],
                                          kernels.splitter)
         assert workspace > 0
         for p, x, b, y in zip(preps, xs, bits, ys, strict=True):
             assert torch.equal(y, cpu.expert_silu(lib, p.gate, p.up, p.down, x, b)[0])
-        grouped = kernels.forward_group(list(zip(preps, xs)), torch.nn.functional.silu)
+        grouped = kernels.forward_group(list(zip(preps, xs, strict=True)), torch.nn.functional.silu)
         assert all(torch.equal(a, b) for a, b in zip(grouped, ys, strict=True))
     if threads > 1:
         assert lib.d2_pool_workers() >= threads - 1
