@@ -171,6 +171,8 @@ def load() -> ctypes.CDLL | None:
     vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.d2_expert_silu.argtypes = [mp, mp, mp, vp, i32, i32, vp, i64, i32, i32, i32, i32]
     lib.d2_expert_silu.restype = i64
+    lib.d2_linear.argtypes = [mp, vp, i32, i32, vp, i64, i32, i32, i32]
+    lib.d2_linear.restype = i64
     lib.d2_experts_silu.argtypes = [vp, i32, i64, i32, i32]
     lib.d2_experts_silu.restype = i64
     lib.d2_gate_levels.argtypes = [ctypes.POINTER(GateHead), vp, i32, vp, vp, i32, vp, vp, vp, vp, vp]
@@ -395,6 +397,20 @@ def gemv(lib, desc: MatrixDesc, qx: QuantizedX, splitter: RowSplitter = _SERIAL,
         lib.d2_pool_gemv(desc.ref, qx.ref, yp, desc.rows, desc.rows, scratch_n, int(force_portable), threads, nchunks)
 
     splitter.run(rows, desc.rows, desc.rows * desc.cols * qx.ntok, native=native)
+    return y
+
+
+def linear(lib, desc: MatrixDesc, x: torch.Tensor, bits: int = 8, splitter: RowSplitter = _SERIAL,
+           force_portable: bool = False) -> torch.Tensor:
+    """y [N, O] = x W^T as gemv(desc, QuantizedX(x)) computes it, in one library call (x quantized in the
+    library's per-thread arena, no tensors allocated for it)."""
+    x = x.to(torch.float32).contiguous()
+    ntok = x.shape[0]
+    y = torch.empty(ntok, desc.rows, dtype=torch.float32)
+    nchunks = splitter.chunks(desc.rows, desc.rows * desc.cols * ntok, native=True)
+    if lib.d2_linear(desc.ref, x.data_ptr(), ntok, bits, y.data_ptr(), desc.scratch_floats, splitter.threads,
+                     nchunks, int(force_portable)) < 0:
+        raise ValueError(f"linear: {ntok} tokens with {bits}-bit activations cannot be computed")
     return y
 
 

@@ -436,6 +436,20 @@ void d2_pool_gemv(const void *m, const void *q, float *y, int64_t ystride, int32
 
 static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
 
+/* The calling thread's arena, grown to `bytes` (+ 64 for alignment, which the sizes below include) and
+   kept: a 64-byte aligned start, or NULL when it cannot be allocated. */
+static unsigned char *thread_arena(int64_t bytes) {
+    static __thread unsigned char *arena;
+    static __thread int64_t arena_cap;
+    if (bytes > arena_cap) {
+        free(arena);
+        arena = (unsigned char *)malloc((size_t)bytes);
+        arena_cap = arena ? bytes : 0;
+        if (!arena) return NULL;
+    }
+    return (unsigned char *)(((uintptr_t)arena + 63) & ~(uintptr_t)63);
+}
+
 /* Bytes the arena holds for a call of these shapes (what the caller counts as workspace). */
 int64_t d2_expert_workspace(const d2_matrix *gate, const d2_matrix *down, int32_t ntok, int32_t act_bits,
                             int64_t scratch_floats) {
@@ -458,21 +472,14 @@ static void expert_gemv(const d2_matrix *m, const d2_qx *q, float *y, float *scr
 int64_t d2_expert_silu(const d2_matrix *gate, const d2_matrix *up, const d2_matrix *down, const float *x,
                        int32_t ntok, int32_t act_bits, float *y, int64_t scratch_floats, int32_t threads,
                        int32_t chunks_in, int32_t chunks_down, int32_t force_portable) {
-    static __thread unsigned char *arena;
-    static __thread int64_t arena_cap;
     const int32_t H = gate->cols, I = gate->rows;
     if (up->rows != I || up->cols != H || down->rows != H || down->cols != I || up->group_size != gate->group_size ||
         ntok <= 0 || (act_bits != 8 && act_bits != 16))
         return -1;
     const int64_t bytes = d2_expert_workspace(gate, down, ntok, act_bits, scratch_floats);
-    if (bytes > arena_cap) {
-        free(arena);
-        arena = (unsigned char *)malloc((size_t)bytes);
-        arena_cap = arena ? bytes : 0;
-        if (!arena) return -1;
-    }
+    unsigned char *p = thread_arena(bytes);
+    if (!p) return -1;
     const int64_t halves = act_bits == 16 ? 2 : 1, gx = H / gate->group_size, gh = I / down->group_size;
-    unsigned char *p = (unsigned char *)(((uintptr_t)arena + 63) & ~(uintptr_t)63);
     int8_t *xq = (int8_t *)p;          p += align64(halves * ntok * H);
     float *xds = (float *)p;           p += align64(8 * (int64_t)ntok * gx);
     float *g = (float *)p;             p += align64(4 * (int64_t)ntok * I);
@@ -540,4 +547,23 @@ int64_t d2_experts_silu(d2_expert_item *items, int32_t n, int64_t scratch_floats
     }
     total = most * (split_rows || threads <= 1 ? 1 : (n < threads ? n : threads));
     return total;
+}
+
+/* y [ntok, rows] = x W^T for one matrix (a dense layer in the experts' format, run --dense-weights int4): x
+   quantized into the thread's arena and the GEMV, in one call. Returns the workspace bytes, -1 on failure. */
+int64_t d2_linear(const d2_matrix *m, const float *x, int32_t ntok, int32_t act_bits, float *y,
+                  int64_t scratch_floats, int32_t threads, int32_t nchunks, int32_t force_portable) {
+    if (ntok <= 0 || (act_bits != 8 && act_bits != 16)) return -1;
+    const int64_t halves = act_bits == 16 ? 2 : 1, G = m->cols / m->group_size;
+    const int64_t bytes = align64(halves * ntok * m->cols) + align64(8 * (int64_t)ntok * G) +
+                          align64(4 * scratch_floats) + 64;
+    unsigned char *p = thread_arena(bytes);
+    if (!p) return -1;
+    int8_t *xq = (int8_t *)p;  p += align64(halves * ntok * m->cols);
+    float *xds = (float *)p;   p += align64(8 * (int64_t)ntok * G);
+    d2_qx q = {ntok, m->cols, m->group_size, xq, halves == 2 ? xq + (int64_t)ntok * m->cols : NULL, xds,
+               xds + (int64_t)ntok * G};
+    d2_quantize_x(x, ntok, m->cols, m->group_size, q.hi, q.lo, q.dx, q.sx);
+    expert_gemv(m, &q, y, (float *)p, scratch_floats, threads, nchunks, force_portable);
+    return bytes;
 }

@@ -293,6 +293,22 @@ def test_a_steps_experts_in_one_call_equal_one_call_each(threads, monkeypatch):
     kernels.splitter.close()
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_one_call_linear_is_gemv_of_the_quantized_input_bit_for_bit(bits, monkeypatch):
+    """cpu.linear (x quantized in the library's arena) = gemv(QuantizedX(x)), 1 and 2 threads, 1-8 tokens."""
+    monkeypatch.setenv("D2MOE_SPLIT", "native")
+    cfg = MWQConfig(bits=(4,), group_size=64)
+    for rows, cols in [(2048, 1024), (37, 128)]:
+        desc = cpu.MatrixDesc(cpu.blocked(_matrix(rows, cols, cfg, rows)), 4)
+        splitter = cpu.RowSplitter(2, min_rows_per_chunk=16)
+        for tokens in (1, 3, 8):
+            x = torch.randn(tokens, cols)
+            want = cpu.gemv(lib, desc, cpu.QuantizedX(lib, x, 64, bits))
+            assert torch.equal(cpu.linear(lib, desc, x, bits), want)
+            assert torch.equal(cpu.linear(lib, desc, x, bits, splitter), want)
+        splitter.close()
+
+
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "compiler", lambda: None)
     cpu.load.cache_clear()
