@@ -200,9 +200,13 @@ class ExpertPipeline:
             resident = [w for w in works if w.resident]
             compute_s += self._load_and_compute(layer, order, resident, hidden, top_k_weights, results)
         out = torch.zeros_like(hidden)
+        one_token = hidden.shape[0] == 1  # decode of one sequence: every result is row 0, and += is index_add_'s sum
         for key in sorted(results):  # fixed summation order: output independent of residency
             rows, y = results[key]
-            out.index_add_(0, rows.to(out.device), y.to(out.dtype))
+            if one_token:
+                out += y.to(out.dtype)
+            else:
+                out.index_add_(0, rows.to(out.device), y.to(out.dtype))
         self.cache.step()
         makespan = time.perf_counter() - start
         load_s = self.store.stats().busy_seconds - io_before
@@ -232,7 +236,7 @@ class ExpertPipeline:
             w = by_key.get(key)
             if w is None:
                 w = by_key[key] = Work(key, expert, level, {})
-            w.pairs[level] = (torch.tensor(rows), torch.tensor(slots))
+            w.pairs[level] = (_index(rows), _index(slots))
             w.want = max(w.want, level)
             w.tokens += len(rows)
         return list(by_key.values())
@@ -499,6 +503,20 @@ class ExpertPipeline:
         self.staging_bytes += nbytes
         if self.on_memory and nbytes > 0:
             self.on_memory()
+
+
+_ONE_INDEX: dict[int, torch.Tensor] = {}
+
+
+def _index(values: list[int]) -> torch.Tensor:
+    """An index tensor of rows or slots; one-element ones (every pair of a one-token decode step) are built once
+    and shared: indices are only read, never written."""
+    if len(values) != 1:
+        return torch.tensor(values)
+    t = _ONE_INDEX.get(values[0])
+    if t is None:
+        t = _ONE_INDEX[values[0]] = torch.tensor(values)
+    return t
 
 
 def _result_key(w: Work, level: int) -> tuple[int, int, int]:
