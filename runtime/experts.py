@@ -370,14 +370,19 @@ class ExpertPipeline:
         """Resident works at all their levels in one grouped kernel call (kernels.forward_group)."""
         t0 = time.perf_counter()
         calls, where = [], []
+        # one token (decode of one sequence): every pair reads row 0, so x is converted once and each pair's
+        # router weight is a scalar (the same float32 product as the [N, 1] weight column)
+        one = hidden.to(torch.float32) if hidden.shape[0] == 1 else None
+        weights = top_k_weights[0].tolist() if one is not None else None
         for w in works:
             prepared = self._prepared(layer, w, self.cache.get(w.key)[1])
             for level, (rows, slots) in sorted(w.pairs.items()):
-                calls.append((prepared(level), hidden[rows].to(torch.float32)))
+                calls.append((prepared(level), one if one is not None else hidden[rows].to(torch.float32)))
                 where.append((w, level, rows, slots))
         ys = self.kernels.forward_group(calls, self.act_fn)
         for (w, level, rows, slots), y in zip(where, ys, strict=True):
-            results[_result_key(w, level)] = (rows, y * top_k_weights[rows, slots, None].to(torch.float32))
+            weight = weights[int(slots)] if one is not None else top_k_weights[rows, slots, None].to(torch.float32)
+            results[_result_key(w, level)] = (rows, y * weight)
         self.kernels.release()
         seconds = time.perf_counter() - t0
         for w in works:  # the cost model learns a rate per unit of work: share the launch's time
