@@ -302,7 +302,7 @@ class ExpertPipeline:
         issue()
         if self.spec.preload_next:  # behind this step's reads, with its experts pinned
             self._preload_next(layer, hidden)
-        if getattr(self.kernels, "grouped", False) and len(resident) > 1:  # one grouped launch (GPU)
+        if getattr(self.kernels, "grouped", False) and len(resident) > 1 and not self.exact:  # one launch or library call
             compute_s += self._compute_group(layer, resident, hidden, top_k_weights, results)
         else:
             for w in resident:
