@@ -428,8 +428,7 @@ def expert_silu(lib, gate: MatrixDesc, up: MatrixDesc, down: MatrixDesc, x: torc
     used = lib.d2_expert_silu(gate.ref, up.ref, down.ref, x.data_ptr(), ntok, bits, y.data_ptr(), scratch,
                               splitter.threads, chunks_in, chunks_down, int(force_portable))
     if used < 0:
-        raise ValueError(f"expert matrices do not chain: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
-                         f"down {down.rows}x{down.cols}")
+        raise _expert_error(gate, up, down)
     return y, int(used)
 
 
@@ -460,10 +459,13 @@ def experts_silu(lib, work: list[tuple[MatrixDesc, MatrixDesc, MatrixDesc, torch
     used = lib.d2_experts_silu(ctypes.addressof(items), n, scratch, splitter.threads, int(force_portable))
     if used < 0:
         bad = next(i for i, it in enumerate(items) if it.used < 0)
-        gate, up, down = work[bad][:3]
-        raise ValueError(f"expert matrices do not chain: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
-                         f"down {down.rows}x{down.cols}")
+        raise _expert_error(*work[bad][:3])
     return ys, int(used)
+
+
+def _expert_error(gate: MatrixDesc, up: MatrixDesc, down: MatrixDesc) -> ValueError:
+    return ValueError(f"expert matrices do not chain (gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, down "
+                      f"{down.rows}x{down.cols}), or the kernels' workspace could not be allocated")
 
 
 def dequant_rows(lib, desc: MatrixDesc, r0: int, r1: int, out: torch.Tensor | None = None,
