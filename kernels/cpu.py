@@ -33,6 +33,7 @@ SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"  # the expert kernels; buil
 DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"
 POOL_SOURCE = Path(__file__).parent / "cpu" / "pool.c"  # row splitting inside the library (RowSplitter)
 GATE_SOURCE = Path(__file__).parent / "cpu" / "gate_cpu.c"  # the served bit-width gate's decode steps
+ATTN_SOURCE = Path(__file__).parent / "cpu" / "attn_cpu.c"  # single-query attention (kernels/attention.py)
 MAX_TERMS = 8
 MAX_PLANES = 8
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
@@ -141,7 +142,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE, GATE_SOURCE])))
+        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE, GATE_SOURCE, ATTN_SOURCE])))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
         return None
@@ -171,6 +172,8 @@ def load() -> ctypes.CDLL | None:
     vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.d2_expert_silu.argtypes = [mp, mp, mp, vp, i32, i32, vp, i64, i32, i32, i32, i32]
     lib.d2_expert_silu.restype = i64
+    lib.d2_attend_one.argtypes = [vp, vp, vp, vp, *[i32] * 7, *[i64] * 6, ctypes.c_float, i32]
+    lib.d2_attend_one.restype = i32
     lib.d2_linear.argtypes = [mp, vp, i32, i32, vp, i64, i32, i32, i32]
     lib.d2_linear.restype = i64
     lib.d2_experts_silu.argtypes = [vp, i32, i64, i32, i32]

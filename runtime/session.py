@@ -79,6 +79,7 @@ class Session:
     """A packed checkpoint, ready to generate under a memory budget (see the module docstring)."""
 
     def __init__(self, checkpoint: str | Path, options: RunOptions, tokenizer=None) -> None:
+        from d2moe.kernels.attention import use_decode_attention
         from d2moe.kernels.cpu import threads as kernel_threads
         from d2moe.kernels.dense import patch_linears
         from d2moe.kernels.dispatch import ExpertKernels
@@ -149,6 +150,7 @@ class Session:
         if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, weights=options.dense_weights,
                           keep=routers.values())
+            use_decode_attention(self.model, self.kernels.lib, self.kernels.splitter)
             # converted dense weights hold less than planned (their source bytes): the cache gets the rest
             self.plan = self.plan.with_dense(nbytes_of(self.model, set()))
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
