@@ -2,7 +2,7 @@
 
 `use_decode_attention(model, lib, splitter)` points the model's attention at `ATTENTION` (registered with
 transformers' AttentionInterface, masks as SDPA makes them). A step with one query per head, no mask, no
-sliding window past its keys and no extra terms runs `d2_attend_one` (kernels/cpu/attn_cpu.c: the KV cache
+sliding window past its keys and no extra terms runs `d2_attend_one` (kernels/cpu/dense_cpu.c: the KV cache
 read in place in its dtype, softmax in float32); everything else calls transformers' SDPA function
 unchanged. Why: torch's SDPA on a bf16 cache costs ~3.6 µs per cached key and layer for one query on a
 Zen 4 core (BENCHMARKS.md §0.12), ~7x what reading the cache takes. The lossless tier keeps transformers'

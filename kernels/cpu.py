@@ -30,10 +30,9 @@ import torch
 from d2moe.kernels.packed import PackedMatrix
 
 SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"  # the expert kernels; built with DENSE_SOURCE into one library
-DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"
+DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"  # dense GEMV and single-query attention
 POOL_SOURCE = Path(__file__).parent / "cpu" / "pool.c"  # row splitting inside the library (RowSplitter)
 GATE_SOURCE = Path(__file__).parent / "cpu" / "gate_cpu.c"  # the served bit-width gate's decode steps
-ATTN_SOURCE = Path(__file__).parent / "cpu" / "attn_cpu.c"  # single-query attention (kernels/attention.py)
 MAX_TERMS = 8
 MAX_PLANES = 8
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
@@ -142,7 +141,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): expert kernels fall back to the slower torch reference", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE, GATE_SOURCE, ATTN_SOURCE])))
+        lib = ctypes.CDLL(str(build_shared(cc, [SOURCE, DENSE_SOURCE, POOL_SOURCE, GATE_SOURCE])))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"building the CPU expert kernels failed ({exc}): using the slower torch reference", stacklevel=2)
         return None
