@@ -169,8 +169,6 @@ def load() -> ctypes.CDLL | None:
                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_int32, ctypes.c_int32]
     vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.d2_expert_silu.argtypes = [mp, mp, mp, vp, i32, i32, vp, i64, i32, i32, i32, i32]
-    lib.d2_expert_silu.restype = i64
     lib.d2_attend_one.argtypes = [vp, vp, vp, vp, *[i32] * 7, *[i64] * 6, ctypes.c_float, i32]
     lib.d2_attend_one.restype = i32
     lib.d2_linear.argtypes = [mp, vp, i32, i32, vp, i64, i32, i32, i32]
@@ -418,20 +416,11 @@ def linear(lib, desc: MatrixDesc, x: torch.Tensor, bits: int = 8, splitter: RowS
 
 def expert_silu(lib, gate: MatrixDesc, up: MatrixDesc, down: MatrixDesc, x: torch.Tensor, bits: int,
                 splitter: RowSplitter = _SERIAL, force_portable: bool = False) -> tuple[torch.Tensor, int]:
-    """(y [N, H], workspace bytes) = down(silu(gate x) * (up x)) for x [N, H] float32 in one library call
-    (kernels/cpu/mwq_cpu.c d2_expert_silu): the three GEMVs and the SwiGLU between them, rows split on the
-    library's pool as `gemv` would split them. ValueError when the matrices do not chain."""
-    x = x.to(torch.float32).contiguous()
-    ntok = x.shape[0]
-    y = torch.empty(ntok, down.rows, dtype=torch.float32)
-    scratch = max(gate.scratch_floats, up.scratch_floats, down.scratch_floats)
-    chunks_in = splitter.chunks(gate.rows, gate.rows * gate.cols * ntok, native=True)
-    chunks_down = splitter.chunks(down.rows, down.rows * down.cols * ntok, native=True)
-    used = lib.d2_expert_silu(gate.ref, up.ref, down.ref, x.data_ptr(), ntok, bits, y.data_ptr(), scratch,
-                              splitter.threads, chunks_in, chunks_down, int(force_portable))
-    if used < 0:
-        raise _expert_error(gate, up, down)
-    return y, int(used)
+    """(y [N, H], workspace bytes) = down(silu(gate x) * (up x)) for x [N, H] float32 in one library call: the
+    three GEMVs and the SwiGLU between them, rows split on the library's pool as `gemv` would split them
+    (`experts_silu` of one expert). ValueError when the matrices do not chain."""
+    ys, used = experts_silu(lib, [(gate, up, down, x, bits)], splitter, force_portable)
+    return ys[0], used
 
 
 def experts_silu(lib, work: list[tuple[MatrixDesc, MatrixDesc, MatrixDesc, torch.Tensor, int]],

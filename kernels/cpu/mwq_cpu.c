@@ -450,13 +450,21 @@ static unsigned char *thread_arena(int64_t bytes) {
     return (unsigned char *)(((uintptr_t)arena + 63) & ~(uintptr_t)63);
 }
 
-/* Bytes the arena holds for a call of these shapes (what the caller counts as workspace). */
-int64_t d2_expert_workspace(const d2_matrix *gate, const d2_matrix *down, int32_t ntok, int32_t act_bits,
-                            int64_t scratch_floats) {
-    const int64_t H = gate->cols, I = gate->rows, halves = act_bits == 16 ? 2 : 1;
-    const int64_t gx = H / gate->group_size, gh = I / down->group_size;
-    return align64(halves * ntok * H) + align64(8 * ntok * gx) + 2 * align64(4 * ntok * I) +
-           align64(halves * ntok * I) + align64(8 * ntok * gh) + align64(4 * scratch_floats) + 64;
+/* Arena bytes for x [ntok, cols] quantized per group: the int8 half (or halves) and (dx, sx) per group. */
+static int64_t qx_bytes(int32_t ntok, int32_t cols, int32_t group_size, int halves) {
+    return align64((int64_t)halves * ntok * cols) + align64(8 * (int64_t)ntok * (cols / group_size));
+}
+
+/* x quantized into the arena at *p (which advances past it), as d2_quantize_x lays it out. */
+static d2_qx quantize_into(unsigned char **p, const float *x, int32_t ntok, int32_t cols, int32_t group_size,
+                           int halves) {
+    int8_t *hi = (int8_t *)*p;
+    float *dx = (float *)(*p + align64((int64_t)halves * ntok * cols));
+    d2_qx q = {ntok, cols, group_size, hi, halves == 2 ? hi + (int64_t)ntok * cols : NULL, dx,
+               dx + (int64_t)ntok * (cols / group_size)};
+    *p += qx_bytes(ntok, cols, group_size, halves);
+    d2_quantize_x(x, ntok, cols, group_size, q.hi, q.lo, q.dx, q.sx);
+    return q;
 }
 
 static void expert_gemv(const d2_matrix *m, const d2_qx *q, float *y, float *scratch, int64_t scratch_floats,
@@ -469,37 +477,31 @@ static void expert_gemv(const d2_matrix *m, const d2_qx *q, float *y, float *scr
 
 /* Returns the workspace bytes used (>= 0), or -1 when the shapes do not chain (gate/up [I, H], down [H, I],
    one group size for gate and up) or the arena cannot be allocated. */
-int64_t d2_expert_silu(const d2_matrix *gate, const d2_matrix *up, const d2_matrix *down, const float *x,
-                       int32_t ntok, int32_t act_bits, float *y, int64_t scratch_floats, int32_t threads,
-                       int32_t chunks_in, int32_t chunks_down, int32_t force_portable) {
+static int64_t expert_silu(const d2_matrix *gate, const d2_matrix *up, const d2_matrix *down, const float *x,
+                           int32_t ntok, int32_t act_bits, float *y, int64_t scratch_floats, int32_t threads,
+                           int32_t chunks_in, int32_t chunks_down, int32_t force_portable) {
     const int32_t H = gate->cols, I = gate->rows;
     if (up->rows != I || up->cols != H || down->rows != H || down->cols != I || up->group_size != gate->group_size ||
         ntok <= 0 || (act_bits != 8 && act_bits != 16))
         return -1;
-    const int64_t bytes = d2_expert_workspace(gate, down, ntok, act_bits, scratch_floats);
+    const int halves = act_bits == 16 ? 2 : 1;
+    const int64_t gu = align64(4 * (int64_t)ntok * I); /* the gate and up outputs, each */
+    const int64_t bytes = qx_bytes(ntok, H, gate->group_size, halves) + 2 * gu +
+                          qx_bytes(ntok, I, down->group_size, halves) + align64(4 * scratch_floats) + 64;
     unsigned char *p = thread_arena(bytes);
     if (!p) return -1;
-    const int64_t halves = act_bits == 16 ? 2 : 1, gx = H / gate->group_size, gh = I / down->group_size;
-    int8_t *xq = (int8_t *)p;          p += align64(halves * ntok * H);
-    float *xds = (float *)p;           p += align64(8 * (int64_t)ntok * gx);
-    float *g = (float *)p;             p += align64(4 * (int64_t)ntok * I);
-    float *u = (float *)p;             p += align64(4 * (int64_t)ntok * I);
-    int8_t *hq = (int8_t *)p;          p += align64(halves * ntok * I);
-    float *hds = (float *)p;           p += align64(8 * (int64_t)ntok * gh);
-    float *scratch = (float *)p;
-
-    d2_qx qx = {ntok, H, gate->group_size, xq, halves == 2 ? xq + (int64_t)ntok * H : NULL, xds, xds + (int64_t)ntok * gx};
-    d2_quantize_x(x, ntok, H, gate->group_size, qx.hi, qx.lo, qx.dx, qx.sx);
+    float *g = (float *)p, *u = (float *)(p + gu), *scratch = (float *)(p + 2 * gu);
+    p += 2 * gu + align64(4 * scratch_floats); /* then the two quantized inputs */
+    const d2_qx qx = quantize_into(&p, x, ntok, H, gate->group_size, halves);
     expert_gemv(gate, &qx, g, scratch, scratch_floats, threads, chunks_in, force_portable);
     expert_gemv(up, &qx, u, scratch, scratch_floats, threads, chunks_in, force_portable);
     for (int64_t i = 0; i < (int64_t)ntok * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    d2_qx qh = {ntok, I, down->group_size, hq, halves == 2 ? hq + (int64_t)ntok * I : NULL, hds, hds + (int64_t)ntok * gh};
-    d2_quantize_x(g, ntok, I, down->group_size, qh.hi, qh.lo, qh.dx, qh.sx);
+    const d2_qx qh = quantize_into(&p, g, ntok, I, down->group_size, halves);
     expert_gemv(down, &qh, y, scratch, scratch_floats, threads, chunks_down, force_portable);
     return bytes;
 }
 
-/* A step's experts in one call: items[i] = (gate, up, down, x, y, ntok, act_bits) as d2_expert_silu. Experts
+/* A step's experts in one call: items[i] = (gate, up, down, x, y, ntok, act_bits) as expert_silu. Experts
    too small to split by rows (chunks_in = chunks_down = 1 for every item) run whole, one per pool thread;
    otherwise one after another, each split by rows. Returns the workspace bytes held at once (one arena
    per thread running), or -1 when an item's shapes do not chain. */
@@ -522,20 +524,20 @@ void d2_pool_items(void (*item)(void *ctx, int32_t i), void *ctx, int32_t n, int
 static void run_expert_item(void *ctx, int32_t i) {
     const d2_items_ctx *c = (const d2_items_ctx *)ctx;
     d2_expert_item *it = c->items + i;
-    it->used = d2_expert_silu(it->gate, it->up, it->down, it->x, it->ntok, it->act_bits, it->y, c->scratch_floats,
-                              1, 1, 1, c->force_portable);
+    it->used = expert_silu(it->gate, it->up, it->down, it->x, it->ntok, it->act_bits, it->y, c->scratch_floats,
+                           1, 1, 1, c->force_portable);
 }
 
 int64_t d2_experts_silu(d2_expert_item *items, int32_t n, int64_t scratch_floats, int32_t threads,
                         int32_t force_portable) {
     int split_rows = 0;
     for (int32_t i = 0; i < n; i++) split_rows |= items[i].chunks_in > 1 || items[i].chunks_down > 1;
-    int64_t most = 0, total = 0;
+    int64_t most = 0;
     if (split_rows || threads <= 1) {
         for (int32_t i = 0; i < n; i++) {
             d2_expert_item *it = items + i;
-            it->used = d2_expert_silu(it->gate, it->up, it->down, it->x, it->ntok, it->act_bits, it->y, scratch_floats,
-                                      threads, it->chunks_in, it->chunks_down, force_portable);
+            it->used = expert_silu(it->gate, it->up, it->down, it->x, it->ntok, it->act_bits, it->y, scratch_floats,
+                                   threads, it->chunks_in, it->chunks_down, force_portable);
         }
     } else {
         d2_items_ctx ctx = {items, scratch_floats, force_portable};
@@ -545,8 +547,7 @@ int64_t d2_experts_silu(d2_expert_item *items, int32_t n, int64_t scratch_floats
         if (items[i].used < 0) return -1;
         most = items[i].used > most ? items[i].used : most;
     }
-    total = most * (split_rows || threads <= 1 ? 1 : (n < threads ? n : threads));
-    return total;
+    return most * (split_rows || threads <= 1 ? 1 : (n < threads ? n : threads));
 }
 
 /* y [ntok, rows] = x W^T for one matrix (a dense layer in the experts' format, run --dense-weights int4): x
@@ -554,16 +555,11 @@ int64_t d2_experts_silu(d2_expert_item *items, int32_t n, int64_t scratch_floats
 int64_t d2_linear(const d2_matrix *m, const float *x, int32_t ntok, int32_t act_bits, float *y,
                   int64_t scratch_floats, int32_t threads, int32_t nchunks, int32_t force_portable) {
     if (ntok <= 0 || (act_bits != 8 && act_bits != 16)) return -1;
-    const int64_t halves = act_bits == 16 ? 2 : 1, G = m->cols / m->group_size;
-    const int64_t bytes = align64(halves * ntok * m->cols) + align64(8 * (int64_t)ntok * G) +
-                          align64(4 * scratch_floats) + 64;
+    const int halves = act_bits == 16 ? 2 : 1;
+    const int64_t bytes = qx_bytes(ntok, m->cols, m->group_size, halves) + align64(4 * scratch_floats) + 64;
     unsigned char *p = thread_arena(bytes);
     if (!p) return -1;
-    int8_t *xq = (int8_t *)p;  p += align64(halves * ntok * m->cols);
-    float *xds = (float *)p;   p += align64(8 * (int64_t)ntok * G);
-    d2_qx q = {ntok, m->cols, m->group_size, xq, halves == 2 ? xq + (int64_t)ntok * m->cols : NULL, xds,
-               xds + (int64_t)ntok * G};
-    d2_quantize_x(x, ntok, m->cols, m->group_size, q.hi, q.lo, q.dx, q.sx);
+    const d2_qx q = quantize_into(&p, x, ntok, m->cols, m->group_size, halves);
     expert_gemv(m, &q, y, (float *)p, scratch_floats, threads, nchunks, force_portable);
     return bytes;
 }

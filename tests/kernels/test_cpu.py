@@ -235,7 +235,7 @@ def test_expert_forward_paths_agree_with_the_reference(tokens):
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("shape", [(96, 64, 32), (512, 1024, 64), (3 * 256 + 128, 512, 128)])
 def test_one_call_expert_equals_the_composed_kernels(shape, bits, monkeypatch):
-    """d2_expert_silu (quantize, gate and up GEMVs, SwiGLU, quantize, down GEMV in C) against the same steps
+    """expert_silu (quantize, gate and up GEMVs, SwiGLU, quantize, down GEMV in C) against the same steps
     from Python: equal up to the float rounding of silu, at every level; its own threaded rows bit-equal to
     one thread; and the forward takes it for SiLU experts only."""
     inter, hidden, gs = shape
