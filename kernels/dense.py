@@ -149,11 +149,12 @@ def _int4_forward(module: nn.Linear, lib, splitter, desc: cpu.MatrixDesc):
     from d2moe.kernels.dispatch import gemv_limit, tiled_matmul
 
     rows, cols, limit = desc.rows, desc.cols, gemv_limit(8, torch.float32)
+    one_call = os.environ.get("D2MOE_SPLIT") != "python"  # cpu.linear splits in the library only (A/B: gemv)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         tokens = _tokens(x)
         x2 = x.reshape(tokens, cols).float()
-        if tokens <= limit and os.environ.get("D2MOE_SPLIT") != "python":  # one library call
+        if tokens <= limit and one_call:
             y = cpu.linear(lib, desc, x2, 8, splitter)
         elif tokens <= limit:
             y = cpu.gemv(lib, desc, cpu.QuantizedX(lib, x2, INT4_GROUP, 8), splitter)

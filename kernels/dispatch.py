@@ -127,8 +127,9 @@ class ExpertKernels:
         SiLU experts on the CPU, one call each otherwise."""
         if self.gpu is not None:
             return self.gpu.forward_group(work, act_fn, self.gemv_max_tokens or GEMV_MAX_TOKENS)
-        batch = [i for i, (p, x) in enumerate(work) if self.lib is not None and self.fused and _is_silu(act_fn)
-                 and isinstance(p.gate, cpu.MatrixDesc) and x.shape[0] <= self.gemv_limit(p.level, p.gate.struct.layout)]
+        fusable = self.lib is not None and self.fused and _is_silu(act_fn)
+        batch = [i for i, (p, x) in enumerate(work) if fusable and isinstance(p.gate, cpu.MatrixDesc)
+                 and x.shape[0] <= self.gemv_limit(p.level, p.gate.struct.layout)]
         out: list[torch.Tensor | None] = [None] * len(work)
         if batch:
             ys, workspace = cpu.experts_silu(self.lib, [(work[i][0].gate, work[i][0].up, work[i][0].down, work[i][1],

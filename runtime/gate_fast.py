@@ -87,7 +87,7 @@ class FrozenGate:
             self._bits = np.asarray(self.levels, dtype=np.int64)
             self._logits = np.empty(SMALL * len(self.levels), dtype=np.float32)
             self._assigned = np.empty(SMALL, dtype=np.int32)
-            self._scratch_at = (self._bits.ctypes.data, None, self._logits.ctypes.data, self._assigned.ctypes.data)
+            self._scratch_at = (self._bits.ctypes.data, self._logits.ctypes.data, self._assigned.ctypes.data)
 
     def _native_head(self, head):
         """d2_gate_levels' head (kernels.cpu.GateHead) over the arrays of self.heads, which keep owning them."""
@@ -122,7 +122,7 @@ class FrozenGate:
         if hidden.shape[1] != self.gate.hidden_size:
             raise ValueError(f"gate step hidden size {hidden.shape[1]} is not the gate's {self.gate.hidden_size}")
         n = t * k
-        bits_at, _, logits_at, assigned_at = self._scratch_at
+        bits_at, logits_at, assigned_at = self._scratch_at
         rc = self.lib.d2_gate_levels(self._native[int(layer)], hidden.data_ptr(), t, top_k_index.data_ptr(),
                                      top_k_weights.data_ptr(), k, self.caps(layer, n).ctypes.data, bits_at,
                                      None if out is None else out.data_ptr(), logits_at, assigned_at)
@@ -157,10 +157,9 @@ class FrozenGate:
             out = torch.empty((t, k), dtype=torch.long)
             self.native_levels(layer, hidden, top_k_index, top_k_weights, out)
             return out
-        else:
-            logits = self.logits(layer, hidden.to(torch.float32).numpy(), top_k_index.numpy(),
-                                 top_k_weights.to(torch.float32).numpy())
-            rows = logits.reshape(t * k, -1).astype(np.float64).tolist()
-            idx = assign_rule(rows, self.caps(layer, t * k).tolist())
+        logits = self.logits(layer, hidden.to(torch.float32).numpy(), top_k_index.numpy(),
+                             top_k_weights.to(torch.float32).numpy())
+        rows = logits.reshape(t * k, -1).astype(np.float64).tolist()
+        idx = assign_rule(rows, self.caps(layer, t * k).tolist())
         levels = self.levels
         return torch.tensor([levels[i] for i in idx], dtype=torch.long).reshape(t, k)

@@ -467,8 +467,9 @@ static d2_qx quantize_into(unsigned char **p, const float *x, int32_t ntok, int3
     return q;
 }
 
-static void expert_gemv(const d2_matrix *m, const d2_qx *q, float *y, float *scratch, int64_t scratch_floats,
-                        int32_t threads, int32_t nchunks, int32_t force_portable) {
+/* A whole matrix's GEMV, its rows split on the pool when nchunks > 1. */
+static void gemv_split(const d2_matrix *m, const d2_qx *q, float *y, float *scratch, int64_t scratch_floats,
+                       int32_t threads, int32_t nchunks, int32_t force_portable) {
     if (nchunks > 1 && threads > 1)
         d2_pool_gemv(m, q, y, m->rows, m->rows, scratch_floats, force_portable, threads, nchunks);
     else
@@ -493,11 +494,11 @@ static int64_t expert_silu(const d2_matrix *gate, const d2_matrix *up, const d2_
     float *g = (float *)p, *u = (float *)(p + gu), *scratch = (float *)(p + 2 * gu);
     p += 2 * gu + align64(4 * scratch_floats); /* then the two quantized inputs */
     const d2_qx qx = quantize_into(&p, x, ntok, H, gate->group_size, halves);
-    expert_gemv(gate, &qx, g, scratch, scratch_floats, threads, chunks_in, force_portable);
-    expert_gemv(up, &qx, u, scratch, scratch_floats, threads, chunks_in, force_portable);
+    gemv_split(gate, &qx, g, scratch, scratch_floats, threads, chunks_in, force_portable);
+    gemv_split(up, &qx, u, scratch, scratch_floats, threads, chunks_in, force_portable);
     for (int64_t i = 0; i < (int64_t)ntok * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     const d2_qx qh = quantize_into(&p, g, ntok, I, down->group_size, halves);
-    expert_gemv(down, &qh, y, scratch, scratch_floats, threads, chunks_down, force_portable);
+    gemv_split(down, &qh, y, scratch, scratch_floats, threads, chunks_down, force_portable);
     return bytes;
 }
 
@@ -560,6 +561,6 @@ int64_t d2_linear(const d2_matrix *m, const float *x, int32_t ntok, int32_t act_
     unsigned char *p = thread_arena(bytes);
     if (!p) return -1;
     const d2_qx q = quantize_into(&p, x, ntok, m->cols, m->group_size, halves);
-    expert_gemv(m, &q, y, (float *)p, scratch_floats, threads, nchunks, force_portable);
+    gemv_split(m, &q, y, (float *)p, scratch_floats, threads, nchunks, force_portable);
     return bytes;
 }
