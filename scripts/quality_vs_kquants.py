@@ -1,15 +1,18 @@
 """Quality of d2moe's nested levels beside llama.cpp's K-quants on the same trained MoE, in one run.
 
-Experts only are quantized on both sides (everything else stays 16-bit); each perplexity is reported as
-a ratio to the same tool's own 16-bit run on the same held-out text (the tools tokenize and window
-differently, so absolute perplexities are not comparable; ratios are). Held-out text is never used
-for calibration: --calib gets the training split.
+Experts only are quantized on both sides (everything else stays 16-bit), and both are scored in one
+harness: d2moe's perplexity recipe (`d2moe eval`: windows of --ctx tokens of the held-out text, our
+tokenizer), each as a ratio to the unquantized model. Held-out text is never used for calibration:
+--calib and llama-imatrix get the training split.
 
 d2moe: `pack --bits 2,3,4` and `--bits 2,3,4,8`, each plain and with `--calib TRAIN`, then
 `eval --level all --reference SRC`. llama.cpp: convert to F16 GGUF, `llama-imatrix` on TRAIN, then
-`llama-quantize --tensor-type ffn_(gate|up|down)_exps=Q2_K|Q3_K|Q4_K` with and without `--imatrix`,
-and `llama-perplexity` on the held-out text. Needs expert matrices whose input width is a multiple
-of 256 (K-quant super-blocks), e.g. a model from `scripts/train_tiny_moe.py --hidden 256 --intermediate 512`.
+`llama-quantize --tensor-type ffn_(gate|up|down)_exps=Q2_K|Q3_K|Q4_K` with and without `--imatrix`;
+its quantized experts are read back with its own gguf-py (dequantized exactly as it stores them), put
+into the transformers model in place of the originals and scored by the same recipe. (Scoring with
+`llama-perplexity` instead compares two tokenizers and two context framings; an earlier run did that.)
+Needs expert matrices whose input width is a multiple of 256 (K-quant super-blocks), e.g. a model from
+`scripts/train_tiny_moe.py --hidden 256 --intermediate 512`.
 
     .venv/bin/python scripts/quality_vs_kquants.py MODEL --train TRAIN.txt --heldout HELDOUT.txt \
         --llama $LLAMA_CPP --out benchmarks/results/quality_kquants
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 KQUANTS = {2: ("Q2_K", 2.625), 3: ("Q3_K", 3.4375), 4: ("Q4_K", 4.5)}
@@ -60,7 +64,7 @@ def d2moe_rows(args, work: Path) -> list[dict]:
                 rows.append({"tool": "d2moe", "pack_bits": bits, "calibrated": calib, "weighting": args.weighting, "level": lvl,
                              "bpw": round(8 * pack["bytes_per_level"][str(lvl)] / (weights * pack_experts(pack)), 3),
                              "ppl": round(r["perplexity"]["ppl"], 4), "ppl_16bit": round(base, 4),
-                             "ratio": round(r["perplexity"]["ppl"] / base, 4)})
+                             "ratio": round(r["perplexity"]["ppl"] / base, 5)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -74,11 +78,49 @@ def pack_experts(pack: dict) -> int:
     return pack["moe_layers"] * pack["experts_per_layer"]
 
 
-def ppl_of(text: str) -> float:
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", text)
-    if not m:
-        raise SystemExit(f"no perplexity in llama-perplexity output:\n{text[-1500:]}")
-    return float(m.group(1))
+def gguf_experts(llama: Path, path: Path, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """llama.cpp's expert matrices from a GGUF, dequantized by its gguf-py: per layer (gate_up [E, 2I, H],
+    down [E, H, I]), as transformers' Mixtral experts hold them."""
+    sys.path.insert(0, str(llama / "gguf-py"))
+    import gguf
+
+    by_name = {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+    def load(name: str) -> torch.Tensor:
+        t = by_name[name]
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+
+    out = []
+    for i in range(n_layers):
+        gate, up, down = (load(f"blk.{i}.ffn_{k}_exps.weight") for k in ("gate", "up", "down"))
+        out.append((torch.cat([gate, up], dim=1), down))
+    return out
+
+
+class Harness:
+    """The source model in float32 and the held-out ids: perplexity with any experts swapped in."""
+
+    def __init__(self, model: Path, heldout: Path, ctx: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from d2moe.apps.evaluate import encode_text, load_text_files
+
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        self.ids = encode_text(AutoTokenizer.from_pretrained(model), load_text_files([heldout]))
+        self.ctx = ctx
+        self.experts = [layer.mlp.experts for layer in self.model.model.layers]
+        self.original = [(e.gate_up_proj.data, e.down_proj.data) for e in self.experts]
+
+    def ppl(self, experts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
+        from d2moe.apps.evaluate import model_logits_fn, perplexity
+
+        for e, (gate_up, down), (og, od) in zip(self.experts, experts or self.original, self.original, strict=True):
+            e.gate_up_proj.data, e.down_proj.data = gate_up.view_as(og).to(og.dtype), down.view_as(od).to(od.dtype)
+        try:
+            return perplexity(model_logits_fn(self.model), self.ids, seq_len=self.ctx).ppl
+        finally:
+            for e, (og, od) in zip(self.experts, self.original, strict=True):
+                e.gate_up_proj.data, e.down_proj.data = og, od
 
 
 def llama_rows(args, work: Path) -> list[dict]:
@@ -86,8 +128,8 @@ def llama_rows(args, work: Path) -> list[dict]:
     f16 = work / "model-F16.gguf"
     run([sys.executable, ROOT / "scripts" / "llama_convert.py", args.llama, args.model, "--outtype", "f16",
          "--outfile", f16], "convert")
-    perplexity = [bin_ / "llama-perplexity", "-f", args.heldout, "-c", str(args.ctx), "-t", "2", "-b", str(args.ctx)]
-    base = ppl_of(run([*perplexity, "-m", f16], "perplexity F16"))
+    harness = Harness(args.model, args.heldout, args.ctx)
+    base = harness.ppl()
     imatrix = work / "imatrix.gguf"
     run([bin_ / "llama-imatrix", "-m", f16, "-f", args.train, "-c", str(args.ctx), "-t", "2", "-o", imatrix,
          "--chunks", str(max(1, args.calib_tokens // args.ctx))], "imatrix")
@@ -107,9 +149,9 @@ def llama_rows(args, work: Path) -> list[dict]:
             ktype = qtype.replace("_K", "_K").lower().replace("_k", "_K")  # llama prints "q2_K"
             if f"-> {ktype}" not in log or "converting to q8_0" in log:
                 raise SystemExit(f"llama-quantize did not give experts {qtype} and the rest 16-bit:\n{log[-1500:]}")
-            ppl = ppl_of(run([*perplexity, "-m", out], f"perplexity {qtype}"))
+            ppl = harness.ppl(gguf_experts(args.llama, out, len(harness.experts)))
             rows.append({"tool": "llama.cpp", "type": qtype, "imatrix": use_imatrix, "level": bits, "bpw": bpw,
-                         "ppl": ppl, "ppl_16bit": base, "ratio": round(ppl / base, 4)})
+                         "ppl": ppl, "ppl_16bit": base, "ratio": round(ppl / base, 5)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -127,7 +169,7 @@ def table(rows: list[dict]) -> str:
     for level in (2, 3, 4):
         cells = [d2(level, "2,3,4", False), d2(level, "2,3,4", True), d2(level, "2,3,4,8", False),
                  d2(level, "2,3,4,8", True), ll(level, False), ll(level, True)]
-        lines.append(f"| {level} | " + " | ".join(f"{c['ratio']:.4f}" for c in cells)
+        lines.append(f"| {level} | " + " | ".join(f"{c['ratio']:.5f}" for c in cells)
                      + f" | {cells[0]['bpw']:.2f} / {cells[4]['bpw']:.2f} |")
     return "\n".join(lines)
 
