@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from d2moe.kernels.packed import PackedMatrix
+from d2moe.quantize.subblock import SUPER_PARAMS
 
 SOURCE = Path(__file__).parent / "cpu" / "mwq_cpu.c"  # the expert kernels; built with DENSE_SOURCE into one library
 DENSE_SOURCE = Path(__file__).parent / "cpu" / "dense_cpu.c"  # dense GEMV and single-query attention
@@ -48,6 +49,7 @@ class _Matrix(ctypes.Structure):
         ("term_first", ctypes.c_int32 * MAX_TERMS), ("term_nplanes", ctypes.c_int32 * MAX_TERMS),
         ("term_mul", ctypes.c_float * MAX_TERMS), ("term_bias", ctypes.c_float * MAX_TERMS),
         ("layout", ctypes.c_int32),
+        ("pcode", ctypes.c_void_p), ("psuper", ctypes.c_void_p),  # scheme subblock (else NULL)
     ]
 
 
@@ -197,12 +199,15 @@ def ready_layout() -> int:
     return ROWS if lib is None else int(lib.d2_ready_layout())
 
 
-def blocks_planes(group_size: int) -> bool:
+def blocks_planes(group_size: int, cols: tuple[int, ...] = ()) -> bool:
     """Whether the cache should hold this machine's kernel-ready layout (block_planes/block_params as bytes
-    land): AVX2 for any group size % 32 (its bit-to-byte expansion from the file's rows costs more than the
-    multiply), AVX-512 for % 64 (from the file's rows every (row, group) pays a reduction)."""
+    land) for matrices of these input widths: AVX2 for any group size % 32 (its bit-to-byte expansion from
+    the file's rows costs more than the multiply), AVX-512 for % 16 with every width % 64 (its 16-row words
+    hold 4 columns; from the file's rows every (row, group) pays a reduction)."""
     layout = ready_layout()
-    return (layout == BLOCKED and group_size % 32 == 0) or (layout == ROWS16 and group_size % 64 == 0)
+    if layout == ROWS16:
+        return group_size % 16 == 0 and all(c % 64 == 0 for c in (group_size * 4, *cols))
+    return layout == BLOCKED and group_size % 32 == 0
 
 
 def block_planes(planes: torch.Tensor) -> None:
@@ -221,18 +226,29 @@ def block_planes(planes: torch.Tensor) -> None:
 
 def block_params(params: torch.Tensor) -> None:
     """Per-group parameters [..., O, G] float16 (scale, offset, alpha) to the kernel-ready layout, in
-    place: [G, 16] per block of 16 rows under ROWS16; other layouts keep the file's."""
-    if params.dtype != torch.float16 or not params.is_contiguous() or params.device.type != "cpu":
-        raise ValueError("block_params needs contiguous float16 CPU parameter rows")
-    if params.numel() and ready_layout() == ROWS16:
-        rows, groups = params.shape[-2], params.shape[-1]
-        load().d2_interleave_params(params.data_ptr(), params.numel() // (rows * groups), rows, groups)
+    place: [G, 16] per block of 16 rows under ROWS16; other layouts keep the file's. Scheme subblock's
+    parameter codes (uint8 [O, G]) go to [G, 16] bytes per block, its super-block parameters (float16
+    [O, S, 3]) to [S * 3, 16]."""
+    if params.dtype not in (torch.float16, torch.uint8) or not params.is_contiguous() or params.device.type != "cpu":
+        raise ValueError("block_params needs contiguous float16 (or uint8 code) CPU parameter rows")
+    if not params.numel() or ready_layout() != ROWS16:
+        return
+    if params.dtype == torch.uint8:
+        rows, groups = params.shape
+        full = rows & ~15
+        blocks = params[:full].view(full // 16, 16, groups)
+        blocks.copy_(blocks.transpose(1, 2).contiguous().view(full // 16, 16, groups))
+        return
+    if params.dim() == 3 and params.shape[-1] == SUPER_PARAMS:  # subblock's [O, S, 3]
+        params = params.view(params.shape[0], -1)
+    rows, groups = params.shape[-2], params.shape[-1]
+    load().d2_interleave_params(params.data_ptr(), params.numel() // (rows * groups), rows, groups)
 
 
 def blocked(m: PackedMatrix) -> PackedMatrix:
     """A copy of `m` in the kernel-ready layout (tests and benchmarks; the runtime re-lays out the cache's
-    own bytes in place as they land). Unchanged where the layout does not apply (ROWS16: group size % 64)."""
-    if ready_layout() == ROWS16 and not blocks_planes(m.cfg.group_size):
+    own bytes in place as they land). Unchanged where the layout does not apply (blocks_planes)."""
+    if ready_layout() == ROWS16 and not blocks_planes(m.cfg.group_size, (m.shape[1],)):
         return m
     planes = tuple(p.clone() for p in m.planes)
     for p in planes:
@@ -252,7 +268,7 @@ class MatrixDesc:
     def __init__(self, m: PackedMatrix, level: int) -> None:
         rows, cols = m.shape
         terms = m.terms(level)
-        views = [m.offset, *m.planes[:level], *(t.coef for t in terms)]
+        views = [m.offset, *m.planes[:level], *(t.coef for t in terms)]  # subblock: supers, planes, codes
         for v in views:
             if not v.is_contiguous() or v.device.type != "cpu":
                 raise ValueError("packed matrix views must be contiguous CPU tensors")
@@ -260,9 +276,14 @@ class MatrixDesc:
         s.rows, s.cols, s.group_size, s.nterms = rows, cols, m.cfg.group_size, len(terms)
         for p in range(level):
             s.planes[p] = m.planes[p].data_ptr()
-        s.offset = m.offset.data_ptr()
+        subblock = m.cfg.scheme == "subblock"
+        if subblock:
+            s.pcode, s.psuper = m.scale.data_ptr(), m.offset.data_ptr()
+        else:
+            s.offset = m.offset.data_ptr()
         for i, t in enumerate(terms):
-            s.coef[i] = t.coef.data_ptr()
+            if not subblock:
+                s.coef[i] = t.coef.data_ptr()
             s.term_first[i], s.term_nplanes[i], s.term_mul[i], s.term_bias[i] = t.first, t.nplanes, t.mul, t.bias
         s.layout = ready_layout() if m.blocked else ROWS
         self.struct, self.ref, self.matrix, self.level = s, ctypes.byref(s), m, level

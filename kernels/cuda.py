@@ -94,6 +94,9 @@ class CudaExperts:
 
     # ---- the kernels ---------------------------------------------------------------------
     def describe(self, m: PackedMatrix, level: int) -> GpuMat:
+        # the kernels read float16 (scale, offset) per group: scheme subblock's are expanded on the device
+        # (+32 bits per group held with the descriptor, outside the cache's count)
+        m = m.expanded()
         rec = abi.mat_record(m, level, self.launcher.ptr)
         rows, cols = m.shape
         return GpuMat(rec, self.launcher.upload(rec), m, level, rows, cols)

@@ -66,7 +66,8 @@ def dequantize_packed(m: PackedMatrix, level: int, dtype: torch.dtype = torch.fl
     """The torch reference's [O, I] weight at `level` from a packed matrix (a full copy: oracle only)."""
     t = m.to_mwq()
     alpha = None if t.alpha is None else t.alpha[: level - m.cfg.b1]
-    return dequantize_reference(t.scale, t.offset, t.planes[:level], alpha, m.cfg.b1, level, m.cfg.group_size, dtype)
+    scale, offset = t.group_params()
+    return dequantize_reference(scale, offset, t.planes[:level], alpha, m.cfg.b1, level, m.cfg.group_size, dtype)
 
 
 @dataclass

@@ -12,7 +12,7 @@ with code_t the unsigned number read from planes [first_t, first_t + n_t), most 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,8 +33,8 @@ class PackedMatrix:
     shape: tuple[int, int]  # (O, I)
     cfg: MWQConfig
     level: int
-    scale: torch.Tensor  # float16 [O, G]
-    offset: torch.Tensor  # float16 [O, G]
+    scale: torch.Tensor  # float16 [O, G] (scheme subblock: uint8 codes [O, G])
+    offset: torch.Tensor  # float16 [O, G] (scheme subblock: super-block parameters float16 [O, S, 3])
     planes: tuple[torch.Tensor, ...]  # `level` uint8 [O, I/8] views, most significant first
     alphas: tuple[torch.Tensor, ...]  # residual: level - b1 float16 [O, G] views; sliced: ()
     blocked: bool = False  # planes and parameters in the CPU kernels' ready layout (kernels.cpu.ready_layout), not the file's
@@ -44,6 +44,18 @@ class PackedMatrix:
         t = t if level is None else t.truncate(level)
         alphas = () if t.alpha is None else tuple(t.alpha[j] for j in range(t.alpha.shape[0]))
         return cls(t.shape, t.cfg, t.level, t.scale, t.offset, tuple(t.planes[p] for p in range(t.level)), alphas)
+
+    def expanded(self) -> PackedMatrix:
+        """Scheme subblock as the sliced scheme with its float16 (scale, offset) per group expanded (a copy
+        of the parameters on their device; the planes stay views): for kernels that read float16 parameters."""
+        if self.cfg.scheme != "subblock":
+            return self
+        from d2moe.quantize.subblock import expand
+
+        if self.blocked:
+            raise ValueError("expand a subblock matrix before it is blocked")
+        scale, offset = expand(self.scale, self.offset, self.cfg.group_size)
+        return replace(self, cfg=replace(self.cfg, scheme="sliced"), scale=scale, offset=offset)
 
     def to_mwq(self) -> MWQTensor:
         if self.blocked:
@@ -60,7 +72,7 @@ class PackedMatrix:
         if level > self.level:
             raise ValueError(f"matrix holds levels up to {self.level}, not {level}")
         b1 = self.cfg.b1
-        if self.cfg.scheme == "sliced":
+        if self.cfg.scheme in ("sliced", "subblock"):  # subblock: coef = the codes (the kernels expand them)
             return [Term(0, level, self.scale, 2.0 ** -(level - b1), 0.5)]
         return [Term(0, b1, self.scale, 1.0, 0.5)] + [
             Term(b1 + j, 1, self.alphas[j], 2.0, -0.5) for j in range(level - b1)

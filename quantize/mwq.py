@@ -21,6 +21,7 @@ import torch
 
 from d2moe.errors import UsageError
 from d2moe.kernels.reference import dequantize_reference
+from d2moe.quantize import subblock
 from d2moe.quantize.bitplanes import pack_bits
 from d2moe.quantize.grid import check_shape, grid_codes, group_chunks, search_grid
 from d2moe.quantize.types import MWQConfig, MWQTensor
@@ -31,6 +32,9 @@ def quantize_mwq(w: torch.Tensor, cfg: MWQConfig) -> MWQTensor:
     rows, cols = check_shape(tuple(w.shape), cfg.group_size)
     if not torch.isfinite(w).all():
         raise UsageError(f"weight of shape {tuple(w.shape)} holds NaN or infinite values; quantize a finite matrix")
+    if cfg.scheme == "subblock":
+        codes, pcodes, supers = subblock.fit(w, cfg.bits, cfg.group_size)
+        return MWQTensor((rows, cols), cfg, cfg.bk, pcodes, supers, pack_bits(codes, cfg.bk), None)
     b1, bk, depth = cfg.b1, cfg.bk, cfg.bk - cfg.b1
     groups = w.detach().reshape(-1, cfg.group_size)  # [O*G, S]
     n_groups = groups.shape[0]
@@ -64,7 +68,8 @@ def dequantize(t: MWQTensor, level: int, dtype: torch.dtype = torch.float32) -> 
         raise UsageError(f"tensor holds levels up to {t.level}; level {level} needs its missing planes loaded first")
     b1 = t.cfg.b1
     alpha = None if t.alpha is None else t.alpha[: level - b1]
-    return dequantize_reference(t.scale, t.offset, t.planes[:level], alpha, b1, level, t.cfg.group_size, dtype)
+    scale, offset = t.group_params()
+    return dequantize_reference(scale, offset, t.planes[:level], alpha, b1, level, t.cfg.group_size, dtype)
 
 
 # --- residual refit ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from d2moe.errors import UsageError
 from d2moe.kernels import cpu
 from d2moe.quantize.grid import check_shape
+from d2moe.quantize.subblock import SUPER_PARAMS, n_supers
 from d2moe.quantize.types import MWQConfig, MWQTensor
 
 SOURCE = Path(__file__).parent / "native" / "mwq_fit.c"
@@ -34,6 +35,7 @@ ROWS_PER_TASK = 256
 # (K-quants' weighting at 3-6 bits); |x| (Q2_K's: the large weights kept, measured best on trained MoEs).
 WEIGHTINGS = ("mse", "magnitude", "abs")
 DEFAULT_WEIGHTING = "abs"
+NATIVE_SCHEMES = ("sliced", "subblock")
 
 
 @lru_cache(maxsize=1)
@@ -51,6 +53,8 @@ def load() -> ctypes.CDLL | None:
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.d2q_fit_rows.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, i32, p, p, p, p, p]
     lib.d2q_fit_rows.restype = ctypes.c_int
+    lib.d2q_fit_rows_subblock.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, i32, p, p, p, p, p]
+    lib.d2q_fit_rows_subblock.restype = ctypes.c_int
     return lib
 
 
@@ -65,13 +69,14 @@ class Fit:
 
 def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | None = None, refits: int = 0,
                pool: ThreadPoolExecutor | None = None, weighting: str = "mse") -> Fit:
-    """Fit a [O, I] float32/bfloat16/float16 matrix (row stride may exceed I) as a sliced MWQ tensor.
+    """Fit a [O, I] float32/bfloat16/float16 matrix (row stride may exceed I) as a sliced or subblock MWQ
+    tensor (subblock: d2moe.quantize.subblock, each grid fitted for level b1, parameters as codes).
 
     `weighting`: each element's share of the error, one of WEIGHTINGS (times its column weight)."""
     if weighting not in WEIGHTINGS:
         raise UsageError(f"--weighting {weighting!r} is unknown: use {', '.join(WEIGHTINGS)}")
-    if cfg.scheme != "sliced":
-        raise UsageError(f"the native quantizer fits the sliced scheme, not {cfg.scheme!r}")
+    if cfg.scheme not in NATIVE_SCHEMES:
+        raise UsageError(f"the native quantizer fits the {' and '.join(NATIVE_SCHEMES)} schemes, not {cfg.scheme!r}")
     rows, cols = check_shape(tuple(w.shape), cfg.group_size)
     if w.dtype not in DTYPES or w.stride(1) != 1:
         w = w.float().contiguous()
@@ -82,8 +87,14 @@ def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | 
             raise UsageError(f"column weights of shape {tuple(weight.shape)} do not match {cols} input columns")
     g = cols // cfg.group_size
     planes = torch.empty(cfg.bk, rows, cols // 8, dtype=torch.uint8)
-    scale = torch.empty(rows, g, dtype=torch.float16)
-    offset = torch.empty(rows, g, dtype=torch.float16)
+    subblock = cfg.scheme == "subblock"
+    if subblock:  # the tensor's "scale" and "offset" hold parameter codes and super-block parameters
+        scale = torch.empty(rows, g, dtype=torch.uint8)
+        offset = torch.empty(rows, n_supers(g, cfg.group_size), SUPER_PARAMS, dtype=torch.float16)
+    else:
+        scale = torch.empty(rows, g, dtype=torch.float16)
+        offset = torch.empty(rows, g, dtype=torch.float16)
+    fit_rows = lib.d2q_fit_rows_subblock if subblock else lib.d2q_fit_rows
     levels = (ctypes.c_int32 * len(cfg.bits))(*cfg.bits)
     chunks = [(r0, min(rows, r0 + ROWS_PER_TASK)) for r0 in range(0, rows, ROWS_PER_TASK)]
     errs = [(ctypes.c_double * len(cfg.bits))() for _ in chunks]
@@ -91,7 +102,7 @@ def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | 
 
     def run(k: int) -> int:
         r0, r1 = chunks[k]
-        return lib.d2q_fit_rows(
+        return fit_rows(
             w.data_ptr(), DTYPES[w.dtype], w.stride(0), rows, cols, cfg.group_size, cfg.bk, cfg.b1, len(cfg.bits),
             levels, None if weight is None else weight.data_ptr(), WEIGHTINGS.index(weighting), refits, r0, r1, planes.data_ptr(),
             scale.data_ptr(), offset.data_ptr(), errs[k], ctypes.byref(signals[k]))
@@ -102,6 +113,8 @@ def fit_sliced(lib, w: torch.Tensor, cfg: MWQConfig, col_weight: torch.Tensor | 
     if any(c == -2 for c in codes):
         worst = float(w.float().abs().max())
         raise UsageError(f"weights reach {worst:g}, beyond float16 range of the stored scales; rescale the matrix")
+    if any(c == -4 for c in codes):
+        raise MemoryError(f"native quantizer: out of memory fitting a matrix of shape {tuple(w.shape)}")
     if any(codes):
         raise UsageError(f"native quantizer rejected shape {tuple(w.shape)} with {cfg}")
     tensor = MWQTensor((rows, cols), cfg, cfg.bk, scale, offset, planes, None)

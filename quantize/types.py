@@ -12,7 +12,7 @@ import torch
 
 from d2moe.errors import UsageError
 
-SCHEMES = ("residual", "sliced")
+SCHEMES = ("residual", "sliced", "subblock")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,10 @@ class MWQConfig:
 
     bits: tuple[int, ...] = (2, 3, 4)  # readable levels, ascending; b1 = bits[0], bk = bits[-1]
     group_size: int = 64  # consecutive input columns sharing one scale/offset
-    scheme: str = "sliced"  # "sliced": tied plane magnitudes (MSB slicing); "residual": fitted per group
+    # "sliced": tied plane magnitudes (MSB slicing), float16 (scale, offset) per group; "residual": plane
+    # magnitudes fitted per group; "subblock": sliced, each group's (scale, offset) a 4-bit code pair against
+    # float16 parameters per super-block of 256 columns (d2moe.quantize.subblock), its grid fitted for level b1
+    scheme: str = "sliced"
 
     def __post_init__(self) -> None:
         bits = tuple(int(b) for b in self.bits)
@@ -32,6 +35,8 @@ class MWQConfig:
             raise UsageError(f"group size {self.group_size} must be a positive multiple of 8 (e.g. 64)")
         if self.scheme not in SCHEMES:
             raise UsageError(f"scheme {self.scheme!r} is unknown: use one of {', '.join(SCHEMES)}")
+        if self.scheme == "subblock" and 256 % self.group_size:
+            raise UsageError(f"group size {self.group_size} does not divide the subblock scheme's 256-column super-blocks (use 16, 32 or 64)")
 
     @property
     def b1(self) -> int:
@@ -54,8 +59,11 @@ class MWQTensor:
     Reconstruction at level b (b1 <= b <= level), per group g of row o:
         w = offset + scale * (q_b1 + 0.5) + sum_{j=1..b-b1} alpha_j * (2 * plane_{b1+j} - 1)
     where q_b1 is the b1-bit code read from the first b1 planes (MSB first) and
-    alpha_j = scale * 2**-(j+1) for the "sliced" scheme (not stored) or the stored per-group
-    magnitude for "residual". Bit c % 8 of byte c // 8 of a plane row is column c (little-endian).
+    alpha_j = scale * 2**-(j+1) for the "sliced" and "subblock" schemes (not stored) or the stored
+    per-group magnitude for "residual". Bit c % 8 of byte c // 8 of a plane row is column c (little-endian).
+    "subblock" stores (scale, offset) as codes: `scale` is uint8 [O, G] (low nibble: scale code, high
+    nibble: offset code) and `offset` float16 [O, S, 3] per super-block (d2moe.quantize.subblock);
+    `group_params()` gives every scheme's float16 (scale, offset) per group.
     """
 
     shape: tuple[int, int]  # (O, I)
@@ -65,6 +73,14 @@ class MWQTensor:
     offset: torch.Tensor  # float16 [O, G]: value of the grid's lower cell edge
     planes: torch.Tensor  # uint8 [level, O, I // 8]: bit-planes, most significant first
     alpha: torch.Tensor | None  # float16 [level - b1, O, G] for "residual"; None for "sliced"
+
+    def group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float16 (scale, offset) [O, G] of every group, whatever the scheme stores."""
+        if self.cfg.scheme == "subblock":
+            from d2moe.quantize.subblock import expand
+
+            return expand(self.scale, self.offset, self.cfg.group_size)
+        return self.scale, self.offset
 
     def truncate(self, level: int) -> MWQTensor:
         """The same tensor holding only what level `level` needs (a view: nothing is copied)."""

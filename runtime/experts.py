@@ -151,7 +151,8 @@ class ExpertPipeline:
         # CPU kernels that read planes faster in their blocked layout get every landed byte re-laid out in
         # place (crc checked first); the cache then holds only blocked planes
         self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None
-                        and isinstance(ckpt, PackedCheckpoint) and cpu.blocks_planes(ckpt.cfg.group_size))
+                        and isinstance(ckpt, PackedCheckpoint)
+                        and cpu.blocks_planes(ckpt.cfg.group_size, tuple(c for _, c in ckpt.matrix_shapes.values())))
         if transfer is not None:
             from d2moe.runtime.device import ExpertLayout
 

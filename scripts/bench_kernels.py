@@ -1,12 +1,14 @@
 """Kernel table: y = W_b x from packed MWQ planes per level and batch, beside torch's own kernels.
 
     python scripts/bench_kernels.py [--shape 14336x4096] [--levels 2,3,4,8] [--batches 1,4,8]
-                                    [--threads 1] [--repeats 7] [--tiles] [--json out.json]
+                                    [--formats sliced:64,subblock:32] [--threads 1] [--repeats 7] [--tiles]
+                                    [--json out.json]
 
 For each level b the native kernel (planes blocked where the runtime blocks them) (d2moe.kernels.cpu) runs on random planes of the shape (its
 speed does not depend on the values), with the runtime's activation width (int8 up to level 4,
 int16 above; `--activation-bits` forces one); "GB/s" is the packed bytes the level reads (b/8 byte per
-weight + f16 scale and offset per group) over the median time. Beside it on the same shape and
+weight + its parameters: f16 scale and offset per group, or subblock's code byte per group and 6 bytes
+per super-block) over the median time. Beside it on the same shape and
 batch: torch bf16 and fp32 matmul (weights resident), torch's int4 CPU kernel
 (`_weight_int4pack_mm_for_cpu`, group 64) and int8 kernel (`_weight_int8pack_mm`). d2moe's levels
 are interleaved within each repeat, then torch's kernels (torch's spinning intra-op threads would
@@ -27,15 +29,25 @@ from d2moe.kernels import cpu
 from d2moe.kernels.dispatch import INT8_ACTIVATIONS_UP_TO
 from d2moe.kernels.packed import PackedMatrix
 from d2moe.quantize import MWQConfig
+from d2moe.quantize.subblock import n_supers
 
 
-def _packed(rows: int, cols: int, levels: tuple[int, ...], group_size: int) -> PackedMatrix:
+def _packed(rows: int, cols: int, levels: tuple[int, ...], group_size: int, scheme: str = "sliced") -> PackedMatrix:
     g = torch.Generator().manual_seed(0)
-    cfg = MWQConfig(bits=levels, group_size=group_size, scheme="sliced")
+    cfg = MWQConfig(bits=levels, group_size=group_size, scheme=scheme)
     planes = tuple(torch.randint(0, 256, (rows, cols // 8), generator=g, dtype=torch.uint8) for _ in range(levels[-1]))
-    scale = (torch.rand(rows, cols // group_size, generator=g) * 0.01 + 1e-3).half()
-    offset = (torch.randn(rows, cols // group_size, generator=g) * 0.01).half()
+    if scheme == "subblock":  # parameter codes and float16 (d, lo, step) per super-block
+        scale = torch.randint(0, 256, (rows, cols // group_size), generator=g, dtype=torch.uint8)
+        offset = (torch.rand(rows, n_supers(cols // group_size, group_size), 3, generator=g) * 0.01).half()
+    else:
+        scale = (torch.rand(rows, cols // group_size, generator=g) * 0.01 + 1e-3).half()
+        offset = (torch.randn(rows, cols // group_size, generator=g) * 0.01).half()
     return PackedMatrix((rows, cols), cfg, levels[-1], scale, offset, planes, ())
+
+
+def _param_bytes(rows: int, cols: int, group_size: int, scheme: str) -> int:
+    groups = cols // group_size
+    return rows * (groups + 6 * n_supers(groups, group_size)) if scheme == "subblock" else rows * groups * 4
 
 
 def _torch_rows(rows: int, cols: int) -> dict:
@@ -66,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="14336x4096", help="ROWSxCOLS of W (Mixtral's w1/w3; 4096x14336 is w2)")
     p.add_argument("--levels", default="2,3,4,8")
     p.add_argument("--batches", default="1,4,8")
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--formats", default="sliced:64",
+                   help="scheme:group_size of the packed matrix, comma-separated for an A/B (e.g. sliced:64,subblock:32)")
     p.add_argument("--threads", type=int, default=1, help="kernel row threads and torch intra-op threads")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--activation-bits", type=int, choices=(8, 16), default=None,
@@ -83,28 +96,32 @@ def main(argv=None) -> int:
     if lib is None:
         print("native kernels unavailable (no compiler): nothing to measure", file=sys.stderr)
         return 1
-    m = _packed(rows, cols, levels, a.group_size)
-    if cpu.blocks_planes(a.group_size):  # as the runtime's cache holds them on this CPU
-        m = cpu.blocked(m)
-    descs = {b: cpu.MatrixDesc(m, b) for b in levels}
+    formats = [(f.split(":")[0], int(f.split(":")[1])) for f in a.formats.split(",")]
     splitter = cpu.RowSplitter(a.threads)
-    groups = rows * (cols // a.group_size)
-    packed_bytes = {b: rows * cols * b // 8 + 4 * groups for b in levels}
+
     def act_bits(level: int) -> int:  # as the runtime's --activations auto (or the forced width)
         return a.activation_bits or (8 if level <= INT8_ACTIVATIONS_UP_TO else 16)
 
-    systems = {f"d2moe level {b}": (lambda x, b=b: cpu.gemv(lib, descs[b], cpu.QuantizedX(lib, x, a.group_size,
-                                                                                       act_bits(b)), splitter))
-               for b in levels}
-    if a.tiles:
-        from d2moe.kernels.dispatch import tiled_matmul
+    systems, nbytes, blocked = {}, {}, []
+    for scheme, gs in formats:
+        m = _packed(rows, cols, levels, gs, scheme)
+        if cpu.blocks_planes(gs, (cols,)):  # as the runtime's cache holds them on this CPU
+            m = cpu.blocked(m)
+        blocked.append(m.blocked)
+        descs = {b: cpu.MatrixDesc(m, b) for b in levels}
+        tag = "d2moe" if len(formats) == 1 else f"d2moe {scheme}/g{gs}"
+        for b in levels:
+            nbytes[f"{tag} level {b}"] = nbytes[f"{tag} level {b} tiles"] = rows * cols * b // 8 + _param_bytes(rows, cols, gs, scheme)
+            systems[f"{tag} level {b}"] = (lambda x, d=descs[b], b=b, gs=gs:
+                                           cpu.gemv(lib, d, cpu.QuantizedX(lib, x, gs, act_bits(b)), splitter))
+            if a.tiles:
+                from d2moe.kernels.dispatch import tiled_matmul
 
-        systems.update({f"d2moe level {b} tiles": (lambda x, b=b: tiled_matmul(lib, descs[b], x, splitter))
-                        for b in levels})
+                systems[f"{tag} level {b} tiles"] = lambda x, d=descs[b]: tiled_matmul(lib, d, x, splitter)
     systems.update(_torch_rows(rows, cols))
-    nbytes = {**{f"d2moe level {b}": packed_bytes[b] for b in levels},
-              **{f"d2moe level {b} tiles": packed_bytes[b] for b in levels}, "torch bf16": 2 * rows * cols,
-              "torch fp32": 4 * rows * cols, "torch int4 (g64)": rows * cols // 2 + 4 * groups, "torch int8": rows * cols + 2 * rows}
+    groups = rows * (cols // 64)
+    nbytes.update({"torch bf16": 2 * rows * cols, "torch fp32": 4 * rows * cols, "torch int4 (g64)": rows * cols // 2 + 4 * groups,
+                   "torch int8": rows * cols + 2 * rows})
     results = []
     for n in batches:
         x = torch.randn(n, cols)
@@ -125,8 +142,8 @@ def main(argv=None) -> int:
                             "bytes": nbytes[name]})
     splitter.close()
     acts = f"int{a.activation_bits}" if a.activation_bits else "auto (int8 <= 4 bits, int16 above)"
-    print(f"shape {rows}x{cols}, group {a.group_size}, threads {a.threads}, kernels {cpu.simd_name()}"
-          f"{' (planes blocked)' if m.blocked else ''}, "
+    print(f"shape {rows}x{cols}, formats {a.formats}, threads {a.threads}, kernels {cpu.simd_name()}"
+          f"{' (planes blocked)' if all(blocked) else ''}, "
           f"activations {acts}, median of {a.repeats}")
     print("| system | batch | ms | GB/s of weights read | vs torch bf16 |")
     print("|---|---:|---:|---:|---:|")
@@ -135,8 +152,8 @@ def main(argv=None) -> int:
         print(f"| {r['system']} | {r['batch']} | {r['ms']:.2f} | {r['GB/s']:.1f} | {bf16 / r['ms']:.2f}x |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"shape": [rows, cols], "group_size": a.group_size, "threads": a.threads,
-                       "kernels": cpu.simd_name(), "blocked": m.blocked, "results": results}, f, indent=1)
+            json.dump({"shape": [rows, cols], "formats": a.formats, "threads": a.threads,
+                       "kernels": cpu.simd_name(), "blocked": blocked, "results": results}, f, indent=1)
     return 0
 
 

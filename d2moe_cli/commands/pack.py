@@ -10,6 +10,8 @@ import typer
 
 from d2moe.options import parse_bits
 
+SUBBLOCK_GROUP = 32  # BENCHMARKS.md §6.3: level 2 at 2.44 bits per weight beside Q2_K
+
 
 def register(app: typer.Typer) -> None:
     @app.command("pack")
@@ -17,8 +19,8 @@ def register(app: typer.Typer) -> None:
         src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors)")],
         out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
         bits: Annotated[str, typer.Option(help="levels (bit-widths) one stored copy serves, ascending")] = "2,3,4",
-        group_size: Annotated[int, typer.Option(help="input columns sharing one scale/offset")] = 64,
-        scheme: Annotated[str, typer.Option(help="sliced (MSB slicing: one affine term per level, fastest kernels) | residual (fitted plane magnitudes)")] = "sliced",
+        group_size: Annotated[int | None, typer.Option(help="input columns sharing one scale/offset (default: 64; subblock: 32)")] = None,
+        scheme: Annotated[str, typer.Option(help="sliced (MSB slicing: one affine term per level, fastest kernels) | subblock (sliced, 4-bit scale/offset codes per small group, grids fitted for the lowest level) | residual (fitted plane magnitudes)")] = "sliced",
         dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
         router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,
         force: Annotated[bool, typer.Option("--force", help="replace OUT if it is an existing packed checkpoint")] = False,
@@ -38,6 +40,8 @@ def register(app: typer.Typer) -> None:
         from d2moe.quantize.convert.pack import pack_checkpoint
         from d2moe.quantize.types import MWQConfig
 
+        if group_size is None:
+            group_size = SUBBLOCK_GROUP if scheme == "subblock" else 64
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
         weights, calib_id, calib_report = None, None, None
         if calib:

@@ -34,6 +34,9 @@ typedef struct {
     int32_t term_first[D2_MAX_TERMS], term_nplanes[D2_MAX_TERMS];
     float term_mul[D2_MAX_TERMS], term_bias[D2_MAX_TERMS];
     int32_t layout; /* D2_ROWS: planes as on disk; D2_BLOCKED: kernel-ready (d2_block_planes) */
+    /* scheme subblock (quantize/subblock.py): parameters as codes, offset and coef[0] unused (NULL) */
+    const uint8_t *pcode;   /* uint8 [rows, G]: scale code (low nibble), offset code (high); else NULL */
+    const uint16_t *psuper; /* f16 [rows, S, 3]: (d, lo, step) per 256-column super-block */
 } d2_matrix;
 
 /* x of n tokens quantized per group: hi/lo int8 halves of the int16 code, step and exact sum. */
@@ -178,6 +181,99 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
 
 #include "mwq_rows16.h"
 
+/* ---------------------------------------------------------------- scheme subblock (quantize/subblock.py)
+
+   Each group's (scale, offset) is a code byte against float16 (d, lo, step) per 256-column super-block:
+       scale = f16(d * (code & 15)),  offset = f16(lo + step * (code >> 4))
+   (float32 products of a float16 and a 4-bit integer are exact: one rounding, the same in torch). The
+   kernels read float16 parameters, so the entry points expand 16 rows' worth into scratch and run the
+   usual paths on that view. Under D2_ROWS16 the codes are interleaved per 16-row block as [G][16] bytes
+   and the super-block parameters as [S * 3][16] (d2_interleave_params), so a block expands in vectors. */
+
+static inline uint16_t f16_from_f32(float f) {
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+/* Floats of scratch before the expanded parameters: what the row-wise paths use. */
+static int64_t subblock_scratch_at(const d2_matrix *m) {
+    const int64_t G = m->cols / m->group_size, tokens = (int64_t)D2_MAX_TOKENS * G;
+    return (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
+}
+
+/* Rows [r0, r0 + n) (file layout codes) -> scale, offset float16 [n, G]. */
+static void subblock_expand_rows(const d2_matrix *m, int32_t r0, int32_t n, uint16_t *sc, uint16_t *of) {
+    const int G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
+    for (int i = 0; i < n; i++) {
+        const uint8_t *pc = m->pcode + (int64_t)(r0 + i) * G;
+        const uint16_t *ps = m->psuper + (int64_t)(r0 + i) * S * 3;
+        for (int s = 0; s < S; s++) {
+            const float d = f16_to_f32(ps[3 * s]), lo = f16_to_f32(ps[3 * s + 1]), st = f16_to_f32(ps[3 * s + 2]);
+            const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
+            for (int g = s * gps; g < g1; g++) {
+                sc[(int64_t)i * G + g] = f16_from_f32(d * (float)(pc[g] & 15));
+                of[(int64_t)i * G + g] = f16_from_f32(lo + st * (float)(pc[g] >> 4));
+            }
+        }
+    }
+}
+
+/* Block b of a D2_ROWS16 matrix (interleaved codes) -> scale, offset float16 [G][16]. */
+static void subblock_expand_block(const d2_matrix *m, int32_t b, uint16_t *sc, uint16_t *of) {
+    const int G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
+    const uint8_t *pc = m->pcode + (int64_t)b * 16 * G;
+    const uint16_t *ps = m->psuper + (int64_t)b * 16 * S * 3;
+    for (int s = 0; s < S; s++) {
+        const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
+#if D2_AVX512
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 48 * s)));
+        const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 48 * s + 16)));
+        const __m512 st = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 48 * s + 32)));
+        const __m512i nib = _mm512_set1_epi32(15);
+        for (int g = s * gps; g < g1; g++) {
+            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pc + 16 * (int64_t)g)));
+            const __m512 fs = _mm512_cvtepi32_ps(_mm512_and_si512(c, nib)), fo = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+            _mm256_storeu_si256((__m256i *)(sc + 16 * (int64_t)g),
+                                _mm512_cvtps_ph(_mm512_mul_ps(d, fs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            _mm256_storeu_si256((__m256i *)(of + 16 * (int64_t)g),
+                                _mm512_cvtps_ph(_mm512_fmadd_ps(st, fo, lo), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+#else
+        for (int i = 0; i < 16; i++) {
+            const float d = f16_to_f32(ps[48 * s + i]), lo = f16_to_f32(ps[48 * s + 16 + i]), st = f16_to_f32(ps[48 * s + 32 + i]);
+            for (int g = s * gps; g < g1; g++) {
+                const uint8_t c = pc[16 * (int64_t)g + i];
+                sc[16 * (int64_t)g + i] = f16_from_f32(d * (float)(c & 15));
+                of[16 * (int64_t)g + i] = f16_from_f32(lo + st * (float)(c >> 4));
+            }
+        }
+#endif
+    }
+}
+
+/* Rows [r0, r0 + 16) of m (fewer at the end; r0 % 16 == 0) as a matrix with float16 parameters in sc, of:
+   a whole D2_ROWS16 block stays blocked (parameters [G][16]), other rows are in the file's layout. */
+static d2_matrix subblock_view(const d2_matrix *m, int32_t r0, uint16_t *sc, uint16_t *of) {
+    d2_matrix v = *m;
+    const int64_t rb = m->cols / 8;
+    v.rows = m->rows - r0 < 16 ? m->rows - r0 : 16;
+    for (int p = 0; p < D2_MAX_PLANES; p++)
+        if (m->planes[p]) v.planes[p] = m->planes[p] + (int64_t)r0 * rb;
+    v.offset = of;
+    v.coef[0] = sc;
+    v.pcode = NULL;
+    v.psuper = NULL;
+    if (m->layout == D2_ROWS16 && r0 < (m->rows & ~15)) {
+        subblock_expand_block(m, r0 / 16, sc, of);
+    } else {
+        if (v.layout == D2_ROWS16) v.layout = D2_ROWS; /* rows past the last full block keep the file's layout */
+        subblock_expand_rows(m, r0, v.rows, sc, of);
+    }
+    return v;
+}
+
 /* ---------------------------------------------------------------- entry points */
 
 /* Scratch floats a row range needs: coefficients of every term and the base, per group. */
@@ -185,8 +281,8 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
    coefficients and base (D2_MAX_TERMS + 1 per group), then either per-token group factors (gemv) or
    one float32 row (bf16 tiles). */
 int64_t d2_scratch_floats(const d2_matrix *m) {
-    const int64_t G = m->cols / m->group_size, tokens = (int64_t)D2_MAX_TOKENS * G;
-    return (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
+    const int64_t G = m->cols / m->group_size;
+    return subblock_scratch_at(m) + (m->pcode ? 16 * G : 0); /* subblock: two float16 [16, G] parameter arrays */
 }
 
 /* The layout this build's vector kernels read fastest, made by d2_interleave_planes/_params (2) or
@@ -229,6 +325,16 @@ static void gemv_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ctx, 
 
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
+    if (m->pcode) { /* subblock: each 16-row view with its float16 parameters expanded, then this path */
+        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
+        for (int32_t o = r0; o < r1;) {
+            const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
+            const d2_matrix v = subblock_view(m, v0, sc, of);
+            d2_gemv_rows(&v, q, y + v0, ystride, o - v0, e - v0, scratch, force_portable);
+            o = e;
+        }
+        return;
+    }
     if (m->layout != D2_ROWS16) {
         gemv_rows(m, q, y, ystride, r0, r1, scratch, force_portable);
         return;
@@ -336,6 +442,17 @@ static void dequant_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ct
 
 void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
                      int32_t force_portable) {
+    if (m->pcode) { /* subblock: as d2_gemv_rows */
+        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
+        for (int32_t o = r0; o < r1;) {
+            const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
+            const d2_matrix v = subblock_view(m, v0, sc, of);
+            d2_dequant_rows(&v, (uint8_t *)out + (int64_t)(o - r0) * m->cols * (bf16 ? 2 : 4), o - v0, e - v0, scratch,
+                            bf16, force_portable);
+            o = e;
+        }
+        return;
+    }
     if (m->layout == D2_ROWS16) {
         dequant_ctx c = {(uint8_t *)out, r0, scratch, bf16, force_portable};
         rows16_by_rows(m, r0, r1, dequant_rows_fn, &c);

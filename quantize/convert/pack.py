@@ -93,7 +93,7 @@ def pack_checkpoint(
     layout = fmt.blob_layout(shapes, cfg)
     experts = ExpertSource(source, adapter, moe_layers, num_experts, shapes)
     gate_capacity = None if router is None else _check_gate(Path(router), source, experts, adapter, moe_layers, cfg)
-    lib = native.load() if cfg.scheme == "sliced" else None
+    lib = native.load() if cfg.scheme in native.NATIVE_SCHEMES else None
     if refits is None:
         refits = DEFAULT_REFITS if lib is not None else 0
     if weighting is None:
@@ -239,8 +239,8 @@ class _Fitter:
         self.lib, self.cfg, self.refits, self.workers, self.calib = lib, cfg, refits, workers, calib or {}
         self.weighting = weighting
         if lib is None and (refits or calib or weighting != "mse"):
-            if cfg.scheme != "sliced":
-                raise UsageError(f"--refits, --calib and --weighting apply to the sliced scheme, not {cfg.scheme!r}")
+            if cfg.scheme not in native.NATIVE_SCHEMES:
+                raise UsageError(f"--refits, --calib and --weighting apply to the sliced and subblock schemes, not {cfg.scheme!r}")
             raise UsageError("--refits, --calib and --weighting other than mse need the native quantizer, which could not "
                              "be built (no C compiler?)")
         self.name = "native-1" if lib is not None else "torch-1"

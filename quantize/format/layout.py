@@ -9,6 +9,7 @@ import torch
 
 from d2moe.errors import UsageError
 from d2moe.quantize.format.constants import ALIGN, MATRICES
+from d2moe.quantize.subblock import SUPER_PARAMS, n_supers
 from d2moe.quantize.types import MWQConfig
 
 
@@ -17,7 +18,7 @@ class Slot:
     """One tensor inside a level segment."""
 
     matrix: str
-    name: str  # "scale" | "offset" | "alpha" | "planes"
+    name: str  # "scale" | "offset" | "alpha" | "planes" (subblock: "scale" holds codes, "offset" super-blocks)
     dtype: torch.dtype
     shape: tuple[int, ...]
     start: int  # byte offset inside the segment
@@ -50,7 +51,11 @@ def _layout(shapes: tuple[tuple[str, int, int], ...], cfg: MWQConfig) -> BlobLay
         slots, cursor = [], 0
         for matrix, rows, cols in shapes:
             groups, row_bytes = cols // cfg.group_size, cols // 8
-            if i == 0:
+            if i == 0 and cfg.scheme == "subblock":  # parameter codes, super-block parameters (quantize.subblock)
+                names = [("scale", torch.uint8, (rows, groups)),
+                         ("offset", torch.float16, (rows, n_supers(groups, cfg.group_size), SUPER_PARAMS)),
+                         ("planes", torch.uint8, (bits, rows, row_bytes))]
+            elif i == 0:
                 names = [("scale", torch.float16, (rows, groups)), ("offset", torch.float16, (rows, groups)),
                          ("planes", torch.uint8, (bits, rows, row_bytes))]
             else:

@@ -14,6 +14,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_S 1024
@@ -241,6 +242,31 @@ static int refit(const Group *g, const uint8_t *q, const double *err, int b1, do
     return 1;
 }
 
+/* A group's codes into the bit-planes: plane p holds bit (bk-1-p) of each code; 8 columns per byte, column c
+ * at bit c%8. dst = the group's first byte in plane 0. */
+static void write_planes(const uint8_t *q, int group, int bk, uint8_t *dst, int64_t plane_stride) {
+    for (int p = 0; p < bk; p++) {
+        uint8_t *d = dst + p * plane_stride;
+        int shift = bk - 1 - p;
+        for (int j8 = 0; j8 < group; j8 += 8) {
+            uint8_t v = 0;
+            for (int k = 0; k < 8; k++) v |= (uint8_t)(((q[j8 + k] >> shift) & 1) << k);
+            d[j8 / 8] = v;
+        }
+    }
+}
+
+/* Each element's weight in the fit's error: the column weight (or NULL: 1) times the weighting's share.
+ * 1: sqrt(2 mean x^2 + x^2) (K-quants' 3-6 bit weighting); 2: |x| + tiny (Q2_K's). */
+static const float *group_weights(const float *x, const float *cw, int group, int weighting, float *wbuf) {
+    if (!weighting) return cw;
+    float s2 = 0;
+    for (int j = 0; j < group; j++) s2 += x[j] * x[j];
+    float sigma2 = weighting == 1 ? 2.0f * s2 / group : 1e-6f * s2 / group;
+    for (int j = 0; j < group; j++) wbuf[j] = (cw ? cw[j] : 1.0f) * sqrtf(sigma2 + x[j] * x[j]);
+    return wbuf;
+}
+
 /* Fit rows [r0, r1) of a [rows, cols] matrix (element (r, c) at src[r * row_stride + c]).
  * planes: [bk][rows][cols/8]; scale/offset: float16 bits [rows][G]; err_out: [nlev] unweighted squared
  * error summed over the row range; signal_out: sum of x^2. weighting (quantize/native.py's WEIGHTINGS)
@@ -266,15 +292,7 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
             int finite = 1;
             for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f; /* false for NaN and +-inf */
             if (!finite) return -3;
-            const float *cw = col_weight ? col_weight + (int64_t)gi * group : NULL;
-            if (weighting) {
-                float s2 = 0;
-                for (int j = 0; j < group; j++) s2 += x[j] * x[j];
-                /* 1: sqrt(2 mean x^2 + x^2) (K-quants' 3-6 bit weighting); 2: |x| + tiny (Q2_K's) */
-                float sigma2 = weighting == 1 ? 2.0f * s2 / group : 1e-6f * s2 / group;
-                for (int j = 0; j < group; j++) wbuf[j] = (cw ? cw[j] : 1.0f) * sqrtf(sigma2 + x[j] * x[j]);
-                cw = wbuf;
-            }
+            const float *cw = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
             Group g = {group, bk, nlev, levels, x, cw};
             float off, step;
             search(&g, &off, &step);
@@ -315,16 +333,153 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
             stored_errors(&g, s16, o16, b1, 0, e);
             for (int li = 0; li < nlev; li++) err_out[li] += e[li];
             for (int j = 0; j < group; j++) *signal_out += (double)x[j] * x[j];
-            /* bit-planes: plane p holds bit (bk-1-p) of each code; 8 columns per byte, column c at bit c%8 */
-            int64_t byte0 = (int64_t)r * (cols / 8) + (int64_t)gi * group / 8;
-            for (int p = 0; p < bk; p++) {
-                uint8_t *dst = planes + p * plane_stride + byte0;
-                int shift = bk - 1 - p;
-                for (int j8 = 0; j8 < group; j8 += 8) {
-                    uint8_t v = 0;
-                    for (int k = 0; k < 8; k++) v |= (uint8_t)(((q[j8 + k] >> shift) & 1) << k);
-                    dst[j8 / 8] = v;
+            write_planes(q, group, bk, planes + (int64_t)r * (cols / 8) + (int64_t)gi * group / 8, plane_stride);
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- scheme "subblock" (quantize/subblock.py)
+ * Each group's grid is fitted for level b1 alone (the same clip search and refits on one level), then its
+ * (scale, offset) become a 4-bit code pair against float16 (d, lo, step) per 256-column super-block: each
+ * group takes the best of its 4 neighbouring code pairs by its level-b1 weighted error, and its codes are
+ * taken on that stored grid. Output: planes, pcode u8 [rows][G], psuper f16 [rows][S][3]; errors as above. */
+
+#define SUPER_COLS 256
+
+/* Weighted squared error of a group read at level b1 on a float16 grid (scale = level-b1 cell width, offset
+ * = cell 0's lower edge): each weight at the centre of its clamped cell (offset for a zero scale). */
+static double first_level_error(const float *x, const float *w, int n, float scale, float offset, int b1) {
+    const float inv = scale > 0 ? 1.0f / scale : 0.0f, top = (float)((1 << b1) - 1);
+    double s = 0;
+    for (int j = 0; j < n; j++) {
+        float q = floorf((x[j] - offset) * inv);
+        q = q < 0 ? 0 : (q > top ? top : q);
+        float e = x[j] - (offset + scale * (q + 0.5f));
+        s += (double)(e * e) * (w ? w[j] : 1.0f);
+    }
+    return s;
+}
+
+static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk,
+                             int b1, int nlev, const int *levels, const float *col_weight, int weighting, int refits,
+                             int r0, int r1, uint8_t *planes, uint8_t *pcode, uint16_t *psuper, double *err_out,
+                             double *signal_out, float *fit_scale, float *fit_offset);
+
+/* Returns as d2q_fit_rows, or -4 out of memory. */
+int d2q_fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk,
+                          int b1, int nlev, const int *levels, const float *col_weight, int weighting, int refits,
+                          int r0, int r1, uint8_t *planes, uint8_t *pcode, uint16_t *psuper, double *err_out,
+                          double *signal_out) {
+    if (group < 8 || group > MAX_S || group % 8 || SUPER_COLS % group || cols % group || bk < 1 || bk > 8 || b1 < 1 ||
+        b1 > bk || nlev < 1 || nlev > MAX_LEVELS || r0 < 0 || r1 > rows)
+        return -1;
+    const int G = cols / group;
+    float *fit_scale = (float *)malloc(sizeof(float) * 2 * (size_t)G), *fit_offset = fit_scale + G;
+    if (!fit_scale) return -4;
+    const int rc = fit_rows_subblock(src, dtype, row_stride, rows, cols, group, bk, b1, nlev, levels, col_weight,
+                                     weighting, refits, r0, r1, planes, pcode, psuper, err_out, signal_out, fit_scale,
+                                     fit_offset);
+    free(fit_scale);
+    return rc;
+}
+
+/* d2q_fit_rows_subblock with scratch for one row's fitted grids (fit_scale, fit_offset: G floats each). */
+static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk,
+                             int b1, int nlev, const int *levels, const float *col_weight, int weighting, int refits,
+                             int r0, int r1, uint8_t *planes, uint8_t *pcode, uint16_t *psuper, double *err_out,
+                             double *signal_out, float *fit_scale, float *fit_offset) {
+    const int G = cols / group, gps = SUPER_COLS / group, S = (G + gps - 1) / gps;
+    float x[MAX_S], wbuf[MAX_S];
+    uint8_t q[MAX_S], q2[MAX_S];
+    const int one[1] = {b1};
+    const int64_t plane_stride = (int64_t)rows * (cols / 8);
+    const double floor_tiny = 1.1754943508222875e-38;
+    for (int li = 0; li < nlev; li++) err_out[li] = 0;
+    *signal_out = 0;
+    for (int r = r0; r < r1; r++) {
+        for (int gi = 0; gi < G; gi++) { /* pass 1: each group's grid for level b1 */
+            load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+            int finite = 1;
+            for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f;
+            if (!finite) return -3;
+            const float *w = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
+            Group g = {group, bk, 1, one, x, w};
+            float off, step;
+            search(&g, &off, &step);
+            float s16 = round_f16(step * ldexpf(1.0f, bk - b1)), o16;
+            if (s16 == 0) {
+                double m = 0;
+                for (int j = 0; j < group; j++) m += x[j];
+                o16 = round_f16((float)(m / group));
+            } else {
+                o16 = round_f16(off);
+            }
+            if (!isfinite(s16) || !isfinite(o16)) return -2;
+            if (refits > 0 && s16 > 0) {
+                double err[1], signal = 0;
+                for (int j = 0; j < group; j++) signal += (double)x[j] * x[j] * (w ? w[j] : 1.0);
+                const double fl = 1e-12 * signal + floor_tiny;
+                grid_codes(&g, s16, o16, b1, q);
+                stored_errors(&g, s16, o16, b1, 1, err);
+                for (int it = 0; it < refits; it++) {
+                    float ns = s16, no = o16;
+                    if (!refit(&g, q, err, b1, fl, &ns, &no)) break;
+                    double e2[1];
+                    grid_codes(&g, ns, no, b1, q2);
+                    stored_errors(&g, ns, no, b1, 1, e2);
+                    if (!(e2[0] < err[0])) break;
+                    s16 = ns;
+                    o16 = no;
+                    memcpy(q, q2, (size_t)group);
+                    err[0] = e2[0];
                 }
+            }
+            fit_scale[gi] = s16;
+            fit_offset[gi] = o16;
+        }
+        for (int s = 0; s < S; s++) { /* pass 2: the super-block's parameters, each group's code pair, its codes */
+            const int g0 = s * gps, g1 = g0 + gps < G ? g0 + gps : G;
+            float smax = 0, omin = fit_offset[g0], omax = fit_offset[g0];
+            for (int gi = g0; gi < g1; gi++) {
+                smax = fit_scale[gi] > smax ? fit_scale[gi] : smax;
+                omin = fit_offset[gi] < omin ? fit_offset[gi] : omin;
+                omax = fit_offset[gi] > omax ? fit_offset[gi] : omax;
+            }
+            const float d = round_f16(smax / 15.0f), lo = round_f16(omin), st = round_f16((omax - lo) / 15.0f);
+            if (!isfinite(d) || !isfinite(lo) || !isfinite(st)) return -2;
+            uint16_t *ps = psuper + ((int64_t)r * S + s) * 3;
+            ps[0] = f16_bits(d);
+            ps[1] = f16_bits(lo);
+            ps[2] = f16_bits(st);
+            for (int gi = g0; gi < g1; gi++) {
+                load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+                const float *w = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
+                const float sc0 = d > 0 ? floorf(fit_scale[gi] / d) : 0.0f, sc_min = d > 0 ? 1.0f : 0.0f;
+                const float oc0 = st > 0 ? floorf((fit_offset[gi] - lo) / st) : 0.0f;
+                double best = INFINITY;
+                int best_sc = 0, best_oc = 0;
+                for (int c = 0; c < 4; c++) {
+                    float fsc = sc0 + (float)(c >> 1), foc = oc0 + (float)(c & 1);
+                    fsc = fsc < sc_min ? sc_min : (fsc > 15.0f ? 15.0f : fsc);
+                    foc = foc < 0.0f ? 0.0f : (foc > 15.0f ? 15.0f : foc);
+                    const float cs = round_f16(d * fsc), co = round_f16(lo + st * foc);
+                    const double e = first_level_error(x, w, group, cs, co, b1);
+                    if (e < best) {
+                        best = e;
+                        best_sc = (int)fsc;
+                        best_oc = (int)foc;
+                    }
+                }
+                pcode[(int64_t)r * G + gi] = (uint8_t)(best_sc | (best_oc << 4));
+                const float cs = round_f16(d * (float)best_sc), co = round_f16(lo + st * (float)best_oc);
+                Group g = {group, bk, nlev, levels, x, w};
+                grid_codes(&g, cs, co, b1, q);
+                double e[MAX_LEVELS];
+                stored_errors(&g, cs, co, b1, 0, e);
+                for (int li = 0; li < nlev; li++) err_out[li] += e[li];
+                for (int j = 0; j < group; j++) *signal_out += (double)x[j] * x[j];
+                write_planes(q, group, bk, planes + (int64_t)r * (cols / 8) + (int64_t)gi * group / 8, plane_stride);
             }
         }
     }

@@ -63,7 +63,7 @@ def test_mat_record_terms_and_planes():
 def test_every_emulated_kernel_passes_the_self_check():
     rows = selfcheck.run_selfcheck(CudaExperts(EmulatedLauncher()))
     assert {r.kernel for r in rows} == set(KERNEL_NAMES)
-    assert {r.scheme for r in rows} == {"sliced", "residual"}
+    assert {r.scheme for r in rows} == {"sliced", "residual", "subblock"}
     assert {r.level for r in rows} == set(selfcheck.BITS) | {b for _, bits in selfcheck.FAST_LAYOUTS for b in bits}
     assert all(r.ok for r in rows), [r for r in rows if not r.ok][:3]
 

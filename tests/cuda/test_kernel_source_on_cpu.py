@@ -40,7 +40,8 @@ def test_word_aligned_layouts_take_the_fast_path_and_others_the_general_one(tmp_
     broken.write_text(src.replace("- 8388608.f", "- 8388607.f"))
     rows = selfcheck.run_selfcheck(CudaExperts(simt.SimtLauncher(simt.build(tmp_path, broken))))
     for kernel in ("gemv", "gemv_grouped", "dequant_f16", "dequant_bf16"):
-        mine = [r for r in rows if r.kernel == kernel]
+        # (subblock's planes follow parameters of other sizes: whether they are word-aligned varies by case)
+        mine = [r for r in rows if r.kernel == kernel and r.scheme != "subblock"]
         assert all(not r.ok for r in mine if "/g32" in r.shape or "/g64" in r.shape), kernel
         assert all(r.ok for r in mine if "/g8" in r.shape or "/g24" in r.shape), kernel
 

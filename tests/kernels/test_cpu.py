@@ -22,6 +22,7 @@ def _matrix(rows, cols, cfg, seed=0):
 
 def _code_zero(m: PackedMatrix, level: int) -> torch.Tensor:
     """Each group's value at code 0, the kernel's exact base: offset + sum_t mul_t coef_t bias_t, float32 [O, G]."""
+    m = m.expanded()  # scheme subblock: its float16 parameters per group, as the kernels expand them
     base = m.offset.float().clone()
     for t in m.terms(level):
         base += t.mul * t.bias * t.coef.float()
@@ -96,10 +97,10 @@ def test_blocking_planes_is_the_specified_permutation(row_bytes):
 
 
 @pytest.mark.parametrize("layout", ["rows", "blocked"])
-@pytest.mark.parametrize("scheme", ["sliced", "residual"])
+@pytest.mark.parametrize("scheme", ["sliced", "residual", "subblock"])
 @pytest.mark.parametrize("rows,cols,gs", CASES)
 def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs, layout):
-    cfg = MWQConfig(bits=(1, 2, 3, 4, 8) if scheme == "sliced" else (2, 3, 4, 8), group_size=gs, scheme=scheme)
+    cfg = MWQConfig(bits=(2, 3, 4, 8) if scheme == "residual" else (1, 2, 3, 4, 8), group_size=gs, scheme=scheme)
     m = _matrix(rows, cols, cfg, seed=rows + cols)
     km = cpu.blocked(m) if layout == "blocked" else m
     g = torch.Generator().manual_seed(1)
@@ -121,7 +122,7 @@ def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs, l
                 assert ((fast - portable).abs() <= 1e-5 * (x.abs() @ w.abs().T) + 1e-6).all(), (level, tokens, bits)
 
 
-@pytest.mark.parametrize("scheme", ["sliced", "residual"])
+@pytest.mark.parametrize("scheme", ["sliced", "residual", "subblock"])
 def test_dequantized_tiles_are_the_reference_bit_for_bit(scheme):
     for gs, cols, layout in ((32, 192, "rows"), (64, 192, "rows"), (64, 320, "blocked"), (32, 544, "blocked")):
         cfg = MWQConfig(bits=(2, 3, 4, 8), group_size=gs, scheme=scheme)
@@ -135,6 +136,29 @@ def test_dequantized_tiles_are_the_reference_bit_for_bit(scheme):
                 assert torch.equal(cpu.dequant_rows(lib, desc, 10, 29, force_portable=portable), ref[10:29])
                 bf16 = cpu.dequant_rows(lib, desc, 0, 45, dtype=torch.bfloat16, force_portable=portable)
                 assert torch.equal(bf16, ref.to(torch.bfloat16))  # rounded to nearest even, like torch
+
+
+def test_subblock_codes_and_super_blocks_are_laid_out_per_16_rows():
+    """Scheme subblock's parameter codes (uint8 [O, G]) and super-block parameters (float16 [O, S, 3]) take the
+    ROWS16 order ([G, 16] and [S * 3, 16] per full block of 16 rows) where the planes do; elsewhere they stay."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (37, 24), generator=g, dtype=torch.uint8)
+    supers = torch.randn(37, 3, 3, generator=g).half()
+    got_codes, got_supers = codes.clone(), supers.clone()
+    cpu.block_params(got_codes)
+    cpu.block_params(got_supers)
+    if cpu.ready_layout() != cpu.ROWS16:
+        assert torch.equal(got_codes, codes) and torch.equal(got_supers, supers)
+        return
+    assert torch.equal(got_codes, _rows16_params_spec(codes[None])[0])
+    assert torch.equal(got_supers.view(37, 9), _rows16_params_spec(supers.view(1, 37, 9))[0])
+
+
+def test_blocked_layout_needs_64_column_words():
+    if cpu.ready_layout() != cpu.ROWS16:
+        pytest.skip("ROWS16 is the AVX-512 kernels' layout")
+    assert cpu.blocks_planes(32, (192, 256)) and cpu.blocks_planes(16, (4096,)) and cpu.blocks_planes(64)
+    assert not cpu.blocks_planes(32, (160,)) and not cpu.blocks_planes(8) and not cpu.blocks_planes(16, (64, 48))
 
 
 def test_zero_and_constant_inputs():

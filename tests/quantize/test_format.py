@@ -31,7 +31,7 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("bits", [(2, 3, 4), (2, 4, 8), (3,), (1, 2, 3, 4, 5, 6, 7, 8)])
-@pytest.mark.parametrize("scheme", ["residual", "sliced"])
+@pytest.mark.parametrize("scheme", ["residual", "sliced", "subblock"])
 def test_layout_segments_are_aligned_and_tile_the_blob(bits, scheme):
     cfg = MWQConfig(bits=bits, scheme=scheme)
     layout = fmt.blob_layout(SHAPES, cfg)
@@ -56,7 +56,7 @@ def test_layout_refuses_shapes_the_group_size_does_not_divide():
 
 @settings(max_examples=15, deadline=None)
 @given(bits=st.lists(st.integers(1, 8), min_size=1, max_size=4, unique=True).map(sorted),
-       scheme=st.sampled_from(["residual", "sliced"]), seed=st.integers(0, 2**16))
+       scheme=st.sampled_from(["residual", "sliced", "subblock"]), seed=st.integers(0, 2**16))
 def test_encode_decode_round_trips_bit_for_bit_at_every_level(bits, scheme, seed):
     cfg = MWQConfig(bits=tuple(bits), scheme=scheme)
     shapes = {"gate": (8, 64), "up": (8, 64), "down": (64, 64)}

@@ -20,7 +20,7 @@ from d2moe.quantize.convert.pack import DEFAULT_REFITS, pack_checkpoint
 def _pack_fit(w: torch.Tensor, cfg: MWQConfig):
     """What pack's quantizer makes of one matrix: the native fit with pack's defaults, else the torch fit."""
     lib = native.load()
-    if lib is None or cfg.scheme != "sliced":
+    if lib is None or cfg.scheme not in native.NATIVE_SCHEMES:
         return quantize_mwq(w, cfg)
     return native.fit_sliced(lib, w, cfg, refits=DEFAULT_REFITS, weighting=native.DEFAULT_WEIGHTING).tensor
 
@@ -36,11 +36,12 @@ def _meta_model(ckpt):
         return ckpt.adapter.model_class()(ckpt.adapter.hf_config(ckpt.config))
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_pack_is_complete_and_exact(arch, packed_checkpoint_factory):
-    src, out = packed_checkpoint_factory(arch)
+@pytest.mark.parametrize("arch, scheme", [(a, "sliced") for a in TINY_ARCHS] + [("mixtral", "subblock")])
+def test_pack_is_complete_and_exact(arch, scheme, packed_checkpoint_factory):
+    group = 32 if scheme == "subblock" else 64
+    src, out = packed_checkpoint_factory(arch, scheme=scheme, group_size=group)
     ckpt = fmt.open_checkpoint(out, verify=True)
-    assert ckpt.arch == arch and ckpt.num_experts == 4 and ckpt.cfg == MWQConfig()
+    assert ckpt.arch == arch and ckpt.num_experts == 4 and ckpt.cfg == MWQConfig(scheme=scheme, group_size=group)
     reference = _hf_model(src).state_dict()
     adapter = ckpt.adapter
 
