@@ -228,7 +228,7 @@ def block_params(params: torch.Tensor) -> None:
     """Per-group parameters [..., O, G] float16 (scale, offset, alpha) to the kernel-ready layout, in
     place: [G, 16] per block of 16 rows under ROWS16; other layouts keep the file's. Scheme subblock's
     parameter codes (uint8 [O, G]) go to [G, 16] bytes per block, its super-block parameters (float16
-    [O, S, 3]) to [S * 3, 16]."""
+    [O, S, 2]) to [S * 2, 16]."""
     if params.dtype not in (torch.float16, torch.uint8) or not params.is_contiguous() or params.device.type != "cpu":
         raise ValueError("block_params needs contiguous float16 (or uint8 code) CPU parameter rows")
     if not params.numel() or ready_layout() != ROWS16:
@@ -239,7 +239,7 @@ def block_params(params: torch.Tensor) -> None:
         blocks = params[:full].view(full // 16, 16, groups)
         blocks.copy_(blocks.transpose(1, 2).contiguous().view(full // 16, 16, groups))
         return
-    if params.dim() == 3 and params.shape[-1] == SUPER_PARAMS:  # subblock's [O, S, 3]
+    if params.dim() == 3 and params.shape[-1] == SUPER_PARAMS:  # subblock's [O, S, 2]
         params = params.view(params.shape[0], -1)
     rows, groups = params.shape[-2], params.shape[-1]
     load().d2_interleave_params(params.data_ptr(), params.numel() // (rows * groups), rows, groups)

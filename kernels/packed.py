@@ -34,7 +34,7 @@ class PackedMatrix:
     cfg: MWQConfig
     level: int
     scale: torch.Tensor  # float16 [O, G] (scheme subblock: uint8 codes [O, G])
-    offset: torch.Tensor  # float16 [O, G] (scheme subblock: super-block parameters float16 [O, S, 3])
+    offset: torch.Tensor  # float16 [O, G] (scheme subblock: super-block parameters float16 [O, S, 2])
     planes: tuple[torch.Tensor, ...]  # `level` uint8 [O, I/8] views, most significant first
     alphas: tuple[torch.Tensor, ...]  # residual: level - b1 float16 [O, G] views; sliced: ()
     blocked: bool = False  # planes and parameters in the CPU kernels' ready layout (kernels.cpu.ready_layout), not the file's

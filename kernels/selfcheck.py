@@ -20,7 +20,7 @@ import torch
 
 from d2moe.kernels.cuda import KERNEL_NAMES, CudaExperts, relocate
 from d2moe.kernels.packed import PackedMatrix
-from d2moe.quantize.subblock import SUPER_COLS, n_supers
+from d2moe.quantize.subblock import SUPER_COLS, n_supers, round_param
 from d2moe.quantize.types import MWQConfig
 
 CASES = ((37, 96, 32, 0), (5, 200, 8, 2), (64, 192, 64, 0), (3, 72, 24, 6))  # rows, cols, group, misalign
@@ -56,10 +56,10 @@ def random_matrix(rows: int, cols: int, group_size: int, scheme: str, gen: torch
         return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).half()
 
     planes = torch.randint(0, 256, (cfg.bk, rows, cols // 8), generator=gen, dtype=torch.uint8)
-    if scheme == "subblock":  # parameter codes and (d, lo, step) per super-block (d2moe.quantize.subblock)
+    if scheme == "subblock":  # parameter codes and (d, dmin) per super-block (d2moe.quantize.subblock)
         codes = torch.randint(0, 256, (rows, groups), generator=gen, dtype=torch.uint8)
         n_sup = n_supers(groups, group_size)
-        supers = torch.stack([f16(0.001, 0.015, rows, n_sup), f16(-0.5, -0.2, rows, n_sup), f16(0.0, 0.04, rows, n_sup)], -1)
+        supers = torch.stack([round_param(f16(0.001, 0.015, rows, n_sup)), round_param(f16(0.01, 0.03, rows, n_sup))], -1)
         return PackedMatrix((rows, cols), cfg, cfg.bk, codes, supers, tuple(planes), ())
     alphas = tuple(f16(0.002, 0.05, rows, groups) for _ in range(cfg.bk - cfg.b1)) if scheme == "residual" else ()
     return PackedMatrix((rows, cols), cfg, cfg.bk, f16(0.01, 0.2, rows, groups), f16(-0.5, 0.1, rows, groups),

@@ -1,20 +1,21 @@
 """Scheme "subblock": each group's grid parameters stored as a 4-bit code pair against its super-block.
 
-K-quants' sub-block scales brought into the nested grid. Per super-block of SUPER_COLS = 256 columns of a
-row: float16 (d, lo, step); per group of `group_size` columns: one byte, scale code s (low nibble) and
-offset code k (high nibble):
-    scale  = f16(d * s)           the group's level-b1 cell width (MWQTensor's `scale` of the sliced scheme)
-    offset = f16(lo + step * k)   the lower edge of its cell 0
-computed in float32, then rounded to float16 once (d * s and step * k are exact in float32); the CPU
-kernels and the fit expand them the same way, so every reader sees the same grid. Levels read the top
-bits of one bk-bit code per weight, as in the sliced scheme.
+K-quants' sub-block scales brought into the nested grid (Q2_K's form). Per super-block of SUPER_COLS = 256
+columns of a row: float16 (d, dmin); per group of `group_size` columns: one byte, scale code s (low nibble)
+and offset code k (high nibble):
+    scale  = d * s        the group's level-b1 cell width (MWQTensor's `scale` of the sliced scheme)
+    offset = -dmin * k    the lower edge of its cell 0 (at most 0, as Q2_K's minimum)
+d and dmin carry at most 7 significant bits (`round_param`), so both products are exact in float16 and in
+float32: the kernels compute them in registers (no rounding step) and every reader gets the same grid.
+Levels read the top bits of one bk-bit code per weight, as in the sliced scheme.
 
 Why: one grid per small group is what a low level needs, and it must be chosen for that level (the
 grid is fitted for level b1; the levels above refine inside its cells). At 32 columns the parameters
-cost 8/32 + 48/256 = 0.4375 bits per weight, against 0.5 for float16 (scale, offset) per 64 columns.
+cost 8/32 + 32/256 = 0.375 bits per weight, against 0.5 for float16 (scale, offset) per 64 columns.
 Measured on two trained MoEs in BENCHMARKS.md §6.3.
 
 Shape letters: O rows, G groups per row, S = ceil(G / (256 / group_size)) super-blocks per row.
+(BENCHMARKS.md §6.3 has the measurements behind each choice.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from d2moe.quantize.grid import check_shape, grid_codes, search_grid
 
 SUPER_COLS = 256
 CODE_MAX = 15  # 4-bit codes
-SUPER_PARAMS = 3  # d, lo, step
+SUPER_PARAMS = 2  # d, dmin
+PARAM_BITS = 7  # significant bits of d and dmin: times a 4-bit code, 11 bits (float16's precision)
 
 
 def groups_per_super(group_size: int) -> int:
@@ -36,15 +38,21 @@ def n_supers(groups: int, group_size: int) -> int:
     return -(-groups // groups_per_super(group_size))
 
 
+def round_param(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 -> float16 holding the nearest value of PARAM_BITS significant bits (and a multiple of
+    2^-24, float16's finest step), ties to even: times any 4-bit code it is exact in float16."""
+    m, e = torch.frexp(x.float())  # x = m 2^e, 0.5 <= m < 1
+    v = torch.ldexp(torch.round(m * 2**PARAM_BITS), e - PARAM_BITS)
+    return torch.where(v < 2.0**-14, torch.round(v * 2.0**24) * 2.0**-24, v).half()
+
+
 def expand(codes: torch.Tensor, supers: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes [O, G] and float16 super-block parameters [O, S, 3] -> float16 (scale, offset) [O, G]."""
+    """uint8 codes [O, G] and float16 super-block parameters [O, S, 2] -> float16 (scale, offset) [O, G]."""
     g = codes.shape[-1]
     at = torch.arange(g, device=codes.device) // groups_per_super(group_size)
-    s = supers.float()[..., at, :]  # [O, G, 3]
+    s = supers.float()[..., at, :]  # [O, G, 2]
     c = codes.to(torch.int32)
-    scale = (s[..., 0] * (c & 15).float()).half()
-    offset = (s[..., 1] + s[..., 2] * (c >> 4).float()).half()
-    return scale, offset
+    return (s[..., 0] * (c & 15).float()).half(), (-(s[..., 1] * (c >> 4).float())).half()
 
 
 def first_level_error(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, b1: int,
@@ -59,35 +67,34 @@ def first_level_error(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
 
 
 def quantize_params(scale: torch.Tensor, offset: torch.Tensor, group_size: int, error) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fitted float (scale, offset) [O, G] -> (codes uint8 [O, G], super-block parameters float16 [O, S, 3]).
+    """Fitted float (scale, offset) [O, G] -> (codes uint8 [O, G], super-block parameters float16 [O, S, 2]).
 
-    Per super-block: d = max scale / 15, lo = min offset, step = (max offset - lo) / 15 (each rounded to
-    float16); each group then takes the best of its 4 neighbouring code pairs (floor and floor + 1 of
-    each) by `error(scale16, offset16)` -> [O, G], the fit's own objective; ties keep the first tried.
+    Per super-block: d = round_param(max scale / 15), dmin = round_param(max(-offset, 0) / 15); each group
+    then takes the best of its 4 neighbouring code pairs (floor and floor + 1 of each) by
+    `error(scale16, offset16)` -> [O, G], the fit's own objective; ties keep the first tried.
     """
     rows, groups = scale.shape
     gps = groups_per_super(group_size)
     n_sup = n_supers(groups, group_size)
     pad = n_sup * gps - groups
+    below = (-offset).clamp(min=0)  # how far cell 0 starts below zero
 
-    def per_super(v: torch.Tensor, fill: float) -> torch.Tensor:
-        return torch.nn.functional.pad(v, (0, pad), value=fill).view(rows, n_sup, gps)
+    def per_super_max(v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(v, (0, pad)).view(rows, n_sup, gps).amax(-1)
 
-    d = (per_super(scale, 0.0).amax(-1) / CODE_MAX).half().float()  # [O, S]
-    lo = per_super(offset, float("inf")).amin(-1).half().float()
-    hi = per_super(offset, float("-inf")).amax(-1)
-    step = ((hi - lo) / CODE_MAX).half().float()
+    d = round_param(per_super_max(scale) / CODE_MAX).float()  # [O, S]
+    dmin = round_param(per_super_max(below) / CODE_MAX).float()
     at = torch.arange(groups) // gps
-    d_g, lo_g, step_g = d[:, at], lo[:, at], step[:, at]  # [O, G]
+    d_g, dmin_g = d[:, at], dmin[:, at]  # [O, G]
     sc0 = torch.where(d_g > 0, (scale / torch.where(d_g > 0, d_g, 1.0)).floor(), 0.0)
     sc_min = torch.where(d_g > 0, 1.0, 0.0)  # a zero scale only where the whole super-block is flat
-    oc0 = torch.where(step_g > 0, ((offset - lo_g) / torch.where(step_g > 0, step_g, 1.0)).floor(), 0.0)
-    supers = torch.stack([d, lo, step], dim=-1).half()  # [O, S, 3]
+    k0 = torch.where(dmin_g > 0, (below / torch.where(dmin_g > 0, dmin_g, 1.0)).floor(), 0.0)
+    supers = torch.stack([d, dmin], dim=-1).half()  # [O, S, 2], exact
     best_codes, best_err = None, None
-    for ds, do in ((0, 0), (0, 1), (1, 0), (1, 1)):
+    for ds, dk in ((0, 0), (0, 1), (1, 0), (1, 1)):
         sc = torch.maximum(sc0 + ds, sc_min).clamp(max=CODE_MAX).to(torch.uint8)
-        oc = (oc0 + do).clamp(0, CODE_MAX).to(torch.uint8)
-        codes = sc | (oc << 4)
+        k = (k0 + dk).clamp(0, CODE_MAX).to(torch.uint8)
+        codes = sc | (k << 4)
         err = error(*expand(codes, supers, group_size))
         if best_codes is None:
             best_codes, best_err = codes, err
@@ -99,7 +106,7 @@ def quantize_params(scale: torch.Tensor, offset: torch.Tensor, group_size: int, 
 
 def fit(w: torch.Tensor, bits: tuple[int, ...], group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch fit (the native fit's specification, mse weighting, no refit) of a [O, I] matrix:
-    bk-bit codes uint8 [O, I], parameter codes uint8 [O, G], super-block parameters float16 [O, S, 3].
+    bk-bit codes uint8 [O, I], parameter codes uint8 [O, G], super-block parameters float16 [O, S, 2].
 
     Each group's grid is clip-searched for level b1 alone (grid.search_grid with one level), its
     parameters quantized per super-block (`quantize_params`), and the codes taken on the stored grid.

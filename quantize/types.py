@@ -62,7 +62,7 @@ class MWQTensor:
     alpha_j = scale * 2**-(j+1) for the "sliced" and "subblock" schemes (not stored) or the stored
     per-group magnitude for "residual". Bit c % 8 of byte c // 8 of a plane row is column c (little-endian).
     "subblock" stores (scale, offset) as codes: `scale` is uint8 [O, G] (low nibble: scale code, high
-    nibble: offset code) and `offset` float16 [O, S, 3] per super-block (d2moe.quantize.subblock);
+    nibble: offset code) and `offset` float16 [O, S, 2] per super-block (d2moe.quantize.subblock);
     `group_params()` gives every scheme's float16 (scale, offset) per group.
     """
 

@@ -7,7 +7,7 @@
 For each level b the native kernel (planes blocked where the runtime blocks them) (d2moe.kernels.cpu) runs on random planes of the shape (its
 speed does not depend on the values), with the runtime's activation width (int8 up to level 4,
 int16 above; `--activation-bits` forces one); "GB/s" is the packed bytes the level reads (b/8 byte per
-weight + its parameters: f16 scale and offset per group, or subblock's code byte per group and 6 bytes
+weight + its parameters: f16 scale and offset per group, or subblock's code byte per group and 4 bytes
 per super-block) over the median time. Beside it on the same shape and
 batch: torch bf16 and fp32 matmul (weights resident), torch's int4 CPU kernel
 (`_weight_int4pack_mm_for_cpu`, group 64) and int8 kernel (`_weight_int8pack_mm`). d2moe's levels
@@ -29,16 +29,16 @@ from d2moe.kernels import cpu
 from d2moe.kernels.dispatch import INT8_ACTIVATIONS_UP_TO
 from d2moe.kernels.packed import PackedMatrix
 from d2moe.quantize import MWQConfig
-from d2moe.quantize.subblock import n_supers
+from d2moe.quantize.subblock import n_supers, round_param
 
 
 def _packed(rows: int, cols: int, levels: tuple[int, ...], group_size: int, scheme: str = "sliced") -> PackedMatrix:
     g = torch.Generator().manual_seed(0)
     cfg = MWQConfig(bits=levels, group_size=group_size, scheme=scheme)
     planes = tuple(torch.randint(0, 256, (rows, cols // 8), generator=g, dtype=torch.uint8) for _ in range(levels[-1]))
-    if scheme == "subblock":  # parameter codes and float16 (d, lo, step) per super-block
+    if scheme == "subblock":  # parameter codes and float16 (d, dmin) per super-block
         scale = torch.randint(0, 256, (rows, cols // group_size), generator=g, dtype=torch.uint8)
-        offset = (torch.rand(rows, n_supers(cols // group_size, group_size), 3, generator=g) * 0.01).half()
+        offset = round_param(torch.rand(rows, n_supers(cols // group_size, group_size), 2, generator=g) * 0.01)
     else:
         scale = (torch.rand(rows, cols // group_size, generator=g) * 0.01 + 1e-3).half()
         offset = (torch.randn(rows, cols // group_size, generator=g) * 0.01).half()
@@ -47,7 +47,7 @@ def _packed(rows: int, cols: int, levels: tuple[int, ...], group_size: int, sche
 
 def _param_bytes(rows: int, cols: int, group_size: int, scheme: str) -> int:
     groups = cols // group_size
-    return rows * (groups + 6 * n_supers(groups, group_size)) if scheme == "subblock" else rows * groups * 4
+    return rows * (groups + 4 * n_supers(groups, group_size)) if scheme == "subblock" else rows * groups * 4
 
 
 def _torch_rows(rows: int, cols: int) -> dict:

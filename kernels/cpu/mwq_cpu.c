@@ -36,7 +36,7 @@ typedef struct {
     int32_t layout; /* D2_ROWS: planes as on disk; D2_BLOCKED: kernel-ready (d2_block_planes) */
     /* scheme subblock (quantize/subblock.py): parameters as codes, offset and coef[0] unused (NULL) */
     const uint8_t *pcode;   /* uint8 [rows, G]: scale code (low nibble), offset code (high); else NULL */
-    const uint16_t *psuper; /* f16 [rows, S, 3]: (d, lo, step) per 256-column super-block */
+    const uint16_t *psuper; /* f16 [rows, S, 2]: (d, dmin) per 256-column super-block */
 } d2_matrix;
 
 /* x of n tokens quantized per group: hi/lo int8 halves of the int16 code, step and exact sum. */
@@ -183,12 +183,12 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
 
 /* ---------------------------------------------------------------- scheme subblock (quantize/subblock.py)
 
-   Each group's (scale, offset) is a code byte against float16 (d, lo, step) per 256-column super-block:
-       scale = f16(d * (code & 15)),  offset = f16(lo + step * (code >> 4))
-   (float32 products of a float16 and a 4-bit integer are exact: one rounding, the same in torch). The
-   kernels read float16 parameters, so the entry points expand 16 rows' worth into scratch and run the
-   usual paths on that view. Under D2_ROWS16 the codes are interleaved per 16-row block as [G][16] bytes
-   and the super-block parameters as [S * 3][16] (d2_interleave_params), so a block expands in vectors. */
+   Each group's (scale, offset) is a code byte against float16 (d, dmin) per 256-column super-block:
+       scale = d * (code & 15),  offset = -dmin * (code >> 4)
+   d and dmin have at most 7 significant bits, so both products are exact (in float16 too). Whole D2_ROWS16
+   blocks read the codes in place (rows16_gemv_block); the row-wise paths get 16 rows' parameters expanded
+   into float16 scratch (subblock_view). Under D2_ROWS16 the codes are interleaved per 16-row block as
+   [G][16] bytes and the super-block parameters as [S * 2][16] (d2_interleave_params). */
 
 static inline uint16_t f16_from_f32(float f) {
     _Float16 h = (_Float16)f;
@@ -208,48 +208,33 @@ static void subblock_expand_rows(const d2_matrix *m, int32_t r0, int32_t n, uint
     const int G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
     for (int i = 0; i < n; i++) {
         const uint8_t *pc = m->pcode + (int64_t)(r0 + i) * G;
-        const uint16_t *ps = m->psuper + (int64_t)(r0 + i) * S * 3;
+        const uint16_t *ps = m->psuper + (int64_t)(r0 + i) * S * 2;
         for (int s = 0; s < S; s++) {
-            const float d = f16_to_f32(ps[3 * s]), lo = f16_to_f32(ps[3 * s + 1]), st = f16_to_f32(ps[3 * s + 2]);
+            const float d = f16_to_f32(ps[2 * s]), dmin = f16_to_f32(ps[2 * s + 1]);
             const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
             for (int g = s * gps; g < g1; g++) {
                 sc[(int64_t)i * G + g] = f16_from_f32(d * (float)(pc[g] & 15));
-                of[(int64_t)i * G + g] = f16_from_f32(lo + st * (float)(pc[g] >> 4));
+                of[(int64_t)i * G + g] = f16_from_f32(-(dmin * (float)(pc[g] >> 4)));
             }
         }
     }
 }
 
-/* Block b of a D2_ROWS16 matrix (interleaved codes) -> scale, offset float16 [G][16]. */
+/* Block b of a D2_ROWS16 matrix (interleaved codes) -> scale, offset float16 [G][16] (partial ranges of it). */
 static void subblock_expand_block(const d2_matrix *m, int32_t b, uint16_t *sc, uint16_t *of) {
     const int G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
     const uint8_t *pc = m->pcode + (int64_t)b * 16 * G;
-    const uint16_t *ps = m->psuper + (int64_t)b * 16 * S * 3;
+    const uint16_t *ps = m->psuper + (int64_t)b * 16 * S * 2;
     for (int s = 0; s < S; s++) {
         const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
-#if D2_AVX512
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 48 * s)));
-        const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 48 * s + 16)));
-        const __m512 st = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 48 * s + 32)));
-        const __m512i nib = _mm512_set1_epi32(15);
-        for (int g = s * gps; g < g1; g++) {
-            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pc + 16 * (int64_t)g)));
-            const __m512 fs = _mm512_cvtepi32_ps(_mm512_and_si512(c, nib)), fo = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
-            _mm256_storeu_si256((__m256i *)(sc + 16 * (int64_t)g),
-                                _mm512_cvtps_ph(_mm512_mul_ps(d, fs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            _mm256_storeu_si256((__m256i *)(of + 16 * (int64_t)g),
-                                _mm512_cvtps_ph(_mm512_fmadd_ps(st, fo, lo), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        }
-#else
         for (int i = 0; i < 16; i++) {
-            const float d = f16_to_f32(ps[48 * s + i]), lo = f16_to_f32(ps[48 * s + 16 + i]), st = f16_to_f32(ps[48 * s + 32 + i]);
+            const float d = f16_to_f32(ps[32 * s + i]), dmin = f16_to_f32(ps[32 * s + 16 + i]);
             for (int g = s * gps; g < g1; g++) {
                 const uint8_t c = pc[16 * (int64_t)g + i];
                 sc[16 * (int64_t)g + i] = f16_from_f32(d * (float)(c & 15));
-                of[16 * (int64_t)g + i] = f16_from_f32(lo + st * (float)(c >> 4));
+                of[16 * (int64_t)g + i] = f16_from_f32(-(dmin * (float)(c >> 4)));
             }
         }
-#endif
     }
 }
 
@@ -325,10 +310,19 @@ static void gemv_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ctx, 
 
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
-    if (m->pcode) { /* subblock: each 16-row view with its float16 parameters expanded, then this path */
-        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
+    if (m->pcode) { /* subblock: whole blocks read their codes in place; other rows through an expanded view */
+        const int32_t G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
+        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * G;
         for (int32_t o = r0; o < r1;) {
             const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
+#if D2_AVX512
+            if (!force_portable && m->layout == D2_ROWS16 && o == v0 && e == v0 + 16 && e <= (m->rows & ~15)) {
+                const d2_sub16 sub = {m->pcode + (int64_t)v0 * G, m->psuper + (int64_t)v0 * S * 2, __builtin_ctz(gps)};
+                rows16_gemv_block(m, q, y, ystride, v0 / 16, &sub);
+                o = e;
+                continue;
+            }
+#endif
             const d2_matrix v = subblock_view(m, v0, sc, of);
             d2_gemv_rows(&v, q, y + v0, ystride, o - v0, e - v0, scratch, force_portable);
             o = e;
@@ -342,7 +336,7 @@ void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride,
 #if D2_AVX512
     if (!force_portable) { /* whole blocks inside the range: the block kernel */
         const int32_t first = (r0 + 15) / 16, last = (r1 < (m->rows & ~15) ? r1 : (m->rows & ~15)) / 16;
-        for (int32_t b = first; b < last; b++) rows16_gemv_block(m, q, y, ystride, b);
+        for (int32_t b = first; b < last; b++) rows16_gemv_block(m, q, y, ystride, b, NULL);
         if (first < last) { /* what is left: the partial blocks at both ends and the tail rows */
             gemv_ctx c = {q, y, ystride, scratch, force_portable};
             rows16_by_rows(m, r0, 16 * first, gemv_rows_fn, &c);

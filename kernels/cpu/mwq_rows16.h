@@ -188,9 +188,36 @@ static d2_matrix rows16_unpack(const d2_matrix *m, int b, uint8_t *buf) {
 
 /* One term over every group of a block for NT tokens: facc[n] (lane i = row i) += sum_g s[i, g] D[n, i, g]
    with s = m_t coef_t dx. Quads' dot products go to CH independent accumulators (VNNI latency). */
+/* Scheme subblock's parameters of one 16-row block, read where they sit in the cache: codes [G][16] bytes and
+   (d, dmin) [S * 2][16] float16 (interleaved per block when bytes entered the cache). */
+typedef struct {
+    const uint8_t *code;
+    const uint16_t *super;
+    int gps_shift; /* log2 of the groups per 256-column super-block */
+} d2_sub16;
+
+/* Group g's 16 row scales (d * s) and offsets (-dmin * k): exact products, the float16 values of
+   quantize/subblock.py's expand. */
+static inline __attribute__((always_inline)) __m512 sub16_scale(const d2_sub16 *s, int g) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s->code + 16 * (int64_t)g)));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s->super + 32 * (int64_t)(g >> s->gps_shift))));
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))));
+}
+
+static inline __attribute__((always_inline)) __m512 sub16_offset(const d2_sub16 *s, int g) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s->code + 16 * (int64_t)g)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s->super + 32 * (int64_t)(g >> s->gps_shift) + 16)));
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)));
+}
+
+/* A group's 16 row coefficients: float16 [G][16] (coef), or subblock's codes (sub). */
+static inline __attribute__((always_inline)) __m512 rows16_coef(const uint16_t *coef, const d2_sub16 *sub, int g) {
+    return sub ? sub16_scale(sub, g) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(coef + (int64_t)g * 16)));
+}
+
 static inline __attribute__((always_inline)) void rows16_term(
     const uint8_t *const *pl, const int NP, const int NT, const int LO, const d2_qx *q, int n0, int G, int qpg,
-    const uint16_t *coef, float mul, __m512 *facc) {
+    const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
     enum { CH = 4 };
     const int8_t *xh[D2_MAX_TOKENS], *xl[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) {
@@ -216,8 +243,7 @@ static inline __attribute__((always_inline)) void rows16_term(
                     }
                 }
             }
-        const __m512 cs = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(coef + (int64_t)g * 16))),
-                                        _mm512_set1_ps(mul));
+        const __m512 cs = _mm512_mul_ps(rows16_coef(coef, sub, g), _mm512_set1_ps(mul));
         for (int n = 0; n < NT; n++) {
             __m512i d = dh[n][0], e = dl[n][0];
             for (int c = 1; c < ch; c++) {
@@ -231,18 +257,20 @@ static inline __attribute__((always_inline)) void rows16_term(
     }
 }
 
-typedef void (*rows16_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const uint16_t *, float, __m512 *);
+typedef void (*rows16_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const uint16_t *, const d2_sub16 *,
+                          float, __m512 *);
 #define D2_R16(NP, NT, LO)                                                                                   \
     static void r16_##NP##_##NT##_##LO(const uint8_t *const *pl, const d2_qx *q, int n0, int G, int qpg,   \
-                                       const uint16_t *coef, float mul, __m512 *facc) {                     \
-        rows16_term(pl, NP, NT, LO, q, n0, G, qpg, coef, mul, facc);                                        \
+                                       const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) { \
+        rows16_term(pl, NP, NT, LO, q, n0, G, qpg, coef, sub, mul, facc);                                   \
     }
 D2_FOR_KERNELS(D2_R16, 0)
 D2_FOR_KERNELS(D2_R16, 1)
 static const rows16_fn ROWS16[2][4][D2_MAX_PLANES] = {D2_KERNEL_TABLE(r16, 0), D2_KERNEL_TABLE(r16, 1)}; /* [lo][tokens - 1][planes - 1] */
 
-/* y[n, 16 b + i] for every token of q and the 16 rows of block b. */
-static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int b) {
+/* y[n, 16 b + i] for every token of q and the 16 rows of block b (sub: scheme subblock's parameters of the
+   block, read in place; NULL: the float16 parameter arrays). */
+static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int b, const d2_sub16 *sub) {
     const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8, lo = q->lo != 0;
     const int64_t pbase = (int64_t)b * 16 * rb, prm = (int64_t)b * 16 * G;
     for (int n0 = 0; n0 < q->ntok; n0 += 4) {
@@ -250,9 +278,10 @@ static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int6
         __m512 facc[D2_MAX_TOKENS];
         for (int n = 0; n < nt; n++) facc[n] = _mm512_setzero_ps();
         for (int g = 0; g < G; g++) { /* base term: offset + sum_t m_t coef_t bias_t, times the exact group sum */
-            __m512 base = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->offset + prm + (int64_t)g * 16)));
+            __m512 base = sub ? sub16_offset(sub, g)
+                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->offset + prm + (int64_t)g * 16)));
             for (int t = 0; t < m->nterms; t++) {
-                const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->coef[t] + prm + (int64_t)g * 16)));
+                const __m512 c = rows16_coef(sub ? NULL : m->coef[t] + prm, sub, g);
                 base = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_set1_ps(m->term_mul[t])), _mm512_set1_ps(m->term_bias[t]), base);
             }
             for (int n = 0; n < nt; n++)
@@ -262,7 +291,7 @@ static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int6
             const uint8_t *pl[D2_MAX_PLANES];
             const int np = m->term_nplanes[t];
             for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + pbase;
-            ROWS16[lo][nt - 1][np - 1](pl, q, n0, G, gs / 4, m->coef[t] + prm, m->term_mul[t], facc);
+            ROWS16[lo][nt - 1][np - 1](pl, q, n0, G, gs / 4, sub ? NULL : m->coef[t] + prm, sub, m->term_mul[t], facc);
         }
         for (int n = 0; n < nt; n++) _mm512_storeu_ps(y + (int64_t)(n0 + n) * ystride + 16 * (int64_t)b, facc[n]);
     }

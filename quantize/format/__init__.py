@@ -19,7 +19,7 @@ Expert blob = level segments in ascending level order, each zero-padded to a mul
 Segment i holds, for each matrix in MATRICES order ("gate", "up", "down"), what level bits[i]
 adds, as raw little-endian bytes with no padding in between:
     i = 0: scale f16 [O, G] | offset f16 [O, G] | planes u8 [b1, O, I/8]
-           (scheme "subblock": codes u8 [O, G] | super-block parameters f16 [O, S, 3] | planes, see
+           (scheme "subblock": codes u8 [O, G] | super-block parameters f16 [O, S, 2] | planes, see
            d2moe.quantize.subblock; S = ceil(I / 256))
     i > 0: alpha f16 [n, O, G] (scheme "residual" only) | planes u8 [n, O, I/8],  n = bits[i] - bits[i-1]
 (O, I) = the matrix's shape, G = I / group_size; MWQTensor's docstring gives the reconstruction.

@@ -341,11 +341,21 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
 
 /* ---------------------------------------------------------------- scheme "subblock" (quantize/subblock.py)
  * Each group's grid is fitted for level b1 alone (the same clip search and refits on one level), then its
- * (scale, offset) become a 4-bit code pair against float16 (d, lo, step) per 256-column super-block: each
- * group takes the best of its 4 neighbouring code pairs by its level-b1 weighted error, and its codes are
- * taken on that stored grid. Output: planes, pcode u8 [rows][G], psuper f16 [rows][S][3]; errors as above. */
+ * (scale, offset) become a 4-bit code pair against float16 (d, dmin) per 256-column super-block (scale =
+ * d * s, offset = -dmin * k): each group takes the best of its 4 neighbouring code pairs by its level-b1
+ * weighted error, and its codes are taken on that stored grid. Output: planes, pcode u8 [rows][G], psuper
+ * f16 [rows][S][2]; errors as above. */
 
 #define SUPER_COLS 256
+
+/* quantize/subblock.py's round_param: the nearest value of 7 significant bits that float16 holds (a multiple of
+ * 2^-24), ties to even, so d * code and dmin * code are exact for any 4-bit code. */
+static float round_param(float x) {
+    int e;
+    const float m = frexpf(x, &e);
+    const float v = ldexpf(rintf(m * 128.0f), e - 7);
+    return v < 0x1p-14f ? rintf(v * 0x1p24f) * 0x1p-24f : v;
+}
 
 /* Weighted squared error of a group read at level b1 on a float16 grid (scale = level-b1 cell width, offset
  * = cell 0's lower edge): each weight at the centre of its clamped cell (offset for a zero scale). */
@@ -440,39 +450,37 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
         }
         for (int s = 0; s < S; s++) { /* pass 2: the super-block's parameters, each group's code pair, its codes */
             const int g0 = s * gps, g1 = g0 + gps < G ? g0 + gps : G;
-            float smax = 0, omin = fit_offset[g0], omax = fit_offset[g0];
+            float smax = 0, bmax = 0; /* largest scale, and how far below zero a cell 0 starts at most */
             for (int gi = g0; gi < g1; gi++) {
                 smax = fit_scale[gi] > smax ? fit_scale[gi] : smax;
-                omin = fit_offset[gi] < omin ? fit_offset[gi] : omin;
-                omax = fit_offset[gi] > omax ? fit_offset[gi] : omax;
+                bmax = -fit_offset[gi] > bmax ? -fit_offset[gi] : bmax;
             }
-            const float d = round_f16(smax / 15.0f), lo = round_f16(omin), st = round_f16((omax - lo) / 15.0f);
-            if (!isfinite(d) || !isfinite(lo) || !isfinite(st)) return -2;
-            uint16_t *ps = psuper + ((int64_t)r * S + s) * 3;
+            const float d = round_param(smax / 15.0f), dmin = round_param(bmax / 15.0f);
+            if (!isfinite(d) || !isfinite(dmin) || d > 65504.0f || dmin > 65504.0f) return -2;
+            uint16_t *ps = psuper + ((int64_t)r * S + s) * 2;
             ps[0] = f16_bits(d);
-            ps[1] = f16_bits(lo);
-            ps[2] = f16_bits(st);
+            ps[1] = f16_bits(dmin);
             for (int gi = g0; gi < g1; gi++) {
                 load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
                 const float *w = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
+                const float below = -fit_offset[gi] > 0 ? -fit_offset[gi] : 0.0f;
                 const float sc0 = d > 0 ? floorf(fit_scale[gi] / d) : 0.0f, sc_min = d > 0 ? 1.0f : 0.0f;
-                const float oc0 = st > 0 ? floorf((fit_offset[gi] - lo) / st) : 0.0f;
+                const float k0 = dmin > 0 ? floorf(below / dmin) : 0.0f;
                 double best = INFINITY;
                 int best_sc = 0, best_oc = 0;
                 for (int c = 0; c < 4; c++) {
-                    float fsc = sc0 + (float)(c >> 1), foc = oc0 + (float)(c & 1);
+                    float fsc = sc0 + (float)(c >> 1), fk = k0 + (float)(c & 1);
                     fsc = fsc < sc_min ? sc_min : (fsc > 15.0f ? 15.0f : fsc);
-                    foc = foc < 0.0f ? 0.0f : (foc > 15.0f ? 15.0f : foc);
-                    const float cs = round_f16(d * fsc), co = round_f16(lo + st * foc);
-                    const double e = first_level_error(x, w, group, cs, co, b1);
+                    fk = fk < 0.0f ? 0.0f : (fk > 15.0f ? 15.0f : fk);
+                    const double e = first_level_error(x, w, group, d * fsc, -(dmin * fk), b1);
                     if (e < best) {
                         best = e;
                         best_sc = (int)fsc;
-                        best_oc = (int)foc;
+                        best_oc = (int)fk;
                     }
                 }
                 pcode[(int64_t)r * G + gi] = (uint8_t)(best_sc | (best_oc << 4));
-                const float cs = round_f16(d * (float)best_sc), co = round_f16(lo + st * (float)best_oc);
+                const float cs = d * (float)best_sc, co = -(dmin * (float)best_oc); /* exact (7-bit d, dmin) */
                 Group g = {group, bk, nlev, levels, x, w};
                 grid_codes(&g, cs, co, b1, q);
                 double e[MAX_LEVELS];

@@ -139,11 +139,11 @@ def test_dequantized_tiles_are_the_reference_bit_for_bit(scheme):
 
 
 def test_subblock_codes_and_super_blocks_are_laid_out_per_16_rows():
-    """Scheme subblock's parameter codes (uint8 [O, G]) and super-block parameters (float16 [O, S, 3]) take the
-    ROWS16 order ([G, 16] and [S * 3, 16] per full block of 16 rows) where the planes do; elsewhere they stay."""
+    """Scheme subblock's parameter codes (uint8 [O, G]) and super-block parameters (float16 [O, S, 2]) take the
+    ROWS16 order ([G, 16] and [S * 2, 16] per full block of 16 rows) where the planes do; elsewhere they stay."""
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 256, (37, 24), generator=g, dtype=torch.uint8)
-    supers = torch.randn(37, 3, 3, generator=g).half()
+    supers = torch.randn(37, 3, 2, generator=g).half()
     got_codes, got_supers = codes.clone(), supers.clone()
     cpu.block_params(got_codes)
     cpu.block_params(got_supers)
@@ -151,7 +151,7 @@ def test_subblock_codes_and_super_blocks_are_laid_out_per_16_rows():
         assert torch.equal(got_codes, codes) and torch.equal(got_supers, supers)
         return
     assert torch.equal(got_codes, _rows16_params_spec(codes[None])[0])
-    assert torch.equal(got_supers.view(37, 9), _rows16_params_spec(supers.view(1, 37, 9))[0])
+    assert torch.equal(got_supers.view(37, 6), _rows16_params_spec(supers.view(1, 37, 6))[0])
 
 
 def test_blocked_layout_needs_64_column_words():

@@ -13,15 +13,25 @@ from d2moe.quantize import MWQConfig, dequantize, native, quantize_mwq, sqnr_db,
 def test_expand_is_the_documented_arithmetic():
     # one row, 256 / 32 = 8 groups per super-block, 10 groups: a full super-block and a partial one
     codes = torch.tensor([[0x00, 0x31, 0xF7, 0x0F, 0x10, 0x22, 0x5A, 0xFF, 0x13, 0x40]], dtype=torch.uint8)
-    supers = torch.tensor([[[0.5, -1.0, 0.25], [0.125, 2.0, -0.5]]]).half()
+    supers = torch.tensor([[[0.5, 0.25], [0.125, 0.75]]]).half()
     scale, offset = subblock.expand(codes, supers, 32)
-    d = ((0.5, -1.0, 0.25),) * 8 + ((0.125, 2.0, -0.5),) * 2  # (d, lo, step) of each group's super-block
-    want_scale = [d[g][0] * (int(c) & 15) for g, c in enumerate(codes[0])]
-    want_offset = [d[g][1] + d[g][2] * (int(c) >> 4) for g, c in enumerate(codes[0])]
+    d = ((0.5, 0.25),) * 8 + ((0.125, 0.75),) * 2  # (d, dmin) of each group's super-block
     assert scale.dtype == offset.dtype == torch.float16
-    assert scale[0].tolist() == want_scale and offset[0].tolist() == want_offset
+    assert scale[0].tolist() == [d[g][0] * (int(c) & 15) for g, c in enumerate(codes[0])]
+    assert offset[0].tolist() == [-d[g][1] * (int(c) >> 4) for g, c in enumerate(codes[0])]
 
 
+def test_super_block_parameters_make_every_product_exact():
+    """d and dmin keep 7 significant bits (and float16's 2^-24 step), so d * code is exact in float16 for every
+    4-bit code: the kernels compute it in float32 registers and agree with the expanded float16 bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(4000, generator=g) * 10.0 ** torch.randint(-9, 3, (4000,), generator=g).float(),
+                   torch.tensor([0.0, 2.0**-24, 3 * 2.0**-20, 65504 / 15])])
+    p = subblock.round_param(x).float()
+    assert ((p - x).abs() <= x.abs() * 2.0**-7 + 2.0**-25).all()  # the nearest 7-bit value (or float16 step)
+    for code in range(16):
+        prod = p * code
+        assert torch.equal(prod.half().float(), prod)
 def test_config_needs_groups_that_tile_a_super_block():
     assert MWQConfig(group_size=32, scheme="subblock").scheme == "subblock"
     with pytest.raises(UsageError, match="256-column super-blocks"):
@@ -36,7 +46,7 @@ def test_levels_nest_and_error_falls_with_bits(rows, cols, group):
     cfg = MWQConfig(bits=(2, 3, 4, 8), group_size=group, scheme="subblock")
     t = quantize_mwq(w, cfg)
     assert t.scale.shape == (rows, cols // group) and t.scale.dtype == torch.uint8
-    assert t.offset.shape == (rows, subblock.n_supers(cols // group, group), 3)
+    assert t.offset.shape == (rows, subblock.n_supers(cols // group, group), 2)
     errs = [(dequantize(t, b) - w).square().sum().item() for b in cfg.bits]
     # the grid serves level b1 first, so weights it clips stay clipped at every level: level 8 is ~13 dB
     # above level 2 here (Gaussian groups), not the ~36 dB of a grid spanning [min, max]
@@ -49,14 +59,14 @@ def test_levels_nest_and_error_falls_with_bits(rows, cols, group):
 
 def test_the_grid_is_fitted_for_the_lowest_level():
     """Small groups whose grid serves level b1 first: level 2 well above the sliced scheme's at group 64,
-    in fewer bits per weight (8 / 32 + 48 / 256 of parameters against 32 / 64)."""
+    in fewer bits per weight (8 / 32 + 32 / 256 of parameters against 32 / 64)."""
     torch.manual_seed(0)
     w = torch.randn(256, 512)
     sub = quantize_mwq(w, MWQConfig(bits=(2, 3, 4), group_size=32, scheme="subblock"))
     sliced = quantize_mwq(w, MWQConfig(bits=(2, 3, 4), group_size=64, scheme="sliced"))
     assert sqnr_db(w, dequantize(sub, 2)) > sqnr_db(w, dequantize(sliced, 2)) + 0.5
     params_bits = (sub.scale.numel() * 8 + sub.offset.numel() * 16) / w.numel()
-    assert params_bits == pytest.approx(8 / 32 + 48 / 256) and params_bits < 32 / 64
+    assert params_bits == pytest.approx(8 / 32 + 32 / 256) and params_bits < 32 / 64
 
 
 lib = native.load()
