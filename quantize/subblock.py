@@ -30,6 +30,7 @@ SUPER_PARAMS = 2  # d, dmin
 PARAM_BITS = 7  # significant bits of d and dmin: times a 4-bit code, 11 bits (float16's precision)
 
 
+
 def groups_per_super(group_size: int) -> int:
     return SUPER_COLS // group_size
 

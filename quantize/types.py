@@ -13,6 +13,15 @@ import torch
 from d2moe.errors import UsageError
 
 SCHEMES = ("residual", "sliced", "subblock")
+# What `pack` and `train-router` use unless told (BENCHMARKS.md §6.3: every level nearer the source than the
+# K-quant of the same bits, in fewer bits than sliced/64, for ~10% of decode speed)
+DEFAULT_SCHEME = "subblock"
+
+
+def default_group_size(scheme: str) -> int:
+    """Columns per group where --group-size is not given: 32 for subblock (its grids serve level b1 in small
+    groups at 8 bits of codes each), 64 for the schemes with float16 parameters per group."""
+    return 32 if scheme == "subblock" else 64
 
 
 @dataclass(frozen=True)
@@ -20,13 +29,15 @@ class MWQConfig:
     """How a weight matrix is Matryoshka-quantized."""
 
     bits: tuple[int, ...] = (2, 3, 4)  # readable levels, ascending; b1 = bits[0], bk = bits[-1]
-    group_size: int = 64  # consecutive input columns sharing one scale/offset
+    group_size: int | None = None  # consecutive input columns sharing one scale/offset (None: default_group_size)
     # "sliced": tied plane magnitudes (MSB slicing), float16 (scale, offset) per group; "residual": plane
     # magnitudes fitted per group; "subblock": sliced, each group's (scale, offset) a 4-bit code pair against
     # float16 parameters per super-block of 256 columns (d2moe.quantize.subblock), its grid fitted for level b1
-    scheme: str = "sliced"
+    scheme: str = DEFAULT_SCHEME
 
     def __post_init__(self) -> None:
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", default_group_size(self.scheme))
         bits = tuple(int(b) for b in self.bits)
         object.__setattr__(self, "bits", bits)
         if not bits or list(bits) != sorted(set(bits)) or bits[0] < 1 or bits[-1] > 8:
@@ -36,7 +47,8 @@ class MWQConfig:
         if self.scheme not in SCHEMES:
             raise UsageError(f"scheme {self.scheme!r} is unknown: use one of {', '.join(SCHEMES)}")
         if self.scheme == "subblock" and 256 % self.group_size:
-            raise UsageError(f"group size {self.group_size} does not divide the subblock scheme's 256-column super-blocks (use 16, 32 or 64)")
+            raise UsageError(f"--group-size {self.group_size} does not divide the subblock scheme's 256-column super-blocks: "
+                             "use 16, 32 or 64")
 
     @property
     def b1(self) -> int:

@@ -5,7 +5,7 @@ harness: d2moe's perplexity recipe (`d2moe eval`: windows of --ctx tokens of the
 tokenizer), each as a ratio to the unquantized model. Held-out text is never used for calibration:
 --calib and llama-imatrix get the training split.
 
-d2moe: `pack --bits 2,3,4` and `--bits 2,3,4,8`, each plain and with `--calib TRAIN`, then
+d2moe: `pack --bits 2,3,4` and `--bits 2,3,4,8` for each of --schemes, plain and with `--calib TRAIN`, then
 `eval --level all --reference SRC`. llama.cpp: convert to F16 GGUF, `llama-imatrix` on TRAIN, then
 `llama-quantize --tensor-type ffn_(gate|up|down)_exps=Q2_K|Q3_K|Q4_K` with and without `--imatrix`;
 its quantized experts are read back with its own gguf-py (dequantized exactly as it stores them), put
@@ -42,40 +42,45 @@ def run(cmd: list[str], what: str) -> str:
 
 def d2moe_rows(args, work: Path) -> list[dict]:
     rows = []
-    for bits in ("2,3,4", "2,3,4,8"):
-        for calib in (False, True):
-            out = work / f"d2-{bits.replace(',', '')}-{'calib' if calib else 'plain'}"
-            cmd = [sys.executable, "-m", "d2moe", "pack", args.model, out, "--bits", bits, "--json", "--quiet", "--force",
-                   "--weighting", args.weighting]
-            if calib:
-                cmd += ["--calib", args.train, "--calib-tokens", str(args.calib_tokens)]
-            pack = json.loads(run(cmd, f"pack {bits} calib={calib}").strip().splitlines()[-1])
-            ev = json.loads(run([sys.executable, "-m", "d2moe", "eval", out, "--text", args.heldout, "--level", "all",
-                                 "--reference", args.model, "--seq-len", str(args.ctx), "--json"], "eval"))
-            ref = next(r for r in ev["results"] if r.get("level") is None or "16" in str(r.get("target")))
-            base = ref["perplexity"]["ppl"]
-            weights = sum(r * c for r, c in pack_shapes(out))
-            for r in ev["results"]:
-                if r is ref:
-                    continue
-                if rows:
+    for scheme in args.schemes.split(","):
+        for bits in ("2,3,4", "2,3,4,8"):
+            for calib in (False, True):
+                out = work / f"d2-{scheme}-{bits.replace(',', '')}-{'calib' if calib else 'plain'}"
+                cmd = [sys.executable, "-m", "d2moe", "pack", args.model, out, "--bits", bits, "--scheme", scheme, "--json",
+                       "--quiet", "--force", "--weighting", args.weighting]
+                if calib:
+                    cmd += ["--calib", args.train, "--calib-tokens", str(args.calib_tokens)]
+                run(cmd, f"pack {scheme} {bits} calib={calib}")
+                ev = json.loads(run([sys.executable, "-m", "d2moe", "eval", out, "--text", args.heldout, "--level", "all",
+                                     "--reference", args.model, "--seq-len", str(args.ctx), "--json"], "eval"))
+                ref = next(r for r in ev["results"] if r.get("level") is None or "16" in str(r.get("target")))
+                base = ref["perplexity"]["ppl"]
+                weights = sum(r * c for r, c in pack_shapes(out))
+                for r in ev["results"]:
+                    if r is ref:
+                        continue
+                    lvl = r["level"]
+                    rows.append({"tool": "d2moe", "scheme": scheme, "pack_bits": bits, "calibrated": calib,
+                                 "weighting": args.weighting, "level": lvl,
+                                 "bpw": round(expert_bits(out, lvl) / weights, 4),
+                                 "ppl": round(r["perplexity"]["ppl"], 4), "ppl_16bit": round(base, 4),
+                                 "ratio": round(r["perplexity"]["ppl"] / base, 5)})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                lvl = r["level"]
-                rows.append({"tool": "d2moe", "pack_bits": bits, "calibrated": calib, "weighting": args.weighting, "level": lvl,
-                             "bpw": round(8 * pack["bytes_per_level"][str(lvl)] / (weights * pack_experts(pack)), 3),
-                             "ppl": round(r["perplexity"]["ppl"], 4), "ppl_16bit": round(base, 4),
-                             "ratio": round(r["perplexity"]["ppl"] / base, 5)})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def expert_bits(out: Path, level: int) -> float:
+    """Bits one expert of the pack at `out` holds at `level`, without the blob's alignment padding."""
+    from d2moe.quantize import format as fmt
+
+    ckpt = fmt.open_checkpoint(out)
+    upto = ckpt.cfg.level_index(level)
+    return 8 * sum(slot.nbytes for seg in ckpt.layout.segments[: upto + 1] for slot in seg)
 
 
 def pack_shapes(out: Path) -> list[tuple[int, int]]:
     manifest = json.loads((out / "d2moe.json").read_text())
     return [tuple(s) for s in manifest["matrix_shapes"].values()]
-
-
-def pack_experts(pack: dict) -> int:
-    return pack["moe_layers"] * pack["experts_per_layer"]
 
 
 def gguf_experts(llama: Path, path: Path, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -157,20 +162,19 @@ def llama_rows(args, work: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| bits | d2moe 2,3,4 | d2moe 2,3,4 --calib | d2moe 2,3,4,8 | d2moe 2,3,4,8 --calib | llama.cpp K-quant | "
-             "K-quant + imatrix | bpw d2moe / K-quant |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    def d2(level, bits, calib):
-        return next(x for x in rows if x["tool"] == "d2moe" and x["pack_bits"] == bits and x["calibrated"] == calib
-                    and x["level"] == level)
-
-    def ll(level, imat):
-        return next(x for x in rows if x["tool"] == "llama.cpp" and x["level"] == level and x["imatrix"] == imat)
-
+    d2 = [(x["scheme"], x["pack_bits"], x["calibrated"]) for x in rows if x["tool"] == "d2moe"]
+    columns = list(dict.fromkeys(d2))
+    head = [f"d2moe {s} {b}{' --calib' if c else ''}" for s, b, c in columns] + ["llama.cpp K-quant", "K-quant + imatrix"]
+    lines = ["| level | " + " | ".join(head) + " | bits per weight: d2moe " + " / ".join(dict.fromkeys(s for s, _, _ in columns))
+             + " / K-quant |", "|---:|" + "---:|" * (len(head) + 1)]
     for level in (2, 3, 4):
-        cells = [d2(level, "2,3,4", False), d2(level, "2,3,4", True), d2(level, "2,3,4,8", False),
-                 d2(level, "2,3,4,8", True), ll(level, False), ll(level, True)]
+        cells = [next(x for x in rows if x["tool"] == "d2moe" and (x["scheme"], x["pack_bits"], x["calibrated"]) == col
+                      and x["level"] == level) for col in columns]
+        cells += [next(x for x in rows if x["tool"] == "llama.cpp" and x["level"] == level and x["imatrix"] == imat)
+                  for imat in (False, True)]
+        bpw = [next(c["bpw"] for c in cells if c.get("scheme") == s) for s in dict.fromkeys(s for s, _, _ in columns)]
         lines.append(f"| {level} | " + " | ".join(f"{c['ratio']:.5f}" for c in cells)
-                     + f" | {cells[0]['bpw']:.2f} / {cells[4]['bpw']:.2f} |")
+                     + " | " + " / ".join(f"{b:.3f}" for b in bpw) + f" / {cells[-1]['bpw']:.3f} |")
     return "\n".join(lines)
 
 
@@ -183,6 +187,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--weighting", default="abs", help="d2moe pack --weighting (its default: abs)")
+    ap.add_argument("--schemes", default="subblock,sliced", help="d2moe pack --scheme values to measure")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="d2moe-quality-") as tmp:

@@ -14,15 +14,16 @@ _CACHE: dict[tuple, tuple[Path, Path]] = {}
 
 
 def packed_tiny(tmp_path_factory, arch: str = "mixtral", bits: tuple[int, ...] = (2, 4, 8), seed: int = 0,
-                **overrides) -> tuple[Path, Path]:
+                scheme: str | None = None, **overrides) -> tuple[Path, Path]:
     from d2moe.quantize import MWQConfig
     from d2moe.quantize.convert.pack import pack_checkpoint
 
-    key = (arch, tuple(bits), seed, tuple(sorted(overrides.items())))
+    key = (arch, tuple(bits), seed, scheme, tuple(sorted(overrides.items())))
     if key not in _CACHE:
         root = tmp_path_factory.mktemp(f"packed-{arch}")
         src = make_tiny_checkpoint(arch, root / "src", seed=seed, **overrides)
         out = root / "packed"
-        pack_checkpoint(src, out, MWQConfig(bits=tuple(bits)), progress=False)
+        cfg = MWQConfig(bits=tuple(bits)) if scheme is None else MWQConfig(bits=tuple(bits), scheme=scheme)
+        pack_checkpoint(src, out, cfg, progress=False)
         _CACHE[key] = (src, out)
     return _CACHE[key]

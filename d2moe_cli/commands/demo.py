@@ -65,7 +65,10 @@ def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path 
     source = SourceCheckpoint(src)
     source.index_weights()  # the fingerprint covers the weight files' names and sizes
     same_source = ckpt.manifest["source"]["sha256"] == source.fingerprint()
-    return same_source and tuple(ckpt.cfg.bits) == tuple(bits) and (ckpt.gate_path is None) == (router is None)
+    from d2moe.quantize.types import DEFAULT_SCHEME
+
+    return (same_source and tuple(ckpt.cfg.bits) == tuple(bits) and ckpt.cfg.scheme == DEFAULT_SCHEME
+            and (ckpt.gate_path is None) == (router is None))
 
 
 def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
@@ -75,6 +78,7 @@ def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
 
     from d2moe.quantize import MWQConfig
     from d2moe.quantize.convert.pack import pack_checkpoint
+    from d2moe.quantize.types import DEFAULT_SCHEME, default_group_size
 
     if current is None:
         current = packed_is_current(out, src, bits, router)
@@ -82,7 +86,8 @@ def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
         return False, 0.0
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    pack_checkpoint(src, out, MWQConfig(bits=bits), router=router, progress=progress, force=True)
+    cfg = MWQConfig(bits=bits, group_size=default_group_size(DEFAULT_SCHEME), scheme=DEFAULT_SCHEME)
+    pack_checkpoint(src, out, cfg, router=router, progress=progress, force=True)
     return True, time.perf_counter() - t0
 
 

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from d2moe.options import parse_bits
-
-SUBBLOCK_GROUP = 32  # BENCHMARKS.md §6.3: level 2 at 2.44 bits per weight beside Q2_K
+from d2moe.quantize.types import DEFAULT_SCHEME, default_group_size
 
 
 def register(app: typer.Typer) -> None:
@@ -19,8 +18,8 @@ def register(app: typer.Typer) -> None:
         src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors)")],
         out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
         bits: Annotated[str, typer.Option(help="levels (bit-widths) one stored copy serves, ascending")] = "2,3,4",
-        group_size: Annotated[int | None, typer.Option(help="input columns sharing one scale/offset (default: 64; subblock: 32)")] = None,
-        scheme: Annotated[str, typer.Option(help="sliced (MSB slicing: one affine term per level, fastest kernels) | subblock (sliced, 4-bit scale/offset codes per small group, grids fitted for the lowest level) | residual (fitted plane magnitudes)")] = "sliced",
+        group_size: Annotated[int | None, typer.Option(help="input columns sharing one scale/offset (default: 32 for subblock, 64 otherwise)")] = None,
+        scheme: Annotated[str, typer.Option(help="subblock (the default: one grid per 32 columns fitted for the lowest level, its scale/offset as 4-bit codes against per-256 float16; best quality per bit) | sliced (float16 scale/offset per 64 columns; ~10% faster kernels) | residual (fitted plane magnitudes)")] = DEFAULT_SCHEME,
         dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
         router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,
         force: Annotated[bool, typer.Option("--force", help="replace OUT if it is an existing packed checkpoint")] = False,
@@ -41,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from d2moe.quantize.types import MWQConfig
 
         if group_size is None:
-            group_size = SUBBLOCK_GROUP if scheme == "subblock" else 64
+            group_size = default_group_size(scheme)
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
         weights, calib_id, calib_report = None, None, None
         if calib:

@@ -12,6 +12,7 @@ import typer
 
 from d2moe.errors import UsageError
 from d2moe.options import parse_bits
+from d2moe.quantize.types import DEFAULT_SCHEME, default_group_size
 
 
 def parse_capacity(text: str, n_levels: int) -> tuple[float, ...]:
@@ -43,8 +44,8 @@ def register(app: typer.Typer) -> None:
         recalibrate_every: Annotated[int, typer.Option(help="scope model: steps between per-layer cap updates while training (0: no caps while training, the --bit-cost price alone; measured best)")] = 0,
         calibration_blocks: Annotated[int, typer.Option(help="calibration blocks the per-layer caps are computed on")] = 16,
         init: Annotated[str, typer.Option(help="gate start: router (the router-weight rule: heavier expert, more bits; measured best) | zero (small random start)")] = "router",
-        group_size: Annotated[int, typer.Option(help="MWQ group size (as pack will use)")] = 64,
-        scheme: Annotated[str, typer.Option(help="MWQ scheme: sliced | residual (as pack will use)")] = "sliced",
+        group_size: Annotated[int | None, typer.Option(help="MWQ group size, as pack will use (default: pack's for the scheme)")] = None,
+        scheme: Annotated[str, typer.Option(help="MWQ scheme, as pack will use: subblock | sliced | residual")] = DEFAULT_SCHEME,
         seq_len: Annotated[int, typer.Option(help="tokens per calibration block")] = 256,
         batch_size: Annotated[int, typer.Option(help="blocks per step (global)")] = 4,
         max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 200,
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
             src=str(src), data=tuple(data), output=str(output), bits=levels, capacity=parse_capacity(capacity, len(levels)),
             capacity_scope=capacity_scope, recalibrate_every=recalibrate_every, calibration_blocks=calibration_blocks,
             init=init,
-            group_size=group_size, scheme=scheme, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps, lr=lr,
+            group_size=default_group_size(scheme) if group_size is None else group_size, scheme=scheme, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps, lr=lr,
             seed=seed, bit_cost=bit_cost, target=target, estimator=estimator, proj_dim=proj_dim, eval_blocks=eval_blocks,
             max_blocks=max_blocks, save_every=save_every, state_dir=None if state_dir is None else str(state_dir),
             resume=resume,

@@ -414,7 +414,7 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
             for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f;
             if (!finite) return -3;
             const float *w = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
-            Group g = {group, bk, 1, one, x, w};
+            Group g = {group, bk, 1, one, x, w}; /* level b1 alone */
             float off, step;
             search(&g, &off, &step);
             float s16 = round_f16(step * ldexpf(1.0f, bk - b1)), o16;
@@ -432,17 +432,19 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
                 const double fl = 1e-12 * signal + floor_tiny;
                 grid_codes(&g, s16, o16, b1, q);
                 stored_errors(&g, s16, o16, b1, 1, err);
+                double best = err[0];
                 for (int it = 0; it < refits; it++) {
                     float ns = s16, no = o16;
                     if (!refit(&g, q, err, b1, fl, &ns, &no)) break;
                     double e2[1];
                     grid_codes(&g, ns, no, b1, q2);
                     stored_errors(&g, ns, no, b1, 1, e2);
-                    if (!(e2[0] < err[0])) break;
+                    if (!(e2[0] < best)) break;
+                    best = e2[0];
                     s16 = ns;
                     o16 = no;
                     memcpy(q, q2, (size_t)group);
-                    err[0] = e2[0];
+                    memcpy(err, e2, sizeof(e2));
                 }
             }
             fit_scale[gi] = s16;

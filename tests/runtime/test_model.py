@@ -37,14 +37,16 @@ def arch_pair(request, tmp_path_factory):
     return request.param, src, packed
 
 
-def test_highest_level_close_to_reference_and_error_falls_with_level(arch_pair):
-    """At 8 bits the logits are within 0.2% of the logit scale of the fp32 reference.
+def test_highest_level_close_to_reference_and_error_falls_with_level(arch_pair, tmp_path_factory):
+    """At 8 bits the logits are within 0.2% of the logit scale of the fp32 reference (the sliced scheme:
+    subblock grids serve level 2, and its 4-bit parameter codes leave level 8 at ~39 dB, BENCHMARKS.md §6.3).
 
     Why that tolerance: 8-bit group-wise quantization leaves a weight error ~2^-8 of each group's
     range (SQNR ~ 45 dB); through two layers the logit error measured is ~0.05-0.1% of the logit
     scale, while the 4-bit level (SQNR ~ 21 dB) is ~10x and the 2-bit level ~50x above it.
     """
-    arch, src, packed = arch_pair
+    arch, src, _ = arch_pair
+    src, packed = packed_tiny(tmp_path_factory, arch, bits=(2, 4, 8), scheme="sliced")
     ids = _ids()
     with torch.no_grad():
         ref = _reference(src)(ids).logits
