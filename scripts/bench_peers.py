@@ -175,7 +175,7 @@ class Bench:
 
     def _run_d2moe(self, system: System, threads: int) -> dict:
         a, s = self.args, system.params
-        base = [*(shlex.split(s["cmd"]) if "cmd" in s else a.d2moe_cmd), "run", str(a.packed), "--memory-budget", str(s["budget_bytes"]), "--json",
+        base = [*(shlex.split(s["cmd"]) if "cmd" in s else a.d2moe_cmd), "run", str(s.get("packed", a.packed)), "--memory-budget", str(s["budget_bytes"]), "--json",
                 "--no-chat-template"]
         if s.get("threads") != "default":  # threads=default: d2moe's own choice (no --threads)
             base += ["--threads", str(threads)]
@@ -285,16 +285,17 @@ def parse_d2moe_spec(text: str) -> dict:
     except ValueError:
         sys.exit(f"--d2moe {text!r}: write key=value pairs, e.g. name=d2moe-50pct,budget=50%,io=2GB/s")
     unknown = set(spec) - {"name", "budget", "level", "policy", "io", "io_threads", "router_levels", "dense", "threads",
-                           "cmd"}
+                           "cmd", "packed"}
     if unknown or "budget" not in spec:
         sys.exit(f"--d2moe {text!r}: needs budget=...; keys: name, budget, level, policy, io, io_threads, "
                  f"router_levels, dense (source|int8|int4), threads (default: omit --threads), cmd (this row's d2moe "
-                 f"command, e.g. another build's) (unknown: {sorted(unknown)})")
+                 f"command, e.g. another build's), packed (this row's checkpoint instead of --packed, e.g. another "
+                 f"scheme's) (unknown: {sorted(unknown)})")
     spec.setdefault("name", f"d2moe-{spec['budget']}")
     return spec
 
 
-def resolve_d2moe_budget(args, budget: str, max_tokens: int, io_threads: int) -> int:
+def resolve_d2moe_budget(packed: Path, budget: str, max_tokens: int, io_threads: int) -> int:
     """Bytes for a d2moe budget: a size as is, a percentage as `d2moe bench --budgets` reads it."""
     if not budget.endswith("%"):
         from d2moe.runtime.units import parse_size
@@ -302,7 +303,7 @@ def resolve_d2moe_budget(args, budget: str, max_tokens: int, io_threads: int) ->
         return parse_size(budget, "budget")
     from d2moe.apps.benchmark import budget_basis, parse_budgets
 
-    fixed, expert_set, _ = budget_basis(args.packed, max_tokens=max_tokens, io_threads=io_threads)
+    fixed, expert_set, _ = budget_basis(packed, max_tokens=max_tokens, io_threads=io_threads)
     return parse_budgets(budget, fixed, expert_set)[0].bytes
 
 
@@ -338,12 +339,12 @@ def make_systems(args, prompts: dict) -> list[System]:
         for text in args.d2moe:
             spec = parse_d2moe_spec(text)
             s = System(spec["name"], "d2moe", spec)
-            if args.packed is None:
+            packed = Path(spec["packed"]) if "packed" in spec else args.packed
+            if packed is None:
                 s.skipped = "needs --packed (a `d2moe pack` output of this checkpoint)"
             else:
-                spec["budget_bytes"] = resolve_d2moe_budget(args, spec["budget"], max_tokens,
-                                                             int(spec.get("io_threads", 4)))
-                s.model_bytes = dir_bytes(args.packed)
+                spec["budget_bytes"] = resolve_d2moe_budget(packed, spec["budget"], max_tokens, int(spec.get("io_threads", 4)))
+                s.model_bytes = dir_bytes(packed)
             systems.append(s)
     return systems
 

@@ -61,6 +61,13 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
+static inline uint16_t f16_from_f32(float f) { /* round to nearest even, as torch's .half() */
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
 static inline void f16_row(const uint16_t *src, float *dst, int n) {
     int i = 0;
 #if D2_AVX512

@@ -185,17 +185,11 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
 
    Each group's (scale, offset) is a code byte against float16 (d, dmin) per 256-column super-block:
        scale = d * (code & 15),  offset = -dmin * (code >> 4)
-   d and dmin have at most 7 significant bits, so both products are exact (in float16 too). Whole D2_ROWS16
-   blocks read the codes in place (rows16_gemv_block); the row-wise paths get 16 rows' parameters expanded
-   into float16 scratch (subblock_view). Under D2_ROWS16 the codes are interleaved per 16-row block as
-   [G][16] bytes and the super-block parameters as [S * 2][16] (d2_interleave_params). */
-
-static inline uint16_t f16_from_f32(float f) {
-    _Float16 h = (_Float16)f;
-    uint16_t u;
-    memcpy(&u, &h, 2);
-    return u;
-}
+   d and dmin have at most 7 significant bits, so both products are exact (in float16 too). Under D2_ROWS16
+   the codes are interleaved per 16-row block as [G][16] bytes and the super-block parameters as [S * 2][16]
+   (d2_interleave_params): whole blocks compute parameters from the codes in registers (rows16_gemv_block),
+   other rows get them expanded when their block is unpacked (rows16_unpack, rows16_by_rows). In the row
+   layouts, 16-row views get theirs expanded into float16 scratch (subblock_view). */
 
 /* Floats of scratch before the expanded parameters: what the row-wise paths use. */
 static int64_t subblock_scratch_at(const d2_matrix *m) {
@@ -220,26 +214,8 @@ static void subblock_expand_rows(const d2_matrix *m, int32_t r0, int32_t n, uint
     }
 }
 
-/* Block b of a D2_ROWS16 matrix (interleaved codes) -> scale, offset float16 [G][16] (partial ranges of it). */
-static void subblock_expand_block(const d2_matrix *m, int32_t b, uint16_t *sc, uint16_t *of) {
-    const int G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
-    const uint8_t *pc = m->pcode + (int64_t)b * 16 * G;
-    const uint16_t *ps = m->psuper + (int64_t)b * 16 * S * 2;
-    for (int s = 0; s < S; s++) {
-        const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
-        for (int i = 0; i < 16; i++) {
-            const float d = f16_to_f32(ps[32 * s + i]), dmin = f16_to_f32(ps[32 * s + 16 + i]);
-            for (int g = s * gps; g < g1; g++) {
-                const uint8_t c = pc[16 * (int64_t)g + i];
-                sc[16 * (int64_t)g + i] = f16_from_f32(d * (float)(c & 15));
-                of[16 * (int64_t)g + i] = f16_from_f32(-(dmin * (float)(c >> 4)));
-            }
-        }
-    }
-}
-
-/* Rows [r0, r0 + 16) of m (fewer at the end; r0 % 16 == 0) as a matrix with float16 parameters in sc, of:
-   a whole D2_ROWS16 block stays blocked (parameters [G][16]), other rows are in the file's layout. */
+/* Rows [r0, r0 + 16) of m (fewer at the end) in a row layout (D2_ROWS, D2_BLOCKED) as a matrix with float16
+   parameters in sc, of. */
 static d2_matrix subblock_view(const d2_matrix *m, int32_t r0, uint16_t *sc, uint16_t *of) {
     d2_matrix v = *m;
     const int64_t rb = m->cols / 8;
@@ -250,12 +226,7 @@ static d2_matrix subblock_view(const d2_matrix *m, int32_t r0, uint16_t *sc, uin
     v.coef[0] = sc;
     v.pcode = NULL;
     v.psuper = NULL;
-    if (m->layout == D2_ROWS16 && r0 < (m->rows & ~15)) {
-        subblock_expand_block(m, r0 / 16, sc, of);
-    } else {
-        if (v.layout == D2_ROWS16) v.layout = D2_ROWS; /* rows past the last full block keep the file's layout */
-        subblock_expand_rows(m, r0, v.rows, sc, of);
-    }
+    subblock_expand_rows(m, r0, v.rows, sc, of);
     return v;
 }
 
@@ -279,21 +250,30 @@ int d2_ready_layout(void) { return D2_AVX512 ? D2_ROWS16 : (D2_AVX2 ? D2_BLOCKED
 typedef void (*rows_fn)(const d2_matrix *, int32_t r0, int32_t r1, void *ctx, int64_t row_offset);
 static void rows16_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, rows_fn fn, void *ctx) {
     const int32_t full = m->rows & ~15;
-    /* the unpacked block: allocated only here (whole-block GEMV ranges, the hot path, never need it) */
-    uint8_t *buf = r0 < r1 && r0 < full ? (uint8_t *)malloc((size_t)rows16_unpack_bytes(m)) : NULL;
-    if (r0 < r1 && r0 < full && !buf) rows16_out_of_memory(); /* a quarter MiB */
+    /* the unpacked block (or subblock's tail parameters): allocated only here (whole-block GEMV ranges, the hot
+       path, never need it) */
+    const int need = r0 < r1 && (r0 < full || (m->pcode && r1 > full));
+    uint8_t *buf = need ? (uint8_t *)malloc((size_t)rows16_unpack_bytes(m)) : NULL;
+    if (need && !buf) rows16_out_of_memory(); /* a quarter MiB */
     for (int32_t o = r0; o < r1 && o < full;) {
         const int32_t b = o / 16, e = 16 * b + 16 < r1 ? 16 * b + 16 : r1;
         const d2_matrix blk = rows16_unpack(m, b, buf);
         fn(&blk, o - 16 * b, e - 16 * b, ctx, 16 * (int64_t)b);
         o = e;
     }
-    free(buf);
-    if (r1 > full) {
+    if (r1 > full) { /* the rows past the last full block keep the file's layout */
         d2_matrix tail = *m;
         tail.layout = D2_ROWS;
-        fn(&tail, r0 > full ? r0 : full, r1, ctx, 0);
+        int32_t from = r0 > full ? r0 : full, row0 = 0;
+        if (m->pcode) { /* subblock: a view of the tail rows, parameters expanded into buf */
+            uint16_t *sc = (uint16_t *)buf, *of = sc + 16 * (m->cols / m->group_size);
+            tail = subblock_view(&tail, full, sc, of);
+            from -= full;
+            row0 = full;
+        }
+        fn(&tail, from, r1 - row0, ctx, row0);
     }
+    free(buf);
 }
 
 /* y[n, o] for rows [r0, r1) and every token of q (ystride = y's row length). Rows are visited in
@@ -310,21 +290,12 @@ static void gemv_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ctx, 
 
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
-    if (m->pcode) { /* subblock: whole blocks read their codes in place; other rows through an expanded view */
-        const int32_t G = m->cols / m->group_size, gps = 256 / m->group_size, S = (G + gps - 1) / gps;
-        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * G;
+    if (m->pcode && m->layout != D2_ROWS16) { /* subblock in a row layout: 16-row views, parameters expanded */
+        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
         for (int32_t o = r0; o < r1;) {
             const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
-#if D2_AVX512
-            if (!force_portable && m->layout == D2_ROWS16 && o == v0 && e == v0 + 16 && e <= (m->rows & ~15)) {
-                const d2_sub16 sub = {m->pcode + (int64_t)v0 * G, m->psuper + (int64_t)v0 * S * 2, __builtin_ctz(gps)};
-                rows16_gemv_block(m, q, y, ystride, v0 / 16, &sub);
-                o = e;
-                continue;
-            }
-#endif
             const d2_matrix v = subblock_view(m, v0, sc, of);
-            d2_gemv_rows(&v, q, y + v0, ystride, o - v0, e - v0, scratch, force_portable);
+            gemv_rows(&v, q, y + v0, ystride, o - v0, e - v0, scratch, force_portable);
             o = e;
         }
         return;
@@ -336,7 +307,7 @@ void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride,
 #if D2_AVX512
     if (!force_portable) { /* whole blocks inside the range: the block kernel */
         const int32_t first = (r0 + 15) / 16, last = (r1 < (m->rows & ~15) ? r1 : (m->rows & ~15)) / 16;
-        for (int32_t b = first; b < last; b++) rows16_gemv_block(m, q, y, ystride, b, NULL);
+        for (int32_t b = first; b < last; b++) rows16_gemv_block(m, q, y, ystride, b);
         if (first < last) { /* what is left: the partial blocks at both ends and the tail rows */
             gemv_ctx c = {q, y, ystride, scratch, force_portable};
             rows16_by_rows(m, r0, 16 * first, gemv_rows_fn, &c);
@@ -436,13 +407,13 @@ static void dequant_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ct
 
 void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
                      int32_t force_portable) {
-    if (m->pcode) { /* subblock: as d2_gemv_rows */
+    if (m->pcode && m->layout != D2_ROWS16) { /* subblock in a row layout: as d2_gemv_rows */
         uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
         for (int32_t o = r0; o < r1;) {
             const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
             const d2_matrix v = subblock_view(m, v0, sc, of);
-            d2_dequant_rows(&v, (uint8_t *)out + (int64_t)(o - r0) * m->cols * (bf16 ? 2 : 4), o - v0, e - v0, scratch,
-                            bf16, force_portable);
+            dequant_rows(&v, (uint8_t *)out + (int64_t)(o - r0) * m->cols * (bf16 ? 2 : 4), o - v0, e - v0, scratch,
+                         bf16, force_portable);
             o = e;
         }
         return;

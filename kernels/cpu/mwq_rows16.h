@@ -172,6 +172,27 @@ static d2_matrix rows16_unpack(const d2_matrix *m, int b, uint8_t *buf) {
         r.planes[p] = dst;
     }
     uint16_t *prm = (uint16_t *)(buf + (int64_t)D2_MAX_PLANES * 16 * rb);
+    if (m->pcode) { /* subblock: the block's parameters from its codes ([G][16] bytes, (d, dmin) [S * 2][16]) */
+        const int gps = 256 / m->group_size, S = (G + gps - 1) / gps;
+        const uint8_t *pc = m->pcode + (int64_t)b * 16 * G;
+        const uint16_t *ps = m->psuper + (int64_t)b * 16 * S * 2;
+        for (int s = 0; s < S; s++) {
+            const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
+            for (int i = 0; i < 16; i++) {
+                const float d = f16_to_f32(ps[32 * s + i]), ndmin = -f16_to_f32(ps[32 * s + 16 + i]);
+                for (int g = s * gps; g < g1; g++) {
+                    const uint8_t c = pc[16 * (int64_t)g + i];
+                    prm[i * G + g] = f16_from_f32(ndmin * (float)(c >> 4));
+                    prm[16 * G + i * G + g] = f16_from_f32(d * (float)(c & 15));
+                }
+            }
+        }
+        r.offset = prm;
+        r.coef[0] = prm + 16 * G;
+        r.pcode = NULL;
+        r.psuper = NULL;
+        return r;
+    }
     for (int a = 0; a <= m->nterms; a++) {
         const uint16_t *src = (a == 0 ? m->offset : m->coef[a - 1]) + (int64_t)b * 16 * G;
         uint16_t *dst = prm + (int64_t)a * 16 * G;
@@ -268,11 +289,17 @@ D2_FOR_KERNELS(D2_R16, 0)
 D2_FOR_KERNELS(D2_R16, 1)
 static const rows16_fn ROWS16[2][4][D2_MAX_PLANES] = {D2_KERNEL_TABLE(r16, 0), D2_KERNEL_TABLE(r16, 1)}; /* [lo][tokens - 1][planes - 1] */
 
-/* y[n, 16 b + i] for every token of q and the 16 rows of block b (sub: scheme subblock's parameters of the
-   block, read in place; NULL: the float16 parameter arrays). */
-static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int b, const d2_sub16 *sub) {
+/* y[n, 16 b + i] for every token of q and the 16 rows of block b (scheme subblock: each group's parameters
+   computed from its codes in registers; else the float16 parameter arrays). */
+static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int b) {
     const int gs = m->group_size, G = m->cols / gs, rb = m->cols / 8, lo = q->lo != 0;
     const int64_t pbase = (int64_t)b * 16 * rb, prm = (int64_t)b * 16 * G;
+    d2_sub16 sub16, *sub = NULL; /* subblock: the block's codes, read in place */
+    if (m->pcode) {
+        const int gps = 256 / gs, S = (G + gps - 1) / gps;
+        sub16 = (d2_sub16){m->pcode + prm, m->psuper + (int64_t)b * 16 * S * 2, __builtin_ctz(gps)};
+        sub = &sub16;
+    }
     for (int n0 = 0; n0 < q->ntok; n0 += 4) {
         const int nt = q->ntok - n0 < 4 ? q->ntok - n0 : 4;
         __m512 facc[D2_MAX_TOKENS];
