@@ -364,13 +364,13 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
         const uint8_t *pl[D2_MAX_PLANES];
         for (int p = 0; p < np; p++) pl[p] = m->planes[first + p] + (int64_t)o * rb;
 #if D2_AVX512
-        if (!force_portable && gs % 64 == 0 && m->layout == D2_ROWS) {
-            for (int c = 0; c < m->cols; c += 64) {
+        if (!force_portable && gs % 16 == 0 && m->cols % 64 == 0 && m->layout == D2_ROWS) {
+            for (int c = 0; c < m->cols; c += 64) { /* 64 columns: one group, or 2-4 groups of 16-32 */
                 __m512 cv[4];
                 code_ps(code64(pl, c / 8, np), cv);
-                const __m512 sv = _mm512_set1_ps(cf[t * G + c / gs]);
                 for (int k = 0; k < 4; k++) {
                     float *wk = w + c + 16 * k;
+                    const __m512 sv = _mm512_set1_ps(cf[t * G + (c + 16 * k) / gs]);
                     _mm512_storeu_ps(wk, _mm512_fmadd_ps(cv[k], sv, _mm512_loadu_ps(wk)));
                 }
             }
