@@ -12,10 +12,9 @@ Levels read the top bits of one bk-bit code per weight, as in the sliced scheme.
 Why: one grid per small group is what a low level needs, and it must be chosen for that level (the
 grid is fitted for level b1; the levels above refine inside its cells). At 32 columns the parameters
 cost 8/32 + 32/256 = 0.375 bits per weight, against 0.5 for float16 (scale, offset) per 64 columns.
-Measured on two trained MoEs in BENCHMARKS.md §6.3.
+BENCHMARKS.md §6.3 has the measurements behind each choice, on two trained MoEs.
 
 Shape letters: O rows, G groups per row, S = ceil(G / (256 / group_size)) super-blocks per row.
-(BENCHMARKS.md §6.3 has the measurements behind each choice.)
 """
 
 from __future__ import annotations

@@ -74,17 +74,25 @@ def cell_centres(x: torch.Tensor, offset: torch.Tensor, step: torch.Tensor, bk: 
     return offset[:, None] + (q + 0.5) * cell[:, None]
 
 
-def requantize(x, step, offset, rows, cols, group, levels, importance):
-    """Per-group (step, offset) -> 8-bit codes against per-super-block float16 parameters; best of 4 neighbours."""
-    bk, per = levels[-1], max(1, SUPER // group)
+def super_blocks(n: int, rows: int, cols: int, group: int):
+    """For n groups of `group` columns (row-major, [rows, cols]): (seg(v [n], how) -> [rows * S], the reduction
+    of v over each super-block of SUPER columns; sb [n], each group's super-block)."""
+    per = max(1, SUPER // group)
     n_groups = cols // group
     n_super = -(-n_groups // per)
-    idx = torch.arange(x.shape[0])
+    idx = torch.arange(n)
     sb = (idx // n_groups) * n_super + (idx % n_groups) // per
 
     def seg(v, how):
         return torch.zeros(rows * n_super).scatter_reduce(0, sb, v, how, include_self=False)
 
+    return seg, sb
+
+
+def requantize(x, step, offset, rows, cols, group, levels, importance):
+    """Per-group (step, offset) -> 8-bit codes against per-super-block float16 parameters; best of 4 neighbours."""
+    bk = levels[-1]
+    seg, sb = super_blocks(x.shape[0], rows, cols, group)
     d = (seg(step, "amax") / 255).half().float()[sb]
     o_lo = seg(offset, "amin").half().float()[sb]
     o_step = ((seg(offset, "amax") - seg(offset, "amin")) / 255).half().float()[sb]
@@ -182,15 +190,7 @@ def quantize_params(x, imp, off, cell, rows, cols, group, pbits, levels, joint):
     if pbits == 16:
         return off.half().float(), cell.half().float()
     top = 2**pbits - 1
-    per = max(1, SUPER // group)
-    n_groups = cols // group
-    n_super = -(-n_groups // per)
-    idx = torch.arange(x.shape[0])
-    sb = (idx // n_groups) * n_super + (idx % n_groups) // per
-
-    def seg(v, how):
-        return torch.zeros(rows * n_super).scatter_reduce(0, sb, v, how, include_self=False)
-
+    seg, sb = super_blocks(x.shape[0], rows, cols, group)
     d = (seg(cell, "amax") / top).half().float()[sb]
     o_lo = seg(off, "amin").half().float()[sb]
     o_step = ((seg(off, "amax") - seg(off, "amin")) / top).half().float()[sb]

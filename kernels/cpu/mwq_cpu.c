@@ -191,8 +191,8 @@ static void rows_gemv_c(const d2_matrix *m, const d2_qx *q, int n0, int nt, floa
    other rows get them expanded when their block is unpacked (rows16_unpack, rows16_by_rows). In the row
    layouts, 16-row views get theirs expanded into float16 scratch (subblock_view). */
 
-/* Floats of scratch before the expanded parameters: what the row-wise paths use. */
-static int64_t subblock_scratch_at(const d2_matrix *m) {
+/* Floats of scratch the row-wise paths use (subblock's expanded parameters go after them). */
+static int64_t row_scratch_floats(const d2_matrix *m) {
     const int64_t G = m->cols / m->group_size, tokens = (int64_t)D2_MAX_TOKENS * G;
     return (D2_MAX_TERMS + 1) * G + (tokens > m->cols ? tokens : m->cols);
 }
@@ -238,7 +238,7 @@ static d2_matrix subblock_view(const d2_matrix *m, int32_t r0, uint16_t *sc, uin
    one float32 row (bf16 tiles). */
 int64_t d2_scratch_floats(const d2_matrix *m) {
     const int64_t G = m->cols / m->group_size;
-    return subblock_scratch_at(m) + (m->pcode ? 16 * G : 0); /* subblock: two float16 [16, G] parameter arrays */
+    return row_scratch_floats(m) + (m->pcode ? 16 * G : 0); /* subblock: two float16 [16, G] parameter arrays */
 }
 
 /* The layout this build's vector kernels read fastest, made by d2_interleave_planes/_params (2) or
@@ -276,6 +276,18 @@ static void rows16_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, rows_fn f
     free(buf);
 }
 
+/* Rows [r0, r1) of a subblock matrix in a row layout through a row-wise entry point: 16-row views with their
+   parameters expanded into the end of `scratch` (past what the row-wise paths use), then fn on their rows. */
+static void subblock_by_rows(const d2_matrix *m, int32_t r0, int32_t r1, rows_fn fn, void *ctx, float *scratch) {
+    uint16_t *sc = (uint16_t *)(scratch + row_scratch_floats(m)), *of = sc + 16 * (m->cols / m->group_size);
+    for (int32_t o = r0; o < r1;) {
+        const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
+        const d2_matrix v = subblock_view(m, v0, sc, of);
+        fn(&v, o - v0, e - v0, ctx, v0);
+        o = e;
+    }
+}
+
 /* y[n, o] for rows [r0, r1) and every token of q (ystride = y's row length). Rows are visited in
    tiles so that a tile's planes stay in cache while every 8-token block of q reuses them. */
 static void gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
@@ -290,14 +302,9 @@ static void gemv_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ctx, 
 
 void d2_gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystride, int32_t r0, int32_t r1,
                   float *scratch, int32_t force_portable) {
-    if (m->pcode && m->layout != D2_ROWS16) { /* subblock in a row layout: 16-row views, parameters expanded */
-        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
-        for (int32_t o = r0; o < r1;) {
-            const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
-            const d2_matrix v = subblock_view(m, v0, sc, of);
-            gemv_rows(&v, q, y + v0, ystride, o - v0, e - v0, scratch, force_portable);
-            o = e;
-        }
+    if (m->pcode && m->layout != D2_ROWS16) { /* subblock in a row layout */
+        gemv_ctx c = {q, y, ystride, scratch, force_portable};
+        subblock_by_rows(m, r0, r1, gemv_rows_fn, &c, scratch);
         return;
     }
     if (m->layout != D2_ROWS16) {
@@ -407,15 +414,9 @@ static void dequant_rows_fn(const d2_matrix *m, int32_t r0, int32_t r1, void *ct
 
 void d2_dequant_rows(const d2_matrix *m, void *out, int32_t r0, int32_t r1, float *scratch, int32_t bf16,
                      int32_t force_portable) {
-    if (m->pcode && m->layout != D2_ROWS16) { /* subblock in a row layout: as d2_gemv_rows */
-        uint16_t *sc = (uint16_t *)(scratch + subblock_scratch_at(m)), *of = sc + 16 * (m->cols / m->group_size);
-        for (int32_t o = r0; o < r1;) {
-            const int32_t v0 = o & ~15, e = v0 + 16 < r1 ? v0 + 16 : r1;
-            const d2_matrix v = subblock_view(m, v0, sc, of);
-            dequant_rows(&v, (uint8_t *)out + (int64_t)(o - r0) * m->cols * (bf16 ? 2 : 4), o - v0, e - v0, scratch,
-                         bf16, force_portable);
-            o = e;
-        }
+    if (m->pcode && m->layout != D2_ROWS16) { /* subblock in a row layout */
+        dequant_ctx c = {(uint8_t *)out, r0, scratch, bf16, force_portable};
+        subblock_by_rows(m, r0, r1, dequant_rows_fn, &c, scratch);
         return;
     }
     if (m->layout == D2_ROWS16) {

@@ -242,6 +242,48 @@ static int refit(const Group *g, const uint8_t *q, const double *err, int b1, do
     return 1;
 }
 
+/* A group's grid: the clip search, then up to `refits` least-squares refits, each kept only while the objective
+ * (the mean over g's levels of log error) drops. Float16 (scale, offset) out, the bk-bit codes on that grid in q
+ * (q2: scratch). Returns 0, or -2 if the grid overflows float16. */
+static int fit_group(const Group *g, int b1, int refits, uint8_t *q, uint8_t *q2, float *scale16, float *offset16) {
+    float off, step;
+    search(g, &off, &step);
+    float s16 = round_f16(step * ldexpf(1.0f, g->bk - b1)), o16;
+    if (s16 == 0) { /* too flat for float16: keep its mean */
+        double m = 0;
+        for (int j = 0; j < g->n; j++) m += g->x[j];
+        o16 = round_f16((float)(m / g->n));
+    } else {
+        o16 = round_f16(off);
+    }
+    if (!isfinite(s16) || !isfinite(o16)) return -2;
+    grid_codes(g, s16, o16, b1, q);
+    if (refits > 0 && s16 > 0) {
+        double err[MAX_LEVELS], signal = 0;
+        for (int j = 0; j < g->n; j++) signal += (double)g->x[j] * g->x[j] * (g->w ? g->w[j] : 1.0);
+        const double fl = 1e-12 * signal + 1.1754943508222875e-38;
+        stored_errors(g, s16, o16, b1, 1, err);
+        double best = mean_log(err, g->nlev, fl);
+        for (int it = 0; it < refits; it++) {
+            float ns = s16, no = o16;
+            if (!refit(g, q, err, b1, fl, &ns, &no)) break;
+            double e2[MAX_LEVELS];
+            grid_codes(g, ns, no, b1, q2);
+            stored_errors(g, ns, no, b1, 1, e2);
+            const double obj = mean_log(e2, g->nlev, fl);
+            if (!(obj < best)) break;
+            best = obj;
+            s16 = ns;
+            o16 = no;
+            memcpy(q, q2, (size_t)g->n);
+            memcpy(err, e2, sizeof(e2));
+        }
+    }
+    *scale16 = s16;
+    *offset16 = o16;
+    return 0;
+}
+
 /* A group's codes into the bit-planes: plane p holds bit (bk-1-p) of each code; 8 columns per byte, column c
  * at bit c%8. dst = the group's first byte in plane 0. */
 static void write_planes(const uint8_t *q, int group, int bk, uint8_t *dst, int64_t plane_stride) {
@@ -283,7 +325,6 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
     uint8_t q[MAX_S], q2[MAX_S];
     int G = cols / group;
     int64_t plane_stride = (int64_t)rows * (cols / 8);
-    double floor_tiny = 1.1754943508222875e-38;
     for (int li = 0; li < nlev; li++) err_out[li] = 0;
     *signal_out = 0;
     for (int r = r0; r < r1; r++) {
@@ -294,39 +335,8 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
             if (!finite) return -3;
             const float *cw = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
             Group g = {group, bk, nlev, levels, x, cw};
-            float off, step;
-            search(&g, &off, &step);
-            float s16 = round_f16(step * ldexpf(1.0f, bk - b1)), o16;
-            if (s16 == 0) { /* too flat for float16: keep its mean */
-                double m = 0;
-                for (int j = 0; j < group; j++) m += x[j];
-                o16 = round_f16((float)(m / group));
-            } else {
-                o16 = round_f16(off);
-            }
-            if (!isfinite(s16) || !isfinite(o16)) return -2;
-            grid_codes(&g, s16, o16, b1, q);
-            if (refits > 0 && s16 > 0) {
-                double err[MAX_LEVELS], signal = 0;
-                for (int j = 0; j < group; j++) signal += (double)x[j] * x[j] * (g.w ? g.w[j] : 1.0);
-                double fl = 1e-12 * signal + floor_tiny;
-                stored_errors(&g, s16, o16, b1, 1, err);
-                double best = mean_log(err, nlev, fl);
-                for (int it = 0; it < refits; it++) {
-                    float ns = s16, no = o16;
-                    if (!refit(&g, q, err, b1, fl, &ns, &no)) break;
-                    double e2[MAX_LEVELS];
-                    grid_codes(&g, ns, no, b1, q2);
-                    stored_errors(&g, ns, no, b1, 1, e2);
-                    double obj = mean_log(e2, nlev, fl);
-                    if (!(obj < best)) break;
-                    best = obj;
-                    s16 = ns;
-                    o16 = no;
-                    memcpy(q, q2, (size_t)group);
-                    memcpy(err, e2, sizeof(e2));
-                }
-            }
+            float s16, o16;
+            if (fit_group(&g, b1, refits, q, q2, &s16, &o16)) return -2;
             scale[(int64_t)r * G + gi] = f16_bits(s16);
             offset[(int64_t)r * G + gi] = f16_bits(o16);
             double e[MAX_LEVELS];
@@ -404,7 +414,6 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
     uint8_t q[MAX_S], q2[MAX_S];
     const int one[1] = {b1};
     const int64_t plane_stride = (int64_t)rows * (cols / 8);
-    const double floor_tiny = 1.1754943508222875e-38;
     for (int li = 0; li < nlev; li++) err_out[li] = 0;
     *signal_out = 0;
     for (int r = r0; r < r1; r++) {
@@ -415,38 +424,8 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
             if (!finite) return -3;
             const float *w = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
             Group g = {group, bk, 1, one, x, w}; /* level b1 alone */
-            float off, step;
-            search(&g, &off, &step);
-            float s16 = round_f16(step * ldexpf(1.0f, bk - b1)), o16;
-            if (s16 == 0) {
-                double m = 0;
-                for (int j = 0; j < group; j++) m += x[j];
-                o16 = round_f16((float)(m / group));
-            } else {
-                o16 = round_f16(off);
-            }
-            if (!isfinite(s16) || !isfinite(o16)) return -2;
-            if (refits > 0 && s16 > 0) {
-                double err[1], signal = 0;
-                for (int j = 0; j < group; j++) signal += (double)x[j] * x[j] * (w ? w[j] : 1.0);
-                const double fl = 1e-12 * signal + floor_tiny;
-                grid_codes(&g, s16, o16, b1, q);
-                stored_errors(&g, s16, o16, b1, 1, err);
-                double best = err[0];
-                for (int it = 0; it < refits; it++) {
-                    float ns = s16, no = o16;
-                    if (!refit(&g, q, err, b1, fl, &ns, &no)) break;
-                    double e2[1];
-                    grid_codes(&g, ns, no, b1, q2);
-                    stored_errors(&g, ns, no, b1, 1, e2);
-                    if (!(e2[0] < best)) break;
-                    best = e2[0];
-                    s16 = ns;
-                    o16 = no;
-                    memcpy(q, q2, (size_t)group);
-                    memcpy(err, e2, sizeof(e2));
-                }
-            }
+            float s16, o16;
+            if (fit_group(&g, b1, refits, q, q2, &s16, &o16)) return -2;
             fit_scale[gi] = s16;
             fit_offset[gi] = o16;
         }
