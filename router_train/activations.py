@@ -5,7 +5,8 @@ embeddings run once, the first layer's inputs are caught, then each layer is giv
 run over every calibration sequence at once, and dropped. Its experts module is replaced by one that
 reads each expert's matrices from the source on demand (one expert in memory at a time), computes
 the exact output in float32, and accumulates, per expert, the mean square of every input column of
-`gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x). Resident memory: one
+`gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), and keeps up to SAMPLE_TOKENS of
+those inputs (d2moe.quantize.calib says how pack uses both). Resident memory: one
 layer's dense weights, one expert, and the calibration activations; never the model.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
@@ -25,12 +26,20 @@ from torch import nn
 
 from d2moe.errors import InputError
 from d2moe.quantize.adapters import adapter_for
+from d2moe.quantize.calib import SAMPLE_TOKENS, ColumnStats
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
 from d2moe.runtime.model import build_skeleton, expert_activation, materialise_buffers, swap_experts
 
 MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit that expert unweighted
 FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs a little
 SEQ_LEN = 512
+SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
+CALIB_METHOD = b"column-weights+row-choice/"  # in --resume's id: packs calibrated another way are not reused
+
+
+def sample_tokens(n_experts: int, input_columns: int) -> int:
+    """Inputs kept per expert: SAMPLE_TOKENS, fewer where all experts' samples would pass SAMPLE_BYTES (>= 32)."""
+    return max(32, min(SAMPLE_TOKENS, SAMPLE_BYTES // max(1, 2 * n_experts * input_columns)))
 
 
 class _Stop(Exception):
@@ -52,9 +61,11 @@ class _Catcher(nn.Module):
 class _StatsExperts(nn.Module):
     """An experts module computing from source weights read on demand, accumulating input statistics."""
 
-    def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, sums: dict, counts: dict):
+    def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, sums: dict, counts: dict, samples: dict,
+                 keep_tokens: int):
         super().__init__()
-        self.layer, self.experts, self.sums, self.counts = layer, experts, sums, counts
+        self.layer, self.experts, self.sums, self.counts, self.samples = layer, experts, sums, counts, samples
+        self.keep_tokens = keep_tokens
         self.act = expert_activation(original)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -66,16 +77,20 @@ class _StatsExperts(nn.Module):
             gate, up, down = (self.experts.matrix(self.layer, e, m).float() for m in ("gate", "up", "down"))
             h = self.act(x @ gate.T) * (x @ up.T)
             out.index_add_(0, tok, (h @ down.T) * top_k_weights[tok, slot].float().unsqueeze(-1))
+            # the layer sees every calibration sequence in one call: an evenly spaced subset spans the text
+            keep = torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()
             for m, v in (("gate", x), ("down", h)):
                 key = (self.layer, e, m)
                 self.sums[key] = self.sums.get(key, 0) + v.square().sum(0, dtype=torch.float64)
+                if key not in self.samples:
+                    self.samples[key] = v[keep].bfloat16()
             self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
         return out.to(hidden_states.dtype)
 
 
-def expert_column_weights(src: Path, specs: list[str], max_tokens: int, progress: bool = True
-                          ) -> tuple[dict[tuple[int, int, str], torch.Tensor], str, dict]:
-    """({(layer, expert, matrix): weight per input column}, an id of the calibration for --resume, a report)."""
+def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool = True
+                        ) -> tuple[dict[tuple[int, int, str], ColumnStats], str, dict]:
+    """({(layer, expert, matrix): its ColumnStats}, an id of the calibration for --resume, a report)."""
     from transformers import AutoTokenizer
 
     from d2moe.router_train.data import load_texts, token_blocks
@@ -94,12 +109,16 @@ def expert_column_weights(src: Path, specs: list[str], max_tokens: int, progress
                          "copy the tokenizer files next to config.json") from None
     texts = load_texts(specs)
     blocks = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
-    calib_id = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()
+    calib_id = hashlib.sha256(CALIB_METHOD + blocks.numpy().tobytes()).hexdigest()
 
     model = build_skeleton(adapter, config)
     sums: dict = {}
     counts: dict = {}
-    swap_experts(model, adapter, moe_layers, lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts))
+    samples: dict = {}
+    shapes = adapter.matrix_shapes(config)
+    keep = sample_tokens(len(moe_layers) * num_experts, shapes["gate"][1] + shapes["down"][1])
+    swap_experts(model, adapter, moe_layers,
+                 lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts, samples, keep))
     layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
     inner = layers_path.rpartition(".")[0]  # "model": embeddings and rotary run before the first layer
     layers = model.get_submodule(layers_path)
@@ -143,7 +162,7 @@ def expert_column_weights(src: Path, specs: list[str], max_tokens: int, progress
             for m, stat in (("gate", sums[(layer, e, "gate")]), ("down", sums[(layer, e, "down")])):
                 w = (stat / n).float()
                 w = w / w.mean().clamp_min(1e-30)
-                weights[(layer, e, m)] = w.clamp_min(FLOOR)
+                weights[(layer, e, m)] = ColumnStats(w.clamp_min(FLOOR), samples[(layer, e, m)])
             weights[(layer, e, "up")] = weights[(layer, e, "gate")]  # gate and up read the same input
     report = {"tokens": int(blocks.numel()), "sequences": int(blocks.shape[0]), "experts": len(moe_layers) * num_experts,
               "experts_without_enough_tokens": starved, "seconds": round(time.perf_counter() - t0, 1)}

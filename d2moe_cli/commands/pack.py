@@ -44,9 +44,9 @@ def register(app: typer.Typer) -> None:
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
         weights, calib_id, calib_report = None, None, None
         if calib:
-            from d2moe.router_train.activations import expert_column_weights
+            from d2moe.router_train.activations import expert_column_stats
 
-            weights, calib_id, calib_report = expert_column_weights(src, calib, calib_tokens, progress=not quiet)
+            weights, calib_id, calib_report = expert_column_stats(src, calib, calib_tokens, progress=not quiet)
         try:
             report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
                                      workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id,

@@ -207,8 +207,6 @@ static d2_matrix rows16_unpack(const d2_matrix *m, int b, uint8_t *buf) {
 /* ---------------------------------------------------------------- GEMV on 16-row blocks (AVX-512) */
 #if D2_AVX512
 
-/* One term over every group of a block for NT tokens: facc[n] (lane i = row i) += sum_g s[i, g] D[n, i, g]
-   with s = m_t coef_t dx. Quads' dot products go to CH independent accumulators (VNNI latency). */
 /* Scheme subblock's parameters of one 16-row block, read where they sit in the cache: codes [G][16] bytes and
    (d, dmin) [S * 2][16] float16 (interleaved per block when bytes entered the cache). */
 typedef struct {
@@ -217,28 +215,16 @@ typedef struct {
     int gps_shift; /* log2 of the groups per 256-column super-block */
 } d2_sub16;
 
-/* Group g's 16 row scales (d * s) and offsets (-dmin * k): exact products, the float16 values of
-   quantize/subblock.py's expand. */
-static inline __attribute__((always_inline)) __m512 sub16_scale(const d2_sub16 *s, int g) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s->code + 16 * (int64_t)g)));
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s->super + 32 * (int64_t)(g >> s->gps_shift))));
-    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))));
+/* A group's 16 row coefficients, float16 [G][16]. */
+static inline __attribute__((always_inline)) __m512 rows16_coef(const uint16_t *coef, int g) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(coef + (int64_t)g * 16)));
 }
 
-static inline __attribute__((always_inline)) __m512 sub16_offset(const d2_sub16 *s, int g) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s->code + 16 * (int64_t)g)));
-    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s->super + 32 * (int64_t)(g >> s->gps_shift) + 16)));
-    return _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin), _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)));
-}
-
-/* A group's 16 row coefficients: float16 [G][16] (coef), or subblock's codes (sub). */
-static inline __attribute__((always_inline)) __m512 rows16_coef(const uint16_t *coef, const d2_sub16 *sub, int g) {
-    return sub ? sub16_scale(sub, g) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(coef + (int64_t)g * 16)));
-}
-
+/* One term over every group of a block for NT tokens: facc[n] (lane i = row i) += sum_g s[i, g] D[n, i, g]
+   with s = m_t coef_t dx. Quads' dot products go to CH independent accumulators (VNNI latency). */
 static inline __attribute__((always_inline)) void rows16_term(
-    const uint8_t *const *pl, const int NP, const int NT, const int LO, const d2_qx *q, int n0, int G, int qpg,
-    const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
+    const uint8_t *const *pl, const int NP, const int NT, const int LO, const int SUB, const d2_qx *q, int n0, int G,
+    int qpg, const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
     enum { CH = 4 };
     const int8_t *xh[D2_MAX_TOKENS], *xl[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) {
@@ -246,7 +232,11 @@ static inline __attribute__((always_inline)) void rows16_term(
         xl[n] = LO ? q->lo + (int64_t)(n0 + n) * q->cols : 0;
     }
     const int ch = NT == 1 ? CH : 2; /* more tokens are already independent chains */
+    __m512 dm = _mm512_setzero_ps(); /* subblock: d m of the current super-block */
     for (int g = 0; g < G; g++) {
+        if (SUB && !(g & ((1 << sub->gps_shift) - 1)))
+            dm = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sub->super + 32 * (int64_t)(g >> sub->gps_shift)))),
+                               _mm512_set1_ps(mul));
         __m512i dh[D2_MAX_TOKENS][CH], dl[D2_MAX_TOKENS][CH];
         for (int n = 0; n < NT; n++)
             for (int c = 0; c < ch; c++) dh[n][c] = dl[n][c] = _mm512_setzero_si512();
@@ -264,7 +254,9 @@ static inline __attribute__((always_inline)) void rows16_term(
                     }
                 }
             }
-        const __m512 cs = _mm512_mul_ps(rows16_coef(coef, sub, g), _mm512_set1_ps(mul));
+        const __m512 cs = SUB ? _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_cvtepu8_epi32(
+                                    _mm_loadu_si128((const __m128i *)(sub->code + 16 * (int64_t)g))), _mm512_set1_epi32(15))))
+                              : _mm512_mul_ps(rows16_coef(coef, g), _mm512_set1_ps(mul)); /* exact: mul is 2^-k */
         for (int n = 0; n < NT; n++) {
             __m512i d = dh[n][0], e = dl[n][0];
             for (int c = 1; c < ch; c++) {
@@ -280,14 +272,17 @@ static inline __attribute__((always_inline)) void rows16_term(
 
 typedef void (*rows16_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const uint16_t *, const d2_sub16 *,
                           float, __m512 *);
-#define D2_R16(NP, NT, LO)                                                                                   \
-    static void r16_##NP##_##NT##_##LO(const uint8_t *const *pl, const d2_qx *q, int n0, int G, int qpg,   \
-                                       const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) { \
-        rows16_term(pl, NP, NT, LO, q, n0, G, qpg, coef, sub, mul, facc);                                   \
+#define D2_R16(NP, NT, X) /* X = LO + 2 SUB */                                                      \
+    static void r16_##NP##_##NT##_##X(const uint8_t *const *pl, const d2_qx *q, int n0, int G, int qpg,    \
+                                      const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) { \
+        rows16_term(pl, NP, NT, (X) & 1, (X) >> 1, q, n0, G, qpg, coef, sub, mul, facc);                   \
     }
 D2_FOR_KERNELS(D2_R16, 0)
 D2_FOR_KERNELS(D2_R16, 1)
-static const rows16_fn ROWS16[2][4][D2_MAX_PLANES] = {D2_KERNEL_TABLE(r16, 0), D2_KERNEL_TABLE(r16, 1)}; /* [lo][tokens - 1][planes - 1] */
+D2_FOR_KERNELS(D2_R16, 2)
+D2_FOR_KERNELS(D2_R16, 3)
+static const rows16_fn ROWS16[4][4][D2_MAX_PLANES] = {D2_KERNEL_TABLE(r16, 0), D2_KERNEL_TABLE(r16, 1),
+                                                      D2_KERNEL_TABLE(r16, 2), D2_KERNEL_TABLE(r16, 3)}; /* [lo + 2 subblock][tokens - 1][planes - 1] */
 
 /* y[n, 16 b + i] for every token of q and the 16 rows of block b (scheme subblock: each group's parameters
    computed from its codes in registers; else the float16 parameter arrays). */
@@ -304,21 +299,38 @@ static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int6
         const int nt = q->ntok - n0 < 4 ? q->ntok - n0 : 4;
         __m512 facc[D2_MAX_TOKENS];
         for (int n = 0; n < nt; n++) facc[n] = _mm512_setzero_ps();
-        for (int g = 0; g < G; g++) { /* base term: offset + sum_t m_t coef_t bias_t, times the exact group sum */
-            __m512 base = sub ? sub16_offset(sub, g)
-                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->offset + prm + (int64_t)g * 16)));
-            for (int t = 0; t < m->nterms; t++) {
-                const __m512 c = rows16_coef(sub ? NULL : m->coef[t] + prm, sub, g);
-                base = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_set1_ps(m->term_mul[t])), _mm512_set1_ps(m->term_bias[t]), base);
+        if (sub) { /* base = -dmin k + d s m bias: (-dmin, d m bias) once per super-block, the codes once per group */
+            const int gps = 1 << sub->gps_shift;
+            for (int g0 = 0; g0 < G; g0 += gps) {
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sub->super + 32 * (int64_t)(g0 / gps))));
+                const __m512 nmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                      (const __m256i *)(sub->super + 32 * (int64_t)(g0 / gps) + 16))));
+                const __m512 dmb = _mm512_mul_ps(d, _mm512_set1_ps(m->term_mul[0] * m->term_bias[0])); /* exact: 2^k */
+                for (int g = g0; g < G && g < g0 + gps; g++) {
+                    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sub->code + 16 * (int64_t)g)));
+                    const __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+                    const __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+                    const __m512 base = _mm512_fmadd_ps(dmb, sc, _mm512_mul_ps(nmin, k)); /* one rounding, as below */
+                    for (int n = 0; n < nt; n++)
+                        facc[n] = _mm512_fmadd_ps(base, _mm512_set1_ps(q->sx[(int64_t)(n0 + n) * G + g]), facc[n]);
+                }
             }
-            for (int n = 0; n < nt; n++)
-                facc[n] = _mm512_fmadd_ps(base, _mm512_set1_ps(q->sx[(int64_t)(n0 + n) * G + g]), facc[n]);
+        } else {
+            for (int g = 0; g < G; g++) { /* base term: offset + sum_t m_t coef_t bias_t, times the exact group sum */
+                __m512 base = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m->offset + prm + (int64_t)g * 16)));
+                for (int t = 0; t < m->nterms; t++) {
+                    const __m512 c = rows16_coef(m->coef[t] + prm, g);
+                    base = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_set1_ps(m->term_mul[t])), _mm512_set1_ps(m->term_bias[t]), base);
+                }
+                for (int n = 0; n < nt; n++)
+                    facc[n] = _mm512_fmadd_ps(base, _mm512_set1_ps(q->sx[(int64_t)(n0 + n) * G + g]), facc[n]);
+            }
         }
         for (int t = 0; t < m->nterms; t++) {
             const uint8_t *pl[D2_MAX_PLANES];
             const int np = m->term_nplanes[t];
             for (int p = 0; p < np; p++) pl[p] = m->planes[m->term_first[t] + p] + pbase;
-            ROWS16[lo][nt - 1][np - 1](pl, q, n0, G, gs / 4, sub ? NULL : m->coef[t] + prm, sub, m->term_mul[t], facc);
+            ROWS16[lo + 2 * (sub != NULL)][nt - 1][np - 1](pl, q, n0, G, gs / 4, sub ? NULL : m->coef[t] + prm, sub, m->term_mul[t], facc);
         }
         for (int n = 0; n < nt; n++) _mm512_storeu_ps(y + (int64_t)(n0 + n) * ystride + 16 * (int64_t)b, facc[n]);
     }

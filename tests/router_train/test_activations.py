@@ -9,7 +9,7 @@ from d2moe.quantize import MWQConfig
 from d2moe.quantize import format as fmt
 from d2moe.quantize.convert.pack import pack_checkpoint
 from d2moe.router_train import activations
-from d2moe.router_train.activations import expert_column_weights
+from d2moe.router_train.activations import expert_column_stats
 
 TEXT = "d2moe_cli/assets/text/tinyshakespeare.train.txt"
 
@@ -47,7 +47,7 @@ def test_layer_by_layer_statistics_equal_the_full_forward(tmp_path, monkeypatch)
         return seen["blocks"]
 
     monkeypatch.setattr(data, "token_blocks", spy)
-    weights, calib_id, report = expert_column_weights(src, [TEXT], 2048, progress=False)
+    weights, calib_id, report = expert_column_stats(src, [TEXT], 2048, progress=False)
     assert report["tokens"] == seen["blocks"].numel() and len(calib_id) == 64
     sums, counts = _full_forward_stats(src, seen["blocks"], layer=1)
     checked = 0
@@ -57,9 +57,13 @@ def test_layer_by_layer_statistics_equal_the_full_forward(tmp_path, monkeypatch)
             continue
         want = (sums[e] / n).float()
         want = (want / want.mean()).clamp_min(activations.FLOOR)
-        torch.testing.assert_close(weights[(1, e, "gate")], want, rtol=2e-3, atol=1e-4)
-        assert torch.equal(weights[(1, e, "up")], weights[(1, e, "gate")])
-        assert torch.isfinite(weights[(1, e, "down")]).all() and (weights[(1, e, "down")] > 0).all()
+        torch.testing.assert_close(weights[(1, e, "gate")].weight, want, rtol=2e-3, atol=1e-4)
+        assert weights[(1, e, "up")] is weights[(1, e, "gate")]
+        down = weights[(1, e, "down")].weight
+        assert torch.isfinite(down).all() and (down > 0).all()
+        sample = weights[(1, e, "gate")].sample  # routed inputs: their mean square is bounded by all n tokens'
+        assert sample.shape == (min(n, activations.SAMPLE_TOKENS), want.numel()) and sample.dtype == torch.bfloat16
+        assert float(sample.float().square().sum()) <= float(sums[e].sum()) * 1.01
         checked += 1
     assert checked >= 2
     starved = {(layer, e) for layer, e, _ in report["experts_without_enough_tokens"]}
@@ -68,7 +72,7 @@ def test_layer_by_layer_statistics_equal_the_full_forward(tmp_path, monkeypatch)
 
 def test_calibrated_pack_is_valid_and_differs_from_plain(tmp_path):
     src = make_tiny_checkpoint("mixtral", tmp_path / "src")
-    weights, calib_id, _ = expert_column_weights(src, [TEXT], 2048, progress=False)
+    weights, calib_id, _ = expert_column_stats(src, [TEXT], 2048, progress=False)
     plain = pack_checkpoint(src, tmp_path / "plain", MWQConfig(), progress=False)
     calib = pack_checkpoint(src, tmp_path / "calib", MWQConfig(), progress=False, calib=weights, calib_id=calib_id)
     fmt.open_checkpoint(tmp_path / "calib", verify=True)

@@ -1,0 +1,69 @@
+"""Calibration for `pack --calib`: what the statistics are, and how a fit is chosen from them.
+
+Per (layer, expert, matrix) the calibration run (d2moe.router_train.activations) gives
+- `weight` [I]: each input column's mean squared activation over the tokens routed to the expert,
+  normalised to mean 1: imatrix's diagonal, which weights the grid search's error;
+- `sample` [N, I]: N of those routed inputs, spread over the calibration text.
+
+The diagonal weighting alone ignores how columns co-vary and can clip the columns it rates low into
+errors that add up in the output (BENCHMARKS.md §6.3: on its own it made every level worse). So pack
+fits each matrix twice, weighted and unweighted, and keeps for every row the fit whose outputs on
+the sample are nearer the source's: ||X (w_o - q_o)||^2, summed in log over the packed levels (each
+level counts alike), staying with the unweighted fit unless the other is clearly nearer. Rows are independent in the format (a row's groups and super-blocks are its
+own), so the chosen rows form one valid tensor. Held-out text never enters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from d2moe.quantize.mwq import dequantize
+from d2moe.quantize.types import MWQTensor
+
+SAMPLE_TOKENS = 256  # routed inputs kept per expert: the row choice needs a few hundred to be stable
+SWITCH_MARGIN = 0.05  # a row leaves the unweighted fit only for outputs 5% nearer: the sample's error is an estimate
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """One expert matrix's calibration statistics (see the module docstring)."""
+
+    weight: torch.Tensor  # float32 [I], mean 1
+    sample: torch.Tensor | None = None  # bfloat16 [N, I]; None: weight the search only
+
+
+def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.Tensor:
+    """float64 [levels, O]: per level and row, ||X (w_o - q_o)||^2 over the sample's tokens, and ||w_o - q_o||^2
+    stacked after them ([2 * levels, O], the latter for the pack report's SQNR)."""
+    x = sample.float()
+    out, plain = [], []
+    for b in t.cfg.bits:
+        e = w.float() - dequantize(t, b)
+        out.append((x @ e.T).double().square().sum(0))
+        plain.append(e.double().square().sum(1))
+    return torch.stack(out + plain)
+
+
+def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[MWQTensor, list[float]]:
+    """The tensor taking each row from the candidate with the least sum over levels of log output error, the
+    first candidate unless another is SWITCH_MARGIN nearer at every level's geometric mean; and its
+    unweighted squared error per level (errors: output_errors of each candidate)."""
+    n = len(candidates[0].cfg.bits)
+    score = torch.stack([e[:n].clamp_min(1e-300).log().sum(0) for e in errors])  # [C, O]
+    score[1:] += n * math.log1p(SWITCH_MARGIN)
+    best = score.argmin(0)  # the first minimum on ties
+    first = candidates[0]
+    scale, offset, planes = first.scale.clone(), first.offset.clone(), first.planes.clone()
+    alpha = None if first.alpha is None else first.alpha.clone()
+    for c in range(1, len(candidates)):
+        rows, t = best == c, candidates[c]
+        scale[rows], offset[rows], planes[:, rows] = t.scale[rows], t.offset[rows], t.planes[:, rows]
+        if alpha is not None:
+            alpha[:, rows] = t.alpha[:, rows]
+    plain = torch.stack(errors)[:, n:, :]  # [C, levels, O]
+    chosen = plain.gather(0, best.view(1, 1, -1).expand(1, n, -1))[0]
+    tensor = MWQTensor(first.shape, first.cfg, first.level, scale, offset, planes, alpha)
+    return tensor, [float(v) for v in chosen.sum(1)]

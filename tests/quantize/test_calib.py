@@ -1,0 +1,52 @@
+"""Calibration's row choice (d2moe.quantize.calib): valid tensors, rows from the nearer fit, never worse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2moe.quantize import MWQConfig, dequantize, native
+from d2moe.quantize.calib import SWITCH_MARGIN, output_errors, pick_rows
+from d2moe.quantize.format import blob_layout, decode_blob, encode_expert
+
+
+def _fits(scheme: str, rows: int = 48, cols: int = 256, seed: int = 0):
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(seed)
+    cfg = MWQConfig(bits=(2, 3, 4), group_size=32 if scheme == "subblock" else 64, scheme=scheme)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(200, cols, generator=g) * torch.linspace(0.1, 3.0, cols)  # columns of unequal energy
+    weight = x.square().mean(0)
+    plain = native.fit_sliced(lib, w, cfg, None).tensor
+    weighted = native.fit_sliced(lib, w, cfg, weight / weight.mean()).tensor
+    return cfg, w, x.bfloat16(), [plain, weighted]
+
+
+@pytest.mark.parametrize("scheme", ["subblock", "sliced"])
+def test_rows_come_from_the_candidate_nearer_on_the_sample(scheme):
+    cfg, w, x, cands = _fits(scheme)
+    errs = [output_errors(w, t, x) for t in cands]
+    t, sq = pick_rows(cands, errs)
+    n = len(cfg.bits)
+    score = torch.stack([e[:n].log().sum(0) for e in errs])
+    took = score[1] + n * torch.log1p(torch.tensor(SWITCH_MARGIN, dtype=torch.float64)) < score[0]
+    assert 0 < int(took.sum()) < len(took)  # both fits win some rows here
+    for b in cfg.bits:
+        want = torch.where(took[:, None], dequantize(cands[1], b), dequantize(cands[0], b))
+        assert torch.equal(dequantize(t, b), want)  # whole rows, every level, bit for bit
+    picked = output_errors(w, t, x)
+    assert torch.all(picked[:n].log().sum(0) <= score[0] + 1e-9)  # never worse than the unweighted fit
+    assert sq == pytest.approx([float(v) for v in picked[n:].sum(1)], rel=1e-9)
+
+
+def test_the_chosen_tensor_encodes_and_decodes_like_any_fit():
+    cfg, w, x, cands = _fits("subblock", rows=64, cols=512, seed=1)
+    t, _ = pick_rows(cands, [output_errors(w, c, x) for c in cands])
+    shapes = {m: t.shape for m in ("gate", "up", "down")}
+    layout = blob_layout(shapes, cfg)
+    blob = encode_expert({m: t for m in shapes}, layout, cfg)
+    back = decode_blob(blob, layout, cfg, cfg.bits[-1], shapes)
+    for b in cfg.bits:
+        assert torch.equal(dequantize(back["down"].to_mwq(), b), dequantize(t, b))
