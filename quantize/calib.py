@@ -24,6 +24,7 @@ from d2moe.quantize.mwq import dequantize
 from d2moe.quantize.types import MWQTensor
 
 SAMPLE_TOKENS = 256  # routed inputs kept per expert: the row choice needs a few hundred to be stable
+ROW_CHUNK = 512  # rows per pass in output_errors: a few MiB of float32 temporaries
 SWITCH_MARGIN = 0.05  # a row leaves the unweighted fit only for outputs 5% nearer: the sample's error is an estimate
 
 
@@ -36,15 +37,20 @@ class ColumnStats:
 
 
 def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.Tensor:
-    """float64 [levels, O]: per level and row, ||X (w_o - q_o)||^2 over the sample's tokens, and ||w_o - q_o||^2
-    stacked after them ([2 * levels, O], the latter for the pack report's SQNR)."""
-    x = sample.float()
-    out, plain = [], []
-    for b in t.cfg.bits:
-        e = w.float() - dequantize(t, b)
-        out.append((x @ e.T).double().square().sum(0))
-        plain.append(e.double().square().sum(1))
-    return torch.stack(out + plain)
+    """float64 [2 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the sample's tokens, then per level
+    and row ||w_o - q_o||^2 (for the pack report's SQNR). Rows go ROW_CHUNK at a time (cache-sized temporaries);
+    the product runs in bfloat16 (the sample's own precision), ample to rank fits SWITCH_MARGIN apart."""
+    levels = t.cfg.bits
+    out = torch.empty(2 * len(levels), t.shape[0], dtype=torch.float64)
+    x = sample.to(torch.bfloat16)
+    for r0 in range(0, t.shape[0], ROW_CHUNK):
+        r1 = min(t.shape[0], r0 + ROW_CHUNK)
+        part = t.rows(r0, r1)
+        for i, b in enumerate(levels):
+            e = dequantize(part, b).neg_().add_(w[r0:r1])
+            out[i, r0:r1] = (x @ e.to(torch.bfloat16).T).float().square().sum(0)
+            out[len(levels) + i, r0:r1] = e.square().sum(1)
+    return out
 
 
 def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[MWQTensor, list[float]]:

@@ -94,6 +94,12 @@ class MWQTensor:
             return expand(self.scale, self.offset, self.cfg.group_size)
         return self.scale, self.offset
 
+    def rows(self, r0: int, r1: int) -> MWQTensor:
+        """Rows r0..r1 as a tensor of their own (views: every field is per row)."""
+        alpha = None if self.alpha is None else self.alpha[:, r0:r1]
+        return replace(self, shape=(r1 - r0, self.shape[1]), scale=self.scale[r0:r1], offset=self.offset[r0:r1],
+                       planes=self.planes[:, r0:r1], alpha=alpha)
+
     def truncate(self, level: int) -> MWQTensor:
         """The same tensor holding only what level `level` needs (a view: nothing is copied)."""
         self.cfg.level_index(level)
