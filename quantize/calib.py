@@ -35,7 +35,7 @@ class ColumnStats:
     """One expert matrix's calibration statistics (see the module docstring)."""
 
     weight: torch.Tensor  # float32 [I], mean 1
-    sample: torch.Tensor | None = None  # bfloat16 [N, I]; None: weight the search only
+    sample: torch.Tensor  # bfloat16 [N, I]
 
 
 def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.Tensor:

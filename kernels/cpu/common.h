@@ -68,6 +68,13 @@ static inline uint16_t f16_from_f32(float f) { /* round to nearest even, as torc
     return u;
 }
 
+/* Scheme subblock (quantize/subblock.py): a group's float16 scale d * s and offset -dmin * k from its code byte
+   (s low nibble, k high) and its super-block's (d, dmin); both products are exact. */
+static inline void subblock_params(float d, float dmin, uint8_t code, uint16_t *scale, uint16_t *offset) {
+    *scale = f16_from_f32(d * (float)(code & 15));
+    *offset = f16_from_f32(-(dmin * (float)(code >> 4)));
+}
+
 static inline void f16_row(const uint16_t *src, float *dst, int n) {
     int i = 0;
 #if D2_AVX512

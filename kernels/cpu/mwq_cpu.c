@@ -207,8 +207,7 @@ static void subblock_expand_rows(const d2_matrix *m, int32_t r0, int32_t n, uint
             const float d = f16_to_f32(ps[2 * s]), dmin = f16_to_f32(ps[2 * s + 1]);
             const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
             for (int g = s * gps; g < g1; g++) {
-                sc[(int64_t)i * G + g] = f16_from_f32(d * (float)(pc[g] & 15));
-                of[(int64_t)i * G + g] = f16_from_f32(-(dmin * (float)(pc[g] >> 4)));
+                subblock_params(d, dmin, pc[g], sc + (int64_t)i * G + g, of + (int64_t)i * G + g);
             }
         }
     }

@@ -179,12 +179,9 @@ static d2_matrix rows16_unpack(const d2_matrix *m, int b, uint8_t *buf) {
         for (int s = 0; s < S; s++) {
             const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
             for (int i = 0; i < 16; i++) {
-                const float d = f16_to_f32(ps[32 * s + i]), ndmin = -f16_to_f32(ps[32 * s + 16 + i]);
-                for (int g = s * gps; g < g1; g++) {
-                    const uint8_t c = pc[16 * (int64_t)g + i];
-                    prm[i * G + g] = f16_from_f32(ndmin * (float)(c >> 4));
-                    prm[16 * G + i * G + g] = f16_from_f32(d * (float)(c & 15));
-                }
+                const float d = f16_to_f32(ps[32 * s + i]), dmin = f16_to_f32(ps[32 * s + 16 + i]);
+                for (int g = s * gps; g < g1; g++)
+                    subblock_params(d, dmin, pc[16 * (int64_t)g + i], prm + 16 * G + i * G + g, prm + i * G + g);
             }
         }
         r.offset = prm;

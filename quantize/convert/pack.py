@@ -267,7 +267,7 @@ class _Fitter:
                 stats = self.calib.get(where)
                 f = native.fit_sliced(self.lib, w, self.cfg, None if stats is None else stats.weight, self.refits,
                                       self._pool, weighting=self.weighting)
-                if stats is None or stats.sample is None:
+                if stats is None:
                     return f.tensor, f.sq_error, f.signal
                 # d2moe.quantize.calib: the unweighted fit too, and each row from the one nearer on the sample's outputs
                 plain = native.fit_sliced(self.lib, w, self.cfg, None, self.refits, self._pool, weighting=self.weighting)
