@@ -11,6 +11,9 @@ stays. Eviction victims are unpinned entries, chosen by
 - "decay": lowest decayed activation frequency (`record_use(key, weight)` adds weight,
   `step()` multiplies every score by `decay`), ties broken by least recent use;
 - "lru": least recently used.
+With `demote_first(floor, prefix_bytes)` (`--on-miss reuse`), room is made by cutting the victims down
+to their `floor` level prefix (nesting: it is that level's blob) before any entry is evicted whole, so
+an expert stays usable at a lower level instead of being read again.
 
 Byte accounting: `held_bytes + reserved_bytes <= capacity_bytes`, always. A read about to be issued
 reserves the room its bytes will take (`reserve`, evicting as `put` would), so bytes in flight are
@@ -32,6 +35,8 @@ ExpertCache(capacity_bytes, policy="decay", decay=0.9)
                                                  # (bytes-likes, or uint8 tensors on any device)
     entry_bytes(key) -> int                      # bytes held for key (0 when absent)
     discard(key); clear()
+    demote_first(floor, prefix_bytes, order=None)   # make room by cutting entries to `floor` before evicting
+    demotable_bytes(which, exclude=())           # what cutting the entries `which` picks would free
     pin(key) / unpin(key) / pinned(key); `with cache.pinned_keys(keys): ...`
     record_use(key, weight=1.0); step(); score(key)
     held_objects() -> list (for MemoryMeter); measured_bytes(measure); held_bytes, reserved_bytes, free_bytes,
@@ -42,6 +47,7 @@ Thread-safe (one re-entrant lock): I/O threads may `put` while the compute threa
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -81,6 +87,29 @@ def _concat(held: Any, extra: Any, alloc: Callable[[int], Any] | None = None) ->
     return joined
 
 
+def _prefix(data: Any, n: int, alloc: Callable[[int], Any] | None, on_drop: Callable[[Any], None] | None) -> Any:
+    """The first `n` bytes of `data` as a buffer of their own, the rest freed: a pool map cut in place when
+    nothing else views it (its tail pages go back, nothing is copied), else a copy (`alloc`'s pages) and the
+    old buffer dropped."""
+    if hasattr(data, "untyped_storage"):  # a torch tensor (a GPU-resident cache)
+        import torch
+
+        return data.reshape(-1).view(torch.uint8)[:n].clone()
+    if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) and len(data.obj) == _nbytes(data):
+        m = data.obj
+        try:
+            data.release()
+            m.resize(n)
+            return memoryview(m)
+        except (BufferError, OSError, SystemError, ValueError):
+            data = memoryview(m)
+    out = memoryview(alloc(n) if alloc else bytearray(n))[:n]
+    out[:] = data[:n]
+    if on_drop is not None:
+        on_drop(data)
+    return out
+
+
 @dataclass
 class LayerStats:
     """Counters of one MoE layer (or, from `totals()`, of all of them)."""
@@ -89,6 +118,7 @@ class LayerStats:
     misses: int = 0  # lookups of experts not held at all
     upgrades: int = 0  # lookups of experts held at a lower level than wanted
     evictions: int = 0  # entries removed to make room
+    demotions: int = 0  # entries cut down to the floor level to make room (demote_first)
     rejected: int = 0  # puts that could not fit (compute-and-drop)
     bytes_inserted: int = 0  # bytes newly brought into the cache (upgrades count only the extra)
 
@@ -135,7 +165,17 @@ class ExpertCache:
         self.version = 0  # bumped whenever what the entries hold changes (see _held)
         self._measured: tuple[int, int] | None = None  # (version, bytes) of the last measured_bytes()
         self._stats: dict[Any, LayerStats] = {}
+        self._floor: tuple[int, Callable[[Hashable, int], int]] | None = None  # demote_first's (floor, prefix_bytes)
+        self._cut_order: Callable[[Hashable], float] | None = None  # demote_first's order of cuts (None: victims')
         self._lock = threading.RLock()
+
+    def demote_first(self, floor: int, prefix_bytes: Callable[[Hashable, int], int],
+                     order: Callable[[Hashable], float] | None = None) -> None:
+        """Make room by cutting entries held above `floor` down to it (`prefix_bytes(key, level)`: the bytes of
+        key's prefix up to level) before evicting any entry whole; cuts go by `order(key)`, smallest first (the
+        caller's idea of which experts deserve their top levels), else in the eviction order."""
+        self._floor = (int(floor), prefix_bytes)
+        self._cut_order = order
 
     @property
     def _held(self) -> int:
@@ -301,8 +341,21 @@ class ExpertCache:
         need = nbytes - self.free_bytes
         if need <= 0:
             return True
+        victims = self._victims(exclude)
+        if self._floor is not None:
+            if sum(self._entries[k].nbytes for k in victims) < need:
+                return False  # all or nothing: not even evicting every victim would do
+            floor, prefix_bytes = self._floor
+            for k in sorted(victims, key=self._cut_order) if self._cut_order else victims:
+                if need <= 0:
+                    return True
+                e = self._entries[k]
+                if e.level > floor:
+                    need -= self._cut(k, e, floor, prefix_bytes(k, floor))
+            if need <= 0:
+                return True
         freed, chosen = 0, []
-        for k in self._victims(exclude):
+        for k in victims:
             if freed >= need:
                 break
             chosen.append(k)
@@ -316,6 +369,28 @@ class ExpertCache:
                 self.on_drop(e.data)
             self._layer_stats(k).evictions += 1
         return True
+
+    def demotable_bytes(self, which: Callable[[Hashable], bool], exclude: Iterable[Hashable] = ()) -> int:
+        """Bytes `demote_first` could free from the unpinned entries (not in `exclude`) for which `which(key)`."""
+        if self._floor is None:
+            return 0
+        floor, prefix_bytes = self._floor
+        skip = set(exclude)
+        with self._lock:
+            return sum(e.nbytes - prefix_bytes(k, floor) for k, e in self._entries.items()
+                       if k not in skip and not self._pins.get(k) and e.level > floor and which(k))
+
+    def _cut(self, key: Hashable, e: _Entry, level: int, nbytes: int) -> int:
+        """Hold only `key`'s prefix up to `level` (`nbytes` of it); returns the bytes freed."""
+        if nbytes >= e.nbytes:
+            return 0
+        e.attachment = None  # its views into the bytes would keep the buffer from being cut in place
+        e.data = _prefix(e.data, nbytes, self.alloc, self.on_drop)
+        freed = e.nbytes - nbytes
+        e.level, e.nbytes = level, nbytes
+        self._held -= freed
+        self._layer_stats(key).demotions += 1
+        return freed
 
     def _victims(self, exclude: Hashable | None) -> list[Hashable]:
         """Evictable keys, first victim first."""

@@ -141,6 +141,11 @@ class ExpertPipeline:
         self.stats = PipelineStats()
         self.exact = exact  # lossless tier: compute as transformers does (rows in its order, no float32 cast)
         self.miss = miss  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
+        if miss is not None and miss.demotes and spec.nested_reuse and transfer is None \
+                and isinstance(ckpt, PackedCheckpoint):
+            # --on-miss reuse: keep experts at the lowest level rather than read them again (nesting: a prefix)
+            cache.demote_first(ckpt.cfg.bits[0], lambda key, level: store.plan(key[0], key[1], None, level).nbytes,
+                               order=miss.use.get)
         self._pending: dict[tuple, tuple[Future, Read, int]] = {}  # preload key -> (future, its read, reserved)
         self.staging_bytes = 0  # read outside the cache's reservations: in flight, or computing after a dropped put
         self.landing_bytes = 0  # reads in flight into room the cache reserved for them
@@ -286,7 +291,7 @@ class ExpertPipeline:
         def issue() -> None:
             while queue and len(in_flight) < self.window:
                 read = self.plan_read(layer, queue[0])
-                cost = self._room_needed(read)
+                cost = self.room_needed(read)
                 reserved = cost if self.cache.reserve(cost) else 0
                 staged = 0 if reserved else cost
                 if staged and self.staging_limit is not None and self.staging_bytes + staged > self.staging_limit \
@@ -326,7 +331,7 @@ class ExpertPipeline:
             issue()  # the staging room this item held
         return compute_s
 
-    def _room_needed(self, read: Read) -> int:
+    def room_needed(self, read: Read) -> int:
         """Bytes a read holds from issue until it is in the cache: its own, and for an upgrade also the joined
         copy of held prefix + extra that replaces the entry."""
         if read.have is None:
@@ -470,7 +475,7 @@ class ExpertPipeline:
             if key in self._pending or (held is not None and held >= level):
                 continue
             read = self.store.plan(nxt, e, held if self.spec.nested_reuse else None, level)
-            reserved = self._room_needed(read)
+            reserved = self.room_needed(read)
             if not self.cache.reserve(reserved):
                 continue  # a guess is not worth staging room: the step reads it if it is needed
             self._pending[key] = (self._submit(read), read, reserved)

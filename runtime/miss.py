@@ -1,4 +1,4 @@
-"""What a layer step does with a low-importance expert that misses the cache (`--on-miss`).
+"""What a layer step does with an expert that misses the cache (`--on-miss`).
 
 A policy axis shared by every policy. After the cache lookup, a work item (one expert's pairs in a
 layer step, d2moe.runtime.experts.Work) that is not resident at the level it wants is *handled* when
@@ -19,8 +19,16 @@ Modes:
   When no neighbour is resident (or the checkpoint has no similarity), the expert is loaded.
 - `skip`: drop the pairs and renormalise: the token's other pairs are scaled so its router weights
   keep their sum.
+- `reuse`: levels follow the cache (issue 12's reuse-aware level choice; nesting makes it cheap). A work
+  whose expert is held below the level it wants runs at the held level, whatever its importance, when
+  reading the upgrade would need room the cache does not have free, unless the expert has earned its
+  top levels: the upgrade goes ahead when cutting experts used less than half as much (`SlowUse`, a use
+  count over many steps) frees the room. Room is made by cutting experts down to the lowest level before
+  any is evicted (`ExpertCache.demote_first`), so a budget that holds every expert at the lowest level
+  stops reading: the level mix, not the expert set, gives way. Absent experts of low importance are
+  substituted as in `substitute`; important ones are loaded.
 In every lossy mode an expert held below the wanted level is computed at the held level (no read)
-rather than substituted or skipped. The lossy modes change the output, and the output then depends
+rather than substituted or skipped when all its pairs are of low importance. The lossy modes change the output, and the output then depends
 on what the budget lets the cache hold.
 
 `MissStats` counts pairs and works handled each way and the bytes the handled works did not read
@@ -36,9 +44,32 @@ import torch
 
 from d2moe.errors import UsageError
 
-MISS_MODES = ("load", "lowbit", "substitute", "skip")
+MISS_MODES = ("load", "lowbit", "substitute", "skip", "reuse")
 IMPORTANCE = ("weight", "gate")
 DEFAULT_THRESHOLD = 0.35
+UPGRADE_HYSTERESIS = 2.0  # reuse: an upgrade cuts only experts with less than 1/this of its slow use count
+USE_HALF_LIFE = 64  # reuse: steps of its layer over which an expert's use count halves
+
+
+class SlowUse:
+    """Per-expert use decayed over many steps of its layer: the slow signal that decides which experts are
+    held at their top levels (the cache's own score decays fast: it picks victims of the moment)."""
+
+    def __init__(self, half_life: float = USE_HALF_LIFE) -> None:
+        self.decay = 0.5 ** (1.0 / half_life)
+        self._steps: dict = defaultdict(int)  # layer -> its steps so far
+        self._use: dict = {}  # key -> (count, the layer step it was last brought up to)
+
+    def step(self, layer: int, uses: list) -> None:
+        """One step of `layer`: each (key, tokens) in `uses` was used by that many tokens."""
+        self._steps[layer] += 1
+        for key, tokens in uses:
+            self._use[key] = (self.get(key) + tokens, self._steps[layer])
+
+    def get(self, key) -> float:
+        count, at = self._use.get(key, (0.0, 0))
+        layer = key[0] if isinstance(key, tuple) else key
+        return count * self.decay ** (self._steps[layer] - at)
 
 
 @dataclass(frozen=True)
@@ -87,11 +118,17 @@ class MissHandler:
         self.bits = tuple(int(b) for b in bits)
         self.neighbors = neighbors or {}
         self.stats = MissStats()
+        self.use = SlowUse()  # reuse: which experts earn their top levels
         if options.mode == "substitute" and not self.neighbors:
             import warnings
 
             warnings.warn("--on-miss substitute: this checkpoint has no expert similarity (re-pack with this "
                           "d2moe): every miss is loaded", stacklevel=2)
+
+    @property
+    def demotes(self) -> bool:
+        """Whether the cache should cut experts down to the lowest level before evicting them (`reuse`)."""
+        return self.options.mode == "reuse"
 
     def reset_stats(self) -> None:
         self.stats = MissStats()
@@ -115,20 +152,26 @@ class MissHandler:
         if self.options.mode == "load":
             return works, top_k_weights
         low = self.unimportant(top_k_weights, levels)
+        if self.options.mode == "reuse":
+            self.use.step(layer, [(w.key, w.tokens) for w in works])
         keep, skipped = [], []
         for w in works:
-            if w.resident or not all(bool(low[rows, slots].all()) for rows, slots in w.pairs.values()):
+            if w.resident:
+                keep.append(w)
+                continue
+            important = not all(bool(low[rows, slots].all()) for rows, slots in w.pairs.values())
+            if important and not (self.options.mode == "reuse" and self._run_held(pipeline, layer, w, works)):
                 keep.append(w)
                 continue
             would_read = pipeline.plan_read(layer, w).nbytes
             held = self._held_below(pipeline, layer, w)
             if held is not None:
                 self._retarget(pipeline, layer, w, w.expert, held)
-                self._count("lowbit", w, would_read)
+                self._count("reuse" if self.options.mode == "reuse" else "lowbit", w, would_read)
             elif self.options.mode == "lowbit":
                 self._retarget(pipeline, layer, w, w.expert, self.bits[0])
                 self._count("lowbit", w, would_read - pipeline.plan_read(layer, w).nbytes)
-            elif self.options.mode == "substitute":
+            elif self.options.mode in ("substitute", "reuse"):
                 sub = self._substitute(pipeline, layer, w.expert)
                 if sub is None:
                     self.stats.fallback_loads += 1
@@ -149,6 +192,23 @@ class MissHandler:
         self.stats.pairs[mode] += sum(len(rows) for rows, _ in w.pairs.values())
         self.stats.works[mode] += 1
         self.stats.bytes_saved += max(0, int(saved))
+
+    def _run_held(self, pipeline, layer: int, w, works: list) -> bool:
+        """`reuse` for an important work: whether it runs at the level held (then the caller handles it) rather
+        than read an upgrade that needs room the cache does not have free and that the expert has not earned."""
+        if self._held_below(pipeline, layer, w) is None:
+            return False
+        return pipeline.room_needed(pipeline.plan_read(layer, w)) > pipeline.cache.free_bytes \
+            and not self._upgrade_pays(pipeline, layer, w, works)
+
+    def _upgrade_pays(self, pipeline, layer: int, w, works: list) -> bool:
+        """Whether cutting experts clearly less used than `w`'s (UPGRADE_HYSTERESIS times, by the slow use
+        count) frees the room its upgrade needs: a hot expert earns its top levels from cold ones, and experts
+        of about equal use (uniform routing) do not trade the same bytes back and forth."""
+        cache = pipeline.cache
+        bar = self.use.get(w.key) / UPGRADE_HYSTERESIS
+        room = pipeline.room_needed(pipeline.plan_read(layer, w)) - cache.free_bytes
+        return cache.demotable_bytes(lambda key: self.use.get(key) < bar, exclude=[x.key for x in works]) >= room
 
     def _held_below(self, pipeline, layer: int, w) -> int | None:
         """The highest level of this expert held in the cache below what the work wants, if any."""

@@ -53,7 +53,7 @@ class RunOptions:
     dense_weights: str = "source"  # source (the packed dtype) | int8 (per-row, half of bf16's bytes) | int4 (MWQ 4-bit)
     activations: str = "auto"  # decode activations in the expert kernels: auto (int8 up to level 4) | int8 | int16
     device: str = "cpu"  # cpu | cuda (experts cached on the GPU, CUDA kernels; d2moe.runtime.device)
-    on_miss: str = "load"  # what a low-importance miss does: load | lowbit | substitute | skip (d2moe.runtime.miss)
+    on_miss: str = "load"  # what a miss does: load | lowbit | substitute | skip | reuse (d2moe.runtime.miss)
     miss_threshold: float = 0.35  # importance below which a missed pair is handled by on_miss
     miss_importance: str = "weight"  # weight (router weight) | gate (the selector's level)
     reuse_aware: bool = True  # the policy's reuse-aware reads (d2moe: fetch-ahead, hold when all fits); False: off
@@ -348,8 +348,8 @@ class Session:
             "decode_tokens_per_s": decode_tokens / result.decode_s if result.decode_s > 0 else 0.0,
             "time_to_first_token_s": result.ttft_s,
             "cache": {"hit_rate": cache.hit_rate, "hits": cache.hits, "misses": cache.misses,
-                      "upgrades": cache.upgrades, "evictions": cache.evictions, "rejected": cache.rejected,
-                      "capacity_bytes": self.cache.capacity_bytes,
+                      "upgrades": cache.upgrades, "evictions": cache.evictions, "demotions": cache.demotions,
+                      "rejected": cache.rejected, "capacity_bytes": self.cache.capacity_bytes,
                       "per_layer": {str(k): {"hit_rate": v.hit_rate, "hits": v.hits, "misses": v.misses,
                                              "upgrades": v.upgrades, "evictions": v.evictions}
                                     for k, v in self.cache.stats().items()}},

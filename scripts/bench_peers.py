@@ -16,8 +16,9 @@ which does not):
   SPEC is comma-separated key=value: name (row label), budget (a size like 6GiB, or a percentage
   resolved like `d2moe bench --budgets`: dense + KV + staging + p x the 4-bit expert set), and
   optional level, policy, io (--io-bandwidth, e.g. 2GB/s), io_threads, router_levels (e.g. 4:2), dense
-  (--dense-weights source|int8|int4), threads=default (run without --threads: d2moe's own choice), cmd (this
-  row's d2moe command instead of --d2moe-cmd: two builds side by side in one run).
+  (--dense-weights source|int8|int4), on_miss (--on-miss, e.g. reuse), threads=default (run without
+  --threads: d2moe's own choice), cmd (this row's d2moe command instead of --d2moe-cmd: two builds side
+  by side in one run).
 
 Measures: prefill tok/s (a P-token prompt, default 128), decode tok/s (greedy, N new tokens after a
 short prompt, KV cache on), peak RSS. transformers decodes exactly like d2moe: N - 1 timed steps
@@ -181,7 +182,7 @@ class Bench:
             base += ["--threads", str(threads)]
         for key, flag in (("level", "--level"), ("policy", "--policy"), ("io", "--io-bandwidth"),
                           ("io_threads", "--io-threads"), ("router_levels", "--router-levels"),
-                          ("dense", "--dense-weights")):
+                          ("dense", "--dense-weights"), ("on_miss", "--on-miss")):
             if key in s:  # router_levels=4:2 (a comma would end the key=value pair)
                 base += [flag, str(s[key]).replace(":", ",")]
         if "io" in s and not a.drop_caches and not a.device_ram:  # an emulated disk reads through the page
@@ -285,12 +286,12 @@ def parse_d2moe_spec(text: str) -> dict:
     except ValueError:
         sys.exit(f"--d2moe {text!r}: write key=value pairs, e.g. name=d2moe-50pct,budget=50%,io=2GB/s")
     unknown = set(spec) - {"name", "budget", "level", "policy", "io", "io_threads", "router_levels", "dense", "threads",
-                           "cmd", "packed"}
+                           "cmd", "packed", "on_miss"}
     if unknown or "budget" not in spec:
         sys.exit(f"--d2moe {text!r}: needs budget=...; keys: name, budget, level, policy, io, io_threads, "
                  f"router_levels, dense (source|int8|int4), threads (default: omit --threads), cmd (this row's d2moe "
                  f"command, e.g. another build's), packed (this row's checkpoint instead of --packed, e.g. another "
-                 f"scheme's) (unknown: {sorted(unknown)})")
+                 f"scheme's), on_miss (--on-miss) (unknown: {sorted(unknown)})")
     spec.setdefault("name", f"d2moe-{spec['budget']}")
     return spec
 

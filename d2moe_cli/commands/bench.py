@@ -33,7 +33,7 @@ def bench(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write throughput vs budget as a PNG (matplotlib).")] = None,
     on_miss: Annotated[str, typer.Option(
-        "--on-miss", help="Miss handling modes to sweep with every policy: load,lowbit,substitute,skip (or all).")] = "load",
+        "--on-miss", help="Miss handling modes to sweep with every policy: load,lowbit,substitute,skip,reuse (or all).")] = "load",
     miss_threshold: Annotated[float, typer.Option(
         help="Importance below which a missed pair is handled by the miss mode (router weight, or gate level in [0,1]).")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",

@@ -38,7 +38,7 @@ def eval_command(
     threads: Annotated[int | None, typer.Option(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     on_miss: Annotated[str, typer.Option(
-        "--on-miss", help="Miss handling of the runs: load | lowbit | substitute | skip (lossy modes need "
+        "--on-miss", help="Miss handling of the runs: load | lowbit | substitute | skip | reuse (lossy modes need "
                           "--memory-budget to matter and score in decode mode).")] = "load",
     miss_threshold: Annotated[float, typer.Option(help="Importance below which a missed pair is handled.")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight | gate.")] = "weight",

@@ -97,7 +97,9 @@ def run(
         help="cpu | cuda (experts cached on the GPU, CUDA kernels; needs pip install -e '.[cuda]').")] = "cpu",
     on_miss: Annotated[str, typer.Option(
         "--on-miss", help="A low-importance expert that misses the cache: load (exact) | lowbit (lowest level) | "
-                          "substitute (most similar resident expert) | skip (drop, renormalise).")] = "load",
+                          "substitute (most similar resident expert) | skip (drop, renormalise) | reuse (substitute, and "
+                          "every expert runs at the level the cache holds unless it is used enough to earn an upgrade; "
+                          "the cache cuts experts to their lowest level before evicting them).")] = "load",
     miss_threshold: Annotated[float, typer.Option(
         help="Importance below which a missed pair is handled by --on-miss (the token's top-1 pair never is).")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",

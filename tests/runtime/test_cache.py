@@ -31,14 +31,17 @@ op = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(op, max_size=80), st.sampled_from(["decay", "lru"]), st.integers(0, 1200))
-def test_random_operations_keep_byte_and_pin_invariants(ops, policy, capacity):
+@given(st.lists(op, max_size=80), st.sampled_from(["decay", "lru"]), st.integers(0, 1200), st.booleans())
+def test_random_operations_keep_byte_and_pin_invariants(ops, policy, capacity, demote):
     cache = ExpertCache(capacity, policy=policy)
+    if demote:  # --on-miss reuse: room by cutting entries above level 2 to half their bytes first
+        cache.demote_first(2, lambda key, level: cache.entry_bytes(key) // 2)
     pins: dict = {}
     attached: dict = {}  # what each entry carries, as the test attached it
     reservations: list[int] = []  # room promised to reads in flight
     for name, key, a, n in ops:
         pinned_before = {k: cache.peek(k) for k in pins if pins[k] and k in cache}
+        levels_before = {k: cache.peek(k) for k in attached}
         if name == "put":
             before = cache.peek(key)
             ok = cache.put(key, a, bytes(n))
@@ -87,8 +90,8 @@ def test_random_operations_keep_byte_and_pin_invariants(ops, policy, capacity):
                 assert cache.get(key) == (a, bytes(n))
         elif name == "cancel" and reservations:
             cache.unreserve(reservations.pop())
-        for k in [k for k in attached if k not in cache]:  # evicted or discarded: the attachment went with it
-            del attached[k]
+        for k in [k for k in attached if k not in cache or cache.peek(k) < levels_before.get(k, 0)]:
+            del attached[k]  # evicted, discarded or cut to the floor: the attachment went with it
         # invariants after every operation
         assert 0 <= cache.held_bytes <= cache.held_bytes + cache.reserved_bytes <= cache.capacity_bytes
         assert cache.reserved_bytes == sum(reservations)
@@ -322,3 +325,71 @@ def test_dropped_entries_are_handed_to_on_drop():
     extra = bytes(10)
     assert cache.extend("b", 8, extra)  # the held prefix and the segment copied after it both go
     assert dropped[-2:] == [a4, extra] and dropped[-1] is extra
+
+
+def _prefix_sizes(sizes: dict[int, int]):
+    """prefix_bytes for demote_first where every key's level-b prefix is sizes[b] bytes."""
+    return lambda key, level: sizes[level]
+
+
+def test_demote_first_cuts_victims_to_the_floor_prefix_before_evicting():
+    """Room comes from cutting entries to their floor-level prefix (bit for bit the first bytes), coldest
+    first; no entry is evicted while cutting is enough, and the byte accounting follows."""
+    sizes = {2: 40, 4: 100}
+    cache = ExpertCache(300, policy="lru")
+    cache.demote_first(2, _prefix_sizes(sizes))
+    blobs = {k: bytes(range(i, i + 100)) for i, k in enumerate("abc")}
+    for k, blob in blobs.items():
+        assert cache.put(k, 4, blob)
+    cache.attach("a", object())
+    assert cache.reserve(60)  # a (least recent) is cut 100 -> 40
+    assert cache.peek("a") == 2 and bytes(cache.get("a")[1]) == blobs["a"][:40]
+    assert cache.attachment("a") is None and cache.held_bytes == 240 and cache.reserved_bytes == 60
+    cache.unreserve(60)
+    assert cache.reserve(180)  # 60 free, b then c cut: 60 + 60
+    assert [cache.peek(k) for k in "abc"] == [2, 2, 2] and len(cache) == 3
+    assert cache.totals().demotions == 3 and cache.totals().evictions == 0
+    assert all(bytes(cache.get(k)[1]) == blobs[k][:40] for k in "abc")
+    cache.unreserve(180)
+    assert cache.reserve(250)  # cutting cannot free more: whole entries go
+    assert cache.totals().evictions >= 1 and cache.held_bytes + cache.reserved_bytes <= 300
+    cache.unreserve(250)
+    assert not cache.reserve(301) and cache.reserved_bytes == 0  # all or nothing
+
+
+def test_demotion_cuts_a_pool_buffer_in_place():
+    """A pool map that nothing else views is cut where it is (its tail unmapped), not copied."""
+    from d2moe.runtime.store import anonymous_map
+
+    cache = ExpertCache(3 * 4096 + 10, policy="lru")
+    cache.demote_first(2, _prefix_sizes({2: 4096, 4: 3 * 4096}))
+    m = anonymous_map(3 * 4096)
+    m[:] = bytes(range(256)) * 48
+    assert cache.put("a", 4, memoryview(m))
+    assert cache.reserve(2 * 4096)
+    level, data = cache.get("a")
+    assert level == 2 and data.obj is m and len(m) == 4096 and bytes(data) == (bytes(range(256)) * 16)
+
+
+def test_demotable_bytes_counts_only_chosen_unpinned_entries_above_the_floor():
+    cache = ExpertCache(1000)
+    assert cache.demotable_bytes(lambda k: True) == 0  # no floor: nothing to cut
+    cache.demote_first(2, _prefix_sizes({2: 40, 4: 100}))
+    for k in "abc":
+        cache.put(k, 4, bytes(100))
+    cache.put("d", 2, bytes(40))
+    cache.pin("c")
+    assert cache.demotable_bytes(lambda k: True) == 120  # a and b; c pinned, d at the floor
+    assert cache.demotable_bytes(lambda k: k != "a") == 60
+    assert cache.demotable_bytes(lambda k: True, exclude=["a", "b"]) == 0
+
+
+def test_cuts_follow_the_given_order():
+    """demote_first(order=): the entry with the smallest order value is cut first, whatever the eviction order."""
+    cache = ExpertCache(300, policy="lru")
+    use = {"a": 5.0, "b": 1.0, "c": 3.0}
+    cache.demote_first(2, _prefix_sizes({2: 40, 4: 100}), order=use.get)
+    for k in "abc":
+        cache.put(k, 4, bytes(100))
+    assert cache.reserve(60)
+    assert [cache.peek(k) for k in "abc"] == [4, 2, 4]

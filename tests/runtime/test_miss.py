@@ -149,3 +149,27 @@ def test_eval_scores_lossy_modes_in_decode_mode(packed, tmp_path):
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout)["results"][0]
     assert row["scoring"] == "decode" and row["misses"]["on_miss"] == "skip" and row["perplexity"]["tokens"] == 39
+
+
+def test_reuse_keeps_every_expert_at_a_lower_level_instead_of_reading_it_again(packed):
+    """A budget that holds every expert at 2 bits but not at 4: `reuse` cuts experts to 2 bits rather than
+    evict them, runs pairs at the level held, and so reads less than `load`; at an unlimited budget it is
+    `load` (nothing misses), token for token."""
+    budget = _budget(packed, 9)  # 16 experts: 8 at 2 bits, 16 at 4
+    _, load = _run(packed, budget, on_miss="load")
+    tokens, stats = _run(packed, budget, on_miss="reuse")
+    assert stats["cache"]["demotions"] > 0 and stats["cache"]["evictions"] == 0 < load["cache"]["evictions"]
+    assert stats["misses"]["pairs"].get("reuse", 0) > 0 and stats["bytes_read"] < load["bytes_read"]
+    assert stats["memory"]["peak_bytes"] <= budget and len(tokens) == 12
+    assert _run(packed, BIG, on_miss="reuse")[0] == _run(packed, BIG, on_miss="load")[0]
+
+
+def test_slow_use_decays_per_step_of_its_own_layer():
+    from d2moe.runtime.miss import SlowUse
+
+    use = SlowUse(half_life=2)
+    use.step(0, [((0, 1), 4)])
+    use.step(0, [])
+    use.step(0, [])
+    use.step(1, [((1, 5), 1)])
+    assert use.get((0, 1)) == pytest.approx(2.0) and use.get((1, 5)) == 1 and use.get((0, 2)) == 0
