@@ -17,6 +17,7 @@ run's statistics (`report.stats` is what `--json` prints).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -406,9 +407,17 @@ class Session:
         return self.plan.staging - (pipeline.staging_bytes if pipeline is not None else 0)
 
     def close(self) -> None:
+        """Stop the I/O and kernel threads and let go of the held memory now: the session's parts refer to one
+        another (callbacks, bound methods), so without this a closed session's cache and model would wait for
+        the garbage collector's next pass, and a bench sweep making a session per run held several at once."""
         self.pipeline.drain()
         self.store.close()
         self.kernels.close()
+        self.cache.clear()
+        if self.pool is not None:
+            self.pool.clear()
+        self.model = None  # its modules hold the pipeline, the pipeline callbacks into this session: a cycle
+        gc.collect()
 
     def __enter__(self) -> Session:
         return self

@@ -145,6 +145,13 @@ class BufferPool:
                     self._given.append(data.obj)
                 self._trim()
 
+    def clear(self) -> None:
+        """Unmap every retained buffer nothing views any more (the session is closing)."""
+        with self._lock:
+            for m in [m for m in self._given if _unviewed(m)]:
+                self._given.remove(m)
+                m.close()
+
     @property
     def free_bytes(self) -> int:
         """Bytes of retained buffers that nothing views (RSS the cache no longer counts), after a trim."""

@@ -173,3 +173,22 @@ def test_slow_use_decays_per_step_of_its_own_layer():
     use.step(0, [])
     use.step(1, [((1, 5), 1)])
     assert use.get((0, 1)) == pytest.approx(2.0) and use.get((1, 5)) == 1 and use.get((0, 2)) == 0
+
+
+def test_reuse_upgrades_only_an_expert_used_twice_as_much_as_those_it_cuts():
+    """An upgrade pays when cutting experts used less than half as much frees its room; equal use never trades."""
+    from types import SimpleNamespace
+
+    from d2moe.runtime.cache import ExpertCache
+
+    hot = SimpleNamespace(key=(0, 1))
+    for cold_use, pays in ((5.1, False), (4.9, True)):
+        cache = ExpertCache(140, policy="lru")
+        handler = MissHandler(MissOptions("reuse"), bits=(2, 4))
+        cache.demote_first(2, lambda key, level: {2: 40, 4: 100}[level], order=handler.use.get)
+        cache.put((0, 0), 4, bytes(100))
+        cache.put((0, 1), 2, bytes(40))
+        pipeline = SimpleNamespace(cache=cache, plan_read=lambda layer, w: 60, room_needed=lambda read: read)
+        handler.use.step(0, [((0, 1), 10), ((0, 0), cold_use)])
+        assert handler._upgrade_pays(pipeline, 0, hot, [hot]) is pays
+    assert not handler._upgrade_pays(pipeline, 0, hot, [hot, SimpleNamespace(key=(0, 0))])  # this step's own
