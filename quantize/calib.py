@@ -9,7 +9,8 @@ The diagonal weighting alone ignores how columns co-vary and can clip the column
 errors that add up in the output (BENCHMARKS.md §6.3: on its own it made every level worse). So pack
 fits each matrix twice, weighted and unweighted, and keeps for every row the fit whose outputs on
 the sample are nearer the source's: ||X (w_o - q_o)||^2, summed in log over the packed levels (each
-level counts alike), staying with the unweighted fit unless the other is clearly nearer. Rows are
+level counts alike), staying with the unweighted fit unless the other is clearly nearer on each half of
+the sample. Rows are
 independent in the format (a row's groups and super-blocks are its own), so the chosen rows form one
 valid tensor. Held-out text never enters. (On two trained MoEs this lowers held-out expert output error
 at every level but does not beat the uncalibrated pack's perplexity: BENCHMARKS.md §6.4.)
@@ -39,29 +40,38 @@ class ColumnStats:
 
 
 def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.Tensor:
-    """float64 [2 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the sample's tokens, then per level
-    and row ||w_o - q_o||^2 (for the pack report's SQNR). Rows go ROW_CHUNK at a time (cache-sized temporaries);
-    the product runs in bfloat16 (the sample's own precision), ample to rank fits SWITCH_MARGIN apart."""
-    levels = t.cfg.bits
-    out = torch.empty(2 * len(levels), t.shape[0], dtype=torch.float64)
+    """float64 [3 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the first half of the sample's tokens,
+    the same over the second half, then per level and row ||w_o - q_o||^2 (for the pack report's SQNR). Rows go
+    ROW_CHUNK at a time (cache-sized temporaries); the product runs in bfloat16 (the sample's own precision),
+    ample to rank fits SWITCH_MARGIN apart."""
+    n = len(t.cfg.bits)
+    out = torch.empty(3 * n, t.shape[0], dtype=torch.float64)
     x = sample.to(torch.bfloat16)
+    half = max(1, x.shape[0] // 2)
     for r0 in range(0, t.shape[0], ROW_CHUNK):
         r1 = min(t.shape[0], r0 + ROW_CHUNK)
         part = t.rows(r0, r1)
-        for i, b in enumerate(levels):
+        for i, b in enumerate(t.cfg.bits):
             e = dequantize(part, b).neg_().add_(w[r0:r1])
-            out[i, r0:r1] = (x @ e.to(torch.bfloat16).T).float().square().sum(0)
-            out[len(levels) + i, r0:r1] = e.square().sum(1)
+            y = (x @ e.to(torch.bfloat16).T).float().square()
+            out[i, r0:r1] = y[:half].sum(0)
+            out[n + i, r0:r1] = y[half:].sum(0) if x.shape[0] > 1 else out[i, r0:r1]
+            out[2 * n + i, r0:r1] = e.square().sum(1)
     return out
 
 
 def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[MWQTensor, list[float]]:
     """The tensor taking each row from the candidate with the least sum over levels of log output error, the
-    first candidate unless another is SWITCH_MARGIN nearer at every level's geometric mean; and its
-    unweighted squared error per level (errors: output_errors of each candidate)."""
+    first candidate unless another is SWITCH_MARGIN nearer at every level's geometric mean on each half of
+    the sample (a switch the other half does not confirm is the sample's noise); and its unweighted squared
+    error per level (errors: output_errors of each candidate)."""
     n = len(candidates[0].cfg.bits)
-    score = torch.stack([e[:n].clamp_min(1e-300).log().sum(0) for e in errors])  # [C, O]
-    score[1:] += n * math.log1p(SWITCH_MARGIN)
+    errs = torch.stack(errors).clamp_min(1e-300)  # [C, 3n, O]
+    halves = errs[:, : 2 * n].log().view(len(errors), 2, n, -1).sum(2)  # [C, 2, O]: log error per half
+    margin = n * math.log1p(SWITCH_MARGIN)
+    confirmed = (halves[1:] + margin < halves[:1]).all(1)  # [C-1, O]: nearer than the first on both halves
+    score = halves.sum(1)  # [C, O]
+    score[1:] = score[1:].masked_fill(~confirmed, math.inf)
     best = score.argmin(0)  # the first minimum on ties
     first = candidates[0]
     scale, offset, planes = first.scale.clone(), first.offset.clone(), first.planes.clone()
@@ -71,7 +81,7 @@ def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[
         scale[rows], offset[rows], planes[:, rows] = t.scale[rows], t.offset[rows], t.planes[:, rows]
         if alpha is not None:
             alpha[:, rows] = t.alpha[:, rows]
-    plain = torch.stack(errors)[:, n:, :]  # [C, levels, O]
+    plain = torch.stack(errors)[:, 2 * n :, :]  # [C, levels, O]
     chosen = plain.gather(0, best.view(1, 1, -1).expand(1, n, -1))[0]
     tensor = MWQTensor(first.shape, first.cfg, first.level, scale, offset, planes, alpha)
     return tensor, [float(v) for v in chosen.sum(1)]

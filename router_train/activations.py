@@ -34,7 +34,7 @@ MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit t
 FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs a little
 SEQ_LEN = 512
 SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
-CALIB_METHOD = b"column-weights+row-choice/"  # in --resume's id: packs calibrated another way are not reused
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves/"  # in --resume's id: packs calibrated another way are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:

@@ -30,15 +30,19 @@ def test_rows_come_from_the_candidate_nearer_on_the_sample(scheme):
     errs = [output_errors(w, t, x) for t in cands]
     t, sq = pick_rows(cands, errs)
     n = len(cfg.bits)
-    score = torch.stack([e[:n].log().sum(0) for e in errs])
-    took = score[1] + n * torch.log1p(torch.tensor(SWITCH_MARGIN, dtype=torch.float64)) < score[0]
+    margin = n * torch.log1p(torch.tensor(SWITCH_MARGIN, dtype=torch.float64))
+    first, second = ([e[h * n : (h + 1) * n].log().sum(0) for e in errs] for h in (0, 1))
+    took = (first[1] + margin < first[0]) & (second[1] + margin < second[0])  # nearer on both halves
     assert 0 < int(took.sum()) < len(took)  # both fits win some rows here
+    once = (first[1] + margin < first[0]) | (second[1] + margin < second[0])
+    assert int(once.sum()) > int(took.sum())  # a half alone would have switched more rows
     for b in cfg.bits:
         want = torch.where(took[:, None], dequantize(cands[1], b), dequantize(cands[0], b))
         assert torch.equal(dequantize(t, b), want)  # whole rows, every level, bit for bit
     picked = output_errors(w, t, x)
-    assert torch.all(picked[:n].log().sum(0) <= score[0] + 1e-9)  # never worse than the unweighted fit
-    assert sq == pytest.approx([float(v) for v in picked[n:].sum(1)], rel=1e-9)
+    for h, base in enumerate((first[0], second[0])):  # never worse than the unweighted fit on either half
+        assert torch.all(picked[h * n : (h + 1) * n].log().sum(0) <= base + 1e-9)
+    assert sq == pytest.approx([float(v) for v in picked[2 * n :].sum(1)], rel=1e-9)
 
 
 def test_the_chosen_tensor_encodes_and_decodes_like_any_fit():
