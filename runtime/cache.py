@@ -165,8 +165,7 @@ class ExpertCache:
         self.version = 0  # bumped whenever what the entries hold changes (see _held)
         self._measured: tuple[int, int] | None = None  # (version, bytes) of the last measured_bytes()
         self._stats: dict[Any, LayerStats] = {}
-        self._floor: tuple[int, Callable[[Hashable, int], int]] | None = None  # demote_first's (floor, prefix_bytes)
-        self._cut_order: Callable[[Hashable], float] | None = None  # demote_first's order of cuts (None: victims')
+        self._floor: tuple | None = None  # demote_first's (floor, prefix_bytes, order of cuts or None)
         self._lock = threading.RLock()
 
     def demote_first(self, floor: int, prefix_bytes: Callable[[Hashable, int], int],
@@ -174,8 +173,7 @@ class ExpertCache:
         """Make room by cutting entries held above `floor` down to it (`prefix_bytes(key, level)`: the bytes of
         key's prefix up to level) before evicting any entry whole; cuts go by `order(key)`, smallest first (the
         caller's idea of which experts deserve their top levels), else in the eviction order."""
-        self._floor = (int(floor), prefix_bytes)
-        self._cut_order = order
+        self._floor = (int(floor), prefix_bytes, order)
 
     @property
     def _held(self) -> int:
@@ -345,8 +343,8 @@ class ExpertCache:
         if self._floor is not None:
             if sum(self._entries[k].nbytes for k in victims) < need:
                 return False  # all or nothing: not even evicting every victim would do
-            floor, prefix_bytes = self._floor
-            for k in sorted(victims, key=self._cut_order) if self._cut_order else victims:
+            floor, prefix_bytes, order = self._floor
+            for k in sorted(victims, key=order) if order else victims:
                 if need <= 0:
                     return True
                 e = self._entries[k]
@@ -374,7 +372,7 @@ class ExpertCache:
         """Bytes `demote_first` could free from the unpinned entries (not in `exclude`) for which `which(key)`."""
         if self._floor is None:
             return 0
-        floor, prefix_bytes = self._floor
+        floor, prefix_bytes, _ = self._floor
         skip = set(exclude)
         with self._lock:
             return sum(e.nbytes - prefix_bytes(k, floor) for k, e in self._entries.items()

@@ -198,16 +198,14 @@ class MissHandler:
         than read an upgrade that needs room the cache does not have free and that the expert has not earned."""
         if self._held_below(pipeline, layer, w) is None:
             return False
-        return pipeline.room_needed(pipeline.plan_read(layer, w)) > pipeline.cache.free_bytes \
-            and not self._upgrade_pays(pipeline, layer, w, works)
+        room = pipeline.room_needed(pipeline.plan_read(layer, w)) - pipeline.cache.free_bytes
+        return room > 0 and not self._upgrade_pays(pipeline.cache, w, room, works)
 
-    def _upgrade_pays(self, pipeline, layer: int, w, works: list) -> bool:
+    def _upgrade_pays(self, cache, w, room: int, works: list) -> bool:
         """Whether cutting experts clearly less used than `w`'s (UPGRADE_HYSTERESIS times, by the slow use
-        count) frees the room its upgrade needs: a hot expert earns its top levels from cold ones, and experts
+        count) frees the `room` its upgrade lacks: a hot expert earns its top levels from cold ones, and experts
         of about equal use (uniform routing) do not trade the same bytes back and forth."""
-        cache = pipeline.cache
         bar = self.use.get(w.key) / UPGRADE_HYSTERESIS
-        room = pipeline.room_needed(pipeline.plan_read(layer, w)) - cache.free_bytes
         return cache.demotable_bytes(lambda key: self.use.get(key) < bar, exclude=[x.key for x in works]) >= room
 
     def _held_below(self, pipeline, layer: int, w) -> int | None:

@@ -148,9 +148,7 @@ class BufferPool:
     def clear(self) -> None:
         """Unmap every retained buffer nothing views any more (the session is closing)."""
         with self._lock:
-            for m in [m for m in self._given if _unviewed(m)]:
-                self._given.remove(m)
-                m.close()
+            self._trim(room=0)
 
     @property
     def free_bytes(self) -> int:
@@ -158,9 +156,10 @@ class BufferPool:
         with self._lock:
             return self._trim()
 
-    def _trim(self) -> int:
+    def _trim(self, room: int | None = None) -> int:
+        """Unmap free buffers, oldest first, until at most `room` bytes of them stay (default: `limit()`)."""
         free = [m for m in self._given if _unviewed(m)]
-        held, room = sum(len(m) for m in free), max(0, self.limit())
+        held, room = sum(len(m) for m in free), max(0, self.limit() if room is None else room)
         for m in free:
             if held <= room:
                 break

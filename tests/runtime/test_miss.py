@@ -188,7 +188,6 @@ def test_reuse_upgrades_only_an_expert_used_twice_as_much_as_those_it_cuts():
         cache.demote_first(2, lambda key, level: {2: 40, 4: 100}[level], order=handler.use.get)
         cache.put((0, 0), 4, bytes(100))
         cache.put((0, 1), 2, bytes(40))
-        pipeline = SimpleNamespace(cache=cache, plan_read=lambda layer, w: 60, room_needed=lambda read: read)
         handler.use.step(0, [((0, 1), 10), ((0, 0), cold_use)])
-        assert handler._upgrade_pays(pipeline, 0, hot, [hot]) is pays
-    assert not handler._upgrade_pays(pipeline, 0, hot, [hot, SimpleNamespace(key=(0, 0))])  # this step's own
+        assert handler._upgrade_pays(cache, hot, 60, [hot]) is pays
+    assert not handler._upgrade_pays(cache, hot, 60, [hot, SimpleNamespace(key=(0, 0))])  # this step's own
