@@ -19,11 +19,9 @@ router stays. Each call is one layer step of the shared `ExpertPipeline`:
    dropped) and computed;
 5. outputs are summed in expert order, so results do not depend on what was resident.
 
-Compute runs on the packed bytes where they sit (d2moe.kernels.dispatch.ExpertKernels): an
-expert's matrices are views into its cached prefix, described once per cache entry (the
-description rides on the entry as its attachment and goes with it), never an fp32 copy of a
-whole matrix. The kernels' result depends only on the bytes and the tokens, so outputs do not
-depend on the budget.
+Compute runs on the packed bytes where they sit (d2moe.runtime.expert_compute): never an fp32
+copy of a whole matrix. The kernels' result depends only on the bytes and the tokens, so outputs
+do not depend on the budget.
 
 Shape letters: T = tokens, H = hidden, K = experts per token, N = pairs routed to one expert.
 """
@@ -34,27 +32,19 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2moe.kernels import cpu
 from d2moe.kernels.dispatch import ExpertKernels
 from d2moe.quantize.format import PackedCheckpoint
 from d2moe.runtime.cache import ExpertCache, _concat
+from d2moe.runtime.expert_compute import ExpertCompute, relayout
 from d2moe.runtime.policies import LevelSelector, PolicySpec
 from d2moe.runtime.scheduler import CostModel, Job, hebf_order, johnson_order
 from d2moe.runtime.store import Read, ReadSource
-
-
-def _relayout(slot, tensor) -> None:
-    """One checked blob tensor to the CPU kernels' ready layout, in place (planes and per-group parameters)."""
-    if slot.name == "planes":
-        cpu.block_planes(tensor)
-    else:
-        cpu.block_params(tensor)
 
 
 @dataclass
@@ -126,20 +116,17 @@ class ExpertPipeline:
         self.cache = cache
         self.selector = selector
         self.spec = spec
-        self.act_fn = act_fn
         self.window = max(1, window or 4)  # loads in flight at once
         # bytes of reads the cache could not reserve room for (the memory plan's staging; None: unbounded)
         self.staging_limit = staging_limit
         self.routers = routers or {}  # layer -> router weight [E, H] (predictive preload)
         self.top_k = top_k
         self.on_memory = on_memory  # called where held memory peaks (the session samples its meter)
-        self.kernels = kernels or ExpertKernels()
-        self.kernels.on_workspace = on_memory
+        kernels = kernels or ExpertKernels()
+        kernels.on_workspace = on_memory
         self.moe_layers = list(ckpt.moe_layers)
-        self.weight_elems = sum(o * i for o, i in ckpt.matrix_shapes.values())
         self.cost = CostModel()
         self.stats = PipelineStats()
-        self.exact = exact  # lossless tier: compute as transformers does (rows in its order, no float32 cast)
         self.miss = miss  # d2moe.runtime.miss.MissHandler: what a low-importance miss does (None: load)
         if miss is not None and miss.demotes and spec.nested_reuse and transfer is None \
                 and isinstance(ckpt, PackedCheckpoint):
@@ -152,16 +139,13 @@ class ExpertPipeline:
         self.warming = False  # start-up warm-up (Session): steps return zeros and touch nothing
         # --device cuda: landed bytes go to device buffers (d2moe.runtime.device); None keeps host bytes
         self.transfer = transfer
-        self.layout = None
-        # CPU kernels that read planes faster in their blocked layout get every landed byte re-laid out in
-        # place (crc checked first); the cache then holds only blocked planes
-        self.blocked = (transfer is None and getattr(self.kernels, "lib", None) is not None
-                        and isinstance(ckpt, PackedCheckpoint)
-                        and cpu.blocks_planes(ckpt.cfg.group_size, tuple(c for _, c in ckpt.matrix_shapes.values())))
+        layout = None
         if transfer is not None:
             from d2moe.runtime.device import ExpertLayout
 
-            self.layout = ExpertLayout(ckpt)
+            layout = ExpertLayout(ckpt)
+        # exact: the lossless tier computes as transformers does (rows in its order, no float32 cast)
+        self.compute = ExpertCompute(ckpt, cache, kernels, act_fn, self.cost, exact=exact, layout=layout)
 
     # ---- keys and bytes ----------------------------------------------------------------
     def key(self, layer: int, expert: int, level: int) -> tuple:
@@ -255,7 +239,7 @@ class ExpertPipeline:
         jobs = []
         for i, w in enumerate(missing):
             load = self.cost.load_seconds(self.plan_read(layer, w).nbytes)
-            compute = self.cost.compute_seconds(0, 0.0, self._kernel_work(w))
+            compute = self.cost.compute_seconds(0, 0.0, self.compute.kernel_work(w))
             jobs.append(Job(i, w.want, w.tokens, load, compute, False))
         ordered = hebf_order(jobs) if self.spec.order == "hebf" else johnson_order(jobs)
         return [missing[j.key] for j in ordered]
@@ -275,11 +259,6 @@ class ExpertPipeline:
             if extra <= room:
                 w.read_to, room = top, room - extra
                 self.stats.fetch_ahead += 1
-
-    def _kernel_work(self, w: Work) -> float:
-        """Relative kernel cost of a work item: every weight once per plane read (+ a fixed share),
-        per 8 tokens, at each level it runs (a shape of the cost, not a count: the cost model learns the rate)."""
-        return float(sum(self.weight_elems * (level + 4) * -(-len(rows) // 8) for level, (rows, _) in w.pairs.items()))
 
     def _load_and_compute(self, layer, order: list[Work], resident: list[Work], hidden, top_k_weights, results) -> float:
         """Issue the reads of `order` (at most `window` in flight), compute the resident works while they load,
@@ -308,11 +287,11 @@ class ExpertPipeline:
         issue()
         if self.spec.preload_next:  # behind this step's reads, with its experts pinned
             self._preload_next(layer, hidden)
-        if getattr(self.kernels, "grouped", False) and len(resident) > 1 and not self.exact:  # one launch or library call
-            compute_s += self._compute_group(layer, resident, hidden, top_k_weights, results)
+        if self.compute.groups and len(resident) > 1:  # one launch or library call
+            compute_s += self.compute.group(layer, resident, hidden, top_k_weights, results)
         else:
             for w in resident:
-                compute_s += self._compute(layer, w, self.cache.get(w.key)[1], hidden, top_k_weights, results)
+                compute_s += self.compute.one(layer, w, self.cache.get(w.key)[1], hidden, top_k_weights, results)
         while in_flight:
             w, read, reserved, staged, fut, issued = in_flight.pop(0)
             t_wait = time.perf_counter()
@@ -326,7 +305,7 @@ class ExpertPipeline:
                 staged = reserved
                 self._add_staging(staged)
             issue()  # keep the I/O threads busy while this one computes
-            compute_s += self._compute(layer, w, full, hidden, top_k_weights, results)
+            compute_s += self.compute.one(layer, w, full, hidden, top_k_weights, results)
             self._add_staging(-staged)
             issue()  # the staging room this item held
         return compute_s
@@ -353,54 +332,12 @@ class ExpertPipeline:
         self.stats.dropped += 1
         return _concat(held, data, self.cache.alloc), False
 
-    # ---- compute -----------------------------------------------------------------------
-    def _compute(self, layer, w: Work, data, hidden, top_k_weights, results) -> float:
-        """Run the expert at each level its pairs need, from the held prefix. Bytes were crc-checked
-        when they were read."""
-        t0 = time.perf_counter()
-        prepared = self._prepared(layer, w, data)
-        for level, (rows, slots) in sorted(w.pairs.items()):
-            if self.exact:  # transformers' order: by top-k slot, then token; its dtypes
-                order = torch.argsort(slots * (int(rows.max()) + 1) + rows)
-                rows, slots = rows[order], slots[order]
-            x = hidden[rows] if self.exact else hidden[rows].to(torch.float32)  # [N, H]
-            y = self.kernels.forward(prepared(level), x, self.act_fn)  # [N, H]
-            weight = top_k_weights[rows, slots, None]
-            results[_result_key(w, level)] = (rows, y * (weight if self.exact else weight.to(torch.float32)))
-        self.kernels.release()
-        seconds = time.perf_counter() - t0
-        self.cost.observe_compute(self._kernel_work(w), seconds)
-        return seconds
-
-    def _compute_group(self, layer, works: list[Work], hidden, top_k_weights, results) -> float:
-        """Resident works at all their levels in one grouped kernel call (kernels.forward_group)."""
-        t0 = time.perf_counter()
-        calls, where = [], []
-        # one token (decode of one sequence): every pair reads row 0, so x is converted once and each pair's
-        # router weight is a scalar (the same float32 product as the [N, 1] weight column)
-        one = hidden.to(torch.float32) if hidden.shape[0] == 1 else None
-        weights = top_k_weights[0].tolist() if one is not None else None
-        for w in works:
-            prepared = self._prepared(layer, w, self.cache.get(w.key)[1])
-            for level, (rows, slots) in sorted(w.pairs.items()):
-                calls.append((prepared(level), one if one is not None else hidden[rows].to(torch.float32)))
-                where.append((w, level, rows, slots))
-        ys = self.kernels.forward_group(calls, self.act_fn)
-        for (w, level, rows, slots), y in zip(where, ys, strict=True):
-            weight = weights[int(slots)] if one is not None else top_k_weights[rows, slots, None].to(torch.float32)
-            results[_result_key(w, level)] = (rows, y * weight)
-        self.kernels.release()
-        seconds = time.perf_counter() - t0
-        for w in works:  # the cost model learns a rate per unit of work: share the launch's time
-            self.cost.observe_compute(self._kernel_work(w), seconds / len(works))
-        return seconds
-
     def _submit(self, read: Read):
         """The read on an I/O thread, checked as its chunks land where the checkpoint can check a stream (a
         packed one), each tensor re-laid out for the CPU kernels right after the checksum read it (cache-hot:
         one pass over memory), else checked once it has landed. The cache holds nothing else."""
         if isinstance(self.ckpt, PackedCheckpoint):
-            visit = _relayout if self.blocked else None
+            visit = relayout if self.compute.blocked else None
             return self.store.submit(read, stream=lambda r: self.ckpt.read_check(r.layer, r.expert, r.have, r.want, visit))
         return self.store.submit(read, self._checked)
 
@@ -413,33 +350,6 @@ class ExpertPipeline:
     def _on_device(self, data):
         """Landed host bytes as the device buffer the cache holds (--device cuda), else unchanged."""
         return data if self.transfer is None else self.transfer.to_device(data)
-
-    def _prepared(self, layer: int, w: Work, data) -> Callable:
-        """level -> the kernels' description of the expert at that level, kept on the cache entry
-        while it holds these very bytes (described once, not every step)."""
-        held = self.cache.peek(w.key)
-        entry_data = self.cache.get(w.key)[1] if held is not None and held >= w.want else None
-        cached = self.cache.attachment(w.key) if entry_data is data else None
-        if cached is not None:
-            by_level = cached
-        else:
-            level = held if entry_data is data else w.want  # describe everything the bytes hold
-            if self.layout is not None:  # a device buffer: the blob's views rebased onto it
-                by_level = {"mats": self.layout.views(level, data)}
-            else:
-                prefix = memoryview(data)[: self.ckpt.level_nbytes(level)]
-                mats = self.ckpt.decode_expert(layer, w.expert, level, prefix, verify=False)
-                by_level = {"mats": {k: replace(m, blocked=True) for k, m in mats.items()} if self.blocked else mats}
-            if entry_data is data:
-                self.cache.attach(w.key, by_level)
-
-        def get(level: int):
-            p = by_level.get(level)
-            if p is None:
-                p = by_level[level] = self.kernels.prepare(by_level["mats"], level)
-            return p
-
-        return get
 
     # ---- whole-model residency and prediction ------------------------------------------
     def hold_all(self, level: int) -> None:
@@ -528,11 +438,6 @@ def _index(values: list[int]) -> torch.Tensor:
     if t is None:
         t = _ONE_INDEX[values[0]] = torch.tensor(values)
     return t
-
-
-def _result_key(w: Work, level: int) -> tuple[int, int, int]:
-    """Summation key: expert, level, then the expert a substitute stands in for (-1: itself)."""
-    return (w.expert, level, -1 if w.origin is None else w.origin)
 
 
 class OffloadedExperts(nn.Module):

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         result = {"label": a.label, "ms_per_step": 1e3 * seconds / a.steps,
                   "mb_read_per_step": (s.store.bytes_read - before) / a.steps / 1e6, "steps": a.steps,
-                  "kernels": s.kernels.name, "blocked": s.pipeline.blocked}
+                  "kernels": s.kernels.name, "blocked": s.pipeline.compute.blocked}
     print(json.dumps(result))
     return 0
 

@@ -196,7 +196,7 @@ def test_blocked_planes_in_the_cache_give_the_reference_tokens(tmp_path_factory)
                        num_attention_heads=4, num_key_value_heads=2)[1]
     with Session(wide, RunOptions(memory_budget=BIG, max_tokens=64, router_levels=(8, 2))) as s:
         minimum = s.plan.minimum
-        assert s.pipeline.blocked == cpu.blocks_planes(64)
+        assert s.pipeline.compute.blocked == cpu.blocks_planes(64)
     tokens = {(budget, kernels): _generate(wide, budget, kernels, router_levels=(8, 2))[0]
               for budget in (BIG, minimum) for kernels in ("native", "reference")}
     assert len(set(map(str, tokens.values()))) == 1
@@ -227,8 +227,8 @@ def test_resident_experts_compute_while_the_missing_ones_are_read(packed):
         weights = torch.tensor([[0.6, 0.4]])
         s.pipeline.step(0, hidden, torch.tensor([[0, 1]]), weights)  # experts 0 and 1 resident now
         events = []
-        submit, compute = s.pipeline.store.submit, s.pipeline._compute
+        submit, compute = s.pipeline.store.submit, s.pipeline.compute.one
         s.pipeline.store.submit = lambda read, *a, **k: events.append(("read", read.expert)) or submit(read, *a, **k)
-        s.pipeline._compute = lambda layer, w, *a: events.append(("compute", w.expert)) or compute(layer, w, *a)
+        s.pipeline.compute.one = lambda layer, w, *a: events.append(("compute", w.expert)) or compute(layer, w, *a)
         s.pipeline.step(0, hidden, torch.tensor([[0, 2]]), weights)  # 0 resident, 2 missing
         assert events == [("read", 2), ("compute", 0), ("compute", 2)]

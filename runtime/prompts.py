@@ -1,0 +1,42 @@
+"""The tokenizer a packed checkpoint carries, and prompts turned into token ids with it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from d2moe.errors import InputError, UsageError
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a packed checkpoint directory; InputError when there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
+        raise InputError(f"{path} has no usable tokenizer ({type(exc).__name__}): copy the source model's "
+                         "tokenizer files into it or re-run `d2moe pack`") from None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when asked and the tokenizer has one."""
+    out = []
+    for p in prompts:
+        try:
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(p)["input_ids"]
+        except Exception as exc:  # damaged tokenizer files fail here, in transformers, in many ways
+            raise InputError(f"the tokenizer cannot encode the prompt ({type(exc).__name__}: {str(exc)[:120]}): "
+                             "restore the source model's tokenizer files") from None
+        if not ids:
+            raise UsageError(f"prompt {p[:40]!r} encodes to no tokens")
+        out.append(list(ids))
+    return out
