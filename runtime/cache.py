@@ -87,6 +87,40 @@ def _concat(held: Any, extra: Any, alloc: Callable[[int], Any] | None = None) ->
     return joined
 
 
+def _grow(held: Any, extra: Any, alloc: Callable[[int], Any] | None, on_drop: Callable[[Any], None] | None) -> Any:
+    """held + extra as one buffer, `held` given up: a pool map grown in place when nothing else views it (mremap
+    moves pages, it copies none; only `extra` is copied, into the new tail), else a joined copy (`_concat`) and the
+    old buffer dropped."""
+    if isinstance(held, memoryview) and isinstance(held.obj, mmap.mmap) and len(held.obj) == _nbytes(held):
+        m, n_held = held.obj, _nbytes(held)
+        try:
+            held.release()
+            m.resize(n_held + _nbytes(extra))
+        except (BufferError, OSError, SystemError, ValueError):
+            held = memoryview(m)
+        else:
+            grown = memoryview(m)
+            grown[n_held:] = extra
+            return grown
+    joined = _concat(held, extra, alloc)
+    if on_drop is not None:
+        on_drop(held)
+    return joined
+
+
+def _is_tail(held: Any, n_held: int, extra: memoryview) -> bool:
+    """Whether `extra` is the view past the first `n_held` bytes of `held`'s map (ExpertCache.open_tail)."""
+    return (isinstance(held, memoryview) and extra.obj is held.obj and _nbytes(held) == n_held + _nbytes(extra))
+
+
+def _release(view: memoryview) -> None:
+    """Let go of a view now where nothing derived from it is alive (else the collector does it later)."""
+    try:
+        view.release()
+    except BufferError:
+        pass
+
+
 def _prefix(data: Any, n: int, alloc: Callable[[int], Any] | None, on_drop: Callable[[Any], None] | None) -> Any:
     """The first `n` bytes of `data` as a buffer of their own, the rest freed: a pool map cut in place when
     nothing else views it (its tail pages go back, nothing is copied), else a copy (`alloc`'s pages) and the
@@ -304,7 +338,7 @@ class ExpertCache:
 
     def extend(self, key: Hashable, level: int, extra: Any, reserved: int = 0) -> bool:
         """Upgrade `key` to `level` by appending the segment bytes `extra` to the held prefix
-        (`reserved`: as for `put`)."""
+        (`reserved`: as for `put`). `extra` may be the tail `open_tail` gave (the read landed in place)."""
         with self._lock:
             if reserved:
                 self.unreserve(reserved)
@@ -313,11 +347,44 @@ class ExpertCache:
                 raise KeyError(f"cannot extend {key}: it is not in the cache")
             if level <= old.level:
                 raise UsageError(f"cannot extend {key} from level {old.level} to level {level}")
-            if not self.put(key, level, _concat(old.data, extra, self.alloc)):
+            n_extra = _nbytes(extra)
+            if not self._make_room(n_extra, exclude=key):
+                self._layer_stats(key).rejected += 1
                 return False
-            if self.on_drop is not None:  # `extra` was copied into the entry
+            in_place = isinstance(extra, memoryview) and _is_tail(old.data, old.nbytes, extra)
+            if not in_place:
+                old.attachment = None  # its views into the bytes would keep the buffer from growing in place
+                old.data = _grow(old.data, extra, self.alloc, self.on_drop)
+            old.level, old.nbytes = level, old.nbytes + n_extra
+            self._held += n_extra
+            self._entries.move_to_end(key)
+            self._layer_stats(key).bytes_inserted += n_extra
+            if in_place:
+                _release(extra)
+            elif self.on_drop is not None:  # `extra` was copied into the entry
                 self.on_drop(extra)
             return True
+
+    def open_tail(self, key: Hashable, nbytes: int) -> memoryview | None:
+        """Grow `key`'s held map in place by `nbytes` and return a view of the new tail for a read to land in
+        (then `extend(key, level, tail)` takes it without a copy); None where the map cannot grow in place
+        (not a pool map, or something views it). The entry keeps its level and size until then."""
+        with self._lock:
+            e = self._entries.get(key)
+            data = None if e is None else e.data
+            if not (isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap)
+                    and len(data.obj) == _nbytes(data) == e.nbytes):
+                return None
+            e.attachment = None  # its views into the bytes would keep the map from growing
+            m = data.obj
+            try:
+                data.release()
+                m.resize(e.nbytes + nbytes)
+            except (BufferError, OSError, SystemError, ValueError):
+                e.data = memoryview(m)
+                return None
+            e.data = memoryview(m)
+            return e.data[e.nbytes:]
 
     def discard(self, key: Hashable) -> None:
         with self._lock:

@@ -277,7 +277,11 @@ class ExpertPipeline:
                         and (in_flight or self.staging_bytes):
                     return  # staging is full: wait for a read to land or a dropped item to finish
                 w = queue.pop(0)
-                in_flight.append((w, read, reserved, staged, self._submit(read), time.perf_counter()))
+                tail = self._open_tail(w, read) if reserved else None
+                if tail is not None:  # lands in the entry's grown map: no read buffer, no joined copy
+                    self.cache.unreserve(reserved - read.nbytes)
+                    reserved = read.nbytes
+                in_flight.append((w, read, reserved, staged, self._submit(read, tail), time.perf_counter()))
                 self._add_landing(reserved)
                 self._add_staging(staged)
                 self.stats.loads += 1
@@ -317,6 +321,14 @@ class ExpertPipeline:
             return read.nbytes
         return 2 * read.nbytes + self.cache.entry_bytes(self.key(read.layer, read.expert, read.have))
 
+    def _open_tail(self, w: Work, read: Read) -> memoryview | None:
+        """For an upgrade read on the CPU's pool maps: the held entry grown in place by the read's bytes, its new
+        tail for the read to land in (ExpertCache.open_tail); None otherwise."""
+        if read.have is None or self.transfer is not None or self.cache.alloc is None \
+                or not isinstance(self.ckpt, PackedCheckpoint):
+            return None
+        return self.cache.open_tail(w.key, read.nbytes)
+
     def _install(self, w: Work, read: Read, data, reserved: int = 0) -> tuple[memoryview | bytes, bool]:
         """Put landed bytes in the cache (extend an upgrade), handing back their reservation; return the full
         prefix up to the level read and whether the cache kept it."""
@@ -330,15 +342,17 @@ class ExpertPipeline:
         if self.cache.extend(w.key, level, data, reserved=reserved):
             return self.cache.get(w.key)[1], True
         self.stats.dropped += 1
+        held = held[: self.cache.entry_bytes(w.key)]  # without a tail opened for this read (that is `data`)
         return _concat(held, data, self.cache.alloc), False
 
-    def _submit(self, read: Read):
+    def _submit(self, read: Read, into: memoryview | None = None):
         """The read on an I/O thread, checked as its chunks land where the checkpoint can check a stream (a
         packed one), each tensor re-laid out for the CPU kernels right after the checksum read it (cache-hot:
         one pass over memory), else checked once it has landed. The cache holds nothing else."""
         if isinstance(self.ckpt, PackedCheckpoint):
             visit = relayout if self.compute.blocked else None
-            return self.store.submit(read, stream=lambda r: self.ckpt.read_check(r.layer, r.expert, r.have, r.want, visit))
+            return self.store.submit(read, stream=lambda r: self.ckpt.read_check(r.layer, r.expert, r.have, r.want, visit),
+                                     into=into)
         return self.store.submit(read, self._checked)
 
     def _checked(self, read: Read, data):

@@ -20,7 +20,8 @@ Modes:
 - `skip`: drop the pairs and renormalise: the token's other pairs are scaled so its router weights
   keep their sum.
 - `reuse`: levels follow the cache (issue 12's reuse-aware level choice; nesting makes it cheap). A work
-  whose expert is held below the level it wants runs at the held level, whatever its importance, when
+  whose expert is held below the level it wants runs at the held level, unless one of its pairs is
+  critical (importance > 1 - threshold: it carries most of its token's output and gets its bits), when
   reading the upgrade would need room the cache does not have free, unless the expert has earned its
   top levels: the upgrade goes ahead when cutting experts used less than half as much (`SlowUse`, a use
   count over many steps) frees the room. Room is made by cutting experts down to the lowest level before
@@ -134,17 +135,24 @@ class MissHandler:
         self.stats = MissStats()
 
     # ---- importance ------------------------------------------------------------------------
+    def importance(self, top_k_weights: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """[T, K] float in [0, 1]: the router weight, or the selector's level scaled to [0, 1]."""
+        if self.options.importance == "weight":
+            return top_k_weights.float().cpu()
+        lo, hi = self.bits[0], self.bits[-1]
+        return (levels.float().cpu() - lo) / max(1, hi - lo)
+
     def unimportant(self, top_k_weights: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """[T, K] bool: pairs a miss may be handled for (never a token's top-1 pair)."""
-        w = top_k_weights.float().cpu()
-        if self.options.importance == "weight":
-            score = w
-        else:
-            lo, hi = self.bits[0], self.bits[-1]
-            score = (levels.float() - lo) / max(1, hi - lo)
-        low = score < self.options.threshold
-        top1 = w.argmax(dim=-1, keepdim=True)
+        low = self.importance(top_k_weights, levels) < self.options.threshold
+        top1 = top_k_weights.float().cpu().argmax(dim=-1, keepdim=True)
         return low.scatter(1, top1, False)
+
+    def critical(self, top_k_weights: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """[T, K] bool: pairs `reuse` never runs below the level they want, importance > 1 - threshold (the
+        mirror of unimportant's bar: a pair that carries most of its token's output gets its bits; threshold 0
+        makes none critical, as it makes none unimportant)."""
+        return self.importance(top_k_weights, levels) > 1.0 - self.options.threshold
 
     # ---- the step ----------------------------------------------------------------------------
     def handle(self, pipeline, layer: int, works: list, top_k_weights: torch.Tensor, levels: torch.Tensor):
@@ -152,15 +160,18 @@ class MissHandler:
         if self.options.mode == "load":
             return works, top_k_weights
         low = self.unimportant(top_k_weights, levels)
+        critical = None
         if self.options.mode == "reuse":
             self.use.step(layer, [(w.key, w.tokens) for w in works])
+            critical = self.critical(top_k_weights, levels)
         keep, skipped = [], []
         for w in works:
             if w.resident:
                 keep.append(w)
                 continue
-            important = not all(bool(low[rows, slots].all()) for rows, slots in w.pairs.values())
-            if important and not (self.options.mode == "reuse" and self._run_held(pipeline, layer, w, works)):
+            important = not _all(low, w)
+            if important and not (critical is not None and not _any(critical, w)
+                                  and self._run_held(pipeline, layer, w, works)):
                 keep.append(w)
                 continue
             would_read = pipeline.plan_read(layer, w).nbytes
@@ -262,6 +273,16 @@ class MissHandler:
             if kept > 0:
                 w[row] = w[row] * (top_k_weights[row].sum() / kept)
         return w
+
+
+def _all(mask: torch.Tensor, w) -> bool:
+    """Whether `mask` [T, K] holds for every (token, slot) pair of work `w`."""
+    return all(bool(mask[rows, slots].all()) for rows, slots in w.pairs.values())
+
+
+def _any(mask: torch.Tensor, w) -> bool:
+    """Whether `mask` [T, K] holds for some (token, slot) pair of work `w`."""
+    return any(bool(mask[rows, slots].any()) for rows, slots in w.pairs.values())
 
 
 def handler(ckpt, options: MissOptions) -> MissHandler | None:

@@ -295,13 +295,16 @@ class ByteReader:
     STREAM_CHUNK = 8 << 20  # bytes per chunk of a read with `progress` (a multiple of ALIGN)
 
     def read_range(self, path: str | os.PathLike, offset: int, nbytes: int,
-                   progress: Callable[[memoryview, int], None] | None = None) -> memoryview:
+                   progress: Callable[[memoryview, int], None] | None = None,
+                   into: memoryview | None = None) -> memoryview:
         """Exactly `nbytes` bytes of `path` from `offset`, read past the page cache.
 
         `progress(payload, landed)` (optional) is called in order, on a helper thread, each time another
         chunk of the read has landed (`landed` payload bytes from the start), while this thread reads the
         next chunk: work on the bytes (their crc, the kernels' re-layout) overlaps the transfer instead of
-        following it. The read returns once every call has; an exception in one is the read's."""
+        following it. The read returns once every call has; an exception in one is the read's.
+        `into` (optional): a writable, page-aligned view of `nbytes` bytes the read lands in (an upgrade
+        into the grown tail of its held entry); used when the range is ALIGN-aligned, else ignored."""
         path = Path(path)
         if offset < 0 or nbytes < 0:
             raise UsageError(f"bad byte range offset={offset} nbytes={nbytes} for {path}")
@@ -313,8 +316,10 @@ class ByteReader:
         fd, is_direct = self._fd(path)
         start = (offset // ALIGN) * ALIGN  # widen to aligned boundaries; slice the payload out after
         end = -(-(offset + nbytes) // ALIGN) * ALIGN
-        # anonymous mmap: page-aligned, as O_DIRECT wants; a recycled one is already mapped
-        buf = self.pool.take(end - start) if self.pool is not None else anonymous_map(end - start)
+        if into is not None and (start, end) == (offset, offset + nbytes) and into.nbytes == nbytes:
+            buf = into  # its pages fault in here, on the I/O thread, as the chunks land
+        else:  # anonymous mmap: page-aligned, as O_DIRECT wants; a recycled one is already mapped
+            buf = self.pool.take(end - start) if self.pool is not None else anonymous_map(end - start)
         payload = memoryview(buf)[offset - start : offset - start + nbytes]
         deadline = self.pacer.acquire(nbytes) if self.pacer else None
         calls = _InOrder(self._landing()) if progress is not None else None
@@ -325,7 +330,7 @@ class ByteReader:
         try:
             if not is_direct and self.pacer is None:  # drop cached pages of this range so the read really comes from disk
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-            while done < len(buf):
+            while done < view.nbytes:
                 try:
                     n = os.preadv(fd, [view[done:done + chunk]], start + done)
                 except OSError as e:
@@ -465,7 +470,7 @@ class ReadSource(Protocol):
     def plan(self, layer: int, expert: int, have: int | None, want: int) -> Read: ...
 
     def submit(self, read: Read, then: Callable[[Read, object], object] | None = None,
-               stream: Callable[[Read], object] | None = None) -> Future: ...
+               stream: Callable[[Read], object] | None = None, into: memoryview | None = None) -> Future: ...
 
     def read(self, read: Read): ...
 
@@ -487,15 +492,16 @@ class ExpertStore:
         return self.reader.read_range(read.path, read.offset, read.nbytes)
 
     def submit(self, read: Read, then: Callable[[Read, object], object] | None = None,
-               stream: Callable[[Read], object] | None = None) -> Future:
+               stream: Callable[[Read], object] | None = None, into: memoryview | None = None) -> Future:
         """`read` on an I/O thread: Future[memoryview], or of `then(read, bytes)` run on that thread too
         (the crc check and the kernels' re-layout overlap other reads and the compute that way).
         `stream(read)` (optional) gives a check with `feed(bytes, landed)` and `finish(bytes)`
-        (PackedCheckpoint.read_check): it is fed as the read's chunks land, overlapping the transfer."""
+        (PackedCheckpoint.read_check): it is fed as the read's chunks land, overlapping the transfer.
+        `into`: where the bytes land, with `stream` (ByteReader.read_range)."""
         if stream is not None:
             def streamed():
                 check = stream(read)
-                data = self.reader.read_range(read.path, read.offset, read.nbytes, progress=check.feed)
+                data = self.reader.read_range(read.path, read.offset, read.nbytes, progress=check.feed, into=into)
                 check.finish(data)
                 return data if then is None else then(read, data)
             return self.reader.run(streamed)

@@ -371,6 +371,58 @@ def test_demotion_cuts_a_pool_buffer_in_place():
     assert level == 2 and data.obj is m and len(m) == 4096 and bytes(data) == (bytes(range(256)) * 16)
 
 
+def test_upgrade_grows_a_pool_buffer_in_place_and_copies_when_it_is_viewed():
+    """extend appends the segment to the held map itself (mremap: only the segment is copied) and drops the
+    entry's attachment; a map something else still views is joined into a copy instead, the old one dropped."""
+    from d2moe.runtime.store import anonymous_map
+
+    head, tail = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 32
+    for viewed in (False, True):
+        cache = ExpertCache(1 << 20, policy="lru")
+        dropped = []
+        cache.on_drop = dropped.append
+        m = anonymous_map(len(head))
+        m[:] = head
+        assert cache.put("a", 2, memoryview(m))
+        cache.attach("a", object())
+        outside = memoryview(m) if viewed else None
+        assert cache.extend("a", 4, tail)
+        level, data = cache.get("a")
+        assert level == 4 and bytes(data) == head + tail and cache.held_bytes == len(head + tail)
+        assert cache.attachment("a") is None and cache.stats()["a"].bytes_inserted == len(head + tail)
+        assert (data.obj is m) is (not viewed) and len(dropped) == (2 if viewed else 1) and dropped[-1] is tail
+        if outside is not None:
+            assert bytes(outside) == head  # the outside view still reads the old bytes
+            outside.release()
+
+
+def test_an_upgrade_read_lands_in_the_grown_tail_of_its_entry():
+    """open_tail grows the held map and hands out its tail; extend with that tail takes the bytes where they
+    landed (no copy, nothing dropped); a map something views gives no tail."""
+    from d2moe.runtime.store import anonymous_map
+
+    head, tail = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 32
+    cache = ExpertCache(1 << 20, policy="lru")
+    dropped = []
+    cache.on_drop = dropped.append
+    m = anonymous_map(len(head))
+    m[:] = head
+    assert cache.put("a", 2, memoryview(m))
+    cache.attach("a", object())
+    view = cache.open_tail("a", len(tail))
+    assert view is not None and view.nbytes == len(tail) and cache.attachment("a") is None
+    assert cache.peek("a") == 2 and cache.entry_bytes("a") == len(head) == cache.held_bytes
+    view[:] = tail
+    assert cache.extend("a", 4, view)
+    level, data = cache.get("a")
+    assert level == 4 and data.obj is m and bytes(data) == head + tail and dropped == []
+    assert cache.held_bytes == len(head + tail)
+    outside = memoryview(m)
+    assert cache.open_tail("a", 4096) is None and bytes(cache.get("a")[1]) == head + tail  # viewed: not grown
+    outside.release()
+    assert cache.open_tail("b", 4096) is None  # not held
+
+
 def test_demotable_bytes_counts_only_chosen_unpinned_entries_above_the_floor():
     cache = ExpertCache(1000)
     assert cache.demotable_bytes(lambda k: True) == 0  # no floor: nothing to cut

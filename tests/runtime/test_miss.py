@@ -191,3 +191,20 @@ def test_reuse_upgrades_only_an_expert_used_twice_as_much_as_those_it_cuts():
         handler.use.step(0, [((0, 1), 10), ((0, 0), cold_use)])
         assert handler._upgrade_pays(cache, hot, 60, [hot]) is pays
     assert not handler._upgrade_pays(cache, hot, 60, [hot, SimpleNamespace(key=(0, 0))])  # this step's own
+
+
+def test_reuse_never_runs_a_critical_pair_below_its_level(packed):
+    """A pair of importance > 1 - threshold gets its level under `reuse`: with gate importance and levels 4:2,
+    every top-1 pair is critical at threshold 0.5, so as many pairs run at 4 bits as under `load`, while the
+    budget still makes `reuse` cut experts and run other pairs at the level held."""
+    h = MissHandler(MissOptions("reuse", threshold=0.3), (2, 3, 4))
+    w = torch.tensor([[0.75, 0.25], [0.6, 0.4]])
+    assert h.critical(w, torch.full((2, 2), 2)).tolist() == [[True, False], [False, False]]
+    budget = _budget(packed, 9)
+    kw = dict(miss_importance="gate", miss_threshold=0.5)
+    _, load = _run(packed, budget, on_miss="load", **kw)
+    _, held = _run(packed, budget, on_miss="reuse", **kw)
+    assert held["tokens_per_level"]["4"] == load["tokens_per_level"]["4"]
+    assert held["cache"]["demotions"] > 0 and held["bytes_read"] < load["bytes_read"]
+    _, free = _run(packed, budget, on_miss="reuse", miss_importance="gate", miss_threshold=0.0)
+    assert free["tokens_per_level"]["4"] < load["tokens_per_level"]["4"]  # threshold 0: no pair is critical

@@ -409,3 +409,21 @@ def test_buffer_pool_resizes_a_free_buffer_to_the_size_asked_for(tmp_path):
         grown = r.read_range(path, 0, 6 * ALIGN)  # only a smaller one is free: grown
         assert grown.obj is small_buf and len(small_buf) == 6 * ALIGN and bytes(grown) == data[: 6 * ALIGN]
         assert pool.reused == 2 and pool.free_bytes == 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_aligned_read_lands_in_the_buffer_it_is_given(tmp_path, direct):
+    """`into`: an aligned range is read straight into the given view (an entry's grown tail), streamed or not;
+    an unaligned one ignores it and lands in a buffer of its own."""
+    path = tmp_path / "d.bin"
+    data = _write(path, 5 * ALIGN)
+    target = store.anonymous_map(3 * ALIGN)
+    seen = []
+    with ByteReader(io_threads=1, direct=direct) as r:
+        got = r.read_range(path, ALIGN, 2 * ALIGN, progress=lambda v, n: seen.append(n),
+                           into=memoryview(target)[ALIGN:])
+        assert got.obj is target and bytes(target[ALIGN:]) == data[ALIGN:3 * ALIGN] and seen[-1] == 2 * ALIGN
+        got.release()
+        other = r.read_range(path, 10, 2 * ALIGN, into=memoryview(target)[ALIGN:])
+        assert other.obj is not target and bytes(other) == data[10:10 + 2 * ALIGN]
+        assert bytes(target[ALIGN:]) == data[ALIGN:3 * ALIGN]
