@@ -371,20 +371,29 @@ def test_demotion_cuts_a_pool_buffer_in_place():
     assert level == 2 and data.obj is m and len(m) == 4096 and bytes(data) == (bytes(range(256)) * 16)
 
 
+HEAD, TAIL = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 32
+
+
+def _pool_entry():
+    """A cache holding "a" at level 2 in a pool-style map (HEAD), with an attachment; (cache, dropped, map)."""
+    from d2moe.runtime.store import anonymous_map
+
+    cache = ExpertCache(1 << 20, policy="lru")
+    dropped = []
+    cache.on_drop = dropped.append
+    m = anonymous_map(len(HEAD))
+    m[:] = HEAD
+    assert cache.put("a", 2, memoryview(m))
+    cache.attach("a", object())
+    return cache, dropped, m
+
+
 def test_upgrade_grows_a_pool_buffer_in_place_and_copies_when_it_is_viewed():
     """extend appends the segment to the held map itself (mremap: only the segment is copied) and drops the
     entry's attachment; a map something else still views is joined into a copy instead, the old one dropped."""
-    from d2moe.runtime.store import anonymous_map
-
-    head, tail = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 32
+    head, tail = HEAD, TAIL
     for viewed in (False, True):
-        cache = ExpertCache(1 << 20, policy="lru")
-        dropped = []
-        cache.on_drop = dropped.append
-        m = anonymous_map(len(head))
-        m[:] = head
-        assert cache.put("a", 2, memoryview(m))
-        cache.attach("a", object())
+        cache, dropped, m = _pool_entry()
         outside = memoryview(m) if viewed else None
         assert cache.extend("a", 4, tail)
         level, data = cache.get("a")
@@ -399,16 +408,8 @@ def test_upgrade_grows_a_pool_buffer_in_place_and_copies_when_it_is_viewed():
 def test_an_upgrade_read_lands_in_the_grown_tail_of_its_entry():
     """open_tail grows the held map and hands out its tail; extend with that tail takes the bytes where they
     landed (no copy, nothing dropped); a map something views gives no tail."""
-    from d2moe.runtime.store import anonymous_map
-
-    head, tail = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 32
-    cache = ExpertCache(1 << 20, policy="lru")
-    dropped = []
-    cache.on_drop = dropped.append
-    m = anonymous_map(len(head))
-    m[:] = head
-    assert cache.put("a", 2, memoryview(m))
-    cache.attach("a", object())
+    head, tail = HEAD, TAIL
+    cache, dropped, m = _pool_entry()
     view = cache.open_tail("a", len(tail))
     assert view is not None and view.nbytes == len(tail) and cache.attachment("a") is None
     assert cache.peek("a") == 2 and cache.entry_bytes("a") == len(head) == cache.held_bytes
