@@ -352,8 +352,10 @@ class ExpertCache:
                 self._layer_stats(key).rejected += 1
                 return False
             in_place = isinstance(extra, memoryview) and _is_tail(old.data, old.nbytes, extra)
+            # the kernels' description is of the old level (a substitute may have computed at it while the read was
+            # in flight), and its views into the bytes would keep the buffer from growing in place
+            old.attachment = None
             if not in_place:
-                old.attachment = None  # its views into the bytes would keep the buffer from growing in place
                 old.data = _grow(old.data, extra, self.alloc, self.on_drop)
             old.level, old.nbytes = level, old.nbytes + n_extra
             self._held += n_extra

@@ -414,7 +414,9 @@ def test_an_upgrade_read_lands_in_the_grown_tail_of_its_entry():
     assert view is not None and view.nbytes == len(tail) and cache.attachment("a") is None
     assert cache.peek("a") == 2 and cache.entry_bytes("a") == len(head) == cache.held_bytes
     view[:] = tail
+    cache.attach("a", object())  # computed at level 2 while the read was in flight (a substitute)
     assert cache.extend("a", 4, view)
+    assert cache.attachment("a") is None  # that description is of level 2
     level, data = cache.get("a")
     assert level == 4 and data.obj is m and bytes(data) == head + tail and dropped == []
     assert cache.held_bytes == len(head + tail)

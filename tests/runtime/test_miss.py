@@ -208,3 +208,15 @@ def test_reuse_never_runs_a_critical_pair_below_its_level(packed):
     assert held["cache"]["demotions"] > 0 and held["bytes_read"] < load["bytes_read"]
     _, free = _run(packed, budget, on_miss="reuse", miss_importance="gate", miss_threshold=0.0)
     assert free["tokens_per_level"]["4"] < load["tokens_per_level"]["4"]  # threshold 0: no pair is critical
+
+
+@pytest.mark.parametrize("policy", ["d2moe", "edgemoe", "moqe-dynaio"])
+def test_a_substitute_may_compute_with_an_expert_whose_upgrade_is_in_flight(packed, policy):
+    """In one step a work may upgrade expert e while a substitute computes with e at the level held: the
+    description the substitute attaches is of that level, so the upgraded entry must not keep it."""
+    budget = _budget(packed, 4)
+    for mode in ("substitute", "reuse"):
+        with Session(packed, RunOptions(memory_budget=budget, max_tokens=64, policy=policy, on_miss=mode,
+                                        miss_threshold=0.5)) as s:
+            report = s.generate([PROMPT[0] + " " + PROMPT[0]], SamplingOptions(max_new_tokens=24), chat_template=False)
+        assert len(report.token_ids[0]) == 24
