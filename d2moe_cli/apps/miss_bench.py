@@ -17,6 +17,10 @@ import torch
 
 from d2moe.errors import UsageError
 
+# one colour per mode of d2moe.runtime.miss.MISS_MODES in the Pareto plot (a test checks that none is missing)
+MODE_COLORS = {"load": "tab:blue", "lowbit": "tab:green", "substitute": "tab:orange", "skip": "tab:red",
+               "reuse": "tab:purple"}
+
 
 def miss_modes(text: str | None) -> list[str]:
     """'load,skip' -> ['load', 'skip'] ('all': every mode), validated."""
@@ -119,7 +123,7 @@ def plot_pareto(report, path) -> None:
         raise UsageError("--pareto-plot needs perplexities: give --quality-text FILE")
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.8), dpi=120, squeeze=False)
     markers = dict(zip(sorted({r.policy for r in report.results}), "osD^v<>ph*", strict=False))
-    colors = {"load": "tab:blue", "lowbit": "tab:green", "substitute": "tab:orange", "skip": "tab:red"}
+    colors = MODE_COLORS
     for ax, budget in zip(axes[0], budgets, strict=True):
         for r in report.results:
             if r.budget != budget or not r.ok or r.perplexity is None:

@@ -120,7 +120,10 @@ def test_run_cli_reports_misses(packed):
 
 def test_bench_sweeps_the_miss_axis_with_quality(packed, tmp_path):
     from d2moe.apps.benchmark import RESULT_KEYS, run_bench
-    from d2moe.apps.miss_bench import plot_pareto
+    from d2moe.apps.miss_bench import MODE_COLORS, plot_pareto
+    from d2moe.runtime.miss import MISS_MODES
+
+    assert set(MODE_COLORS) == set(MISS_MODES)  # every mode has its colour in the legend
 
     report = run_bench(packed, "30%", "moqe-dynaio@4,d2moe", prompt="the quick brown fox", max_new_tokens=4, repeats=1,
                        on_miss="load,skip", miss_threshold=0.5, quality_ids=list(range(5, 30)), quality_seq_len=16)
