@@ -35,7 +35,7 @@ def bench(
     on_miss: Annotated[str, typer.Option(
         "--on-miss", help="Miss handling modes to sweep with every policy: load,lowbit,substitute,skip,reuse (or all).")] = "load",
     miss_threshold: Annotated[float, typer.Option(
-        help="Importance below which a missed pair is handled by the miss mode (router weight, or gate level in [0,1]).")] = 0.35,
+        help="Importance below which a missed pair is handled by the miss mode (router weight, or gate level in [0,1]); reuse keeps pairs above 1 - this at their level (0: every pair follows the cache).")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
     quality_text: Annotated[list[Path] | None, typer.Option(
         help="Text scored per configuration (decode-mode perplexity at that budget): the quality axis.")] = None,

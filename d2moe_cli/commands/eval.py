@@ -40,7 +40,7 @@ def eval_command(
     on_miss: Annotated[str, typer.Option(
         "--on-miss", help="Miss handling of the runs: load | lowbit | substitute | skip | reuse (lossy modes need "
                           "--memory-budget to matter and score in decode mode).")] = "load",
-    miss_threshold: Annotated[float, typer.Option(help="Importance below which a missed pair is handled.")] = 0.35,
+    miss_threshold: Annotated[float, typer.Option(help="Importance below which a missed pair is handled; reuse keeps pairs above 1 - this at their level.")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight | gate.")] = "weight",
     scoring: Annotated[str, typer.Option(
         help="auto (decode when --on-miss is lossy, else window) | window (one forward per window) | decode "

@@ -98,10 +98,11 @@ def run(
     on_miss: Annotated[str, typer.Option(
         "--on-miss", help="A low-importance expert that misses the cache: load (exact) | lowbit (lowest level) | "
                           "substitute (most similar resident expert) | skip (drop, renormalise) | reuse (substitute, and "
-                          "every expert runs at the level the cache holds unless it is used enough to earn an upgrade; "
+                          "every non-critical pair runs at the level the cache holds unless its expert is used enough to earn an upgrade; "
                           "the cache cuts experts to their lowest level before evicting them).")] = "load",
     miss_threshold: Annotated[float, typer.Option(
-        help="Importance below which a missed pair is handled by --on-miss (the token's top-1 pair never is).")] = 0.35,
+        help="Importance below which a missed pair is handled by --on-miss (the token's top-1 pair never is); "
+             "reuse keeps pairs above 1 - this at their level (0: every pair follows the cache).")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
     reuse_aware: Annotated[bool, typer.Option(
         "--reuse-aware/--no-reuse-aware", help="d2moe: read missing experts up to the top level into free cache room, "
