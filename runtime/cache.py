@@ -367,6 +367,13 @@ class ExpertCache:
                 self.on_drop(extra)
             return True
 
+    def close_tail(self, key: Hashable) -> None:
+        """Give back a tail `open_tail` grew that no read will fill: the map is cut back to the entry's bytes."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None and isinstance(e.data, memoryview) and _nbytes(e.data) > e.nbytes:
+                e.data = _prefix(e.data, e.nbytes, self.alloc, self.on_drop)
+
     def open_tail(self, key: Hashable, nbytes: int) -> memoryview | None:
         """Grow `key`'s held map in place by `nbytes` and return a view of the new tail for a read to land in
         (then `extend(key, level, tail)` takes it without a copy); None where the map cannot grow in place

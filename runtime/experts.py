@@ -270,17 +270,21 @@ class ExpertPipeline:
         def issue() -> None:
             while queue and len(in_flight) < self.window:
                 read = self.plan_read(layer, queue[0])
-                cost = self.room_needed(read)
-                reserved = cost if self.cache.reserve(cost) else 0
-                staged = 0 if reserved else cost
+                # an upgrade that lands in its entry's grown map holds only its own bytes: no read buffer, no join
+                tail = self._open_tail(queue[0], read)
+                if tail is not None and not self.cache.reserve(read.nbytes):
+                    self.cache.close_tail(queue[0].key)
+                    tail = None
+                if tail is not None:
+                    reserved, staged = read.nbytes, 0
+                else:
+                    cost = self.room_needed(read)
+                    reserved = cost if self.cache.reserve(cost) else 0
+                    staged = 0 if reserved else cost
                 if staged and self.staging_limit is not None and self.staging_bytes + staged > self.staging_limit \
                         and (in_flight or self.staging_bytes):
                     return  # staging is full: wait for a read to land or a dropped item to finish
                 w = queue.pop(0)
-                tail = self._open_tail(w, read) if reserved else None
-                if tail is not None:  # lands in the entry's grown map: no read buffer, no joined copy
-                    self.cache.unreserve(reserved - read.nbytes)
-                    reserved = read.nbytes
                 in_flight.append((w, read, reserved, staged, self._submit(read, tail), time.perf_counter()))
                 self._add_landing(reserved)
                 self._add_staging(staged)

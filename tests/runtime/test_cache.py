@@ -420,6 +420,11 @@ def test_an_upgrade_read_lands_in_the_grown_tail_of_its_entry():
     level, data = cache.get("a")
     assert level == 4 and data.obj is m and bytes(data) == head + tail and dropped == []
     assert cache.held_bytes == len(head + tail)
+    back = cache.open_tail("a", 4096)  # a tail no read fills goes back
+    assert back is not None and len(m) == len(head + tail) + 4096
+    back.release()
+    cache.close_tail("a")
+    assert len(m) == len(head + tail) and bytes(cache.get("a")[1]) == head + tail and cache.held_bytes == len(m)
     outside = memoryview(m)
     assert cache.open_tail("a", 4096) is None and bytes(cache.get("a")[1]) == head + tail  # viewed: not grown
     outside.release()
