@@ -56,92 +56,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from d2moe.errors import UsageError
+from d2moe.runtime.held_bytes import cut_to_prefix, grow, is_tail, release, size_of
 
 POLICIES = ("decay", "lru")
 _RENORM_AT = 1e150  # rescale inflated scores before they overflow a float
 
 
-def _nbytes(data: Any) -> int:
-    if hasattr(data, "nbytes") and not isinstance(data, (bytes, bytearray)):
-        return int(data.nbytes)  # memoryview, numpy array, torch tensor
-    return len(data)
-
-
 def _layer(key: Hashable) -> Any:
     return key[0] if isinstance(key, tuple) and key else key
-
-
-def _concat(held: Any, extra: Any, alloc: Callable[[int], Any] | None = None) -> Any:
-    """held + extra as one buffer of held's kind: a uint8 tensor on held's device, else a memoryview (of
-    `alloc(n)` where given: the read-buffer pool's already-mapped pages)."""
-    if hasattr(held, "untyped_storage"):  # a torch tensor (e.g. a GPU-resident cache)
-        import torch
-
-        if not hasattr(extra, "untyped_storage"):
-            extra = torch.frombuffer(bytearray(extra), dtype=torch.uint8)
-        return torch.cat([held.reshape(-1).view(torch.uint8), extra.reshape(-1).view(torch.uint8).to(held.device)])
-    n_held, n_extra = _nbytes(held), _nbytes(extra)
-    joined = memoryview(alloc(n_held + n_extra) if alloc else bytearray(n_held + n_extra))[: n_held + n_extra]
-    joined[:n_held] = held
-    joined[n_held:] = extra
-    return joined
-
-
-def _grow(held: Any, extra: Any, alloc: Callable[[int], Any] | None, on_drop: Callable[[Any], None] | None) -> Any:
-    """held + extra as one buffer, `held` given up: a pool map grown in place when nothing else views it (mremap
-    moves pages, it copies none; only `extra` is copied, into the new tail), else a joined copy (`_concat`) and the
-    old buffer dropped."""
-    if isinstance(held, memoryview) and isinstance(held.obj, mmap.mmap) and len(held.obj) == _nbytes(held):
-        m, n_held = held.obj, _nbytes(held)
-        try:
-            held.release()
-            m.resize(n_held + _nbytes(extra))
-        except (BufferError, OSError, SystemError, ValueError):
-            held = memoryview(m)
-        else:
-            grown = memoryview(m)
-            grown[n_held:] = extra
-            return grown
-    joined = _concat(held, extra, alloc)
-    if on_drop is not None:
-        on_drop(held)
-    return joined
-
-
-def _is_tail(held: Any, n_held: int, extra: memoryview) -> bool:
-    """Whether `extra` is the view past the first `n_held` bytes of `held`'s map (ExpertCache.open_tail)."""
-    return (isinstance(held, memoryview) and extra.obj is held.obj and _nbytes(held) == n_held + _nbytes(extra))
-
-
-def _release(view: memoryview) -> None:
-    """Let go of a view now where nothing derived from it is alive (else the collector does it later)."""
-    try:
-        view.release()
-    except BufferError:
-        pass
-
-
-def _prefix(data: Any, n: int, alloc: Callable[[int], Any] | None, on_drop: Callable[[Any], None] | None) -> Any:
-    """The first `n` bytes of `data` as a buffer of their own, the rest freed: a pool map cut in place when
-    nothing else views it (its tail pages go back, nothing is copied), else a copy (`alloc`'s pages) and the
-    old buffer dropped."""
-    if hasattr(data, "untyped_storage"):  # a torch tensor (a GPU-resident cache)
-        import torch
-
-        return data.reshape(-1).view(torch.uint8)[:n].clone()
-    if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) and len(data.obj) == _nbytes(data):
-        m = data.obj
-        try:
-            data.release()
-            m.resize(n)
-            return memoryview(m)
-        except (BufferError, OSError, SystemError, ValueError):
-            data = memoryview(m)
-    out = memoryview(alloc(n) if alloc else bytearray(n))[:n]
-    out[:] = data[:n]
-    if on_drop is not None:
-        on_drop(data)
-    return out
 
 
 @dataclass
@@ -323,7 +245,7 @@ class ExpertCache:
             if old is not None and old.level > level:
                 self._entries.move_to_end(key)
                 return True
-            new = _Entry(level, data, _nbytes(data))
+            new = _Entry(level, data, size_of(data))
             old_bytes = old.nbytes if old else 0
             if not self._make_room(new.nbytes - old_bytes, exclude=key):
                 self._layer_stats(key).rejected += 1
@@ -347,22 +269,22 @@ class ExpertCache:
                 raise KeyError(f"cannot extend {key}: it is not in the cache")
             if level <= old.level:
                 raise UsageError(f"cannot extend {key} from level {old.level} to level {level}")
-            n_extra = _nbytes(extra)
+            n_extra = size_of(extra)
             if not self._make_room(n_extra, exclude=key):
                 self._layer_stats(key).rejected += 1
                 return False
-            in_place = isinstance(extra, memoryview) and _is_tail(old.data, old.nbytes, extra)
+            in_place = isinstance(extra, memoryview) and is_tail(old.data, old.nbytes, extra)
             # the kernels' description is of the old level (a substitute may have computed at it while the read was
             # in flight), and its views into the bytes would keep the buffer from growing in place
             old.attachment = None
             if not in_place:
-                old.data = _grow(old.data, extra, self.alloc, self.on_drop)
+                old.data = grow(old.data, extra, self.alloc, self.on_drop)
             old.level, old.nbytes = level, old.nbytes + n_extra
             self._held += n_extra
             self._entries.move_to_end(key)
             self._layer_stats(key).bytes_inserted += n_extra
             if in_place:
-                _release(extra)
+                release(extra)
             elif self.on_drop is not None:  # `extra` was copied into the entry
                 self.on_drop(extra)
             return True
@@ -371,8 +293,8 @@ class ExpertCache:
         """Give back a tail `open_tail` grew that no read will fill: the map is cut back to the entry's bytes."""
         with self._lock:
             e = self._entries.get(key)
-            if e is not None and isinstance(e.data, memoryview) and _nbytes(e.data) > e.nbytes:
-                e.data = _prefix(e.data, e.nbytes, self.alloc, self.on_drop)
+            if e is not None and isinstance(e.data, memoryview) and size_of(e.data) > e.nbytes:
+                e.data = cut_to_prefix(e.data, e.nbytes, self.alloc, self.on_drop)
 
     def open_tail(self, key: Hashable, nbytes: int) -> memoryview | None:
         """Grow `key`'s held map in place by `nbytes` and return a view of the new tail for a read to land in
@@ -382,7 +304,7 @@ class ExpertCache:
             e = self._entries.get(key)
             data = None if e is None else e.data
             if not (isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap)
-                    and len(data.obj) == _nbytes(data) == e.nbytes):
+                    and len(data.obj) == size_of(data) == e.nbytes):
                 return None
             e.attachment = None  # its views into the bytes would keep the map from growing
             m = data.obj
@@ -459,7 +381,7 @@ class ExpertCache:
         if nbytes >= e.nbytes:
             return 0
         e.attachment = None  # its views into the bytes would keep the buffer from being cut in place
-        e.data = _prefix(e.data, nbytes, self.alloc, self.on_drop)
+        e.data = cut_to_prefix(e.data, nbytes, self.alloc, self.on_drop)
         freed = e.nbytes - nbytes
         e.level, e.nbytes = level, nbytes
         self._held -= freed

@@ -40,8 +40,9 @@ from torch import nn
 
 from d2moe.kernels.dispatch import ExpertKernels
 from d2moe.quantize.format import PackedCheckpoint
-from d2moe.runtime.cache import ExpertCache, _concat
+from d2moe.runtime.cache import ExpertCache
 from d2moe.runtime.expert_compute import ExpertCompute, relayout
+from d2moe.runtime.held_bytes import concat
 from d2moe.runtime.policies import LevelSelector, PolicySpec
 from d2moe.runtime.scheduler import CostModel, Job, hebf_order, johnson_order
 from d2moe.runtime.store import Read, ReadSource
@@ -347,7 +348,7 @@ class ExpertPipeline:
             return self.cache.get(w.key)[1], True
         self.stats.dropped += 1
         held = held[: self.cache.entry_bytes(w.key)]  # without a tail opened for this read (that is `data`)
-        return _concat(held, data, self.cache.alloc), False
+        return concat(held, data, self.cache.alloc), False
 
     def _submit(self, read: Read, into: memoryview | None = None):
         """The read on an I/O thread, checked as its chunks land where the checkpoint can check a stream (a
