@@ -47,7 +47,6 @@ Thread-safe (one re-entrant lock): I/O threads may `put` while the compute threa
 
 from __future__ import annotations
 
-import mmap
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -56,7 +55,15 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from d2moe.errors import UsageError
-from d2moe.runtime.held_bytes import cut_to_prefix, grow, is_tail, release, size_of
+from d2moe.runtime.held_bytes import (
+    cut_to_prefix,
+    grow,
+    is_tail,
+    release,
+    resize_in_place,
+    size_of,
+    whole_map,
+)
 
 POLICIES = ("decay", "lru")
 _RENORM_AT = 1e150  # rescale inflated scores before they overflow a float
@@ -302,20 +309,11 @@ class ExpertCache:
         (not a pool map, or something views it). The entry keeps its level and size until then."""
         with self._lock:
             e = self._entries.get(key)
-            data = None if e is None else e.data
-            if not (isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap)
-                    and len(data.obj) == size_of(data) == e.nbytes):
+            if e is None or not whole_map(e.data) or e.data.nbytes != e.nbytes:
                 return None
             e.attachment = None  # its views into the bytes would keep the map from growing
-            m = data.obj
-            try:
-                data.release()
-                m.resize(e.nbytes + nbytes)
-            except (BufferError, OSError, SystemError, ValueError):
-                e.data = memoryview(m)
-                return None
-            e.data = memoryview(m)
-            return e.data[e.nbytes:]
+            e.data, grown = resize_in_place(e.data, e.nbytes + nbytes)
+            return e.data[e.nbytes:] if grown else None
 
     def discard(self, key: Hashable) -> None:
         with self._lock:

@@ -36,21 +36,32 @@ def concat(held: Any, extra: Any, alloc: Callable[[int], Any] | None = None) -> 
     return joined
 
 
+def whole_map(data: Any) -> bool:
+    """Whether `data` views all of an mmap (a pool buffer): only such a buffer can be resized in place."""
+    return isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) and len(data.obj) == data.nbytes
+
+
+def resize_in_place(data: memoryview, n: int) -> tuple[memoryview, bool]:
+    """`data`'s map (see `whole_map`) resized to `n` bytes, if nothing else views it (mremap: pages move, none
+    are copied): (a view of all of it, True); else (a view of the map as it was, False). `data` is given up."""
+    m = data.obj
+    try:
+        data.release()
+        m.resize(n)
+    except (BufferError, OSError, SystemError, ValueError):
+        return memoryview(m), False
+    return memoryview(m), True
+
+
 def grow(held: Any, extra: Any, alloc: Callable[[int], Any] | None, on_drop: Callable[[Any], None] | None) -> Any:
-    """held + extra as one buffer, `held` given up: a pool map grown in place when nothing else views it (mremap
-    moves pages, it copies none; only `extra` is copied, into the new tail), else a joined copy (`concat`) and the
-    old buffer dropped."""
-    if isinstance(held, memoryview) and isinstance(held.obj, mmap.mmap) and len(held.obj) == size_of(held):
-        m, n_held = held.obj, size_of(held)
-        try:
-            held.release()
-            m.resize(n_held + size_of(extra))
-        except (BufferError, OSError, SystemError, ValueError):
-            held = memoryview(m)
-        else:
-            grown = memoryview(m)
-            grown[n_held:] = extra
-            return grown
+    """held + extra as one buffer, `held` given up: a pool map grown in place when nothing else views it (only
+    `extra` is copied, into the new tail), else a joined copy (`concat`) and the old buffer dropped."""
+    if whole_map(held):
+        n_held = held.nbytes
+        held, grown = resize_in_place(held, n_held + size_of(extra))
+        if grown:
+            held[n_held:] = extra
+            return held
     joined = concat(held, extra, alloc)
     if on_drop is not None:
         on_drop(held)
@@ -78,14 +89,10 @@ def cut_to_prefix(data: Any, n: int, alloc: Callable[[int], Any] | None, on_drop
         import torch
 
         return data.reshape(-1).view(torch.uint8)[:n].clone()
-    if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) and len(data.obj) == size_of(data):
-        m = data.obj
-        try:
-            data.release()
-            m.resize(n)
-            return memoryview(m)
-        except (BufferError, OSError, SystemError, ValueError):
-            data = memoryview(m)
+    if whole_map(data):
+        data, cut = resize_in_place(data, n)
+        if cut:
+            return data
     out = memoryview(alloc(n) if alloc else bytearray(n))[:n]
     out[:] = data[:n]
     if on_drop is not None:

@@ -121,7 +121,8 @@ class LosslessStore:
         self.decode_seconds += time.perf_counter() - t0
         return memoryview(out)
 
-    def submit(self, read: Read, then=None, stream=None, into=None) -> Future:  # `stream`: the coded blob is checked whole; decoded bytes land in their own buffer (`into` unused)
+    # `stream`: the coded blob is checked whole; `into`: unused, decoded bytes land in a buffer of their own
+    def submit(self, read: Read, then=None, stream=None, into=None) -> Future:
         if then is None:
             return self.reader.run(lambda: self._read_and_decode(read.layer, read.expert))
         return self.reader.run(lambda: then(read, self._read_and_decode(read.layer, read.expert)))

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2moe.errors import BudgetError, InputError, UsageError
+from d2moe.quantize.format.sections import DTYPE_BYTES
 from d2moe.runtime.units import format_size
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
