@@ -285,6 +285,7 @@ class ExpertCache:
             # in flight), and its views into the bytes would keep the buffer from growing in place
             old.attachment = None
             if not in_place:
+                self.close_tail(key)  # a tail opened for a read that landed elsewhere holds no bytes of the entry
                 old.data = grow(old.data, extra, self.alloc, self.on_drop)
             old.level, old.nbytes = level, old.nbytes + n_extra
             self._held += n_extra

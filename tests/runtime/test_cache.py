@@ -429,6 +429,9 @@ def test_an_upgrade_read_lands_in_the_grown_tail_of_its_entry():
     assert cache.open_tail("a", 4096) is None and bytes(cache.get("a")[1]) == head + tail  # viewed: not grown
     outside.release()
     assert cache.open_tail("b", 4096) is None  # not held
+    assert cache.open_tail("a", 4096) is not None  # a tail whose read lands elsewhere holds none of the entry's bytes
+    assert cache.extend("a", 8, b"x" * 4096)
+    assert bytes(cache.get("a")[1]) == head + tail + b"x" * 4096 and cache.held_bytes == len(head + tail) + 4096
 
 
 def test_demotable_bytes_counts_only_chosen_unpinned_entries_above_the_floor():
