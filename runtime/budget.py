@@ -17,12 +17,12 @@ Public API
 MemoryPlan.build(budget_bytes, dense_bytes, kv_bytes_per_token, max_tokens, expert_bytes,
                  workspace_bytes, staging_slots=1) -> MemoryPlan     # BudgetError below the minimum
 MemoryPlan.for_checkpoint(ckpt, budget_bytes, max_tokens, level=None, kv_dtype_bytes=2,
-                          dense_bytes=None, staging_slots=1, threads=1) -> MemoryPlan
+                          dense_bytes=None, staging_slots=1, threads=1, forward_tokens=None) -> MemoryPlan
     fields: budget, dense, kv, staging, workspace, expert_cache, expert_bytes, minimum;
     .summary() -> dict for --json / tables; .min_cache_experts
     .with_dense(dense_bytes) -> MemoryPlan            # converted dense weights' saving goes to the cache
 kv_bytes_per_token(config, dtype_bytes=2) -> int   # layers x 2 (K,V) x kv_heads x head_dim x dtype
-workspace_bytes(config, matrix_shapes, tokens, threads=1) -> int   # kernels + activations for `tokens` at once
+workspace_bytes(config, matrix_shapes, tokens, threads=1, context=None) -> int   # one forward of `tokens` positions
 safetensors_payload_bytes(path) -> int              # tensor bytes of a safetensors file (header only)
 """
 
@@ -119,11 +119,14 @@ class MemoryPlan:
         dense_bytes: int | None = None,
         staging_slots: int = 1,
         threads: int = 1,
+        forward_tokens: int | None = None,
     ) -> MemoryPlan:
         """The plan for a packed checkpoint (`d2moe.quantize.format`), at `level` (default: the highest).
 
         `dense_bytes` defaults to the tensor bytes of the checkpoint's dense.safetensors (its
-        source dtype); pass the held size instead when the run converts dtypes.
+        source dtype); pass the held size instead when the run converts dtypes. `forward_tokens`: the
+        most positions one forward computes (a chunked prefill's chunk over the batch); the workspace is
+        sized for it, attending over up to `max_tokens` keys (default: one forward of all `max_tokens`).
         """
         level = ckpt.cfg.bk if level is None else level
         if dense_bytes is None:
@@ -134,7 +137,8 @@ class MemoryPlan:
             kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype_bytes),
             max_tokens=max_tokens,
             expert_bytes=ckpt.level_nbytes(level),
-            workspace_bytes=workspace_bytes(ckpt.config, ckpt.matrix_shapes, max_tokens, threads),
+            workspace_bytes=workspace_bytes(ckpt.config, ckpt.matrix_shapes, min(forward_tokens or max_tokens, max_tokens),
+                                            threads, context=max_tokens),
             staging_slots=staging_slots,
         )
 
@@ -165,20 +169,23 @@ def kv_bytes_per_token(config: Mapping, dtype_bytes: int = 2) -> int:
     return layers * 2 * kv_heads * head_dim * int(dtype_bytes)
 
 
-def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]], tokens: int, threads: int = 1) -> int:
+def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]], tokens: int, threads: int = 1,
+                    context: int | None = None) -> int:
     """Bytes computing `tokens` positions at once may hold besides weights, KV and the cache: the
     expert kernels' working set (d2moe.kernels.dispatch.workspace_bound) plus the model's own
-    activations (residual stream and projections in float32, one layer's attention scores, the
-    last position's logits), with 24 MiB for the allocator's and interpreter's slack."""
+    activations (residual stream and projections in float32, one layer's attention scores of `tokens`
+    queries over `context` keys (default `tokens`), the last position's logits), with 24 MiB for the
+    allocator's and interpreter's slack."""
     from d2moe.kernels.dispatch import workspace_bound
 
     cfg = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
     tokens = max(1, int(tokens))
+    context = max(tokens, int(context or tokens))
     hidden = int(cfg.get("hidden_size") or matrix_shapes["down"][0])
     heads = int(cfg.get("num_attention_heads") or 1)
     vocab = int(cfg.get("vocab_size") or 0)
     dense_inter = int(cfg.get("intermediate_size") or 0) if cfg.get("shared_expert_intermediate_size") else 0
-    activations = 4 * tokens * (12 * hidden + 2 * dense_inter) + 4 * heads * tokens * tokens + 8 * vocab
+    activations = 4 * tokens * (12 * hidden + 2 * dense_inter) + 4 * heads * tokens * context + 8 * vocab
     return workspace_bound(matrix_shapes, tokens, threads) + activations + 24 * _MIB
 
 

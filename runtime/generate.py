@@ -24,6 +24,10 @@ from d2moe.runtime.memory import prefill_allocator
 # the decode loop calls forward once per token, and the warning would interleave with streamed text
 warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
 
+# prompt positions per row that `run` prefills in one forward (llama.cpp's default micro-batch): enough rows
+# for the expert kernels' tile GEMMs, while a long prompt's activations stay bounded
+PREFILL_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -110,6 +114,7 @@ def decode(
     on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     prefill_threads: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> DecodeResult:
     """Generate for a batch of token-id prompts.
 
@@ -117,6 +122,8 @@ def decode(
     on_step(kv_bytes): called after each forward with the KV cache's current size.
     prefill_threads: torch intra-op threads for the prompt's forward only (its GEMMs use them well;
     decode steps keep the caller's setting, where torch's spinning threads would slow the kernels).
+    prefill_chunk: most prompt positions per row in one forward (None: the whole prompt at once); a
+    longer prompt prefills chunk by chunk into the KV cache, so activations stay bounded by the chunk.
     """
     from transformers import DynamicCache
 
@@ -133,9 +140,15 @@ def decode(
     kv_peak = 0
 
     start = time.perf_counter()
+    width = input_ids.shape[1]
+    chunk = width if prefill_chunk is None else max(1, int(prefill_chunk))
     with torch_threads(prefill_threads or torch.get_num_threads()), prefill_allocator():
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for lo in range(0, width, chunk):  # each chunk attends to the cache so far and to itself (causal)
+            hi = min(width, lo + chunk)
+            out = model(input_ids=input_ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=positions[:, lo:hi],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if on_step and hi < width:
+                on_step(kv_cache_bytes(cache))
     token = sample_next(out.logits[:, -1], opts, generator)  # [B]
     ttft = time.perf_counter() - start
     prefill_s = ttft

@@ -1,7 +1,7 @@
 """The bytes a cache entry holds: their size, joined, grown in place and cut to a prefix.
 
 Pure buffer handling, no cache policy (d2moe.runtime.cache owns that). A held expert is a memoryview of a private
-anonymous map from the read-buffer pool (d2moe.runtime.store.BufferPool), a bytes-like object, or a uint8 tensor (a
+anonymous map from the read-buffer pool (d2moe.runtime.buffers.BufferPool), a bytes-like object, or a uint8 tensor (a
 GPU-resident cache). Maps that nothing else views grow and shrink in place (`mremap`: pages move, nothing is copied);
 anything else is copied, and the old buffer goes to `on_drop` (the pool).
 """

@@ -30,6 +30,9 @@ class RunOptions:
     io_bandwidth: float | None = None  # bytes/s cap emulating a device disk (None: the real disk)
     direct_io: bool = True  # O_DIRECT where the filesystem allows it
     max_tokens: int = 1024  # KV-cache tokens reserved: batch x (prompt + new tokens)
+    # most positions one forward computes (None: max_tokens): longer prompts prefill in chunks of
+    # forward_tokens // batch positions per row, and the workspace is sized for one such chunk
+    forward_tokens: int | None = None
     calibration_tokens: int = 16  # edgemoe: tokens counted before per-expert levels are fixed
     use_gate: bool = True  # use the checkpoint's trained gate when the policy wants one
     threads: int | None = None  # kernel row threads (None: the process default, d2moe.options.set_threads)
@@ -86,6 +89,8 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     options.miss  # noqa: B018  (validates --on-miss and its options before anything is read)
     if options.io_threads < 1:
         raise UsageError(f"--io-threads {options.io_threads} must be at least 1")
+    if options.forward_tokens is not None and options.forward_tokens < 1:
+        raise UsageError(f"forward_tokens {options.forward_tokens} must be at least 1")
     path = Path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
@@ -113,7 +118,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     plan = MemoryPlan.for_checkpoint(
         ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
         staging_slots=staging_slots(options),
-        threads=options.threads or kernel_threads(),
+        threads=options.threads or kernel_threads(), forward_tokens=options.forward_tokens,
     )
     if hold_level is not None:
         need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(hold_level)

@@ -48,12 +48,13 @@ class Session:
         from d2moe.kernels.cpu import threads as kernel_threads
         from d2moe.kernels.dense import patch_linears
         from d2moe.kernels.dispatch import ExpertKernels
+        from d2moe.runtime.buffers import BufferPool
         from d2moe.runtime.cache import ExpertCache
         from d2moe.runtime.device import check_device, emulated
         from d2moe.runtime.experts import ExpertPipeline, OffloadedExperts
         from d2moe.runtime.memory import MemoryMeter, limit_allocator_overhead, nbytes_of
         from d2moe.runtime.model import assemble, expert_activation
-        from d2moe.runtime.store import BufferPool, ExpertStore
+        from d2moe.runtime.store import ExpertStore
 
         self.options = options
         check_device(options.device)  # one clear line when --device cuda cannot run here
@@ -287,8 +288,12 @@ class Session:
             self._kv_bytes = kv_bytes
             self.meter.sample()
 
+        chunk = self.options.forward_tokens // len(batch) if self.options.forward_tokens else None
+        if chunk == 0:
+            raise BudgetError(f"a batch of {len(batch)} prompts needs forward_tokens >= {len(batch)} (the plan has "
+                              f"{self.options.forward_tokens}): run fewer prompts at once")
         result = decode(self.model, batch, sampling, eos, pad_id, on_tokens=on_tokens, on_step=on_step,
-                        prefill_threads=self.kernels.splitter.threads)
+                        prefill_threads=self.kernels.splitter.threads, prefill_chunk=chunk)
         self.pipeline.drain()
         self._kv_bytes = 0
         texts = [tok.decode(t, skip_special_tokens=True) for t in result.new_tokens] if tok is not None else []

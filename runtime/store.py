@@ -36,7 +36,6 @@ dtype=torch.uint8)` wraps it without a copy.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 import time
@@ -51,6 +50,7 @@ from d2moe.errors import FormatError, InputError, UsageError
 from d2moe.quantize.format.constants import (
     ALIGN,  # blobs are laid out for O_DIRECT: the same 4 KiB serves its reads
 )
+from d2moe.runtime.buffers import BufferPool, anonymous_map, populate
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -96,98 +96,6 @@ class BandwidthPacer:
     def wait_until(deadline: float) -> None:
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(left)
-
-
-class BufferPool:
-    """Page-aligned read buffers handed back once their bytes are dropped, so the next read of that size
-    lands in pages already mapped. A fresh buffer costs a page fault per 4 KiB on first touch and a munmap
-    when dropped: measured on a 2-core KVM guest, 57 ms + 12 ms per 88 MB expert, more than the 15 ms the
-    copy itself takes and slower than a 2 GB/s disk.
-
-    `recycle(data)` takes a dropped memoryview of a pool buffer; the buffer is reused (resized to the size
-    asked for: nested levels and upgrades read many sizes) only once nothing views it any more (an mmap
-    refuses to resize while exported). Free buffers beyond `limit()` bytes (the staging room the memory
-    plan leaves) are unmapped, oldest first, whenever the pool is touched."""
-
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._given: list[mmap.mmap] = []  # dropped by the cache, maybe still viewed; oldest first
-        self.reused = 0
-        probe = anonymous_map(mmap.PAGESIZE)
-        self.enabled = _unviewed(probe) is True  # off where anonymous maps cannot be resized: it could not tell
-        probe.close()
-
-    def take(self, size: int) -> mmap.mmap:
-        """A free buffer of `size` bytes: one of that size, else another resized to it (a shrink unmaps its
-        tail, a growth faults in only the new pages; the smallest larger one first), else a fresh map."""
-        with self._lock:
-            free = [m for m in reversed(self._given) if _unviewed(m)]  # newest first
-            larger = sorted((m for m in free if len(m) > size), key=len)
-            match = next((m for m in free if len(m) == size), None) or next(iter(larger), None) \
-                or max(free, key=len, default=None)
-            if match is not None:
-                self._given.remove(match)
-                try:
-                    if len(match) != size:
-                        match.resize(size)
-                    self.reused += 1
-                except (OSError, SystemError, ValueError, BufferError):
-                    match.close()
-                    match = None
-            self._trim()
-        return match if match is not None else anonymous_map(size)
-
-    def recycle(self, data) -> None:
-        if self.enabled and isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
-            with self._lock:
-                if not any(m is data.obj for m in self._given):
-                    self._given.append(data.obj)
-                self._trim()
-
-    def clear(self) -> None:
-        """Unmap every retained buffer nothing views any more (the session is closing)."""
-        with self._lock:
-            self._trim(room=0)
-
-    @property
-    def free_bytes(self) -> int:
-        """Bytes of retained buffers that nothing views (RSS the cache no longer counts), after a trim."""
-        with self._lock:
-            return self._trim()
-
-    def _trim(self, room: int | None = None) -> int:
-        """Unmap free buffers, oldest first, until at most `room` bytes of them stay (default: `limit()`)."""
-        free = [m for m in self._given if _unviewed(m)]
-        held, room = sum(len(m) for m in free), max(0, self.limit() if room is None else room)
-        for m in free:
-            if held <= room:
-                break
-            self._given.remove(m)
-            held -= len(m)
-            m.close()
-        return held
-
-
-def anonymous_map(size: int) -> mmap.mmap:
-    """A private anonymous map: page-aligned (as O_DIRECT wants), and growable by `resize` (a shared
-    anonymous map's grown tail has no pages behind it: reading into it fails with EFAULT)."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", 0))
-    return mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
-
-
-def _unviewed(m: mmap.mmap) -> bool | None:
-    """Whether no memoryview or tensor views `m` (a same-size resize is refused while one does); None where
-    this platform cannot resize an anonymous map, so the test cannot tell."""
-    if m.closed:
-        return False
-    try:
-        m.resize(len(m))
-        return True
-    except BufferError:
-        return False
-    except (OSError, SystemError, ValueError):
-        return None
 
 
 class _InOrder:
@@ -317,9 +225,11 @@ class ByteReader:
         start = (offset // ALIGN) * ALIGN  # widen to aligned boundaries; slice the payload out after
         end = -(-(offset + nbytes) // ALIGN) * ALIGN
         if into is not None and (start, end) == (offset, offset + nbytes) and into.nbytes == nbytes:
-            buf = into  # its pages fault in here, on the I/O thread, as the chunks land
-        else:  # anonymous mmap: page-aligned, as O_DIRECT wants; a recycled one is already mapped
-            buf = self.pool.take(end - start) if self.pool is not None else anonymous_map(end - start)
+            buf, fresh = into, 0  # a grown tail: its pages fault in here, on the I/O thread, as the chunks land
+        elif self.pool is not None:  # a recycled map is already faulted in, up to `fresh`
+            buf, fresh = self.pool.take_span(end - start)
+        else:  # anonymous mmap: page-aligned, as O_DIRECT wants
+            buf, fresh = anonymous_map(end - start), 0
         payload = memoryview(buf)[offset - start : offset - start + nbytes]
         deadline = self.pacer.acquire(nbytes) if self.pacer else None
         calls = _InOrder(self._landing()) if progress is not None else None
@@ -331,6 +241,8 @@ class ByteReader:
             if not is_direct and self.pacer is None:  # drop cached pages of this range so the read really comes from disk
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
             while done < view.nbytes:
+                if not is_direct and done + chunk > fresh:  # a buffered copy would trap once per fresh page;
+                    populate(view, max(done, fresh), done + chunk)  # O_DIRECT pins its pages in bulk itself
                 try:
                     n = os.preadv(fd, [view[done:done + chunk]], start + done)
                 except OSError as e:

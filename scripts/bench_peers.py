@@ -296,15 +296,18 @@ def parse_d2moe_spec(text: str) -> dict:
     return spec
 
 
-def resolve_d2moe_budget(packed: Path, budget: str, max_tokens: int, io_threads: int) -> int:
-    """Bytes for a d2moe budget: a size as is, a percentage as `d2moe bench --budgets` reads it."""
+def resolve_d2moe_budget(packed: Path, budget: str, max_tokens: int, io_threads: int,
+                         forward_tokens: int | None = None) -> int:
+    """Bytes for a d2moe budget: a size as is, a percentage as `d2moe bench --budgets` reads it, with the fixed
+    part `d2moe run` plans (its workspace holds one forward of `forward_tokens`: the longer prompt's prefill)."""
     if not budget.endswith("%"):
         from d2moe.runtime.units import parse_size
 
         return parse_size(budget, "budget")
     from d2moe.apps.benchmark import budget_basis, parse_budgets
 
-    fixed, expert_set, _ = budget_basis(packed, max_tokens=max_tokens, io_threads=io_threads)
+    fixed, expert_set, _ = budget_basis(packed, max_tokens=max_tokens, io_threads=io_threads,
+                                        forward_tokens=forward_tokens)
     return parse_budgets(budget, fixed, expert_set)[0].bytes
 
 
@@ -336,7 +339,10 @@ def make_systems(args, prompts: dict) -> list[System]:
                     s.skipped = str(exc)
             systems.append(s)
     if "d2moe" in args.systems:
+        from d2moe.runtime.generate import PREFILL_CHUNK
+
         max_tokens = max(len(prompts["prefill_ids"]) + 1, len(prompts["decode_ids"]) + args.new_tokens)
+        forward = min(PREFILL_CHUNK, max(len(prompts["prefill_ids"]), len(prompts["decode_ids"])))
         for text in args.d2moe:
             spec = parse_d2moe_spec(text)
             s = System(spec["name"], "d2moe", spec)
@@ -344,7 +350,8 @@ def make_systems(args, prompts: dict) -> list[System]:
             if packed is None:
                 s.skipped = "needs --packed (a `d2moe pack` output of this checkpoint)"
             else:
-                spec["budget_bytes"] = resolve_d2moe_budget(packed, spec["budget"], max_tokens, int(spec.get("io_threads", 4)))
+                spec["budget_bytes"] = resolve_d2moe_budget(packed, spec["budget"], max_tokens, int(spec.get("io_threads", 4)),
+                                                           forward)
                 s.model_bytes = dir_bytes(packed)
             systems.append(s)
     return systems

@@ -360,11 +360,13 @@ def reference_level(bits: Sequence[int]) -> int:
     return 4 if 4 in bits else max(bits)
 
 
-def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4) -> tuple[int, int, int]:
+def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4,
+                 forward_tokens: int | None = None) -> tuple[int, int, int]:
     """(fixed bytes, expert-set bytes, reference level) for percentage budgets.
 
     fixed = what a uniform run at the reference level holds besides its expert cache (dense, KV for
-    max_tokens, staging, workspace), from the session's own memory plan.
+    max_tokens, staging, workspace for one forward of `forward_tokens`, default max_tokens), from the
+    session's own memory plan.
     """
     from d2moe.apps.evaluate import UNLIMITED_BUDGET
     from d2moe.quantize.format import open_checkpoint
@@ -372,7 +374,7 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4) -> tuple[int,
 
     level = reference_level(open_checkpoint(checkpoint).cfg.bits)
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="moqe-dynaio", level=level,
-                         max_tokens=max_tokens, io_threads=io_threads)
+                         max_tokens=max_tokens, io_threads=io_threads, forward_tokens=forward_tokens)
     ckpt, *_, plan = plan_run(checkpoint, options)
     expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(level)
     return plan.budget - plan.expert_cache, expert_set, level

@@ -101,3 +101,22 @@ def test_missing_prompts_file_and_no_prompt(packed, tmp_path, capsys):
     assert code == EXIT_INPUT and "cannot read" in err
     code, _, err = _run(capsys, packed)
     assert code == EXIT_USAGE and "--prompt" in err
+
+
+def test_a_prompt_longer_than_one_prefill_chunk_prefills_in_chunks_within_the_plan(packed, capsys):
+    from d2moe.quantize.format import open_checkpoint
+    from d2moe.runtime.budget import workspace_bytes
+    from d2moe.runtime.generate import PREFILL_CHUNK
+
+    code, out, _ = _run(capsys, packed, "--prompt", "hello world " * 400, "--memory-budget", "64MiB",
+                        "--max-new-tokens", "3", "--level", "4", "--json", "--no-chat-template")
+    assert code == 0
+    stats = json.loads(out)["stats"]
+    prompt = stats["prompt_tokens"]
+    assert prompt > PREFILL_CHUNK
+    ckpt = open_checkpoint(packed)
+    # the workspace holds one chunk attending over the whole context, not the whole prompt at once
+    shapes, threads = ckpt.matrix_shapes, stats["kernel_threads"]
+    chunk = workspace_bytes(ckpt.config, shapes, PREFILL_CHUNK, threads, context=prompt + 3)
+    assert stats["memory"]["plan"]["workspace"] == chunk < workspace_bytes(ckpt.config, shapes, prompt + 3, threads)
+    assert stats["memory"]["peak_bytes"] <= stats["memory"]["budget_bytes"]

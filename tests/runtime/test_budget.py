@@ -83,6 +83,8 @@ def test_workspace_and_safetensors_sizes(tmp_path):
     assert one < many and one < fp32_expert  # kernels never hold a dequantized expert
     # the tokens' activations are counted: x, gate, up, h in float32 at least
     assert many - one >= 4 * 511 * (1024 + 3 * 4096)
+    # a chunk of queries over a longer context counts its attention scores over every key
+    assert workspace_bytes(config, shapes, 64, context=4096) - workspace_bytes(config, shapes, 64) == 4 * 8 * 64 * 4032
     tensors = {"a": torch.zeros(3, 5, dtype=torch.bfloat16), "b": torch.zeros(7, dtype=torch.float32)}
     save_file(tensors, tmp_path / "dense.safetensors", metadata={"k": "v"})
     assert safetensors_payload_bytes(tmp_path / "dense.safetensors") == 3 * 5 * 2 + 7 * 4
@@ -110,6 +112,9 @@ def test_for_checkpoint_uses_the_checkpoint_numbers(tmp_path):
     assert plan.expert_bytes == 16384
     assert plan.workspace == workspace_bytes(Ckpt.config, Ckpt.matrix_shapes, 100)
     assert MemoryPlan.for_checkpoint(Ckpt, 64 * MiB, 100, level=2).expert_bytes == 8192
+    chunked = MemoryPlan.for_checkpoint(Ckpt, 64 * MiB, max_tokens=100, forward_tokens=10)
+    assert chunked.workspace == workspace_bytes(Ckpt.config, Ckpt.matrix_shapes, 10, context=100) < plan.workspace
+    assert chunked.kv == plan.kv  # the KV cache still holds every token
 
 
 def test_meter_peak_bounds_every_sample_and_counts_shared_storage_once():

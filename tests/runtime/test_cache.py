@@ -359,7 +359,7 @@ def test_demote_first_cuts_victims_to_the_floor_prefix_before_evicting():
 
 def test_demotion_cuts_a_pool_buffer_in_place():
     """A pool map that nothing else views is cut where it is (its tail unmapped), not copied."""
-    from d2moe.runtime.store import anonymous_map
+    from d2moe.runtime.buffers import anonymous_map
 
     cache = ExpertCache(3 * 4096 + 10, policy="lru")
     cache.demote_first(2, _prefix_sizes({2: 4096, 4: 3 * 4096}))
@@ -376,7 +376,7 @@ HEAD, TAIL = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 32
 
 def _pool_entry():
     """A cache holding "a" at level 2 in a pool-style map (HEAD), with an attachment; (cache, dropped, map)."""
-    from d2moe.runtime.store import anonymous_map
+    from d2moe.runtime.buffers import anonymous_map
 
     cache = ExpertCache(1 << 20, policy="lru")
     dropped = []

@@ -104,3 +104,22 @@ def test_start_up_warm_up_reads_and_holds_no_expert(packed):
         s._warm_up()  # a second warm-up changes nothing either
         again = s.generate(["Once upon a time"], SamplingOptions(max_new_tokens=6))
     assert warm.texts == again.texts and warm.texts[0]
+
+
+def test_chunked_prefill_generates_what_one_forward_does_in_a_smaller_plan(packed):
+    opts = SamplingOptions(max_new_tokens=8)
+    long_prompts = [" ".join(PROMPTS * 3), PROMPTS[1]]
+    with Session(packed, RunOptions(memory_budget=BIG, level=4, max_tokens=256)) as s:
+        whole = s.generate(long_prompts, opts)
+        whole_plan = s.plan
+    # 6 positions per row and forward: the longer prompt prefills in several chunks
+    with Session(packed, RunOptions(memory_budget=BIG, level=4, max_tokens=256, forward_tokens=12)) as s:
+        chunked = s.generate(long_prompts, opts)
+        assert s.plan.workspace < whole_plan.workspace
+        assert s.plan.expert_cache > whole_plan.expert_cache
+        with pytest.raises(BudgetError, match="forward_tokens"):
+            s.generate(PROMPTS * 7, SamplingOptions(max_new_tokens=1))  # 14 prompts: fewer than one position each
+    assert chunked.token_ids == whole.token_ids
+    assert chunked.stats["expert_layer_steps"] > whole.stats["expert_layer_steps"]  # prefill ran as several forwards
+    assert chunked.stats["prompt_tokens"] == whole.stats["prompt_tokens"]
+    assert 0 < chunked.stats["memory"]["peak_bytes"] <= chunked.stats["memory"]["budget_bytes"]

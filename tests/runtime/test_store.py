@@ -16,6 +16,7 @@ import torch
 
 from d2moe.errors import FormatError, InputError, UsageError
 from d2moe.runtime import store
+from d2moe.runtime.buffers import anonymous_map
 from d2moe.runtime.store import ALIGN, ByteReader, ExpertStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,7 +277,7 @@ def test_expert_store_on_a_real_packed_checkpoint(packed_mixtral):
 
 
 def test_buffer_pool_reuses_a_dropped_buffer_only_once_nothing_views_it(tmp_path):
-    from d2moe.runtime.store import BufferPool
+    from d2moe.runtime.buffers import BufferPool
 
     path = tmp_path / "pool.bin"
     data = _write(path, 8 * ALIGN, seed=9)
@@ -296,30 +297,6 @@ def test_buffer_pool_reuses_a_dropped_buffer_only_once_nothing_views_it(tmp_path
         assert third.obj is buf and pool.reused == 1
         assert bytes(third) == data[4 * ALIGN: 6 * ALIGN] and bytes(second) == data[2 * ALIGN: 4 * ALIGN]
         assert pool.free_bytes == 0
-
-
-def test_buffer_pool_keeps_free_buffers_within_its_limit():
-    from d2moe.runtime.store import BufferPool
-
-    room = [3 * ALIGN]
-    pool = BufferPool(limit=lambda: room[0])
-    bufs = [pool.take(ALIGN) for _ in range(3)]
-    for b in bufs:
-        pool.recycle(memoryview(b)[:10])
-    assert pool.free_bytes == 3 * ALIGN  # unviewed once the views above are gone
-    room[0] = ALIGN  # reads now in flight take the staging room: the oldest free buffers are unmapped
-    assert pool.free_bytes == ALIGN and [b.closed for b in bufs] == [True, True, False]
-    assert pool.take(ALIGN) is bufs[2] and pool.free_bytes == 0
-
-
-def test_buffer_pool_turns_itself_off_where_it_cannot_tell_a_viewed_buffer(monkeypatch):
-    from d2moe.runtime import store as store_mod
-
-    monkeypatch.setattr(store_mod, "_unviewed", lambda m: None)  # e.g. no anonymous mremap on this OS
-    pool = store_mod.BufferPool(limit=lambda: 10 * ALIGN)
-    buf = pool.take(ALIGN)
-    pool.recycle(memoryview(buf))
-    assert not pool.enabled and pool.free_bytes == 0 and pool.take(ALIGN) is not buf  # nothing retained
 
 
 @pytest.mark.parametrize("direct,bandwidth", [(True, None), (False, None), (False, 200e6)])
@@ -391,7 +368,7 @@ def test_expert_store_streams_the_check_and_refuses_a_damaged_segment(packed_mix
 
 def test_buffer_pool_resizes_a_free_buffer_to_the_size_asked_for(tmp_path):
     """Nested levels and upgrades read many sizes: a free buffer of another size is resized, not unmapped."""
-    from d2moe.runtime.store import BufferPool
+    from d2moe.runtime.buffers import BufferPool
 
     path = tmp_path / "pool.bin"
     data = _write(path, 8 * ALIGN, seed=3)
@@ -417,7 +394,7 @@ def test_an_aligned_read_lands_in_the_buffer_it_is_given(tmp_path, direct):
     an unaligned one ignores it and lands in a buffer of its own."""
     path = tmp_path / "d.bin"
     data = _write(path, 5 * ALIGN)
-    target = store.anonymous_map(3 * ALIGN)
+    target = anonymous_map(3 * ALIGN)
     seen = []
     with ByteReader(io_threads=1, direct=direct) as r:
         got = r.read_range(path, ALIGN, 2 * ALIGN, progress=lambda v, n: seen.append(n),
