@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import sys
 import threading
 from collections.abc import Callable
 
@@ -37,6 +38,9 @@ def populate(view: memoryview, start: int = 0, stop: int | None = None) -> bool:
     if _madvise is False or stop <= start or view.readonly:
         return False
     if _madvise is None:
+        if not sys.platform.startswith("linux"):  # the advice number is Linux's; elsewhere it means nothing or else
+            _madvise = False
+            return False
         try:
             fn = ctypes.CDLL(None, use_errno=True).madvise
         except (OSError, AttributeError):
