@@ -80,7 +80,7 @@ class BufferPool:
         probe.close()
 
     def take(self, size: int) -> mmap.mmap:
-        """A free buffer of `size` bytes (see `take_span`)."""
+        """A free buffer of `size` bytes (see `take_span`): the cache's `alloc` for joined copies."""
         return self.take_span(size)[0]
 
     def take_span(self, size: int) -> tuple[mmap.mmap, int]:
@@ -92,11 +92,10 @@ class BufferPool:
             larger = sorted((m for m in free if len(m) > size), key=len)
             match = next((m for m in free if len(m) == size), None) or next(iter(larger), None) \
                 or max(free, key=len, default=None)
-            fresh = size
             if match is not None:
                 self._given.remove(match)
+                fresh = min(size, len(match))
                 try:
-                    fresh = min(size, len(match))
                     if len(match) != size:
                         match.resize(size)
                     self.reused += 1

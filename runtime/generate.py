@@ -29,6 +29,12 @@ warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", 
 PREFILL_CHUNK = 512
 
 
+def forward_tokens(prompt_lengths: Sequence[int]) -> int:
+    """Most positions one forward of these prompts computes when the prefill goes PREFILL_CHUNK positions per
+    row at a time (RunOptions.forward_tokens: the plan's workspace holds one such forward)."""
+    return len(prompt_lengths) * min(max(prompt_lengths), PREFILL_CHUNK)
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How the next token is picked."""

@@ -339,10 +339,10 @@ def make_systems(args, prompts: dict) -> list[System]:
                     s.skipped = str(exc)
             systems.append(s)
     if "d2moe" in args.systems:
-        from d2moe.runtime.generate import PREFILL_CHUNK
+        from d2moe.runtime.generate import forward_tokens
 
         max_tokens = max(len(prompts["prefill_ids"]) + 1, len(prompts["decode_ids"]) + args.new_tokens)
-        forward = min(PREFILL_CHUNK, max(len(prompts["prefill_ids"]), len(prompts["decode_ids"])))
+        forward = forward_tokens([max(len(prompts["prefill_ids"]), len(prompts["decode_ids"]))])  # as `run` plans
         for text in args.d2moe:
             spec = parse_d2moe_spec(text)
             s = System(spec["name"], "d2moe", spec)

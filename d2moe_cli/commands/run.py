@@ -124,7 +124,7 @@ def run(
 
     import torch
 
-    from d2moe.runtime.generate import PREFILL_CHUNK, SamplingOptions
+    from d2moe.runtime.generate import SamplingOptions, forward_tokens
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -134,15 +134,14 @@ def run(
     chat_template, note = use_chat_template(chat_template, tokenizer, checkpoint)
     batch = encode_prompts(tokenizer, prompts, chat_template)
     max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
-    # one forward holds at most PREFILL_CHUNK positions per prompt: a long prompt prefills in chunks, so
-    # the plan's workspace (activations, attention scores) does not grow with the prompt
-    forward_tokens = len(batch) * min(max(len(t) for t in batch), PREFILL_CHUNK)
     torch.manual_seed(seed)
     set_threads(threads)
     options = RunOptions(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,
-        direct_io=direct_io, max_tokens=max_tokens, forward_tokens=forward_tokens, kernels=kernels, dense_weights=dense_weights,
+        direct_io=direct_io, max_tokens=max_tokens, kernels=kernels,
+        # a long prompt prefills in chunks: the plan's workspace holds one chunk, not the whole prompt
+        forward_tokens=forward_tokens([len(t) for t in batch]), dense_weights=dense_weights,
         activations=activations, device=device, on_miss=on_miss, miss_threshold=miss_threshold,
         miss_importance=miss_importance, lossless=lossless, reuse_aware=reuse_aware,
     )
