@@ -10,10 +10,14 @@ another process holds a core, where the kernels' row splitter hands a slowed thr
 `weights="int8"` (run --dense-weights int8) also replaces each large weight by a per-row symmetric
 int8 copy and a float32 scale per row (weight-only: activations stay float32): half the bytes of
 bf16 to read per token. `weights="int4"` fits each large weight whose width is a multiple of 64 as a
-one-level 4-bit MWQ matrix (the experts' own format and fit, group 64: 4.5 bits per weight) and
+one-level 4-bit MWQ matrix (the experts' own format and fit, group 64: 4.25 bits per weight) and
 computes it with the expert kernels: a quarter of bf16's bytes. Both cost perplexity, measured in
 BENCHMARKS.md. Weights shared with another module (tied embeddings) stay as they are. Results are
 float32-accumulated and returned in the layer's dtype, like torch's.
+
+A session converts while dense.safetensors is read (`StreamingConverter`): each converted weight arrives a
+chunk of rows at a time, so its source is never whole in memory and the run's budget needs only the
+converted layers plus one conversion in flight (`plan_bytes`), not the source dense weights.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ MAX_TOKENS = 8  # above: torch's GEMM (prefill), where the weights are reused ac
 INT4_GROUP = 64
 WEIGHTS = ("source", "int8", "int4")
 INT8_MIN_ELEMS = 1 << 16  # smaller layers (routers, norms' neighbours) keep their dtype
+INT8_CHUNK_ROWS = 4096  # rows converted to int8 at a time (a float32 copy of a whole LM head would be large)
 TILE_ROWS = 512  # prefill: rows widened to float32 at a time (int8, or 16-bit without a native 16-bit GEMM)
 _NATIVE_HALF_GEMM = cpu.has_bf16_gemm()
 
 
-def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = INT8_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: (q int8 [O, I], scale float32 [O]) with w ~ q * scale[:, None], a chunk of
     rows at a time (a float32 copy of a whole LM head would be several times its bf16 size)."""
     rows = w.shape[0]
@@ -52,45 +57,187 @@ def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
 
 def quantize_int4(w: torch.Tensor) -> PackedMatrix:
     """w [O, I] as a one-level 4-bit MWQ matrix (native fit, group INT4_GROUP), planes as the kernels read them."""
+    return _kernel_layout(PackedMatrix.from_mwq(_fit_int4(w)))
+
+
+def _fit_int4(w: torch.Tensor):
+    """The one-level 4-bit MWQ fit of w's rows (each row's fit is its own: rows may come in chunks)."""
     from d2moe.quantize import MWQConfig, native
 
     qlib = native.load()
     if qlib is None:
         raise UsageError("--dense-weights int4 needs the native quantizer (a C compiler): use int8 or source")
-    fit = native.fit_sliced(qlib, w.detach(), MWQConfig(bits=(4,), group_size=INT4_GROUP), refits=0, weighting="mse")
-    m = PackedMatrix.from_mwq(fit.tensor)
+    return native.fit_sliced(qlib, w.detach(), MWQConfig(bits=(4,), group_size=INT4_GROUP), refits=0, weighting="mse").tensor
+
+
+def _kernel_layout(m: PackedMatrix) -> PackedMatrix:
     return cpu.blocked(m) if cpu.blocks_planes(INT4_GROUP) else m
 
 
-def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str = "source", keep=()) -> int:
+def conversion(shape: tuple[int, ...], dtype: torch.dtype, weights: str, shared: bool = False) -> str:
+    """What a dense nn.Linear weight becomes under `weights` (WEIGHTS): "int4", "int8" or "source" (its own
+    dtype on the kernel). Small layers (routers, norms' neighbours), shared weights and int8 sources stay."""
+    rows, cols = shape
+    if weights == "source" or rows * cols < INT8_MIN_ELEMS or shared or dtype == torch.int8:
+        return "source"
+    return "int4" if weights == "int4" and cols % INT4_GROUP == 0 else "int8"
+
+
+def converted_nbytes(shape: tuple[int, int], kind: str, source_nbytes: int) -> int:
+    """Bytes a weight holds once converted (`conversion`'s kind): int8 codes and a float32 scale per row;
+    the one-level 4-bit MWQ matrix (4 bits per weight and the scheme's parameters per INT4_GROUP columns)."""
+    if kind == "source":
+        return source_nbytes
+    rows, cols = shape
+    if kind == "int8":
+        return rows * cols + 4 * rows
+    if kind == "int4":
+        from d2moe.quantize import MWQConfig
+        from d2moe.quantize.subblock import SUPER_PARAMS, n_supers
+
+        cfg, groups = MWQConfig(bits=(4,), group_size=INT4_GROUP), cols // INT4_GROUP
+        params = groups + 2 * SUPER_PARAMS * n_supers(groups, INT4_GROUP) if cfg.scheme == "subblock" else 4 * groups
+        return rows * (cols // 2 + params)
+    raise ValueError(f"unknown conversion {kind!r}")
+
+
+def conversion_scratch(shape: tuple[int, int], kind: str, chunk_rows: int) -> int:
+    """Bytes converting a weight `chunk_rows` rows at a time holds for a moment beyond its result: the rows
+    themselves, int8's float32 copy of them, int4's copy of the whole result into the kernels' layout."""
+    rows, cols = shape
+    chunk = min(rows, chunk_rows)
+    if kind == "int8":
+        return chunk * cols * (4 + 4)  # the rows read (at most float32) and their float32 copy
+    if kind == "int4":
+        return chunk * cols * 4 + converted_nbytes(shape, kind, 0)
+    return 0
+
+
+def convert_weight(w: torch.Tensor, kind: str):
+    """The converted form of weight w: a PackedMatrix (int4) or (int8 codes, float32 row scales)."""
+    return quantize_int4(w) if kind == "int4" else quantize_rows_int8(w)
+
+
+class _RowConversion:
+    """A weight converted as its rows arrive (`feed`, in order), into preallocated results: both forms are
+    per row, so the result is the whole weight's bit for bit."""
+
+    def __init__(self, shape: tuple[int, int], kind: str, done):
+
+        self.rows, self.cols = shape
+        self.kind, self.done, self.at = kind, done, 0
+        if kind == "int8":
+            self.q, self.scale = torch.empty(shape, dtype=torch.int8), torch.empty(self.rows, dtype=torch.float32)
+        else:  # the fit's per-row fields, allocated at the first chunk's shapes
+            self.planes = self.scale = self.offset = None
+
+    def feed(self, rows: torch.Tensor) -> None:
+        r0, r1 = self.at, self.at + rows.shape[0]
+        if self.kind == "int8":
+            self.q[r0:r1], self.scale[r0:r1] = quantize_rows_int8(rows)
+        else:
+            t = _fit_int4(rows)
+            if self.planes is None:
+                self.cfg = t.cfg
+                self.planes = torch.empty(t.planes.shape[0], self.rows, *t.planes.shape[2:], dtype=t.planes.dtype)
+                self.scale = torch.empty(self.rows, *t.scale.shape[1:], dtype=t.scale.dtype)
+                self.offset = torch.empty(self.rows, *t.offset.shape[1:], dtype=t.offset.dtype)
+            self.planes[:, r0:r1], self.scale[r0:r1], self.offset[r0:r1] = t.planes, t.scale, t.offset
+        self.at = r1
+
+    def finish(self) -> None:
+        if self.kind == "int8":
+            self.done((self.q, self.scale))
+            return
+        from d2moe.quantize.types import MWQTensor
+
+        t = MWQTensor((self.rows, self.cols), self.cfg, 4, self.scale, self.offset, self.planes, None)
+        self.done(_kernel_layout(PackedMatrix.from_mwq(t)))
+
+
+class StreamingConverter:
+    """Converts a model's dense Linear weights while dense.safetensors is read, a chunk of rows at a time,
+    so loading never holds a converted layer's source whole (`plan_bytes` is the peak it holds).
+
+    `model` is the meta skeleton (names, module types and tied weights are known before any byte is read);
+    `keep` names weights that stay as they are (the routers, read by the runtime too). Its `sink_for` is the
+    reader's (quantize.format.checked.read_checked_safetensors); `converted` holds each converted layer's
+    form for `patch_linears`.
+    """
+
+    def __init__(self, model: nn.Module, weights: str, keep: set[str] = frozenset()):
+        self.weights = weights
+        shared = _shared_weights(model)
+        self.linears = {f"{name}.weight": (name, tuple(m.weight.shape)) for name, m in model.named_modules()
+                        if type(m) is nn.Linear and id(m.weight) not in shared and f"{name}.weight" not in keep}
+        self.converted: dict[str, tuple[str, object]] = {}
+
+    def kind(self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> str:
+        """How tensor `key` is loaded; a shape the model does not expect stays as read, for the loader's
+        size check to name."""
+        if key not in self.linears or tuple(shape) != self.linears[key][1] or dtype not in cpu.DENSE_DTYPES:
+            return "source"
+        return conversion(tuple(shape), dtype, self.weights)
+
+    def sink_for(self, key: str, shape: tuple[int, ...], dtype: torch.dtype):
+        kind = self.kind(key, shape, dtype)
+        if kind == "source":
+            return None
+        name = self.linears[key][0]
+        return _RowConversion(tuple(shape), kind, lambda form: self.converted.__setitem__(name, (kind, form)))
+
+    def plan_bytes(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None, int]]) -> int:
+        """Peak bytes of loading `tensors` ({key: (shape, dtype, nbytes)}, the file's header) this way: every
+        weight as it ends up, plus the largest moment of one conversion."""
+        from d2moe.quantize.format.checked import SINK_CHUNK
+
+        total, moment = 0, 0
+        for key, (shape, dtype, nbytes) in tensors.items():
+            kind = self.kind(key, shape, dtype)
+            total += converted_nbytes(tuple(shape), kind, nbytes)
+            if kind != "source":
+                chunk_rows = max(1, SINK_CHUNK // max(1, shape[1] * dtype.itemsize))
+                moment = max(moment, conversion_scratch(tuple(shape), kind, chunk_rows))
+        return total + moment
+
+
+def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str = "source", keep=(),
+                  converted: dict[str, object] | None = None) -> int:
     """Route the model's resident CPU `nn.Linear` layers through the kernel; count them. Weights in
     `keep` (the routers, read by the runtime too) and weights shared by two modules stay in their dtype;
-    `weights` (WEIGHTS) is what the large others become."""
+    `weights` (WEIGHTS) is what the large others become. `converted` ({module name: (kind, form)}, from a
+    StreamingConverter) holds layers already converted while loading: their weights are not read again."""
     if weights not in WEIGHTS:
         raise UsageError(f"--dense-weights {weights!r} is unknown: use {', '.join(WEIGHTS)}")
     if lib is None:
         return 0
+    converted = converted or {}
     shared = _shared_weights(model) | {id(p) for p in keep}
     n = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
-        w = module.weight
-        if w.device.type != "cpu" or w.dtype not in cpu.DENSE_DTYPES or w.is_meta or not w.is_contiguous():
-            continue
-        small = w.numel() < INT8_MIN_ELEMS or id(w) in shared or w.dtype == torch.int8
-        if weights == "int4" and not small and w.shape[1] % INT4_GROUP == 0:
-            m = quantize_int4(w)
-            del module.weight  # the packed copy replaces it: its bytes are freed
-            for name, t in (("offset", m.offset), ("scale", m.scale), *((f"plane{i}", p) for i, p in enumerate(m.planes))):
-                module.register_buffer(f"weight_int4_{name}", t)  # counted with the model's buffers
-            module.forward = _int4_forward(module, lib, splitter, cpu.MatrixDesc(m, 4))
-        elif weights != "source" and not small:
-            q, scale = quantize_rows_int8(w)
-            del module.weight  # the int8 copy replaces it: its bytes are freed
+        if name in converted:
+            kind, form = converted[name]
+        else:
+            w = module.weight
+            if w.device.type != "cpu" or w.dtype not in cpu.DENSE_DTYPES or w.is_meta or not w.is_contiguous():
+                continue
+            kind = conversion(tuple(w.shape), w.dtype, weights, id(w) in shared)
+            form = None if kind == "source" else convert_weight(w, kind)
+        if kind == "int4":
+            if hasattr(module, "weight"):
+                del module.weight  # the packed copy replaces it: its bytes are freed
+            for tname, t in (("offset", form.offset), ("scale", form.scale), *((f"plane{i}", p) for i, p in enumerate(form.planes))):
+                module.register_buffer(f"weight_int4_{tname}", t)  # counted with the model's buffers
+            module.forward = _int4_forward(module, lib, splitter, cpu.MatrixDesc(form, 4))
+        elif kind == "int8":
+            q, scale = form
+            if hasattr(module, "weight"):
+                del module.weight  # the int8 copy replaces it: its bytes are freed
             module.register_buffer("weight_int8", q)
             module.register_buffer("weight_scale", scale)
-            module.forward = _int8_forward(module, lib, splitter, w.shape)
+            module.forward = _int8_forward(module, lib, splitter, q.shape)
         else:
             module.forward = _kernel_forward(module, lib, splitter)
         n += 1

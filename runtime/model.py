@@ -9,7 +9,7 @@ are re-created on the CPU by re-running their module's constructor. The model's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -49,8 +49,10 @@ def swap_experts(model: nn.Module, adapter, moe_layers, make_experts: Callable[[
         setattr(parent, attr, make_experts(layer, original))
 
 
-def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str = "dense.safetensors") -> None:
-    """Assign the dense weights; every parameter must end up real (tied weights re-tied)."""
+def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str = "dense.safetensors",
+                       converted: Collection[str] = ()) -> None:
+    """Assign the dense weights; every parameter must end up real (tied weights re-tied), except the weights of
+    the modules in `converted` (converted while loading: kernels.dense.patch_linears installs them)."""
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # size mismatches: the weights are not the model config.json describes
@@ -62,7 +64,8 @@ def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: 
                           f"(e.g. {result.unexpected_keys[0]!r}): the checkpoint does not match its config.json")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    skip = {f"{name}.weight" for name in converted}
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in skip]
     if missing:
         raise FormatError(f"{where} lacks {len(missing)} weights the model needs (e.g. {missing[0]!r}); re-run `d2moe pack`")
 
@@ -88,11 +91,13 @@ def materialise_buffers(model: nn.Module) -> None:
 
 
 def assemble(ckpt, adapter, make_experts: Callable[[int, nn.Module], nn.Module],
-             model: nn.Module | None = None) -> nn.Module:
-    """The runnable model: skeleton (or the given meta `model`) + swapped experts + dense weights + buffers."""
+             model: nn.Module | None = None, converter=None) -> nn.Module:
+    """The runnable model: skeleton (or the given meta `model`) + swapped experts + dense weights + buffers.
+    `converter` (kernels.dense.StreamingConverter) converts dense layers as they are read."""
     model = build_skeleton(adapter, ckpt.config) if model is None else model
     swap_experts(model, adapter, ckpt.moe_layers, make_experts)
-    load_dense_weights(model, ckpt.load_dense())
+    state = ckpt.load_dense(sink_for=converter.sink_for if converter is not None else None)
+    load_dense_weights(model, state, converted=converter.converted if converter is not None else ())
     materialise_buffers(model)
     return model.eval()
 

@@ -63,6 +63,31 @@ def staging_slots(options: RunOptions) -> int:
     return options.io_threads + 1
 
 
+def dense_converter(ckpt, adapter, skeleton, options: RunOptions):
+    """The converter of --dense-weights int8/int4 (layers converted as dense.safetensors is read), or None where
+    the dense layers keep their source form (`source`, --lossless, a GPU)."""
+    if options.dense_weights == "source" or options.lossless or options.device != "cpu":
+        return None
+    from d2moe.kernels.dense import StreamingConverter
+
+    return StreamingConverter(skeleton, options.dense_weights, keep={adapter.router_key(layer) for layer in ckpt.moe_layers})
+
+
+def dense_plan_bytes(ckpt, adapter, skeleton, options: RunOptions) -> int:
+    """Peak bytes of the dense weights: the file's tensors, or, when they are converted while loading, the
+    converted layers plus the largest single conversion in flight."""
+    from d2moe.runtime.budget import safetensors_payload_bytes
+
+    converter = dense_converter(ckpt, adapter, skeleton, options)
+    if converter is None:
+        return safetensors_payload_bytes(ckpt.dense_path)
+    from d2moe.quantize.format.checked import ST_TO_TORCH
+    from d2moe.quantize.format.safetensors_io import read_header
+
+    header = read_header(ckpt.dense_path)
+    return converter.plan_bytes({k: (t.shape, ST_TO_TORCH.get(t.dtype), t.nbytes) for k, t in header.tensors.items()})
+
+
 def plan_run(checkpoint: str | Path, options: RunOptions):
     """Open `checkpoint` and plan memory for a run with `options`, reading no weight.
 
@@ -73,10 +98,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     from d2moe.kernels.cpu import threads as kernel_threads
     from d2moe.quantize.adapters import adapter_for
     from d2moe.quantize.format import open_checkpoint
-    from d2moe.runtime.budget import (
-        MemoryPlan,
-        safetensors_payload_bytes,
-    )
+    from d2moe.runtime.budget import MemoryPlan
     from d2moe.runtime.model import build_skeleton, meta_buffer_bytes
     from d2moe.runtime.policies import check_level, get_policy
     from d2moe.runtime.policies import hold_level as policy_hold_level
@@ -113,7 +135,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
             check_level(lv, bits, spec.name, option)
     top = hold_level or max([options.level or 0, *(options.router_levels or ())]) or ckpt.cfg.bk
     skeleton = build_skeleton(adapter, ckpt.config)
-    dense_bytes = safetensors_payload_bytes(ckpt.dense_path) + meta_buffer_bytes(skeleton)
+    dense_bytes = dense_plan_bytes(ckpt, adapter, skeleton, options) + meta_buffer_bytes(skeleton)
     kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
     plan = MemoryPlan.for_checkpoint(
         ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from d2moe.errors import BudgetError, InputError, UsageError
 from d2moe.runtime.prompts import encode_prompts, load_tokenizer
-from d2moe.runtime.run_plan import RunOptions, plan_run, staging_slots
+from d2moe.runtime.run_plan import RunOptions, dense_converter, plan_run, staging_slots
 
 __all__ = ["GenerationReport", "RunOptions", "Session", "encode_prompts", "load_tokenizer", "plan_run"]
 
@@ -109,13 +109,15 @@ class Session:
             experts_modules.append(OffloadedExperts(layer))
             return experts_modules[-1]
 
-        self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton)
+        # --dense-weights int8/int4: each layer converted as it is read, so loading holds one source layer at most
+        converter = dense_converter(ckpt, self.adapter, skeleton, options)
+        self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton, converter=converter)
         if on_gpu:
             self.model.to("cuda")
         routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}
         if options.device == "cpu" and not options.lossless:  # lossless: torch's own dense layers, as transformers
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, weights=options.dense_weights,
-                          keep=routers.values())
+                          keep=routers.values(), converted=converter.converted if converter is not None else None)
             use_decode_attention(self.model, self.kernels.lib, self.kernels.splitter)
             # converted dense weights hold less than planned (their source bytes): the cache gets the rest
             self.plan = self.plan.with_dense(nbytes_of(self.model, set()))

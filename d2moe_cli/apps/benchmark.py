@@ -52,7 +52,7 @@ RESULT_KEYS = (
 REPORT_KEYS = (
     "schema", "checkpoint", "prompt_tokens", "max_new_tokens", "repeats", "io_bandwidth",
     "expert_set_bytes", "reference_level", "budgets", "policies", "on_miss", "miss_threshold", "quality_tokens",
-    "results",
+    "dense_weights", "results",
 )
 
 
@@ -153,6 +153,7 @@ class BenchReport:
     on_miss: list[str] = field(default_factory=lambda: ["load"])
     miss_threshold: float | None = None
     quality_tokens: int | None = None
+    dense_weights: str = "source"  # every run's --dense-weights
 
     def result(self, policy: str, budget_label: str, on_miss: str = "load") -> ConfigResult:
         for r in self.results:
@@ -167,7 +168,7 @@ class BenchReport:
             "expert_set_bytes": self.expert_set_bytes, "reference_level": self.reference_level,
             "budgets": [asdict(b) for b in self.budgets], "policies": list(self.policies),
             "on_miss": list(self.on_miss), "miss_threshold": self.miss_threshold, "quality_tokens": self.quality_tokens,
-            "results": [r.to_dict() for r in self.results],
+            "dense_weights": self.dense_weights, "results": [r.to_dict() for r in self.results],
         }
 
 
@@ -361,12 +362,12 @@ def reference_level(bits: Sequence[int]) -> int:
 
 
 def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4,
-                 forward_tokens: int | None = None) -> tuple[int, int, int]:
+                 forward_tokens: int | None = None, dense_weights: str = "source") -> tuple[int, int, int]:
     """(fixed bytes, expert-set bytes, reference level) for percentage budgets.
 
     fixed = what a uniform run at the reference level holds besides its expert cache (dense, KV for
-    max_tokens, staging, workspace for one forward of `forward_tokens`, default max_tokens), from the
-    session's own memory plan.
+    max_tokens, staging, workspace for one forward of `forward_tokens`, default max_tokens; dense layers as
+    `dense_weights` loads them), from the session's own memory plan.
     """
     from d2moe.apps.evaluate import UNLIMITED_BUDGET
     from d2moe.quantize.format import open_checkpoint
@@ -374,7 +375,8 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4,
 
     level = reference_level(open_checkpoint(checkpoint).cfg.bits)
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="moqe-dynaio", level=level,
-                         max_tokens=max_tokens, io_threads=io_threads, forward_tokens=forward_tokens)
+                         max_tokens=max_tokens, io_threads=io_threads, forward_tokens=forward_tokens,
+                         dense_weights=dense_weights)
     ckpt, *_, plan = plan_run(checkpoint, options)
     expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(level)
     return plan.budget - plan.expert_cache, expert_set, level
@@ -422,7 +424,7 @@ def unavailable_policies(checkpoint, policies: Sequence[str]) -> dict[str, str]:
 def session_runner(
     checkpoint, prompt_ids: Sequence[int], max_new_tokens: int, io_bandwidth: float | None = None,
     io_threads: int = 4, tokenizer=None, miss_threshold: float = 0.35, miss_importance: str = "weight",
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, dense_weights: str = "source",
 ) -> RunFn:
     """A RunFn: a fresh Session (cold cache) per run, greedy decode of the prompt, its statistics."""
     from d2moe.apps.evaluate import parse_policy
@@ -437,7 +439,7 @@ def session_runner(
         name, level = parse_policy(policy)
         options = RunOptions(memory_budget=budget.bytes, policy=name, level=level, io_bandwidth=io_bandwidth,
                              io_threads=io_threads, max_tokens=max_tokens or len(prompt_ids) + max_new_tokens, on_miss=mode,
-                             miss_threshold=miss_threshold, miss_importance=miss_importance)
+                             miss_threshold=miss_threshold, miss_importance=miss_importance, dense_weights=dense_weights)
         with Session(checkpoint, options, tokenizer=tokenizer) as session:
             report = session.generate(token_ids=[list(prompt_ids)], sampling=sampling)
         return measure_from_stats(report.stats)
@@ -462,6 +464,7 @@ def run_bench(
     miss_importance: str = "weight",
     quality_ids: Sequence[int] | None = None,
     quality_seq_len: int = 256,
+    dense_weights: str = "source",
 ) -> BenchReport:
     """The whole sweep on a packed checkpoint; on_plan(total runs) is called once the configurations are known.
 
@@ -476,16 +479,16 @@ def run_bench(
     tokenizer = load_tokenizer(checkpoint)
     (prompt_ids,) = encode_prompts(tokenizer, [prompt], chat_template)
     max_tokens = max(len(prompt_ids) + max_new_tokens, quality_seq_len if quality_ids is not None else 0)
-    fixed, expert_set, level = budget_basis(checkpoint, max_tokens, io_threads)
+    fixed, expert_set, level = budget_basis(checkpoint, max_tokens, io_threads, dense_weights=dense_weights)
     budget_list = parse_budgets(budgets, fixed, expert_set)
     configs = [miss_bench.label(p, m) for p in names for m in modes]
     if on_plan:
         on_plan(len(configs) * len(budget_list) * repeats)
     run = session_runner(checkpoint, prompt_ids, max_new_tokens, io_bandwidth, io_threads, tokenizer,
-                         miss_threshold, miss_importance, max_tokens)
+                         miss_threshold, miss_importance, max_tokens, dense_weights)
     quality = None if quality_ids is None else miss_bench.quality_runner(
         checkpoint, quality_ids, quality_seq_len, io_bandwidth, io_threads, miss_threshold, miss_importance, tokenizer,
-        max_tokens)
+        max_tokens, dense_weights)
     results = sweep(configs, budget_list, run, repeats=repeats, on_run=on_run,
                     unavailable=unavailable_policies(checkpoint, names), quality=quality)
     return BenchReport(
@@ -493,4 +496,5 @@ def run_bench(
         io_bandwidth=int(io_bandwidth) if io_bandwidth else None, expert_set_bytes=expert_set,
         reference_level=level, budgets=budget_list, policies=names, results=results, on_miss=modes,
         miss_threshold=miss_threshold, quality_tokens=len(quality_ids) if quality_ids is not None else None,
+        dense_weights=dense_weights,
     )

@@ -87,7 +87,8 @@ def score_perplexity(session, logits_fn, token_ids, seq_len: int, stride, on_win
 
 
 def quality_runner(checkpoint, token_ids: Sequence[int], seq_len: int, io_bandwidth: float | None, io_threads: int,
-                   miss_threshold: float, miss_importance: str, tokenizer=None, max_tokens: int | None = None) -> Callable:
+                   miss_threshold: float, miss_importance: str, tokenizer=None, max_tokens: int | None = None,
+                   dense_weights: str = "source") -> Callable:
     """(label, budget) -> {"perplexity", "misses"}: a fresh session at that budget scores the text in decode mode."""
     from d2moe.apps.evaluate import parse_policy
     from d2moe.runtime.session import RunOptions, Session
@@ -97,7 +98,7 @@ def quality_runner(checkpoint, token_ids: Sequence[int], seq_len: int, io_bandwi
         name, level = parse_policy(policy)
         options = RunOptions(memory_budget=budget.bytes, policy=name, level=level, io_bandwidth=io_bandwidth,
                              io_threads=io_threads, max_tokens=max(max_tokens or 0, seq_len), on_miss=mode,
-                             miss_threshold=miss_threshold, miss_importance=miss_importance)
+                             miss_threshold=miss_threshold, miss_importance=miss_importance, dense_weights=dense_weights)
         with Session(checkpoint, options, tokenizer=tokenizer) as session:
             session.pipeline.reset_stats()
             result = decode_perplexity(session.model, token_ids, seq_len)

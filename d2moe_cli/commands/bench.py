@@ -40,6 +40,9 @@ def bench(
     quality_text: Annotated[list[Path] | None, typer.Option(
         help="Text scored per configuration (decode-mode perplexity at that budget): the quality axis.")] = None,
     quality_tokens: Annotated[int, typer.Option(help="Tokens of --quality-text scored per configuration.")] = 256,
+    dense_weights: Annotated[str, typer.Option(
+        help="Dense layers in every run: source (their dtype) | int8 | int4, as `run --dense-weights`; percentage "
+             "budgets count them as converted.")] = "source",
     pareto_plot: Annotated[Path | None, typer.Option(
         help="Write perplexity vs decode tok/s per budget (policy x miss handling) as a PNG; needs --quality-text.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object (schema d2moe.bench/1).")] = False,
@@ -48,6 +51,12 @@ def bench(
     from d2moe.apps.benchmark import plot_throughput, run_bench
 
     bandwidth = parse_bandwidth(io_bandwidth)
+    from d2moe.kernels.dense import WEIGHTS
+
+    if dense_weights not in WEIGHTS:
+        from d2moe.errors import UsageError
+
+        raise UsageError(f"--dense-weights {dense_weights!r} is unknown: use {', '.join(WEIGHTS)}")
 
     set_threads(threads)
     if plot is not None and plot.suffix.lower() != ".png":
@@ -75,7 +84,7 @@ def bench(
             io_bandwidth=bandwidth, io_threads=io_threads, chat_template=chat_template,
             on_run=bar.advance if show else None, on_plan=bar.start if show else None,
             on_miss=on_miss, miss_threshold=miss_threshold, miss_importance=miss_importance,
-            quality_ids=quality_ids, quality_seq_len=quality_tokens + 1,
+            quality_ids=quality_ids, quality_seq_len=quality_tokens + 1, dense_weights=dense_weights,
         )
     if plot is not None:
         plot_throughput(report, plot)
@@ -99,6 +108,7 @@ def print_report(report) -> None:
     from d2moe.runtime.units import format_size
 
     bw = f", I/O capped at {report.io_bandwidth / 1e9:g} GB/s" if report.io_bandwidth else ""
+    bw += f", {report.dense_weights} dense layers" if report.dense_weights != "source" else ""
     table = Table(title=(f"d2moe bench: {report.prompt_tokens}-token prompt, {report.max_new_tokens} new tokens, "
                          f"median of {report.repeats}{bw}"), title_justify="left")
     quality = report.quality_tokens is not None

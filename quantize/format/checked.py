@@ -7,6 +7,7 @@ one crc32 pass (no second read of the file, no copy of it), see BENCHMARKS.md "R
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,9 +43,31 @@ def _read_into(f, view: memoryview, crc: int, what: str) -> int:
     return crc
 
 
-def read_checked_safetensors(path: Path, expected_crc: int, what: str) -> dict[str, torch.Tensor]:
+SINK_CHUNK = 8 << 20  # bytes of rows handed to a sink at a time
+
+
+def _read_rows_into(f, sink, shape: tuple[int, int], dtype: torch.dtype, crc: int, what: str) -> int:
+    """Feed a [rows, cols] tensor to `sink` a chunk of rows at a time through one buffer; the crc32 folded over it."""
+    rows, cols = shape
+    step = max(1, SINK_CHUNK // max(1, cols * dtype.itemsize))
+    buf = torch.empty(min(rows, step), cols, dtype=dtype)
+    for r0 in range(0, rows, step):
+        chunk = buf[:min(step, rows - r0)]
+        crc = _read_into(f, memoryview(chunk.view(-1).view(torch.uint8).numpy()).cast("B"), crc, what)
+        sink.feed(chunk)
+    sink.finish()
+    return crc
+
+
+def read_checked_safetensors(path: Path, expected_crc: int, what: str,
+                             sink_for: Callable[[str, tuple[int, ...], torch.dtype], object] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of safetensors file `path` (framing validated first), FormatError unless the
-    file's crc32 == `expected_crc`."""
+    file's crc32 == `expected_crc`.
+
+    `sink_for(name, shape, dtype)` may take a 2-D tensor instead: it returns an object whose `feed(rows)` is
+    given the tensor SINK_CHUNK bytes of rows at a time, in order (one reused buffer), then `finish()`; the
+    tensor is left out of the result and is never whole in memory. The crc32 still covers every byte, and
+    is checked at the end: a sink must not let its work be used before this returns."""
     header = read_header(path, what)
     tensors: dict[str, torch.Tensor] = {}
     fd = open_regular(path, what)
@@ -58,6 +81,10 @@ def read_checked_safetensors(path: Path, expected_crc: int, what: str) -> dict[s
                 dtype = ST_TO_TORCH.get(info.dtype)
                 if dtype is None:
                     raise FormatError(f"{what}: tensor {name!r} has dtype {info.dtype}, which d2moe does not load")
+                sink = sink_for(name, tuple(info.shape), dtype) if sink_for and len(info.shape) == 2 and info.nbytes else None
+                if sink is not None:
+                    crc = _read_rows_into(f, sink, info.shape, dtype, crc, what)
+                    continue
                 t = torch.empty(info.shape, dtype=dtype)
                 if info.nbytes:
                     crc = _read_into(f, memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B"), crc, what)

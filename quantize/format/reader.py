@@ -184,14 +184,15 @@ class PackedCheckpoint:
         for section in ("dense", "gate"):
             self.verify_file(section)
 
-    def load_dense(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+    def load_dense(self, device: str = "cpu", sink_for=None) -> dict[str, torch.Tensor]:
         """Every dense weight, keyed by transformers-5 model key, in its stored dtype.
 
         The file is read once, straight into the tensors, and its crc32 is computed on those same
         bytes: a flipped bit anywhere in dense.safetensors is a FormatError before any weight is used.
+        `sink_for` may take 2-D tensors a chunk of rows at a time instead (read_checked_safetensors).
         """
         info = self.manifest["dense"]
-        tensors = read_checked_safetensors(self.dense_path, info["crc32"], DENSE_NAME)
+        tensors = read_checked_safetensors(self.dense_path, info["crc32"], DENSE_NAME, sink_for)
         return tensors if device == "cpu" else {k: v.to(device) for k, v in tensors.items()}
 
     def verify_file(self, section: str) -> None:

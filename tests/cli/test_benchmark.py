@@ -118,3 +118,22 @@ def test_bench_json_schema_on_a_packed_model(packed, tmp_path):
     png = tmp_path / "plot.png"
     bm.plot_throughput(report, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_runs_every_configuration_with_the_dense_layers_it_is_given(tmp_path_factory):
+    """--dense-weights int8: percentage budgets count the dense layers as converted (a smaller fixed part), and
+    every run converts them and stays within its budget."""
+    from d2moe.kernels import cpu
+
+    if cpu.load() is None:
+        pytest.skip("no C compiler: dense weights stay in their dtype")
+    wide = packed_tiny(tmp_path_factory, "mixtral", bits=(2, 3, 4), hidden_size=256)[1]  # attention large enough to convert
+    source = bm.budget_basis(wide, 64)
+    converted = bm.budget_basis(wide, 64, dense_weights="int8")
+    assert converted[0] < source[0] and converted[1:] == source[1:]  # same expert set, smaller fixed part
+    report = bm.run_bench(wide, "50%", "moqe-dynaio,d2moe", prompt="the quick brown fox", max_new_tokens=3, repeats=1,
+                          dense_weights="int8")
+    doc = report.to_dict()
+    assert doc["dense_weights"] == "int8" and doc["budgets"][0]["bytes"] < source[0] + source[1] // 2
+    for r in doc["results"]:
+        assert r["status"] == "ok" and r["peak_memory_bytes"] <= r["budget_bytes"]

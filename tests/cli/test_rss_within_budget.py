@@ -27,7 +27,7 @@ def packed(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("dense", ["source", "int8"])  # int8: the converted weights' saving goes to the cache
+@pytest.mark.parametrize("dense", ["source", "int8", "int4"])  # converted while read; their saving goes to the cache
 def test_rss_growth_stays_within_the_smallest_budget_over_a_long_generation(packed, dense):
     args = ["run", str(packed), "-p", "Once upon a time", "--max-new-tokens", "300", "--no-chat-template", "--json",
             "--dense-weights", dense]
