@@ -1,0 +1,168 @@
+"""Which fit of the nested grid would bring the levels nearer the source? A fake-quantization study on a trained MoE.
+
+Each variant quantizes every expert matrix of MODEL at levels --bits (everything else stays as trained), rebuilds
+the weights in float at each level and scores held-out perplexity as a ratio to the unquantized model (d2moe's
+recipe, windows of 256 tokens: the same harness as llama.cpp's experts in scripts/quality_vs_kquants.py):
+
+- `subblock:gG:rR`  pack's fit (scheme subblock, group G, |x| weighting), R least-squares refits (pack's default 1);
+- `kquant:gG[:l2]`  level b1's grid chosen by Q2_K's search (llama.cpp's make_qkx2_quants: 16 candidate scales
+                    from the group's min, each refitted by |x|-weighted least squares, the best by weighted absolute
+                    error, or squared error with :l2), then pack's 4-bit parameter codes and the nested codes;
+- `own:gG`          pack's codes; every level above b1 gets its own float16 (offset, scale) per group, its last bit
+                    re-chosen within the level below's cell (an upper bound: +0.5 bits per weight per level);
+- `dedicated:gG`    each level fitted alone as a one-level pack (not nested: what nesting costs).
+
+    .venv/bin/python scripts/study_nested_fits.py MODEL --heldout TEXT --variants subblock:g32:r1,kquant:g16
+
+No variant but `subblock` is a format d2moe serves: this measures what a change of fit would buy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from d2moe.apps.evaluate import encode_text, load_text_files, model_logits_fn, perplexity
+from d2moe.kernels.reference import dequantize_reference
+from d2moe.quantize import native, subblock
+from d2moe.quantize.bitplanes import pack_bits
+from d2moe.quantize.grid import grid_codes
+from d2moe.quantize.mwq import dequantize
+from d2moe.quantize.types import MWQConfig
+
+
+def kquant_grid(x: torch.Tensor, w: torch.Tensor, nmax: int, absolute: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants(rmin=-0.5, rdelta=0.1, nstep=15) over groups x [N, S], weights w: (step, min) per group."""
+    mn = x.amin(-1).clamp(max=0)
+    span = (x.amax(-1) - mn).clamp_min(1e-20)
+
+    def error(step, low, q):
+        d = step[:, None] * q + low[:, None] - x
+        return (w * (d.abs() if absolute else d * d)).sum(-1)
+
+    q = ((x - mn[:, None]) * (nmax / span)[:, None]).round().clamp(0, nmax)
+    best_step, best_min = span / nmax, mn.clone()
+    best = error(best_step, best_min, q)
+    for i in range(16):
+        inv = (nmax - 0.5 + 0.1 * i) / span
+        q = ((x - mn[:, None]) * inv[:, None]).round().clamp(0, nmax)
+        sw, sq, sqq, sxq, sx = w.sum(-1), (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1), (w * x).sum(-1)
+        det = sw * sqq - sq * sq
+        ok = det > 0
+        step = torch.where(ok, (sw * sxq - sx * sq) / torch.where(ok, det, 1.0), 1 / inv)
+        low = torch.where(ok, (sqq * sx - sq * sxq) / torch.where(ok, det, 1.0), mn)
+        above = low > 0  # Q2_K keeps its minimum at or below zero
+        low, step = torch.where(above, 0.0, low), torch.where(above, sxq / sqq.clamp_min(1e-30), step)
+        err = error(step, low, q)
+        better = (err < best) & (step > 0)
+        best_step, best_min, best = (torch.where(better, a, b) for a, b in ((step, best_step), (low, best_min), (err, best)))
+    return best_step, best_min
+
+
+def kquant_fit(w: torch.Tensor, levels: tuple[int, ...], group: int, absolute: bool) -> dict[int, torch.Tensor]:
+    b1, bk = levels[0], levels[-1]
+    rows, cols = w.shape
+    x = w.float().reshape(rows, cols // group, group)
+    imp = x.abs()
+    step, low = kquant_grid(x.reshape(-1, group), imp.reshape(-1, group), 2**b1 - 1, absolute)
+    scale, offset = step.view(rows, -1), (low - 0.5 * step).view(rows, -1)  # point 0 at `low`: its cell's lower edge
+    codes, supers = subblock.quantize_params(scale, offset, group,
+                                             lambda s, o: subblock.first_level_error(x, s, o, b1, imp))
+    s16, o16 = subblock.expand(codes, supers, group)
+    planes = pack_bits(grid_codes(x.reshape(-1, group), s16.reshape(-1), o16.reshape(-1), bk, b1).view(rows, cols), bk)
+    return {b: dequantize_reference(s16, o16, planes[:b], None, b1, b, group) for b in levels}
+
+
+def own_params(w: torch.Tensor, t, levels: tuple[int, ...], group: int) -> dict[int, torch.Tensor]:
+    """Level b1 as packed; each level above its own float16 (offset, scale) per group, refitted by |x|-weighted least
+    squares four times, the code's last bit re-chosen within the cell of the level below each time."""
+    b1, bk = levels[0], levels[-1]
+    x = w.float().reshape(-1, group)
+    imp = x.abs() + 1e-3 * x.abs().mean()
+    bits = torch.stack([(t.planes[p].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1 for p in range(bk)])
+    codes = sum(bits[p].reshape(t.shape[0], -1).long() << (bk - 1 - p) for p in range(bk)).reshape(-1, group)
+    scale, offset = (v.float().reshape(-1) for v in t.group_params())
+    out, prev = {b1: dequantize(t, b1)}, codes >> (bk - b1)
+    for b in levels[1:]:
+        o, s = offset.clone(), scale * 2.0 ** (b1 - b)
+        for _ in range(4):
+            lo, hi = 2 * prev, 2 * prev + 1  # codes at level b inside the level below's cell
+            near_hi = (o[:, None] + s[:, None] * (hi + 0.5) - x).abs() < (o[:, None] + s[:, None] * (lo + 0.5) - x).abs()
+            code = torch.where(near_hi, hi, lo)
+            u = code + 0.5
+            s0, s1, s2 = imp.sum(-1), (imp * u).sum(-1), (imp * u * u).sum(-1)
+            t0, t1 = (imp * x).sum(-1), (imp * u * x).sum(-1)
+            det = s0 * s2 - s1 * s1
+            ok = det > 1e-9 * s0 * s2
+            s_new = (s0 * t1 - s1 * t0) / torch.where(ok, det, 1.0)
+            o_new = (t0 - s_new * s1) / s0.clamp_min(1e-30)
+            good = ok & (s_new > 0) & torch.isfinite(o_new)
+            o, s = torch.where(good, o_new, o), torch.where(good, s_new, s)
+        o, s = o.half().float(), s.half().float()
+        out[b] = (o[:, None] + s[:, None] * (code + 0.5)).view(w.shape)
+        prev = code
+    return out
+
+
+def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib) -> dict[int, torch.Tensor]:
+    kind, *opts = variant.split(":")
+    group = next((int(o[1:]) for o in opts if o.startswith("g")), 32)
+    refits = next((int(o[1:]) for o in opts if o.startswith("r")), 0)
+    if kind == "kquant":
+        return kquant_fit(w, levels, group, absolute="l2" not in opts)
+    if kind == "dedicated":
+        fits = {b: native.fit_sliced(lib, w.contiguous(), MWQConfig((b,), group), weighting="abs").tensor for b in levels}
+        return {b: dequantize(t, b) for b, t in fits.items()}
+    t = native.fit_sliced(lib, w.contiguous(), MWQConfig(levels, group), weighting="abs", refits=refits).tensor
+    if kind == "subblock":
+        return {b: dequantize(t, b) for b in levels}
+    if kind == "own":
+        return own_params(w, t, levels, group)
+    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated, then :gG, :rR, :l2")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--variants", default="subblock:g32:r1,kquant:g32,own:g32,dedicated:g32")
+    ap.add_argument("--bits", default="2,3,4")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(a.threads)
+    levels = tuple(int(b) for b in a.bits.split(","))
+    lib = native.load()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    ids = encode_text(AutoTokenizer.from_pretrained(a.model), load_text_files([a.heldout]))
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    original = [(e.gate_up_proj.data.clone(), e.down_proj.data.clone()) for e in experts]
+
+    def ppl() -> float:
+        with torch.no_grad():
+            return perplexity(model_logits_fn(model), ids, seq_len=256).ppl
+
+    base = ppl()
+    print(json.dumps({"variant": "unquantized", "ppl": round(base, 4)}), flush=True)
+    for variant in a.variants.split(","):
+        per_level = {b: [] for b in levels}
+        for gate_up, down in original:
+            for mats in (gate_up, down):
+                outs = [quantize(m, variant, levels, lib) for m in mats]
+                for b in levels:
+                    per_level[b].append(torch.stack([o[b] for o in outs]))
+        ratios = {}
+        for b in levels:
+            for i, e in enumerate(experts):
+                e.gate_up_proj.data, e.down_proj.data = per_level[b][2 * i], per_level[b][2 * i + 1]
+            ratios[f"level {b}"] = round(ppl() / base, 5)
+        print(json.dumps({"variant": variant, **ratios}), flush=True)
+        for i, e in enumerate(experts):
+            e.gate_up_proj.data, e.down_proj.data = original[i]
+
+
+if __name__ == "__main__":
+    main()
