@@ -47,10 +47,11 @@ def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = INT8_CHUNK_ROWS) -> tu
     rows = w.shape[0]
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
-    for r0 in range(0, rows, chunk_rows):
-        w32 = w[r0:r0 + chunk_rows].detach().float()
-        s = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-        q[r0:r0 + chunk_rows] = torch.round(w32 / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    for r0 in range(0, rows, chunk_rows):  # one float32 copy of the chunk and no other temporary of its size
+        w32 = w[r0:r0 + chunk_rows].detach().to(torch.float32, copy=True)
+        low, high = torch.aminmax(w32, dim=1)
+        s = torch.maximum(high, -low).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        q[r0:r0 + chunk_rows].copy_(w32.div_(s[:, None]).round_().clamp_(-127, 127))  # integral: exact in int8
         scale[r0:r0 + chunk_rows] = s
     return q, scale
 
@@ -74,13 +75,16 @@ def _kernel_layout(m: PackedMatrix) -> PackedMatrix:
     return cpu.blocked(m) if cpu.blocks_planes(INT4_GROUP) else m
 
 
-def conversion(shape: tuple[int, ...], dtype: torch.dtype, weights: str, shared: bool = False) -> str:
-    """What a dense nn.Linear weight becomes under `weights` (WEIGHTS): "int4", "int8" or "source" (its own
-    dtype on the kernel). Small layers (routers, norms' neighbours), shared weights and int8 sources stay."""
+def conversion(shape: tuple[int, ...], dtype: torch.dtype, weights: str, shared: bool = False,
+               embedding: bool = False) -> str:
+    """What a dense nn.Linear (or nn.Embedding) weight becomes under `weights` (WEIGHTS): "int4", "int8" or
+    "source" (its own dtype; on the kernel for a Linear). Small layers (routers, norms' neighbours), shared weights
+    and int8 sources stay. An embedding table becomes per-row int8 under either: a token reads one row of it, so
+    only its bytes held matter, and a row's int8 error is int8 dense's."""
     rows, cols = shape
     if weights == "source" or rows * cols < INT8_MIN_ELEMS or shared or dtype == torch.int8:
         return "source"
-    return "int4" if weights == "int4" and cols % INT4_GROUP == 0 else "int8"
+    return "int4" if weights == "int4" and cols % INT4_GROUP == 0 and not embedding else "int8"
 
 
 def converted_nbytes(shape: tuple[int, int], kind: str, source_nbytes: int) -> int:
@@ -125,7 +129,7 @@ class _RowConversion:
     def __init__(self, shape: tuple[int, int], kind: str, done):
 
         self.rows, self.cols = shape
-        self.kind, self.done, self.at = kind, done, 0
+        self.kind, self.done, self.at, self.dtype = kind, done, 0, None
         if kind == "int8":
             self.q, self.scale = torch.empty(shape, dtype=torch.int8), torch.empty(self.rows, dtype=torch.float32)
         else:  # the fit's per-row fields, allocated at the first chunk's shapes
@@ -133,6 +137,7 @@ class _RowConversion:
 
     def feed(self, rows: torch.Tensor) -> None:
         r0, r1 = self.at, self.at + rows.shape[0]
+        self.dtype = rows.dtype
         if self.kind == "int8":
             self.q[r0:r1], self.scale[r0:r1] = quantize_rows_int8(rows)
         else:
@@ -147,12 +152,12 @@ class _RowConversion:
 
     def finish(self) -> None:
         if self.kind == "int8":
-            self.done((self.q, self.scale))
+            self.done((self.q, self.scale), self.dtype)
             return
         from d2moe.quantize.types import MWQTensor
 
         t = MWQTensor((self.rows, self.cols), self.cfg, 4, self.scale, self.offset, self.planes, None)
-        self.done(_kernel_layout(PackedMatrix.from_mwq(t)))
+        self.done(_kernel_layout(PackedMatrix.from_mwq(t)), self.dtype)
 
 
 class StreamingConverter:
@@ -168,23 +173,24 @@ class StreamingConverter:
     def __init__(self, model: nn.Module, weights: str, keep: set[str] = frozenset()):
         self.weights = weights
         shared = _shared_weights(model)
-        self.linears = {f"{name}.weight": (name, tuple(m.weight.shape)) for name, m in model.named_modules()
-                        if type(m) is nn.Linear and id(m.weight) not in shared and f"{name}.weight" not in keep}
-        self.converted: dict[str, tuple[str, object]] = {}
+        self.linears = {f"{name}.weight": (name, tuple(m.weight.shape), type(m) is nn.Embedding)
+                        for name, m in model.named_modules()
+                        if type(m) in (nn.Linear, nn.Embedding) and id(m.weight) not in shared and f"{name}.weight" not in keep}
+        self.converted: dict[str, tuple[str, object, torch.dtype]] = {}  # name: (kind, form, source dtype)
 
     def kind(self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> str:
         """How tensor `key` is loaded; a shape the model does not expect stays as read, for the loader's
         size check to name."""
         if key not in self.linears or tuple(shape) != self.linears[key][1] or dtype not in cpu.DENSE_DTYPES:
             return "source"
-        return conversion(tuple(shape), dtype, self.weights)
+        return conversion(tuple(shape), dtype, self.weights, embedding=self.linears[key][2])
 
     def sink_for(self, key: str, shape: tuple[int, ...], dtype: torch.dtype):
         kind = self.kind(key, shape, dtype)
         if kind == "source":
             return None
         name = self.linears[key][0]
-        return _RowConversion(tuple(shape), kind, lambda form: self.converted.__setitem__(name, (kind, form)))
+        return _RowConversion(tuple(shape), kind, lambda form, dt: self.converted.__setitem__(name, (kind, form, dt)))
 
     def plan_bytes(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None, int]]) -> int:
         """Peak bytes of loading `tensors` ({key: (shape, dtype, nbytes)}, the file's header) this way: every
@@ -215,16 +221,21 @@ def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str
     shared = _shared_weights(model) | {id(p) for p in keep}
     n = 0
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        embedding = type(module) is nn.Embedding
+        if type(module) is not nn.Linear and not embedding:
             continue
         if name in converted:
-            kind, form = converted[name]
+            kind, form, dtype = converted[name]
         else:
             w = module.weight
             if w.device.type != "cpu" or w.dtype not in cpu.DENSE_DTYPES or w.is_meta or not w.is_contiguous():
                 continue
-            kind = conversion(tuple(w.shape), w.dtype, weights, id(w) in shared)
+            kind, dtype = conversion(tuple(w.shape), w.dtype, weights, id(w) in shared, embedding), w.dtype
             form = None if kind == "source" else convert_weight(w, kind)
+        if embedding:
+            if kind == "int8":
+                _install_int8_embedding(module, *form, dtype)
+            continue
         if kind == "int4":
             if hasattr(module, "weight"):
                 del module.weight  # the packed copy replaces it: its bytes are freed
@@ -242,6 +253,20 @@ def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str
             module.forward = _kernel_forward(module, lib, splitter)
         n += 1
     return n
+
+
+def _install_int8_embedding(module: nn.Embedding, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """The table as per-row int8 + scale: a lookup widens only the rows it gathers, to the dtype the table had
+    (the one the layers after it compute in)."""
+    if hasattr(module, "weight"):
+        del module.weight  # the int8 copy replaces it
+    module.register_buffer("weight_int8", q)
+    module.register_buffer("weight_scale", scale)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(ids, q).float() * F.embedding(ids, scale[:, None])).to(dtype)
+
+    module.forward = forward
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

@@ -119,8 +119,11 @@ class Session:
             patch_linears(self.model, self.kernels.lib, self.kernels.splitter, weights=options.dense_weights,
                           keep=routers.values(), converted=converter.converted if converter is not None else None)
             use_decode_attention(self.model, self.kernels.lib, self.kernels.splitter)
-            # converted dense weights hold less than planned (their source bytes): the cache gets the rest
-            self.plan = self.plan.with_dense(nbytes_of(self.model, set()))
+            if converter is None:  # weights as stored: a plan from the file's header may count a little more
+                self.plan = self.plan.with_dense(nbytes_of(self.model, set()))
+            # converted while read: the plan already gave the cache what conversion saves, and keeps the room one
+            # conversion took while loading (prefill tiles and the allocator use it: handed to the cache as well,
+            # RSS went past the budget by up to 11 MiB at Mixtral shapes with another process on the CPU)
         self.cache = ExpertCache(self.plan.expert_cache, policy=options.cache_policy, decay=options.cache_decay)
         if self.pool is not None:
             self.cache.on_drop, self.cache.alloc = self.pool.recycle, self.pool.take

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(lib is None, reason="no C compiler: dense weight
 
 class Tiny(nn.Module):
     """Names as a transformers model's: a big projection (converted), an odd-width one (int8 under int4), a
-    small one (kept), a router (kept by name) and a tied pair (kept: shared)."""
+    small one (kept), a router (kept by name), an untied embedding table (int8 under either) and a tied pair
+    (kept: shared)."""
 
     def __init__(self, wide: int = 320):
         super().__init__()
@@ -37,6 +38,7 @@ class Tiny(nn.Module):
         self.odd = nn.Linear(264, 256, bias=False)
         self.small = nn.Linear(256, 8, bias=False)
         self.router = nn.Linear(256, 300, bias=False)
+        self.table = nn.Embedding(600, 256)
         self.embed = nn.Embedding(300, 256)
         self.head = nn.Linear(256, 300, bias=False)
         self.head.weight = self.embed.weight
@@ -69,11 +71,11 @@ def test_rows_converted_as_they_are_read_equal_the_whole_weights_conversion(tmp_
         skeleton = Tiny()
     conv = StreamingConverter(skeleton, weights, keep={"router.weight"})
     loaded = read_checked_safetensors(path, crc, "dense.safetensors", conv.sink_for)
-    assert set(conv.converted) == {"proj", "odd"}  # small, router and the tied head keep their source
-    assert set(state) - set(loaded) == {"proj.weight", "odd.weight"}
-    want_kind = {"proj": "int4" if weights == "int4" else "int8", "odd": "int8"}
-    for name, (kind, form) in conv.converted.items():
-        assert kind == want_kind[name]
+    assert set(conv.converted) == {"proj", "odd", "table"}  # small, router and the tied pair keep their source
+    assert set(state) - set(loaded) == {"proj.weight", "odd.weight", "table.weight"}
+    want_kind = {"proj": "int4" if weights == "int4" else "int8", "odd": "int8", "table": "int8"}
+    for name, (kind, form, dtype) in conv.converted.items():
+        assert kind == want_kind[name] and dtype == torch.bfloat16
         whole = convert_weight(state[f"{name}.weight"], kind)
         if kind == "int8":
             assert all(torch.equal(a, b) for a, b in zip(form, whole, strict=True))
@@ -102,6 +104,11 @@ def test_a_model_loaded_this_way_computes_what_converting_after_loading_computes
         assert torch.equal(streamed.proj(x), after.proj(x))
         assert torch.equal(streamed.odd(x_odd), after.odd(x_odd))
         assert torch.equal(streamed.router(x), after.router(x))
+        ids = torch.tensor([[0, 599, 7, 7]])
+        looked_up = streamed.table(ids)
+        assert torch.equal(looked_up, after.table(ids)) and looked_up.dtype == torch.bfloat16
+        table = state["table.weight"].float()[ids]
+        assert ((looked_up.float() - table).abs() <= table.abs().amax(-1, keepdim=True) / 127).all()  # a row's int8 step
 
 
 def test_the_plan_counts_the_converted_layers_and_one_conversion_in_flight(tmp_path):
@@ -114,9 +121,10 @@ def test_the_plan_counts_the_converted_layers_and_one_conversion_in_flight(tmp_p
     plan = conv.plan_bytes(header)
     path, crc = _write(tmp_path, state)
     kept = read_checked_safetensors(path, crc, "dense", conv.sink_for)
-    held = sum(t.numel() * t.element_size() for t in kept.values()) + sum(_bytes(f) for _, f in conv.converted.values())
+    held = sum(t.numel() * t.element_size() for t in kept.values()) + sum(_bytes(f) for _, f, _ in conv.converted.values())
     chunk_rows = SINK_CHUNK // (256 * 2)
-    moment = max(conversion_scratch((320, 256), "int4", chunk_rows), conversion_scratch((256, 264), "int8", chunk_rows))
+    moment = max(conversion_scratch((320, 256), "int4", chunk_rows), conversion_scratch((256, 264), "int8", chunk_rows),
+                 conversion_scratch((600, 256), "int8", chunk_rows))
     assert plan == held + moment  # every layer as it ends up, plus the largest conversion in flight
     assert held < source
     assert conversion((256, 320), torch.bfloat16, "int4") == "int4"
