@@ -428,7 +428,7 @@ def session_runner(
 ) -> RunFn:
     """A RunFn: a fresh Session (cold cache) per run, greedy decode of the prompt, its statistics."""
     from d2moe.apps.evaluate import parse_policy
-    from d2moe.apps.miss_bench import split_label
+    from d2moe.apps.miss_bench import split_label, split_mode
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session
 
@@ -436,10 +436,11 @@ def session_runner(
 
     def run(config: str, budget: Budget) -> RunMeasure:
         policy, mode = split_label(config)
+        mode, threshold = split_mode(mode, miss_threshold)
         name, level = parse_policy(policy)
         options = RunOptions(memory_budget=budget.bytes, policy=name, level=level, io_bandwidth=io_bandwidth,
                              io_threads=io_threads, max_tokens=max_tokens or len(prompt_ids) + max_new_tokens, on_miss=mode,
-                             miss_threshold=miss_threshold, miss_importance=miss_importance, dense_weights=dense_weights)
+                             miss_threshold=threshold, miss_importance=miss_importance, dense_weights=dense_weights)
         with Session(checkpoint, options, tokenizer=tokenizer) as session:
             report = session.generate(token_ids=[list(prompt_ids)], sampling=sampling)
         return measure_from_stats(report.stats)

@@ -23,18 +23,35 @@ MODE_COLORS = {"load": "tab:blue", "lowbit": "tab:green", "substitute": "tab:ora
 
 
 def miss_modes(text: str | None) -> list[str]:
-    """'load,skip' -> ['load', 'skip'] ('all': every mode), validated."""
+    """'load,skip,reuse:0' -> ['load', 'skip', 'reuse:0'] ('all': every mode), validated. A mode may carry its own
+    --miss-threshold after a colon, so one sweep can hold one mode at two thresholds."""
     from d2moe.runtime.miss import MISS_MODES
 
     if text is None or text.strip() == "":
         return ["load"]
     modes = list(MISS_MODES) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
     for m in modes:
-        if m not in MISS_MODES:
-            raise UsageError(f"--on-miss {m!r} is unknown: use one or more of {', '.join(MISS_MODES)} (or all)")
+        name, threshold = split_mode(m, 0.0)
+        if name not in MISS_MODES:
+            raise UsageError(f"--on-miss {m!r} is unknown: use one or more of {', '.join(MISS_MODES)} (or all), "
+                             "each optionally with its threshold (reuse:0)")
     if len(set(modes)) != len(modes):
         raise UsageError(f"--on-miss {text!r} repeats a mode")
     return modes
+
+
+def split_mode(mode: str, threshold: float) -> tuple[str, float]:
+    """'reuse:0' -> ('reuse', 0.0); 'reuse' -> ('reuse', threshold): a mode and the miss threshold it runs with."""
+    name, colon, value = mode.partition(":")
+    if not colon:
+        return name, threshold
+    try:
+        own = float(value)
+    except ValueError:
+        own = float("nan")
+    if not 0.0 <= own <= 1.0:
+        raise UsageError(f"--on-miss {mode!r}: the threshold after ':' must be a number in [0, 1] (e.g. reuse:0)")
+    return name, own
 
 
 def label(policy: str, mode: str) -> str:
@@ -95,10 +112,11 @@ def quality_runner(checkpoint, token_ids: Sequence[int], seq_len: int, io_bandwi
 
     def run(config: str, budget) -> dict:
         policy, mode = split_label(config)
+        mode, threshold = split_mode(mode, miss_threshold)
         name, level = parse_policy(policy)
         options = RunOptions(memory_budget=budget.bytes, policy=name, level=level, io_bandwidth=io_bandwidth,
                              io_threads=io_threads, max_tokens=max(max_tokens or 0, seq_len), on_miss=mode,
-                             miss_threshold=miss_threshold, miss_importance=miss_importance, dense_weights=dense_weights)
+                             miss_threshold=threshold, miss_importance=miss_importance, dense_weights=dense_weights)
         with Session(checkpoint, options, tokenizer=tokenizer) as session:
             session.pipeline.reset_stats()
             result = decode_perplexity(session.model, token_ids, seq_len)
@@ -130,7 +148,7 @@ def plot_pareto(report, path) -> None:
             if r.budget != budget or not r.ok or r.perplexity is None:
                 continue
             ax.scatter(r.median("decode_tokens_per_s"), r.perplexity, marker=markers[r.policy],
-                       color=colors.get(r.on_miss, "gray"), s=70 if r.policy == "d2moe" else 36,
+                       color=colors.get(r.on_miss.partition(":")[0], "gray"), s=70 if r.policy == "d2moe" else 36,
                        edgecolors="black" if r.policy == "d2moe" else "none")
         ax.set_title(f"budget {budget.label}")
         ax.set_xlabel("decode tokens/s")

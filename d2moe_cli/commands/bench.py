@@ -33,7 +33,8 @@ def bench(
         envvar="D2MOE_THREADS", help="Compute threads (default: the kernels use every core, torch one thread).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write throughput vs budget as a PNG (matplotlib).")] = None,
     on_miss: Annotated[str, typer.Option(
-        "--on-miss", help="Miss handling modes to sweep with every policy: load,lowbit,substitute,skip,reuse (or all).")] = "load",
+        "--on-miss", help="Miss handling modes to sweep with every policy: load,lowbit,substitute,skip,reuse (or all); "
+                          "a mode may take its own threshold after a colon (reuse:0 beside reuse).")] = "load",
     miss_threshold: Annotated[float, typer.Option(
         help="Importance below which a missed pair is handled by the miss mode (router weight, or gate level in [0,1]); reuse keeps pairs above 1 - this at their level (0: every pair follows the cache).")] = 0.35,
     miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",

@@ -137,6 +137,23 @@ def test_bench_sweeps_the_miss_axis_with_quality(packed, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_bench_runs_one_mode_at_two_thresholds_in_one_sweep(packed):
+    """`--on-miss skip,skip:0`: the same mode with its own threshold beside the sweep's; threshold 0 handles no pair."""
+    from d2moe.apps.benchmark import run_bench
+    from d2moe.apps.miss_bench import miss_modes, split_mode
+
+    assert split_mode("reuse:0", 0.35) == ("reuse", 0.0) and split_mode("reuse", 0.35) == ("reuse", 0.35)
+    for bad in ("reuse:2", "reuse:x", "maybe:0"):
+        with pytest.raises(UsageError, match="--on-miss"):
+            miss_modes(bad)
+    report = run_bench(packed, "30%", "d2moe", prompt="the quick brown fox", max_new_tokens=4, repeats=1,
+                       on_miss="skip,skip:0", miss_threshold=0.9, quality_ids=list(range(5, 30)), quality_seq_len=16)
+    by = {r["on_miss"]: r for r in report.to_dict()["results"]}
+    assert set(by) == {"skip", "skip:0"}
+    assert by["skip"]["misses"]["pairs"].get("skip", 0) > 0  # a high bar: pairs are skipped
+    assert by["skip:0"]["misses"]["pairs"] == {}  # threshold 0: no pair is unimportant
+
+
 def test_eval_scores_lossy_modes_in_decode_mode(packed, tmp_path):
     import json
 
