@@ -41,6 +41,12 @@ TILE_ROWS = 512  # prefill: rows widened to float32 at a time (int8, or 16-bit w
 _NATIVE_HALF_GEMM = cpu.has_bf16_gemm()
 
 
+def check_weights(weights: str) -> None:
+    """One error line for a `--dense-weights` value that is not one of WEIGHTS."""
+    if weights not in WEIGHTS:
+        raise UsageError(f"--dense-weights {weights!r} is unknown: use {', '.join(WEIGHTS)}")
+
+
 def quantize_rows_int8(w: torch.Tensor, chunk_rows: int = INT8_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: (q int8 [O, I], scale float32 [O]) with w ~ q * scale[:, None], a chunk of
     rows at a time (a float32 copy of a whole LM head would be several times its bf16 size)."""
@@ -127,7 +133,6 @@ class _RowConversion:
     per row, so the result is the whole weight's bit for bit."""
 
     def __init__(self, shape: tuple[int, int], kind: str, done):
-
         self.rows, self.cols = shape
         self.kind, self.done, self.at, self.dtype = kind, done, 0, None
         if kind == "int8":
@@ -195,26 +200,24 @@ class StreamingConverter:
     def plan_bytes(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None, int]]) -> int:
         """Peak bytes of loading `tensors` ({key: (shape, dtype, nbytes)}, the file's header) this way: every
         weight as it ends up, plus the largest moment of one conversion."""
-        from d2moe.quantize.format.checked import SINK_CHUNK
+        from d2moe.quantize.format.checked import sink_rows
 
         total, moment = 0, 0
         for key, (shape, dtype, nbytes) in tensors.items():
             kind = self.kind(key, shape, dtype)
             total += converted_nbytes(tuple(shape), kind, nbytes)
             if kind != "source":
-                chunk_rows = max(1, SINK_CHUNK // max(1, shape[1] * dtype.itemsize))
-                moment = max(moment, conversion_scratch(tuple(shape), kind, chunk_rows))
+                moment = max(moment, conversion_scratch(tuple(shape), kind, sink_rows(shape[1], dtype)))
         return total + moment
 
 
 def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str = "source", keep=(),
-                  converted: dict[str, object] | None = None) -> int:
+                  converted: dict[str, tuple[str, object, torch.dtype]] | None = None) -> int:
     """Route the model's resident CPU `nn.Linear` layers through the kernel; count them. Weights in
     `keep` (the routers, read by the runtime too) and weights shared by two modules stay in their dtype;
-    `weights` (WEIGHTS) is what the large others become. `converted` ({module name: (kind, form)}, from a
+    `weights` (WEIGHTS) is what the large others become. `converted` ({module name: (kind, form, source dtype)}, from a
     StreamingConverter) holds layers already converted while loading: their weights are not read again."""
-    if weights not in WEIGHTS:
-        raise UsageError(f"--dense-weights {weights!r} is unknown: use {', '.join(WEIGHTS)}")
+    check_weights(weights)
     if lib is None:
         return 0
     converted = converted or {}
@@ -237,17 +240,12 @@ def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str
                 _install_int8_embedding(module, *form, dtype)
             continue
         if kind == "int4":
-            if hasattr(module, "weight"):
-                del module.weight  # the packed copy replaces it: its bytes are freed
-            for tname, t in (("offset", form.offset), ("scale", form.scale), *((f"plane{i}", p) for i, p in enumerate(form.planes))):
-                module.register_buffer(f"weight_int4_{tname}", t)  # counted with the model's buffers
+            _swap_weight(module, weight_int4_offset=form.offset, weight_int4_scale=form.scale,
+                         **{f"weight_int4_plane{i}": p for i, p in enumerate(form.planes)})
             module.forward = _int4_forward(module, lib, splitter, cpu.MatrixDesc(form, 4))
         elif kind == "int8":
             q, scale = form
-            if hasattr(module, "weight"):
-                del module.weight  # the int8 copy replaces it: its bytes are freed
-            module.register_buffer("weight_int8", q)
-            module.register_buffer("weight_scale", scale)
+            _swap_weight(module, weight_int8=q, weight_scale=scale)
             module.forward = _int8_forward(module, lib, splitter, q.shape)
         else:
             module.forward = _kernel_forward(module, lib, splitter)
@@ -255,13 +253,18 @@ def patch_linears(model: nn.Module, lib, splitter: cpu.RowSplitter, weights: str
     return n
 
 
+def _swap_weight(module: nn.Module, **buffers: torch.Tensor) -> None:
+    """The module's weight (real, or still meta when it was converted while read) replaced by its converted
+    buffers: the source's bytes are freed, and the buffers are counted with the model's."""
+    del module.weight
+    for name, t in buffers.items():
+        module.register_buffer(name, t)
+
+
 def _install_int8_embedding(module: nn.Embedding, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
     """The table as per-row int8 + scale: a lookup widens only the rows it gathers, to the dtype the table had
     (the one the layers after it compute in)."""
-    if hasattr(module, "weight"):
-        del module.weight  # the int8 copy replaces it
-    module.register_buffer("weight_int8", q)
-    module.register_buffer("weight_scale", scale)
+    _swap_weight(module, weight_int8=q, weight_scale=scale)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         return (F.embedding(ids, q).float() * F.embedding(ids, scale[:, None])).to(dtype)

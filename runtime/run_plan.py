@@ -109,6 +109,9 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
 
         spec = replace(spec, fetch_ahead=False, hold_if_fits=False)
     options.miss  # noqa: B018  (validates --on-miss and its options before anything is read)
+    from d2moe.kernels.dense import check_weights
+
+    check_weights(options.dense_weights)  # before the plan counts dense layers as converted
     if options.io_threads < 1:
         raise UsageError(f"--io-threads {options.io_threads} must be at least 1")
     if options.forward_tokens is not None and options.forward_tokens < 1:

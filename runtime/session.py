@@ -82,10 +82,6 @@ class Session:
             activation_bits=None if options.activations == "auto" else int(options.activations[3:]), device=options.device)
         if self.kernels.lib is None and options.device == "cpu":  # the torch reference computes: it gets the compute threads
             torch.set_num_threads(self.kernels.splitter.threads)
-        from d2moe.kernels.dense import WEIGHTS
-
-        if options.dense_weights not in WEIGHTS:
-            raise UsageError(f"--dense-weights {options.dense_weights!r} is unknown: use {', '.join(WEIGHTS)}")
         if options.dense_weights != "source" and (self.kernels.lib is None or options.device != "cpu"):
             raise UsageError(f"--dense-weights {options.dense_weights} runs on the native kernels, which are unavailable "
                              "here (no C compiler, or --kernels reference): use --dense-weights source")

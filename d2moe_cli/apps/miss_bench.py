@@ -31,7 +31,7 @@ def miss_modes(text: str | None) -> list[str]:
         return ["load"]
     modes = list(MISS_MODES) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
     for m in modes:
-        name, threshold = split_mode(m, 0.0)
+        name, _ = split_mode(m, 0.0)  # its threshold checked here too
         if name not in MISS_MODES:
             raise UsageError(f"--on-miss {m!r} is unknown: use one or more of {', '.join(MISS_MODES)} (or all), "
                              "each optionally with its threshold (reuse:0)")

@@ -62,10 +62,9 @@ def eval_command(
     if scoring not in ("auto", "window", "decode"):
         raise UsageError(f"--scoring {scoring!r} is unknown: use auto, window or decode")
     scoring = ("decode" if on_miss != "load" else "window") if scoring == "auto" else scoring
-    from d2moe.kernels.dense import WEIGHTS
+    from d2moe.kernels.dense import check_weights
 
-    if dense_weights not in WEIGHTS:
-        raise UsageError(f"--dense-weights {dense_weights!r} is unknown: use {', '.join(WEIGHTS)}")
+    check_weights(dense_weights)
     run_options = {"on_miss": on_miss, "miss_threshold": miss_threshold, "miss_importance": miss_importance,
                    "lossless": lossless, "dense_weights": dense_weights}
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]

@@ -46,10 +46,15 @@ def _read_into(f, view: memoryview, crc: int, what: str) -> int:
 SINK_CHUNK = 8 << 20  # bytes of rows handed to a sink at a time
 
 
+def sink_rows(cols: int, dtype: torch.dtype) -> int:
+    """Rows of a [rows, cols] tensor handed to a sink at a time: SINK_CHUNK bytes of them (at least one)."""
+    return max(1, SINK_CHUNK // max(1, cols * dtype.itemsize))
+
+
 def _read_rows_into(f, sink, shape: tuple[int, int], dtype: torch.dtype, crc: int, what: str) -> int:
     """Feed a [rows, cols] tensor to `sink` a chunk of rows at a time through one buffer; the crc32 folded over it."""
     rows, cols = shape
-    step = max(1, SINK_CHUNK // max(1, cols * dtype.itemsize))
+    step = sink_rows(cols, dtype)
     buf = torch.empty(min(rows, step), cols, dtype=dtype)
     for r0 in range(0, rows, step):
         chunk = buf[:min(step, rows - r0)]

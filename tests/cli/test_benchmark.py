@@ -131,6 +131,8 @@ def test_bench_runs_every_configuration_with_the_dense_layers_it_is_given(tmp_pa
     source = bm.budget_basis(wide, 64)
     converted = bm.budget_basis(wide, 64, dense_weights="int8")
     assert converted[0] < source[0] and converted[1:] == source[1:]  # same expert set, smaller fixed part
+    with pytest.raises(UsageError, match="--dense-weights 'int3' is unknown"):  # refused before any plan counts it
+        bm.budget_basis(wide, 64, dense_weights="int3")
     report = bm.run_bench(wide, "50%", "moqe-dynaio,d2moe", prompt="the quick brown fox", max_new_tokens=3, repeats=1,
                           dense_weights="int8")
     doc = report.to_dict()
