@@ -3,7 +3,9 @@
 Per (layer, expert, matrix) the calibration run (d2moe.router_train.activations) gives
 - `weight` [I]: each input column's mean squared activation over the tokens routed to the expert,
   normalised to mean 1: imatrix's diagonal, which weights the grid search's error;
-- `sample` [N, I]: N of those routed inputs, spread over the calibration text.
+- `sample` [N, I]: N of those routed inputs, spread over the calibration text;
+- `hessian` [I / B, B, B]: diagonal blocks of their mean x x^T, from which d2moe.quantize.gptq chooses the
+  codes on the grids chosen here.
 
 The diagonal weighting alone ignores how columns co-vary and can clip the columns it rates low into
 errors that add up in the output (BENCHMARKS.md §6.3: on its own it made every level worse). So pack
@@ -19,12 +21,14 @@ at every level but does not beat the uncalibrated pack's perplexity: BENCHMARKS.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from d2moe.quantize import gptq, native
+from d2moe.quantize.bitplanes import pack_bits
 from d2moe.quantize.mwq import dequantize
-from d2moe.quantize.types import MWQTensor
+from d2moe.quantize.types import MWQConfig, MWQTensor
 
 SAMPLE_TOKENS = 256  # routed inputs kept per expert: the row choice needs a few hundred to be stable
 ROW_CHUNK = 512  # rows per pass in output_errors: a few MiB of float32 temporaries
@@ -37,6 +41,7 @@ class ColumnStats:
 
     weight: torch.Tensor  # float32 [I], mean 1
     sample: torch.Tensor  # bfloat16 [N, I]
+    hessian: torch.Tensor | None = None  # float32 [I / B, B, B]: diagonal blocks of the inputs' mean x x^T (gptq.py)
 
 
 def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.Tensor:
@@ -85,3 +90,19 @@ def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[
     chosen = plain.gather(0, best.view(1, 1, -1).expand(1, n, -1))[0]
     tensor = MWQTensor(first.shape, first.cfg, first.level, scale, offset, planes, alpha)
     return tensor, [float(v) for v in chosen.sum(1)]
+
+
+def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, refits: int, pool=None,
+                   weighting: str = "mse") -> tuple[MWQTensor, list[float], float]:
+    """pack --calib's fit of one matrix: (tensor, squared error per level, signal). The native fit weighted by the
+    column statistics and unweighted, each row from the one nearer on the sample's outputs (`pick_rows`), then
+    the codes on those grids chosen by their outputs (d2moe.quantize.gptq) where the second moment was kept."""
+    weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
+    plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
+    cands, w32 = [plain.tensor, weighted.tensor], w.float()
+    tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
+    if stats.hessian is not None and tensor.alpha is None:
+        codes = gptq.nested_codes(w32, stats.hessian, *tensor.group_params(), cfg.bits, cfg.group_size)
+        tensor = replace(tensor, planes=pack_bits(codes, cfg.bk))
+        errs = [(w32 - dequantize(tensor, b)).double().square().sum().item() for b in cfg.bits]
+    return tensor, errs, weighted.signal

@@ -5,9 +5,11 @@ embeddings run once, the first layer's inputs are caught, then each layer is giv
 run over every calibration sequence at once, and dropped. Its experts module is replaced by one that
 reads each expert's matrices from the source on demand (one expert in memory at a time), computes
 the exact output in float32, and accumulates, per expert, the mean square of every input column of
-`gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), and keeps up to SAMPLE_TOKENS of
-those inputs (d2moe.quantize.calib says how pack uses both). Resident memory: one
-layer's dense weights, one expert, and the calibration activations; never the model.
+`gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), keeps up to SAMPLE_TOKENS of
+those inputs, and sums their second moment x x^T (whole, or its diagonal blocks where all experts' whole
+moments would pass HESSIAN_BYTES) for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
+Resident memory: one layer's dense weights, one expert, the calibration activations and the moments;
+never the model.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from d2moe.errors import InputError
+from d2moe.quantize import gptq
 from d2moe.quantize.adapters import adapter_for
 from d2moe.quantize.calib import SAMPLE_TOKENS, ColumnStats
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
@@ -34,7 +37,8 @@ MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit t
 FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs a little
 SEQ_LEN = 512
 SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
-CALIB_METHOD = b"column-weights+row-choice-on-both-halves/"  # in --resume's id: packs calibrated another way are not reused
+HESSIAN_BYTES = 1 << 30  # all experts' second moments together (float32): whole matrices where they fit, else blocks
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq/"  # in --resume's id: other calibrations are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:
@@ -62,10 +66,10 @@ class _StatsExperts(nn.Module):
     """An experts module computing from source weights read on demand, accumulating input statistics."""
 
     def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, sums: dict, counts: dict, samples: dict,
-                 keep_tokens: int):
+                 keep_tokens: int, moments: dict, blocks: dict[str, int]):
         super().__init__()
         self.layer, self.experts, self.sums, self.counts, self.samples = layer, experts, sums, counts, samples
-        self.keep_tokens = keep_tokens
+        self.keep_tokens, self.moments, self.blocks = keep_tokens, moments, blocks
         self.act = expert_activation(original)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -84,8 +88,18 @@ class _StatsExperts(nn.Module):
                 self.sums[key] = self.sums.get(key, 0) + v.square().sum(0, dtype=torch.float64)
                 if key not in self.samples:
                     self.samples[key] = v[keep].bfloat16()
+                if self.blocks[m]:
+                    self.moments[key] = self.moments.get(key, 0) + gptq.second_moment(v, self.blocks[m])
             self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
         return out.to(hidden_states.dtype)
+
+
+def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
+    """Per input ("gate": the hidden state, "down": the expert's activation), the block of its second moment that
+    all experts' fit HESSIAN_BYTES together (shared in proportion to columns; 0: none, pack rounds to nearest)."""
+    total = gate_columns + down_columns
+    return {m: gptq.block_size(c, n_experts, HESSIAN_BYTES * c // total)
+            for m, c in (("gate", gate_columns), ("down", down_columns))}
 
 
 def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool = True
@@ -108,8 +122,8 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
         raise InputError(f"--calib needs the source's tokenizer, which {src} does not load ({type(exc).__name__}); "
                          "copy the tokenizer files next to config.json") from None
     texts = load_texts(specs)
-    blocks = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
-    calib_id = hashlib.sha256(CALIB_METHOD + blocks.numpy().tobytes()).hexdigest()
+    ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
+    calib_id = hashlib.sha256(CALIB_METHOD + ids.numpy().tobytes()).hexdigest()
 
     model = build_skeleton(adapter, config)
     sums: dict = {}
@@ -117,8 +131,10 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     samples: dict = {}
     shapes = adapter.matrix_shapes(config)
     keep = sample_tokens(len(moe_layers) * num_experts, shapes["gate"][1] + shapes["down"][1])
+    moments: dict = {}
+    blocks = hessian_blocks(len(moe_layers) * num_experts, shapes["gate"][1], shapes["down"][1])
     swap_experts(model, adapter, moe_layers,
-                 lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts, samples, keep))
+                 lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts, samples, keep, moments, blocks))
     layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
     inner = layers_path.rpartition(".")[0]  # "model": embeddings and rotary run before the first layer
     layers = model.get_submodule(layers_path)
@@ -134,7 +150,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     first, layers[0] = layers[0], catcher
     try:
         with torch.no_grad():
-            model.get_submodule(inner)(input_ids=blocks, use_cache=False)
+            model.get_submodule(inner)(input_ids=ids, use_cache=False)
     except _Stop:
         pass
     layers[0] = first
@@ -159,11 +175,13 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
             if n < MIN_TOKENS:
                 starved.append([layer, e, n])
                 continue
-            for m, stat in (("gate", sums[(layer, e, "gate")]), ("down", sums[(layer, e, "down")])):
-                w = (stat / n).float()
+            for m in ("gate", "down"):
+                w = (sums[(layer, e, m)] / n).float()
                 w = w / w.mean().clamp_min(1e-30)
-                weights[(layer, e, m)] = ColumnStats(w.clamp_min(FLOOR), samples[(layer, e, m)])
+                moment = moments.get((layer, e, m))
+                weights[(layer, e, m)] = ColumnStats(w.clamp_min(FLOOR), samples[(layer, e, m)],
+                                                     None if moment is None else moment / n)
             weights[(layer, e, "up")] = weights[(layer, e, "gate")]  # gate and up read the same input
-    report = {"tokens": int(blocks.numel()), "sequences": int(blocks.shape[0]), "experts": len(moe_layers) * num_experts,
-              "experts_without_enough_tokens": starved, "seconds": round(time.perf_counter() - t0, 1)}
+    report = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "experts": len(moe_layers) * num_experts,
+              "experts_without_enough_tokens": starved, "hessian_block": blocks, "seconds": round(time.perf_counter() - t0, 1)}
     return weights, calib_id, report

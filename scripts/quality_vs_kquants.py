@@ -128,33 +128,50 @@ class Harness:
                 e.gate_up_proj.data, e.down_proj.data = og, od
 
 
-def llama_rows(args, work: Path) -> list[dict]:
-    bin_ = args.llama / "build" / "bin"
+def llama_f16(llama: Path, model: Path, work: Path) -> Path:
+    """The model as an F16 GGUF (llama.cpp's converter, our tokenizer read as gpt-2)."""
     f16 = work / "model-F16.gguf"
-    run([sys.executable, ROOT / "scripts" / "llama_convert.py", args.llama, args.model, "--outtype", "f16",
-         "--outfile", f16], "convert")
+    run([sys.executable, ROOT / "scripts" / "llama_convert.py", llama, model, "--outtype", "f16", "--outfile", f16],
+        "convert")
+    return f16
+
+
+def llama_imatrix(llama: Path, f16: Path, train: Path, ctx: int, tokens: int, work: Path) -> Path:
+    imatrix = work / "imatrix.gguf"
+    run([llama / "build" / "bin" / "llama-imatrix", "-m", f16, "-f", train, "-c", str(ctx), "-t", "2", "-o", imatrix,
+         "--chunks", str(max(1, tokens // ctx))], "imatrix")
+    return imatrix
+
+
+def kquant_experts(llama: Path, f16: Path, qtype: str, imatrix: Path | None, work: Path, n_layers: int):
+    """llama-quantize with the experts at `qtype` and every other matrix forced back to f16; the experts read back."""
+    out = work / f"model-{qtype}{'-imat' if imatrix else ''}.gguf"
+    # a base type of F16 skips the overrides, so: base Q8_0, every non-expert matrix forced back to f16
+    cmd = [llama / "build" / "bin" / "llama-quantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16"]
+    if imatrix:
+        cmd += ["--imatrix", imatrix]
+    for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        cmd += ["--tensor-type", f"{t}=f16"]
+    for t in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        cmd += ["--tensor-type", f"{t}={qtype.lower()}"]
+    log = run([*cmd, f16, out, "Q8_0", "2"], f"quantize {qtype}")
+    ktype = qtype.lower().replace("_k", "_K")  # llama prints "q2_K"
+    if f"-> {ktype}" not in log or "converting to q8_0" in log:
+        raise SystemExit(f"llama-quantize did not give experts {qtype} and the rest 16-bit:\n{log[-1500:]}")
+    return gguf_experts(llama, out, n_layers)
+
+
+def llama_rows(args, work: Path) -> list[dict]:
+    f16 = llama_f16(args.llama, args.model, work)
     harness = Harness(args.model, args.heldout, args.ctx)
     base = harness.ppl()
-    imatrix = work / "imatrix.gguf"
-    run([bin_ / "llama-imatrix", "-m", f16, "-f", args.train, "-c", str(args.ctx), "-t", "2", "-o", imatrix,
-         "--chunks", str(max(1, args.calib_tokens // args.ctx))], "imatrix")
+    imatrix = llama_imatrix(args.llama, f16, args.train, args.ctx, args.calib_tokens, work)
     rows = []
     for bits, (qtype, bpw) in KQUANTS.items():
         for use_imatrix in (False, True):
-            out = work / f"model-{qtype}{'-imat' if use_imatrix else ''}.gguf"
-            # a base type of F16 skips the overrides, so: base Q8_0, every non-expert matrix forced back to f16
-            cmd = [bin_ / "llama-quantize", "--token-embedding-type", "f16", "--output-tensor-type", "f16"]
-            if use_imatrix:
-                cmd += ["--imatrix", imatrix]
-            for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                cmd += ["--tensor-type", f"{t}=f16"]
-            for t in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-                cmd += ["--tensor-type", f"{t}={qtype.lower()}"]
-            log = run([*cmd, f16, out, "Q8_0", "2"], f"quantize {qtype}")
-            ktype = qtype.replace("_K", "_K").lower().replace("_k", "_K")  # llama prints "q2_K"
-            if f"-> {ktype}" not in log or "converting to q8_0" in log:
-                raise SystemExit(f"llama-quantize did not give experts {qtype} and the rest 16-bit:\n{log[-1500:]}")
-            ppl = harness.ppl(gguf_experts(args.llama, out, len(harness.experts)))
+            experts = kquant_experts(args.llama, f16, qtype, imatrix if use_imatrix else None, work,
+                                     len(harness.experts))
+            ppl = harness.ppl(experts)
             rows.append({"tool": "llama.cpp", "type": qtype, "imatrix": use_imatrix, "level": bits, "bpw": bpw,
                          "ppl": ppl, "ppl_16bit": base, "ratio": round(ppl / base, 5)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -10,9 +10,16 @@ recipe, windows of 256 tokens: the same harness as llama.cpp's experts in script
                     error, or squared error with :l2), then pack's 4-bit parameter codes and the nested codes;
 - `own:gG`          pack's codes; every level above b1 gets its own float16 (offset, scale) per group, its last bit
                     re-chosen within the level below's cell (an upper bound: +0.5 bits per weight per level);
-- `dedicated:gG`    each level fitted alone as a one-level pack (not nested: what nesting costs).
+- `dedicated:gG`    each level fitted alone as a one-level pack (not nested: what nesting costs);
+- `gptq:gG[:rR][:wW]` pack's plain grids, the codes by d2moe.quantize.gptq on --train's statistics, level b1 within W
+                    cells of the weight (default gptq.WINDOW);
+- `calib:gG[:rR]`   exactly what `pack --calib TRAIN` writes (d2moe.quantize.calib.calibrated_fit).
 
-    .venv/bin/python scripts/study_nested_fits.py MODEL --heldout TEXT --variants subblock:g32:r1,kquant:g16
+    .venv/bin/python scripts/study_nested_fits.py MODEL --heldout TEXT --variants subblock:g32:r1,kquant:g16 \
+        [--llama LLAMA_CPP [--train TRAIN.txt]]
+
+With --llama, llama.cpp's Q2_K / Q3_K / Q4_K experts (and with --train, the same with an imatrix of TRAIN) are scored
+in the same harness, as in scripts/quality_vs_kquants.py.
 
 No variant but `subblock` is a format d2moe serves: this measures what a change of fit would buy.
 """
@@ -21,13 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from d2moe.apps.evaluate import encode_text, load_text_files, model_logits_fn, perplexity
 from d2moe.kernels.reference import dequantize_reference
-from d2moe.quantize import native, subblock
+from d2moe.quantize import gptq, native, subblock
 from d2moe.quantize.bitplanes import pack_bits
+from d2moe.quantize.calib import calibrated_fit
 from d2moe.quantize.grid import grid_codes
 from d2moe.quantize.mwq import dequantize
 from d2moe.quantize.types import MWQConfig
@@ -106,7 +117,7 @@ def own_params(w: torch.Tensor, t, levels: tuple[int, ...], group: int) -> dict[
     return out
 
 
-def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib) -> dict[int, torch.Tensor]:
+def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=None) -> dict[int, torch.Tensor]:
     kind, *opts = variant.split(":")
     group = next((int(o[1:]) for o in opts if o.startswith("g")), 32)
     refits = next((int(o[1:]) for o in opts if o.startswith("r")), 0)
@@ -115,12 +126,24 @@ def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib) -> dic
     if kind == "dedicated":
         fits = {b: native.fit_sliced(lib, w.contiguous(), MWQConfig((b,), group), weighting="abs").tensor for b in levels}
         return {b: dequantize(t, b) for b, t in fits.items()}
+    if kind == "calib":  # exactly pack --calib's fit (weighted and plain fits' rows, then gptq's codes)
+        cfg = MWQConfig(levels, group)
+        t = (calibrated_fit(lib, w.contiguous(), cfg, stats, refits, weighting="abs")[0] if stats is not None else
+             native.fit_sliced(lib, w.contiguous(), cfg, weighting="abs", refits=refits).tensor)
+        return {b: dequantize(t, b) for b in levels}
     t = native.fit_sliced(lib, w.contiguous(), MWQConfig(levels, group), weighting="abs", refits=refits).tensor
     if kind == "subblock":
         return {b: dequantize(t, b) for b in levels}
     if kind == "own":
         return own_params(w, t, levels, group)
-    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated, then :gG, :rR, :l2")
+    if kind == "gptq":  # the plain fit's grids, d2moe.quantize.gptq's codes with level b1's window from :wW
+        if stats is None:
+            return {b: dequantize(t, b) for b in levels}
+        window = next((float(o[1:]) for o in opts if o.startswith("w")), gptq.WINDOW)
+        codes = gptq.nested_codes(w, stats.hessian, *t.group_params(), levels, group, window)
+        t = replace(t, planes=pack_bits(codes, t.cfg.bk))
+        return {b: dequantize(t, b) for b in levels}
+    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated|gptq|calib, then :gG, :rR, :l2, :wW")
 
 
 def main() -> None:
@@ -130,6 +153,9 @@ def main() -> None:
     ap.add_argument("--variants", default="subblock:g32:r1,kquant:g32,own:g32,dedicated:g32")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama", type=Path, help="llama.cpp source tree with build/bin: add its K-quant rows")
+    ap.add_argument("--train", type=Path, help="with --llama: also K-quants with an imatrix of this text")
+    ap.add_argument("--calib-tokens", type=int, default=32768)
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,11 +173,20 @@ def main() -> None:
 
     base = ppl()
     print(json.dumps({"variant": "unquantized", "ppl": round(base, 4)}), flush=True)
+    stats = {}
+    if any(v.split(":")[0] in ("gptq", "calib") for v in a.variants.split(",")):
+        if not a.train:
+            raise SystemExit("gptq and calib variants need --train (their calibration text)")
+        from d2moe.router_train.activations import expert_column_stats
+
+        stats, _, report = expert_column_stats(Path(a.model), [str(a.train)], a.calib_tokens, progress=False)
+        print(json.dumps({"calibration": report}), flush=True)
     for variant in a.variants.split(","):
         per_level = {b: [] for b in levels}
-        for gate_up, down in original:
-            for mats in (gate_up, down):
-                outs = [quantize(m, variant, levels, lib) for m in mats]
+        for li, (gate_up, down) in enumerate(original):
+            for mi, mats in enumerate((gate_up, down)):
+                outs = [quantize(m, variant, levels, lib, stats.get((li, ei, "down" if mi else "gate")))
+                        for ei, m in enumerate(mats)]
                 for b in levels:
                     per_level[b].append(torch.stack([o[b] for o in outs]))
         ratios = {}
@@ -162,6 +197,31 @@ def main() -> None:
         print(json.dumps({"variant": variant, **ratios}), flush=True)
         for i, e in enumerate(experts):
             e.gate_up_proj.data, e.down_proj.data = original[i]
+    if a.llama:
+        kquant_rows(a, experts, original, ppl, base)
+
+
+def kquant_rows(a, experts, original, ppl, base: float) -> None:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality_vs_kquants import KQUANTS, kquant_experts, llama_f16, llama_imatrix
+
+    with tempfile.TemporaryDirectory(prefix="d2moe-study-") as tmp:
+        work = Path(tmp)
+        f16 = llama_f16(a.llama, Path(a.model), work)
+        imatrices = [None] + ([llama_imatrix(a.llama, f16, a.train, 256, a.calib_tokens, work)] if a.train else [])
+        for imatrix in imatrices:
+            ratios = {}
+            for level, (qtype, _) in KQUANTS.items():
+                quantized = kquant_experts(a.llama, f16, qtype, imatrix, work, len(experts))
+                for e, (gate_up, down), (og, od) in zip(experts, quantized, original, strict=True):
+                    e.gate_up_proj.data, e.down_proj.data = gate_up.view_as(og), down.view_as(od)
+                ratios[f"level {level}"] = round(ppl() / base, 5)
+            for i, e in enumerate(experts):
+                e.gate_up_proj.data, e.down_proj.data = original[i]
+            name = "K-quants" + (" + imatrix" if imatrix else "")
+            print(json.dumps({"variant": name, **ratios}), flush=True)
 
 
 if __name__ == "__main__":

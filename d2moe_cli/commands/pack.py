@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int | None, typer.Option(help="threads fitting each matrix (default: CPU count); output is the same")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted pack of the same inputs and options (finished parts are verified by crc32 and kept)")] = False,
         refits: Annotated[int | None, typer.Option(help="least-squares refits of each group's grid after the clip search (sliced; default 1)")] = None,
-        calib: Annotated[list[str] | None, typer.Option(help="calibration text: a txt/jsonl/parquet file or a hub dataset (repeatable); weights each expert's grid search by its input activations (imatrix-style)")] = None,
+        calib: Annotated[list[str] | None, typer.Option(help="calibration text: a txt/jsonl/parquet file or a hub dataset (repeatable); weights each expert's grid search by its input activations (imatrix-style) and chooses its codes by their outputs on them (GPTQ, every level nested)")] = None,
         calib_tokens: Annotated[int, typer.Option(help="calibration tokens run through the source model for --calib")] = 16384,
         similarity: Annotated[bool, typer.Option("--similarity/--no-similarity", help="store each expert's nearest neighbours (output cosine on a random probe) for `run --on-miss substitute`")] = True,
         lossless: Annotated[bool, typer.Option("--lossless", help="also store each expert's exact source weights, losslessly coded (for `run --lossless`)")] = False,

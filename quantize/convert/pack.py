@@ -30,7 +30,7 @@ from d2moe.errors import InputError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, native, quantize_mwq
 from d2moe.quantize import format as fmt
 from d2moe.quantize.adapters import adapter_for
-from d2moe.quantize.calib import output_errors, pick_rows
+from d2moe.quantize.calib import calibrated_fit
 from d2moe.quantize.convert.lossless_pack import lossless_layer, lossless_section
 from d2moe.quantize.convert.progress import PackProgress
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
@@ -244,7 +244,7 @@ class _Fitter:
                 raise UsageError(f"--refits, --calib and --weighting apply to the sliced and subblock schemes, not {cfg.scheme!r}")
             raise UsageError("--refits, --calib and --weighting other than mse need the native quantizer, which could not "
                              "be built (no C compiler?)")
-        self.name = ("native-1" if lib is not None else "torch-1") + ("+rows" if calib else "")
+        self.name = ("native-1" if lib is not None else "torch-1") + ("+rows+gptq" if calib else "")
 
     def __enter__(self) -> _Fitter:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="d2moe-fit") if self.lib is not None else None
@@ -265,15 +265,10 @@ class _Fitter:
         try:
             if self.lib is not None:
                 stats = self.calib.get(where)
-                f = native.fit_sliced(self.lib, w, self.cfg, None if stats is None else stats.weight, self.refits,
-                                      self._pool, weighting=self.weighting)
-                if stats is None:
-                    return f.tensor, f.sq_error, f.signal
-                # d2moe.quantize.calib: the unweighted fit too, and each row from the one nearer on the sample's outputs
-                plain = native.fit_sliced(self.lib, w, self.cfg, None, self.refits, self._pool, weighting=self.weighting)
-                cands, w32 = [plain.tensor, f.tensor], w.float()
-                tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
-                return tensor, errs, f.signal
+                if stats is not None:
+                    return calibrated_fit(self.lib, w, self.cfg, stats, self.refits, self._pool, self.weighting)
+                f = native.fit_sliced(self.lib, w, self.cfg, None, self.refits, self._pool, weighting=self.weighting)
+                return f.tensor, f.sq_error, f.signal
             w32 = w.float()
             t = quantize_mwq(w32, self.cfg)
             w64 = w32.double()

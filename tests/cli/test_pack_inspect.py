@@ -41,6 +41,20 @@ def test_pack_then_inspect_json(tiny_checkpoint_factory, tmp_path, capsys):
     assert code == 0 and "qwen2_moe" in stdout and "bits/weight" in stdout and "validation" in stdout
 
 
+def test_pack_calib_json_reports_the_second_moments_kept(tiny_checkpoint_factory, tmp_path, capsys):
+    src = tiny_checkpoint_factory("qwen2_moe")
+    out = tmp_path / "calibrated"
+    code, stdout, _ = _run(capsys, "pack", str(src), str(out), "--calib", "d2moe_cli/assets/text/grimm_tales.train.txt",
+                           "--calib-tokens", "2048", "--quiet", "--json")
+    assert code == 0
+    calib = json.loads(stdout)["calib"]
+    config = json.loads((src / "config.json").read_text())
+    assert calib["tokens"] == 2048
+    assert calib["hessian_block"] == {"gate": config["hidden_size"], "down": config["moe_intermediate_size"]}
+    code, stdout, _ = _run(capsys, "inspect", str(out), "--json", "--verify")
+    assert code == 0 and json.loads(stdout)["valid"]
+
+
 def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     code, stdout, _ = _run(capsys, "pack", str(tiny_checkpoint_factory("mixtral")), str(tmp_path / "o"), "--bits", "2,4")
     assert code == 0 and "2-bit" in stdout and "4-bit" in stdout and "SQNR" in stdout

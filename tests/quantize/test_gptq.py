@@ -1,0 +1,90 @@
+"""Nested GPTQ codes (d2moe.quantize.gptq): the plain codes without correlation, nearer outputs with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2moe.quantize import MWQConfig, dequantize, native
+from d2moe.quantize.bitplanes import pack_bits, unpack_bits
+from d2moe.quantize.gptq import WINDOW, block_size, nested_codes, second_moment
+
+
+def _fit(scheme: str, rows: int = 64, cols: int = 256, seed: int = 0):
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(seed)
+    cfg = MWQConfig(bits=(2, 3, 4), group_size=32 if scheme == "subblock" else 64, scheme=scheme)
+    w = torch.randn(rows, cols, generator=g)
+    return cfg, w, native.fit_sliced(lib, w, cfg, None, weighting="abs").tensor, g
+
+
+def _with_codes(t, codes):
+    from dataclasses import replace
+
+    return replace(t, planes=pack_bits(codes, t.cfg.bk))
+
+
+def _correlated_inputs(cols: int, g: torch.Generator, tokens: int = 2000) -> torch.Tensor:
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    return torch.randn(tokens, cols, generator=g) @ mix * torch.linspace(0.2, 2.0, cols)
+
+
+@pytest.mark.parametrize("scheme", ["subblock", "sliced"])
+def test_uncorrelated_inputs_give_the_plain_codes(scheme):
+    cfg, w, t, _ = _fit(scheme)
+    codes = nested_codes(w, torch.eye(w.shape[1]).view(1, *w.shape[1:2] * 2), *t.group_params(), cfg.bits,
+                         cfg.group_size)
+    assert torch.equal(codes, unpack_bits(t.planes).to(torch.uint8))
+
+
+@pytest.mark.parametrize("block", [256, 64])
+def test_codes_bring_the_outputs_nearer(block):
+    """The lowest level's output error falls; the levels above, held inside its cells, may give back a part of it,
+    but over the levels together the outputs are nearer."""
+    cfg, w, t, g = _fit("subblock")
+    x = _correlated_inputs(w.shape[1], g)
+    codes = nested_codes(w, second_moment(x, block), *t.group_params(), cfg.bits, cfg.group_size)
+    assert int(codes.max()) < 2**cfg.bk
+    ours = _with_codes(t, codes)
+    before, after = ([float((x @ (w - dequantize(q, b)).T).square().sum()) for b in cfg.bits] for q in (t, ours))
+    assert after[0] < 0.97 * before[0]
+    assert sum(after) < 0.97 * sum(before)
+
+
+def test_the_lowest_level_stays_within_the_window():
+    cfg, w, t, g = _fit("subblock")
+    x = _correlated_inputs(w.shape[1], g)
+    scale, offset = (v.float().repeat_interleave(cfg.group_size, dim=1) for v in t.group_params())
+    codes = nested_codes(w, second_moment(x, w.shape[1]), scale[:, ::cfg.group_size], offset[:, ::cfg.group_size],
+                         cfg.bits, cfg.group_size)
+    low = (codes >> (cfg.bk - cfg.bits[0])).float()
+    lower_edge, upper_edge = offset + scale * low, offset + scale * (low + 1)
+    top = low == 2 ** cfg.bits[0] - 1
+    assert bool(((w >= lower_edge - WINDOW * scale - 1e-6) | (low == 0)).all())
+    assert bool(((w <= upper_edge + WINDOW * scale + 1e-6) | top).all())
+    assert bool((codes != unpack_bits(t.planes).to(torch.uint8)).any())  # and it does choose differently
+
+
+def test_columns_no_input_touched_are_rounded_to_nearest():
+    cfg, w, t, g = _fit("subblock")
+    x = _correlated_inputs(w.shape[1], g)
+    x[:, :32] = 0  # a group the calibration never reached
+    codes = nested_codes(w, second_moment(x, 128), *t.group_params(), cfg.bits, cfg.group_size)
+    plain = unpack_bits(t.planes).to(torch.uint8)
+    assert torch.equal(codes[:, :32], plain[:, :32])
+    assert torch.isfinite(dequantize(_with_codes(t, codes), 2)).all()
+
+
+def test_second_moment_holds_the_diagonal_blocks_and_block_size_fits_the_budget():
+    x = torch.randn(50, 256)
+    full = x.T @ x
+    blocks = second_moment(x, 64)
+    for k in range(4):
+        assert torch.allclose(blocks[k], full[64 * k:64 * (k + 1), 64 * k:64 * (k + 1)], rtol=1e-5, atol=1e-4)
+    assert block_size(256, 8, 8 * 256 * 256 * 4) == 256
+    assert block_size(256, 8, 8 * 256 * 256 * 4 - 1) == 128
+    assert block_size(14336, 256, 1 << 30) == 64
+    assert block_size(14336, 256, 1 << 20) == 0
+    assert block_size(192, 1, 1 << 30) == 192  # all columns, though not a multiple of the blocks
