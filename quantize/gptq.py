@@ -24,7 +24,8 @@ import torch
 WINDOW = 0.25  # level b1 may leave the weight's own cell only for one within a quarter cell of the weight
 DAMP = 0.01  # of H's mean diagonal, added to it: GPTQ's damping, keeps the inverse well conditioned
 BLOCKS = (512, 256, 128, 64, 32)  # block sizes tried when the whole matrix's H does not fit
-ROW_CHUNK = 256
+CHUNK_ELEMS = 1 << 22  # weights per row chunk
+LAZY = 32  # columns chosen one by one before the rest of the block is updated at once
 
 
 def block_size(columns: int, matrices: int, budget_bytes: int) -> int:
@@ -43,42 +44,51 @@ def second_moment(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def inverse_factor(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of each block's damped inverse (GPTQ's U): float32 [nb, B, B]. A column no input
-    touched gets a unit diagonal, so it is rounded to nearest and passes no error on."""
+    """Upper Cholesky factor U of each block's damped inverse, U^T U = H^-1 (GPTQ's U): float32 [nb, B, B]. A column
+    no input touched gets a unit diagonal, so it is rounded to nearest and passes no error on.
+
+    With P the reversal of the columns and P H P = L L^T, U = P L^-1 P: one factorisation and one triangular solve
+    (not a factorisation, an inverse and a second factorisation)."""
     h = h.double().clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
     dead = diag <= 0
     diag[dead] = 1.0
     diag.add_(DAMP * diag.mean(-1, keepdim=True))
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inv, upper=True).float()
+    low = torch.linalg.cholesky(h.flip(-1, -2))
+    eye = torch.eye(h.shape[-1], dtype=h.dtype).expand_as(h)
+    return torch.linalg.solve_triangular(low, eye, upper=False).flip(-1, -2).float()
 
 
 def nested_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: tuple[int, ...],
                  group: int, window: float = WINDOW) -> torch.Tensor:
     """bk-bit codes uint8 [O, I] of w [O, I] on the grids (scale: level-b1 cell width, offset: cell 0's lower edge,
     [O, G]), chosen level by level with error feedback through H's diagonal blocks h [nb, B, B]. Rows are
-    independent: they go ROW_CHUNK at a time (a few dozen MiB of temporaries at 14336 columns)."""
+    independent: they go CHUNK_ELEMS / I at a time (a few temporaries of 16 MiB)."""
     u = inverse_factor(h)
     codes = torch.empty(w.shape, dtype=torch.uint8)
-    for r0 in range(0, w.shape[0], ROW_CHUNK):
-        r1 = min(w.shape[0], r0 + ROW_CHUNK)
+    step = max(1, CHUNK_ELEMS // w.shape[1])
+    for r0 in range(0, w.shape[0], step):
+        r1 = min(w.shape[0], r0 + step)
         codes[r0:r1] = _rows_codes(w[r0:r1], u, scale[r0:r1], offset[r0:r1], bits, group, window)
     return codes
 
 
 def _rows_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: tuple[int, ...],
                 group: int, window: float) -> torch.Tensor:
+    """nested_codes on a few rows. Layout [B, O, nb]: position j of every block is one contiguous [O, nb] slice,
+    so the blocks are solved side by side."""
     rows, cols = w.shape
     nb, block = u.shape[0], u.shape[1]
     b1 = bits[0]
 
-    def per_column(v: torch.Tensor) -> torch.Tensor:  # [O, G] -> [O, nb, B]
-        return v.float().repeat_interleave(group, dim=1).view(rows, nb, block)
+    def by_position(v: torch.Tensor) -> torch.Tensor:  # [O, I] -> [B, O, nb]
+        return v.reshape(rows, nb, block).permute(2, 0, 1).contiguous()
 
-    cell1, off = per_column(scale), per_column(offset)
-    w3 = w.float().view(rows, nb, block)
-    diag = u.diagonal(dim1=-2, dim2=-1)  # [nb, B]
+    cell1 = by_position(scale.float().repeat_interleave(group, dim=1))
+    off = by_position(offset.float().repeat_interleave(group, dim=1))
+    w3 = by_position(w.float())
+    diag = u.diagonal(dim1=-2, dim2=-1).T.contiguous()  # [B, nb]
+    ut = u.permute(1, 2, 0).contiguous()  # [B, B, nb]: ut[j, k] = u[:, j, k]
     prefix, prev = None, b1
     for b in bits:
         cell = cell1 * 2.0 ** (b1 - b)
@@ -90,11 +100,19 @@ def _rows_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, offset: t
             lo = prefix * 2 ** (b - prev)
             hi = lo + (2 ** (b - prev) - 1)
         work, codes = w3.clone(), torch.empty_like(w3)
-        for j in range(block):
-            x = work[:, :, j]
-            q = torch.minimum(torch.maximum(((x - off[:, :, j]) * inv[:, :, j]).floor_(), lo[:, :, j]), hi[:, :, j])
-            codes[:, :, j] = q
-            e = (x - (off[:, :, j] + cell[:, :, j] * (q + 0.5))) / diag[:, j]
-            work[:, :, j + 1:] -= e.unsqueeze(-1) * u[:, j, j + 1:]
+        for s0 in range(0, block, LAZY):  # GPTQ's lazy batches: the columns past this batch get one product
+            s1 = min(block, s0 + LAZY)
+            err = torch.empty(s1 - s0, rows, nb)
+            for j in range(s0, s1):
+                x = work[j]
+                q = torch.minimum(torch.maximum(((x - off[j]) * inv[j]).floor_(), lo[j]), hi[j])
+                codes[j] = q
+                e = err[j - s0]
+                torch.div(x - (off[j] + cell[j] * (q + 0.5)), diag[j], out=e)
+                if j + 1 < s1:
+                    work[j + 1:s1] -= e * ut[j, j + 1:s1].unsqueeze(1)
+            if s1 < block:  # per block: [nb, O, L] @ [nb, L, rest]
+                upd = torch.bmm(err.permute(2, 1, 0), u[:, s0:s1, s1:])  # [nb, O, rest]
+                work[s1:] -= upd.permute(2, 1, 0)
         prefix, prev = codes, b
-    return prefix.view(rows, cols).to(torch.uint8)
+    return prefix.permute(1, 2, 0).reshape(rows, cols).to(torch.uint8)
