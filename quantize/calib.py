@@ -93,16 +93,21 @@ def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[
 
 
 def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, refits: int, pool=None,
-                   weighting: str = "mse") -> tuple[MWQTensor, list[float], float]:
+                   weighting: str = "mse", windows: tuple[float, ...] = gptq.WINDOWS
+                   ) -> tuple[MWQTensor, list[float], float]:
     """pack --calib's fit of one matrix: (tensor, squared error per level, signal). The native fit weighted by the
-    column statistics and unweighted, each row from the one nearer on the sample's outputs (`pick_rows`), then
-    the codes on those grids chosen by their outputs (d2moe.quantize.gptq) where the second moment was kept."""
+    column statistics and unweighted, each row from the one nearer on the sample's outputs (`pick_rows`); then,
+    where the second moment was kept, the codes on those grids chosen by their outputs (d2moe.quantize.gptq) with
+    each of `windows` for the lowest level, each row again from the one nearer on the sample (the first unless
+    another is clearly nearer)."""
     weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
     cands, w32 = [plain.tensor, weighted.tensor], w.float()
     tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
     if stats.hessian is not None and tensor.alpha is None:
-        codes = gptq.nested_codes(w32, stats.hessian, *tensor.group_params(), cfg.bits, cfg.group_size)
-        tensor = replace(tensor, planes=pack_bits(codes, cfg.bk))
-        errs = [(w32 - dequantize(tensor, b)).double().square().sum().item() for b in cfg.bits]
+        grids = tensor.group_params()
+        cands = [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
+                                                                    cfg.group_size, window), cfg.bk))
+                 for window in windows]
+        tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
     return tensor, errs, weighted.signal

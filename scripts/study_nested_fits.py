@@ -13,7 +13,8 @@ recipe, windows of 256 tokens: the same harness as llama.cpp's experts in script
 - `dedicated:gG`    each level fitted alone as a one-level pack (not nested: what nesting costs);
 - `gptq:gG[:rR][:wW]` pack's plain grids, the codes by d2moe.quantize.gptq on --train's statistics, level b1 within W
                     cells of the weight (default gptq.WINDOW);
-- `calib:gG[:rR]`   exactly what `pack --calib TRAIN` writes (d2moe.quantize.calib.calibrated_fit).
+- `calib:gG[:rR][:wW/W..]` exactly what `pack --calib TRAIN` writes (d2moe.quantize.calib.calibrated_fit), or with
+                    other windows for level b1 to choose from per row.
 
     .venv/bin/python scripts/study_nested_fits.py MODEL --heldout TEXT --variants subblock:g32:r1,kquant:g16 \
         [--llama LLAMA_CPP [--train TRAIN.txt]]
@@ -128,7 +129,9 @@ def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=
         return {b: dequantize(t, b) for b, t in fits.items()}
     if kind == "calib":  # exactly pack --calib's fit (weighted and plain fits' rows, then gptq's codes)
         cfg = MWQConfig(levels, group)
-        t = (calibrated_fit(lib, w.contiguous(), cfg, stats, refits, weighting="abs")[0] if stats is not None else
+        windows = next((tuple(float(v) for v in o[1:].split("/")) for o in opts if o.startswith("w")), gptq.WINDOWS)
+        t = (calibrated_fit(lib, w.contiguous(), cfg, stats, refits, weighting="abs", windows=windows)[0]
+             if stats is not None else
              native.fit_sliced(lib, w.contiguous(), cfg, weighting="abs", refits=refits).tensor)
         return {b: dequantize(t, b) for b in levels}
     t = native.fit_sliced(lib, w.contiguous(), MWQConfig(levels, group), weighting="abs", refits=refits).tensor

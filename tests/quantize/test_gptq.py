@@ -88,3 +88,19 @@ def test_second_moment_holds_the_diagonal_blocks_and_block_size_fits_the_budget(
     assert block_size(14336, 256, 1 << 30) == 64
     assert block_size(14336, 256, 1 << 20) == 0
     assert block_size(192, 1, 1 << 30) == 192  # all columns, though not a multiple of the blocks
+
+
+def test_calibrated_fit_takes_each_row_from_one_window():
+    from d2moe.quantize.calib import ColumnStats, calibrated_fit
+    from d2moe.quantize.gptq import WINDOWS
+
+    cfg, w, _, g = _fit("subblock")
+    x = _correlated_inputs(w.shape[1], g)
+    stats = ColumnStats(x.square().mean(0) / x.square().mean(), x[:256].bfloat16(), second_moment(x, 128) / len(x))
+    t, errs, _ = calibrated_fit(native.load(), w, cfg, stats, refits=1, weighting="abs")
+    got = unpack_bits(t.planes).to(torch.uint8)
+    per_window = [nested_codes(w, stats.hessian, *t.group_params(), cfg.bits, cfg.group_size, v) for v in WINDOWS]
+    from_window = torch.stack([(got == c).all(1) for c in per_window])  # [windows, rows]
+    assert bool(from_window.any(0).all())  # every row is one window's codes on its own grid, bit for bit
+    for b, e in zip(cfg.bits, errs, strict=True):
+        assert e == pytest.approx(float((w - dequantize(t, b)).double().square().sum()), rel=1e-6)
