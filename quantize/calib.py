@@ -97,17 +97,17 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
                    ) -> tuple[MWQTensor, list[float], float]:
     """pack --calib's fit of one matrix: (tensor, squared error per level, signal). The native fit weighted by the
     column statistics and unweighted, each row from the one nearer on the sample's outputs (`pick_rows`); then,
-    where the second moment was kept, the codes on those grids chosen by their outputs (d2moe.quantize.gptq) with
-    each of `windows` for the lowest level, each row again from the one nearer on the sample (the first unless
-    another is clearly nearer)."""
+    where the second moment was kept, the codes on those grids chosen by their outputs (d2moe.quantize.gptq)
+    with each of `windows` for the lowest level. Each row keeps its nearest-cell codes unless one of those is
+    clearly nearer on both halves of the sample (GPTQ can trade the top level for the lowest, BENCHMARKS.md §6.7)."""
     weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
     cands, w32 = [plain.tensor, weighted.tensor], w.float()
     tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
     if stats.hessian is not None and tensor.alpha is None:
         grids = tensor.group_params()
-        cands = [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
-                                                                    cfg.group_size, window), cfg.bk))
-                 for window in windows]
+        cands = [tensor] + [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
+                                                                               cfg.group_size, window), cfg.bk))
+                            for window in windows]
         tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
     return tensor, errs, weighted.signal

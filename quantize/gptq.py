@@ -9,7 +9,8 @@ level, lowest first, on the grids the fit chose (they are not changed):
 - level b1 chooses among the cells within `window` cells of the weight itself. Free to go anywhere, GPTQ's
   level b1 moves weights across cells that the levels above must then stay inside (their code's prefix), and
   the top level's outputs get worse than plain rounding's (BENCHMARKS.md §6.7). A wide window helps level b1,
-  a narrow one the levels above: pack tries WINDOWS and keeps per row the nearer on a sample (calib.py);
+  a narrow one the levels above: pack tries WINDOWS, and each row keeps its nearest-cell codes unless one of
+  them is clearly nearer on a sample of the inputs (calib.py);
 - each level above starts again from the weights and chooses only the bits it adds (the children of the
   level below's cell), with its own feedback.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 WINDOW = 0.25  # level b1 may leave the weight's own cell only for one within a quarter cell of the weight
-WINDOWS = (0.25, 0.1)  # pack --calib tries both and keeps per row the one whose outputs are nearer (calib.py)
+WINDOWS = (0.25, 0.1)  # pack --calib tries both, beside the nearest-cell codes, and keeps the nearest per row (calib.py)
 DAMP = 0.01  # of H's mean diagonal, added to it: GPTQ's damping, keeps the inverse well conditioned
 BLOCKS = (512, 256, 128, 64, 32)  # block sizes tried when the whole matrix's H does not fit
 CHUNK_ELEMS = 1 << 22  # weights per row chunk

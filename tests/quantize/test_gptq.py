@@ -90,7 +90,7 @@ def test_second_moment_holds_the_diagonal_blocks_and_block_size_fits_the_budget(
     assert block_size(192, 1, 1 << 30) == 192  # all columns, though not a multiple of the blocks
 
 
-def test_calibrated_fit_takes_each_row_from_one_window():
+def test_calibrated_fit_takes_each_row_from_the_nearest_cells_or_one_window():
     from d2moe.quantize.calib import ColumnStats, calibrated_fit
     from d2moe.quantize.gptq import WINDOWS
 
@@ -99,8 +99,10 @@ def test_calibrated_fit_takes_each_row_from_one_window():
     stats = ColumnStats(x.square().mean(0) / x.square().mean(), x[:256].bfloat16(), second_moment(x, 128) / len(x))
     t, errs, _ = calibrated_fit(native.load(), w, cfg, stats, refits=1, weighting="abs")
     got = unpack_bits(t.planes).to(torch.uint8)
+    nearest = nested_codes(w, torch.eye(w.shape[1])[None], *t.group_params(), cfg.bits, cfg.group_size)
     per_window = [nested_codes(w, stats.hessian, *t.group_params(), cfg.bits, cfg.group_size, v) for v in WINDOWS]
-    from_window = torch.stack([(got == c).all(1) for c in per_window])  # [windows, rows]
-    assert bool(from_window.any(0).all())  # every row is one window's codes on its own grid, bit for bit
+    source = torch.stack([(got == c).all(1) for c in [nearest, *per_window]])  # [1 + windows, rows]
+    assert bool(source.any(0).all())  # every row is one candidate's codes on its own grid, bit for bit
+    assert bool(source[1:].any(1).any())  # and GPTQ's win some rows
     for b, e in zip(cfg.bits, errs, strict=True):
         assert e == pytest.approx(float((w - dequantize(t, b)).double().square().sum()), rel=1e-6)
