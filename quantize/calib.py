@@ -32,6 +32,8 @@ from d2moe.quantize.types import MWQConfig, MWQTensor
 
 SAMPLE_TOKENS = 256  # routed inputs kept per expert: the row choice needs a few hundred to be stable
 ROW_CHUNK = 512  # rows per pass in output_errors: a few MiB of float32 temporaries
+JUDGED_SPAN = 3  # GPTQ's rows are judged on the levels within 3 bits of the lowest: an 8-bit level's error is
+# 1/4096 of a 2-bit one's, near lossless either way, and would veto GPTQ on its relative change alone (§6.7)
 SWITCH_MARGIN = 0.05  # a row leaves the unweighted fit only for outputs 5% nearer: the sample's error is an estimate
 
 
@@ -65,15 +67,17 @@ def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.
     return out
 
 
-def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor]) -> tuple[MWQTensor, list[float]]:
+def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor], judged: list[int] | None = None
+              ) -> tuple[MWQTensor, list[float]]:
     """The tensor taking each row from the candidate with the least sum over levels of log output error, the
     first candidate unless another is SWITCH_MARGIN nearer at every level's geometric mean on each half of
     the sample (a switch the other half does not confirm is the sample's noise); and its unweighted squared
     error per level (errors: output_errors of each candidate)."""
     n = len(candidates[0].cfg.bits)
+    judged = list(range(n)) if judged is None else judged  # indices of the levels the choice weighs
     errs = torch.stack(errors).clamp_min(1e-300)  # [C, 3n, O]
-    halves = errs[:, : 2 * n].log().view(len(errors), 2, n, -1).sum(2)  # [C, 2, O]: log error per half
-    margin = n * math.log1p(SWITCH_MARGIN)
+    halves = errs[:, : 2 * n].log().view(len(errors), 2, n, -1)[:, :, judged].sum(2)  # [C, 2, O]: log error per half
+    margin = len(judged) * math.log1p(SWITCH_MARGIN)
     confirmed = (halves[1:] + margin < halves[:1]).all(1)  # [C-1, O]: nearer than the first on both halves
     score = halves.sum(1)  # [C, O]
     score[1:] = score[1:].masked_fill(~confirmed, math.inf)
@@ -99,7 +103,8 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
     column statistics and unweighted, each row from the one nearer on the sample's outputs (`pick_rows`); then,
     where the second moment was kept, the codes on those grids chosen by their outputs (d2moe.quantize.gptq)
     with each of `windows` for the lowest level. Each row keeps its nearest-cell codes unless one of those is
-    clearly nearer on both halves of the sample (GPTQ can trade the top level for the lowest, BENCHMARKS.md §6.7)."""
+    clearly nearer on both halves of the sample, over the levels within JUDGED_SPAN bits of the lowest (GPTQ can
+    trade the top level for the lowest, BENCHMARKS.md §6.7)."""
     weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
     cands, w32 = [plain.tensor, weighted.tensor], w.float()
@@ -109,5 +114,6 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
         cands = [tensor] + [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
                                                                                cfg.group_size, window), cfg.bk))
                             for window in windows]
-        tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
+        judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
+        tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands], judged)
     return tensor, errs, weighted.signal

@@ -54,3 +54,18 @@ def test_the_chosen_tensor_encodes_and_decodes_like_any_fit():
     back = decode_blob(blob, layout, cfg, cfg.bits[-1], shapes)
     for b in cfg.bits:
         assert torch.equal(dequantize(back["down"].to_mwq(), b), dequantize(t, b))
+
+
+def test_levels_left_out_of_the_judgement_do_not_veto_a_row():
+    """A candidate nearer at the judged levels wins its rows even when far worse at a level left out (an 8-bit
+    level whose tiny error GPTQ multiplies)."""
+    cfg, w, x, cands = _fits("subblock")
+    n, rows = len(cfg.bits), w.shape[0]
+    base = torch.ones(3 * n, rows, dtype=torch.float64)
+    other = base.clone()
+    other[[0, n]] = 0.5  # level 2 halved on both halves of the sample
+    other[[n - 1, 2 * n - 1]] = 50.0  # the top level fifty times worse
+    t, _ = pick_rows(cands, [base, other])
+    assert torch.equal(t.planes, cands[0].planes)  # judged on every level: the top level vetoes the switch
+    t, _ = pick_rows(cands, [base, other], judged=list(range(n - 1)))
+    assert torch.equal(t.planes, cands[1].planes)  # judged without it: every row switches
