@@ -12,10 +12,11 @@ errors that add up in the output (BENCHMARKS.md §6.3: on its own it made every 
 fits each matrix twice, weighted and unweighted, and keeps for every row the fit whose outputs on
 the sample are nearer the source's: ||X (w_o - q_o)||^2, summed in log over the packed levels (each
 level counts alike), staying with the unweighted fit unless the other is clearly nearer on each half of
-the sample. Rows are
-independent in the format (a row's groups and super-blocks are its own), so the chosen rows form one
-valid tensor. Held-out text never enters. (On two trained MoEs this lowers held-out expert output error
-at every level but does not beat the uncalibrated pack's perplexity: BENCHMARKS.md §6.4.)
+the sample. Rows are independent in the format (a row's groups and super-blocks are its own), so the
+chosen rows form one valid tensor. On those grids, GPTQ's codes (two windows) compete with the
+nearest-cell codes by the same rule, judged on the levels within JUDGED_SPAN bits of the lowest
+(`calibrated_fit`). Held-out text never enters. The grid choice alone did not beat the uncalibrated pack's
+perplexity (BENCHMARKS.md §6.4); with GPTQ's codes, three trained MoEs lose 35-60% less (§6.7).
 """
 
 from __future__ import annotations
