@@ -74,6 +74,14 @@ def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor], judged: l
     first candidate unless another is SWITCH_MARGIN nearer at every level's geometric mean on each half of
     the sample (a switch the other half does not confirm is the sample's noise); and its unweighted squared
     error per level (errors: output_errors of each candidate)."""
+    tensor, chosen = _pick_rows(candidates, errors, judged)
+    n = len(candidates[0].cfg.bits)
+    return tensor, [float(v) for v in chosen[2 * n:].sum(1)]
+
+
+def _pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor], judged: list[int] | None
+               ) -> tuple[MWQTensor, torch.Tensor]:
+    """pick_rows' tensor, and its output_errors [3n, O] (each row's from the candidate it came from)."""
     n = len(candidates[0].cfg.bits)
     judged = list(range(n)) if judged is None else judged  # indices of the levels the choice weighs
     errs = torch.stack(errors).clamp_min(1e-300)  # [C, 3n, O]
@@ -91,10 +99,9 @@ def pick_rows(candidates: list[MWQTensor], errors: list[torch.Tensor], judged: l
         scale[rows], offset[rows], planes[:, rows] = t.scale[rows], t.offset[rows], t.planes[:, rows]
         if alpha is not None:
             alpha[:, rows] = t.alpha[:, rows]
-    plain = torch.stack(errors)[:, 2 * n :, :]  # [C, levels, O]
-    chosen = plain.gather(0, best.view(1, 1, -1).expand(1, n, -1))[0]
+    chosen = torch.stack(errors).gather(0, best.view(1, 1, -1).expand(1, 3 * n, -1))[0]  # [3n, O]
     tensor = MWQTensor(first.shape, first.cfg, first.level, scale, offset, planes, alpha)
-    return tensor, [float(v) for v in chosen.sum(1)]
+    return tensor, chosen
 
 
 def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, refits: int, pool=None,
@@ -109,12 +116,15 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
     weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
     cands, w32 = [plain.tensor, weighted.tensor], w.float()
-    tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands])
+    tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands], None)
     if stats.hessian is not None and tensor.alpha is None:
         grids = tensor.group_params()
-        cands = [tensor] + [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
-                                                                               cfg.group_size, window), cfg.bk))
-                            for window in windows]
+        gptqs = [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
+                                                                    cfg.group_size, window), cfg.bk))
+                 for window in windows]
         judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
-        tensor, errs = pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands], judged)
-    return tensor, errs, weighted.signal
+        # the nearest-cell tensor's errors are its rows' from the first choice: not computed again
+        tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w32, t, stats.sample) for t in gptqs)],
+                                    judged)
+    n = len(cfg.bits)
+    return tensor, [float(v) for v in chosen[2 * n:].sum(1)], weighted.signal
