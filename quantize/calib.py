@@ -10,12 +10,11 @@ Per (layer, expert, matrix) the calibration run (d2moe.router_train.activations)
 The diagonal weighting alone ignores how columns co-vary and can clip the columns it rates low into
 errors that add up in the output (BENCHMARKS.md §6.3: on its own it made every level worse). So pack
 fits each matrix twice, weighted and unweighted, and keeps for every row the fit whose outputs on
-the sample are nearer the source's: ||X (w_o - q_o)||^2, summed in log over the packed levels (each
-level counts alike), staying with the unweighted fit unless the other is clearly nearer on each half of
-the sample. Rows are independent in the format (a row's groups and super-blocks are its own), so the
-chosen rows form one valid tensor. On those grids, GPTQ's codes (two windows) compete with the
-nearest-cell codes by the same rule, judged on the levels within JUDGED_SPAN bits of the lowest
-(`calibrated_fit`). Held-out text never enters. The grid choice alone did not beat the uncalibrated pack's
+the sample are nearer the source's: ||X (w_o - q_o)||^2, summed in log over the levels within
+JUDGED_SPAN bits of the lowest (each counts alike), staying with the unweighted fit unless the other is
+clearly nearer on each half of the sample. Rows are independent in the format (a row's groups and
+super-blocks are its own), so the chosen rows form one valid tensor. On those grids, GPTQ's codes (two
+windows) compete with the nearest-cell codes by the same rule (`calibrated_fit`). Held-out text never enters. The grid choice alone did not beat the uncalibrated pack's
 perplexity (BENCHMARKS.md §6.4); with GPTQ's codes, three trained MoEs lose 35-60% less (§6.7).
 """
 
@@ -33,8 +32,8 @@ from d2moe.quantize.types import MWQConfig, MWQTensor
 
 SAMPLE_TOKENS = 256  # routed inputs kept per expert: the row choice needs a few hundred to be stable
 ROW_CHUNK = 512  # rows per pass in output_errors: a few MiB of float32 temporaries
-JUDGED_SPAN = 3  # GPTQ's rows are judged on the levels within 3 bits of the lowest: an 8-bit level's error is
-# 1/4096 of a 2-bit one's, near lossless either way, and would veto GPTQ on its relative change alone (§6.7)
+JUDGED_SPAN = 3  # rows are judged on the levels within 3 bits of the lowest: an 8-bit level's error is 1/4096
+# of a 2-bit one's, near lossless either way, and would veto a choice on its relative change alone (§6.7, §6.8)
 SWITCH_MARGIN = 0.05  # a row leaves the unweighted fit only for outputs 5% nearer: the sample's error is an estimate
 
 
@@ -109,20 +108,20 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
                    ) -> tuple[MWQTensor, list[float], float]:
     """pack --calib's fit of one matrix: (tensor, squared error per level, signal). The native fit weighted by the
     column statistics and unweighted, each row from the one nearer on the sample's outputs (`pick_rows`); then,
-    where the second moment was kept, the codes on those grids chosen by their outputs (d2moe.quantize.gptq)
-    with each of `windows` for the lowest level. Each row keeps its nearest-cell codes unless one of those is
-    clearly nearer on both halves of the sample, over the levels within JUDGED_SPAN bits of the lowest (GPTQ can
-    trade the top level for the lowest, BENCHMARKS.md §6.7)."""
+    where the second moment was kept, the codes on those grids chosen by their outputs (d2moe.quantize.gptq,
+    in C with `lib`) with each of `windows` for the lowest level. Each row keeps its nearest-cell codes unless
+    one of those is clearly nearer on both halves of the sample (GPTQ can trade the top level for the lowest,
+    BENCHMARKS.md §6.7). Both choices weigh the levels within JUDGED_SPAN bits of the lowest."""
     weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
     cands, w32 = [plain.tensor, weighted.tensor], w.float()
-    tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands], None)
+    judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
+    tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands], judged)
     if stats.hessian is not None and tensor.alpha is None:
         grids = tensor.group_params()
         gptqs = [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
-                                                                    cfg.group_size, window), cfg.bk))
+                                                                    cfg.group_size, window, lib, pool), cfg.bk))
                  for window in windows]
-        judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
         # the nearest-cell tensor's errors are its rows' from the first choice: not computed again
         tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w32, t, stats.sample) for t in gptqs)],
                                     judged)

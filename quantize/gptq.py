@@ -21,6 +21,8 @@ With H = identity every choice is the nearest cell: the codes are the plain fit'
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 WINDOW = 0.25  # level b1 may leave the weight's own cell only for one within a quarter cell of the weight
@@ -28,6 +30,7 @@ WINDOWS = (0.25, 0.1)  # pack --calib tries both, beside the nearest-cell codes,
 DAMP = 0.01  # of H's mean diagonal, added to it: GPTQ's damping, keeps the inverse well conditioned
 BLOCKS = (512, 256, 128, 64, 32)  # block sizes tried when the whole matrix's H does not fit
 CHUNK_ELEMS = 1 << 22  # weights per row chunk
+ROWS_PER_TASK = 64  # rows per task of the C version (its tiles are 16 rows)
 LAZY = 32  # columns chosen one by one before the rest of the block is updated at once
 
 
@@ -63,16 +66,35 @@ def inverse_factor(h: torch.Tensor) -> torch.Tensor:
 
 
 def nested_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: tuple[int, ...],
-                 group: int, window: float = WINDOW) -> torch.Tensor:
+                 group: int, window: float = WINDOW, lib=None, pool=None) -> torch.Tensor:
     """bk-bit codes uint8 [O, I] of w [O, I] on the grids (scale: level-b1 cell width, offset: cell 0's lower edge,
-    [O, G]), chosen level by level with error feedback through H's diagonal blocks h [nb, B, B]. Rows are
-    independent: they go CHUNK_ELEMS / I at a time (a few temporaries of 16 MiB)."""
+    [O, G]), chosen level by level with error feedback through H's diagonal blocks h [nb, B, B]. With `lib`
+    (d2moe.quantize.native.load()) the C version runs, its rows split over `pool`; else torch's, rows going
+    CHUNK_ELEMS / I at a time (a few temporaries of 16 MiB)."""
     u = inverse_factor(h)
     codes = torch.empty(w.shape, dtype=torch.uint8)
+    if lib is not None:
+        return _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool)
     step = max(1, CHUNK_ELEMS // w.shape[1])
     for r0 in range(0, w.shape[0], step):
         r1 = min(w.shape[0], r0 + step)
         codes[r0:r1] = _rows_codes(w[r0:r1], u, scale[r0:r1], offset[r0:r1], bits, group, window)
+    return codes
+
+
+def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool) -> torch.Tensor:
+    w32, ut = w.float().contiguous(), u.transpose(1, 2).contiguous()  # the C side reads U's columns as rows
+    cell1, off = scale.float().contiguous(), offset.float().contiguous()
+    levels = (ctypes.c_int32 * len(bits))(*bits)
+    rows, cols = w.shape
+
+    def run(r0: int) -> int:
+        return lib.d2q_gptq_rows(w32.data_ptr(), cols, ut.data_ptr(), ut.shape[1], cell1.data_ptr(), off.data_ptr(),
+                                 group, len(bits), levels, window, codes.data_ptr(), r0, min(rows, r0 + ROWS_PER_TASK))
+
+    starts = range(0, rows, ROWS_PER_TASK)
+    if any(pool.map(run, starts) if pool is not None else map(run, starts)):
+        raise MemoryError(f"native GPTQ: out of memory choosing the codes of a matrix of shape {tuple(w.shape)}")
     return codes
 
 

@@ -1,4 +1,5 @@
-"""The sliced MWQ fit in C (quantize/native/mwq_fit.c), built at first use like the CPU kernels.
+"""The sliced MWQ fit in C (quantize/native/mwq_fit.c), built at first use like the CPU kernels, with
+pack --calib's GPTQ codes (quantize/native/gptq.c, called by d2moe.quantize.gptq).
 
 The same algorithm as the torch fit (d2moe.quantize.grid.search_grid: the readable specification and
 the fallback where no compiler is found), about 40x faster per core: one pass per candidate grid over
@@ -25,7 +26,7 @@ from d2moe.quantize.grid import check_shape
 from d2moe.quantize.subblock import SUPER_PARAMS, n_supers
 from d2moe.quantize.types import MWQConfig, MWQTensor
 
-SOURCE = Path(__file__).parent / "native" / "mwq_fit.c"
+SOURCES = [Path(__file__).parent / "native" / name for name in ("mwq_fit.c", "gptq.c")]
 # No -ffast-math and no FMA contraction (bit-reproducible whatever the vector width); no traps and errno
 # let floorf vectorise without changing a result.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
@@ -46,7 +47,7 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): pack uses the slower torch quantizer", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(cpu.build_shared(cc, SOURCE, FLAGS)))
+        lib = ctypes.CDLL(str(cpu.build_shared(cc, SOURCES, FLAGS)))
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"building the native quantizer failed ({exc}): pack uses the slower torch quantizer", stacklevel=2)
         return None
@@ -55,6 +56,9 @@ def load() -> ctypes.CDLL | None:
     lib.d2q_fit_rows.restype = ctypes.c_int
     lib.d2q_fit_rows_subblock.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, i32, p, p, p, p, p]
     lib.d2q_fit_rows_subblock.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.d2q_gptq_rows.argtypes = [p, i32, p, i32, p, p, i32, i32, p, f32, p, i32, i32]
+    lib.d2q_gptq_rows.restype = ctypes.c_int
     return lib
 
 

@@ -38,7 +38,7 @@ FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs 
 SEQ_LEN = 512
 SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
 HESSIAN_BYTES = 1 << 30  # all experts' second moments together (float32): whole matrices where they fit, else blocks
-CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq/"  # in --resume's id: other calibrations are not reused
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span/"  # in --resume's id: other calibrations are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:

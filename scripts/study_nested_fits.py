@@ -118,8 +118,27 @@ def own_params(w: torch.Tensor, t, levels: tuple[int, ...], group: int) -> dict[
     return out
 
 
-def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=None) -> dict[int, torch.Tensor]:
+def hadamard_rotation(n: int, block: int, seed: int = 0) -> torch.Tensor:
+    """Orthogonal [n, n]: random signs, then a normalised Sylvester Hadamard on each block of `block` entries."""
+    block = min(block, n & -n)  # the largest power of two dividing n
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    return torch.block_diag(*[h / block**0.5] * (n // block)) * signs[None, :]
+
+
+def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=None, matrix: str = "gate") -> dict[int, torch.Tensor]:
     kind, *opts = variant.split(":")
+    if kind == "rot":  # incoherence: quantize the rotated matrix, rotate each level back (:hH block, :out rows)
+        block = next((int(o[1:]) for o in opts if o.startswith("h")), 64)
+        rows = "out" in opts and matrix == "down"  # down rotated on its output side
+        r = hadamard_rotation(w.shape[0] if rows else w.shape[1], block)
+        wf = w.float()
+        rotated = (r @ wf if rows else wf @ r.T).to(w.dtype)
+        inner = ":".join(["subblock"] + [o for o in opts if o[0] in "gr"])
+        return {b: (r.T @ q.float() if rows else q.float() @ r).to(w.dtype)
+                for b, q in quantize(rotated, inner, levels, lib).items()}
     group = next((int(o[1:]) for o in opts if o.startswith("g")), 32)
     refits = next((int(o[1:]) for o in opts if o.startswith("r")), 0)
     if kind == "kquant":
@@ -143,7 +162,7 @@ def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=
         if stats is None:
             return {b: dequantize(t, b) for b in levels}
         window = next((float(o[1:]) for o in opts if o.startswith("w")), gptq.WINDOW)
-        codes = gptq.nested_codes(w, stats.hessian, *t.group_params(), levels, group, window)
+        codes = gptq.nested_codes(w, stats.hessian, *t.group_params(), levels, group, window, lib)
         t = replace(t, planes=pack_bits(codes, t.cfg.bk))
         return {b: dequantize(t, b) for b in levels}
     raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated|gptq|calib, then :gG, :rR, :l2, :wW")
@@ -188,7 +207,8 @@ def main() -> None:
         per_level = {b: [] for b in levels}
         for li, (gate_up, down) in enumerate(original):
             for mi, mats in enumerate((gate_up, down)):
-                outs = [quantize(m, variant, levels, lib, stats.get((li, ei, "down" if mi else "gate")))
+                outs = [quantize(m, variant, levels, lib, stats.get((li, ei, "down" if mi else "gate")),
+                                 "down" if mi else "gate")
                         for ei, m in enumerate(mats)]
                 for b in levels:
                     per_level[b].append(torch.stack([o[b] for o in outs]))

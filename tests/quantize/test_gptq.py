@@ -1,4 +1,5 @@
-"""Nested GPTQ codes (d2moe.quantize.gptq): the plain codes without correlation, nearer outputs with it."""
+"""Nested GPTQ codes (d2moe.quantize.gptq), torch's and the C version's: the plain codes without correlation, nearer
+outputs with it, and the two versions choosing the same codes."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def _fit(scheme: str, rows: int = 64, cols: int = 256, seed: int = 0):
     return cfg, w, native.fit_sliced(lib, w, cfg, None, weighting="abs").tensor, g
 
 
+IMPLS = ["torch", "native"]
+
+
+def _codes(impl: str, w, h, scale, offset, cfg, window=WINDOW, pool=None):
+    return nested_codes(w, h, scale, offset, cfg.bits, cfg.group_size, window,
+                        native.load() if impl == "native" else None, pool)
+
+
 def _with_codes(t, codes):
     from dataclasses import replace
 
@@ -31,21 +40,22 @@ def _correlated_inputs(cols: int, g: torch.Generator, tokens: int = 2000) -> tor
     return torch.randn(tokens, cols, generator=g) @ mix * torch.linspace(0.2, 2.0, cols)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("scheme", ["subblock", "sliced"])
-def test_uncorrelated_inputs_give_the_plain_codes(scheme):
+def test_uncorrelated_inputs_give_the_plain_codes(scheme, impl):
     cfg, w, t, _ = _fit(scheme)
-    codes = nested_codes(w, torch.eye(w.shape[1]).view(1, *w.shape[1:2] * 2), *t.group_params(), cfg.bits,
-                         cfg.group_size)
+    codes = _codes(impl, w, torch.eye(w.shape[1]).view(1, *w.shape[1:2] * 2), *t.group_params(), cfg)
     assert torch.equal(codes, unpack_bits(t.planes).to(torch.uint8))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("block", [256, 64])
-def test_codes_bring_the_outputs_nearer(block):
+def test_codes_bring_the_outputs_nearer(block, impl):
     """The lowest level's output error falls; the levels above, held inside its cells, may give back a part of it,
     but over the levels together the outputs are nearer."""
     cfg, w, t, g = _fit("subblock")
     x = _correlated_inputs(w.shape[1], g)
-    codes = nested_codes(w, second_moment(x, block), *t.group_params(), cfg.bits, cfg.group_size)
+    codes = _codes(impl, w, second_moment(x, block), *t.group_params(), cfg)
     assert int(codes.max()) < 2**cfg.bk
     ours = _with_codes(t, codes)
     before, after = ([float((x @ (w - dequantize(q, b)).T).square().sum()) for b in cfg.bits] for q in (t, ours))
@@ -53,12 +63,12 @@ def test_codes_bring_the_outputs_nearer(block):
     assert sum(after) < 0.97 * sum(before)
 
 
-def test_the_lowest_level_stays_within_the_window():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_lowest_level_stays_within_the_window(impl):
     cfg, w, t, g = _fit("subblock")
     x = _correlated_inputs(w.shape[1], g)
     scale, offset = (v.float().repeat_interleave(cfg.group_size, dim=1) for v in t.group_params())
-    codes = nested_codes(w, second_moment(x, w.shape[1]), scale[:, ::cfg.group_size], offset[:, ::cfg.group_size],
-                         cfg.bits, cfg.group_size)
+    codes = _codes(impl, w, second_moment(x, w.shape[1]), scale[:, ::cfg.group_size], offset[:, ::cfg.group_size], cfg)
     low = (codes >> (cfg.bk - cfg.bits[0])).float()
     lower_edge, upper_edge = offset + scale * low, offset + scale * (low + 1)
     top = low == 2 ** cfg.bits[0] - 1
@@ -67,14 +77,30 @@ def test_the_lowest_level_stays_within_the_window():
     assert bool((codes != unpack_bits(t.planes).to(torch.uint8)).any())  # and it does choose differently
 
 
-def test_columns_no_input_touched_are_rounded_to_nearest():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_columns_no_input_touched_are_rounded_to_nearest(impl):
     cfg, w, t, g = _fit("subblock")
     x = _correlated_inputs(w.shape[1], g)
     x[:, :32] = 0  # a group the calibration never reached
-    codes = nested_codes(w, second_moment(x, 128), *t.group_params(), cfg.bits, cfg.group_size)
+    codes = _codes(impl, w, second_moment(x, 128), *t.group_params(), cfg)
     plain = unpack_bits(t.planes).to(torch.uint8)
     assert torch.equal(codes[:, :32], plain[:, :32])
     assert torch.isfinite(dequantize(_with_codes(t, codes), 2)).all()
+
+
+@pytest.mark.parametrize("block", [256, 64])
+def test_the_c_version_chooses_torch_codes_whatever_the_threads(block):
+    """The same choices, summed in another order (a code at a rounding boundary may differ: at most 1 in 1000), and
+    rows split over threads change nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, w, t, g = _fit("subblock", rows=150)
+    h = second_moment(_correlated_inputs(w.shape[1], g), block)
+    for window in (0.25, 0.1):
+        ours = _codes("native", w, h, *t.group_params(), cfg, window)
+        assert float((ours == _codes("torch", w, h, *t.group_params(), cfg, window)).float().mean()) >= 0.999
+        with ThreadPoolExecutor(3) as pool:
+            assert torch.equal(ours, _codes("native", w, h, *t.group_params(), cfg, window, pool))
 
 
 def test_second_moment_holds_the_diagonal_blocks_and_block_size_fits_the_budget():
@@ -99,8 +125,8 @@ def test_calibrated_fit_takes_each_row_from_the_nearest_cells_or_one_window():
     stats = ColumnStats(x.square().mean(0) / x.square().mean(), x[:256].bfloat16(), second_moment(x, 128) / len(x))
     t, errs, _ = calibrated_fit(native.load(), w, cfg, stats, refits=1, weighting="abs")
     got = unpack_bits(t.planes).to(torch.uint8)
-    nearest = nested_codes(w, torch.eye(w.shape[1])[None], *t.group_params(), cfg.bits, cfg.group_size)
-    per_window = [nested_codes(w, stats.hessian, *t.group_params(), cfg.bits, cfg.group_size, v) for v in WINDOWS]
+    nearest = _codes("native", w, torch.eye(w.shape[1])[None], *t.group_params(), cfg)
+    per_window = [_codes("native", w, stats.hessian, *t.group_params(), cfg, v) for v in WINDOWS]
     source = torch.stack([(got == c).all(1) for c in [nearest, *per_window]])  # [1 + windows, rows]
     assert bool(source.any(0).all())  # every row is one candidate's codes on its own grid, bit for bit
     assert bool(source[1:].any(1).any())  # and GPTQ's win some rows
