@@ -14,7 +14,10 @@ recipe, windows of 256 tokens: the same harness as llama.cpp's experts in script
 - `gptq:gG[:rR][:wW]` pack's plain grids, the codes by d2moe.quantize.gptq on --train's statistics, level b1 within W
                     cells of the weight (default gptq.WINDOW);
 - `calib:gG[:rR][:wW/W..]` exactly what `pack --calib TRAIN` writes (d2moe.quantize.calib.calibrated_fit), or with
-                    other windows for level b1 to choose from per row.
+                    other windows for level b1 to choose from per row;
+- `rot:gG[:rR][:hH][:out]` incoherence processing (QuIP#/QuaRot, data-free): pack's fit of the matrix times a random-sign
+                    Hadamard rotation of H-column blocks (default 64) on its input side (with :out, down on its output
+                    side), each level rotated back: what serving rotated experts would buy.
 
     .venv/bin/python scripts/study_nested_fits.py MODEL --heldout TEXT --variants subblock:g32:r1,kquant:g16 \
         [--llama LLAMA_CPP [--train TRAIN.txt]]
@@ -165,7 +168,7 @@ def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=
         codes = gptq.nested_codes(w, stats.hessian, *t.group_params(), levels, group, window, lib)
         t = replace(t, planes=pack_bits(codes, t.cfg.bk))
         return {b: dequantize(t, b) for b in levels}
-    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated|gptq|calib, then :gG, :rR, :l2, :wW")
+    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated|gptq|calib|rot, then :gG, :rR, :l2, :wW, :hH")
 
 
 def main() -> None:
