@@ -8,8 +8,8 @@ the exact output in float32, and accumulates, per expert, the mean square of eve
 `gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), keeps up to SAMPLE_TOKENS of
 those inputs, and sums their second moment x x^T (whole, or its diagonal blocks where all experts' whole
 moments would pass HESSIAN_BYTES) for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
-Resident memory: one layer's dense weights, one expert, the calibration activations and the moments;
-never the model.
+Resident memory: one layer's dense weights, one expert matrix in float32, the calibration activations and the
+moments; never the model.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -72,15 +72,18 @@ class _StatsExperts(nn.Module):
         self.keep_tokens, self.moments, self.blocks = keep_tokens, moments, blocks
         self.act = expert_activation(original)
 
+    def _matrix(self, e: int, name: str) -> torch.Tensor:
+        return self.experts.matrix(self.layer, e, name).float()
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x_all = hidden_states.float()
         out = torch.zeros_like(x_all)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = (top_k_index == e).nonzero(as_tuple=True)
             x = x_all[tok]
-            gate, up, down = (self.experts.matrix(self.layer, e, m).float() for m in ("gate", "up", "down"))
-            h = self.act(x @ gate.T) * (x @ up.T)
-            out.index_add_(0, tok, (h @ down.T) * top_k_weights[tok, slot].float().unsqueeze(-1))
+            h = self.act(x @ self._matrix(e, "gate").T)  # one float32 matrix alive at a time: 235 MB at Mixtral's shape
+            h *= x @ self._matrix(e, "up").T
+            out.index_add_(0, tok, (h @ self._matrix(e, "down").T) * top_k_weights[tok, slot].float().unsqueeze(-1))
             # the layer sees every calibration sequence in one call: an evenly spaced subset spans the text
             keep = torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()
             for m, v in (("gate", x), ("down", h)):
