@@ -87,6 +87,9 @@ def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool) ->
     cell1, off = scale.float().contiguous(), offset.float().contiguous()
     levels = (ctypes.c_int32 * len(bits))(*bits)
     rows, cols = w.shape
+    if ut.shape[0] * ut.shape[1] != cols or scale.shape != (rows, cols // group) or offset.shape != scale.shape:
+        raise ValueError(f"second moment blocks {tuple(ut.shape)} and grids {tuple(scale.shape)} do not fit a "
+                         f"{rows}x{cols} matrix in groups of {group}")
 
     def run(r0: int) -> int:
         return lib.d2q_gptq_rows(w32.data_ptr(), cols, ut.data_ptr(), ut.shape[1], cell1.data_ptr(), off.data_ptr(),
