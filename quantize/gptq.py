@@ -17,6 +17,10 @@ level, lowest first, on the grids the fit chose (they are not changed):
 H is held as diagonal blocks of `block` columns (the whole matrix where that fits the calibration's memory):
 feedback then stays inside a block, so blocks are solved side by side and memory is I x block per matrix.
 With H = identity every choice is the nearest cell: the codes are the plain fit's, bit for bit.
+
+The torch version here is the specification and the fallback; where the fit library is built, pack runs its C
+version (quantize/native/gptq.c: the same choices, the feedback summed in another order; 3x faster on one thread
+than this on two, BENCHMARKS.md §6.8).
 """
 
 from __future__ import annotations
