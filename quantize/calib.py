@@ -14,8 +14,9 @@ the sample are nearer the source's: ||X (w_o - q_o)||^2, summed in log over the 
 JUDGED_SPAN bits of the lowest (each counts alike), staying with the unweighted fit unless the other is
 clearly nearer on each half of the sample. Rows are independent in the format (a row's groups and
 super-blocks are its own), so the chosen rows form one valid tensor. On those grids, GPTQ's codes (two
-windows) compete with the nearest-cell codes by the same rule (`calibrated_fit`). Held-out text never enters. The grid choice alone did not beat the uncalibrated pack's
-perplexity (BENCHMARKS.md §6.4); with GPTQ's codes, three trained MoEs lose 35-60% less (§6.7).
+windows) compete with the nearest-cell codes by the same rule (`calibrated_fit`). Held-out text never
+enters. The grid choice alone did not beat the uncalibrated pack's perplexity (BENCHMARKS.md §6.4); with
+GPTQ's codes, three trained MoEs lose 35-60% less (§6.7).
 """
 
 from __future__ import annotations

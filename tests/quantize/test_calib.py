@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from native_fits import random_matrix
 
-from d2moe.quantize import MWQConfig, dequantize, native
+from d2moe.quantize import dequantize, native
 from d2moe.quantize.calib import SWITCH_MARGIN, output_errors, pick_rows
 from d2moe.quantize.format import blob_layout, decode_blob, encode_expert
 
 
 def _fits(scheme: str, rows: int = 48, cols: int = 256, seed: int = 0):
-    lib = native.load()
-    if lib is None:
-        pytest.skip("no C compiler")
-    g = torch.Generator().manual_seed(seed)
-    cfg = MWQConfig(bits=(2, 3, 4), group_size=32 if scheme == "subblock" else 64, scheme=scheme)
-    w = torch.randn(rows, cols, generator=g)
+    lib, cfg, w, g = random_matrix(scheme, rows, cols, seed)
     x = torch.randn(200, cols, generator=g) * torch.linspace(0.1, 3.0, cols)  # columns of unequal energy
     weight = x.square().mean(0)
     plain = native.fit_sliced(lib, w, cfg, None).tensor

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from native_fits import random_matrix
 
-from d2moe.quantize import MWQConfig, dequantize, native
+from d2moe.quantize import dequantize, native
 from d2moe.quantize.bitplanes import pack_bits, unpack_bits
 from d2moe.quantize.gptq import WINDOW, block_size, nested_codes, second_moment
 
 
 def _fit(scheme: str, rows: int = 64, cols: int = 256, seed: int = 0):
-    lib = native.load()
-    if lib is None:
-        pytest.skip("no C compiler")
-    g = torch.Generator().manual_seed(seed)
-    cfg = MWQConfig(bits=(2, 3, 4), group_size=32 if scheme == "subblock" else 64, scheme=scheme)
-    w = torch.randn(rows, cols, generator=g)
+    lib, cfg, w, g = random_matrix(scheme, rows, cols, seed)
     return cfg, w, native.fit_sliced(lib, w, cfg, None, weighting="abs").tensor, g
 
 
