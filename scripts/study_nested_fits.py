@@ -10,6 +10,9 @@ recipe, windows of 256 tokens: the same harness as llama.cpp's experts in script
                     error, or squared error with :l2), then pack's 4-bit parameter codes and the nested codes;
 - `own:gG`          pack's codes; every level above b1 gets its own float16 (offset, scale) per group, its last bit
                     re-chosen within the level below's cell (an upper bound: +0.5 bits per weight per level);
+- `stretch:gG[:rR][:tA/B/..][:m]` pack's fit; each level above b1 reads its cells stretched about the centre of the
+                    level-b1 range by a factor from the list (default 1/1.125/1.25/1.375), per group or with :m per
+                    matrix, its last bits re-chosen among the children of the level below's code (BENCHMARKS.md §6.9);
 - `dedicated:gG`    each level fitted alone as a one-level pack (not nested: what nesting costs);
 - `gptq:gG[:rR][:wW]` pack's plain grids, the codes by d2moe.quantize.gptq on --train's statistics, level b1 within W
                     cells of the weight (default gptq.WINDOW);
@@ -39,7 +42,7 @@ from pathlib import Path
 import torch
 
 from d2moe.apps.evaluate import encode_text, load_text_files, model_logits_fn, perplexity
-from d2moe.kernels.reference import dequantize_reference
+from d2moe.kernels.reference import codes_from_planes, dequantize_reference
 from d2moe.quantize import gptq, native, subblock
 from d2moe.quantize.bitplanes import pack_bits
 from d2moe.quantize.calib import calibrated_fit
@@ -90,14 +93,18 @@ def kquant_fit(w: torch.Tensor, levels: tuple[int, ...], group: int, absolute: b
     return {b: dequantize_reference(s16, o16, planes[:b], None, b1, b, group) for b in levels}
 
 
+def packed_codes(t) -> torch.Tensor:
+    """int64 [O, I]: each weight's bk-bit code, from the tensor's bit-planes (most significant first)."""
+    return codes_from_planes(t.planes).long()
+
+
 def own_params(w: torch.Tensor, t, levels: tuple[int, ...], group: int) -> dict[int, torch.Tensor]:
     """Level b1 as packed; each level above its own float16 (offset, scale) per group, refitted by |x|-weighted least
     squares four times, the code's last bit re-chosen within the cell of the level below each time."""
     b1, bk = levels[0], levels[-1]
     x = w.float().reshape(-1, group)
     imp = x.abs() + 1e-3 * x.abs().mean()
-    bits = torch.stack([(t.planes[p].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1 for p in range(bk)])
-    codes = sum(bits[p].reshape(t.shape[0], -1).long() << (bk - 1 - p) for p in range(bk)).reshape(-1, group)
+    codes = packed_codes(t).reshape(-1, group)
     scale, offset = (v.float().reshape(-1) for v in t.group_params())
     out, prev = {b1: dequantize(t, b1)}, codes >> (bk - b1)
     for b in levels[1:]:
@@ -118,6 +125,43 @@ def own_params(w: torch.Tensor, t, levels: tuple[int, ...], group: int) -> dict[
         o, s = o.half().float(), s.half().float()
         out[b] = (o[:, None] + s[:, None] * (code + 0.5)).view(w.shape)
         prev = code
+    return out
+
+
+def stretch_params(w: torch.Tensor, t, levels: tuple[int, ...], group: int, table: tuple[float, ...],
+                   per: str) -> dict[int, torch.Tensor]:
+    """Level b1 as packed; each level above reads its cells stretched about the centre of the level-b1 range by a
+    factor from `table`, chosen per group (per="group") or per matrix (per="matrix") by |x|-weighted error, its
+    bits re-chosen among the children of the level below's code."""
+    b1, bk = levels[0], levels[-1]
+    x = w.float().reshape(-1, group)
+    imp = x.abs() + 1e-3 * x.abs().mean()
+    scale, offset = (v.float().reshape(-1, 1) for v in t.group_params())
+    centre = offset + scale * 2.0 ** (b1 - 1)
+    out, prev_b = {b1: dequantize(t, b1)}, b1
+    codes = packed_codes(t).reshape(-1, group)
+    prev = codes >> (bk - b1)
+    for b in levels[1:]:
+        step = scale * 2.0 ** (b1 - b)
+        lo = prev << (b - prev_b)
+        hi = lo + 2 ** (b - prev_b) - 1
+        best = None
+        for g in table:
+            q = torch.round(((x - centre) / g + centre - offset) / step - 0.5).clamp(min=lo, max=hi)
+            v = centre + g * (offset + step * (q + 0.5) - centre)
+            err = (imp * (x - v).square()).sum(-1)
+            if per == "matrix":
+                err = err.sum().expand_as(err)
+            if best is None:
+                best = [err, q, v, torch.full_like(err, g)]
+            else:
+                better = err < best[0]
+                best = [torch.where(better, err, best[0]), torch.where(better[:, None], q, best[1]),
+                         torch.where(better[:, None], v, best[2]), torch.where(better, g, best[3])]
+        hist = {g: round(float((best[3] == g).float().mean()), 3) for g in table}
+        print(json.dumps({"stretch_level": b, "chosen": hist}), file=sys.stderr, flush=True)
+        out[b] = best[2].view(w.shape)
+        prev, prev_b = best[1].long(), b
     return out
 
 
@@ -161,6 +205,9 @@ def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=
         return {b: dequantize(t, b) for b in levels}
     if kind == "own":
         return own_params(w, t, levels, group)
+    if kind == "stretch":  # :tA/B/C the factors to choose from, :m one per matrix (else per group)
+        table = next((tuple(float(v) for v in o[1:].split("/")) for o in opts if o.startswith("t")), (1.0, 1.125, 1.25, 1.375))
+        return stretch_params(w, t, levels, group, table, "matrix" if "m" in opts else "group")
     if kind == "gptq":  # the plain fit's grids, d2moe.quantize.gptq's codes with level b1's window from :wW
         if stats is None:
             return {b: dequantize(t, b) for b in levels}
@@ -168,7 +215,7 @@ def quantize(w: torch.Tensor, variant: str, levels: tuple[int, ...], lib, stats=
         codes = gptq.nested_codes(w, stats.hessian, *t.group_params(), levels, group, window, lib)
         t = replace(t, planes=pack_bits(codes, t.cfg.bk))
         return {b: dequantize(t, b) for b in levels}
-    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|dedicated|gptq|calib|rot, then :gG, :rR, :l2, :wW, :hH")
+    raise SystemExit(f"unknown variant {variant!r}: subblock|kquant|own|stretch|dedicated|gptq|calib|rot, then :gG, :rR, :l2, :wW, :hH, :tA/B")
 
 
 def main() -> None:
