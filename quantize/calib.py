@@ -47,13 +47,15 @@ class ColumnStats:
     hessian: torch.Tensor | None = None  # float32 [I / B, B, B]: diagonal blocks of the inputs' mean x x^T (gptq.py)
 
 
-def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.Tensor:
+def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor, judged: list[int] | None = None
+                  ) -> torch.Tensor:
     """float64 [3 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the first half of the sample's tokens,
-    the same over the second half, then per level and row ||w_o - q_o||^2 (for the pack report's SQNR). Rows go
-    ROW_CHUNK at a time (cache-sized temporaries); the product runs in bfloat16 (the sample's own precision),
-    ample to rank fits SWITCH_MARGIN apart."""
+    the same over the second half, then per level and row ||w_o - q_o||^2 (for the pack report's SQNR). Levels
+    whose index is not in `judged` (None: all) skip the product and get output errors of 0: no choice weighs them.
+    Rows go ROW_CHUNK at a time (cache-sized temporaries); the product runs in bfloat16 (the sample's own
+    precision), ample to rank fits SWITCH_MARGIN apart."""
     n = len(t.cfg.bits)
-    out = torch.empty(3 * n, t.shape[0], dtype=torch.float64)
+    out = torch.zeros(3 * n, t.shape[0], dtype=torch.float64)
     x = sample.to(torch.bfloat16)
     half = max(1, x.shape[0] // 2)
     for r0 in range(0, t.shape[0], ROW_CHUNK):
@@ -61,10 +63,12 @@ def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor) -> torch.
         part = t.rows(r0, r1)
         for i, b in enumerate(t.cfg.bits):
             e = dequantize(part, b).neg_().add_(w[r0:r1])
+            out[2 * n + i, r0:r1] = e.square().sum(1)
+            if judged is not None and i not in judged:
+                continue
             y = (x @ e.to(torch.bfloat16).T).float().square()
             out[i, r0:r1] = y[:half].sum(0)
             out[n + i, r0:r1] = y[half:].sum(0) if x.shape[0] > 1 else out[i, r0:r1]
-            out[2 * n + i, r0:r1] = e.square().sum(1)
     return out
 
 
@@ -117,14 +121,14 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
     cands, w32 = [plain.tensor, weighted.tensor], w.float()
     judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
-    tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample) for t in cands], judged)
+    tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample, judged) for t in cands], judged)
     if stats.hessian is not None and tensor.alpha is None:
         grids = tensor.group_params()
         gptqs = [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
                                                                     cfg.group_size, window, lib, pool), cfg.bk))
                  for window in windows]
         # the nearest-cell tensor's errors are its rows' from the first choice: not computed again
-        tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w32, t, stats.sample) for t in gptqs)],
+        tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w32, t, stats.sample, judged) for t in gptqs)],
                                     judged)
     n = len(cfg.bits)
     return tensor, [float(v) for v in chosen[2 * n:].sum(1)], weighted.signal

@@ -65,3 +65,21 @@ def test_levels_left_out_of_the_judgement_do_not_veto_a_row():
     assert torch.equal(t.planes, cands[0].planes)  # judged on every level: the top level vetoes the switch
     t, _ = pick_rows(cands, [base, other], judged=list(range(n - 1)))
     assert torch.equal(t.planes, cands[1].planes)  # judged without it: every row switches
+
+
+def test_levels_left_out_of_the_judgement_skip_their_products_only():
+    """output_errors with `judged` gives the same errors at the judged levels, 0 output error at the others, every
+    level's weight error, and the row choice over the judged levels is the same either way."""
+    cfg, w, x, cands = _fits("subblock")
+    n = len(cfg.bits)
+    judged = list(range(n - 1))  # the top level left out, as an 8-bit level of a 2,3,4,8 pack is
+    full = [output_errors(w, t, x) for t in cands]
+    part = [output_errors(w, t, x, judged) for t in cands]
+    for f, p in zip(full, part, strict=True):
+        for h in (0, 1):
+            assert torch.equal(p[h * n : h * n + n - 1], f[h * n : h * n + n - 1])
+            assert torch.all(p[h * n + n - 1] == 0)
+        assert torch.equal(p[2 * n :], f[2 * n :])
+    t_full, sq_full = pick_rows(cands, full, judged)
+    t_part, sq_part = pick_rows(cands, part, judged)
+    assert torch.equal(t_full.planes, t_part.planes) and sq_full == sq_part
