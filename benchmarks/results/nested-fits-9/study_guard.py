@@ -14,36 +14,28 @@ import runpy
 import sys
 from pathlib import Path
 
-import torch
-
 import d2moe.quantize.calib as calib
-from d2moe.quantize.types import MWQTensor
 
 TOL = float(os.environ.get("GUARD_TOL", "0"))
+pick_rows = calib._pick_rows
 
 
 def _pick_rows(candidates, errors, judged):
+    """pack's choice, after making each candidate's rows that fail the guard unchoosable (infinite output error)."""
     n = len(candidates[0].cfg.bits)
-    judged = list(range(n)) if judged is None else judged
-    errs = torch.stack(errors).clamp_min(1e-300)
-    per = errs[:, : 2 * n].log().view(len(errors), 2, n, -1)[:, :, judged]  # [C, 2, L, O]
-    halves = per.sum(2)
-    margin = len(judged) * math.log1p(calib.SWITCH_MARGIN)
-    confirmed = (halves[1:] + margin < halves[:1]).all(1)
-    confirmed &= (per[1:] <= per[:1] + math.log1p(TOL)).all(2).all(1)  # the guard
-    score = halves.sum(1)
-    score[1:] = score[1:].masked_fill(~confirmed, math.inf)
-    best = score.argmin(0)
-    first = candidates[0]
-    scale, offset, planes = first.scale.clone(), first.offset.clone(), first.planes.clone()
-    for c in range(1, len(candidates)):
-        rows, t = best == c, candidates[c]
-        scale[rows], offset[rows], planes[:, rows] = t.scale[rows], t.offset[rows], t.planes[:, rows]
-    chosen = torch.stack(errors).gather(0, best.view(1, 1, -1).expand(1, 3 * n, -1))[0]
-    return MWQTensor(first.shape, first.cfg, first.level, scale, offset, planes, None), chosen
+    levels = [h * n + i for h in (0, 1) for i in (range(n) if judged is None else judged)]
+    first = errors[0][levels]
+    guarded = [errors[0]]
+    for e in errors[1:]:
+        farther = (e[levels].clamp_min(1e-300).log() > first.clamp_min(1e-300).log() + math.log1p(TOL)).any(0)
+        e = e.clone()
+        e[: 2 * n, farther] = math.inf
+        guarded.append(e)
+    return pick_rows(candidates, guarded, judged)
 
 
-calib._pick_rows = _pick_rows
-script = Path(__file__).resolve().parents[3] / "scripts" / "study_nested_fits.py"
-sys.argv = [str(script), *sys.argv[1:]]
-runpy.run_path(str(script), run_name="__main__")
+if __name__ == "__main__":
+    calib._pick_rows = _pick_rows
+    script = Path(__file__).resolve().parents[3] / "scripts" / "study_nested_fits.py"
+    sys.argv = [str(script), *sys.argv[1:]]
+    runpy.run_path(str(script), run_name="__main__")
