@@ -57,6 +57,7 @@ class _QX(ctypes.Structure):
     _fields_ = [
         ("ntok", ctypes.c_int32), ("cols", ctypes.c_int32), ("group_size", ctypes.c_int32),
         ("hi", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("dx", ctypes.c_void_p), ("sx", ctypes.c_void_p),
+        ("sh", ctypes.c_void_p), ("sl", ctypes.c_void_p), ("ds", ctypes.c_void_p),
     ]
 
 
@@ -150,7 +151,7 @@ def load() -> ctypes.CDLL | None:
     mp, qp = ctypes.POINTER(_Matrix), ctypes.POINTER(_QX)
     lib.d2_simd_level.restype = ctypes.c_int
     lib.d2_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                  *[ctypes.c_void_p] * 7]
     lib.d2_scratch_floats.argtypes = [mp]
     lib.d2_scratch_floats.restype = ctypes.c_int64
     lib.d2_gemv_rows.argtypes = [mp, qp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
@@ -248,7 +249,7 @@ def block_params(params: torch.Tensor) -> None:
 def blocked(m: PackedMatrix) -> PackedMatrix:
     """A copy of `m` in the kernel-ready layout (tests and benchmarks; the runtime re-lays out the cache's
     own bytes in place as they land). Unchanged where the layout does not apply (blocks_planes)."""
-    if ready_layout() == ROWS16 and not blocks_planes(m.cfg.group_size, (m.shape[1],)):
+    if not blocks_planes(m.cfg.group_size, (m.shape[1],)):  # as the runtime decides (portable builds: never)
         return m
     planes = tuple(p.clone() for p in m.planes)
     for p in planes:
@@ -291,9 +292,19 @@ class MatrixDesc:
         self.scratch_floats = int(load().d2_scratch_floats(self.ref))  # the C side owns the scratch layout
 
 
+SUM_SPAN = 256  # columns whose group sums share one int16 step (kernels/cpu/mwq_cpu.c's D2_SUM_SPAN)
+
+
+def sum_groups(group_size: int) -> int:
+    """Groups per span of one sum step: a 256-column super-block's where the group size divides it, else one."""
+    return SUM_SPAN // group_size if group_size <= SUM_SPAN and SUM_SPAN % group_size == 0 else 1
+
+
 class QuantizedX:
     """x [N, I] float32 quantized per group for the kernels: `bits=16` as two int8 halves (hi, lo; within
-    ~1e-4 of float) or `bits=8` plain int8 (llama.cpp's Q8 activations; one dot product instead of two)."""
+    ~1e-4 of float) or `bits=8` plain int8 (llama.cpp's Q8 activations; one dot product instead of two).
+    The group sums are int16 (two int8 halves) with one step per 256 columns: subblock's 16-row kernel dots
+    them with its parameter codes; the other paths read their value (sx)."""
 
     __slots__ = ("struct", "ref", "tensors", "ntok")
 
@@ -303,15 +314,18 @@ class QuantizedX:
         x = x.to(torch.float32).contiguous()
         ntok, cols = x.shape
         groups = cols // group_size
+        spans = -(-groups // sum_groups(group_size))
         hi = torch.empty(ntok, cols, dtype=torch.int8)
         lo = torch.empty(ntok, cols, dtype=torch.int8) if bits == 16 else None
-        dx = torch.empty(ntok, groups, dtype=torch.float32)
-        sx = torch.empty(ntok, groups, dtype=torch.float32)
+        dx, sx = (torch.empty(ntok, groups, dtype=torch.float32) for _ in range(2))
+        sh, sl = (torch.empty(ntok, groups, dtype=torch.int8) for _ in range(2))
+        ds = torch.empty(ntok, spans, dtype=torch.float32)
         lo_p = lo.data_ptr() if lo is not None else None
-        lib.d2_quantize_x(x.data_ptr(), ntok, cols, group_size, hi.data_ptr(), lo_p, dx.data_ptr(), sx.data_ptr())
-        s = _QX(ntok, cols, group_size, hi.data_ptr(), lo_p, dx.data_ptr(), sx.data_ptr())
+        ptrs = [t.data_ptr() for t in (dx, sx, sh, sl, ds)]
+        lib.d2_quantize_x(x.data_ptr(), ntok, cols, group_size, hi.data_ptr(), lo_p, *ptrs)
+        s = _QX(ntok, cols, group_size, hi.data_ptr(), lo_p, *ptrs)
         self.struct, self.ref, self.ntok = s, ctypes.byref(s), ntok
-        self.tensors = tuple(t for t in (x, hi, lo, dx, sx) if t is not None)
+        self.tensors = tuple(t for t in (x, hi, lo, dx, sx, sh, sl, ds) if t is not None)
 
 
 _threads: int | None = None

@@ -9,7 +9,8 @@
    (kernels/reference.py has the same formula in torch: it is the oracle these are tested against.)
 
    GEMV: y[n, o] = sum_g base[o, g] * sx[n, g] + sum_t sum_g m_t coef_t[o, g] dx[n, g] D_t[n, o, g]
-   with base = offset + sum_t m_t coef_t bias_t, sx the exact float sum of x over the group, and
+   with base = offset + sum_t m_t coef_t bias_t, sx the sum of x over the group (quantized to 15 bits per
+   256 columns, see d2_qx), and
    D_t the integer dot product of the codes with x quantized to int16 per group (step dx). The
    int16 is split in two signed bytes (x = 256 hi + lo) so one u8 x s8 dot-product instruction
    (VNNI) serves both halves: activations keep 15 bits, the result is within ~1e-4 of fp32.
@@ -39,12 +40,23 @@ typedef struct {
     const uint16_t *psuper; /* f16 [rows, S, 2]: (d, dmin) per 256-column super-block */
 } d2_matrix;
 
-/* x of n tokens quantized per group: hi/lo int8 halves of the int16 code, step and exact sum. */
+/* x of n tokens quantized per group: hi/lo int8 halves of the int16 code, step and sum. The group sums are
+   quantized too, to int16 (hi/lo halves sh, sl) with one step ds per span of D2_SUM_SPAN columns (subblock's
+   super-block), and sx holds their value ds * (256 sh + sl): every path multiplies the same sums, and
+   subblock's 16-row kernel takes its base term as integer dot products of the parameter codes with them. */
 typedef struct {
     int32_t ntok, cols, group_size;
     int8_t *hi, *lo; /* [ntok, cols] */
     float *dx, *sx;  /* [ntok, G] */
+    int8_t *sh, *sl; /* [ntok, G] */
+    float *ds;       /* [ntok, ceil(G / sum_groups(group_size))] */
 } d2_qx;
+
+#define D2_SUM_SPAN 256
+/* Groups per span of one sum step: a super-block's where the group size divides it, else one. */
+static inline int sum_groups(int group_size) {
+    return group_size <= D2_SUM_SPAN && D2_SUM_SPAN % group_size == 0 ? D2_SUM_SPAN / group_size : 1;
+}
 
 /* ---------------------------------------------------------------- plane layouts
 
@@ -73,9 +85,18 @@ int d2_simd_level(void) { return D2_AVX512 ? 1 : (D2_AVX2 ? 2 : 0); }
 
 /* ---------------------------------------------------------------- activation quantization */
 
+/* int16 code of v at step 1 / inv as signed high and low bytes (v = 256 h + l), |code| <= 32511 so |h| <= 127. */
+static inline void split16(float v, float inv, int8_t *h, int8_t *l) {
+    int32_t q = (int32_t)lrintf(v * inv);
+    q = q > 32511 ? 32511 : (q < -32511 ? -32511 : q);
+    const int32_t low = ((q + 128) & 255) - 128;
+    *h = (int8_t)((q - low) >> 8);
+    *l = (int8_t)low;
+}
+
 void d2_quantize_x(const float *x, int32_t ntok, int32_t cols, int32_t group_size,
-                   int8_t *hi, int8_t *lo, float *dx, float *sx) {
-    const int G = cols / group_size;
+                   int8_t *hi, int8_t *lo, float *dx, float *sx, int8_t *sh, int8_t *sl, float *ds) {
+    const int G = cols / group_size, span = sum_groups(group_size), S = (G + span - 1) / span;
     for (int n = 0; n < ntok; n++) {
         for (int g = 0; g < G; g++) {
             const float *xs = x + (int64_t)n * cols + (int64_t)g * group_size;
@@ -98,12 +119,19 @@ void d2_quantize_x(const float *x, int32_t ntok, int32_t cols, int32_t group_siz
                 continue;
             }
             int8_t *l = lo + (int64_t)n * cols + (int64_t)g * group_size;
-            for (int c = 0; c < group_size; c++) {
-                int32_t q = (int32_t)lrintf(xs[c] * inv);
-                q = q > 32511 ? 32511 : (q < -32511 ? -32511 : q); /* keeps the high byte in [-127, 127] */
-                int32_t low = ((q + 128) & 255) - 128; /* signed low byte: q = 256 * high + low */
-                h[c] = (int8_t)((q - low) >> 8);
-                l[c] = (int8_t)low;
+            for (int c = 0; c < group_size; c++) split16(xs[c], inv, h + c, l + c);
+        }
+        for (int s = 0; s < S; s++) { /* the sums, span by span */
+            float *su = sx + (int64_t)n * G;
+            const int g0 = s * span, g1 = g0 + span < G ? g0 + span : G;
+            float amax = 0.f;
+            for (int g = g0; g < g1; g++) amax = fabsf(su[g]) > amax ? fabsf(su[g]) : amax;
+            const float d = amax > 0.f ? amax / 32511.f : 0.f, inv = amax > 0.f ? 1.f / d : 0.f;
+            ds[(int64_t)n * S + s] = d;
+            for (int g = g0; g < g1; g++) {
+                int8_t *h = sh + (int64_t)n * G + g, *l = sl + (int64_t)n * G + g;
+                split16(su[g], inv, h, l);
+                su[g] = d * (float)(256 * (int32_t)*h + *l);
             }
         }
     }
@@ -532,20 +560,26 @@ static unsigned char *thread_arena(int64_t bytes) {
     return (unsigned char *)(((uintptr_t)arena + 63) & ~(uintptr_t)63);
 }
 
-/* Arena bytes for x [ntok, cols] quantized per group: the int8 half (or halves) and (dx, sx) per group. */
+/* Arena bytes for x [ntok, cols] quantized per group: the int8 half (or halves), (dx, sx) and the sums' halves
+   per group, their steps per span. */
 static int64_t qx_bytes(int32_t ntok, int32_t cols, int32_t group_size, int halves) {
-    return align64((int64_t)halves * ntok * cols) + align64(8 * (int64_t)ntok * (cols / group_size));
+    const int64_t G = cols / group_size, S = (G + sum_groups(group_size) - 1) / sum_groups(group_size);
+    return align64((int64_t)halves * ntok * cols) + align64(8 * (int64_t)ntok * G) + align64(2 * (int64_t)ntok * G) +
+           align64(4 * (int64_t)ntok * S);
 }
 
 /* x quantized into the arena at *p (which advances past it), as d2_quantize_x lays it out. */
 static d2_qx quantize_into(unsigned char **p, const float *x, int32_t ntok, int32_t cols, int32_t group_size,
                            int halves) {
+    const int64_t G = cols / group_size;
     int8_t *hi = (int8_t *)*p;
     float *dx = (float *)(*p + align64((int64_t)halves * ntok * cols));
-    d2_qx q = {ntok, cols, group_size, hi, halves == 2 ? hi + (int64_t)ntok * cols : NULL, dx,
-               dx + (int64_t)ntok * (cols / group_size)};
+    int8_t *sh = (int8_t *)((unsigned char *)dx + align64(8 * (int64_t)ntok * G));
+    float *ds = (float *)((unsigned char *)sh + align64(2 * (int64_t)ntok * G));
+    d2_qx q = {ntok, cols, group_size, hi, halves == 2 ? hi + (int64_t)ntok * cols : NULL, dx, dx + ntok * G,
+               sh, sh + ntok * G, ds};
     *p += qx_bytes(ntok, cols, group_size, halves);
-    d2_quantize_x(x, ntok, cols, group_size, q.hi, q.lo, q.dx, q.sx);
+    d2_quantize_x(x, ntok, cols, group_size, q.hi, q.lo, q.dx, q.sx, q.sh, q.sl, q.ds);
     return q;
 }
 

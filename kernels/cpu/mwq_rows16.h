@@ -267,6 +267,45 @@ static inline __attribute__((always_inline)) void rows16_term(
     }
 }
 
+/* Subblock's base term over groups [g0, g1) of super-block s (a multiple of 4 groups, all sharing the sums' step
+   ds[n, s]): facc[n] += ds (d m bias SC + (-dmin) K) with SC = sum_g s_g sq_g and K = sum_g k_g sq_g exact int32
+   dot products of the scale and offset codes with the quantized group sums. Four groups' code bytes (one 16-byte
+   row vector each) are transposed so that each row's lane holds its four codes: one VNNI per half and code. */
+static inline __attribute__((always_inline)) void rows16_base_codes(const uint8_t *code, int g0, int g1, const d2_qx *q,
+                                                                    int n0, const int nt, int G, int s, __m512 nmin,
+                                                                    __m512 dmb, __m512 *facc) {
+    static const uint8_t tr4[64] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+    /* dword 4 L + j <- dword 4 j + L: lane L gets rows 4L..4L+3 of the four groups; then bytes 4 r + j <- 4 j + r */
+    const __m512i dw = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const __m512i by = _mm512_loadu_si512(tr4), nib = _mm512_set1_epi8(15);
+    __m512i kh[4], kl[4], sh[4], sl[4];
+    for (int n = 0; n < nt; n++) kh[n] = kl[n] = sh[n] = sl[n] = _mm512_setzero_si512();
+    for (int g = g0; g < g1; g += 4) {
+        const __m512i c = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(dw, _mm512_loadu_si512(code + 16 * (int64_t)g)), by);
+        const __m512i sc = _mm512_and_si512(c, nib), k = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
+        for (int n = 0; n < nt; n++) {
+            int32_t h, l;
+            memcpy(&h, q->sh + (int64_t)(n0 + n) * G + g, 4);
+            memcpy(&l, q->sl + (int64_t)(n0 + n) * G + g, 4);
+            const __m512i bh = _mm512_set1_epi32(h), bl = _mm512_set1_epi32(l);
+            kh[n] = _mm512_dpbusd_epi32(kh[n], k, bh);
+            kl[n] = _mm512_dpbusd_epi32(kl[n], k, bl);
+            sh[n] = _mm512_dpbusd_epi32(sh[n], sc, bh);
+            sl[n] = _mm512_dpbusd_epi32(sl[n], sc, bl);
+        }
+    }
+    const int S = (G + sum_groups(q->group_size) - 1) / sum_groups(q->group_size);
+    for (int n = 0; n < nt; n++) { /* |K|, |SC| <= 15 * 32511 * groups per span < 2^24: exact in float */
+        const __m512 kf = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(kh[n], 8), kl[n]));
+        const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sh[n], 8), sl[n]));
+        const __m512 t = _mm512_fmadd_ps(dmb, sf, _mm512_mul_ps(nmin, kf));
+        facc[n] = _mm512_fmadd_ps(t, _mm512_set1_ps(q->ds[(int64_t)(n0 + n) * S + s]), facc[n]);
+    }
+}
+
 typedef void (*rows16_fn)(const uint8_t *const *, const d2_qx *, int, int, int, const uint16_t *, const d2_sub16 *,
                           float, __m512 *);
 #define D2_R16(NP, NT, X) /* X = LO + 2 SUB */                                                      \
@@ -303,7 +342,15 @@ static void rows16_gemv_block(const d2_matrix *m, const d2_qx *q, float *y, int6
                 const __m512 nmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(
                                                       (const __m256i *)(sub->super + 32 * (int64_t)(g0 / gps) + 16))));
                 const __m512 dmb = _mm512_mul_ps(d, _mm512_set1_ps(m->term_mul[0] * m->term_bias[0])); /* exact: 2^k */
-                for (int g = g0; g < G && g < g0 + gps; g++) {
+                const int g1 = g0 + gps < G ? g0 + gps : G, g4 = sum_groups(gs) == gps ? g0 + ((g1 - g0) & ~3) : g0;
+                if (g4 > g0) /* whole fours: integer dot products of the codes with the quantized sums */
+                    switch (nt) { /* constant token counts keep the accumulators in registers */
+                    case 1: rows16_base_codes(sub->code, g0, g4, q, n0, 1, G, g0 / gps, nmin, dmb, facc); break;
+                    case 2: rows16_base_codes(sub->code, g0, g4, q, n0, 2, G, g0 / gps, nmin, dmb, facc); break;
+                    case 3: rows16_base_codes(sub->code, g0, g4, q, n0, 3, G, g0 / gps, nmin, dmb, facc); break;
+                    default: rows16_base_codes(sub->code, g0, g4, q, n0, 4, G, g0 / gps, nmin, dmb, facc);
+                    }
+                for (int g = g4; g < g1; g++) {
                     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sub->code + 16 * (int64_t)g)));
                     const __m512 k = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
                     const __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));

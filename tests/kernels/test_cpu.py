@@ -29,15 +29,31 @@ def _code_zero(m: PackedMatrix, level: int) -> torch.Tensor:
     return base
 
 
-def _error_bound(w: torch.Tensor, x: torch.Tensor, group_size: int, bits: int = 16, base: torch.Tensor | None = None) -> torch.Tensor:
-    """What quantizing x per group may cost: sum_c |w_oc - base_og| * (step_g(c) / 2), plus float rounding.
+def _sum_half_steps(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Half the step of each group's quantized sum [N, G]: the span's largest |sum| / 32511 / 2, one step per
+    256 columns (cpu.sum_groups groups)."""
+    n, cols = x.shape
+    sums = x.view(n, cols // group_size, group_size).sum(-1)
+    span = cpu.sum_groups(group_size)
+    out = torch.empty_like(sums)
+    for g0 in range(0, sums.shape[1], span):
+        out[:, g0:g0 + span] = sums[:, g0:g0 + span].abs().amax(-1, keepdim=True) / 32511 / 2
+    return out
 
-    The kernel adds base * (exact sum of x) in float, so only w - base meets the quantized activations."""
+
+def _error_bound(w: torch.Tensor, x: torch.Tensor, group_size: int, bits: int = 16, base: torch.Tensor | None = None) -> torch.Tensor:
+    """What quantizing x per group may cost: sum_c |w_oc - base_og| * (step_g(c) / 2), plus what quantizing the
+    group sums (15 bits per 256 columns) may cost, sum_g |base_og| * sum_step / 2, plus float rounding.
+
+    The kernel adds base * (group sum of x) in float, so only w - base meets the quantized activations. Without
+    `base` all of w meets them, and each group's largest |w| stands in for |base|."""
     n, cols = x.shape
     amax = x.abs().view(n, cols // group_size, group_size).amax(-1)  # [N, G]
     half_step = (amax / (32511 if bits == 16 else 127) / 2).repeat_interleave(group_size, dim=1)  # [N, I]
     dev = w if base is None else w - base.repeat_interleave(group_size, dim=1)
-    return half_step @ dev.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-7  # [N, O]
+    at_zero = w.abs().view(w.shape[0], -1, group_size).amax(-1) if base is None else base.abs()  # [O, G]
+    return (half_step @ dev.abs().T + _sum_half_steps(x, group_size) @ at_zero.T + 1e-5 * (x.abs() @ w.abs().T)
+            + 1e-7)  # [N, O]
 
 
 CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-wide, 32-wide, portable),
@@ -159,6 +175,24 @@ def test_blocked_layout_needs_64_column_words():
         pytest.skip("ROWS16 is the AVX-512 kernels' layout")
     assert cpu.blocks_planes(32, (192, 256)) and cpu.blocks_planes(16, (4096,)) and cpu.blocks_planes(64)
     assert not cpu.blocks_planes(32, (160,)) and not cpu.blocks_planes(8) and not cpu.blocks_planes(16, (64, 48))
+
+
+@pytest.mark.parametrize("gs,cols", [(16, 4096 + 64), (32, 256), (64, 640), (128, 384), (48, 96)])
+def test_group_sums_are_int16_halves_with_one_step_per_256_columns(gs, cols):
+    g = torch.Generator().manual_seed(gs)
+    x = torch.randn(3, cols, generator=g) * torch.rand(1, cols, generator=g) * 3
+    x[1] = 0  # a token of zeros: zero steps, zero sums
+    qx = cpu.QuantizedX(lib, x, gs, 8)
+    *_, sx, sh, sl, ds = qx.tensors
+    groups, span = cols // gs, cpu.sum_groups(gs)
+    assert span == (256 // gs if 256 % gs == 0 else 1) and ds.shape == (3, -(-groups // span))
+    code = 256 * sh.int() + sl.int()
+    assert code.abs().max() <= 32511 and sh.abs().max() <= 127
+    steps = ds.repeat_interleave(span, dim=1)[:, :groups]
+    assert torch.equal(sx, steps * code.float())  # the value every path multiplies
+    exact = x.view(3, groups, gs).sum(-1)
+    assert ((sx - exact).abs() <= _sum_half_steps(x, gs) * (1 + 1e-5) + 1e-6 * exact.abs()).all()
+    assert torch.equal(ds[1], torch.zeros_like(ds[1])) and torch.equal(sx[1], torch.zeros_like(sx[1]))
 
 
 def test_zero_and_constant_inputs():
@@ -465,7 +499,7 @@ def test_real_shapes_within_the_bound(shape):
         for bits in (8, 16):
             for km in (m, ready):
                 y = cpu.gemv(lib, cpu.MatrixDesc(km, level), cpu.QuantizedX(lib, x, 64, bits))
-                assert ((y - x @ w.T).abs() <= _error_bound(w, x, 64, bits)).all(), (level, bits, km.blocked)
+                assert ((y - x @ w.T).abs() <= _error_bound(w, x, 64, bits, _code_zero(m, level))).all(), (level, bits, km.blocked)
 
 
 def test_the_integer_kernel_takes_more_rows_where_tiles_are_float32():
