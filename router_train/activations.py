@@ -124,7 +124,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     except Exception as exc:
         raise InputError(f"--calib needs the source's tokenizer, which {src} does not load ({type(exc).__name__}); "
                          "copy the tokenizer files next to config.json") from None
-    texts = load_texts(specs)
+    texts = load_texts(specs, option="--calib")
     ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
     calib_id = hashlib.sha256(CALIB_METHOD + ids.numpy().tobytes()).hexdigest()
 

@@ -23,18 +23,22 @@ def _looks_local(spec: str) -> bool:
     return p.exists() or p.suffix.lower() in LOCAL_BUILDERS or spec.startswith((".", "/", "~"))
 
 
-def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = "train") -> list[str]:
-    """The documents of every `spec` (a local file or a hub dataset name), in order."""
+def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = "train", option: str = "--data"
+               ) -> list[str]:
+    """The documents of every `spec` (a local file or a hub dataset name), in order. `option` is the flag that
+    passed them, for the error messages (train-router's --data, pack's --calib)."""
     from datasets import load_dataset
 
     if not specs:
-        raise InputError("no calibration data: pass --data FILE (txt, jsonl or parquet) or a hub dataset name")
+        raise InputError(f"no calibration data: pass {option} FILE (txt, jsonl or parquet) or a hub dataset name")
     texts: list[str] = []
     for spec in specs:
         if _looks_local(spec):
             path = Path(spec).expanduser()
             if not path.is_file():
-                raise InputError(f"calibration file {spec} does not exist: pass --data with an existing txt/jsonl/parquet file")
+                raise InputError(f"calibration file {spec} does not exist: pass {option} with an existing txt/jsonl/parquet file")
+            if path.stat().st_size == 0:
+                raise InputError(f"calibration file {spec} is empty: pass {option} a file that holds text")
             builder = LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise InputError(f"calibration file {spec}: unknown type {path.suffix!r}; use .txt, .jsonl or .parquet")
@@ -43,12 +47,15 @@ def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = 
             except Exception as exc:
                 raise InputError(f"calibration file {spec} could not be read as {builder}: {exc}") from None
         else:
+            from huggingface_hub.utils import logging as hub_logging
+
+            hub_logging.set_verbosity_error()  # its retry warnings would come before the one error line
             try:
                 ds = load_dataset(spec, split=hub_split)
             except Exception as exc:
                 raise InputError(
                     f"calibration dataset {spec!r} could not be loaded from the hub ({type(exc).__name__}): "
-                    "pass a local file instead (--data FILE.txt)"
+                    f"pass a local file instead ({option} FILE.txt)"
                 ) from None
         if text_field not in ds.column_names:
             raise InputError(f"calibration data {spec} has no {text_field!r} column (columns: {ds.column_names})")

@@ -170,8 +170,14 @@ def test_calibration_formats(tmp_path, tiny_mixtral):
     assert (blocks[:, 0] == tok.bos_token_id).all()  # every window starts like a training window
     plain = token_blocks(docs * 5, tok, seq_len=8, bos=False)
     assert torch.equal(plain.flatten()[:7], blocks[0, 1:])
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist: pass --data"):
         load_texts([str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(InputError, match="is empty: pass --calib"):  # pack's flag named where pack passed it
+        load_texts([str(tmp_path / "empty.txt")], option="--calib")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(InputError, match="holds no text"):
+        load_texts([str(tmp_path / "blank.txt")])
     with pytest.raises(InputError, match="fewer than one block"):
         token_blocks(["hello"], tok, seq_len=64)
     with pytest.raises(InputError, match="no calibration data"):
