@@ -44,8 +44,12 @@ def register(app: typer.Typer) -> None:
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
         weights, calib_id, calib_report = None, None, None
         if calib:
-            from d2moe.router_train.activations import expert_column_stats
+            from d2moe.errors import UsageError
+            from d2moe.router_train.activations import SEQ_LEN, expert_column_stats
 
+            if calib_tokens < SEQ_LEN:
+                raise UsageError(f"--calib-tokens {calib_tokens} is less than one calibration sequence: use {SEQ_LEN} "
+                                 "or more")
             weights, calib_id, calib_report = expert_column_stats(src, calib, calib_tokens, progress=not quiet)
         try:
             report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
