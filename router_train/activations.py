@@ -2,14 +2,15 @@
 
 The source model runs over calibration text one decoder layer at a time (GPTQ's "catcher"): the
 embeddings run once, the first layer's inputs are caught, then each layer is given its dense weights,
-run over every calibration sequence at once, and dropped. Its experts module is replaced by one that
+run over the calibration sequences CHUNK_TOKENS at a time (attention and the experts' intermediates stay that
+size, whatever --calib-tokens asks), and dropped. Its experts module is replaced by one that
 reads each expert's matrices from the source on demand (one expert in memory at a time), computes
 the exact output in float32, and accumulates, per expert, the mean square of every input column of
 `gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), keeps up to SAMPLE_TOKENS of
-those inputs, and sums their second moment x x^T (whole, or its diagonal blocks where all experts' whole
+those inputs (evenly spaced over all of the layer's calls, chosen after its last), and sums their second moment x x^T (whole, or its diagonal blocks where all experts' whole
 moments would pass HESSIAN_BYTES) for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
 Resident memory: one layer's dense weights, one expert matrix in float32, the calibration activations and the
-moments; never the model.
+moments, one layer's inputs to its experts; never the model.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -36,9 +37,10 @@ from d2moe.runtime.model import build_skeleton, expert_activation, materialise_b
 MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit that expert unweighted
 FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs a little
 SEQ_LEN = 512
+CHUNK_TOKENS = 8192  # calibration tokens per layer call; each call reads the routed experts again
 SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
 HESSIAN_BYTES = 1 << 30  # all experts' second moments together (float32): whole matrices where they fit, else blocks
-CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span/"  # in --resume's id: other calibrations are not reused
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers/"  # in --resume's id: other calibrations are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:
@@ -71,6 +73,7 @@ class _StatsExperts(nn.Module):
         self.layer, self.experts, self.sums, self.counts, self.samples = layer, experts, sums, counts, samples
         self.keep_tokens, self.moments, self.blocks = keep_tokens, moments, blocks
         self.act = expert_activation(original)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's inputs and routes, call by call
 
     def _matrix(self, e: int, name: str) -> torch.Tensor:
         return self.experts.matrix(self.layer, e, name).float()
@@ -84,17 +87,43 @@ class _StatsExperts(nn.Module):
             h = self.act(x @ self._matrix(e, "gate").T)  # one float32 matrix alive at a time: 235 MB at Mixtral's shape
             h *= x @ self._matrix(e, "up").T
             out.index_add_(0, tok, (h @ self._matrix(e, "down").T) * top_k_weights[tok, slot].float().unsqueeze(-1))
-            # the layer sees every calibration sequence in one call: an evenly spaced subset spans the text
-            keep = torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()
             for m, v in (("gate", x), ("down", h)):
                 key = (self.layer, e, m)
                 self.sums[key] = self.sums.get(key, 0) + v.square().sum(0, dtype=torch.float64)
-                if key not in self.samples:
-                    self.samples[key] = v[keep].bfloat16()
                 if self.blocks[m]:
                     self.moments[key] = self.moments.get(key, 0) + gptq.second_moment(v, self.blocks[m])
             self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
+        self.calls.append((hidden_states.detach().clone(), top_k_index.clone()))  # for keep_samples
         return out.to(hidden_states.dtype)
+
+    def keep_samples(self) -> None:
+        """After the layer's last call: each expert keeps an evenly spaced subset of its routed inputs over all the
+        calls (so it spans the text), and their down inputs recomputed from them."""
+        if not self.calls:
+            return
+        x_all = torch.cat([c[0] for c in self.calls])
+        index = torch.cat([c[1] for c in self.calls])
+        self.calls = []
+        for e in torch.unique(index).tolist():
+            tok = (index == e).nonzero(as_tuple=True)[0]
+            x = x_all[tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()]].float()
+            h = self.act(x @ self._matrix(e, "gate").T)
+            h *= x @ self._matrix(e, "up").T
+            self.samples[(self.layer, e, "gate")] = x.bfloat16()
+            self.samples[(self.layer, e, "down")] = h.bfloat16()
+
+
+def _batch_rows(value, c0: int, c1: int, batch: int):
+    """`value` (a layer call's argument) for sequences [c0, c1): tensors whose first dimension is the batch are
+    sliced, tuples and lists element by element, anything else (masks and positions broadcast over the batch,
+    flags) passed as is."""
+    if isinstance(value, torch.Tensor):
+        return value[c0:c1] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, tuple | list):
+        return type(value)(_batch_rows(v, c0, c1, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _batch_rows(v, c0, c1, batch) for k, v in value.items()}
+    return value
 
 
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
@@ -136,8 +165,13 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     keep = sample_tokens(len(moe_layers) * num_experts, shapes["gate"][1] + shapes["down"][1])
     moments: dict = {}
     blocks = hessian_blocks(len(moe_layers) * num_experts, shapes["gate"][1], shapes["down"][1])
-    swap_experts(model, adapter, moe_layers,
-                 lambda layer, orig: _StatsExperts(layer, orig, experts, sums, counts, samples, keep, moments, blocks))
+    stats_modules: dict[int, _StatsExperts] = {}
+
+    def stats_experts(layer: int, orig: nn.Module) -> _StatsExperts:
+        stats_modules[layer] = _StatsExperts(layer, orig, experts, sums, counts, samples, keep, moments, blocks)
+        return stats_modules[layer]
+
+    swap_experts(model, adapter, moe_layers, stats_experts)
     layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
     inner = layers_path.rpartition(".")[0]  # "model": embeddings and rotary run before the first layer
     layers = model.get_submodule(layers_path)
@@ -165,8 +199,13 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
             layer = layers[i]
             state = {k[len(prefix):]: source.get(v) for k, v in dense.items() if k.startswith(prefix)}
             layer.load_state_dict(state, strict=False, assign=True)
-            out = layer(hidden, *args[1:], **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+            batch, step = hidden.shape[0], max(1, CHUNK_TOKENS // hidden.shape[1])
+            for c0 in range(0, batch, step):  # each chunk's output replaces its input, which no later chunk reads
+                c1 = min(batch, c0 + step)
+                out = layer(hidden[c0:c1], *_batch_rows(args[1:], c0, c1, batch), **_batch_rows(kwargs, c0, c1, batch))
+                hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
+            if i in stats_modules:
+                stats_modules[i].keep_samples()
             layers[i] = nn.Identity()  # its weights are no longer needed
             if progress:
                 print(f"pack --calib: layer {i + 1}/{len(per_layer)} ({time.perf_counter() - t0:.0f} s)",

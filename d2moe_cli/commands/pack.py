@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted pack of the same inputs and options (finished parts are verified by crc32 and kept)")] = False,
         refits: Annotated[int | None, typer.Option(help="least-squares refits of each group's grid after the clip search (sliced; default 1)")] = None,
         calib: Annotated[list[str] | None, typer.Option(help="calibration text: a txt/jsonl/parquet file or a hub dataset (repeatable); weights each expert's grid search by its input activations (imatrix-style) and chooses its codes by their outputs on them (GPTQ, every level nested)")] = None,
-        calib_tokens: Annotated[int, typer.Option(help="calibration tokens run through the source model for --calib")] = 16384,
+        calib_tokens: Annotated[int, typer.Option(help="calibration tokens run through the source model for --calib (BENCHMARKS.md §6.10: 16384 scored worse on every level of three trained models)")] = 32768,
         similarity: Annotated[bool, typer.Option("--similarity/--no-similarity", help="store each expert's nearest neighbours (output cosine on a random probe) for `run --on-miss substitute`")] = True,
         lossless: Annotated[bool, typer.Option("--lossless", help="also store each expert's exact source weights, losslessly coded (for `run --lossless`)")] = False,
         lossless_codec: Annotated[str, typer.Option(help="codec of the exponent stream for --lossless: zstd | brotli | none (the raw weights: uncompressed 16-bit offloading)")] = "zstd",

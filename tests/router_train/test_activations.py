@@ -101,3 +101,19 @@ def test_calibrated_pack_is_valid_and_nearer_on_the_calibration_outputs(tmp_path
         nearer += err[1] < err[0]
         total += 1
     assert total >= 6 and nearer >= 0.8 * total  # the lowest level's outputs, on inputs the calibration saw
+
+
+def test_layer_calls_in_chunks_give_the_one_call_statistics(tmp_path, monkeypatch):
+    """CHUNK_TOKENS bounds what a layer call holds; the statistics and the kept sample (the same evenly spaced
+    tokens of all the calls) are the one-call ones, up to float summation order."""
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    monkeypatch.setattr(activations, "CHUNK_TOKENS", 1 << 30)
+    whole, whole_id, _ = expert_column_stats(src, [TEXT], 2048, progress=False)
+    monkeypatch.setattr(activations, "CHUNK_TOKENS", activations.SEQ_LEN)  # one sequence per call
+    chunked, chunked_id, report = expert_column_stats(src, [TEXT], 2048, progress=False)
+    assert report["sequences"] >= 4 and chunked_id == whole_id and whole.keys() == chunked.keys() and whole
+    for key, a in whole.items():
+        b = chunked[key]
+        torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.sample.float(), a.sample.float(), rtol=1e-2, atol=1e-3)  # bfloat16 samples
+        torch.testing.assert_close(b.hessian, a.hessian, rtol=1e-4, atol=1e-4 * float(a.hessian.abs().max()))

@@ -40,6 +40,8 @@ def held_out_moment(v: torch.Tensor, block: int) -> torch.Tensor:
 
 activations_sample_tokens = activations.sample_tokens
 activations.sample_tokens = sample_tokens
+# every layer in one call, as when this was measured: the sample is then the evenly spaced rows of that call's inputs
+activations.CHUNK_TOKENS = 1 << 30
 # the calibration forward reads gptq.second_moment through its module name: give it a copy with the held-out moment
 activations.gptq = types.SimpleNamespace(**{**vars(gptq), "second_moment": held_out_moment})
 if "GUARD_TOL" in os.environ:  # study_guard.py's row choice
