@@ -113,19 +113,6 @@ class _StatsExperts(nn.Module):
             self.samples[(self.layer, e, "down")] = h.bfloat16()
 
 
-def _batch_rows(value, c0: int, c1: int, batch: int):
-    """`value` (a layer call's argument) for sequences [c0, c1): tensors whose first dimension is the batch are
-    sliced, tuples and lists element by element, anything else (masks and positions broadcast over the batch,
-    flags) passed as is."""
-    if isinstance(value, torch.Tensor):
-        return value[c0:c1] if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, tuple | list):
-        return type(value)(_batch_rows(v, c0, c1, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: _batch_rows(v, c0, c1, batch) for k, v in value.items()}
-    return value
-
-
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
     """Per input ("gate": the hidden state, "down": the expert's activation), the block of its second moment that
     all experts' fit HESSIAN_BYTES together (shared in proportion to columns; 0: none, pack rounds to nearest)."""
@@ -181,28 +168,39 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     outside = {k: source.get(v) for k, v in dense.items()
                if k.startswith(f"{inner}.") and not k.startswith(f"{layers_path}.")}
     model.load_state_dict(outside, strict=False, assign=True)
-    materialise_buffers(model)
+    materialise_buffers(model, skip=layers_path)  # each layer's own, persistent ones included, once it is loaded
 
-    catcher = _Catcher()
-    first, layers[0] = layers[0], catcher
-    try:
-        with torch.no_grad():
-            model.get_submodule(inner)(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
+    # The embeddings run chunk by chunk, each caught at layer 0 with what the layers are called with. Those
+    # arguments (positions, masks) depend only on the chunk's shape, so one set per chunk size serves every layer.
+    batch, step = ids.shape[0], max(1, CHUNK_TOKENS // ids.shape[1])
+    chunks = [(c0, min(batch, c0 + step)) for c0 in range(0, batch, step)]
+    hidden, call_args = None, {}
+    first = layers[0]
+    for c0, c1 in chunks:
+        catcher = _Catcher()
+        layers[0] = catcher
+        try:
+            with torch.no_grad():
+                model.get_submodule(inner)(input_ids=ids[c0:c1], use_cache=False)
+        except _Stop:
+            pass
+        (args, kwargs), = catcher.calls
+        h = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("hidden_states", None)
+        call_args.setdefault(c1 - c0, (args[1:], kwargs))
+        if hidden is None:
+            hidden = h.new_empty((batch, *h.shape[1:]))
+        hidden[c0:c1] = h
     layers[0] = first
-    (args, kwargs), = catcher.calls
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    kwargs.pop("hidden_states", None)
     with torch.no_grad():
         for i, prefix in enumerate(per_layer):
             layer = layers[i]
             state = {k[len(prefix):]: source.get(v) for k, v in dense.items() if k.startswith(prefix)}
             layer.load_state_dict(state, strict=False, assign=True)
-            batch, step = hidden.shape[0], max(1, CHUNK_TOKENS // hidden.shape[1])
-            for c0 in range(0, batch, step):  # each chunk's output replaces its input, which no later chunk reads
-                c1 = min(batch, c0 + step)
-                out = layer(hidden[c0:c1], *_batch_rows(args[1:], c0, c1, batch), **_batch_rows(kwargs, c0, c1, batch))
+            materialise_buffers(layer)
+            for c0, c1 in chunks:  # each chunk's output replaces its input, which no later chunk reads
+                args, kwargs = call_args[c1 - c0]
+                out = layer(hidden[c0:c1], *args, **kwargs)
                 hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
             if i in stats_modules:
                 stats_modules[i].keep_samples()

@@ -70,10 +70,14 @@ def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: 
         raise FormatError(f"{where} lacks {len(missing)} weights the model needs (e.g. {missing[0]!r}); re-run `d2moe pack`")
 
 
-def materialise_buffers(model: nn.Module) -> None:
-    """Re-create non-persistent buffers left on meta by rebuilding their module on the CPU."""
+def materialise_buffers(model: nn.Module, skip: str = "") -> None:
+    """Re-create non-persistent buffers left on meta by rebuilding their module on the CPU; the modules under
+    `skip` (e.g. decoder layers whose weights, persistent buffers included, come later) are left as they are."""
+    def skipped(name: str) -> bool:
+        return bool(skip) and (name == skip or name.startswith(skip + "."))
+
     for name, module in list(model.named_modules()):
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
+        if skipped(name) or not any(b.is_meta for b in module.buffers(recurse=False)):
             continue
         config = getattr(module, "config", None)
         if config is None:
@@ -85,7 +89,7 @@ def materialise_buffers(model: nn.Module) -> None:
                               f"{str(exc)[:120]}): restore the source's config.json") from None
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
-    left = [n for n, b in model.named_buffers() if b.is_meta]
+    left = [n for n, b in model.named_buffers() if b.is_meta and not skipped(n)]
     if left:
         raise FormatError(f"buffer {left[0]} could not be materialised")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny_models import make_tiny_checkpoint
+from tiny_models import TINY_ARCHS, make_tiny_checkpoint
 
 from d2moe.quantize import MWQConfig
 from d2moe.quantize import format as fmt
@@ -103,10 +104,15 @@ def test_calibrated_pack_is_valid_and_nearer_on_the_calibration_outputs(tmp_path
     assert total >= 6 and nearer >= 0.8 * total  # the lowest level's outputs, on inputs the calibration saw
 
 
-def test_layer_calls_in_chunks_give_the_one_call_statistics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_layer_calls_in_chunks_give_the_one_call_statistics(arch, tmp_path, monkeypatch):
     """CHUNK_TOKENS bounds what a layer call holds; the statistics and the kept sample (the same evenly spaced
-    tokens of all the calls) are the one-call ones, up to float summation order."""
-    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    tokens of all the calls) are the one-call ones, up to float summation order, for every architecture's
+    positions and masks."""
+    # DeepSeek's MLA as its real configs have it: one key head per query head (transformers' attention repeats the
+    # expanded keys again where the tiny config's 2 differ from its 4 heads)
+    mla = {"num_key_value_heads": 4} if arch.startswith("deepseek") else {}
+    src = make_tiny_checkpoint(arch, tmp_path / "src", **mla)
     monkeypatch.setattr(activations, "CHUNK_TOKENS", 1 << 30)
     whole, whole_id, _ = expert_column_stats(src, [TEXT], 2048, progress=False)
     monkeypatch.setattr(activations, "CHUNK_TOKENS", activations.SEQ_LEN)  # one sequence per call
