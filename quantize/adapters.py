@@ -56,12 +56,19 @@ class Adapter:
     legacy_names: tuple[tuple[str, str], ...]  # (legacy matrix name, our matrix name)
     dense_renames: tuple[tuple[str, str], ...] = ()  # regex renames from checkpoint to model keys
     router_name: str = "gate"  # the router module inside the model's MoE block
+    latent_attention: bool = False  # DeepSeek's MLA: transformers expands keys to every head, so kv heads = heads
 
     # ---- config -----------------------------------------------------------------------------
 
     def hf_config(self, config: dict):
         """The transformers config object (fills defaults exactly as the model does); cached per config."""
-        return _hf_config(self.model_type, json.dumps(config, sort_keys=True, default=str))
+        cfg = _hf_config(self.model_type, json.dumps(config, sort_keys=True, default=str))
+        heads, kv_heads = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+        if self.latent_attention and kv_heads != heads:
+            raise InputError(f"config.json of this {self.model_type} model sets num_key_value_heads {kv_heads} but "
+                             f"num_attention_heads {heads}: its latent attention (MLA) gives every head its own keys "
+                             f"and values, so transformers cannot run it; set both to {heads}, as DeepSeek's configs do")
+        return cfg
 
     def model_class(self):
         import transformers
@@ -171,8 +178,10 @@ ADAPTERS: dict[str, Adapter] = {
         Adapter("qwen2_moe", "Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size", "mlp", _SWIGLU),
         Adapter("qwen3_moe", "Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size", "mlp", _SWIGLU),
         Adapter("olmoe", "OlmoeForCausalLM", "num_experts", "intermediate_size", "mlp", _SWIGLU),
-        Adapter("deepseek_v2", "DeepseekV2ForCausalLM", "n_routed_experts", "moe_intermediate_size", "mlp", _SWIGLU),
-        Adapter("deepseek_v3", "DeepseekV3ForCausalLM", "n_routed_experts", "moe_intermediate_size", "mlp", _SWIGLU),
+        Adapter("deepseek_v2", "DeepseekV2ForCausalLM", "n_routed_experts", "moe_intermediate_size", "mlp", _SWIGLU,
+                latent_attention=True),
+        Adapter("deepseek_v3", "DeepseekV3ForCausalLM", "n_routed_experts", "moe_intermediate_size", "mlp", _SWIGLU,
+                latent_attention=True),
         Adapter(
             "phimoe", "PhimoeForCausalLM", "num_local_experts", "intermediate_size",
             legacy_block="block_sparse_moe", legacy_names=_W123,

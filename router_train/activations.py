@@ -19,6 +19,7 @@ no token touched still counts a little and nothing is ever NaN.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d2moe.errors import InputError
+from d2moe.errors import InputError, UnsupportedModelError
 from d2moe.quantize import gptq
 from d2moe.quantize.adapters import adapter_for
 from d2moe.quantize.calib import SAMPLE_TOKENS, ColumnStats
@@ -50,6 +51,19 @@ def sample_tokens(n_experts: int, input_columns: int) -> int:
 
 class _Stop(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _model_runs(src: Path, what: str):
+    """transformers' own forward failing on the source (a config its modelling code cannot run, e.g. DeepSeek-V2
+    attention whose num_key_value_heads differs from num_attention_heads) as one line naming the part that failed."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UnsupportedModelError(
+            f"{src}: transformers cannot run {what} of this model over the calibration text ({type(exc).__name__}: "
+            f"{first}); check its config.json against the architecture, or pack without --calib") from None
 
 
 class _Catcher(nn.Module):
@@ -180,7 +194,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
         catcher = _Catcher()
         layers[0] = catcher
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _model_runs(src, "the embeddings"):
                 model.get_submodule(inner)(input_ids=ids[c0:c1], use_cache=False)
         except _Stop:
             pass
@@ -200,7 +214,8 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
             materialise_buffers(layer)
             for c0, c1 in chunks:  # each chunk's output replaces its input, which no later chunk reads
                 args, kwargs = call_args[c1 - c0]
-                out = layer(hidden[c0:c1], *args, **kwargs)
+                with _model_runs(src, f"decoder layer {i}"):
+                    out = layer(hidden[c0:c1], *args, **kwargs)
                 hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
             if i in stats_modules:
                 stats_modules[i].keep_samples()

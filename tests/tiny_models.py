@@ -53,7 +53,7 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
-_MLA = dict(kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
 
 _ARCH_CONFIG: dict[str, dict] = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

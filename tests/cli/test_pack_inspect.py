@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,6 +95,21 @@ def test_unsupported_architecture(tiny_checkpoint_factory, tmp_path, capsys):
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     code, _, stderr = _run(capsys, "pack", str(src), str(tmp_path / "o"))
     assert code == EXIT_INPUT and "model_type 'gpt2' is not supported: d2moe supports" in stderr and "mixtral" in stderr
+
+
+def test_latent_attention_with_fewer_kv_heads_is_refused_before_any_work(tiny_checkpoint_factory, tmp_path, capsys):
+    """transformers' DeepSeek attention cannot run kv heads != heads: pack (with and without --calib) says so in one
+    line instead of a traceback from inside the calibration pass (or from `run` later)."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint_factory("deepseek_v2"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 2}))
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog . " * 200)
+    for extra in ([], ["--calib", str(tmp_path / "calib.txt"), "--calib-tokens", "512"]):
+        code, _, stderr = _run(capsys, "pack", str(src), str(tmp_path / "o"), *extra)
+        assert code == EXIT_INPUT and stderr.count("\n") == 1, stderr
+        assert "num_key_value_heads 2 but num_attention_heads 4" in stderr and "set both to 4" in stderr
+        assert not (tmp_path / "o").exists()
 
 
 def test_inspect_json_reports_a_corrupt_checkpoint(packed_checkpoint_factory, tmp_path, capsys):

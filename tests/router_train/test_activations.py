@@ -109,10 +109,7 @@ def test_layer_calls_in_chunks_give_the_one_call_statistics(arch, tmp_path, monk
     """CHUNK_TOKENS bounds what a layer call holds; the statistics and the kept sample (the same evenly spaced
     tokens of all the calls) are the one-call ones, up to float summation order, for every architecture's
     positions and masks."""
-    # DeepSeek's MLA as its real configs have it: one key head per query head (transformers' attention repeats the
-    # expanded keys again where the tiny config's 2 differ from its 4 heads)
-    mla = {"num_key_value_heads": 4} if arch.startswith("deepseek") else {}
-    src = make_tiny_checkpoint(arch, tmp_path / "src", **mla)
+    src = make_tiny_checkpoint(arch, tmp_path / "src")
     monkeypatch.setattr(activations, "CHUNK_TOKENS", 1 << 30)
     whole, whole_id, _ = expert_column_stats(src, [TEXT], 2048, progress=False)
     monkeypatch.setattr(activations, "CHUNK_TOKENS", activations.SEQ_LEN)  # one sequence per call
