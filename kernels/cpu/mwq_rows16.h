@@ -218,17 +218,16 @@ static inline __attribute__((always_inline)) __m512 rows16_coef(const uint16_t *
 }
 
 /* One term over every group of a block for NT tokens: facc[n] (lane i = row i) += sum_g s[i, g] D[n, i, g]
-   with s = m_t coef_t dx. Quads' dot products go to CH independent accumulators (VNNI latency). */
-static inline __attribute__((always_inline)) void rows16_term(
+   with s = m_t coef_t dx. A group's quads' dot products go to CH accumulators, summed at its end. */
+static inline __attribute__((always_inline)) void rows16_term_ch(
     const uint8_t *const *pl, const int NP, const int NT, const int LO, const int SUB, const d2_qx *q, int n0, int G,
-    int qpg, const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
-    enum { CH = 4 };
+    int qpg, const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc, const int CH) {
     const int8_t *xh[D2_MAX_TOKENS], *xl[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) {
         xh[n] = q->hi + (int64_t)(n0 + n) * q->cols;
         xl[n] = LO ? q->lo + (int64_t)(n0 + n) * q->cols : 0;
     }
-    const int ch = NT == 1 ? CH : 2; /* more tokens are already independent chains */
+    const int ch = CH;
     __m512 dm = _mm512_setzero_ps(); /* subblock: d m of the current super-block */
     for (int g = 0; g < G; g++) {
         if (SUB && !(g & ((1 << sub->gps_shift) - 1)))
@@ -265,6 +264,19 @@ static inline __attribute__((always_inline)) void rows16_term(
             facc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc[n]);
         }
     }
+}
+
+/* Accumulators per group: with 32 columns or more, four (one token) or two (several, whose chains are already
+   independent) hide VNNI's latency. Groups of 16 or fewer columns take one: the next groups' chains are independent
+   of this one's and overlap it, and summing four accumulators of one product each was a fifth of group 16's time
+   (BENCHMARKS.md §0.16). The count is a constant in each copy, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void rows16_term(
+    const uint8_t *const *pl, const int NP, const int NT, const int LO, const int SUB, const d2_qx *q, int n0, int G,
+    int qpg, const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
+    if (qpg <= 4)
+        rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, qpg, coef, sub, mul, facc, 1);
+    else
+        rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, qpg, coef, sub, mul, facc, NT == 1 ? 4 : 2);
 }
 
 /* Subblock's base term over groups [g0, g1) of super-block s (a multiple of 4 groups, all sharing the sums' step

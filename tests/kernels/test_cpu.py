@@ -61,6 +61,7 @@ CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-w
     (37, 128, 64), (64, 192, 64), (5, 256, 128), (33, 96, 32), (17, 64, 16), (9, 40, 8), (70, 512, 64),
     (11, 1024 + 64, 64), (7, 512 + 32, 32), (6, 768 + 128, 128),
     (40, 320, 64), (48, 256, 128),  # whole 16-row blocks with a tail / without (ROWS16 on AVX-512)
+    (32, 256 + 64, 16), (16, 128, 8),  # ROWS16 with groups of one accumulator
 ]
 
 
