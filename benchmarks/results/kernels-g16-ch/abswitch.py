@@ -1,0 +1,100 @@
+"""One build of the tree's CPU kernels with a run-time switch between ROWS16's accumulator counts (groups of 16
+columns: one accumulator per group, this tree's, or four as before), timed alternating call by call: the same
+library, memory and inputs on both sides, so the host's drift and code placement cancel.
+
+    python abswitch.py [--shape 14336x4096] [--threads 1] [--groups 32,16] [--levels 2,3,4] [--tokens 1,8]
+                       [--repeats 41] [--json out.jsonl]
+
+Group 32 is the control (the switch does not touch it: its ratio should be 1 within the noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_kernels import _packed  # noqa: E402
+
+from d2moe.kernels import cpu  # noqa: E402
+
+SWITCH = ("    if (qpg <= 4)\n", "    if (qpg <= 4 && !d2_ab_four)\n")
+
+
+def _switchable_lib(tmp: Path):
+    src = tmp / "cpu"
+    shutil.copytree(REPO / "kernels" / "cpu", src)
+    h = src / "mwq_rows16.h"
+    text = h.read_text()
+    assert text.count(SWITCH[0]) == 1, "the tree's rows16_term changed: update abswitch.py"
+    h.write_text(text.replace(SWITCH[0], SWITCH[1]))
+    main = src / cpu.SOURCE.name
+    main.write_text("int d2_ab_four = 0;\nvoid d2_ab_set_four(int v) { d2_ab_four = v; }\n" + main.read_text())
+    saved = (cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE)
+    cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = (src / p.name for p in saved)
+    cpu.load.cache_clear()
+    try:
+        return cpu.load()
+    finally:
+        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = saved
+        cpu.load.cache_clear()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="14336x4096")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--groups", default="32,16")
+    ap.add_argument("--levels", default="2,3,4")
+    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--repeats", type=int, default=41)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = _switchable_lib(Path(tmp))
+    setter = lib.d2_ab_set_four
+    setter.argtypes = [ctypes.c_int]
+    rows, cols = (int(v) for v in a.shape.split("x"))
+    splitter = cpu.RowSplitter(a.threads)
+    out = open(a.json, "a") if a.json else None
+    for n in (int(v) for v in a.tokens.split(",")):
+        x = torch.randn(n, cols)
+        for gs in (int(v) for v in a.groups.split(",")):
+            levels = tuple(int(v) for v in a.levels.split(","))
+            m = cpu.blocked(_packed(rows, cols, levels, gs, "subblock"))
+            for b in levels:
+                d = cpu.MatrixDesc(m, b)
+                q = cpu.QuantizedX(lib, x, gs, 8)
+                ys, times = {}, {"four": [], "one": []}
+                for i in range(a.repeats + 1):
+                    for k in (("four", "one") if i % 2 else ("one", "four")):
+                        setter(int(k == "four"))
+                        t0 = time.perf_counter()
+                        ys[k] = cpu.gemv(lib, d, q, splitter)
+                        if i:  # the first round warms up
+                            times[k].append(time.perf_counter() - t0)
+                med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                low = {k: min(v) * 1e3 for k, v in times.items()}
+                r = {"shape": a.shape, "threads": a.threads, "tokens": n, "group": gs, "level": b,
+                     "four_ms": round(med["four"], 3), "one_ms": round(med["one"], 3),
+                     "ratio": round(med["one"] / med["four"], 3), "min_ratio": round(low["one"] / low["four"], 3),
+                     "same_output": bool(torch.equal(ys["one"], ys["four"]))}
+                print(json.dumps(r), flush=True)
+                if out:
+                    out.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
