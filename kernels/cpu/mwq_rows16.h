@@ -269,12 +269,17 @@ static inline __attribute__((always_inline)) void rows16_term_ch(
 /* Accumulators per group: with 32 columns or more, four (one token) or two (several, whose chains are already
    independent) hide VNNI's latency. Groups of 16 or fewer columns take one: the next groups' chains are independent
    of this one's and overlap it, and summing four accumulators of one product each was a fifth of group 16's time
-   (BENCHMARKS.md §0.16). The count is a constant in each copy, so the accumulators stay in registers. */
+   (BENCHMARKS.md §0.16). The count is a constant in each copy, so the accumulators stay in registers; groups of 16
+   and 32 columns also get a constant trip count, which unrolls a group's quads (5-15% at group 32, §0.16). */
 static inline __attribute__((always_inline)) void rows16_term(
     const uint8_t *const *pl, const int NP, const int NT, const int LO, const int SUB, const d2_qx *q, int n0, int G,
     int qpg, const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
-    if (qpg <= 4)
+    if (qpg == 4) /* group 16 */
+        rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, 4, coef, sub, mul, facc, 1);
+    else if (qpg <= 4)
         rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, qpg, coef, sub, mul, facc, 1);
+    else if (qpg == 8) /* group 32, the default */
+        rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, 8, coef, sub, mul, facc, NT == 1 ? 4 : 2);
     else
         rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, qpg, coef, sub, mul, facc, NT == 1 ? 4 : 2);
 }

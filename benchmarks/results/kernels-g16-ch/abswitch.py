@@ -5,7 +5,12 @@ library, memory and inputs on both sides, so the host's drift and code placement
     python abswitch.py [--shape 14336x4096] [--threads 1] [--groups 32,16] [--levels 2,3,4] [--tokens 1,8]
                        [--repeats 41] [--json out.jsonl]
 
-Group 32 is the control (the switch does not touch it: its ratio should be 1 within the noise).
+Group 32 is the control (the switch does not touch it: its ratio should be 1 within the noise). `--find LINE
+--replace LINE'` gates another branch of rows16_term (LINE' = LINE with `&& !d2_ab_four` in its condition; "four"
+in the output is then the path without that branch), e.g. the constant trip counts of §0.16:
+
+    --find "else if (qpg == 8) /* group 32, the default */"
+    --replace "else if (qpg == 8 && !d2_ab_four) /* group 32, the default */"
 """
 
 from __future__ import annotations
@@ -29,16 +34,16 @@ from bench_kernels import _packed  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
-SWITCH = ("    if (qpg <= 4)\n", "    if (qpg <= 4 && !d2_ab_four)\n")
+SWITCH = ("    if (qpg <= 4)\n", "    if (qpg <= 4 && !d2_ab_four)\n")  # or --find/--replace: another switch
 
 
-def _switchable_lib(tmp: Path):
+def _switchable_lib(tmp: Path, switch: tuple[str, str] = SWITCH):
     src = tmp / "cpu"
     shutil.copytree(REPO / "kernels" / "cpu", src)
     h = src / "mwq_rows16.h"
     text = h.read_text()
-    assert text.count(SWITCH[0]) == 1, "the tree's rows16_term changed: update abswitch.py"
-    h.write_text(text.replace(SWITCH[0], SWITCH[1]))
+    assert text.count(switch[0]) == 1, f"{switch[0]!r} is not in the tree's mwq_rows16.h once: pass --find/--replace"
+    h.write_text(text.replace(switch[0], switch[1]))
     main = src / cpu.SOURCE.name
     main.write_text("int d2_ab_four = 0;\nvoid d2_ab_set_four(int v) { d2_ab_four = v; }\n" + main.read_text())
     saved = (cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE)
@@ -60,9 +65,11 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--repeats", type=int, default=41)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--find", default=SWITCH[0].strip(), help="a line of mwq_rows16.h whose branch the switch gates")
+    ap.add_argument("--replace", default=SWITCH[1].strip(), help="that line with `&& !d2_ab_four` (the old path)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        lib = _switchable_lib(Path(tmp))
+        lib = _switchable_lib(Path(tmp), ("    " + a.find + "\n", "    " + a.replace + "\n"))
     setter = lib.d2_ab_set_four
     setter.argtypes = [ctypes.c_int]
     rows, cols = (int(v) for v in a.shape.split("x"))
