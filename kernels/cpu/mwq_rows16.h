@@ -228,12 +228,14 @@ static inline __attribute__((always_inline)) void rows16_term_ch(
         xl[n] = LO ? q->lo + (int64_t)(n0 + n) * q->cols : 0;
     }
     const int ch = CH;
+    __m512 acc[D2_MAX_TOKENS]; /* in registers across groups: through facc each group's FMA waited on a store */
+    for (int n = 0; n < NT; n++) acc[n] = facc[n];
     __m512 dm = _mm512_setzero_ps(); /* subblock: d m of the current super-block */
     for (int g = 0; g < G; g++) {
         if (SUB && !(g & ((1 << sub->gps_shift) - 1)))
             dm = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sub->super + 32 * (int64_t)(g >> sub->gps_shift)))),
                                _mm512_set1_ps(mul));
-        __m512i dh[D2_MAX_TOKENS][CH], dl[D2_MAX_TOKENS][CH];
+        __m512i dh[D2_MAX_TOKENS][4], dl[D2_MAX_TOKENS][4]; /* a fixed size: CH-sized arrays were stack VLAs */
         for (int n = 0; n < NT; n++)
             for (int c = 0; c < ch; c++) dh[n][c] = dl[n][c] = _mm512_setzero_si512();
         const int64_t q0 = (int64_t)g * qpg;
@@ -261,24 +263,25 @@ static inline __attribute__((always_inline)) void rows16_term_ch(
             }
             if (LO) d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e);
             const __m512 s = _mm512_mul_ps(cs, _mm512_set1_ps(q->dx[(int64_t)(n0 + n) * G + g]));
-            facc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc[n]);
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[n]);
         }
     }
+    for (int n = 0; n < NT; n++) facc[n] = acc[n];
 }
 
 /* Accumulators per group: with 32 columns or more, four (one token) or two (several, whose chains are already
    independent) hide VNNI's latency. Groups of 16 or fewer columns take one: the next groups' chains are independent
-   of this one's and overlap it, and summing four accumulators of one product each was a fifth of group 16's time
-   (BENCHMARKS.md §0.16). The count is a constant in each copy, so the accumulators stay in registers; groups of 16
-   and 32 columns also get a constant trip count, which unrolls a group's quads (5-15% at group 32, §0.16). */
+   of this one's and overlap it. Groups of 16 and 32 columns get copies with a constant trip count, which unroll a
+   group's quads. The accumulator arrays have a fixed size and the token sums a local array: sized by CH the arrays
+   were stack VLAs, and the sums went through facc's memory, one store-to-load wait per group (BENCHMARKS.md §0.16). */
 static inline __attribute__((always_inline)) void rows16_term(
     const uint8_t *const *pl, const int NP, const int NT, const int LO, const int SUB, const d2_qx *q, int n0, int G,
     int qpg, const uint16_t *coef, const d2_sub16 *sub, float mul, __m512 *facc) {
-    if (qpg == 4) /* group 16 */
+    if (qpg == 4)
         rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, 4, coef, sub, mul, facc, 1);
     else if (qpg <= 4)
         rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, qpg, coef, sub, mul, facc, 1);
-    else if (qpg == 8) /* group 32, the default */
+    else if (qpg == 8)
         rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, 8, coef, sub, mul, facc, NT == 1 ? 4 : 2);
     else
         rows16_term_ch(pl, NP, NT, LO, SUB, q, n0, G, qpg, coef, sub, mul, facc, NT == 1 ? 4 : 2);
