@@ -50,6 +50,10 @@ GEMV_MAX_TOKENS = 16  # above: tile dequantization + GEMM (crossover measured at
 # The same holds for int8 activations on AVX-512's ROWS16 layout, whatever the tiles (14336x4096, Zen 4, bf16
 # tiles: level 4 at 64 tokens 42 ms vs 49, level 2 34 vs 45; at 128 a tie for level 4)
 GEMV_MAX_TOKENS_INT8_FP32 = 64
+# ROWS16 after its accumulators went back in registers (BENCHMARKS.md §0.16): 14336x4096 on an Ice Lake (fp32 tiles),
+# int8 at 128 tokens 45-49 ms vs 95-102 for tiles, at 256 94-98 vs 156-157; bf16 tiles (Zen 4) tied at 128 before
+# the kernel gained 25-35% there, so 128 is kept where tiles are bf16
+GEMV_MAX_TOKENS_ROWS16 = {torch.float32: 256, torch.bfloat16: 128}
 INT8_ACTIVATIONS_UP_TO = 4  # auto: int8 activations for levels <= 4, int16 above
 TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest (bf16)
 # Prefill tiles in bf16 where the CPU has a native bf16 GEMM, else fp32 (a software bf16 GEMM is far slower)
@@ -221,7 +225,9 @@ class ExpertKernels:
 def gemv_limit(activation_bits: int, tile_dtype: torch.dtype = TILE_DTYPE, layout: int = cpu.ROWS) -> int:
     """Most rows the integer kernel takes with these activations on planes in `layout` before `tile_dtype`
     tiles + GEMM win (measured)."""
-    if activation_bits == 8 and (tile_dtype == torch.float32 or layout == cpu.ROWS16):
+    if activation_bits == 8 and layout == cpu.ROWS16:
+        return GEMV_MAX_TOKENS_ROWS16.get(tile_dtype, GEMV_MAX_TOKENS_INT8_FP32)
+    if activation_bits == 8 and tile_dtype == torch.float32:
         return GEMV_MAX_TOKENS_INT8_FP32
     return GEMV_MAX_TOKENS
 

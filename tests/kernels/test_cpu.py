@@ -515,6 +515,7 @@ def test_the_integer_kernel_takes_more_rows_where_tiles_are_float32():
     assert auto.gemv_limit(8) == dispatch.GEMV_MAX_TOKENS
     assert ExpertKernels("native", activation_bits=16).gemv_limit(2) == dispatch.GEMV_MAX_TOKENS
     assert ExpertKernels("native", gemv_max_tokens=5).gemv_limit(8) == 5
-    # on the ROWS16 layout int8 levels keep the integer kernel to 64 rows whatever the tiles; int16 do not
-    assert auto.gemv_limit(4, cpu.ROWS16) == dispatch.GEMV_MAX_TOKENS_INT8_FP32
+    # on the ROWS16 layout int8 levels keep the integer kernel to 256 rows against float32 tiles, 128 against bf16;
+    # int16 do not
+    assert auto.gemv_limit(4, cpu.ROWS16) == dispatch.GEMV_MAX_TOKENS_ROWS16[dispatch.TILE_DTYPE]
     assert auto.gemv_limit(8, cpu.ROWS16) == dispatch.GEMV_MAX_TOKENS

@@ -1,0 +1,66 @@
+"""The integer kernel against dequantized tiles + GEMM (the two prefill paths of kernels/dispatch.py) at several token
+counts, alternating call by call in one process: where GEMV_MAX_TOKENS_INT8_FP32 should sit after §0.16.
+
+    python crossover.py [--shape 14336x4096] [--threads 2] [--levels 2,4] [--tokens 32,64,128,256] [--repeats 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_kernels import _packed  # noqa: E402
+
+from d2moe.kernels import cpu, dispatch  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="14336x4096")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levels", default="2,4")
+    ap.add_argument("--tokens", default="32,64,128,256")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    lib = cpu.load()
+    rows, cols = (int(v) for v in a.shape.split("x"))
+    levels = tuple(int(v) for v in a.levels.split(","))
+    splitter = cpu.RowSplitter(a.threads)
+    torch.set_num_threads(a.threads)
+    m = cpu.blocked(_packed(rows, cols, levels, 32, "subblock"))
+    out = open(a.json, "a") if a.json else None
+    for n in (int(v) for v in a.tokens.split(",")):
+        x = torch.randn(n, cols)
+        for b in levels:
+            d = cpu.MatrixDesc(m, b)
+            fns = {"int8 kernel": lambda: cpu.gemv(lib, d, cpu.QuantizedX(lib, x, 32, 8), splitter),
+                   "tiles": lambda: dispatch.tiled_matmul(lib, d, x, splitter)}
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for i in range(a.repeats + 1):
+                for k in (list(fns) if i % 2 else list(fns)[::-1]):
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    if i:
+                        times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            r = {"shape": a.shape, "threads": a.threads, "tokens": n, "level": b, "tile_dtype": str(dispatch.TILE_DTYPE),
+                 "int8_ms": round(med["int8 kernel"], 2), "tiles_ms": round(med["tiles"], 2),
+                 "int8_over_tiles": round(med["int8 kernel"] / med["tiles"], 3)}
+            print(json.dumps(r), flush=True)
+            if out:
+                out.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
