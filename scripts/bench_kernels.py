@@ -22,6 +22,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -43,6 +45,35 @@ def _packed(rows: int, cols: int, levels: tuple[int, ...], group_size: int, sche
         scale = (torch.rand(rows, cols // group_size, generator=g) * 0.01 + 1e-3).half()
         offset = (torch.randn(rows, cols // group_size, generator=g) * 0.01).half()
     return PackedMatrix((rows, cols), cfg, levels[-1], scale, offset, planes, ())
+
+
+def library_from(sources: Path | None = None):
+    """The kernel library built from `sources` (a directory holding kernels/cpu's files: another revision's, or an
+    edited copy) or, with None, from the tree: what the A/B harnesses in benchmarks/results load side by side."""
+    saved = (cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE)
+    if sources is not None:
+        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = (Path(sources) / p.name for p in saved)
+    cpu.load.cache_clear()
+    try:
+        return cpu.load()
+    finally:
+        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = saved
+        cpu.load.cache_clear()
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and minimum ms of each of `fns` over `repeats` rounds, every round calling all of them with the order
+    rotating per round (the host's drift lands on every side alike); the first `warmup` rounds are not counted."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(warmup + repeats):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, {k: min(v) * 1e3 for k, v in times.items()})
 
 
 def _param_bytes(rows: int, cols: int, group_size: int, scheme: str) -> int:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed  # noqa: E402
+from bench_kernels import _packed, interleaved_ms, library_from  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
@@ -36,14 +34,7 @@ def _lib_with(defines: list[str], tmp: Path, name: str):
     main = src / cpu.SOURCE.name
     head = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines)
     main.write_text(head + main.read_text())
-    saved = (cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE)
-    cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = (src / p.name for p in saved)
-    cpu.load.cache_clear()
-    try:
-        return cpu.load()
-    finally:
-        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = saved
-        cpu.load.cache_clear()
+    return library_from(src)
 
 
 def main() -> int:
@@ -76,15 +67,7 @@ def main() -> int:
                 qs = {k: cpu.QuantizedX(lib, x, gs, 8) for k, lib in libs.items()}  # outside the timing
                 fns = {k: (lambda lib=lib, k=k: cpu.gemv(lib, d, qs[k], splitter)) for k, lib in libs.items()}
                 ys = {k: f() for k, f in fns.items()}
-                times: dict[str, list[float]] = {k: [] for k in fns}
-                for i in range(a.repeats):
-                    order = names[i % len(names):] + names[:i % len(names)]
-                    for k in order:
-                        t0 = time.perf_counter()
-                        fns[k]()
-                        times[k].append(time.perf_counter() - t0)
-                med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-                low = {k: min(v) * 1e3 for k, v in times.items()}
+                med, low = interleaved_ms(fns, a.repeats, warmup=0)
                 y0 = ys[names[0]]
                 r = {"shape": a.shape, "threads": a.threads, "tokens": n, "group": gs, "level": b,
                      **{f"{k}_ms": round(med[k], 3) for k in names}, **{f"{k}_min_ms": round(low[k], 3) for k in names},

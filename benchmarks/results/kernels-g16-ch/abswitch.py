@@ -1,16 +1,16 @@
-"""One build of the tree's CPU kernels with a run-time switch between ROWS16's accumulator counts (groups of 16
-columns: one accumulator per group, this tree's, or four as before), timed alternating call by call: the same
-library, memory and inputs on both sides, so the host's drift and code placement cancel.
+"""One build of the tree's CPU kernels with a run-time switch on one branch of ROWS16's rows16_term, timed
+alternating call by call: the same library, memory and inputs on both sides, so the host's drift and code placement
+cancel (two builds in one process did not, BENCHMARKS.md §0.16).
 
     python abswitch.py [--shape 14336x4096] [--threads 1] [--groups 32,16] [--levels 2,3,4] [--tokens 1,8]
-                       [--repeats 41] [--json out.jsonl]
+                       [--repeats 41] [--find LINE --replace LINE'] [--json out.jsonl]
 
-Group 32 is the control (the switch does not touch it: its ratio should be 1 within the noise). `--find LINE
---replace LINE'` gates another branch of rows16_term (LINE' = LINE with `&& !d2_ab_four` in its condition; "four"
-in the output is then the path without that branch), e.g. the constant trip counts of §0.16:
+`--find LINE --replace LINE'` names the branch (LINE' = LINE with `&& !d2_ab_four` in its condition). In the output
+"one" is the tree's path and "four" the path with that branch switched off (the names are from the first use: one
+accumulator per group of 16 against four). The default gates group 16's branch, so group 32 is the control (its
+ratio should be 1 within the noise); §0.16's group-32 trip count was measured with
 
-    --find "else if (qpg == 8) /* group 32, the default */"
-    --replace "else if (qpg == 8 && !d2_ab_four) /* group 32, the default */"
+    --find "else if (qpg == 8)" --replace "else if (qpg == 8 && !d2_ab_four)"
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import argparse
 import ctypes
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,11 +28,11 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed  # noqa: E402
+from bench_kernels import _packed, interleaved_ms, library_from  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
-SWITCH = ("    if (qpg <= 4)\n", "    if (qpg <= 4 && !d2_ab_four)\n")  # or --find/--replace: another switch
+SWITCH = ("    if (qpg == 4)\n", "    if (qpg == 4 && !d2_ab_four)\n")  # group 16's branch; or --find/--replace
 
 
 def _switchable_lib(tmp: Path, switch: tuple[str, str] = SWITCH):
@@ -46,14 +44,7 @@ def _switchable_lib(tmp: Path, switch: tuple[str, str] = SWITCH):
     h.write_text(text.replace(switch[0], switch[1]))
     main = src / cpu.SOURCE.name
     main.write_text("int d2_ab_four = 0;\nvoid d2_ab_set_four(int v) { d2_ab_four = v; }\n" + main.read_text())
-    saved = (cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE)
-    cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = (src / p.name for p in saved)
-    cpu.load.cache_clear()
-    try:
-        return cpu.load()
-    finally:
-        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = saved
-        cpu.load.cache_clear()
+    return library_from(src)
 
 
 def main() -> int:
@@ -83,16 +74,14 @@ def main() -> int:
             for b in levels:
                 d = cpu.MatrixDesc(m, b)
                 q = cpu.QuantizedX(lib, x, gs, 8)
-                ys, times = {}, {"four": [], "one": []}
-                for i in range(a.repeats + 1):
-                    for k in (("four", "one") if i % 2 else ("one", "four")):
-                        setter(int(k == "four"))
-                        t0 = time.perf_counter()
-                        ys[k] = cpu.gemv(lib, d, q, splitter)
-                        if i:  # the first round warms up
-                            times[k].append(time.perf_counter() - t0)
-                med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-                low = {k: min(v) * 1e3 for k, v in times.items()}
+                setting = {"four": 1, "one": 0}
+
+                def run(k: str):
+                    setter(setting[k])
+                    return cpu.gemv(lib, d, q, splitter)
+
+                ys = {k: run(k) for k in setting}
+                med, low = interleaved_ms({k: (lambda k=k: run(k)) for k in setting}, a.repeats)
                 r = {"shape": a.shape, "threads": a.threads, "tokens": n, "group": gs, "level": b,
                      "four_ms": round(med["four"], 3), "one_ms": round(med["one"], 3),
                      "ratio": round(med["one"] / med["four"], 3), "min_ratio": round(low["one"] / low["four"], 3),

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed  # noqa: E402
+from bench_kernels import _packed, interleaved_ms  # noqa: E402
 
 from d2moe.kernels import cpu, dispatch  # noqa: E402
 
@@ -45,14 +43,7 @@ def main() -> int:
             d = cpu.MatrixDesc(m, b)
             fns = {"int8 kernel": lambda: cpu.gemv(lib, d, cpu.QuantizedX(lib, x, 32, 8), splitter),
                    "tiles": lambda: dispatch.tiled_matmul(lib, d, x, splitter)}
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for i in range(a.repeats + 1):
-                for k in (list(fns) if i % 2 else list(fns)[::-1]):
-                    t0 = time.perf_counter()
-                    fns[k]()
-                    if i:
-                        times[k].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            med, _ = interleaved_ms(fns, a.repeats)
             r = {"shape": a.shape, "threads": a.threads, "tokens": n, "level": b, "tile_dtype": str(dispatch.TILE_DTYPE),
                  "int8_ms": round(med["int8 kernel"], 2), "tiles_ms": round(med["tiles"], 2),
                  "int8_over_tiles": round(med["int8 kernel"] / med["tiles"], 3)}

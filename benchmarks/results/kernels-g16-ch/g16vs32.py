@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed  # noqa: E402
+from bench_kernels import _packed, interleaved_ms  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
@@ -43,14 +41,8 @@ def main() -> int:
         qs = {gs: cpu.QuantizedX(lib, x, gs, 8) for gs in mats}
         for b in levels:
             descs = {gs: cpu.MatrixDesc(m, b) for gs, m in mats.items()}
-            times: dict[int, list[float]] = {32: [], 16: []}
-            for i in range(a.repeats + 1):
-                for gs in ((32, 16) if i % 2 else (16, 32)):
-                    t0 = time.perf_counter()
-                    cpu.gemv(lib, descs[gs], qs[gs], splitter)
-                    if i:
-                        times[gs].append(time.perf_counter() - t0)
-            med = {gs: statistics.median(v) * 1e3 for gs, v in times.items()}
+            med, _ = interleaved_ms({gs: (lambda gs=gs: cpu.gemv(lib, descs[gs], qs[gs], splitter)) for gs in (32, 16)},
+                                    a.repeats)
             r = {"shape": a.shape, "threads": a.threads, "tokens": n, "level": b, "g32_ms": round(med[32], 3),
                  "g16_ms": round(med[16], 3), "ratio": round(med[16] / med[32], 3)}
             print(json.dumps(r), flush=True)

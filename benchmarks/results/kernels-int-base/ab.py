@@ -24,22 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed  # noqa: E402
+from bench_kernels import _packed, library_from  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
-
-
-def _lib_from(sources: Path | None):
-    """The kernel library built from `sources` (a directory with kernels/cpu's files), or the tree's."""
-    saved = (cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE)
-    if sources is not None:
-        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = (sources / p.name for p in saved)
-    cpu.load.cache_clear()
-    try:
-        return cpu.load()
-    finally:
-        cpu.SOURCE, cpu.DENSE_SOURCE, cpu.POOL_SOURCE, cpu.GATE_SOURCE = saved
-        cpu.load.cache_clear()
 
 
 def main() -> int:
@@ -60,7 +47,7 @@ def main() -> int:
         for name in names:
             blob = subprocess.run(["git", "-C", str(REPO), "show", f"{a.against}:{name}"], capture_output=True, check=True)
             (old_dir / Path(name).name).write_bytes(blob.stdout)
-        libs = {"old": _lib_from(old_dir), "new": _lib_from(None)}
+        libs = {"old": library_from(old_dir), "new": library_from(None)}
     rows, cols = (int(v) for v in a.shape.split("x"))
     splitter = cpu.RowSplitter(a.threads)
     out = open(a.json, "a") if a.json else None
