@@ -92,14 +92,19 @@ class _StatsExperts(nn.Module):
     def _matrix(self, e: int, name: str) -> torch.Tensor:
         return self.experts.matrix(self.layer, e, name).float()
 
+    def _down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """act(gate x) * up x of expert e, one float32 matrix alive at a time (235 MB at Mixtral's shape)."""
+        h = self.act(x @ self._matrix(e, "gate").T)
+        h *= x @ self._matrix(e, "up").T
+        return h
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x_all = hidden_states.float()
         out = torch.zeros_like(x_all)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = (top_k_index == e).nonzero(as_tuple=True)
             x = x_all[tok]
-            h = self.act(x @ self._matrix(e, "gate").T)  # one float32 matrix alive at a time: 235 MB at Mixtral's shape
-            h *= x @ self._matrix(e, "up").T
+            h = self._down_input(e, x)
             out.index_add_(0, tok, (h @ self._matrix(e, "down").T) * top_k_weights[tok, slot].float().unsqueeze(-1))
             for m, v in (("gate", x), ("down", h)):
                 key = (self.layer, e, m)
@@ -121,10 +126,8 @@ class _StatsExperts(nn.Module):
         for e in torch.unique(index).tolist():
             tok = (index == e).nonzero(as_tuple=True)[0]
             x = x_all[tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()]].float()
-            h = self.act(x @ self._matrix(e, "gate").T)
-            h *= x @ self._matrix(e, "up").T
             self.samples[(self.layer, e, "gate")] = x.bfloat16()
-            self.samples[(self.layer, e, "down")] = h.bfloat16()
+            self.samples[(self.layer, e, "down")] = self._down_input(e, x).bfloat16()
 
 
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:

@@ -10,6 +10,12 @@
 
 #if D2_AVX2
 
+/* Group sizes the AVX2 kernels take: multiples of 32 columns, and 16 where the columns fill whole 32-column chunks
+   (two groups per chunk, term_g16_avx2); others run the portable loop. */
+static inline int avx2_groups(const d2_matrix *m) {
+    return m->group_size % 32 == 0 || (m->group_size == 16 && m->cols % 32 == 0);
+}
+
 /* 32 columns of one plane row (4 bytes at p) as 32 byte masks: 0xff where the column's bit is set. */
 static inline __attribute__((always_inline)) __m256i plane_mask32(const uint8_t *p) {
     uint32_t bits;

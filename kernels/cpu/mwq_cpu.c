@@ -358,8 +358,8 @@ static void gemv_rows(const d2_matrix *m, const d2_qx *q, float *y, int64_t ystr
                       float *scratch, int32_t force_portable) {
 #if D2_AVX512
     const int vector = !force_portable && m->group_size % 32 == 0 && m->layout == D2_ROWS;
-#elif D2_AVX2 /* group 16 pairs two groups per 32-column chunk (term_g16_avx2) */
-    const int vector = !force_portable && (m->group_size % 32 == 0 || (m->group_size == 16 && m->cols % 32 == 0));
+#elif D2_AVX2
+    const int vector = !force_portable && avx2_groups(m);
 #else
     const int vector = 0;
     (void)force_portable;
@@ -411,7 +411,7 @@ static void dequant_row(const d2_matrix *m, int o, const float *cf, const float 
             continue;
         }
 #elif D2_AVX2
-        if (!force_portable && (gs % 32 == 0 || (gs == 16 && m->cols % 32 == 0))) {
+        if (!force_portable && avx2_groups(m)) {
             dequant_term_avx2(pl, np, cf + t * G, gs, m->cols, m->layout == D2_BLOCKED ? full_block_cols(m->cols) : 0, w);
             continue;
         }

@@ -227,7 +227,6 @@ static inline __attribute__((always_inline)) void rows16_term_ch(
         xh[n] = q->hi + (int64_t)(n0 + n) * q->cols;
         xl[n] = LO ? q->lo + (int64_t)(n0 + n) * q->cols : 0;
     }
-    const int ch = CH;
     __m512 acc[D2_MAX_TOKENS]; /* in registers across groups: through facc each group's FMA waited on a store */
     for (int n = 0; n < NT; n++) acc[n] = facc[n];
     __m512 dm = _mm512_setzero_ps(); /* subblock: d m of the current super-block */
@@ -237,10 +236,10 @@ static inline __attribute__((always_inline)) void rows16_term_ch(
                                _mm512_set1_ps(mul));
         __m512i dh[D2_MAX_TOKENS][4], dl[D2_MAX_TOKENS][4]; /* a fixed size: CH-sized arrays were stack VLAs */
         for (int n = 0; n < NT; n++)
-            for (int c = 0; c < ch; c++) dh[n][c] = dl[n][c] = _mm512_setzero_si512();
+            for (int c = 0; c < CH; c++) dh[n][c] = dl[n][c] = _mm512_setzero_si512();
         const int64_t q0 = (int64_t)g * qpg;
-        for (int j = 0; j < qpg; j += ch)
-            for (int c = 0; c < ch; c++) {
+        for (int j = 0; j < qpg; j += CH)
+            for (int c = 0; c < CH; c++) {
                 const __m512i code = code64(pl, 8 * (q0 + j + c), NP);
                 for (int n = 0; n < NT; n++) {
                     int32_t xv;
@@ -257,7 +256,7 @@ static inline __attribute__((always_inline)) void rows16_term_ch(
                               : _mm512_mul_ps(rows16_coef(coef, g), _mm512_set1_ps(mul)); /* exact: mul is 2^-k */
         for (int n = 0; n < NT; n++) {
             __m512i d = dh[n][0], e = dl[n][0];
-            for (int c = 1; c < ch; c++) {
+            for (int c = 1; c < CH; c++) {
                 d = _mm512_add_epi32(d, dh[n][c]);
                 if (LO) e = _mm512_add_epi32(e, dl[n][c]);
             }
