@@ -202,13 +202,13 @@ def ready_layout() -> int:
 
 def blocks_planes(group_size: int, cols: tuple[int, ...] = ()) -> bool:
     """Whether the cache should hold this machine's kernel-ready layout (block_planes/block_params as bytes
-    land) for matrices of these input widths: AVX2 for any group size % 32 (its bit-to-byte expansion from
+    land) for matrices of these input widths: AVX2 for group sizes % 32 and 16 (its bit-to-byte expansion from
     the file's rows costs more than the multiply), AVX-512 for % 16 with every width % 64 (its 16-row words
     hold 4 columns; from the file's rows every (row, group) pays a reduction)."""
     layout = ready_layout()
     if layout == ROWS16:
         return group_size % 16 == 0 and all(c % 64 == 0 for c in (group_size * 4, *cols))
-    return layout == BLOCKED and group_size % 32 == 0
+    return layout == BLOCKED and (group_size % 32 == 0 or group_size == 16)
 
 
 def block_planes(planes: torch.Tensor) -> None:

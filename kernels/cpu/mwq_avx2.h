@@ -125,9 +125,37 @@ static inline __attribute__((always_inline)) void term_row_avx2(
     for (int n = 0; n < NT; n++) facc[n] = _mm256_add_ps(a0[n], a1[n]);
 }
 
+/* Bits of chunk K (0..7) of a D2_BLOCKED block as byte lanes holding 1 << POS (K, POS compile-time). */
+static inline __attribute__((always_inline)) __m256i blocked_bits(const __m256i v, const int K, const int POS) {
+    const __m256i t = K > POS ? _mm256_srli_epi16(v, K - POS) : (K < POS ? _mm256_slli_epi16(v, POS - K) : v);
+    return _mm256_and_si256(t, _mm256_set1_epi8((char)(1 << POS)));
+}
+
 /* Groups of 16 columns (cols % 32 == 0): a 32-column chunk holds two groups. After the widening, int32 lanes 0-3
-   sum the first group's columns and lanes 4-7 the second's, so each chunk's sums take a two-valued scale vector
-   and the chunk stays one vpmaddubsw per code and token (before, group 16 ran the portable C loop: ~30x slower). */
+   sum the first group's columns and lanes 4-7 the second's, so a chunk stays one vpmaddubsw per code and token.
+   Four chunks (eight groups) are reduced together: two rounds of vphaddd leave the eight group sums in one vector
+   (groups 0 2 4 6 1 3 5 7), which takes its eight scales in one permuted load and one FMA. */
+static inline __attribute__((always_inline)) void g16_eight(
+    const __m256i *lo_code, const __m256i *hi_code, const int NH, const int NT, const int LO, const d2_qx *q, int n0,
+    int c, const float *s, int G, __m256 *acc_f) {
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); /* the reduced sums' groups */
+    const int64_t cols = q->cols;
+    for (int n = 0; n < NT; n++) {
+        __m256i d[4];
+        for (int k = 0; k < 4; k++) {
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            add_chunk_avx2(acc, lo_code[k], hi_code[k], NH, LO, q, (int64_t)(n0 + n) * cols + c + 32 * k);
+            d[k] = combine_avx2(acc, NH, LO);
+        }
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + n * G), order);
+        acc_f[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sv, acc_f[n]);
+    }
+}
+
+/* One term of one row at group 16: full 256-column blocks of D2_BLOCKED planes unrolled (one 32-byte load per plane
+   and block, constant shifts: as term_blocks_avx2), then eight groups at a time from code32_at, then single chunks
+   (the last G % 8 groups) each with a two-valued scale vector. */
 static inline __attribute__((always_inline)) void term_g16_avx2(
     const uint8_t *const *pl, const int NP, const int NT, const int LO, const d2_qx *q, int n0, int G, int bl_end,
     const float *s, __m256 *facc) {
@@ -135,27 +163,48 @@ static inline __attribute__((always_inline)) void term_g16_avx2(
     const int64_t cols = q->cols;
     __m256 a0[D2_MAX_TOKENS], a1[D2_MAX_TOKENS];
     for (int n = 0; n < NT; n++) { a0[n] = facc[n]; a1[n] = _mm256_setzero_ps(); }
-    for (int g = 0; g < G; g += 2) {
+    int g = 0;
+    for (int b = 0; b < bl_end / 256; b++, g += 16) {
+        __m256i v[D2_MAX_PLANES];
+        for (int p = 0; p < NP; p++) v[p] = _mm256_loadu_si256((const __m256i *)(pl[p] + (int64_t)b * 32));
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i lo_code[4], hi_code[4];
+#pragma GCC unroll 4
+            for (int kk = 0; kk < 4; kk++) {
+                const int k = 4 * h + kk;
+                lo_code[kk] = blocked_bits(v[NH], k, NL - 1);
+                for (int p = 1; p < NL; p++) lo_code[kk] = _mm256_or_si256(lo_code[kk], blocked_bits(v[NH + p], k, NL - 1 - p));
+                hi_code[kk] = lo_code[kk];
+                if (NH) {
+                    hi_code[kk] = blocked_bits(v[0], k, NH - 1);
+                    for (int p = 1; p < NH; p++) hi_code[kk] = _mm256_or_si256(hi_code[kk], blocked_bits(v[p], k, NH - 1 - p));
+                }
+            }
+            g16_eight(lo_code, hi_code, NH, NT, LO, q, n0, 256 * b + 128 * h, s + g + 8 * h, G, h ? a1 : a0);
+        }
+    }
+    for (; g + 8 <= G; g += 8) {
+        __m256i lo_code[4], hi_code[4];
+        for (int k = 0; k < 4; k++) {
+            lo_code[k] = code32_at(pl, 16 * g + 32 * k, bl_end, NH, NL);
+            hi_code[k] = NH ? code32_at(pl, 16 * g + 32 * k, bl_end, 0, NH) : lo_code[k];
+        }
+        g16_eight(lo_code, hi_code, NH, NT, LO, q, n0, 16 * g, s + g, G, a0);
+    }
+    for (; g < G; g += 2) {
         const int c = g * 16;
         const __m256i lo_code = code32_at(pl, c, bl_end, NH, NL);
         const __m256i hi_code = NH ? code32_at(pl, c, bl_end, 0, NH) : lo_code;
         for (int n = 0; n < NT; n++) {
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
             add_chunk_avx2(acc, lo_code, hi_code, NH, LO, q, (int64_t)(n0 + n) * cols + c);
-            const __m256 d = _mm256_cvtepi32_ps(combine_avx2(acc, NH, LO));
             const __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s[n * G + g])),
                                                    _mm_set1_ps(s[n * G + g + 1]), 1);
-            if (g & 2) a1[n] = _mm256_fmadd_ps(d, sv, a1[n]);
-            else a0[n] = _mm256_fmadd_ps(d, sv, a0[n]);
+            a1[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(combine_avx2(acc, NH, LO)), sv, a1[n]);
         }
     }
     for (int n = 0; n < NT; n++) facc[n] = _mm256_add_ps(a0[n], a1[n]);
-}
-
-/* Bits of chunk K (0..7) of a D2_BLOCKED block as byte lanes holding 1 << POS (K, POS compile-time). */
-static inline __attribute__((always_inline)) __m256i blocked_bits(const __m256i v, const int K, const int POS) {
-    const __m256i t = K > POS ? _mm256_srli_epi16(v, K - POS) : (K < POS ? _mm256_slli_epi16(v, POS - K) : v);
-    return _mm256_and_si256(t, _mm256_set1_epi8((char)(1 << POS)));
 }
 
 /* The decode hot path over a row's full 256-column blocks of D2_BLOCKED planes, group size GS in

@@ -234,9 +234,8 @@ static void subblock_expand_rows(const d2_matrix *m, int32_t r0, int32_t n, uint
         for (int s = 0; s < S; s++) {
             const float d = f16_to_f32(ps[2 * s]), dmin = f16_to_f32(ps[2 * s + 1]);
             const int g1 = (s + 1) * gps < G ? (s + 1) * gps : G;
-            for (int g = s * gps; g < g1; g++) {
+            for (int g = subblock_params8(d, dmin, pc, s * gps, g1, sc + (int64_t)i * G, of + (int64_t)i * G); g < g1; g++)
                 subblock_params(d, dmin, pc[g], sc + (int64_t)i * G + g, of + (int64_t)i * G + g);
-            }
         }
     }
 }

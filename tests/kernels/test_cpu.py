@@ -62,6 +62,7 @@ CASES = [  # (rows, cols, group size): odd row counts, every chunking path (64-w
     (11, 1024 + 64, 64), (7, 512 + 32, 32), (6, 768 + 128, 128),
     (40, 320, 64), (48, 256, 128),  # whole 16-row blocks with a tail / without (ROWS16 on AVX-512)
     (32, 256 + 64, 16), (16, 128, 8),  # ROWS16 with groups of one accumulator
+    (19, 256 + 160, 16),  # AVX2 group 16: a blocked block, eight groups past it, then single chunks
 ]
 
 
@@ -141,7 +142,8 @@ def test_gemv_within_the_activation_quantization_bound(scheme, rows, cols, gs, l
 
 @pytest.mark.parametrize("scheme", ["sliced", "residual", "subblock"])
 def test_dequantized_tiles_are_the_reference_bit_for_bit(scheme):
-    for gs, cols, layout in ((32, 192, "rows"), (64, 192, "rows"), (64, 320, "blocked"), (32, 544, "blocked")):
+    for gs, cols, layout in ((32, 192, "rows"), (64, 192, "rows"), (64, 320, "blocked"), (32, 544, "blocked"),
+                             (16, 192, "rows"), (16, 544, "blocked")):
         cfg = MWQConfig(bits=(2, 3, 4, 8), group_size=gs, scheme=scheme)
         m = _matrix(45, cols, cfg)
         km = cpu.blocked(m) if layout == "blocked" else m
