@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors)")],
         out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
         bits: Annotated[str, typer.Option(help="levels (bit-widths) one stored copy serves, ascending")] = "2,3,4",
-        group_size: Annotated[int | None, typer.Option(help="input columns sharing one scale/offset (default: 32 for subblock, 64 otherwise; 16 is Q2_K's sub-block: +0.25 bits per weight and nearer the source, 1.03-1.32x the kernel time on AVX-512, 1.7-1.95x on AVX2, BENCHMARKS.md §0.16)")] = None,
+        group_size: Annotated[int | None, typer.Option(help="input columns sharing one scale/offset (default: 32 for subblock, 64 otherwise; 16 is Q2_K's sub-block: +0.25 bits per weight and nearer the source, 1.03-1.32x the kernel time on AVX-512, 1.2-1.3x on AVX2, BENCHMARKS.md §0.16-0.17)")] = None,
         scheme: Annotated[str, typer.Option(help="subblock (the default: one grid per 32 columns fitted for the lowest level, its scale/offset as 4-bit codes against per-256 float16; best quality per bit) | sliced (float16 scale/offset per 64 columns; ~10% faster kernels) | residual (fitted plane magnitudes)")] = DEFAULT_SCHEME,
         dtype: Annotated[str | None, typer.Option(help="dense weights' dtype: float16 | bfloat16 | float32 (default: source's)")] = None,
         router: Annotated[Path | None, typer.Option(help="trained bit-width gate (from `d2moe train-router`) to include")] = None,

@@ -1,6 +1,6 @@
 """Run a script (argv[2:]) with d2moe imported from another commit's worktree (argv[1], e.g. `git worktree add
 /tmp/m21/head 08e4606`): the editable install's mapping pointed there. The before/after rows of BENCHMARKS.md 0.17
-alternate `at_rev.py WORKTREE avx2_g16vs32.py` with the tree's own run, each in its own process."""
+alternate `at_rev.py WORKTREE ../kernels-g16-ch/avx2_build.py ...` with the tree's own run, each in its own process."""
 import runpy
 import sys
 
