@@ -47,8 +47,8 @@ static inline float hsum256_ps(__m256 v) {
 
 static inline float f16_to_f32(uint16_t h) {
 #if D2_AVX512 || D2_AVX2
-    return _cvtsh_ss(h); /* F16C: exact, as the bit manipulation below (a scalar parameter per super-block and row) */
-#endif
+    return _cvtsh_ss(h); /* F16C: exact, as the portable bit manipulation (a scalar parameter per super-block and row) */
+#else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
         if (man == 0) bits = sign;
@@ -62,6 +62,7 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+#endif
 }
 
 static inline uint16_t f16_from_f32(float f) { /* round to nearest even, as torch's .half() */

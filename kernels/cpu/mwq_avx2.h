@@ -57,6 +57,14 @@ static inline __attribute__((always_inline)) __m256i code32_at(const uint8_t *co
     return c < bl_end ? code32_blocked(pl, (int64_t)(c >> 8) * 32, (c >> 5) & 7, p0, n) : code32_avx2(pl, c >> 3, p0, n);
 }
 
+/* The 32 columns at c as the codes of the low nibble's planes [NH, NP) and the high nibble's [0, NH) (hi = lo where
+   NH is 0: terms of at most 4 planes). */
+static inline __attribute__((always_inline)) void nibbles_at(const uint8_t *const *pl, int c, int bl_end, const int NH,
+                                                             const int NL, __m256i *lo, __m256i *hi) {
+    *lo = code32_at(pl, c, bl_end, NH, NL);
+    *hi = NH ? code32_at(pl, c, bl_end, 0, NH) : *lo;
+}
+
 /* s16 pair sums of code * x over 32 columns (codes <= 15, x int8: |pair| <= 3840, so up to 8 chunks
    add in int16 without overflow before one vpmaddwd widens them). */
 static inline __attribute__((always_inline)) __m256i pairs32_avx2(const __m256i code, const int8_t *x) {
@@ -109,8 +117,8 @@ static inline __attribute__((always_inline)) void term_row_avx2(
             __m256i acc[D2_MAX_TOKENS][4];
             for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = _mm256_setzero_si256();
             for (int c = c0; c < c1; c += 32) {
-                const __m256i lo_code = code32_at(pl, c, bl_end, NH, NL);
-                const __m256i hi_code = NH ? code32_at(pl, c, bl_end, 0, NH) : lo_code;
+                __m256i lo_code, hi_code;
+                nibbles_at(pl, c, bl_end, NH, NL, &lo_code, &hi_code);
                 for (int n = 0; n < NT; n++)
                     add_chunk_avx2(acc[n], lo_code, hi_code, NH, LO, q, (int64_t)(n0 + n) * cols + c);
             }
@@ -129,6 +137,18 @@ static inline __attribute__((always_inline)) void term_row_avx2(
 static inline __attribute__((always_inline)) __m256i blocked_bits(const __m256i v, const int K, const int POS) {
     const __m256i t = K > POS ? _mm256_srli_epi16(v, K - POS) : (K < POS ? _mm256_slli_epi16(v, POS - K) : v);
     return _mm256_and_si256(t, _mm256_set1_epi8((char)(1 << POS)));
+}
+
+/* nibbles_at for chunk K (compile-time) of a D2_BLOCKED block already loaded, one vector per plane in v. */
+static inline __attribute__((always_inline)) void blocked_nibbles(const __m256i *v, const int K, const int NH, const int NL,
+                                                                  __m256i *lo, __m256i *hi) {
+    *lo = blocked_bits(v[NH], K, NL - 1);
+    for (int p = 1; p < NL; p++) *lo = _mm256_or_si256(*lo, blocked_bits(v[NH + p], K, NL - 1 - p));
+    *hi = *lo;
+    if (NH) {
+        *hi = blocked_bits(v[0], K, NH - 1);
+        for (int p = 1; p < NH; p++) *hi = _mm256_or_si256(*hi, blocked_bits(v[p], K, NH - 1 - p));
+    }
 }
 
 /* Groups of 16 columns (cols % 32 == 0): a 32-column chunk holds two groups. After the widening, int32 lanes 0-3
@@ -171,31 +191,19 @@ static inline __attribute__((always_inline)) void term_g16_avx2(
         for (int h = 0; h < 2; h++) {
             __m256i lo_code[4], hi_code[4];
 #pragma GCC unroll 4
-            for (int kk = 0; kk < 4; kk++) {
-                const int k = 4 * h + kk;
-                lo_code[kk] = blocked_bits(v[NH], k, NL - 1);
-                for (int p = 1; p < NL; p++) lo_code[kk] = _mm256_or_si256(lo_code[kk], blocked_bits(v[NH + p], k, NL - 1 - p));
-                hi_code[kk] = lo_code[kk];
-                if (NH) {
-                    hi_code[kk] = blocked_bits(v[0], k, NH - 1);
-                    for (int p = 1; p < NH; p++) hi_code[kk] = _mm256_or_si256(hi_code[kk], blocked_bits(v[p], k, NH - 1 - p));
-                }
-            }
+            for (int kk = 0; kk < 4; kk++) blocked_nibbles(v, 4 * h + kk, NH, NL, &lo_code[kk], &hi_code[kk]);
             g16_eight(lo_code, hi_code, NH, NT, LO, q, n0, 256 * b + 128 * h, s + g + 8 * h, G, h ? a1 : a0);
         }
     }
     for (; g + 8 <= G; g += 8) {
         __m256i lo_code[4], hi_code[4];
-        for (int k = 0; k < 4; k++) {
-            lo_code[k] = code32_at(pl, 16 * g + 32 * k, bl_end, NH, NL);
-            hi_code[k] = NH ? code32_at(pl, 16 * g + 32 * k, bl_end, 0, NH) : lo_code[k];
-        }
+        for (int k = 0; k < 4; k++) nibbles_at(pl, 16 * g + 32 * k, bl_end, NH, NL, &lo_code[k], &hi_code[k]);
         g16_eight(lo_code, hi_code, NH, NT, LO, q, n0, 16 * g, s + g, G, a0);
     }
     for (; g < G; g += 2) {
         const int c = g * 16;
-        const __m256i lo_code = code32_at(pl, c, bl_end, NH, NL);
-        const __m256i hi_code = NH ? code32_at(pl, c, bl_end, 0, NH) : lo_code;
+        __m256i lo_code, hi_code;
+        nibbles_at(pl, c, bl_end, NH, NL, &lo_code, &hi_code);
         for (int n = 0; n < NT; n++) {
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
             add_chunk_avx2(acc, lo_code, hi_code, NH, LO, q, (int64_t)(n0 + n) * cols + c);
@@ -230,12 +238,8 @@ static inline __attribute__((always_inline)) void term_blocks_avx2(
 #pragma GCC unroll 4
             for (int kk = 0; kk < CPG; kk++) {
                 const int k = gi * CPG + kk, c = b * 256 + k * 32;
-                __m256i lo_code = blocked_bits(v[NH], k, NL - 1), hi_code = lo_code;
-                for (int p = 1; p < NL; p++) lo_code = _mm256_or_si256(lo_code, blocked_bits(v[NH + p], k, NL - 1 - p));
-                if (NH) {
-                    hi_code = blocked_bits(v[0], k, NH - 1);
-                    for (int p = 1; p < NH; p++) hi_code = _mm256_or_si256(hi_code, blocked_bits(v[p], k, NH - 1 - p));
-                }
+                __m256i lo_code, hi_code;
+                blocked_nibbles(v, k, NH, NL, &lo_code, &hi_code);
                 for (int n = 0; n < NT; n++)
                     add_chunk_avx2(acc[n], lo_code, hi_code, NH, LO, q, (int64_t)(n0 + n) * cols + c);
             }
