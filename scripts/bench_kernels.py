@@ -76,6 +76,31 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
     return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, {k: min(v) * 1e3 for k, v in times.items()})
 
 
+def ab_parser(doc: str, threads: int = 1, levels: str = "2,3,4", tokens: str = "1,8", repeats: int = 21,
+              groups: str | None = "32,16") -> argparse.ArgumentParser:
+    """The arguments the A/B harnesses in benchmarks/results share (--shape, --threads, --groups unless None,
+    --levels, --tokens, --repeats, --json), with each harness's defaults; `doc`'s first line describes it."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--shape", default="14336x4096")
+    ap.add_argument("--threads", type=int, default=threads)
+    if groups is not None:
+        ap.add_argument("--groups", default=groups)
+    ap.add_argument("--levels", default=levels)
+    ap.add_argument("--tokens", default=tokens)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--json", default=None, help="append each result line to this file")
+    return ap
+
+
+def emit(record: dict, json_path: str | None) -> None:
+    """One result: a JSON line on stdout, appended to `json_path` where given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(line + "\n")
+
+
 def _param_bytes(rows: int, cols: int, group_size: int, scheme: str) -> int:
     groups = cols // group_size
     return rows * (groups + 4 * n_supers(groups, group_size)) if scheme == "subblock" else rows * groups * 4

@@ -1,16 +1,7 @@
 """The d2moe CLI with its kernels built -march=x86-64-v3 (AVX2 + FMA + F16C, no AVX-512): what a laptop without
-AVX-512 runs, timed on this AVX-512 host. `--at WORKTREE` first points the editable install at another commit's
-worktree (the before row). bench_peers.py's `cmd=python d2moe_avx2.py [--at W]` (BENCHMARKS.md 0.17)."""
-import sys
-
-if sys.argv[1:2] == ["--at"]:
-    import __editable___d2moe_0_1_0_finder as f
-
-    for k, v in list(f.MAPPING.items()):
-        f.MAPPING[k] = v.replace("/work/main", sys.argv[2])
-    del sys.argv[1:3]
-
-from d2moe.kernels import cpu  # noqa: E402
+AVX-512 runs, timed on this AVX-512 host. bench_peers.py's `cmd=python d2moe_avx2.py`; another commit's CLI on that
+build: `cmd=python at_rev.py WORKTREE d2moe_avx2.py` (BENCHMARKS.md 0.17)."""
+from d2moe.kernels import cpu
 
 cpu._FLAGS[:] = [f if f != "-march=native" else "-march=x86-64-v3" for f in cpu._FLAGS]
 cpu.load.cache_clear()

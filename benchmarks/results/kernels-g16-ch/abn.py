@@ -10,8 +10,6 @@ variant's, and its largest output difference from the first variant's relative t
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -22,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed, interleaved_ms, library_from  # noqa: E402
+from bench_kernels import _packed, ab_parser, emit, interleaved_ms, library_from  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
@@ -38,15 +36,8 @@ def _lib_with(defines: list[str], tmp: Path, name: str):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ab_parser(__doc__, threads=1, levels="2,3,4", tokens="1,8", repeats=21, groups="32,16")
     ap.add_argument("--variant", action="append", required=True, help="NAME:MACRO=V,MACRO2=V (first = baseline)")
-    ap.add_argument("--shape", default="14336x4096")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--groups", default="32,16")
-    ap.add_argument("--levels", default="2,3,4")
-    ap.add_argument("--tokens", default="1,8")
-    ap.add_argument("--repeats", type=int, default=21)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     libs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +47,6 @@ def main() -> int:
     names = list(libs)
     rows, cols = (int(v) for v in a.shape.split("x"))
     splitter = cpu.RowSplitter(a.threads)
-    out = open(a.json, "a") if a.json else None
     for n in (int(v) for v in a.tokens.split(",")):
         x = torch.randn(n, cols)
         for gs in (int(v) for v in a.groups.split(",")):
@@ -73,9 +63,7 @@ def main() -> int:
                      **{f"{k}_ms": round(med[k], 3) for k in names}, **{f"{k}_min_ms": round(low[k], 3) for k in names},
                      **{f"{k}_ratio": round(med[k] / med[names[0]], 3) for k in names[1:]},
                      **{f"{k}_rel_diff": float((ys[k] - y0).abs().max() / y0.abs().max()) for k in names[1:]}}
-                print(json.dumps(r), flush=True)
-                if out:
-                    out.write(json.dumps(r) + "\n")
+                emit(r, a.json)
     return 0
 
 

@@ -17,9 +17,7 @@ ratio should be 1 within the noise); §0.16's group-32 trip count was measured w
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import shutil
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed, interleaved_ms, library_from  # noqa: E402
+from bench_kernels import _packed, ab_parser, emit, interleaved_ms, library_from  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
@@ -56,14 +54,7 @@ def _switchable_lib(tmp: Path, switch: tuple[str, str] = SWITCH, file: str = "mw
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="14336x4096")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--groups", default="32,16")
-    ap.add_argument("--levels", default="2,3,4")
-    ap.add_argument("--tokens", default="1,8")
-    ap.add_argument("--repeats", type=int, default=41)
-    ap.add_argument("--json", default=None)
+    ap = ab_parser(__doc__, threads=1, levels="2,3,4", tokens="1,8", repeats=41, groups="32,16")
     ap.add_argument("--file", default="mwq_rows16.h", help="the kernels/cpu file holding the --find line")
     ap.add_argument("--find", default=SWITCH[0], help="a line of --file whose branch the switch gates")
     ap.add_argument("--replace", default=SWITCH[1], help="that line with `&& !d2_ab_four` (the old path)")
@@ -78,7 +69,6 @@ def main() -> int:
     setter.argtypes = [ctypes.c_int]
     rows, cols = (int(v) for v in a.shape.split("x"))
     splitter = cpu.RowSplitter(a.threads)
-    out = open(a.json, "a") if a.json else None
     for n in (int(v) for v in a.tokens.split(",")):
         x = torch.randn(n, cols)
         for gs in (int(v) for v in a.groups.split(",")):
@@ -99,9 +89,7 @@ def main() -> int:
                      "four_ms": round(med["four"], 3), "one_ms": round(med["one"], 3),
                      "ratio": round(med["one"] / med["four"], 3), "min_ratio": round(low["one"] / low["four"], 3),
                      "same_output": bool(torch.equal(ys["one"], ys["four"]))}
-                print(json.dumps(r), flush=True)
-                if out:
-                    out.write(json.dumps(r) + "\n")
+                emit(r, a.json)
     return 0
 
 

@@ -6,8 +6,6 @@ counts, alternating call by call in one process: where GEMV_MAX_TOKENS_INT8_FP32
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,19 +14,13 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed, interleaved_ms  # noqa: E402
+from bench_kernels import _packed, ab_parser, emit, interleaved_ms  # noqa: E402
 
 from d2moe.kernels import cpu, dispatch  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="14336x4096")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--levels", default="2,4")
-    ap.add_argument("--tokens", default="32,64,128,256")
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--json", default=None)
+    ap = ab_parser(__doc__, threads=2, levels="2,4", tokens="32,64,128,256", repeats=9, groups=None)
     a = ap.parse_args()
     lib = cpu.load()
     rows, cols = (int(v) for v in a.shape.split("x"))
@@ -36,7 +28,6 @@ def main() -> int:
     splitter = cpu.RowSplitter(a.threads)
     torch.set_num_threads(a.threads)
     m = cpu.blocked(_packed(rows, cols, levels, 32, "subblock"))
-    out = open(a.json, "a") if a.json else None
     for n in (int(v) for v in a.tokens.split(",")):
         x = torch.randn(n, cols)
         for b in levels:
@@ -47,9 +38,7 @@ def main() -> int:
             r = {"shape": a.shape, "threads": a.threads, "tokens": n, "level": b, "tile_dtype": str(dispatch.TILE_DTYPE),
                  "int8_ms": round(med["int8 kernel"], 2), "tiles_ms": round(med["tiles"], 2),
                  "int8_over_tiles": round(med["int8 kernel"] / med["tiles"], 3)}
-            print(json.dumps(r), flush=True)
-            if out:
-                out.write(json.dumps(r) + "\n")
+            emit(r, a.json)
     return 0
 
 

@@ -6,8 +6,6 @@ library, the runtime's int8 activations): the ratio of their medians is free of 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,26 +14,19 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed, interleaved_ms  # noqa: E402
+from bench_kernels import _packed, ab_parser, emit, interleaved_ms  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="14336x4096")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--levels", default="2,3,4")
-    ap.add_argument("--tokens", default="1,8")
-    ap.add_argument("--repeats", type=int, default=41)
-    ap.add_argument("--json", default=None)
+    ap = ab_parser(__doc__, threads=2, levels="2,3,4", tokens="1,8", repeats=41, groups=None)
     a = ap.parse_args()
     lib = cpu.load()
     rows, cols = (int(v) for v in a.shape.split("x"))
     levels = tuple(int(v) for v in a.levels.split(","))
     splitter = cpu.RowSplitter(a.threads)
     mats = {gs: cpu.blocked(_packed(rows, cols, levels, gs, "subblock")) for gs in (32, 16)}
-    out = open(a.json, "a") if a.json else None
     for n in (int(v) for v in a.tokens.split(",")):
         x = torch.randn(n, cols)
         qs = {gs: cpu.QuantizedX(lib, x, gs, 8) for gs in mats}
@@ -45,9 +36,7 @@ def main() -> int:
                                     a.repeats)
             r = {"shape": a.shape, "threads": a.threads, "tokens": n, "level": b, "g32_ms": round(med[32], 3),
                  "g16_ms": round(med[16], 3), "ratio": round(med[16] / med[32], 3)}
-            print(json.dumps(r), flush=True)
-            if out:
-                out.write(json.dumps(r) + "\n")
+            emit(r, a.json)
     return 0
 
 

@@ -10,8 +10,6 @@ the largest output difference relative to the largest output.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -24,21 +22,14 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_kernels import _packed, library_from  # noqa: E402
+from bench_kernels import _packed, ab_parser, emit, library_from  # noqa: E402
 
 from d2moe.kernels import cpu  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ab_parser(__doc__, threads=1, levels="2,3,4", tokens="1,8", repeats=21, groups="32,16")
     ap.add_argument("--against", required=True, help="git revision whose kernels/cpu is the baseline")
-    ap.add_argument("--shape", default="14336x4096")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--groups", default="32,16")
-    ap.add_argument("--levels", default="2,3,4")
-    ap.add_argument("--tokens", default="1,8")
-    ap.add_argument("--repeats", type=int, default=21)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old_dir = Path(tmp)
@@ -50,7 +41,6 @@ def main() -> int:
         libs = {"old": library_from(old_dir), "new": library_from(None)}
     rows, cols = (int(v) for v in a.shape.split("x"))
     splitter = cpu.RowSplitter(a.threads)
-    out = open(a.json, "a") if a.json else None
     for n in (int(v) for v in a.tokens.split(",")):
         x = torch.randn(n, cols)
         for gs in (int(v) for v in a.groups.split(",")):
@@ -74,9 +64,7 @@ def main() -> int:
                      "old_min_ms": round(low["old"], 3), "new_min_ms": round(low["new"], 3),
                      "min_ratio": round(low["new"] / low["old"], 3),
                      "rel_diff": float((ya - yb).abs().max() / ya.abs().max())}
-                print(json.dumps(r), flush=True)
-                if out:
-                    out.write(json.dumps(r) + "\n")
+                emit(r, a.json)
     return 0
 
 
