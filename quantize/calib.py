@@ -52,11 +52,11 @@ def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor, judged: l
     """float64 [3 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the first half of the sample's tokens,
     the same over the second half, then per level and row ||w_o - q_o||^2 (for the pack report's SQNR). Levels
     whose index is not in `judged` (None: all) skip the product and get output errors of 0: no choice weighs them.
-    Rows go ROW_CHUNK at a time (cache-sized temporaries); the product runs in bfloat16 (the sample's own
-    precision), ample to rank fits SWITCH_MARGIN apart."""
+    Rows go ROW_CHUNK at a time (cache-sized temporaries). The product runs in float32: in bfloat16 it took 6x as
+    long on CPUs without AVX512-BF16 (AVX2 machines, Ice Lake), most of a calibrated fit there (BENCHMARKS.md §6.11)."""
     n = len(t.cfg.bits)
     out = torch.zeros(3 * n, t.shape[0], dtype=torch.float64)
-    x = sample.to(torch.bfloat16)
+    x = sample.float()
     half = max(1, x.shape[0] // 2)
     for r0 in range(0, t.shape[0], ROW_CHUNK):
         r1 = min(t.shape[0], r0 + ROW_CHUNK)
@@ -66,7 +66,7 @@ def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor, judged: l
             out[2 * n + i, r0:r1] = e.square().sum(1)
             if judged is not None and i not in judged:
                 continue
-            y = (x @ e.to(torch.bfloat16).T).float().square()
+            y = (x @ e.T).square()
             out[i, r0:r1] = y[:half].sum(0)
             out[n + i, r0:r1] = y[half:].sum(0) if x.shape[0] > 1 else out[i, r0:r1]
     return out

@@ -9,7 +9,7 @@ the exact output in float32, and accumulates, per expert, the mean square of eve
 `gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), keeps up to SAMPLE_TOKENS of
 those inputs (evenly spaced over all of the layer's calls, chosen after its last), and sums their second moment x x^T (whole, or its diagonal blocks where all experts' whole
 moments would pass HESSIAN_BYTES) for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
-Resident memory: one layer's dense weights, one expert matrix in float32, the calibration activations and the
+Resident memory: one layer's dense weights (in float32), one expert matrix in float32, the calibration activations and the
 moments, one layer's inputs to its experts; never the model.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
@@ -41,7 +41,7 @@ SEQ_LEN = 512
 CHUNK_TOKENS = 8192  # calibration tokens per layer call; each call reads the routed experts again
 SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
 HESSIAN_BYTES = 1 << 30  # all experts' second moments together (float32): whole matrices where they fit, else blocks
-CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers/"  # in --resume's id: other calibrations are not reused
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers+float32-layers/"  # in --resume's id: other calibrations are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:
@@ -64,6 +64,19 @@ def _model_runs(src: Path, what: str):
         raise UnsupportedModelError(
             f"{src}: transformers cannot run {what} of this model over the calibration text ({type(exc).__name__}: "
             f"{first}); check its config.json against the architecture, or pack without --calib") from None
+
+
+def _float32(x):
+    """x with its floating tensors (in tuples, lists and dicts too) as float32. The layers run in float32, as the
+    experts do: a bfloat16 GEMM is converted in software on CPUs without AVX512-BF16 and took a third of the
+    calibration pass there (BENCHMARKS.md §6.11); the hidden states between layers stay in the source's dtype."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_float32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    return x
 
 
 class _Catcher(nn.Module):
@@ -204,7 +217,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
         (args, kwargs), = catcher.calls
         h = args[0] if args else kwargs.pop("hidden_states")
         kwargs.pop("hidden_states", None)
-        call_args.setdefault(c1 - c0, (args[1:], kwargs))
+        call_args.setdefault(c1 - c0, (_float32(args[1:]), _float32(kwargs)))
         if hidden is None:
             hidden = h.new_empty((batch, *h.shape[1:]))
         hidden[c0:c1] = h
@@ -212,13 +225,13 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     with torch.no_grad():
         for i, prefix in enumerate(per_layer):
             layer = layers[i]
-            state = {k[len(prefix):]: source.get(v) for k, v in dense.items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: _float32(source.get(v)) for k, v in dense.items() if k.startswith(prefix)}
             layer.load_state_dict(state, strict=False, assign=True)
             materialise_buffers(layer)
             for c0, c1 in chunks:  # each chunk's output replaces its input, which no later chunk reads
                 args, kwargs = call_args[c1 - c0]
                 with _model_runs(src, f"decoder layer {i}"):
-                    out = layer(hidden[c0:c1], *args, **kwargs)
+                    out = layer(hidden[c0:c1].float(), *args, **kwargs)
                 hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
             if i in stats_modules:
                 stats_modules[i].keep_samples()

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "d2moe_cli" / "assets"
+FIXTURE_REPORT = REPO / "benchmarks" / "results" / "fixture.md"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -74,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-chunks", type=int, default=8, help="held-out chunks per file in the periodic evaluation")
     a("--seed", type=int, default=0, help="seed for init, data order and sampling")
     a("--threads", type=int, default=1, help="torch CPU threads")
-    a("--report", type=Path, default=REPO / "benchmarks" / "results" / "fixture.md", help="markdown report to write")
+    a("--report", type=Path, help="markdown report to write (default: benchmarks/results/fixture.md for the shipped "
+      "model's --out, else OUT/report.md: training another model leaves the fixture's report alone)")
     a("--report-only", action="store_true", help="only rewrite --report from <out>/training.json (no training)")
     a("--experts-impl", default="grouped_mm", help="transformers experts implementation for training (eager|grouped_mm|batched_mm)")
     return p.parse_args(argv)
@@ -287,6 +289,8 @@ def write_report(record: dict, out: Path, report: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report is None:
+        args.report = FIXTURE_REPORT if args.out.resolve() == (ASSETS / "tiny-mixtral").resolve() else args.out / "report.md"
     if args.report_only:
         write_report(json.loads((args.out / "training.json").read_text()), args.out, args.report)
         return

@@ -120,3 +120,22 @@ def test_layer_calls_in_chunks_give_the_one_call_statistics(arch, tmp_path, monk
         torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(b.sample.float(), a.sample.float(), rtol=1e-2, atol=1e-3)  # bfloat16 samples
         torch.testing.assert_close(b.hessian, a.hessian, rtol=1e-4, atol=1e-4 * float(a.hessian.abs().max()))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_bfloat16_source_calibrates_like_its_float32_copy(arch, tmp_path):
+    """The layers run in float32 whatever the source's dtype (a bfloat16 GEMM is software on most CPUs), with every
+    architecture's positions and masks cast alike: a bfloat16 source's statistics are its float32 copy's up to the
+    rounding of its weights and of the hidden states kept between layers."""
+    src32 = make_tiny_checkpoint(arch, tmp_path / "f32")
+    src16 = make_tiny_checkpoint(arch, tmp_path / "bf16", dtype="bfloat16")
+    a, _, _ = expert_column_stats(src32, [TEXT], 2048, progress=False)
+    b, _, _ = expert_column_stats(src16, [TEXT], 2048, progress=False)
+    assert a and a.keys() == b.keys()
+    errors = []  # per matrix, the relative error of its columns' mean squares
+    for key, x in a.items():
+        y = b[key]
+        assert y.weight.dtype == torch.float32 and torch.isfinite(y.weight).all()
+        errors.append(float((y.weight - x.weight).abs().sum() / x.weight.abs().sum()))
+    # typically 2^-8: bfloat16's rounding; the tail is tokens routed to other experts by a rounded router
+    assert sorted(errors)[len(errors) // 2] < 0.01 and max(errors) < 0.2, errors
