@@ -125,7 +125,8 @@ class _StatsExperts(nn.Module):
                 if self.blocks[m]:
                     self.moments[key] = self.moments.get(key, 0) + gptq.second_moment(v, self.blocks[m])
             self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
-        self.calls.append((hidden_states.detach().clone(), top_k_index.clone()))  # for keep_samples
+        # for keep_samples, in the samples' own bfloat16 (the layer runs in float32: twice the bytes)
+        self.calls.append((hidden_states.detach().to(torch.bfloat16, copy=True), top_k_index.clone()))
         return out.to(hidden_states.dtype)
 
     def keep_samples(self) -> None:
