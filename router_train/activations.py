@@ -237,6 +237,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
             if i in stats_modules:
                 stats_modules[i].keep_samples()
             layers[i] = nn.Identity()  # its weights are no longer needed
+            del layer, state, out  # float32: not held while the next layer's weights are read
             if progress:
                 print(f"pack --calib: layer {i + 1}/{len(per_layer)} ({time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr, flush=True)

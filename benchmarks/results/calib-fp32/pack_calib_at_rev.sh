@@ -1,0 +1,1 @@
+cd /tmp/s13/mix && rm -rf old && /usr/bin/time -v /work/main/.venv/bin/python /work/main/benchmarks/results/kernels-avx2-params/at_rev.py /tmp/s13/wt-head /tmp/s13/d2moe_main.py pack /work/scale/mixtral /tmp/s13/mix/old --calib /work/models/train_mix.txt --json > old.json 2> old.time.txt
