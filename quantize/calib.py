@@ -49,16 +49,25 @@ class ColumnStats:
     hessian: torch.Tensor | None = None  # float32 [I / B, B, B]: diagonal blocks of the inputs' mean x x^T (gptq.py)
 
 
+def product_dtype(source: torch.dtype) -> torch.dtype:
+    """The dtype calibration multiplies a `source`-dtype model or sample in: bfloat16's own where the CPU multiplies
+    it natively (AMX, AVX512-BF16: 6x float32's rate on a Sapphire Rapids, BENCHMARKS.md §6.12), float32 elsewhere
+    (without those instructions torch converts a bfloat16 GEMM in software, at a sixth of float32's rate, §6.11)
+    and for every other dtype. Statistics are summed in float32 or wider either way."""
+    return torch.bfloat16 if source == torch.bfloat16 and cpu.has_bf16_gemm() else torch.float32
+
+
 def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor, judged: list[int] | None = None
                   ) -> torch.Tensor:
     """float64 [3 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the first half of the sample's tokens,
     the same over the second half, then per level and row ||w_o - q_o||^2 (for the pack report's SQNR). Levels
     whose index is not in `judged` (None: all) skip the product and get output errors of 0: no choice weighs them.
-    Rows go ROW_CHUNK at a time (cache-sized temporaries). The product runs in float32: in bfloat16 it took 6x as
-    long on CPUs without AVX512-BF16 (AVX2 machines, Ice Lake), most of a calibrated fit there (BENCHMARKS.md §6.11)."""
+    Rows go ROW_CHUNK at a time (cache-sized temporaries); the product runs in product_dtype(sample.dtype), so a
+    bfloat16 sample is multiplied natively where the CPU can, whatever the source's dtype."""
     n = len(t.cfg.bits)
     out = torch.zeros(3 * n, t.shape[0], dtype=torch.float64)
-    x = sample.float()
+    dtype = product_dtype(sample.dtype)
+    x = sample.to(dtype)
     half = max(1, x.shape[0] // 2)
     level_rows = _dequantizer(t)
     for r0 in range(0, t.shape[0], ROW_CHUNK):
@@ -68,7 +77,7 @@ def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor, judged: l
             out[2 * n + i, r0:r1] = e.square().sum(1)
             if judged is not None and i not in judged:
                 continue
-            y = (x @ e.T).square()
+            y = (x @ e.to(dtype).T).float().square()
             out[i, r0:r1] = y[:half].sum(0)
             out[n + i, r0:r1] = y[half:].sum(0) if x.shape[0] > 1 else out[i, r0:r1]
     return out

@@ -5,11 +5,14 @@ embeddings run once, the first layer's inputs are caught, then each layer is giv
 run over the calibration sequences CHUNK_TOKENS at a time (attention and the experts' intermediates stay that
 size, whatever --calib-tokens asks), and dropped. Its experts module is replaced by one that
 reads each expert's matrices from the source on demand (one expert in memory at a time), computes
-the exact output in float32, and accumulates, per expert, the mean square of every input column of
+the exact output, and accumulates, per expert, the mean square of every input column of
 `gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), keeps up to SAMPLE_TOKENS of
-those inputs (evenly spaced over all of the layer's calls, chosen after its last), and sums their second moment x x^T (whole, or its diagonal blocks where all experts' whole
-moments would pass HESSIAN_BYTES) for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
-Resident memory: one layer's dense weights (in float32), one expert matrix in float32, the calibration activations and the
+those inputs (evenly spaced over all of the layer's calls, chosen after its last), and sums their second
+moment x x^T (whole, or its diagonal blocks where all experts' whole moments would pass HESSIAN_BYTES) for
+GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
+Layers and experts multiply in calib.product_dtype of the source's (bfloat16 where the CPU has it natively,
+else float32); sums and moments are float32 or wider; the hidden states between layers keep the source's dtype.
+Resident memory: one layer's dense weights, one expert matrix, the calibration activations and the
 moments, one layer's inputs to its experts; never the model.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
@@ -31,8 +34,9 @@ from torch import nn
 from d2moe.errors import InputError, UnsupportedModelError
 from d2moe.quantize import gptq
 from d2moe.quantize.adapters import adapter_for
-from d2moe.quantize.calib import SAMPLE_TOKENS, ColumnStats
+from d2moe.quantize.calib import SAMPLE_TOKENS, ColumnStats, product_dtype
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
+from d2moe.runtime.memory import tight_allocator
 from d2moe.runtime.model import build_skeleton, expert_activation, materialise_buffers, swap_experts
 
 MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit that expert unweighted
@@ -41,7 +45,7 @@ SEQ_LEN = 512
 CHUNK_TOKENS = 8192  # calibration tokens per layer call; each call reads the routed experts again
 SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
 HESSIAN_BYTES = 1 << 30  # all experts' second moments together (float32): whole matrices where they fit, else blocks
-CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers+float32-layers/"  # in --resume's id: other calibrations are not reused
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers+product-dtype/"  # in --resume's id with the dtype: other calibrations are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:
@@ -66,16 +70,15 @@ def _model_runs(src: Path, what: str):
             f"{first}); check its config.json against the architecture, or pack without --calib") from None
 
 
-def _float32(x):
-    """x with its floating tensors (in tuples, lists and dicts too) as float32. The layers run in float32, as the
-    experts do: a bfloat16 GEMM is converted in software on CPUs without AVX512-BF16 and took a third of the
-    calibration pass there (BENCHMARKS.md §6.11); the hidden states between layers stay in the source's dtype."""
+def _cast(x, dtype: torch.dtype):
+    """x with its floating tensors (in tuples, lists and dicts too) in `dtype`, the dtype the layers multiply in
+    (calib.product_dtype: a bfloat16 GEMM is software on CPUs without AVX512-BF16, a third of the pass there)."""
     if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
+        return x.to(dtype) if x.is_floating_point() else x
     if isinstance(x, (tuple, list)):
-        return type(x)(_float32(v) for v in x)
+        return type(x)(_cast(v, dtype) for v in x)
     if isinstance(x, dict):
-        return {k: _float32(v) for k, v in x.items()}
+        return {k: _cast(v, dtype) for k, v in x.items()}
     return x
 
 
@@ -95,37 +98,38 @@ class _StatsExperts(nn.Module):
     """An experts module computing from source weights read on demand, accumulating input statistics."""
 
     def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, sums: dict, counts: dict, samples: dict,
-                 keep_tokens: int, moments: dict, blocks: dict[str, int]):
+                 keep_tokens: int, moments: dict, blocks: dict[str, int], dtype: torch.dtype):
         super().__init__()
+        self.dtype = dtype  # the products' (calib.product_dtype); sums and moments are float32 or wider
         self.layer, self.experts, self.sums, self.counts, self.samples = layer, experts, sums, counts, samples
         self.keep_tokens, self.moments, self.blocks = keep_tokens, moments, blocks
         self.act = expert_activation(original)
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's inputs and routes, call by call
 
     def _matrix(self, e: int, name: str) -> torch.Tensor:
-        return self.experts.matrix(self.layer, e, name).float()
+        return self.experts.matrix(self.layer, e, name).to(self.dtype)
 
     def _down_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """act(gate x) * up x of expert e, one float32 matrix alive at a time (235 MB at Mixtral's shape)."""
+        """act(gate x) * up x of expert e, one converted matrix alive at a time (235 MB in float32 at Mixtral's shape)."""
         h = self.act(x @ self._matrix(e, "gate").T)
         h *= x @ self._matrix(e, "up").T
         return h
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        x_all = hidden_states.float()
-        out = torch.zeros_like(x_all)
+        x_all = hidden_states.to(self.dtype)
+        out = torch.zeros(x_all.shape, dtype=torch.float32)  # top-k outputs summed in float32
         for e in torch.unique(top_k_index).tolist():
             tok, slot = (top_k_index == e).nonzero(as_tuple=True)
             x = x_all[tok]
             h = self._down_input(e, x)
-            out.index_add_(0, tok, (h @ self._matrix(e, "down").T) * top_k_weights[tok, slot].float().unsqueeze(-1))
+            out.index_add_(0, tok, (h @ self._matrix(e, "down").T).float() * top_k_weights[tok, slot].float().unsqueeze(-1))
             for m, v in (("gate", x), ("down", h)):
-                key = (self.layer, e, m)
+                key, v = (self.layer, e, m), v.float()
                 self.sums[key] = self.sums.get(key, 0) + v.square().sum(0, dtype=torch.float64)
                 if self.blocks[m]:
                     self.moments[key] = self.moments.get(key, 0) + gptq.second_moment(v, self.blocks[m])
             self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
-        # for keep_samples, in the samples' own bfloat16 (the layer runs in float32: twice the bytes)
+        # for keep_samples, in the samples' own bfloat16 (where the layer runs in float32: half the bytes)
         self.calls.append((hidden_states.detach().to(torch.bfloat16, copy=True), top_k_index.clone()))
         return out.to(hidden_states.dtype)
 
@@ -139,7 +143,7 @@ class _StatsExperts(nn.Module):
         self.calls = []
         for e in torch.unique(index).tolist():
             tok = (index == e).nonzero(as_tuple=True)[0]
-            x = x_all[tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()]].float()
+            x = x_all[tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()]].to(self.dtype)
             self.samples[(self.layer, e, "gate")] = x.bfloat16()
             self.samples[(self.layer, e, "down")] = self._down_input(e, x).bfloat16()
 
@@ -155,6 +159,11 @@ def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict
 def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool = True
                         ) -> tuple[dict[tuple[int, int, str], ColumnStats], str, dict]:
     """({(layer, expert, matrix): its ColumnStats}, an id of the calibration for --resume, a report)."""
+    with tight_allocator():
+        return _column_stats(src, specs, max_tokens, progress)
+
+
+def _column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool):
     from transformers import AutoTokenizer
 
     from d2moe.router_train.data import load_texts, token_blocks
@@ -173,7 +182,8 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
                          "copy the tokenizer files next to config.json") from None
     texts = load_texts(specs, option="--calib")
     ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
-    calib_id = hashlib.sha256(CALIB_METHOD + ids.numpy().tobytes()).hexdigest()
+    dtype = product_dtype(experts.matrix_dtype(moe_layers[0], "gate"))
+    calib_id = hashlib.sha256(CALIB_METHOD + str(dtype).encode() + ids.numpy().tobytes()).hexdigest()
 
     model = build_skeleton(adapter, config)
     sums: dict = {}
@@ -186,7 +196,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     stats_modules: dict[int, _StatsExperts] = {}
 
     def stats_experts(layer: int, orig: nn.Module) -> _StatsExperts:
-        stats_modules[layer] = _StatsExperts(layer, orig, experts, sums, counts, samples, keep, moments, blocks)
+        stats_modules[layer] = _StatsExperts(layer, orig, experts, sums, counts, samples, keep, moments, blocks, dtype)
         return stats_modules[layer]
 
     swap_experts(model, adapter, moe_layers, stats_experts)
@@ -218,7 +228,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
         (args, kwargs), = catcher.calls
         h = args[0] if args else kwargs.pop("hidden_states")
         kwargs.pop("hidden_states", None)
-        call_args.setdefault(c1 - c0, (_float32(args[1:]), _float32(kwargs)))
+        call_args.setdefault(c1 - c0, (_cast(args[1:], dtype), _cast(kwargs, dtype)))
         if hidden is None:
             hidden = h.new_empty((batch, *h.shape[1:]))
         hidden[c0:c1] = h
@@ -226,18 +236,18 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     with torch.no_grad():
         for i, prefix in enumerate(per_layer):
             layer = layers[i]
-            state = {k[len(prefix):]: _float32(source.get(v)) for k, v in dense.items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: _cast(source.get(v), dtype) for k, v in dense.items() if k.startswith(prefix)}
             layer.load_state_dict(state, strict=False, assign=True)
             materialise_buffers(layer)
             for c0, c1 in chunks:  # each chunk's output replaces its input, which no later chunk reads
                 args, kwargs = call_args[c1 - c0]
                 with _model_runs(src, f"decoder layer {i}"):
-                    out = layer(hidden[c0:c1].float(), *args, **kwargs)
+                    out = layer(hidden[c0:c1].to(dtype), *args, **kwargs)
                 hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
             if i in stats_modules:
                 stats_modules[i].keep_samples()
             layers[i] = nn.Identity()  # its weights are no longer needed
-            del layer, state, out  # float32: not held while the next layer's weights are read
+            del layer, state, out  # (in float32, twice the source's bytes) not held while the next layer's weights are read
             if progress:
                 print(f"pack --calib: layer {i + 1}/{len(per_layer)} ({time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr, flush=True)
@@ -256,5 +266,7 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
                                                      None if moment is None else moment / n)
             weights[(layer, e, "up")] = weights[(layer, e, "gate")]  # gate and up read the same input
     report = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "experts": len(moe_layers) * num_experts,
-              "experts_without_enough_tokens": starved, "hessian_block": blocks, "seconds": round(time.perf_counter() - t0, 1)}
+              "experts_without_enough_tokens": starved, "hessian_block": blocks,
+              "products": {"forward": str(dtype).removeprefix("torch."),  # the row choice's: its bfloat16 sample's
+                           "judge": str(product_dtype(torch.bfloat16)).removeprefix("torch.")}, "seconds": round(time.perf_counter() - t0, 1)}
     return weights, calib_id, report

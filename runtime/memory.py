@@ -246,3 +246,19 @@ def prefill_allocator():
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.malloc_trim(0)  # what the prompt's temporaries left in the heap goes back to the OS
 
+
+
+@contextmanager
+def tight_allocator():
+    """A phase that frees many large temporaries of varying sizes under limit_allocator_overhead's setting, then
+    large blocks from the heap again (PREFILL_MMAP_THRESHOLD) and the heap trimmed. pack --calib's forward: its
+    freed per-expert temporaries stayed in the heap (the 2-layer Mixtral-shaped pass peaked 4.95 GiB, 3.38 GiB
+    tight); the fits after it, tight, took 12% longer, output_errors twice as long, mapping and faulting in each
+    temporary; from the heap, as fast as glibc's default (BENCHMARKS.md §6.12). No-op off glibc."""
+    limit_allocator_overhead()
+    try:
+        yield
+    finally:
+        if _GLIBC:
+            _GLIBC[0].mallopt(_M_MMAP_THRESHOLD, PREFILL_MMAP_THRESHOLD)
+            _GLIBC[0].malloc_trim(0)

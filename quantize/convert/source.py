@@ -201,6 +201,10 @@ class ExpertSource:
         key = self.legacy.get((layer, 0, matrix)) or self.fused[(layer, matrix)][0]
         return rows * cols * DTYPE_SIZES[self.src.info(key).dtype]
 
+    def matrix_dtype(self, layer: int, matrix: str) -> torch.dtype:
+        key = self.legacy.get((layer, 0, matrix)) or self.fused[(layer, matrix)][0]
+        return ST_TO_TORCH[self.src.info(key).dtype]
+
     def matrix(self, layer: int, expert: int, matrix: str) -> torch.Tensor:
         """One expert matrix [O, I] in its stored float dtype, read alone (a fused tensor's rows are contiguous)."""
         rows, cols = self.shapes[matrix]

@@ -52,6 +52,8 @@ def test_pack_calib_json_reports_the_second_moments_kept(tiny_checkpoint_factory
     config = json.loads((src / "config.json").read_text())
     assert calib["tokens"] == 2048
     assert calib["hessian_block"] == {"gate": config["hidden_size"], "down": config["moe_intermediate_size"]}
+    assert calib["products"]["forward"] == "float32"  # a float32 source runs in float32 on every CPU
+    assert calib["products"]["judge"] in ("float32", "bfloat16")  # the bfloat16 sample's: natively where it can
     code, stdout, _ = _run(capsys, "inspect", str(out), "--json", "--verify")
     assert code == 0 and json.loads(stdout)["valid"]
 

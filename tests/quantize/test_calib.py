@@ -6,8 +6,9 @@ import pytest
 import torch
 from native_fits import random_matrix
 
+from d2moe.kernels import cpu
 from d2moe.quantize import dequantize, native
-from d2moe.quantize.calib import SWITCH_MARGIN, output_errors, pick_rows
+from d2moe.quantize.calib import SWITCH_MARGIN, output_errors, pick_rows, product_dtype
 from d2moe.quantize.format import blob_layout, decode_blob, encode_expert
 
 
@@ -83,3 +84,30 @@ def test_levels_left_out_of_the_judgement_skip_their_products_only():
     t_full, sq_full = pick_rows(cands, full, judged)
     t_part, sq_part = pick_rows(cands, part, judged)
     assert torch.equal(t_full.planes, t_part.planes) and sq_full == sq_part
+
+
+@pytest.mark.parametrize("source, native_bf16, want", [
+    (torch.bfloat16, True, torch.bfloat16), (torch.bfloat16, False, torch.float32),
+    (torch.float16, True, torch.float32), (torch.float32, True, torch.float32)])
+def test_products_run_in_bfloat16_only_for_bfloat16_on_a_cpu_that_has_it(source, native_bf16, want, monkeypatch):
+    monkeypatch.setattr(cpu, "has_bf16_gemm", lambda: native_bf16)
+    assert product_dtype(source) == want
+
+
+def test_bfloat16_products_judge_rows_as_float32_ones_do(monkeypatch):
+    """Where the CPU multiplies bfloat16 natively the judge's product runs in it: output errors within its rounding
+    of the float32 product's, weight errors (no product) equal, and the rows chosen the same but for near ties."""
+    cfg, w, x, cands = _fits("subblock", rows=96)
+    n = len(cfg.bits)
+    errors = {}
+    for native_bf16 in (False, True):
+        monkeypatch.setattr(cpu, "has_bf16_gemm", lambda native_bf16=native_bf16: native_bf16)
+        errors[native_bf16] = [output_errors(w, t, x) for t in cands]
+    for f32, b16 in zip(errors[False], errors[True], strict=True):
+        assert torch.equal(f32[2 * n:], b16[2 * n:])
+        rel = (b16[: 2 * n] - f32[: 2 * n]).abs() / f32[: 2 * n]
+        assert rel.median() < 0.01 and rel.max() < 0.05
+    t32, _ = pick_rows(cands, errors[False])
+    t16, _ = pick_rows(cands, errors[True])
+    same_rows = (t32.scale == t16.scale).all(-1) & (t32.offset == t16.offset).all(-1)
+    assert same_rows.float().mean() > 0.9

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import TINY_ARCHS, make_tiny_checkpoint
 
+from d2moe.kernels import cpu
 from d2moe.quantize import MWQConfig
 from d2moe.quantize import format as fmt
 from d2moe.quantize.adapters import adapter_for
@@ -123,10 +124,12 @@ def test_layer_calls_in_chunks_give_the_one_call_statistics(arch, tmp_path, monk
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_a_bfloat16_source_calibrates_like_its_float32_copy(arch, tmp_path):
-    """The layers run in float32 whatever the source's dtype (a bfloat16 GEMM is software on most CPUs), with every
-    architecture's positions and masks cast alike: a bfloat16 source's statistics are its float32 copy's up to the
-    rounding of its weights and of the hidden states kept between layers."""
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["float32-products", "bfloat16-products"])
+def test_a_bfloat16_source_calibrates_like_its_float32_copy(arch, native_bf16, tmp_path, monkeypatch):
+    """A bfloat16 source's layers multiply in float32, or in bfloat16 where the CPU has it natively (both paths run
+    here, whatever this CPU has), with every architecture's positions and masks cast alike: its statistics are its
+    float32 copy's up to bfloat16's rounding."""
+    monkeypatch.setattr(cpu, "has_bf16_gemm", lambda: native_bf16)
     src32 = make_tiny_checkpoint(arch, tmp_path / "f32")
     src16 = make_tiny_checkpoint(arch, tmp_path / "bf16", dtype="bfloat16")
     a, _, _ = expert_column_stats(src32, [TEXT], 2048, progress=False)
