@@ -29,7 +29,6 @@ import torch
 from d2moe.kernels import cpu
 from d2moe.kernels.packed import PackedMatrix
 from d2moe.quantize import gptq, native
-from d2moe.quantize.bitplanes import pack_bits
 from d2moe.quantize.mwq import dequantize
 from d2moe.quantize.types import MWQConfig, MWQTensor
 
@@ -145,9 +144,8 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
     judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
     tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample, judged) for t in cands], judged)
     if stats.hessian is not None and tensor.alpha is None:
-        grids = tensor.group_params()
-        gptqs = [replace(tensor, planes=pack_bits(gptq.nested_codes(w32, stats.hessian, *grids, cfg.bits,
-                                                                    cfg.group_size, window, lib, pool), cfg.bk))
+        grids, u = tensor.group_params(), gptq.inverse_factor(stats.hessian)
+        gptqs = [replace(tensor, planes=gptq.nested_planes(w32, u, *grids, cfg.bits, cfg.group_size, window, lib, pool))
                  for window in windows]
         # the nearest-cell tensor's errors are its rows' from the first choice: not computed again
         tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w32, t, stats.sample, judged) for t in gptqs)],

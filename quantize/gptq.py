@@ -29,6 +29,8 @@ import ctypes
 
 import torch
 
+from d2moe.quantize.bitplanes import pack_bits
+
 WINDOW = 0.25  # level b1 may leave the weight's own cell only for one within a quarter cell of the weight
 WINDOWS = (0.25, 0.1)  # pack --calib tries both, beside the nearest-cell codes, and keeps the nearest per row (calib.py)
 DAMP = 0.01  # of H's mean diagonal, added to it: GPTQ's damping, keeps the inverse well conditioned
@@ -75,10 +77,25 @@ def nested_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: 
     [O, G]), chosen level by level with error feedback through H's diagonal blocks h [nb, B, B]. With `lib`
     (d2moe.quantize.native.load()) the C version runs, its rows split over `pool`; else torch's, rows going
     CHUNK_ELEMS / I at a time (a few temporaries of 16 MiB)."""
-    u = inverse_factor(h)
+    return _codes(w, inverse_factor(h), scale, offset, bits, group, window, lib, pool)
+
+
+def nested_planes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: tuple[int, ...],
+                  group: int, window: float = WINDOW, lib=None, pool=None) -> torch.Tensor:
+    """nested_codes as bit-planes uint8 [bits[-1], O, I / 8] (d2moe.quantize.bitplanes), from H's inverse factor
+    u = inverse_factor(h), which every window of a matrix shares. With `lib` each C task packs the rows it chose."""
+    bk = bits[-1]
+    if lib is None:
+        return pack_bits(_codes(w, u, scale, offset, bits, group, window, None, None), bk)
+    planes = torch.empty(bk, w.shape[0], w.shape[1] // 8, dtype=torch.uint8)
+    _codes(w, u, scale, offset, bits, group, window, lib, pool, planes)
+    return planes
+
+
+def _codes(w, u, scale, offset, bits, group, window, lib, pool, planes=None) -> torch.Tensor:
     codes = torch.empty(w.shape, dtype=torch.uint8)
     if lib is not None:
-        return _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool)
+        return _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool, planes)
     step = max(1, CHUNK_ELEMS // w.shape[1])
     for r0 in range(0, w.shape[0], step):
         r1 = min(w.shape[0], r0 + step)
@@ -86,7 +103,7 @@ def nested_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, offset: 
     return codes
 
 
-def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool) -> torch.Tensor:
+def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool, planes=None) -> torch.Tensor:
     w32, ut = w.float().contiguous(), u.transpose(1, 2).contiguous()  # the C side reads U's columns as rows
     cell1, off = scale.float().contiguous(), offset.float().contiguous()
     levels = (ctypes.c_int32 * len(bits))(*bits)
@@ -96,8 +113,12 @@ def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool) ->
                          f"{rows}x{cols} matrix in groups of {group}")
 
     def run(r0: int) -> int:
-        return lib.d2q_gptq_rows(w32.data_ptr(), cols, ut.data_ptr(), ut.shape[1], cell1.data_ptr(), off.data_ptr(),
-                                 group, len(bits), levels, window, codes.data_ptr(), r0, min(rows, r0 + ROWS_PER_TASK))
+        r1 = min(rows, r0 + ROWS_PER_TASK)
+        failed = lib.d2q_gptq_rows(w32.data_ptr(), cols, ut.data_ptr(), ut.shape[1], cell1.data_ptr(), off.data_ptr(),
+                                   group, len(bits), levels, window, codes.data_ptr(), r0, r1)
+        if planes is not None and not failed:
+            lib.d2q_pack_rows(codes.data_ptr(), rows, cols, planes.shape[0], planes.data_ptr(), r0, r1)
+        return failed
 
     starts = range(0, rows, ROWS_PER_TASK)
     if any(pool.map(run, starts) if pool is not None else map(run, starts)):

@@ -59,6 +59,8 @@ def load() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     lib.d2q_gptq_rows.argtypes = [p, i32, p, i32, p, p, i32, i32, p, f32, p, i32, i32]
     lib.d2q_gptq_rows.restype = ctypes.c_int
+    lib.d2q_pack_rows.argtypes = [p, i32, i32, i32, p, i32, i32]
+    lib.d2q_pack_rows.restype = None
     return lib
 
 

@@ -298,6 +298,14 @@ static void write_planes(const uint8_t *q, int group, int bk, uint8_t *dst, int6
     }
 }
 
+/* Rows [r0, r1) of uint8 codes [rows][cols] into bit-planes [bk][rows][cols/8] (write_planes' layout): pack
+ * --calib's GPTQ codes, packed by the task that chose them (torch's pack_bits took a tenth of a calibrated fit). */
+void d2q_pack_rows(const uint8_t *codes, int rows, int cols, int bk, uint8_t *planes, int r0, int r1) {
+    const int64_t plane_stride = (int64_t)rows * (cols / 8);
+    for (int r = r0; r < r1; r++)
+        write_planes(codes + (int64_t)r * cols, cols, bk, planes + (int64_t)r * (cols / 8), plane_stride);
+}
+
 /* Each element's weight in the fit's error: the column weight (or NULL: 1) times the weighting's share.
  * 1: sqrt(2 mean x^2 + x^2) (K-quants' 3-6 bit weighting); 2: |x| + tiny (Q2_K's). */
 static const float *group_weights(const float *x, const float *cw, int group, int weighting, float *wbuf) {

@@ -9,7 +9,7 @@ from native_fits import random_matrix
 
 from d2moe.quantize import dequantize, native
 from d2moe.quantize.bitplanes import pack_bits, unpack_bits
-from d2moe.quantize.gptq import WINDOW, block_size, nested_codes, second_moment
+from d2moe.quantize.gptq import WINDOW, block_size, inverse_factor, nested_codes, nested_planes, second_moment
 
 
 def _fit(scheme: str, rows: int = 64, cols: int = 256, seed: int = 0):
@@ -128,3 +128,19 @@ def test_calibrated_fit_takes_each_row_from_the_nearest_cells_or_one_window():
     assert bool(source[1:].any(1).any())  # and GPTQ's win some rows
     for b, e in zip(cfg.bits, errs, strict=True):
         assert e == pytest.approx(float((w - dequantize(t, b)).double().square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_planes_are_the_codes_packed(impl):
+    """nested_planes (the C tasks pack the rows they chose, from one inverse factor for every window) gives
+    pack_bits of nested_codes, bit for bit, rows split over a pool or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, w, t, g = _fit("subblock", rows=200)
+    h = second_moment(_correlated_inputs(w.shape[1], g), 64)
+    lib = native.load() if impl == "native" else None
+    want = pack_bits(_codes(impl, w, h, *t.group_params(), cfg), cfg.bk)
+    u = inverse_factor(h)
+    with ThreadPoolExecutor(3) as pool:
+        for p in (None, pool):
+            assert torch.equal(nested_planes(w, u, *t.group_params(), cfg.bits, cfg.group_size, WINDOW, lib, p), want)
