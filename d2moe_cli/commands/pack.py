@@ -84,3 +84,16 @@ def _print_report(r: dict) -> None:
     console.print(table)
     console.print(f"dense {format_size(r['dense_bytes'])}, packed total {format_size(r['packed_bytes'])} "
                   f"(source {format_size(r['source_bytes'])}); gate: {'yes' if r['gate'] else 'none'}")
+    if r.get("calib"):
+        console.print(_calibration_line(r["calib"]), soft_wrap=True)
+
+
+def _calibration_line(c: dict) -> str:
+    """What --calib did, in one line: tokens, time, the product dtypes, and the experts fitted unweighted."""
+    starved = c["experts_without_enough_tokens"]
+    line = (f"calibration: {c['tokens']} tokens in {c['seconds']:.0f} s, products {c['products']['forward']} "
+            f"(judge {c['products']['judge']}); {c['experts'] - len(starved)} of {c['experts']} experts weighted")
+    if starved:
+        named = ", ".join(f"layer {layer} expert {e} ({n} tokens)" for layer, e, n in starved[:8])
+        line += f"; fitted unweighted for want of tokens: {named}" + (f" and {len(starved) - 8} more" if len(starved) > 8 else "")
+    return line

@@ -58,6 +58,14 @@ def test_pack_calib_json_reports_the_second_moments_kept(tiny_checkpoint_factory
     assert code == 0 and json.loads(stdout)["valid"]
 
 
+def test_pack_calib_human_report_names_the_calibration(tiny_checkpoint_factory, tmp_path, capsys):
+    code, stdout, _ = _run(capsys, "pack", str(tiny_checkpoint_factory("mixtral")), str(tmp_path / "o"), "--calib",
+                           "d2moe_cli/assets/text/grimm_tales.train.txt", "--calib-tokens", "1024", "--quiet")
+    line = next(x for x in stdout.splitlines() if x.startswith("calibration:"))  # one line, however wide
+    assert code == 0 and line.startswith("calibration: 1024 tokens") and "products float32" in line
+    assert line.endswith("of 8 experts weighted") or "fitted unweighted for want of tokens: layer" in line
+
+
 def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     code, stdout, _ = _run(capsys, "pack", str(tiny_checkpoint_factory("mixtral")), str(tmp_path / "o"), "--bits", "2,4")
     assert code == 0 and "2-bit" in stdout and "4-bit" in stdout and "SQNR" in stdout
@@ -136,3 +144,13 @@ def test_module_entry_point_prints_one_line(tmp_path):
     assert proc.returncode == EXIT_INPUT and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'none'} is not a packed checkpoint directory "
                                                 f"(make one with `d2moe pack SRC {tmp_path / 'none'}`)"]
+
+
+def test_the_calibration_line_names_experts_fitted_unweighted():
+    from d2moe.commands.pack import _calibration_line
+
+    calib = {"tokens": 4096, "seconds": 3.2, "experts": 64, "products": {"forward": "bfloat16", "judge": "bfloat16"},
+             "experts_without_enough_tokens": [[1, e, e % 8] for e in range(10)]}
+    line = _calibration_line(calib)
+    assert line.startswith("calibration: 4096 tokens in 3 s, products bfloat16 (judge bfloat16); 54 of 64 experts")
+    assert "layer 1 expert 0 (0 tokens)" in line and "layer 1 expert 7 (7 tokens) and 2 more" in line
