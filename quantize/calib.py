@@ -50,7 +50,7 @@ class ColumnStats:
 
 def product_dtype(source: torch.dtype) -> torch.dtype:
     """The dtype calibration multiplies a `source`-dtype model or sample in: bfloat16's own where the CPU multiplies
-    it natively (AMX, AVX512-BF16: 6x float32's rate on a Sapphire Rapids, BENCHMARKS.md §6.12), float32 elsewhere
+    it natively (AMX, AVX512-BF16: 6x float32's rate on a 2-core AMX Xeon, BENCHMARKS.md §6.12), float32 elsewhere
     (without those instructions torch converts a bfloat16 GEMM in software, at a sixth of float32's rate, §6.11)
     and for every other dtype. Statistics are summed in float32 or wider either way."""
     return torch.bfloat16 if source == torch.bfloat16 and cpu.has_bf16_gemm() else torch.float32

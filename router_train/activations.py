@@ -247,7 +247,7 @@ def _column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool):
             if i in stats_modules:
                 stats_modules[i].keep_samples()
             layers[i] = nn.Identity()  # its weights are no longer needed
-            del layer, state, out  # (in float32, twice the source's bytes) not held while the next layer's weights are read
+            del layer, state, out  # (in float32 products, twice the source's bytes) not held while the next layer's are read
             if progress:
                 print(f"pack --calib: layer {i + 1}/{len(per_layer)} ({time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr, flush=True)

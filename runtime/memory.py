@@ -247,7 +247,6 @@ def prefill_allocator():
         libc.malloc_trim(0)  # what the prompt's temporaries left in the heap goes back to the OS
 
 
-
 @contextmanager
 def tight_allocator():
     """A phase that frees many large temporaries of varying sizes under limit_allocator_overhead's setting, then

@@ -196,14 +196,13 @@ class ExpertSource:
             self.fused[(ref.layer, m)] = (key, start, rows)
             start += self.shapes[m][0]
 
-    def matrix_nbytes(self, layer: int, matrix: str) -> int:
-        rows, cols = self.shapes[matrix]
-        key = self.legacy.get((layer, 0, matrix)) or self.fused[(layer, matrix)][0]
-        return rows * cols * DTYPE_SIZES[self.src.info(key).dtype]
-
     def matrix_dtype(self, layer: int, matrix: str) -> torch.dtype:
         key = self.legacy.get((layer, 0, matrix)) or self.fused[(layer, matrix)][0]
         return ST_TO_TORCH[self.src.info(key).dtype]
+
+    def matrix_nbytes(self, layer: int, matrix: str) -> int:
+        rows, cols = self.shapes[matrix]
+        return rows * cols * self.matrix_dtype(layer, matrix).itemsize
 
     def matrix(self, layer: int, expert: int, matrix: str) -> torch.Tensor:
         """One expert matrix [O, I] in its stored float dtype, read alone (a fused tensor's rows are contiguous)."""
