@@ -27,8 +27,8 @@ from d2moe.quantize.subblock import SUPER_PARAMS, n_supers
 from d2moe.quantize.types import MWQConfig, MWQTensor
 
 SOURCES = [Path(__file__).parent / "native" / name for name in ("mwq_fit.c", "gptq.c")]
-# No -ffast-math and no FMA contraction (bit-reproducible whatever the vector width); no traps and errno
-# let floorf vectorise without changing a result.
+# No -ffast-math and no FMA contraction (bit-reproducible whatever the vector width: gptq.c fuses its feedback
+# steps explicitly, the same on every target); no traps and errno let floorf vectorise without changing a result.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ROWS_PER_TASK = 256
@@ -47,10 +47,15 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): pack uses the slower torch quantizer", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(cpu.build_shared(cc, SOURCES, FLAGS)))
+        return build(cc, FLAGS)
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"building the native quantizer failed ({exc}): pack uses the slower torch quantizer", stacklevel=2)
         return None
+
+
+def build(cc: str, flags: list[str]) -> ctypes.CDLL:
+    """The fit library compiled by `cc` with `flags` (cached), its entry points typed. Raises OSError/RuntimeError."""
+    lib = ctypes.CDLL(str(cpu.build_shared(cc, SOURCES, flags)))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.d2q_fit_rows.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, i32, p, p, p, p, p]
     lib.d2q_fit_rows.restype = ctypes.c_int

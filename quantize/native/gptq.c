@@ -9,8 +9,9 @@
  * Rows go TILE at a time, held column-major (a column of the tile is one vector), so every step is a vector
  * operation over the tile's rows and each element of U, read once, updates them all.
  * The same sums as the torch version in another order (its batch update is a matrix product), so a code at a
- * rounding boundary may differ. Built with -ffp-contract=off and no fast-math: results do not depend on the
- * machine or the thread count.
+ * rounding boundary may differ. Every feedback step x -= e * u is one fused multiply-add (rounded once): the
+ * vector FMA where the target has it, fmaf lane by lane where not, so results do not depend on the machine,
+ * its vector width or the thread count (the rest is built with -ffp-contract=off and no fast-math).
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,23 +34,50 @@ static inline vt vfloor(vt a) {
     return r;
 }
 
-/* x[k] -= sum over the batch's columns i of e[i] * U[s0 + i][k] for the columns k past the batch, four columns at a
- * time: four independent chains of sums (each in the batch's order) keep the vector units busy. */
+/* Every feedback step a - e * u is rounded once: where the target has a vector FMA (vfnmadd, fmls) the functions
+ * below are compiled with contraction, which makes it that instruction; elsewhere libm's fmaf, lane by lane. */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define UNROLL 8 /* columns updated per pass over the batch: 8 independent FMA chains cover the FMA's latency */
+#define FNMA(a, e, u) ((a) - (e) * (u))
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#else
+#define UNROLL 4
+#define FNMA(a, e, u) fnma_lanes(a, e, u)
+static inline vt fnma_lanes(vt a, vt e, float u) {
+    vt r;
+    for (int i = 0; i < TILE; i++) r[i] = fmaf(-e[i], u, a[i]);
+    return r;
+}
+#endif
+
+/* x[k] -= sum over the batch's columns i of e[i] * U[s0 + i][k] for the columns k past the batch, UNROLL columns at
+ * a time, each column's sum in the batch's order. Each U element is read once per tile, broadcast to its rows. */
 static void feed_rest(vt *x, const float *ub, int block, int s0, int s1, const vt *e) {
     int k = s1;
-    for (; k + 4 <= block; k += 4) {
-        const float *u0 = ub + (int64_t)k * block + s0, *u1 = u0 + block, *u2 = u1 + block, *u3 = u2 + block;
-        vt a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
-        for (int i = 0; i < s1 - s0; i++) a0 -= e[i] * u0[i], a1 -= e[i] * u1[i], a2 -= e[i] * u2[i], a3 -= e[i] * u3[i];
-        x[k] = a0, x[k + 1] = a1, x[k + 2] = a2, x[k + 3] = a3;
+    for (; k + UNROLL <= block; k += UNROLL) {
+        const float *u = ub + (int64_t)k * block + s0;
+        vt a[UNROLL];
+        for (int m = 0; m < UNROLL; m++) a[m] = x[k + m];
+        for (int i = 0; i < s1 - s0; i++)
+            for (int m = 0; m < UNROLL; m++) a[m] = FNMA(a[m], e[i], u[(int64_t)m * block + i]);
+        for (int m = 0; m < UNROLL; m++) x[k + m] = a[m];
     }
     for (; k < block; k++) {
         const float *uk = ub + (int64_t)k * block + s0;
         vt a = x[k];
-        for (int i = 0; i < s1 - s0; i++) a -= e[i] * uk[i];
+        for (int i = 0; i < s1 - s0; i++) a = FNMA(a, e[i], uk[i]);
         x[k] = a;
     }
 }
+
+/* column j's error ej fed to the batch's columns after it, j + 1 .. s1 - 1 */
+static void feed_batch(vt *x, const float *ub, int block, int j, int s1, vt ej) {
+    for (int k = j + 1; k < s1; k++) x[k] = FNMA(x[k], ej, ub[(int64_t)k * block + j]);
+}
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#pragma GCC pop_options
+#endif
 
 /* codes [rows, cols] (row-major, uint8) of rows r0..r1 of w [rows, cols] float32.
  * ut: float32 [cols / block, block, block], each block of U transposed (ut[k][j] = U[j][k]); cell1, off: float32
@@ -97,7 +125,7 @@ int d2q_gptq_rows(const float *w, int cols, const float *ut, int block, const fl
                     const vt q = vmin(vmax(vfloor((x[j] - o) * inv), lo), hi);
                     cur[j] = q;
                     const vt ej = e[j - s0] = (x[j] - (o + cell * (q + half))) / ub[(int64_t)j * block + j];
-                    for (int k = j + 1; k < s1; k++) x[k] -= ej * ub[(int64_t)k * block + j]; /* within the batch */
+                    feed_batch(x, ub, block, j, s1, ej);
                     if (j == s1 - 1) feed_rest(x, ub, block, s0, s1, e);
                 }
                 vt *swap = prev;

@@ -3,10 +3,13 @@ outputs with it, and the two versions choosing the same codes."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from native_fits import random_matrix
 
+from d2moe.kernels import cpu
 from d2moe.quantize import dequantize, native
 from d2moe.quantize.bitplanes import pack_bits, unpack_bits
 from d2moe.quantize.gptq import WINDOW, block_size, inverse_factor, nested_codes, nested_planes, second_moment
@@ -144,3 +147,20 @@ def test_planes_are_the_codes_packed(impl):
     with ThreadPoolExecutor(3) as pool:
         for p in (None, pool):
             assert torch.equal(nested_planes(w, u, *t.group_params(), cfg.bits, cfg.group_size, WINDOW, lib, p), want)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the portable build is x86-64 without FMA")
+def test_a_build_without_vector_fma_or_avx_chooses_the_same_codes_and_grids():
+    """The fit library for plain x86-64 (no AVX, no FMA: gptq.c's feedback through fmaf, lane by lane) gives what the
+    -march=native build gives, bit for bit: the fits' planes and parameters, and GPTQ's codes at both windows."""
+    cc = cpu.compiler()
+    if cc is None or native.load() is None:
+        pytest.skip("no C compiler")
+    portable = native.build(cc, [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS])
+    lib, cfg, w, g = random_matrix("subblock", 128, 512, 3)  # unfused feedback flips 7 of its codes at window 0.25
+    fits = [native.fit_sliced(x, w, cfg, None, 1, weighting="abs").tensor for x in (native.load(), portable)]
+    assert all(torch.equal(getattr(fits[0], k), getattr(fits[1], k)) for k in ("planes", "scale", "offset"))
+    h = second_moment(_correlated_inputs(w.shape[1], g), 512)
+    for window in (0.25, 0.1):
+        codes = [nested_codes(w, h, *fits[0].group_params(), cfg.bits, cfg.group_size, window, x) for x in (lib, portable)]
+        assert torch.equal(codes[0], codes[1])
