@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="d2moe-packbench-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    quantize = args.llama_src / "build" / "bin" / "llama-quantize"
+    llama_bin, workers = args.llama_src / "build" / "bin", [int(x) for x in args.workers.split(",")]
     rows = []
     try:
         for ckpt in args.checkpoints:
@@ -89,18 +89,18 @@ def main() -> None:
             if args.calib:
                 imat = scratch / f"{name}-imatrix.gguf"
                 print(f"[{name}] llama-imatrix", file=sys.stderr, flush=True)
-                imatrix = timed([str(args.llama_src / "build" / "bin" / "llama-imatrix"), "-m", str(f16), "-f", str(args.calib),
+                imatrix = timed([str(llama_bin / "llama-imatrix"), "-m", str(f16), "-f", str(args.calib),
                                  "-c", "512", "--chunks", str(args.calib_tokens // 512), "-t", "2", "--no-ppl", "-o", str(imat)])
                 imat_args = ["--imatrix", str(imat)]
             print(f"[{name}] llama-quantize Q4_K_M", file=sys.stderr, flush=True)
-            quant = timed([str(quantize), *imat_args, str(f16), str(q4), "Q4_K_M", "2"])
-            f16.unlink(missing_ok=True)
-            q4.unlink(missing_ok=True)
+            quant = timed([str(llama_bin / "llama-quantize"), *imat_args, str(f16), str(q4), "Q4_K_M", "2"])
+            for f in (f16, q4, *imat_args[1:]):
+                Path(f).unlink(missing_ok=True)
             llama_s = conv["seconds"] + quant["seconds"] + (imatrix["seconds"] if imatrix else 0)
             row = {"checkpoint": name, "source_bytes": size, "llama_convert": conv, "llama_imatrix": imatrix,
                    "llama_q4_k_m": quant, "llama_total_s": round(llama_s, 2), "d2moe": {}}
             calib = ["--calib", str(args.calib), "--calib-tokens", str(args.calib_tokens)] if args.calib else []
-            for w in [int(x) for x in args.workers.split(",")]:
+            for w in workers:
                 out = scratch / f"{name}-d2"
                 print(f"[{name}] d2moe pack --workers {w}", file=sys.stderr, flush=True)
                 r = timed([sys.executable, "-m", "d2moe", "pack", str(ckpt), str(out), "--bits", args.bits,
@@ -114,7 +114,7 @@ def main() -> None:
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    table = markdown(rows, [int(x) for x in args.workers.split(",")])
+    table = markdown(rows, workers)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,11 @@ static inline vt vfloor(vt a) {
 /* Every feedback step a - e * u is rounded once: where the target has a vector FMA (vfnmadd, fmls) the functions
  * below are compiled with contraction, which makes it that instruction; elsewhere libm's fmaf, lane by lane. */
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define VECTOR_FMA 1
+#else
+#define VECTOR_FMA 0
+#endif
+#if VECTOR_FMA
 #define UNROLL 8 /* columns updated per pass over the batch: 8 independent FMA chains cover the FMA's latency */
 #define FNMA(a, e, u) ((a) - (e) * (u))
 #pragma GCC push_options
@@ -75,7 +80,7 @@ static void feed_rest(vt *x, const float *ub, int block, int s0, int s1, const v
 static void feed_batch(vt *x, const float *ub, int block, int j, int s1, vt ej) {
     for (int k = j + 1; k < s1; k++) x[k] = FNMA(x[k], ej, ub[(int64_t)k * block + j]);
 }
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#if VECTOR_FMA
 #pragma GCC pop_options
 #endif
 

@@ -84,16 +84,21 @@ static inline __attribute__((always_inline)) vf cell_index(vf t, vf top) {
     return (vf)(((vi)q & ~over) | ((vi)top & over));
 }
 
-/* The LANES partial sums of a vf[NV] added in double as a fixed pairwise tree over the lane index (lane l + half
- * onto lane l, halving): the same bits for any VW, and a short dependency chain (a sequential sum of 16 lanes
- * took ~15% of the subblock fit in a profile). */
+/* t[0..n) (n a power of two) added as a fixed pairwise tree over the index (t[l + half] onto t[l], halving): the
+ * same bits whatever the vector width, and a short dependency chain where a sequential sum of the 16 lanes took
+ * ~15% of the subblock fit in a profile. Overwrites t. */
+static inline __attribute__((always_inline)) double pairwise_sum(double *t, int n) {
+    for (int half = n / 2; half > 0; half /= 2)
+        for (int l = 0; l < half; l++) t[l] += t[l + half];
+    return t[0];
+}
+
+/* The LANES partial sums of a vf[NV], in double. */
 static inline __attribute__((always_inline)) double lane_sum(const vf *acc) {
     double t[LANES];
     for (int h = 0; h < NV; h++)
         for (int k = 0; k < VW; k++) t[h * VW + k] = acc[h][k];
-    for (int half = LANES / 2; half > 0; half /= 2)
-        for (int l = 0; l < half; l++) t[l] += t[l + half];
-    return t[0];
+    return pairwise_sum(t, LANES);
 }
 
 /* Weighted squared error per level of a grid (offset of cell 0's lower edge, step of the bk-bit cell):
@@ -134,14 +139,19 @@ static void level_errors(const Group *g, float offset, float step, double *err) 
     }
 }
 
-/* The search's objective: the mean over levels of log error; for one level the error itself (log is monotone, so
- * the same order, without a log per candidate: ~12% of the subblock fit in a profile). */
+/* The mean over n levels of log(error + floor_), or for one level its argument: log is monotone, so the same order
+ * without a log per candidate (~12% of the subblock fit in a profile). The search's and the refits' objective. */
+static double mean_log(const double *err, int n, double floor_) {
+    if (n == 1) return err[0] + floor_;
+    double s = 0;
+    for (int i = 0; i < n; i++) s += log(err[i] + floor_);
+    return s / n;
+}
+
 static double objective(const Group *g, float offset, float step) {
-    double err[MAX_LEVELS], obj = 0;
+    double err[MAX_LEVELS];
     level_errors(g, offset, step, err);
-    if (g->nlev == 1) return err[0];
-    for (int li = 0; li < g->nlev; li++) obj += log(err[li] + 1.1754943508222875e-38);
-    return obj / g->nlev;
+    return mean_log(err, g->nlev, 1.1754943508222875e-38);
 }
 
 /* The clip search of grid.py: scale [min, max] about its midpoint (0.46-1.24), a coarse sweep, then steps around
@@ -193,14 +203,6 @@ static void stored_errors(const Group *g, float scale16, float offset16, int b1,
     Group u = *g;
     if (!weighted) u.w = NULL;
     level_errors(&u, offset16, scale16 * ldexpf(1.0f, -(g->bk - b1)), err);
-}
-
-/* The refits' objective, ordered as the mean log of (error + floor_) over the n levels (for one level, its argument). */
-static double mean_log(const double *err, int n, double floor_) {
-    if (n == 1) return err[0] + floor_;
-    double s = 0;
-    for (int i = 0; i < n; i++) s += log(err[i] + floor_);
-    return s / n;
 }
 
 /* One refit: the (offset, scale) minimising sum_b lambda_b sum_j w_j (x_j - offset - scale c_bj)^2 over
@@ -391,8 +393,8 @@ static float round_param(float x) {
 
 /* Weighted squared error of a group read at level b1 on a float16 grid (scale = level-b1 cell width, offset
  * = cell 0's lower edge): each weight at the centre of its clamped cell (offset for a zero scale). Summed in
- * double in 8 partial sums (column j into sum j % 8; n is a multiple of 8), then a fixed pairwise tree:
- * vectorisable, the same bits on every machine. */
+ * double in 8 partial sums (column j into sum j % 8; n is a multiple of 8), then pairwise_sum: vectorisable,
+ * the same bits on every machine. */
 static double first_level_error(const float *x, const float *w, int n, float scale, float offset, int b1) {
     const float inv = scale > 0 ? 1.0f / scale : 0.0f, top = (float)((1 << b1) - 1);
     double s[8] = {0};
@@ -404,7 +406,7 @@ static double first_level_error(const float *x, const float *w, int n, float sca
             const float e = x[j] - (offset + scale * (q + 0.5f));
             s[k] += (double)(e * e) * (w ? w[j] : 1.0f);
         }
-    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7])); /* the tree: k + 4 onto k, k + 2, k + 1 */
+    return pairwise_sum(s, 8);
 }
 
 static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int rows, int cols, int group, int bk,
