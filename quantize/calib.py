@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -37,6 +38,16 @@ ROW_CHUNK = 512  # rows per pass in output_errors: a few MiB of float32 temporar
 JUDGED_SPAN = 3  # rows are judged on the levels within 3 bits of the lowest: an 8-bit level's error is 1/4096
 # of a 2-bit one's, near lossless either way, and would veto a choice on its relative change alone (§6.7, §6.8)
 SWITCH_MARGIN = 0.05  # a row leaves the unweighted fit only for outputs 5% nearer: the sample's error is an estimate
+
+
+class LayerCalibration(Protocol):
+    """What pack asks calibration for (d2moe.router_train.activations.CalibrationPass): each MoE layer's statistics,
+    in order, as that layer is fitted."""
+
+    calib_id: str  # names the calibration in --resume's key
+    starved: list[list[int]]  # [layer, expert, tokens] of the experts fitted unweighted
+
+    def layer_stats(self, layer: int) -> dict[tuple[int, int, str], ColumnStats]: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,9 @@ def output_errors(w: torch.Tensor, t: MWQTensor, sample: torch.Tensor, judged: l
     """float64 [3 * levels, O]: per level and row ||X (w_o - q_o)||^2 over the first half of the sample's tokens,
     the same over the second half, then per level and row ||w_o - q_o||^2 (for the pack report's SQNR). Levels
     whose index is not in `judged` (None: all) skip the product and get output errors of 0: no choice weighs them.
-    Rows go ROW_CHUNK at a time (cache-sized temporaries); the product runs in product_dtype(sample.dtype), so a
-    bfloat16 sample is multiplied natively where the CPU can, whatever the source's dtype."""
+    Rows go ROW_CHUNK at a time (cache-sized temporaries), w's in its own dtype read as float32; the product runs
+    in product_dtype(sample.dtype), so a bfloat16 sample is multiplied natively where the CPU can, whatever the
+    source's dtype."""
     n = len(t.cfg.bits)
     out = torch.zeros(3 * n, t.shape[0], dtype=torch.float64)
     dtype = product_dtype(sample.dtype)
@@ -140,15 +152,15 @@ def calibrated_fit(lib, w: torch.Tensor, cfg: MWQConfig, stats: ColumnStats, ref
     BENCHMARKS.md §6.7). Both choices weigh the levels within JUDGED_SPAN bits of the lowest."""
     weighted = native.fit_sliced(lib, w, cfg, stats.weight, refits, pool, weighting=weighting)
     plain = native.fit_sliced(lib, w, cfg, None, refits, pool, weighting=weighting)
-    cands, w32 = [plain.tensor, weighted.tensor], w.float()
+    cands = [plain.tensor, weighted.tensor]  # w stays in the source's dtype: its rows are read as float32, exactly
     judged = [i for i, b in enumerate(cfg.bits) if b - cfg.bits[0] <= JUDGED_SPAN]
-    tensor, chosen = _pick_rows(cands, [output_errors(w32, t, stats.sample, judged) for t in cands], judged)
+    tensor, chosen = _pick_rows(cands, [output_errors(w, t, stats.sample, judged) for t in cands], judged)
     if stats.hessian is not None and tensor.alpha is None:
         grids, u = tensor.group_params(), gptq.inverse_factor(stats.hessian)
-        gptqs = [replace(tensor, planes=gptq.nested_planes(w32, u, *grids, cfg.bits, cfg.group_size, window, lib, pool))
+        gptqs = [replace(tensor, planes=gptq.nested_planes(w, u, *grids, cfg.bits, cfg.group_size, window, lib, pool))
                  for window in windows]
         # the nearest-cell tensor's errors are its rows' from the first choice: not computed again
-        tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w32, t, stats.sample, judged) for t in gptqs)],
+        tensor, chosen = _pick_rows([tensor, *gptqs], [chosen, *(output_errors(w, t, stats.sample, judged) for t in gptqs)],
                                     judged)
     n = len(cfg.bits)
     return tensor, [float(v) for v in chosen[2 * n:].sum(1)], weighted.signal

@@ -51,8 +51,16 @@ def block_size(columns: int, matrices: int, budget_bytes: int) -> int:
 
 def second_moment(x: torch.Tensor, block: int) -> torch.Tensor:
     """Diagonal blocks of x^T x for inputs x [T, I]: float32 [I / block, block, block]."""
-    v = x.float().view(x.shape[0], -1, block)
-    return torch.einsum("tnb,tnc->nbc", v, v)
+    moment = torch.zeros(x.shape[1] // block, block, block)
+    add_second_moment(moment, x)
+    return moment
+
+
+def add_second_moment(moment: torch.Tensor, x: torch.Tensor) -> None:
+    """moment [I / B, B, B] += the diagonal blocks of x^T x for inputs x [T, I], in place (the calibration adds
+    its inputs a few hundred at a time without a temporary of the blocks' size)."""
+    v = x.float().view(x.shape[0], moment.shape[0], moment.shape[1])
+    moment.baddbmm_(v.permute(1, 2, 0), v.permute(1, 0, 2))
 
 
 def inverse_factor(h: torch.Tensor) -> torch.Tensor:
@@ -104,7 +112,11 @@ def _codes(w, u, scale, offset, bits, group, window, lib, pool, planes=None) -> 
 
 
 def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool, planes=None) -> torch.Tensor:
-    w32, ut = w.float().contiguous(), u.transpose(1, 2).contiguous()  # the C side reads U's columns as rows
+    from d2moe.quantize.native import DTYPES
+
+    # the source's bfloat16/float16 read as it is (a float32 copy of a Mixtral matrix is 235 MB)
+    w = w.contiguous() if w.dtype in DTYPES else w.float().contiguous()
+    ut = u.transpose(1, 2).contiguous()  # the C side reads U's columns as rows
     cell1, off = scale.float().contiguous(), offset.float().contiguous()
     levels = (ctypes.c_int32 * len(bits))(*bits)
     rows, cols = w.shape
@@ -114,7 +126,7 @@ def _native_codes(lib, w, u, scale, offset, bits, group, window, codes, pool, pl
 
     def run(r0: int) -> int:
         r1 = min(rows, r0 + ROWS_PER_TASK)
-        failed = lib.d2q_gptq_rows(w32.data_ptr(), cols, ut.data_ptr(), ut.shape[1], cell1.data_ptr(), off.data_ptr(),
+        failed = lib.d2q_gptq_rows(w.data_ptr(), DTYPES[w.dtype], cols, ut.data_ptr(), ut.shape[1], cell1.data_ptr(), off.data_ptr(),
                                    group, len(bits), levels, window, codes.data_ptr(), r0, r1)
         if planes is not None and not failed:
             lib.d2q_pack_rows(codes.data_ptr(), rows, cols, planes.shape[0], planes.data_ptr(), r0, r1)

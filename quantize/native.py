@@ -62,7 +62,7 @@ def build(cc: str, flags: list[str]) -> ctypes.CDLL:
     lib.d2q_fit_rows_subblock.argtypes = [p, i32, i64, i32, i32, i32, i32, i32, i32, p, p, i32, i32, i32, i32, p, p, p, p, p]
     lib.d2q_fit_rows_subblock.restype = ctypes.c_int
     f32 = ctypes.c_float
-    lib.d2q_gptq_rows.argtypes = [p, i32, p, i32, p, p, i32, i32, p, f32, p, i32, i32]
+    lib.d2q_gptq_rows.argtypes = [p, i32, i32, p, i32, p, p, i32, i32, p, f32, p, i32, i32]
     lib.d2q_gptq_rows.restype = ctypes.c_int
     lib.d2q_pack_rows.argtypes = [p, i32, i32, i32, p, i32, i32]
     lib.d2q_pack_rows.restype = None

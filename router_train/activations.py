@@ -8,12 +8,13 @@ reads each expert's matrices from the source on demand (one expert in memory at 
 the exact output, and accumulates, per expert, the mean square of every input column of
 `gate`/`up` (the routed hidden states) and of `down` (act(gate x) * up x), keeps up to SAMPLE_TOKENS of
 those inputs (evenly spaced over all of the layer's calls, chosen after its last), and sums their second
-moment x x^T (whole, or its diagonal blocks where all experts' whole moments would pass HESSIAN_BYTES) for
-GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them).
+moment x x^T (whole, or its diagonal blocks where the layer's experts' whole moments would pass HESSIAN_BYTES)
+for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them). `pack` asks for the statistics layer by
+layer (CalibrationPass) and fits that layer's experts before the pass goes on.
 Layers and experts multiply in calib.product_dtype of the source's (bfloat16 where the CPU has it natively,
 else float32); sums and moments are float32 or wider; the hidden states between layers keep the source's dtype.
-Resident memory: one layer's dense weights, one expert matrix, the calibration activations and the
-moments, one layer's inputs to its experts; never the model.
+Resident memory: one layer's dense weights, one expert matrix, the calibration activations, one layer's
+inputs to its experts and one layer's statistics; never the model, its embeddings only while they run.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -43,13 +44,15 @@ MIN_TOKENS = 8  # fewer routed tokens than this: the statistics are noise, fit t
 FLOOR = 1e-3  # of the mean: a column no calibration token touched still weighs a little
 SEQ_LEN = 512
 CHUNK_TOKENS = 8192  # calibration tokens per layer call; each call reads the routed experts again
-SAMPLE_BYTES = 512 << 20  # all experts' kept inputs together (bfloat16): about the calibration activations' size
-HESSIAN_BYTES = 1 << 30  # all experts' second moments together (float32): whole matrices where they fit, else blocks
-CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers+product-dtype/"  # in --resume's id with the dtype: other calibrations are not reused
+STAT_TOKENS = 512  # routed inputs per step of the statistics' sums (float32 temporaries of a few MiB)
+SAMPLE_BYTES = 512 << 20  # one layer's experts' kept inputs together (bfloat16): about the calibration activations' size
+HESSIAN_BYTES = 1 << 30  # one layer's experts' second moments together (float32): whole matrices where they fit, else blocks
+CALIB_METHOD = b"column-weights+row-choice-on-both-halves+nested-gptq-in-c+judged-span+chunked-layers+product-dtype+per-layer-budgets+stat-steps/"  # in --resume's id with the dtype: other calibrations are not reused
 
 
 def sample_tokens(n_experts: int, input_columns: int) -> int:
-    """Inputs kept per expert: SAMPLE_TOKENS, fewer where all experts' samples would pass SAMPLE_BYTES (>= 32)."""
+    """Inputs kept per expert: SAMPLE_TOKENS, fewer where one layer's `n_experts` samples would pass SAMPLE_BYTES
+    (>= 32)."""
     return max(32, min(SAMPLE_TOKENS, SAMPLE_BYTES // max(1, 2 * n_experts * input_columns)))
 
 
@@ -95,15 +98,24 @@ class _Catcher(nn.Module):
 
 
 class _StatsExperts(nn.Module):
-    """An experts module computing from source weights read on demand, accumulating input statistics."""
+    """An experts module computing from source weights read on demand; while `collect`, it accumulates its experts'
+    input statistics (sums, counts, moments keyed by expert and matrix, and the calls for keep_samples)."""
 
-    def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, sums: dict, counts: dict, samples: dict,
-                 keep_tokens: int, moments: dict, blocks: dict[str, int], dtype: torch.dtype):
+    def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, keep_tokens: int, blocks: dict[str, int],
+                 dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype  # the products' (calib.product_dtype); sums and moments are float32 or wider
-        self.layer, self.experts, self.sums, self.counts, self.samples = layer, experts, sums, counts, samples
-        self.keep_tokens, self.moments, self.blocks = keep_tokens, moments, blocks
+        self.layer, self.experts, self.keep_tokens, self.blocks = layer, experts, keep_tokens, blocks
         self.act = expert_activation(original)
+        self.collect = False
+        self.release()
+
+    def release(self) -> None:
+        """Forget what was gathered."""
+        self.sums: dict = {}
+        self.counts: dict = {}
+        self.moments: dict = {}
+        self.samples: dict = {}
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's inputs and routes, call by call
 
     def _matrix(self, e: int, name: str) -> torch.Tensor:
@@ -123,15 +135,29 @@ class _StatsExperts(nn.Module):
             x = x_all[tok]
             h = self._down_input(e, x)
             out.index_add_(0, tok, (h @ self._matrix(e, "down").T).float() * top_k_weights[tok, slot].float().unsqueeze(-1))
+            if not self.collect:
+                continue
             for m, v in (("gate", x), ("down", h)):
-                key, v = (self.layer, e, m), v.float()
-                self.sums[key] = self.sums.get(key, 0) + v.square().sum(0, dtype=torch.float64)
-                if self.blocks[m]:
-                    self.moments[key] = self.moments.get(key, 0) + gptq.second_moment(v, self.blocks[m])
-            self.counts[(self.layer, e)] = self.counts.get((self.layer, e), 0) + len(tok)
-        # for keep_samples, in the samples' own bfloat16 (where the layer runs in float32: half the bytes)
-        self.calls.append((hidden_states.detach().to(torch.bfloat16, copy=True), top_k_index.clone()))
+                self._accumulate((e, m), v, self.blocks[m])
+            self.counts[e] = self.counts.get(e, 0) + len(tok)
+        if self.collect:  # for keep_samples, in the samples' own bfloat16 (where the layer runs in float32: half the bytes)
+            self.calls.append((hidden_states.detach().to(torch.bfloat16, copy=True), top_k_index.clone()))
         return out.to(hidden_states.dtype)
+
+    def _accumulate(self, key: tuple[int, str], v: torch.Tensor, block: int) -> None:
+        """Add inputs v [T, I]'s column sums of squares (float64) and second moment (float32 blocks) to `key`'s,
+        STAT_TOKENS rows at a time: float32 copies of one expert's whole call (117 MB each at Mixtral's down
+        input, three at once) were a fifth of the pass's peak."""
+        sums = self.sums.get(key)
+        if sums is None:
+            sums = self.sums[key] = torch.zeros(v.shape[1], dtype=torch.float64)
+            if block:
+                self.moments[key] = torch.zeros(v.shape[1] // block, block, block)
+        for t0 in range(0, v.shape[0], STAT_TOKENS):
+            part = v[t0:t0 + STAT_TOKENS].float()
+            sums += part.square().sum(0, dtype=torch.float64)
+            if block:
+                gptq.add_second_moment(self.moments[key], part)
 
     def keep_samples(self) -> None:
         """After the layer's last call: each expert keeps an evenly spaced subset of its routed inputs over all the
@@ -144,129 +170,198 @@ class _StatsExperts(nn.Module):
         for e in torch.unique(index).tolist():
             tok = (index == e).nonzero(as_tuple=True)[0]
             x = x_all[tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()]].to(self.dtype)
-            self.samples[(self.layer, e, "gate")] = x.bfloat16()
-            self.samples[(self.layer, e, "down")] = self._down_input(e, x).bfloat16()
+            self.samples[(e, "gate")] = x.bfloat16()
+            self.samples[(e, "down")] = self._down_input(e, x).bfloat16()
 
 
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
     """Per input ("gate": the hidden state, "down": the expert's activation), the block of its second moment that
-    all experts' fit HESSIAN_BYTES together (shared in proportion to columns; 0: none, pack rounds to nearest)."""
+    one layer's `n_experts` fit HESSIAN_BYTES together (shared in proportion to columns; 0: none, pack rounds to
+    nearest)."""
     total = gate_columns + down_columns
     return {m: gptq.block_size(c, n_experts, HESSIAN_BYTES * c // total)
             for m, c in (("gate", gate_columns), ("down", down_columns))}
 
 
-def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool = True
-                        ) -> tuple[dict[tuple[int, int, str], ColumnStats], str, dict]:
-    """({(layer, expert, matrix): its ColumnStats}, an id of the calibration for --resume, a report)."""
-    with tight_allocator():
-        return _column_stats(src, specs, max_tokens, progress)
+class CalibrationPass:
+    """The source model run over calibration text one decoder layer at a time, each MoE layer's statistics handed
+    out when `layer_stats(layer)` asks for them (pack fits that layer's experts before the pass goes on).
 
+    Construction only tokenises the text (for `calib_id`); the model starts running at the first request. Layers are
+    asked for in order; those skipped (dense layers, layers a resumed pack kept) run without statistics, as the
+    hidden states need them. Budgets (HESSIAN_BYTES, SAMPLE_BYTES) hold per layer, so a deep model keeps the blocks
+    and samples a shallow one gets; one layer's statistics are resident at a time."""
 
-def _column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool):
-    from transformers import AutoTokenizer
+    def __init__(self, src: Path, specs: list[str], max_tokens: int, progress: bool = True):
+        from transformers import AutoTokenizer
 
-    from d2moe.router_train.data import load_texts, token_blocks
+        from d2moe.router_train.data import load_texts, token_blocks
 
-    t0 = time.perf_counter()
-    source = SourceCheckpoint(src)
-    adapter = adapter_for(source.config)
-    source.index_weights()
-    config = source.config
-    moe_layers, num_experts = adapter.moe_layers(config), adapter.num_experts(config)
-    experts = ExpertSource(source, adapter, moe_layers, num_experts, adapter.matrix_shapes(config))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
-    except Exception as exc:
-        raise InputError(f"--calib needs the source's tokenizer, which {src} does not load ({type(exc).__name__}); "
-                         "copy the tokenizer files next to config.json") from None
-    texts = load_texts(specs, option="--calib")
-    ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
-    dtype = product_dtype(experts.matrix_dtype(moe_layers[0], "gate"))
-    calib_id = hashlib.sha256(CALIB_METHOD + str(dtype).encode() + ids.numpy().tobytes()).hexdigest()
-
-    model = build_skeleton(adapter, config)
-    sums: dict = {}
-    counts: dict = {}
-    samples: dict = {}
-    shapes = adapter.matrix_shapes(config)
-    keep = sample_tokens(len(moe_layers) * num_experts, shapes["gate"][1] + shapes["down"][1])
-    moments: dict = {}
-    blocks = hessian_blocks(len(moe_layers) * num_experts, shapes["gate"][1], shapes["down"][1])
-    stats_modules: dict[int, _StatsExperts] = {}
-
-    def stats_experts(layer: int, orig: nn.Module) -> _StatsExperts:
-        stats_modules[layer] = _StatsExperts(layer, orig, experts, sums, counts, samples, keep, moments, blocks, dtype)
-        return stats_modules[layer]
-
-    swap_experts(model, adapter, moe_layers, stats_experts)
-    layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
-    inner = layers_path.rpartition(".")[0]  # "model": embeddings and rotary run before the first layer
-    layers = model.get_submodule(layers_path)
-    dense = {model_key: src_key for src_key, model_key in experts.dense}
-    per_layer = [f"{layers_path}.{i}." for i in range(len(layers))]
-    # the inner model's own weights only: the LM head (as large as the embeddings) never runs here
-    outside = {k: source.get(v) for k, v in dense.items()
-               if k.startswith(f"{inner}.") and not k.startswith(f"{layers_path}.")}
-    model.load_state_dict(outside, strict=False, assign=True)
-    materialise_buffers(model, skip=layers_path)  # each layer's own, persistent ones included, once it is loaded
-
-    # The embeddings run chunk by chunk, each caught at layer 0 with what the layers are called with. Those
-    # arguments (positions, masks) depend only on the chunk's shape, so one set per chunk size serves every layer.
-    batch, step = ids.shape[0], max(1, CHUNK_TOKENS // ids.shape[1])
-    chunks = [(c0, min(batch, c0 + step)) for c0 in range(0, batch, step)]
-    hidden, call_args = None, {}
-    first = layers[0]
-    for c0, c1 in chunks:
-        catcher = _Catcher()
-        layers[0] = catcher
+        self.src, self.progress, self._t0 = src, progress, time.perf_counter()
+        source = SourceCheckpoint(src)
+        self.adapter = adapter_for(source.config)
+        source.index_weights()
+        self.source, config = source, source.config
+        self.moe_layers, num_experts = self.adapter.moe_layers(config), self.adapter.num_experts(config)
+        self.num_experts = num_experts
+        self.experts = ExpertSource(source, self.adapter, self.moe_layers, num_experts, self.adapter.matrix_shapes(config))
         try:
-            with torch.no_grad(), _model_runs(src, "the embeddings"):
-                model.get_submodule(inner)(input_ids=ids[c0:c1], use_cache=False)
-        except _Stop:
-            pass
-        (args, kwargs), = catcher.calls
-        h = args[0] if args else kwargs.pop("hidden_states")
-        kwargs.pop("hidden_states", None)
-        call_args.setdefault(c1 - c0, (_cast(args[1:], dtype), _cast(kwargs, dtype)))
-        if hidden is None:
-            hidden = h.new_empty((batch, *h.shape[1:]))
-        hidden[c0:c1] = h
-    layers[0] = first
-    with torch.no_grad():
-        for i, prefix in enumerate(per_layer):
-            layer = layers[i]
-            state = {k[len(prefix):]: _cast(source.get(v), dtype) for k, v in dense.items() if k.startswith(prefix)}
-            layer.load_state_dict(state, strict=False, assign=True)
-            materialise_buffers(layer)
-            for c0, c1 in chunks:  # each chunk's output replaces its input, which no later chunk reads
-                args, kwargs = call_args[c1 - c0]
-                with _model_runs(src, f"decoder layer {i}"):
-                    out = layer(hidden[c0:c1].to(dtype), *args, **kwargs)
-                hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
-            if i in stats_modules:
-                stats_modules[i].keep_samples()
-            layers[i] = nn.Identity()  # its weights are no longer needed
-            del layer, state, out  # (in float32 products, twice the source's bytes) not held while the next layer's are read
-            if progress:
-                print(f"pack --calib: layer {i + 1}/{len(per_layer)} ({time.perf_counter() - t0:.0f} s)",
-                      file=sys.stderr, flush=True)
-    weights, starved = {}, []
-    for layer in moe_layers:
-        for e in range(num_experts):
-            n = counts.get((layer, e), 0)
+            tokenizer = AutoTokenizer.from_pretrained(str(src))
+        except Exception as exc:
+            raise InputError(f"--calib needs the source's tokenizer, which {src} does not load ({type(exc).__name__}); "
+                             "copy the tokenizer files next to config.json") from None
+        texts = load_texts(specs, option="--calib")
+        self.ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
+        self.dtype = product_dtype(self.experts.matrix_dtype(self.moe_layers[0], "gate"))
+        self.calib_id = hashlib.sha256(CALIB_METHOD + str(self.dtype).encode() + self.ids.numpy().tobytes()).hexdigest()
+        shapes = self.adapter.matrix_shapes(config)
+        self.keep = sample_tokens(num_experts, shapes["gate"][1] + shapes["down"][1])
+        self.blocks = hessian_blocks(num_experts, shapes["gate"][1], shapes["down"][1])
+        self.starved: list[list[int]] = []
+        self._next = None  # index of the next decoder layer to run; None: the model has not started
+        self._closed = False
+        self._seconds = 0.0
+
+    def layer_stats(self, layer: int) -> dict[tuple[int, int, str], ColumnStats]:
+        """{(layer, expert, matrix): its ColumnStats} of MoE layer `layer`, its experts that saw too few tokens
+        left out (and listed in the report)."""
+        if self._closed:
+            raise RuntimeError("the calibration pass was closed")
+        t0 = time.perf_counter()
+        with tight_allocator(), torch.no_grad():
+            if self._next is None:
+                self._start()
+            if layer < self._next:
+                raise ValueError(f"calibration layer {layer} was asked for after layer {self._next - 1}")
+            while self._next < layer:
+                self._run_layer(collect=False)
+            module = self._run_layer(collect=True)
+            stats = self._finish(layer, module)
+        self._seconds += time.perf_counter() - t0
+        if layer == self.moe_layers[-1]:
+            self.close()  # nothing later needs the hidden states
+        return stats
+
+    def report(self) -> dict:
+        """What the calibration did (the pack report's "calib"); `starved`: experts fitted unweighted in layers a
+        resumed pack kept (their own calibration's)."""
+        return {"tokens": int(self.ids.numel()), "sequences": int(self.ids.shape[0]),
+                "experts": len(self.moe_layers) * self.num_experts,
+                "experts_without_enough_tokens": sorted(self.starved), "hessian_block": self.blocks,
+                "products": {"forward": str(self.dtype).removeprefix("torch."),  # the row choice's: its bfloat16 sample's
+                             "judge": str(product_dtype(torch.bfloat16)).removeprefix("torch.")},
+                "seconds": round(self._seconds, 1)}
+
+    def close(self) -> None:
+        """Drop the model, its layers' experts modules and the hidden states: the pass cannot go on."""
+        for name in ("model", "layers", "modules", "hidden", "call_args"):
+            self.__dict__.pop(name, None)
+        self._closed = True
+
+    def _start(self) -> None:
+        """The skeleton with each MoE layer's experts computing from the source, the embeddings run chunk by chunk
+        and caught at layer 0 (then dropped: nothing later reads them)."""
+        src, adapter, source, dtype = self.src, self.adapter, self.source, self.dtype
+        model = build_skeleton(adapter, source.config)
+        self.modules: dict[int, _StatsExperts] = {}
+
+        def stats_experts(layer: int, orig: nn.Module) -> _StatsExperts:
+            self.modules[layer] = _StatsExperts(layer, orig, self.experts, self.keep, self.blocks, dtype)
+            return self.modules[layer]
+
+        swap_experts(model, adapter, self.moe_layers, stats_experts)
+        layers_path = adapter.experts_path(0).split(".0.")[0]  # "model.layers"
+        inner = layers_path.rpartition(".")[0]  # "model": embeddings and rotary run before the first layer
+        layers = model.get_submodule(layers_path)
+        self.dense = {model_key: src_key for src_key, model_key in self.experts.dense}
+        self.prefixes = [f"{layers_path}.{i}." for i in range(len(layers))]
+        # the inner model's own weights only: the LM head (as large as the embeddings) never runs here
+        outside = {k: source.get(v) for k, v in self.dense.items()
+                   if k.startswith(f"{inner}.") and not k.startswith(f"{layers_path}.")}
+        model.load_state_dict(outside, strict=False, assign=True)
+        materialise_buffers(model, skip=layers_path)  # each layer's own, persistent ones included, once it is loaded
+
+        # The embeddings run chunk by chunk, each caught at layer 0 with what the layers are called with. Those
+        # arguments (positions, masks) depend only on the chunk's shape, so one set per chunk size serves every layer.
+        ids = self.ids
+        batch, step = ids.shape[0], max(1, CHUNK_TOKENS // ids.shape[1])
+        self.chunks = [(c0, min(batch, c0 + step)) for c0 in range(0, batch, step)]
+        hidden, self.call_args = None, {}
+        first = layers[0]
+        for c0, c1 in self.chunks:
+            catcher = _Catcher()
+            layers[0] = catcher
+            try:
+                with _model_runs(src, "the embeddings"):
+                    model.get_submodule(inner)(input_ids=ids[c0:c1], use_cache=False)
+            except _Stop:
+                pass
+            (args, kwargs), = catcher.calls
+            h = args[0] if args else kwargs.pop("hidden_states")
+            kwargs.pop("hidden_states", None)
+            self.call_args.setdefault(c1 - c0, (_cast(args[1:], dtype), _cast(kwargs, dtype)))
+            if hidden is None:
+                hidden = h.new_empty((batch, *h.shape[1:]))
+            hidden[c0:c1] = h
+        layers[0] = first
+        for key in outside:  # the embeddings (vocabulary x hidden) are not needed again
+            owner, _, name = key.rpartition(".")
+            model.get_submodule(owner).register_parameter(name, None)
+        self.model, self.layers, self.hidden, self._next = model, layers, hidden, 0
+
+    def _run_layer(self, collect: bool) -> _StatsExperts | None:
+        """Run decoder layer self._next over every chunk (its output replaces the hidden states), then drop it."""
+        i, dtype, layers = self._next, self.dtype, self.layers
+        prefix = self.prefixes[i]
+        layer = layers[i]
+        module = self.modules.get(i)
+        if module is not None:
+            module.collect = collect
+        state = {k[len(prefix):]: _cast(self.source.get(v), dtype) for k, v in self.dense.items() if k.startswith(prefix)}
+        layer.load_state_dict(state, strict=False, assign=True)
+        materialise_buffers(layer)
+        for c0, c1 in self.chunks:  # each chunk's output replaces its input, which no later chunk reads
+            args, kwargs = self.call_args[c1 - c0]
+            with _model_runs(self.src, f"decoder layer {i}"):
+                out = layer(self.hidden[c0:c1].to(dtype), *args, **kwargs)
+            self.hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
+        layers[i] = nn.Identity()  # its weights are no longer needed
+        del layer, state, out  # (in float32 products, twice the source's bytes) not held while the next layer's are read
+        self._next = i + 1
+        if self.progress:
+            print(f"pack --calib: layer {i + 1}/{len(self.prefixes)} ({time.perf_counter() - self._t0:.0f} s"
+                  f"{'' if collect else ', no statistics needed'})", file=sys.stderr, flush=True)
+        return module if collect else None
+
+    def _finish(self, layer: int, module: _StatsExperts | None) -> dict[tuple[int, int, str], ColumnStats]:
+        """The layer's statistics, normalised; the module's sums and samples released."""
+        weights: dict[tuple[int, int, str], ColumnStats] = {}
+        if module is None:  # not an MoE layer of this model
+            return weights
+        module.keep_samples()
+        for e in range(self.num_experts):
+            n = module.counts.get(e, 0)
             if n < MIN_TOKENS:
-                starved.append([layer, e, n])
+                self.starved.append([layer, e, n])
                 continue
             for m in ("gate", "down"):
-                w = (sums[(layer, e, m)] / n).float()
+                w = (module.sums.pop((e, m)) / n).float()
                 w = w / w.mean().clamp_min(1e-30)
-                moment = moments.get((layer, e, m))
-                weights[(layer, e, m)] = ColumnStats(w.clamp_min(FLOOR), samples[(layer, e, m)],
-                                                     None if moment is None else moment / n)
+                moment = module.moments.pop((e, m), None)
+                weights[(layer, e, m)] = ColumnStats(w.clamp_min(FLOOR), module.samples.pop((e, m)),
+                                                     None if moment is None else moment.div_(n))
             weights[(layer, e, "up")] = weights[(layer, e, "gate")]  # gate and up read the same input
-    report = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "experts": len(moe_layers) * num_experts,
-              "experts_without_enough_tokens": starved, "hessian_block": blocks,
-              "products": {"forward": str(dtype).removeprefix("torch."),  # the row choice's: its bfloat16 sample's
-                           "judge": str(product_dtype(torch.bfloat16)).removeprefix("torch.")}, "seconds": round(time.perf_counter() - t0, 1)}
-    return weights, calib_id, report
+        module.release()
+        return weights
+
+
+def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool = True
+                        ) -> tuple[dict[tuple[int, int, str], ColumnStats], str, dict]:
+    """Every MoE layer's statistics at once ({(layer, expert, matrix): its ColumnStats}), an id of the calibration
+    for --resume, and a report: the pass run whole (studies and tests; pack asks layer by layer)."""
+    calib = CalibrationPass(src, specs, max_tokens, progress)
+    weights = {}
+    for layer in calib.moe_layers:
+        weights.update(calib.layer_stats(layer))
+    calib.close()
+    return weights, calib.calib_id, calib.report()

@@ -226,6 +226,9 @@ def limit_allocator_overhead() -> None:
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 1 << 20  # decode: blocks of 1 MiB or more mapped (and returned) on their own
 PREFILL_MMAP_THRESHOLD = 256 << 20  # the prompt's forward: its large temporaries reuse heap memory
+# pack --calib's fits: a source matrix read ahead (117 MB at Mixtral's shape) and its float32 copy mapped and
+# returned whole; from the heap, each left a hole and RSS grew a matrix at a time (1.6 -> 2.6 GiB over one layer)
+FIT_MMAP_THRESHOLD = 64 << 20
 _GLIBC: list = []  # libc, once limit_allocator_overhead has tuned it
 
 
@@ -250,7 +253,7 @@ def prefill_allocator():
 @contextmanager
 def tight_allocator():
     """A phase that frees many large temporaries of varying sizes under limit_allocator_overhead's setting, then
-    large blocks from the heap again (PREFILL_MMAP_THRESHOLD) and the heap trimmed. pack --calib's forward: its
+    blocks under FIT_MMAP_THRESHOLD from the heap again and the heap trimmed. pack --calib's forward: its
     freed per-expert temporaries stayed in the heap (the 2-layer Mixtral-shaped pass peaked 4.95 GiB, 3.38 GiB
     tight); the fits after it, tight, took 12% longer, output_errors twice as long, mapping and faulting in each
     temporary; from the heap, as fast as glibc's default (BENCHMARKS.md §6.12). No-op off glibc."""
@@ -259,5 +262,5 @@ def tight_allocator():
         yield
     finally:
         if _GLIBC:
-            _GLIBC[0].mallopt(_M_MMAP_THRESHOLD, PREFILL_MMAP_THRESHOLD)
+            _GLIBC[0].mallopt(_M_MMAP_THRESHOLD, FIT_MMAP_THRESHOLD)
             _GLIBC[0].malloc_trim(0)

@@ -42,25 +42,25 @@ def register(app: typer.Typer) -> None:
         if group_size is None:
             group_size = default_group_size(scheme)
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
-        weights, calib_id, calib_report = None, None, None
-        if calib:
+        calibration = None
+        if calib:  # tokenised now; the model runs layer by layer as pack fits each
             from d2moe.errors import UsageError
-            from d2moe.router_train.activations import SEQ_LEN, expert_column_stats
+            from d2moe.router_train.activations import SEQ_LEN, CalibrationPass
 
             if calib_tokens < SEQ_LEN:
                 raise UsageError(f"--calib-tokens {calib_tokens} is less than one calibration sequence: use {SEQ_LEN} "
                                  "or more")
-            weights, calib_id, calib_report = expert_column_stats(src, calib, calib_tokens, progress=not quiet)
+            calibration = CalibrationPass(src, calib, calib_tokens, progress=not quiet)
         try:
             report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
-                                     workers=workers, resume=resume, refits=refits, calib=weights, calib_id=calib_id,
+                                     workers=workers, resume=resume, refits=refits, calib=calibration,
                                      similarity=similarity, lossless=lossless_codec if lossless else None,
                                      weighting=weighting)
         except OSError as exc:  # e.g. OUT on a read-only or pseudo file system (/proc), disk full
             from d2moe.errors import IOFailure, describe_os_error
 
             raise IOFailure(f"cannot pack into {out}: {describe_os_error(exc)}") from None
-        report["calib"] = calib_report
+        report["calib"] = None if calibration is None else calibration.report()
         if as_json:
             typer.echo(json.dumps(report, sort_keys=True))
         else:

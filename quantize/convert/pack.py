@@ -3,7 +3,9 @@
 Streams one matrix at a time: an I/O thread reads the next expert matrix (a positioned read of its
 bytes, in its stored dtype) while the quantizer fits the current one on every worker (rows split,
 native C fit; the torch fit where no compiler is found, or for the residual scheme). Resident memory
-is about two source matrices plus one expert's blob, whatever the model's size or expert count.
+is about two source matrices plus one expert's blob, whatever the model's size or expert count; with
+--calib, also one layer's calibration statistics and the calibration's hidden states (the pass runs
+layer by layer between the layers' fits).
 Parts are written into a staging folder (d2moe.quantize.convert.staging) and made durable one by one,
 so an interrupted pack can be resumed (`--resume`) to byte-identical output. Deterministic: same
 input and options give byte-identical files (no timestamps, sorted keys, fixed order; the worker count
@@ -30,7 +32,7 @@ from d2moe.errors import InputError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, native, quantize_mwq
 from d2moe.quantize import format as fmt
 from d2moe.quantize.adapters import adapter_for
-from d2moe.quantize.calib import calibrated_fit
+from d2moe.quantize.calib import LayerCalibration, calibrated_fit
 from d2moe.quantize.convert.lossless_pack import lossless_layer, lossless_section
 from d2moe.quantize.convert.progress import PackProgress
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
@@ -54,8 +56,7 @@ def pack_checkpoint(
     workers: int | None = None,
     resume: bool = False,
     refits: int | None = None,
-    calib: dict[tuple[int, int, str], torch.Tensor] | None = None,
-    calib_id: str | None = None,
+    calib: LayerCalibration | None = None,
     similarity: bool = True,
     lossless: str | None = None,
     weighting: str | None = None,
@@ -64,8 +65,9 @@ def pack_checkpoint(
 
     `workers` threads fit each matrix (default: the CPU count); `refits` least-squares refits per
     grid and `weighting` the fit's error weighting (defaults: DEFAULT_REFITS and native.DEFAULT_WEIGHTING
-    where the native sliced fit runs, none where the torch fit does); `calib`: per (layer, expert, matrix)
-    input-column weights (mean squared activation) that weight the grid search, `calib_id` naming them for --resume. `similarity`: store each expert's
+    where the native sliced fit runs, none where the torch fit does); `calib`: the calibration statistics
+    (d2moe.router_train.activations.CalibrationPass), asked for layer by layer as each is fitted (its calib_id is
+    in --resume's key; layers a resumed pack keeps are never calibrated). `similarity`: store each expert's
     nearest neighbours (d2moe.quantize.similarity, for `--on-miss substitute`); `lossless`: also store
     the exact source experts coded with that codec (d2moe.quantize.convert.lossless_pack).
     """
@@ -100,7 +102,7 @@ def pack_checkpoint(
     if weighting is None:
         weighting = native.DEFAULT_WEIGHTING if lib is not None else "mse"
     fit = _Fitter(lib, cfg, refits, workers, calib, weighting)
-    key = _key(source, cfg, dtype, router, refits, calib_id,
+    key = _key(source, cfg, dtype, router, refits, None if calib is None else calib.calib_id,
                fit.name + ("+sim" if similarity else "") + ("" if fit.weighting == "mse" else "+" + fit.weighting))
     sim = SimilarityCollector(str(config.get("hidden_act", "silu"))) if similarity else None
     sim_rows: dict[int, list] = {}
@@ -114,7 +116,7 @@ def pack_checkpoint(
             entries = []
             for i, layer in enumerate(moe_layers):
                 bar.layer(i)
-                entries += _layer_part(experts, i, layer, num_experts, layout, fit, staging, bar, sim, sim_rows)
+                entries += _layer_part(experts, i, layer, num_experts, layout, fit, staging, bar, sim, sim_rows, calib)
                 if lossless is not None:
                     part, ll_dtype = lossless_layer(experts, layer, num_experts, staging, lossless)
                     ll_entries += part
@@ -236,15 +238,17 @@ def _dense_part(source: SourceCheckpoint, dense: list[tuple[str, str]], staging:
 class _Fitter:
     """Fits one matrix: the native C fit (rows on `workers` threads) or the torch fit."""
 
-    def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib, weighting: str = "mse"):
-        self.lib, self.cfg, self.refits, self.workers, self.calib = lib, cfg, refits, workers, calib or {}
+    def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib: LayerCalibration | None,
+                 weighting: str = "mse"):
+        self.lib, self.cfg, self.refits, self.workers = lib, cfg, refits, workers
+        self.stats: dict = {}  # the statistics of the layer being fitted, by (layer, expert, matrix)
         self.weighting = weighting
-        if lib is None and (refits or calib or weighting != "mse"):
+        if lib is None and (refits or calib is not None or weighting != "mse"):
             if cfg.scheme not in native.NATIVE_SCHEMES:
                 raise UsageError(f"--refits, --calib and --weighting apply to the sliced and subblock schemes, not {cfg.scheme!r}")
             raise UsageError("--refits, --calib and --weighting other than mse need the native quantizer, which could not "
                              "be built (no C compiler?)")
-        self.name = ("native-1" if lib is not None else "torch-1") + ("+rows+gptq" if calib else "")
+        self.name = ("native-1" if lib is not None else "torch-1") + ("+rows+gptq" if calib is not None else "")
 
     def __enter__(self) -> _Fitter:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="d2moe-fit") if self.lib is not None else None
@@ -264,7 +268,7 @@ class _Fitter:
         """(MWQTensor, squared error per level, signal) of one matrix."""
         try:
             if self.lib is not None:
-                stats = self.calib.get(where)
+                stats = self.stats.get(where)
                 if stats is not None:
                     return calibrated_fit(self.lib, w, self.cfg, stats, self.refits, self._pool, self.weighting)
                 f = native.fit_sliced(self.lib, w, self.cfg, None, self.refits, self._pool, weighting=self.weighting)
@@ -280,15 +284,23 @@ class _Fitter:
 
 
 def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int, layout: fmt.BlobLayout,
-                fit: _Fitter, staging: Staging, bar: PackProgress, sim=None, sim_rows=None) -> list[dict]:
-    """One layer's experts file: matrices read one ahead on the I/O thread, fitted, blobs written in order."""
+                fit: _Fitter, staging: Staging, bar: PackProgress, sim=None, sim_rows=None,
+                calib: LayerCalibration | None = None) -> list[dict]:
+    """One layer's experts file: matrices read one ahead on the I/O thread, fitted (with the layer's calibration
+    statistics, gathered now and dropped after), blobs written in order."""
     name = fmt.experts_file_name(layer)
     record = staging.done(name, verify_experts_file)
     if record is not None:
         if sim is not None:
             sim_rows[layer] = record["similarity"]
+        if calib is not None:
+            calib.starved.extend(record["starved"])
         bar.advance(sum(experts.matrix_nbytes(layer, m) for m in fmt.MATRICES) * num_experts)
         return record["entries"]
+    if calib is not None:
+        bar.note(f"calibrating layer {index + 1}/{bar.layers}")
+        fit.stats = calib.layer_stats(layer)
+        bar.layer(index)
     order = [(e, m) for e in range(num_experts) for m in fmt.MATRICES]
     entries = []
     part = staging.part_path(name)
@@ -310,7 +322,10 @@ def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int,
                 fitted.clear()
                 _maybe_kill(f"expert:{index}:{e}")
         size = w.file_size
+    fit.stats = {}
     record = {"entries": entries, "size": size}
+    if calib is not None:  # the report names them on --resume too
+        record["starved"] = [s for s in calib.starved if s[0] == layer]
     if sim is not None:
         record["similarity"] = sim_rows[layer] = sim.neighbors(layer)
     staging.finish(name, record)

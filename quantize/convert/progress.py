@@ -41,6 +41,15 @@ class PackProgress:
         if self._bar is not None:
             self._bar.update(self._task, description=f"packing layer {index + 1}/{self.layers}")
 
+    def note(self, what: str) -> None:
+        """A stage that moves no bytes (e.g. a layer's calibration): the bar's description, or one line."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, description=what)
+        else:
+            print(f"pack: {what}", file=sys.stderr, flush=True)
+
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
         if not self.enabled:

@@ -19,6 +19,8 @@
 #include <string.h>
 
 #define TILE 16 /* rows per tile: one AVX-512 vector, two AVX2 ones */
+
+void d2q_load_group(const void *src, int dtype, int64_t idx, int n, float *x); /* mwq_fit.c: float32/bf16/f16 */
 #define LAZY 32 /* columns fed to each other one by one before the rest of the block gets their errors at once */
 
 typedef float vt __attribute__((vector_size(4 * TILE)));
@@ -84,25 +86,29 @@ static void feed_batch(vt *x, const float *ub, int block, int j, int s1, vt ej) 
 #pragma GCC pop_options
 #endif
 
-/* codes [rows, cols] (row-major, uint8) of rows r0..r1 of w [rows, cols] float32.
+/* codes [rows, cols] (row-major, uint8) of rows r0..r1 of w [rows, cols], contiguous, of dtype 0 float32, 1 bfloat16
+ * or 2 float16 (mwq_fit.c's codes; read as float32, exactly, so the codes do not depend on it).
  * ut: float32 [cols / block, block, block], each block of U transposed (ut[k][j] = U[j][k]); cell1, off: float32
  * [rows, cols / group], level b1's cell width and cell 0's lower edge; bits: the nbits levels, ascending.
  * Returns 0, or -4 when out of memory. */
-int d2q_gptq_rows(const float *w, int cols, const float *ut, int block, const float *cell1, const float *off,
+int d2q_gptq_rows(const void *w, int dtype, int cols, const float *ut, int block, const float *cell1, const float *off,
                   int group, int nbits, const int *bits, float window, uint8_t *codes, int r0, int r1) {
     const int groups = cols / group;
     vt *x = aligned_alloc(64, sizeof(vt) * block), *w0 = aligned_alloc(64, sizeof(vt) * block);
     vt *prev = aligned_alloc(64, sizeof(vt) * block), *cur = aligned_alloc(64, sizeof(vt) * block);
-    if (!x || !w0 || !prev || !cur) {
-        free(x), free(w0), free(prev), free(cur);
+    float *row = malloc(sizeof(float) * block);
+    if (!x || !w0 || !prev || !cur || !row) {
+        free(x), free(w0), free(prev), free(cur), free(row);
         return -4;
     }
     for (int t0 = r0; t0 < r1; t0 += TILE) {
         const int nt = r1 - t0 < TILE ? r1 - t0 : TILE; /* rows past nt repeat the last: computed, never written */
         for (int c0 = 0; c0 < cols; c0 += block) {
             const float *ub = ut + (int64_t)(c0 / block) * block * block;
-            for (int j = 0; j < block; j++)
-                for (int r = 0; r < TILE; r++) w0[j][r] = w[(int64_t)(t0 + (r < nt ? r : nt - 1)) * cols + c0 + j];
+            for (int r = 0; r < TILE; r++) {
+                d2q_load_group(w, dtype, (int64_t)(t0 + (r < nt ? r : nt - 1)) * cols + c0, block, row);
+                for (int j = 0; j < block; j++) w0[j][r] = row[j];
+            }
             for (int li = 0; li < nbits; li++) {
                 const int b = bits[li];
                 const vt top = splat((float)((1 << b) - 1)), zero = splat(0.0f), half = splat(0.5f);
@@ -140,6 +146,6 @@ int d2q_gptq_rows(const float *w, int cols, const float *ut, int block, const fl
                 for (int j = 0; j < block; j++) codes[(int64_t)(t0 + r) * cols + c0 + j] = (uint8_t)prev[j][r];
         }
     }
-    free(x), free(w0), free(prev), free(cur);
+    free(x), free(w0), free(prev), free(cur), free(row);
     return 0;
 }

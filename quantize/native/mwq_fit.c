@@ -42,7 +42,9 @@ static inline uint16_t f16_bits(float x) {
     return u;
 }
 
-static void load_group(const void *src, int dtype, int64_t idx, int n, float *x) {
+/* x[0..n) = src[idx..idx+n) of a float32 / bfloat16 / float16 matrix, as float32 (exactly); gptq.c reads its rows
+ * through it too */
+void d2q_load_group(const void *src, int dtype, int64_t idx, int n, float *x) {
     if (dtype == D2_F32) {
         memcpy(x, (const float *)src + idx, (size_t)n * 4);
     } else if (dtype == D2_BF16) {
@@ -353,7 +355,7 @@ int d2q_fit_rows(const void *src, int dtype, int64_t row_stride, int rows, int c
     *signal_out = 0;
     for (int r = r0; r < r1; r++) {
         for (int gi = 0; gi < G; gi++) {
-            load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+            d2q_load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
             int finite = 1;
             for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f; /* false for NaN and +-inf */
             if (!finite) return -3;
@@ -446,7 +448,7 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
     *signal_out = 0;
     for (int r = r0; r < r1; r++) {
         for (int gi = 0; gi < G; gi++) { /* pass 1: each group's grid for level b1 */
-            load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+            d2q_load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
             int finite = 1;
             for (int j = 0; j < group; j++) finite &= (x[j] - x[j]) == 0.0f;
             if (!finite) return -3;
@@ -470,7 +472,7 @@ static int fit_rows_subblock(const void *src, int dtype, int64_t row_stride, int
             ps[0] = f16_bits(d);
             ps[1] = f16_bits(dmin);
             for (int gi = g0; gi < g1; gi++) {
-                load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
+                d2q_load_group(src, dtype, (int64_t)r * row_stride + (int64_t)gi * group, group, x);
                 const float *w = group_weights(x, col_weight ? col_weight + (int64_t)gi * group : NULL, group, weighting, wbuf);
                 const float below = -fit_offset[gi] > 0 ? -fit_offset[gi] : 0.0f;
                 const float sc0 = d > 0 ? floorf(fit_scale[gi] / d) : 0.0f, sc_min = d > 0 ? 1.0f : 0.0f;

@@ -12,7 +12,15 @@ from native_fits import random_matrix
 from d2moe.kernels import cpu
 from d2moe.quantize import dequantize, native
 from d2moe.quantize.bitplanes import pack_bits, unpack_bits
-from d2moe.quantize.gptq import WINDOW, block_size, inverse_factor, nested_codes, nested_planes, second_moment
+from d2moe.quantize.gptq import (
+    WINDOW,
+    add_second_moment,
+    block_size,
+    inverse_factor,
+    nested_codes,
+    nested_planes,
+    second_moment,
+)
 
 
 def _fit(scheme: str, rows: int = 64, cols: int = 256, seed: int = 0):
@@ -102,12 +110,24 @@ def test_the_c_version_chooses_torch_codes_whatever_the_threads(block):
             assert torch.equal(ours, _codes("native", w, h, *t.group_params(), cfg, window, pool))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_c_version_reads_a_16_bit_source_as_its_float32_copy(dtype):
+    """pack --calib hands GPTQ the source matrix in its own dtype (no float32 copy): the same codes."""
+    cfg, w, t, g = _fit("subblock", rows=40)
+    w16 = w.to(dtype)
+    h = second_moment(_correlated_inputs(w.shape[1], g), 64)
+    assert torch.equal(_codes("native", w16, h, *t.group_params(), cfg), _codes("native", w16.float(), h, *t.group_params(), cfg))
+
+
 def test_second_moment_holds_the_diagonal_blocks_and_block_size_fits_the_budget():
     x = torch.randn(50, 256)
     full = x.T @ x
     blocks = second_moment(x, 64)
     for k in range(4):
         assert torch.allclose(blocks[k], full[64 * k:64 * (k + 1), 64 * k:64 * (k + 1)], rtol=1e-5, atol=1e-4)
+    stepped = second_moment(x[:20], 64)
+    add_second_moment(stepped, x[20:].bfloat16())  # the calibration's steps, in the inputs' own dtype
+    torch.testing.assert_close(stepped, blocks, rtol=2e-2, atol=2e-2 * float(blocks.abs().max()))
     assert block_size(256, 8, 8 * 256 * 256 * 4) == 256
     assert block_size(256, 8, 8 * 256 * 256 * 4 - 1) == 128
     assert block_size(14336, 256, 1 << 30) == 64

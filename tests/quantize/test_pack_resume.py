@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,23 @@ def test_progress_lines_when_stderr_is_not_a_terminal(source, tmp_path):
     assert r.stdout.strip().startswith("{") and r.stdout.count("\n") == 1  # --json alone on stdout
     lines = [line for line in r.stderr.splitlines() if line.startswith("pack: layer")]
     assert lines and "MB/s" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_a_calibrated_pack_resumed_calibrates_only_the_layers_it_redoes(source, tmp_path):
+    """pack --calib gathers each layer's statistics as it fits that layer: after kill -9 past layer 0, --resume keeps
+    layer 0 and runs it without statistics (the pass still needs its outputs), and the checkpoint and the report's
+    calibration are the uninterrupted pack's."""
+    calib = ("--calib", "d2moe_cli/assets/text/tinyshakespeare.train.txt", "--calib-tokens", "1024", "--workers", "1")
+    whole = _pack_cli(source, tmp_path / "whole", *calib)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "packed"
+    killed = _pack_cli(source, out, *calib, kill_at="layer:0")
+    assert killed.returncode == -9, killed.stderr
+    resumed = _pack_cli(source, out, *calib, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--resume: kept experts" in resumed.stderr
+    assert "layer 1/2 (" in resumed.stderr and "no statistics needed" in resumed.stderr
+    assert "no statistics needed" not in whole.stderr
+    assert _files(out) == _files(tmp_path / "whole")
+    report, want = (json.loads(p.stdout)["calib"] for p in (resumed, whole))
+    assert {k: v for k, v in report.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}

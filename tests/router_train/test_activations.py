@@ -13,7 +13,7 @@ from d2moe.quantize.adapters import adapter_for
 from d2moe.quantize.convert.pack import pack_checkpoint
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
 from d2moe.router_train import activations
-from d2moe.router_train.activations import expert_column_stats
+from d2moe.router_train.activations import CalibrationPass, expert_column_stats
 
 TEXT = "d2moe_cli/assets/text/tinyshakespeare.train.txt"
 
@@ -86,10 +86,10 @@ def test_calibrated_pack_is_valid_and_nearer_on_the_calibration_outputs(tmp_path
     from d2moe.kernels.dispatch import dequantize_packed
 
     src = make_tiny_checkpoint("mixtral", tmp_path / "src")
-    weights, calib_id, _ = expert_column_stats(src, [TEXT], 2048, progress=False)
+    weights, _, _ = expert_column_stats(src, [TEXT], 2048, progress=False)
     cfg = MWQConfig()
     pack_checkpoint(src, tmp_path / "plain", cfg, progress=False)
-    pack_checkpoint(src, tmp_path / "calib", cfg, progress=False, calib=weights, calib_id=calib_id)
+    pack_checkpoint(src, tmp_path / "calib", cfg, progress=False, calib=CalibrationPass(src, [TEXT], 2048, progress=False))
     plain, calib = (fmt.open_checkpoint(tmp_path / name, verify=True) for name in ("plain", "calib"))
     experts = ExpertSource(*_source_parts(src))
     nearer = total = 0
@@ -142,3 +142,22 @@ def test_a_bfloat16_source_calibrates_like_its_float32_copy(arch, native_bf16, t
         errors.append(float((y.weight - x.weight).abs().sum() / x.weight.abs().sum()))
     # typically 2^-8: bfloat16's rounding; the tail is tokens routed to other experts by a rounded router
     assert sorted(errors)[len(errors) // 2] < 0.01 and max(errors) < 0.2, errors
+
+
+def test_memory_budgets_hold_per_layer_so_a_deeper_model_keeps_its_blocks_and_samples(tmp_path, monkeypatch):
+    """Only one layer's statistics are resident (pack fits each layer before the pass goes on), so HESSIAN_BYTES and
+    SAMPLE_BYTES are one layer's: a model with three times the layers gets the same second-moment blocks and samples."""
+    monkeypatch.setattr(activations, "HESSIAN_BYTES", 1 << 17)  # whole moments would not fit: blocks
+    monkeypatch.setattr(activations, "SAMPLE_BYTES", 1 << 16)
+    passes = [activations.CalibrationPass(make_tiny_checkpoint("mixtral", tmp_path / f"l{n}", num_hidden_layers=n),
+                                          [TEXT], 1024, progress=False) for n in (1, 3)]
+    shallow, deep = passes
+    assert len(deep.moe_layers) == 3 * len(shallow.moe_layers)
+    assert deep.blocks == shallow.blocks and 0 < deep.blocks["gate"] < deep.source.config["hidden_size"]
+    assert deep.keep == shallow.keep < activations.SAMPLE_TOKENS
+    stats = deep.layer_stats(deep.moe_layers[2])  # the last layer's, layers 0 and 1 run without statistics
+    assert stats and all(k[0] == deep.moe_layers[2] for k in stats)
+    assert all(s.hessian.shape[-1] == deep.blocks["gate" if m != "down" else "down"] for (_, _, m), s in stats.items())
+    assert all(s.sample.shape[0] <= deep.keep for s in stats.values())
+    with pytest.raises(RuntimeError, match="closed"):  # the last MoE layer given, the pass let go of the model
+        deep.layer_stats(deep.moe_layers[2])
