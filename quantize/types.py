@@ -48,7 +48,7 @@ class MWQConfig:
             raise UsageError(f"scheme {self.scheme!r} is unknown: use one of {', '.join(SCHEMES)}")
         if self.scheme == "subblock" and 256 % self.group_size:
             raise UsageError(f"--group-size {self.group_size} does not divide the subblock scheme's 256-column super-blocks: "
-                             "use 16, 32 or 64")
+                             "use 8, 16, 32, 64, 128 or 256 (or --scheme sliced)")
 
     @property
     def b1(self) -> int:

@@ -211,7 +211,8 @@ class CalibrationPass:
             raise InputError(f"--calib needs the source's tokenizer, which {src} does not load ({type(exc).__name__}); "
                              "copy the tokenizer files next to config.json") from None
         texts = load_texts(specs, option="--calib")
-        self.ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN))
+        self.ids = token_blocks(texts, tokenizer, SEQ_LEN, max_blocks=max(1, max_tokens // SEQ_LEN), data_option="--calib",
+                                seq_option=None)
         self.dtype = product_dtype(self.experts.matrix_dtype(self.moe_layers[0], "gate"))
         self.calib_id = hashlib.sha256(CALIB_METHOD + str(self.dtype).encode() + self.ids.numpy().tobytes()).hexdigest()
         shapes = self.adapter.matrix_shapes(config)
@@ -329,7 +330,7 @@ class CalibrationPass:
         del layer, state, out  # (in float32 products, twice the source's bytes) not held while the next layer's are read
         self._next = i + 1
         if self.progress:
-            print(f"pack --calib: layer {i + 1}/{len(self.prefixes)} ({time.perf_counter() - self._t0:.0f} s"
+            print(f"pack --calib: decoder layer {i + 1}/{len(self.prefixes)} run ({time.perf_counter() - self._t0:.0f} s"
                   f"{'' if collect else ', no statistics needed'})", file=sys.stderr, flush=True)
         return module if collect else None
 

@@ -66,9 +66,11 @@ def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = 
 
 
 def token_blocks(
-    texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int | None = None, bos: bool = True
+    texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int | None = None, bos: bool = True,
+    data_option: str = "--data", seq_option: str | None = "--seq-len",
 ) -> torch.Tensor:
-    """LongTensor [N, seq_len] of consecutive token blocks over the joined texts (BOS first if `bos`)."""
+    """LongTensor [N, seq_len] of consecutive token blocks over the joined texts (BOS first if `bos`). The options
+    that passed the texts and set seq_len (None: fixed) are named in the error when there is too little text."""
     if seq_len < 2:
         raise InputError(f"--seq-len {seq_len} is too short: use at least 2 tokens")
     bos_id = tokenizer.bos_token_id if bos else None
@@ -83,9 +85,9 @@ def token_blocks(
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise InputError(
-            f"calibration data gives {len(ids)} tokens, fewer than one block of --seq-len {seq_len}: add text or lower --seq-len"
-        )
+        block = f"one block of {seq_option} {seq_len}" if seq_option else f"one sequence of {seq_len} tokens"
+        fix = f"add text to {data_option}" + (f" or lower {seq_option}" if seq_option else "")
+        raise InputError(f"calibration data gives {len(ids)} tokens, fewer than {block}: {fix}")
     blocks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     if bos_id is not None:
         blocks = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), blocks], dim=1)

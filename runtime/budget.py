@@ -134,10 +134,10 @@ class MemoryPlan:
         return cls.build(
             budget_bytes=budget_bytes,
             dense_bytes=dense_bytes,
-            kv_bytes_per_token=kv_bytes_per_token(ckpt.config, kv_dtype_bytes),
+            kv_bytes_per_token=kv_bytes_per_token(with_defaults(ckpt.config), kv_dtype_bytes),
             max_tokens=max_tokens,
             expert_bytes=ckpt.level_nbytes(level),
-            workspace_bytes=workspace_bytes(ckpt.config, ckpt.matrix_shapes, min(forward_tokens or max_tokens, max_tokens),
+            workspace_bytes=workspace_bytes(with_defaults(ckpt.config), ckpt.matrix_shapes, min(forward_tokens or max_tokens, max_tokens),
                                             threads, context=max_tokens),
             staging_slots=staging_slots,
         )
@@ -154,6 +154,19 @@ def _dense_path(ckpt) -> Path:
     if getattr(ckpt, "path", None) is not None:
         return Path(ckpt.path) / DENSE_NAME
     raise UsageError("MemoryPlan.for_checkpoint: pass dense_bytes= (the checkpoint exposes no dense file path)")
+
+
+def with_defaults(config: Mapping) -> Mapping:
+    """config.json with the fields it leaves out filled by its architecture's defaults, as transformers builds the
+    model (save_pretrained writes only the fields that differ from them, e.g. no num_attention_heads where it is
+    the default); the config as it is for an architecture d2moe does not know."""
+    from d2moe.errors import D2MoEError
+    from d2moe.quantize.adapters import adapter_for
+
+    try:
+        return {**adapter_for(dict(config)).hf_config(dict(config)).to_dict(), **config}
+    except D2MoEError:
+        return config
 
 
 def kv_bytes_per_token(config: Mapping, dtype_bytes: int = 2) -> int:

@@ -256,8 +256,12 @@ def tight_allocator():
     blocks under FIT_MMAP_THRESHOLD from the heap again and the heap trimmed. pack --calib's forward: its
     freed per-expert temporaries stayed in the heap (the 2-layer Mixtral-shaped pass peaked 4.95 GiB, 3.38 GiB
     tight); the fits after it, tight, took 12% longer, output_errors twice as long, mapping and faulting in each
-    temporary; from the heap, as fast as glibc's default (BENCHMARKS.md §6.12). No-op off glibc."""
+    temporary; from the heap, as fast as glibc's default (BENCHMARKS.md §6.12). The heap is trimmed on entry
+    too: what the fits before it freed would otherwise stay resident under the pass's own peak (pack --calib
+    alternates the two per layer; its second layer's pass peaked 0.3 GiB above the first's). No-op off glibc."""
     limit_allocator_overhead()
+    if _GLIBC:
+        _GLIBC[0].malloc_trim(0)
     try:
         yield
     finally:

@@ -120,11 +120,11 @@ class MissHandler:
         self.neighbors = neighbors or {}
         self.stats = MissStats()
         self.use = SlowUse()  # reuse: which experts earn their top levels
-        if options.mode == "substitute" and not self.neighbors:
-            import warnings
+        if options.mode == "substitute" and not self.neighbors:  # a note, not a Python warning with its source line
+            import sys
 
-            warnings.warn("--on-miss substitute: this checkpoint has no expert similarity (re-pack with this "
-                          "d2moe): every miss is loaded", stacklevel=2)
+            print("note: --on-miss substitute: this checkpoint has no expert similarity (packed with --no-similarity "
+                  "or by an older d2moe; re-pack without --no-similarity): every miss is loaded", file=sys.stderr)
 
     @property
     def demotes(self) -> bool:

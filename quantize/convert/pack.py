@@ -36,6 +36,7 @@ from d2moe.quantize.calib import LayerCalibration, calibrated_fit
 from d2moe.quantize.convert.lossless_pack import lossless_layer, lossless_section
 from d2moe.quantize.convert.progress import PackProgress
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
+from d2moe.quantize.convert.source_check import check_dense_weights
 from d2moe.quantize.convert.staging import Staging, verify_experts_file, verify_whole_file
 from d2moe.quantize.format.safetensors_io import DTYPE_SIZES, TORCH_TO_ST
 from d2moe.quantize.similarity import SimilarityCollector
@@ -95,6 +96,7 @@ def pack_checkpoint(
         raise InputError(f"{src}/config.json describes no MoE layer: nothing to pack")
     layout = fmt.blob_layout(shapes, cfg)
     experts = ExpertSource(source, adapter, moe_layers, num_experts, shapes)
+    check_dense_weights(src, source, adapter, experts.dense, moe_layers)
     gate_capacity = None if router is None else _check_gate(Path(router), source, experts, adapter, moe_layers, cfg)
     lib = native.load() if cfg.scheme in native.NATIVE_SCHEMES else None
     if refits is None:
@@ -126,6 +128,9 @@ def pack_checkpoint(
         for name in fmt.COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+        if not any((src / name).is_file() for name in TOKENIZER_FILES):
+            print(f"pack: note: {src} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): run and eval need one; "
+                  f"copy the source model's tokenizer files into {out}", file=sys.stderr, flush=True)
         manifest = fmt.build_manifest(
             source={"path": src.resolve().name, "sha256": source.fingerprint()}, arch=adapter.model_type,
             cfg=cfg, dtype=dense_dtype, matrix_shapes=shapes, moe_layers=moe_layers, num_experts=num_experts,
@@ -145,6 +150,9 @@ def pack_checkpoint(
         staging.remove()
         raise
     return _report(out, manifest, layout, cfg, source.nbytes(), time.perf_counter() - t0)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")  # any one makes a tokenizer
 
 
 def _key(source: SourceCheckpoint, cfg: MWQConfig, dtype: str | None, router: Path | None, refits: int,

@@ -172,7 +172,9 @@ class ExpertSource:
                     have_legacy, have_fused = (layer, e, m) in self.legacy, (layer, m) in self.fused
                     if have_legacy == have_fused:
                         what = "is missing" if not have_legacy else "is stored twice (per-expert and fused)"
-                        raise InputError(f"{src.path}: layer {layer} expert {e} matrix {m} {what}")
+                        raise InputError(f"{src.path}: layer {layer} expert {e} matrix {m} {what} (config.json implies "
+                                         f"{num_experts} experts in each of {len(moe_layers)} MoE layers: does it "
+                                         "describe these weights?)")
         for (_, _, m), key in self.legacy.items():
             self._check_float(key)
             shape = src.info(key).shape

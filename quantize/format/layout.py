@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from d2moe.errors import UsageError
+from d2moe.errors import UnsupportedModelError, UsageError
 from d2moe.quantize.format.constants import ALIGN, MATRICES
 from d2moe.quantize.subblock import SUPER_PARAMS, n_supers
 from d2moe.quantize.types import MWQConfig
@@ -77,8 +78,23 @@ def blob_layout(matrix_shapes: dict[str, tuple[int, int]], cfg: MWQConfig) -> Bl
     for matrix in MATRICES:
         rows, cols = matrix_shapes[matrix]
         if rows <= 0 or cols <= 0 or cols % cfg.group_size:
-            raise UsageError(
-                f"expert matrix {matrix} [{rows}, {cols}] cannot be split in groups of {cfg.group_size} columns: "
-                "pick a --group-size that divides the hidden and intermediate sizes"
-            )
+            raise _no_groups(matrix, rows, cols, [matrix_shapes[m][1] for m in MATRICES], cfg)
     return _layout(tuple((m, *matrix_shapes[m]) for m in MATRICES), cfg)
+
+
+def usable_group_sizes(widths: list[int], scheme: str) -> list[int]:
+    """Group sizes (multiples of 8; for subblock, dividing its 256-column super-blocks) dividing every width."""
+    g = math.gcd(*widths)
+    return [s for s in range(8, g + 1, 8) if g % s == 0 and (scheme != "subblock" or 256 % s == 0)]
+
+
+def _no_groups(matrix: str, rows: int, cols: int, widths: list[int], cfg: MWQConfig) -> Exception:
+    """The error for a group size that does not divide an expert width: the sizes that would, or that none does
+    (8 divides every scheme's super-block, so a width a multiple of 8 always has one)."""
+    where = f"expert matrix {matrix} [{rows}, {cols}] cannot be split in groups of {cfg.group_size} columns"
+    usable = usable_group_sizes(widths, cfg.scheme) if min(widths) > 0 else []
+    if usable:
+        return UsageError(f"{where}: use --group-size {' or '.join(str(s) for s in usable[-3:])} (they divide every "
+                          "expert width)")
+    return UnsupportedModelError(f"expert widths {sorted(set(widths))} have no common divisor that is a multiple of 8, "
+                                 "so no group size fits them: d2moe cannot pack this model")

@@ -82,6 +82,8 @@ def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     (["pack", "{src}", "{tmp}/o", "--calib", "{tmp}/none.txt", "--calib-tokens", "0"], "--calib-tokens 0 is less than one",
      EXIT_USAGE),
     (["pack", "{src}", "{tmp}/o", "--calib", "{tmp}/none.txt"], "does not exist: pass --calib", EXIT_INPUT),
+    (["pack", "{src}", "{tmp}/o", "--calib", "{tmp}/short.txt"], "fewer than one sequence of 512 tokens: add text to "
+     "--calib", EXIT_INPUT),
     (["pack", "{src}", "{tmp}/exists"], "already exists: pass --force", EXIT_USAGE),
     (["pack", "{src}", "/proc/d2moe-out"], "cannot pack into /proc/d2moe-out", EXIT_IO),
     (["inspect", "{tmp}/missing"], "is not a packed checkpoint directory", EXIT_INPUT),
@@ -90,7 +92,9 @@ def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
 def test_errors_are_one_red_line_with_the_exit_code_of_their_class(tiny_checkpoint_factory, tmp_path, capsys, argv,
                                                                      message, want):
     (tmp_path / "exists").mkdir()
+    (tmp_path / "short.txt").write_text("Only a few words.\n")
     subst = {"tmp": str(tmp_path), "src": str(tiny_checkpoint_factory("mixtral"))}
+    capsys.readouterr()  # what building the checkpoint printed (the first test to ask for it builds it)
     code, stdout, stderr = _run(capsys, *(a.format(**subst) for a in argv))
     assert code == want, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("error: ")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from d2moe.errors import FormatError, UsageError
+from d2moe.errors import FormatError, UnsupportedModelError, UsageError
 from d2moe.quantize import MWQConfig, dequantize, quantize_mwq
 from d2moe.quantize import format as fmt
 from d2moe.quantize.format.safetensors_io import AlignedSafetensorsWriter, read_header
@@ -49,9 +49,13 @@ def test_layout_segments_are_aligned_and_tile_the_blob(bits, scheme):
         assert names == (["scale", "offset", "planes"] if i == 0 else (["alpha", "planes"] if scheme == "residual" else ["planes"]))
 
 
-def test_layout_refuses_shapes_the_group_size_does_not_divide():
-    with pytest.raises(UsageError, match="group-size"):
+def test_layout_refuses_shapes_the_group_size_does_not_divide_and_names_the_sizes_that_do():
+    with pytest.raises(UsageError, match="use --group-size 8 or 16 or 32 "):
         fmt.blob_layout({"gate": (128, 96), "up": (128, 96), "down": (96, 128)}, MWQConfig(group_size=64))
+    with pytest.raises(UsageError, match="use --group-size 8 .they divide every expert width"):  # OLMoE-like 200
+        fmt.blob_layout({"gate": (200, 96), "up": (200, 96), "down": (96, 200)}, MWQConfig())
+    with pytest.raises(UnsupportedModelError, match=r"expert widths \[96, 100\] have no common divisor"):
+        fmt.blob_layout({"gate": (100, 96), "up": (100, 96), "down": (96, 100)}, MWQConfig())
 
 
 @settings(max_examples=15, deadline=None)

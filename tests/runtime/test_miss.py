@@ -240,3 +240,12 @@ def test_a_substitute_may_compute_with_an_expert_whose_upgrade_is_in_flight(pack
                                         miss_threshold=0.5)) as s:
             report = s.generate([PROMPT[0] + " " + PROMPT[0]], SamplingOptions(max_new_tokens=24), chat_template=False)
         assert len(report.token_ids[0]) == 24
+
+
+def test_substitute_without_similarity_says_so_in_one_note_line(capsys):
+    """A checkpoint packed --no-similarity: substitute falls back to loading, and says how to get substitutes."""
+    MissHandler(MissOptions("substitute"), (2, 3, 4), None)
+    err = capsys.readouterr().err
+    assert err.startswith("note: --on-miss substitute") and err.count("\n") == 1 and "--no-similarity" in err
+    MissHandler(MissOptions("substitute"), (2, 3, 4), {0: [[1], [0]]})
+    assert capsys.readouterr().err == ""
