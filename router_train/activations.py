@@ -203,8 +203,8 @@ class CalibrationPass:
         source.index_weights()
         self.source, config = source, source.config
         self.moe_layers, num_experts = self.adapter.moe_layers(config), self.adapter.num_experts(config)
-        self.num_experts = num_experts
-        self.experts = ExpertSource(source, self.adapter, self.moe_layers, num_experts, self.adapter.matrix_shapes(config))
+        self.num_experts, shapes = num_experts, self.adapter.matrix_shapes(config)
+        self.experts = ExpertSource(source, self.adapter, self.moe_layers, num_experts, shapes)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(src))
         except Exception as exc:
@@ -215,7 +215,6 @@ class CalibrationPass:
                                 seq_option=None)
         self.dtype = product_dtype(self.experts.matrix_dtype(self.moe_layers[0], "gate"))
         self.calib_id = hashlib.sha256(CALIB_METHOD + str(self.dtype).encode() + self.ids.numpy().tobytes()).hexdigest()
-        shapes = self.adapter.matrix_shapes(config)
         self.keep = sample_tokens(num_experts, shapes["gate"][1] + shapes["down"][1])
         self.blocks = hessian_blocks(num_experts, shapes["gate"][1], shapes["down"][1])
         self.starved: list[list[int]] = []
@@ -363,6 +362,5 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     calib = CalibrationPass(src, specs, max_tokens, progress)
     weights = {}
     for layer in calib.moe_layers:
-        weights.update(calib.layer_stats(layer))
-    calib.close()
+        weights.update(calib.layer_stats(layer))  # the last one closes the pass
     return weights, calib.calib_id, calib.report()

@@ -131,13 +131,14 @@ class MemoryPlan:
         level = ckpt.cfg.bk if level is None else level
         if dense_bytes is None:
             dense_bytes = safetensors_payload_bytes(_dense_path(ckpt))
+        config = with_defaults(ckpt.config)
         return cls.build(
             budget_bytes=budget_bytes,
             dense_bytes=dense_bytes,
-            kv_bytes_per_token=kv_bytes_per_token(with_defaults(ckpt.config), kv_dtype_bytes),
+            kv_bytes_per_token=kv_bytes_per_token(config, kv_dtype_bytes),
             max_tokens=max_tokens,
             expert_bytes=ckpt.level_nbytes(level),
-            workspace_bytes=workspace_bytes(with_defaults(ckpt.config), ckpt.matrix_shapes, min(forward_tokens or max_tokens, max_tokens),
+            workspace_bytes=workspace_bytes(config, ckpt.matrix_shapes, min(forward_tokens or max_tokens, max_tokens),
                                             threads, context=max_tokens),
             staging_slots=staging_slots,
         )

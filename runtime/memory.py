@@ -226,8 +226,8 @@ def limit_allocator_overhead() -> None:
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 1 << 20  # decode: blocks of 1 MiB or more mapped (and returned) on their own
 PREFILL_MMAP_THRESHOLD = 256 << 20  # the prompt's forward: its large temporaries reuse heap memory
-# pack --calib's fits: a source matrix read ahead (117 MB at Mixtral's shape) and its float32 copy mapped and
-# returned whole; from the heap, each left a hole and RSS grew a matrix at a time (1.6 -> 2.6 GiB over one layer)
+# pack --calib's fits: a source matrix read ahead (117 MB at Mixtral's shape) mapped and returned whole; from the
+# heap, each left a hole and RSS grew a matrix at a time (1.6 -> 2.6 GiB over one layer)
 FIT_MMAP_THRESHOLD = 64 << 20
 _GLIBC: list = []  # libc, once limit_allocator_overhead has tuned it
 

@@ -128,8 +128,8 @@ def pack_checkpoint(
         for name in fmt.COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        if not any((src / name).is_file() for name in TOKENIZER_FILES):
-            print(f"pack: note: {src} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): run and eval need one; "
+        if not any((src / name).is_file() for name in fmt.TOKENIZER_FILES):
+            print(f"pack: note: {src} has no tokenizer ({', '.join(fmt.TOKENIZER_FILES[:2])}, ...): run and eval need one; "
                   f"copy the source model's tokenizer files into {out}", file=sys.stderr, flush=True)
         manifest = fmt.build_manifest(
             source={"path": src.resolve().name, "sha256": source.fingerprint()}, arch=adapter.model_type,
@@ -150,9 +150,6 @@ def pack_checkpoint(
         staging.remove()
         raise
     return _report(out, manifest, layout, cfg, source.nbytes(), time.perf_counter() - t0)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")  # any one makes a tokenizer
 
 
 def _key(source: SourceCheckpoint, cfg: MWQConfig, dtype: str | None, router: Path | None, refits: int,

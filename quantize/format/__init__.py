@@ -51,6 +51,7 @@ from d2moe.quantize.format.constants import (
     GATE_NAME,
     MANIFEST_NAME,
     MATRICES,
+    TOKENIZER_FILES,
     expert_tensor_name,
     experts_file_name,
 )
@@ -71,7 +72,7 @@ from d2moe.quantize.format.writer import (
 
 __all__ = [
     "ALIGN", "CONFIG_NAME", "COPIED_FILES", "DENSE_ALIGN", "DENSE_DTYPES", "DENSE_NAME", "FORMAT_NAME", "FORMAT_VERSION",
-    "GATE_NAME", "MANIFEST_NAME", "MATRICES", "BlobLayout", "ExpertsFileWriter", "dense_file_writer", "file_entry", "ExpertEntry", "PackedCheckpoint", "Slot", "blob_layout",
+    "GATE_NAME", "MANIFEST_NAME", "MATRICES", "TOKENIZER_FILES", "BlobLayout", "ExpertsFileWriter", "dense_file_writer", "file_entry", "ExpertEntry", "PackedCheckpoint", "Slot", "blob_layout",
     "build_manifest", "decode_blob", "encode_expert", "expert_tensor_name", "experts_file_name", "file_crc32",
     "manifest_bytes", "open_checkpoint", "segment_crcs", "LOSSLESS_CODECS", "lossless_file_name",
 ]

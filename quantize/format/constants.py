@@ -25,6 +25,7 @@ COPIED_FILES = (
     "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
     "chat_template.jinja", "chat_template.json", "tiktoken.model",
 )
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")  # of those, any one is a tokenizer
 
 if sys.byteorder != "little":  # raw little-endian bytes are viewed in place
     raise ImportError("d2moe's packed format needs a little-endian machine")

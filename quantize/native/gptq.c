@@ -19,9 +19,9 @@
 #include <string.h>
 
 #define TILE 16 /* rows per tile: one AVX-512 vector, two AVX2 ones */
+#define LAZY 32 /* columns fed to each other one by one before the rest of the block gets their errors at once */
 
 void d2q_load_group(const void *src, int dtype, int64_t idx, int n, float *x); /* mwq_fit.c: float32/bf16/f16 */
-#define LAZY 32 /* columns fed to each other one by one before the rest of the block gets their errors at once */
 
 typedef float vt __attribute__((vector_size(4 * TILE)));
 typedef int32_t vm __attribute__((vector_size(4 * TILE)));
