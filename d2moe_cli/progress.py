@@ -39,6 +39,16 @@ def quiet_third_party_bars() -> None:
         datasets.disable_progress_bars()
 
 
+_NOTED: set[str] = set()
+
+
+def note(message: str) -> None:
+    """One "note:" line on stderr, once per process (bench and eval open one session per configuration)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -197,6 +197,15 @@ class StreamingConverter:
         name = self.linears[key][0]
         return _RowConversion(tuple(shape), kind, lambda form, dt: self.converted.__setitem__(name, (kind, form, dt)))
 
+    def int4_fallbacks(self) -> dict[str, tuple[int, ...]]:
+        """{layer: shape} of the Linear weights --dense-weights int4 converted to int8 instead: a width that is not
+        a multiple of INT4_GROUP has no whole 4-bit group."""
+        if self.weights != "int4":
+            return {}
+        embeddings = {name for name, _, embedding in self.linears.values() if embedding}
+        return {name: tuple(form[0].shape) for name, (kind, form, _) in self.converted.items()
+                if kind == "int8" and name not in embeddings}
+
     def plan_bytes(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None, int]]) -> int:
         """Peak bytes of loading `tensors` ({key: (shape, dtype, nbytes)}, the file's header) this way: every
         weight as it ends up, plus the largest moment of one conversion."""

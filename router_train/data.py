@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from d2moe.errors import InputError
+from d2moe.hub import offline_hint, offline_unless_reachable
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -50,13 +51,14 @@ def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = 
             from huggingface_hub.utils import logging as hub_logging
 
             hub_logging.set_verbosity_error()  # its retry warnings would come before the one error line
-            try:
-                ds = load_dataset(spec, split=hub_split)
-            except Exception as exc:
-                raise InputError(
-                    f"calibration dataset {spec!r} could not be loaded from the hub ({type(exc).__name__}): "
-                    f"pass a local file instead ({option} FILE.txt)"
-                ) from None
+            with offline_unless_reachable() as offline:
+                try:
+                    ds = load_dataset(spec, split=hub_split)
+                except Exception as exc:
+                    raise InputError(
+                        f"calibration dataset {spec!r} could not be loaded from the hub ({offline_hint(offline)}"
+                        f"{type(exc).__name__}): pass a local file instead ({option} FILE.txt)"
+                    ) from None
         if text_field not in ds.column_names:
             raise InputError(f"calibration data {spec} has no {text_field!r} column (columns: {ds.column_names})")
         texts.extend(t for t in ds[text_field] if isinstance(t, str) and t.strip())

@@ -121,10 +121,10 @@ class MissHandler:
         self.stats = MissStats()
         self.use = SlowUse()  # reuse: which experts earn their top levels
         if options.mode == "substitute" and not self.neighbors:  # a note, not a Python warning with its source line
-            import sys
+            from d2moe.progress import note
 
-            print("note: --on-miss substitute: this checkpoint has no expert similarity (packed with --no-similarity "
-                  "or by an older d2moe; re-pack without --no-similarity): every miss is loaded", file=sys.stderr)
+            note("--on-miss substitute: this checkpoint has no expert similarity (packed with --no-similarity "
+                 "or by an older d2moe; re-pack without --no-similarity): every miss is loaded")
 
     @property
     def demotes(self) -> bool:

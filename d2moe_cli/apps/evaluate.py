@@ -16,6 +16,7 @@ Shape letters: T = tokens in a window, V = vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from d2moe.errors import DependencyError, InputError, UsageError
+from d2moe.hub import offline_hint, offline_unless_reachable
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids [1, T] (int64) -> logits [1, T, V]
 
@@ -157,16 +159,18 @@ def load_dataset_text(spec: str, column: str = "text") -> str:
         import datasets
     except ImportError as exc:  # datasets is a core dependency; this guards a broken install
         raise DependencyError("the `datasets` package is missing: pip install datasets") from exc
-    try:
-        if name in ("json", "text", "csv", "parquet") and config:
-            ds = datasets.load_dataset(name, data_files={split: config}, split=split)
-        else:
-            ds = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # noqa: BLE001  (network, unknown name, missing split: all one message)
-        raise InputError(
-            f"--dataset {spec!r} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "offline, use --text FILE instead"
-        ) from exc
+    local = name in ("json", "text", "csv", "parquet") and config
+    with contextlib.nullcontext(False) if local else offline_unless_reachable() as offline:
+        try:
+            if local:
+                ds = datasets.load_dataset(name, data_files={split: config}, split=split)
+            else:
+                ds = datasets.load_dataset(name, config, split=split)
+        except Exception as exc:  # noqa: BLE001  (network, unknown name, missing split: all one message)
+            raise InputError(
+                f"--dataset {spec!r} could not be loaded ({offline_hint(offline)}{type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); offline, use --text FILE instead"
+            ) from exc
     if column not in ds.column_names:
         raise InputError(f"--dataset {spec!r} has no {column!r} column (columns: {', '.join(ds.column_names)})")
     text = "\n\n".join(row for row in ds[column] if row and row.strip())
@@ -345,17 +349,18 @@ def zero_shot(
         where = f" under {tasks_dir}" if tasks_dir else ""
         raise UsageError(f"unknown lm-eval task(s) {', '.join(unknown)}{where}: see `lm-eval ls tasks` or pass --tasks-dir")
     lm = make_lm_eval_model(logits_fn, tokenizer, max_length=max_length)
-    try:
-        with _quiet_lm_eval():
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                log_samples=False, bootstrap_iters=1000,
-            )
-    except (ConnectionError, OSError) as exc:
-        raise InputError(
-            f"an lm-eval task's data could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "offline, use local task YAMLs with --tasks-dir"
-        ) from exc
+    with offline_unless_reachable() as offline:
+        try:
+            with _quiet_lm_eval():
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                    log_samples=False, bootstrap_iters=1000,
+                )
+        except (ConnectionError, OSError) as exc:
+            raise InputError(
+                f"an lm-eval task's data could not be loaded ({offline_hint(offline)}{type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); offline, use local task YAMLs with --tasks-dir"
+            ) from exc
     table = {}
     for task, metrics in results["results"].items():
         table[task] = {

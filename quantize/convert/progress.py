@@ -66,7 +66,8 @@ class PackProgress:
         elapsed = max(1e-9, now - self._t0)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        return (f"pack: layer {self.layer_no}/{self.layers}, {self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB, "
+        digits = 2 if self.total < 10e6 else 0  # a small model's layers are fractions of a MB ("0/0 MB" said nothing)
+        return (f"pack: layer {self.layer_no}/{self.layers}, {self.done / 1e6:.{digits}f}/{self.total / 1e6:.{digits}f} MB, "
                 f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f} s")
 
     def __exit__(self, *exc) -> None:

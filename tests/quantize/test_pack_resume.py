@@ -99,6 +99,17 @@ def test_progress_lines_when_stderr_is_not_a_terminal(source, tmp_path):
     assert lines and "MB/s" in lines[-1] and "ETA" in lines[-1]
 
 
+def test_progress_line_of_a_small_source_shows_its_megabytes():
+    from d2moe.quantize.convert.progress import PackProgress
+
+    bar = PackProgress(True, 460_000, 2, tty=False)
+    bar.layer(1)
+    bar.done = 460_000
+    assert "layer 2/2, 0.46/0.46 MB" in bar.line(bar._t0 + 1)  # was "0/0 MB"
+    big = PackProgress(True, 6_330_000_000, 2, tty=False)
+    assert "0/6330 MB" in big.line(big._t0 + 1)
+
+
 def test_a_calibrated_pack_resumed_calibrates_only_the_layers_it_redoes(source, tmp_path):
     """pack --calib gathers each layer's statistics as it fits that layer: after kill -9 past layer 0, --resume keeps
     layer 0 and runs it without statistics (the pass still needs its outputs), and the checkpoint and the report's
