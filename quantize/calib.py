@@ -49,6 +49,8 @@ class LayerCalibration(Protocol):
 
     def layer_stats(self, layer: int) -> dict[tuple[int, int, str], ColumnStats]: ...
 
+    def manifest_section(self) -> dict: ...  # the checkpoint's `calibration` (format.sections), once every layer is fitted
+
 
 @dataclass(frozen=True)
 class ColumnStats:

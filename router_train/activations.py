@@ -198,6 +198,7 @@ class CalibrationPass:
         from d2moe.router_train.data import load_texts, token_blocks
 
         self.src, self.progress, self._t0 = src, progress, time.perf_counter()
+        self.texts = [Path(spec).name if Path(spec).expanduser().is_file() else spec for spec in specs]
         source = SourceCheckpoint(src)
         self.adapter = adapter_for(source.config)
         source.index_weights()
@@ -251,6 +252,14 @@ class CalibrationPass:
                 "products": {"forward": str(self.dtype).removeprefix("torch."),  # the row choice's: its bfloat16 sample's
                              "judge": str(product_dtype(torch.bfloat16)).removeprefix("torch.")},
                 "seconds": round(self._seconds, 1)}
+
+    def manifest_section(self) -> dict:
+        """The checkpoint's record of this calibration (quantize.format.sections' `calibration`): the texts by name
+        (files without their folders), tokens, id, and how many experts were fitted unweighted."""
+        from d2moe.quantize.format.sections import MAX_CALIB_NAME, MAX_CALIB_TEXTS
+
+        return {"texts": [t[:MAX_CALIB_NAME] for t in self.texts[:MAX_CALIB_TEXTS]], "tokens": int(self.ids.numel()),
+                "sha256": self.calib_id, "experts_without_enough_tokens": len(self.starved)}
 
     def close(self) -> None:
         """Drop the model, its layers' experts modules and the hidden states: the pass cannot go on."""

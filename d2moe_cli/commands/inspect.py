@@ -54,4 +54,15 @@ def _print_summary(s: dict) -> None:
         table.add_row(f"{lv['bits']}-bit", format_size(lv["bytes_per_expert"]), format_size(lv["bytes_all_experts"]),
                       f"{lv['bits_per_weight']:.3f}", f"{q['min']:.2f}" if q else "-", f"{q['median']:.2f}" if q else "-")
     console.print(table)
+    if s.get("calibration"):
+        console.print(_calibration_line(s["calibration"]), soft_wrap=True)
     console.print(f"validation: [green]{s['validation']}[/]")
+
+
+def _calibration_line(c: dict) -> str:
+    """How `pack --calib` chose the codes, and why its weight SQNR reads lower than an uncalibrated pack's."""
+    starved = c["experts_without_enough_tokens"]
+    return (f"calibrated: {c['tokens']} tokens of {', '.join(c['texts'])}"
+            + (f" ({starved} experts saw too few and were fitted unweighted)" if starved else "")
+            + "; codes chosen by their outputs on those inputs, so the SQNR above (the weights') reads lower than an "
+              "uncalibrated pack's: `d2moe eval` measures the outputs")

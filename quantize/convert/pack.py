@@ -137,6 +137,7 @@ def pack_checkpoint(
             dense=dense_info, experts=entries, gate=gate_info,
             similarity=sim.section(sim_rows) if sim is not None else None,
             lossless=lossless_section(lossless, ll_dtype, ll_entries) if lossless is not None else None,
+            calibration=calib.manifest_section() if calib is not None else None,
         )
         staging.clean_records()
         _write_file(tmp / fmt.MANIFEST_NAME, fmt.manifest_bytes(manifest))

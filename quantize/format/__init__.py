@@ -33,7 +33,7 @@ Manifest fields (version 1; unknown fields are rejected):
     experts [{layer, expert, file, offset, level_ends, crc32, sqnr_db}] sorted by (layer, expert);
         offset = absolute file offset of the blob; sqnr_db per level over the expert's 3 matrices
     gate {file, nbytes, crc32, levels, capacity} | null
-    optional: similarity {...}, lossless {...} (d2moe.quantize.format.sections; absent when not packed)
+    optional: similarity {...}, lossless {...}, calibration {...} (d2moe.quantize.format.sections; absent when not packed)
 
 Everything read is validated before it is trusted (see ../shared/RELIABILITY.md): errors are
 FormatError naming the file and, where relevant, the expert.

@@ -28,7 +28,12 @@ from d2moe.quantize.format.constants import (
 from d2moe.quantize.format.files import read_capped
 from d2moe.quantize.format.layout import BlobLayout, blob_layout
 from d2moe.quantize.format.safetensors_io import strict_json
-from d2moe.quantize.format.sections import OPTIONAL_KEYS, validate_lossless, validate_similarity
+from d2moe.quantize.format.sections import (
+    OPTIONAL_KEYS,
+    validate_calibration,
+    validate_lossless,
+    validate_similarity,
+)
 from d2moe.quantize.types import MWQConfig
 
 
@@ -153,6 +158,8 @@ def validate_manifest(m, config: dict, path: Path) -> tuple[MWQConfig, dict[tupl
                               "cover every (token, expert) pair (sum >= 1)")
     if "similarity" in m:
         validate_similarity(m["similarity"], moe_layers, num_experts, where)
+    if "calibration" in m:
+        validate_calibration(m["calibration"], moe_layers, num_experts, where)
     if "lossless" in m:
         weights = sum(o * i for o, i in (tuple(v) for v in shapes.values()))
         validate_lossless(m["lossless"], moe_layers, num_experts, weights, where)

@@ -222,6 +222,7 @@ class PackedCheckpoint:
             "matrix_shapes": {m: list(s) for m, s in self.matrix_shapes.items()}, "group_size": self.cfg.group_size,
             "scheme": self.cfg.scheme, "dtype": self.dtype, "dense_bytes": self.manifest["dense"]["nbytes"],
             "levels": levels, "gate": None if gate is None else {"capacity": gate["capacity"], "levels": gate["levels"]},
+            "calibration": self.manifest.get("calibration"),
         }
 
     def __repr__(self) -> str:

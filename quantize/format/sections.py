@@ -8,6 +8,10 @@
       {codec, dtype, chunk_weights, experts: [{layer, expert, file, offset, nbytes, raw_nbytes, crc32}]}
       offset = absolute file offset of the blob, nbytes = coded bytes (<= the tensor's padded size),
       raw_nbytes = the three matrices' source bytes (gate, up, down in adapter shape [O, I], row major).
+- `calibration` (`d2moe pack --calib`): how the codes were chosen, for `inspect` (llama.cpp's GGUF keeps its
+  imatrix's dataset and chunk count the same way):
+      {texts: [file or dataset names], tokens, sha256 (of the method, dtype and token ids: --resume's id),
+       experts_without_enough_tokens}  (experts fitted unweighted: they saw too few calibration tokens)
 
 A reader older than these sections rejects a manifest holding them ("unknown [...]" naming the key);
 a manifest without them is byte-identical to what earlier versions wrote.
@@ -18,10 +22,12 @@ from __future__ import annotations
 from d2moe.errors import FormatError
 from d2moe.quantize.format.constants import ALIGN, DENSE_DTYPES, MAX_DIM
 
-OPTIONAL_KEYS = ("similarity", "lossless")
+OPTIONAL_KEYS = ("similarity", "lossless", "calibration")
 LOSSLESS_CODECS = ("zstd", "brotli", "none")
 _SIM_KEYS = {"method", "probe_rows", "seed", "activation", "neighbors"}
 _LOSSLESS_KEYS = {"codec", "dtype", "chunk_weights", "experts"}
+_CALIB_KEYS = {"texts", "tokens", "sha256", "experts_without_enough_tokens"}
+MAX_CALIB_TEXTS, MAX_CALIB_NAME = 256, 512
 _LOSSLESS_EXPERT_KEYS = {"layer", "expert", "file", "offset", "nbytes", "raw_nbytes", "crc32"}
 
 
@@ -66,6 +72,24 @@ def validate_similarity(sim, moe_layers: list[int], num_experts: int, where: str
                                       f"[another expert id < {num_experts}, cosine in [-1, 1]], no repeats")
                 seen.add(item[0])
     return sim
+
+
+def validate_calibration(c, moe_layers: list[int], num_experts: int, where: str) -> dict:
+    what = f"{where}: calibration"
+    _check_keys(c, _CALIB_KEYS, what)
+    texts = c["texts"]
+    if (not isinstance(texts, list) or not 1 <= len(texts) <= MAX_CALIB_TEXTS
+            or not all(isinstance(t, str) and 0 < len(t) <= MAX_CALIB_NAME for t in texts)):
+        raise FormatError(f"{what}.texts must list 1..{MAX_CALIB_TEXTS} names of at most {MAX_CALIB_NAME} characters")
+    if not _is_int(c["tokens"]) or not 1 <= c["tokens"] <= 1 << 40:
+        raise FormatError(f"{what}.tokens must be a positive integer")
+    digest = c["sha256"]
+    if not isinstance(digest, str) or len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+        raise FormatError(f"{what}.sha256 must be 64 lowercase hex digits")
+    starved = c["experts_without_enough_tokens"]
+    if not _is_int(starved) or not 0 <= starved <= len(moe_layers) * num_experts:
+        raise FormatError(f"{what}.experts_without_enough_tokens must be an integer in 0..{len(moe_layers) * num_experts}")
+    return c
 
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}

@@ -53,11 +53,12 @@ def segment_crcs(blob, layout: BlobLayout) -> list[int]:
 def build_manifest(
     source: dict, arch: str, cfg: MWQConfig, dtype: str, matrix_shapes: dict[str, tuple[int, int]],
     moe_layers: list[int], num_experts: int, dense: dict, experts: list[dict], gate: dict | None,
-    similarity: dict | None = None, lossless: dict | None = None,
+    similarity: dict | None = None, lossless: dict | None = None, calibration: dict | None = None,
 ) -> dict:
     """The manifest dict pack writes (field names and order owned here); optional sections
     (d2moe.quantize.format.sections) only when given."""
-    optional = {k: v for k, v in (("similarity", similarity), ("lossless", lossless)) if v is not None}
+    optional = {k: v for k, v in (("similarity", similarity), ("lossless", lossless), ("calibration", calibration))
+                if v is not None}
     return {**optional,
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "source": source, "arch": arch,
         "levels": list(cfg.bits), "group_size": cfg.group_size, "scheme": cfg.scheme, "dtype": dtype,

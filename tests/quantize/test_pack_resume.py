@@ -128,3 +128,8 @@ def test_a_calibrated_pack_resumed_calibrates_only_the_layers_it_redoes(source, 
     assert _files(out) == _files(tmp_path / "whole")
     report, want = (json.loads(p.stdout)["calib"] for p in (resumed, whole))
     assert {k: v for k, v in report.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    record = json.loads((out / "d2moe.json").read_text())["calibration"]  # what inspect shows
+    assert record == {"texts": ["tinyshakespeare.train.txt"], "tokens": report["tokens"], "sha256": record["sha256"],
+                      "experts_without_enough_tokens": len(report["experts_without_enough_tokens"])}
+    shown = subprocess.run([sys.executable, "-m", "d2moe", "inspect", str(out)], capture_output=True, text=True)
+    assert f"calibrated: {report['tokens']} tokens of tinyshakespeare.train.txt" in shown.stdout

@@ -1,4 +1,5 @@
-"""Optional manifest sections: expert similarity and the lossless tier (pack --lossless), validated and exact."""
+"""Optional manifest sections: expert similarity, the lossless tier (pack --lossless) and the calibration record
+(pack --calib), validated and exact."""
 
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def test_lossless_blobs_are_bit_identical_to_the_source(lossless_pack):
         assert bytes(ll.decode_bytes(blob)) == raw and len(raw) == item["raw_nbytes"]
 
 
+CALIBRATION = {"texts": ["train.txt", "wikitext"], "tokens": 2048, "sha256": "0f" * 32, "experts_without_enough_tokens": 1}
+
+
 def _edit(out, tmp_path, edit):
     copy = tmp_path / "edited"
     shutil.copytree(out, copy)
@@ -111,6 +115,12 @@ def _edit(out, tmp_path, edit):
     (lambda m: m["lossless"]["experts"][1].__setitem__("offset", 10**12), "runs past the end"),
     (lambda m: m["lossless"].__setitem__("codec", "lzma"), "codec"),
     (lambda m: m.__setitem__("extras", {}), "unknown"),
+    (lambda m: m.__setitem__("calibration", {**CALIBRATION, "tokens": 0}), "calibration.tokens"),
+    (lambda m: m.__setitem__("calibration", {**CALIBRATION, "texts": []}), "calibration.texts"),
+    (lambda m: m.__setitem__("calibration", {**CALIBRATION, "texts": ["x" * 600]}), "calibration.texts"),
+    (lambda m: m.__setitem__("calibration", {**CALIBRATION, "sha256": "Z" * 64}), "calibration.sha256"),
+    (lambda m: m.__setitem__("calibration", {**CALIBRATION, "experts_without_enough_tokens": 999}), "experts_without_enough_tokens"),
+    (lambda m: m.__setitem__("calibration", {k: v for k, v in CALIBRATION.items() if k != "texts"}), "keys"),
 ])
 def test_bad_sections_are_rejected(lossless_pack, tmp_path, edit, match):
     with pytest.raises(FormatError, match=match):
@@ -120,6 +130,12 @@ def test_bad_sections_are_rejected(lossless_pack, tmp_path, edit, match):
 def test_sections_are_optional(lossless_pack, tmp_path):
     copy = _edit(lossless_pack[1], tmp_path, lambda m: (m.pop("similarity"), m.pop("lossless")))
     assert "lossless" not in open_checkpoint(copy).manifest
+    assert open_checkpoint(copy).summary()["calibration"] is None
+
+
+def test_a_calibration_record_is_read_back_into_the_summary(lossless_pack, tmp_path):
+    copy = _edit(lossless_pack[1], tmp_path, lambda m: m.__setitem__("calibration", CALIBRATION))
+    assert open_checkpoint(copy).summary()["calibration"] == CALIBRATION
 
 
 def test_codec_none_stores_raw_weights():
