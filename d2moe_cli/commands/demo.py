@@ -86,9 +86,23 @@ def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
         return False, 0.0
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = MWQConfig(bits=bits, group_size=default_group_size(DEFAULT_SCHEME), scheme=DEFAULT_SCHEME)
+    cfg = MWQConfig(bits=bits, group_size=demo_group_size(src, default_group_size(DEFAULT_SCHEME)), scheme=DEFAULT_SCHEME)
     pack_checkpoint(src, out, cfg, router=router, progress=progress, force=True)
     return True, time.perf_counter() - t0
+
+
+def demo_group_size(src: Path, default: int) -> int:
+    """The default group size, or the largest smaller one dividing every expert width of `src`: demo has no
+    --group-size to follow pack's advice with. None fits: the default, for pack to name the problem."""
+    from d2moe.quantize.adapters import adapter_for
+    from d2moe.quantize.convert.source import SourceCheckpoint
+    from d2moe.quantize.format.layout import usable_group_sizes
+    from d2moe.quantize.types import DEFAULT_SCHEME
+
+    config = SourceCheckpoint(src).config
+    widths = [cols for _, cols in adapter_for(config).matrix_shapes(config).values()]
+    usable = [g for g in usable_group_sizes(widths, DEFAULT_SCHEME) if g <= default] if min(widths) > 0 else []
+    return usable[-1] if usable else default
 
 
 def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_threads: int = 4) -> tuple[int, int]:

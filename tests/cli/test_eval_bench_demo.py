@@ -171,3 +171,14 @@ def test_demo_on_the_embedded_model(tmp_path, capsys):
     assert doc["stats"]["generated_tokens"] >= 1 and doc["text"].strip()
     assert doc["stats"]["memory"]["peak_bytes"] <= doc["stats"]["memory"]["budget_bytes"]
     assert doc["stats"]["bytes_read"] > 0
+
+
+def test_demo_packs_a_model_whose_widths_the_default_group_does_not_divide(tmp_path):
+    """demo has no --group-size: for expert widths 64 and 80 (gcd 16) it packs at group 16 where pack would ask."""
+    from tiny_models import make_tiny_checkpoint
+
+    from d2moe.commands.demo import demo_group_size
+
+    src = make_tiny_checkpoint("mixtral", tmp_path / "w80", intermediate_size=80)
+    assert demo_group_size(src, 32) == 16
+    assert demo_group_size(make_tiny_checkpoint("mixtral", tmp_path / "w128"), 32) == 32
