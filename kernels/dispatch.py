@@ -58,6 +58,11 @@ INT8_ACTIVATIONS_UP_TO = 4  # auto: int8 activations for levels <= 4, int16 abov
 TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest (bf16)
 # Prefill tiles in bf16 where the CPU has a native bf16 GEMM, else fp32 (a software bf16 GEMM is far slower)
 TILE_DTYPE = torch.bfloat16 if cpu.has_bf16_gemm() else torch.float32
+# bf16 tiles' GEMM columns (tokens) padded up to a multiple of this: oneDNN keeps the kernel it builds for each
+# shape, and a prompt's every distinct count of tokens routed to an expert kept one more on the heap, outside the
+# budget (115 MB after a 3500-token prompt on the embedded model, whose budget was 79 MiB). 16 columns (one AMX
+# tile) bound the shapes to 32 per matrix shape for a 512-token chunk; torch's fp32 GEMM (MKL) keeps none.
+TOKEN_BUCKET = {torch.bfloat16: 16}
 
 
 def _is_silu(act_fn) -> bool:
@@ -239,8 +244,15 @@ def tiled_matmul(lib, desc, x: torch.Tensor, splitter: cpu.RowSplitter, hold: Ca
     is bf16 where the CPU has native bf16 (its GEMM has twice fp32's rate), fp32 elsewhere. `hold(*tensors,
     extra=bytes)` is told what the call holds (the memory meter)."""
     rows, tokens = desc.rows, x.shape[0]
-    out = torch.empty(rows, tokens, dtype=dtype)  # W x^T, transposed at the end
-    xt = x.to(dtype).t()
+    bucket = TOKEN_BUCKET.get(dtype, 1)
+    width = -(-tokens // bucket) * bucket
+    out = torch.empty(rows, width, dtype=dtype)  # W x^T, transposed at the end
+    if width == tokens:
+        xt = x.to(dtype).t()
+    else:  # zero columns past the tokens: a GEMM shape oneDNN has already built
+        xt = torch.zeros(width, x.shape[1], dtype=dtype)
+        xt[:tokens] = x
+        xt = xt.t()
     # the splitter spreads tiles over threads, each dequantizing and multiplying its own with one torch
     # thread: in the prefill forward torch has every thread (run.decode's prefill_threads), which left the
     # dequantization on one core and a small GEMM per tile paying a fork/join (measured at 2 threads:
@@ -265,7 +277,7 @@ def tiled_matmul(lib, desc, x: torch.Tensor, splitter: cpu.RowSplitter, hold: Ca
         rows_of(0, rows)
     else:
         splitter.run(rows_of, rows, rows * desc.cols * tokens, min_rows=TILE_ROWS)
-    return out.t().float()
+    return out[:, :tokens].t().float()
 
 
 _TILES = threading.local()
