@@ -19,6 +19,16 @@ def _d2moe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "d2moe", *args], capture_output=True, text=True, timeout=600)
 
 
+def _at_smallest_budget(args: list[str]) -> tuple[dict, int]:
+    """`d2moe run *args` at the smallest budget it accepts (the one its below-minimum error names): (stats, budget)."""
+    too_small = _d2moe(*args, "-m", "1MiB")
+    minimum = re.search(r"use --memory-budget (\d+)MiB", too_small.stderr)
+    assert too_small.returncode == 2 and minimum, too_small.stderr
+    proc = _d2moe(*args, "-m", f"{minimum.group(1)}MiB")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["stats"], int(minimum.group(1)) * 2**20
+
+
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     out = tmp_path_factory.mktemp("rss") / "packed"
@@ -31,13 +41,7 @@ def packed(tmp_path_factory):
 def test_rss_growth_stays_within_the_smallest_budget_over_a_long_generation(packed, dense):
     args = ["run", str(packed), "-p", "Once upon a time", "--max-new-tokens", "300", "--no-chat-template", "--json",
             "--dense-weights", dense]
-    too_small = _d2moe(*args, "-m", "1MiB")
-    minimum = re.search(r"use --memory-budget (\d+)MiB", too_small.stderr)
-    assert too_small.returncode != 0 and minimum, too_small.stderr
-    budget = int(minimum.group(1)) * 2**20
-    proc = _d2moe(*args, "-m", f"{minimum.group(1)}MiB")
-    assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stdout)["stats"]
+    stats, budget = _at_smallest_budget(args)
     mem = stats["memory"]
     assert stats["generated_tokens"] >= 100 and stats["cache"]["evictions"] > 0  # it really offloaded
     assert 0 < mem["peak_bytes"] <= budget
@@ -49,13 +53,7 @@ def test_rss_growth_stays_within_the_smallest_budget_over_a_long_prompt(packed):
     of every such shape kept one oneDNN kernel each, 147 MiB of growth under a 79 MiB budget (BENCHMARKS.md §0.18)."""
     text = (Path(__file__).parents[2] / "d2moe_cli" / "assets" / "text" / "grimm_tales.heldout.txt").read_text()[:12000]
     args = ["run", str(packed), "-p", text, "--max-new-tokens", "4", "--no-chat-template", "--json"]
-    too_small = _d2moe(*args, "-m", "1MiB")
-    minimum = re.search(r"use --memory-budget (\d+)MiB", too_small.stderr)
-    assert too_small.returncode != 0 and minimum, too_small.stderr
-    budget = int(minimum.group(1)) * 2**20
-    proc = _d2moe(*args, "-m", f"{minimum.group(1)}MiB")
-    assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stdout)["stats"]
+    stats, budget = _at_smallest_budget(args)
     assert stats["prompt_tokens"] > 3000
     assert 0 < stats["memory"]["rss_peak_delta_bytes"] <= budget, (stats["memory"]["rss_peak_delta_bytes"], budget)
 
@@ -70,13 +68,7 @@ SCALE = Path(os.environ.get("D2MOE_SCALE_CHECKPOINT", "/work/scale/olmoe-d2"))
 def test_rss_growth_stays_within_the_smallest_budget_at_real_expert_shapes():
     """The same promise at real expert shapes (OLMoE: 64 experts of 1024x2048 per layer, bf16 dense)."""
     args = ["run", str(SCALE), "-p", "Once upon a time", "--max-new-tokens", "200", "--no-chat-template", "--json"]
-    too_small = _d2moe(*args, "-m", "1MiB")
-    minimum = re.search(r"use --memory-budget (\d+)MiB", too_small.stderr)
-    assert too_small.returncode == 2 and minimum, too_small.stderr
-    budget = int(minimum.group(1)) * 2**20
-    proc = _d2moe(*args, "-m", f"{minimum.group(1)}MiB")
-    assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stdout)["stats"]
+    stats, budget = _at_smallest_budget(args)
     mem = stats["memory"]
     assert stats["generated_tokens"] >= 100 and stats["cache"]["evictions"] > 0
     assert 0 < mem["peak_bytes"] <= budget
