@@ -5,7 +5,10 @@ layer step, d2moe.runtime.experts.Work) that is not resident at the level it wan
 every one of its (token, expert) pairs is unimportant; otherwise it is loaded as always. A pair is
 unimportant when it is not its token's top-1 pair (that one is always served) and its importance is
 below `threshold`:
-- importance "weight": the router's weight of the pair (top_k_weights);
+- importance "weight": the pair's share of its token's routed weight (top_k_weights over their sum): the same as
+  the router's weight where the top-k weights sum to 1, and on the same [0, 1] scale where they do not
+  (DeepSeek-V3 scales them by routed_scaling_factor, 2.5: no raw weight was below any threshold; OLMoE and
+  Qwen2-MoE leave them unnormalised, summing below 1);
 - importance "gate": the level the selector gave the pair, scaled to [0, 1] (lowest packed level 0,
   highest 1): what the bit-width gate (or the router-weight rule) thought the pair deserves.
 
@@ -136,9 +139,11 @@ class MissHandler:
 
     # ---- importance ------------------------------------------------------------------------
     def importance(self, top_k_weights: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """[T, K] float in [0, 1]: the router weight, or the selector's level scaled to [0, 1]."""
+        """[T, K] float in [0, 1]: the pair's share of its token's routed weight, or the selector's level scaled to
+        [0, 1]."""
         if self.options.importance == "weight":
-            return top_k_weights.float().cpu()
+            w = top_k_weights.float().cpu()
+            return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         lo, hi = self.bits[0], self.bits[-1]
         return (levels.float().cpu() - lo) / max(1, hi - lo)
 

@@ -37,7 +37,7 @@ def bench(
                           "a mode may take its own threshold after a colon (reuse:0 beside reuse).")] = "load",
     miss_threshold: Annotated[float, typer.Option(
         help="Importance below which a missed pair is handled by the miss mode (router weight, or gate level in [0,1]); reuse keeps pairs above 1 - this at their level (0: every pair follows the cache).")] = 0.35,
-    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
+    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (its share of the token's top-k router weight) | gate (its level).")] = "weight",
     quality_text: Annotated[list[Path] | None, typer.Option(
         help="Text scored per configuration (decode-mode perplexity at that budget): the quality axis.")] = None,
     quality_tokens: Annotated[int, typer.Option(help="Tokens of --quality-text scored per configuration.")] = 256,

@@ -103,7 +103,7 @@ def run(
     miss_threshold: Annotated[float, typer.Option(
         help="Importance below which a missed pair is handled by --on-miss (the token's top-1 pair never is); "
              "reuse keeps pairs above 1 - this at their level (0: every pair follows the cache).")] = 0.35,
-    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (router weight) | gate (its level).")] = "weight",
+    miss_importance: Annotated[str, typer.Option(help="Importance of a pair: weight (its share of the token's top-k router weight) | gate (its level).")] = "weight",
     reuse_aware: Annotated[bool, typer.Option(
         "--reuse-aware/--no-reuse-aware", help="d2moe: read missing experts up to the top level into free cache room, "
                                               "and every expert up front when all fit (same output).")] = True,

@@ -77,6 +77,17 @@ def test_top1_pair_is_never_unimportant():
     assert g.unimportant(w, levels).tolist() == [[False, False], [False, False], [False, True]]
 
 
+def test_weight_importance_is_the_pairs_share_of_its_tokens_routed_weight():
+    """DeepSeek-V3 scales its top-k weights by routed_scaling_factor (2.5), OLMoE leaves them summing below 1: the
+    threshold reads each pair's share, so the same pairs are handled whatever the scale."""
+    h = MissHandler(MissOptions("reuse", threshold=0.35), (2, 3, 4))
+    shares = torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.3, 0.7]])
+    levels = torch.full((3, 2), 2)
+    for scale in (1.0, 2.5, 0.4):
+        assert h.unimportant(shares * scale, levels).tolist() == [[False, True], [False, False], [True, False]]
+        assert h.critical(shares * scale, levels).tolist() == [[True, False], [False, False], [False, True]]
+
+
 def test_skip_renormalises_each_touched_token():
     class W:
         pairs = {2: (torch.tensor([0, 2]), torch.tensor([1, 0]))}
