@@ -45,7 +45,7 @@ def _print_summary(s: dict) -> None:
     console.print(f"[bold]{s['path']}[/]: {s['arch']} ({s['source']}), format {s['format']} v{s['version']}, "
                   f"{s['moe_layers']} MoE layers x {s['num_experts']} experts, group {s['group_size']}, "
                   f"{s['scheme']}, dense {s['dtype']} {format_size(s['dense_bytes'])}, "
-                  f"gate: {s['gate'] or 'none'}")
+                  f"gate: {_gate(s['gate'])}")
     table = Table()
     for col in ("level", "bytes/expert", "all experts", "bits/weight", "SQNR min dB", "SQNR median dB"):
         table.add_column(col, justify="right")
@@ -54,9 +54,19 @@ def _print_summary(s: dict) -> None:
         table.add_row(f"{lv['bits']}-bit", format_size(lv["bytes_per_expert"]), format_size(lv["bytes_all_experts"]),
                       f"{lv['bits_per_weight']:.3f}", f"{q['min']:.2f}" if q else "-", f"{q['median']:.2f}" if q else "-")
     console.print(table)
+    if s.get("lossless"):
+        ll = s["lossless"]
+        console.print(f"lossless tier (run --lossless): {ll['codec']}, {format_size(ll['bytes'])} for "
+                      f"{format_size(ll['raw_bytes'])} of {ll['dtype']} experts ({ll['raw_bytes'] / ll['bytes']:.2f}x)")
     if s.get("calibration"):
         console.print(_calibration_line(s["calibration"]), soft_wrap=True)
     console.print(f"validation: [green]{s['validation']}[/]")
+
+
+def _gate(gate: dict | None) -> str:
+    if gate is None:
+        return "none"
+    return "levels " + "/".join(map(str, gate["levels"])) + " at capacity " + "/".join(f"{c:g}" for c in gate["capacity"])
 
 
 def _calibration_line(c: dict) -> str:

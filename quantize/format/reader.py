@@ -178,11 +178,15 @@ class PackedCheckpoint:
                 raise _segment_error(e, self.cfg.bits[i])
 
     def verify(self) -> None:
-        """Read every byte once: check every expert segment's and the dense/gate files' crc32."""
+        """Read every byte once: check every expert segment's, the dense/gate files' and every lossless blob's crc32."""
         for (layer, expert), e in sorted(self.experts.items()):
             self._check_crc(e, self.read_prefix(layer, expert, self.cfg.bk), len(self.cfg.bits) - 1)
         for section in ("dense", "gate"):
             self.verify_file(section)
+        if "lossless" in self.manifest:
+            from d2moe.quantize.format.sections import verify_lossless_blobs
+
+            verify_lossless_blobs(self.path, self.manifest["lossless"])
 
     def load_dense(self, device: str = "cpu", sink_for=None) -> dict[str, torch.Tensor]:
         """Every dense weight, keyed by transformers-5 model key, in its stored dtype.
@@ -205,6 +209,8 @@ class PackedCheckpoint:
         """What `d2moe inspect` shows: sizes, effective bits/weight and SQNR (min/median) per level."""
         import statistics
 
+        from d2moe.quantize.format.sections import lossless_summary
+
         weights = sum(r * c for r, c in self.matrix_shapes.values())  # per expert
         n = len(self.experts)
         levels = []
@@ -223,6 +229,7 @@ class PackedCheckpoint:
             "scheme": self.cfg.scheme, "dtype": self.dtype, "dense_bytes": self.manifest["dense"]["nbytes"],
             "levels": levels, "gate": None if gate is None else {"capacity": gate["capacity"], "levels": gate["levels"]},
             "calibration": self.manifest.get("calibration"),
+            "lossless": lossless_summary(self.manifest.get("lossless")),
         }
 
     def __repr__(self) -> str:

@@ -128,6 +128,31 @@ def validate_lossless(ll, moe_layers: list[int], num_experts: int, weights: int,
     return out
 
 
+def verify_lossless_blobs(path, ll: dict) -> None:
+    """Read every lossless blob once and check its crc32 (`inspect --verify`; a run checks each blob it reads)."""
+    from d2moe.quantize.format.crc import crc32
+
+    by_file: dict[str, list[dict]] = {}
+    for item in ll["experts"]:
+        by_file.setdefault(item["file"], []).append(item)
+    for name, items in sorted(by_file.items()):
+        with open(path / name, "rb") as f:
+            for item in sorted(items, key=lambda i: i["offset"]):
+                f.seek(item["offset"])
+                blob = f.read(item["nbytes"])
+                if len(blob) != item["nbytes"] or crc32(blob) != item["crc32"]:
+                    raise FormatError(f"{name}: layer {item['layer']} expert {item['expert']}: lossless blob fails its "
+                                      "crc32 check (corrupted file: re-pack or re-download)")
+
+
+def lossless_summary(ll: dict | None) -> dict | None:
+    """What `inspect` shows of the lossless tier: codec, source dtype, coded and raw bytes of all experts."""
+    if ll is None:
+        return None
+    return {"codec": ll["codec"], "dtype": ll["dtype"], "bytes": sum(i["nbytes"] for i in ll["experts"]),
+            "raw_bytes": sum(i["raw_nbytes"] for i in ll["experts"])}
+
+
 def check_lossless_files(path, entries: dict) -> None:
     """Every lossless blob lies inside its file (sizes only: crc32s are checked when a blob is read)."""
     sizes: dict[str, int] = {}

@@ -142,3 +142,20 @@ def test_codec_none_stores_raw_weights():
     x = np.arange(1000, dtype=np.uint16).tobytes()
     blob = ll.encode_bytes(x, 2, "none")
     assert x in blob and bytes(ll.decode_bytes(blob)) == x
+
+
+def test_verify_reads_every_lossless_blob(lossless_pack, tmp_path):
+    """inspect --verify said "every crc32 checked" over a corrupt lossless tier that run --lossless then refused."""
+    copy = tmp_path / "flipped"
+    shutil.copytree(lossless_pack[1], copy)
+    ckpt = open_checkpoint(copy, verify=True)
+    summary = ckpt.summary()["lossless"]
+    items = ckpt.manifest["lossless"]["experts"]
+    assert summary["codec"] == "zstd" and summary["bytes"] == sum(i["nbytes"] for i in items) < summary["raw_bytes"]
+    item = items[-1]
+    raw = bytearray((copy / item["file"]).read_bytes())
+    raw[item["offset"] + item["nbytes"] // 2] ^= 0x01
+    (copy / item["file"]).write_bytes(bytes(raw))
+    open_checkpoint(copy)  # the structure still holds
+    with pytest.raises(FormatError, match=f"layer {item['layer']} expert {item['expert']}: lossless blob fails its crc32"):
+        open_checkpoint(copy, verify=True)
