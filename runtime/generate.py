@@ -35,6 +35,27 @@ def forward_tokens(prompt_lengths: Sequence[int]) -> int:
     return len(prompt_lengths) * min(max(prompt_lengths), PREFILL_CHUNK)
 
 
+def within_context(longest_prompt: int, max_new_tokens: int, context: int | None) -> tuple[int, str | None]:
+    """(new tokens to generate, a note or None): generation stops where the model's context (config.json's
+    max_position_embeddings) ends, as llama.cpp's does at its n_ctx; past it, positions the model never saw turned
+    the embedded model's text into one word repeated. At least one token (the prompt's own next token)."""
+    if not context or longest_prompt + max_new_tokens <= context:
+        return max_new_tokens, None
+    allowed = max(1, context - longest_prompt)
+    if longest_prompt >= context:
+        return 1, (f"the prompt has {longest_prompt} tokens, past the model's context of {context} "
+                   "(max_position_embeddings): generating 1 token")
+    return allowed, (f"--max-new-tokens {max_new_tokens}: the model's context is {context} tokens "
+                     f"(max_position_embeddings) and the prompt has {longest_prompt}: generating {allowed}")
+
+
+def context_length(config: dict) -> int | None:
+    """config.json's max_position_embeddings (a multimodal config's text_config), or None."""
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    n = cfg.get("max_position_embeddings")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How the next token is picked."""

@@ -258,13 +258,22 @@ class Session:
         on_text: Callable[[int, str], None] | None = None,
     ) -> GenerationReport:
         """Generate for `prompts` (or pre-tokenized `token_ids`) as one left-padded batch."""
-        from d2moe.runtime.generate import SamplingOptions, decode
+        from d2moe.runtime.generate import SamplingOptions, context_length, decode, within_context
 
         sampling = sampling or SamplingOptions()
         batch = [list(t) for t in token_ids] if token_ids is not None else self.encode(prompts or [], chat_template)
         if not batch:
             raise UsageError("no prompts to generate for: give --prompt or --prompts-file")
-        need = len(batch) * (max(len(t) for t in batch) + sampling.max_new_tokens)
+        longest = max(len(t) for t in batch)
+        allowed, message = within_context(longest, sampling.max_new_tokens, context_length(self.ckpt.config))
+        if message:
+            from dataclasses import replace
+
+            from d2moe.progress import note
+
+            note(message)
+            sampling = replace(sampling, max_new_tokens=allowed)
+        need = len(batch) * (longest + sampling.max_new_tokens)
         if need > self.options.max_tokens:
             raise BudgetError(f"this request needs {need} KV-cache tokens but the memory plan reserved "
                               f"{self.options.max_tokens}: raise max_tokens or shorten the prompts/--max-new-tokens")

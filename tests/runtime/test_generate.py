@@ -123,3 +123,17 @@ def test_chunked_prefill_generates_what_one_forward_does_in_a_smaller_plan(packe
     assert chunked.stats["expert_layer_steps"] > whole.stats["expert_layer_steps"]  # prefill ran as several forwards
     assert chunked.stats["prompt_tokens"] == whole.stats["prompt_tokens"]
     assert 0 < chunked.stats["memory"]["peak_bytes"] <= chunked.stats["memory"]["budget_bytes"]
+
+
+def test_generation_stops_where_the_models_context_ends():
+    from d2moe.runtime.generate import context_length, within_context
+
+    allowed, message = within_context(3, 5000, 1024)
+    assert allowed == 1021 and "generating 1021" in message
+    assert within_context(1000, 24, 1024) == (24, None)  # exactly full: as asked
+    allowed, message = within_context(1500, 8, 1024)
+    assert allowed == 1 and "past the model's context" in message
+    assert within_context(10, 5000, None) == (5000, None)  # no max_position_embeddings: as asked
+    assert context_length({"max_position_embeddings": 4096}) == 4096
+    assert context_length({"text_config": {"max_position_embeddings": 2048}}) == 2048
+    assert context_length({"max_position_embeddings": True}) is None
