@@ -100,7 +100,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     from d2moe.quantize.format import open_checkpoint
     from d2moe.runtime.budget import MemoryPlan
     from d2moe.runtime.model import build_skeleton, meta_buffer_bytes
-    from d2moe.runtime.policies import check_level, get_policy
+    from d2moe.runtime.policies import HOLD_LEVELS, check_level, get_policy
     from d2moe.runtime.policies import hold_level as policy_hold_level
 
     spec = get_policy(options.policy, options.schedule)
@@ -125,6 +125,13 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
 
         if options.device != "cpu":
             raise UsageError("--lossless runs on the CPU: drop --device")
+        levels = [o for o, given in ((f"--policy {spec.name}", spec.name in HOLD_LEVELS), ("--level", options.level),
+                                     ("--router-levels", options.router_levels)) if given]
+        if levels:
+            raise UsageError(f"--lossless serves the exact source experts, at no level: drop {' and '.join(levels)}")
+        if options.dense_weights != "source":
+            raise UsageError(f"--lossless keeps the dense layers as transformers computes them (its logits are "
+                             f"transformers' own): drop --dense-weights {options.dense_weights}")
         ckpt = LosslessView(ckpt)
     adapter = adapter_for(ckpt.config)
     bits = ckpt.cfg.bits

@@ -67,3 +67,18 @@ def test_lossless_needs_the_tier(tmp_path_factory):
     _, packed = packed_tiny(tmp_path_factory, "mixtral", bits=(2, 4, 8))
     with pytest.raises(UsageError, match="--lossless"):
         Session(packed, RunOptions(memory_budget=BIG, lossless=True))
+
+
+@pytest.mark.parametrize("option, match", [
+    (dict(policy="hold-int8"), "at no level: drop --policy hold-int8"),
+    (dict(level=2), "at no level: drop --level"),
+    (dict(router_levels=(4, 2)), "at no level: drop --router-levels"),
+    (dict(dense_weights="int8"), "drop --dense-weights int8"),
+])
+def test_lossless_refuses_level_and_dense_options_by_name(packs, option, match):
+    """They used to say re-pack with --bits 8,16 (16 is no level) or blame a missing C compiler."""
+    from d2moe.runtime.run_plan import plan_run
+
+    _, _, outs = packs
+    with pytest.raises(UsageError, match=match):
+        plan_run(outs["zstd"], RunOptions(memory_budget=BIG, lossless=True, **option))
