@@ -134,15 +134,19 @@ def model_logits_fn(model) -> LogitsFn:
 # --------------------------------------------------------------------------- evaluation text
 
 
-def load_text_files(paths: Sequence[Path | str]) -> str:
-    """The files' text joined by blank lines (InputError naming a missing or empty file)."""
+MAX_TEXT_BYTES = 1 << 30
+
+
+def load_text_files(paths: Sequence[Path | str], option: str = "--text") -> str:
+    """The files' text joined by blank lines (pipes and - for standard input too; InputError naming `option` and a
+    missing or empty file)."""
+    from d2moe.user_files import read_user_file
+
     parts = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise InputError(f"evaluation text {p} does not exist: pass a readable text file to --text")
-        text = p.read_text(encoding="utf-8", errors="replace")
+    for p in paths:
+        text = read_user_file(p, MAX_TEXT_BYTES, option).decode("utf-8", errors="replace")
         if not text.strip():
-            raise InputError(f"evaluation text {p} is empty: pass a file with text in it")
+            raise InputError(f"{option} {p} is empty: pass a file with text in it")
         parts.append(text)
     return "\n\n".join(parts)
 

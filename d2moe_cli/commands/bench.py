@@ -67,9 +67,13 @@ def bench(
     quality_ids = None
     if quality_text:
         from d2moe.apps.evaluate import encode_text, load_text_files
+        from d2moe.errors import UsageError
         from d2moe.runtime.session import load_tokenizer
 
-        quality_ids = encode_text(load_tokenizer(checkpoint), load_text_files(quality_text), quality_tokens + 1)
+        if quality_tokens < 1:
+            raise UsageError(f"--quality-tokens {quality_tokens} must be at least 1")
+        quality_ids = encode_text(load_tokenizer(checkpoint), load_text_files(quality_text, "--quality-text"),
+                                  quality_tokens + 1)
     elif pareto_plot is not None:
         from d2moe.errors import UsageError
 

@@ -19,15 +19,9 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     """The prompts of --prompt and/or --prompts-file (JSONL: one {"prompt": "..."} object a line)."""
     prompts = [prompt] if prompt is not None else []
     if prompts_file is not None:
-        from d2moe.errors import FormatError
-        from d2moe.quantize.format.files import read_capped
+        from d2moe.user_files import read_user_text
 
-        try:
-            lines = read_capped(prompts_file, MAX_PROMPTS_BYTES, f"--prompts-file {prompts_file}").decode("utf-8").splitlines()
-        except FormatError as exc:  # missing, unreadable, not a regular file (FIFO, /dev/zero), over the cap
-            raise InputError(f"cannot read {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise InputError(f"cannot read --prompts-file {prompts_file}: not UTF-8 ({exc.reason})") from None
+        lines = read_user_text(prompts_file, MAX_PROMPTS_BYTES, "--prompts-file").splitlines()  # a pipe too
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

@@ -98,7 +98,7 @@ def test_bad_prompts_file_is_one_clear_line(packed, tmp_path, capsys, content, m
 
 def test_missing_prompts_file_and_no_prompt(packed, tmp_path, capsys):
     code, _, err = _run(capsys, packed, "--prompts-file", tmp_path / "missing.jsonl")
-    assert code == EXIT_INPUT and "cannot read" in err
+    assert code == EXIT_INPUT and "--prompts-file" in err and "does not exist" in err
     code, _, err = _run(capsys, packed)
     assert code == EXIT_USAGE and "--prompt" in err
 

@@ -1,0 +1,41 @@
+"""Files a user hands a command: regular files and pipes read whole up to a cap; every other case one InputError
+naming the option."""
+
+import io
+import os
+import threading
+
+import pytest
+
+from d2moe.errors import InputError
+from d2moe.user_files import read_user_file, read_user_text
+
+
+def test_a_named_pipe_is_read_like_a_file(tmp_path):
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b'{"prompt": "x"}\n'))
+    writer.start()
+    assert read_user_text(fifo, 1024, "--prompts-file") == '{"prompt": "x"}\n'
+    writer.join()
+
+
+def test_dash_reads_standard_input(monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"text through a pipe")))
+    assert read_user_text("-", 1024, "--text") == "text through a pipe"
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d / "missing.txt", "--text .*missing.txt does not exist"),
+    (lambda d: d, "is a directory"),
+    (lambda d: (d / "big.txt", (d / "big.txt").write_bytes(b"x" * 11))[0], "more than 10 bytes"),
+    (lambda d: (d / "bin.txt", (d / "bin.txt").write_bytes(b"\xff\xfe\x00"))[0], "not UTF-8"),
+])
+def test_every_other_case_names_the_option(tmp_path, make, match):
+    with pytest.raises(InputError, match=match):
+        read_user_text(make(tmp_path), 10, "--text")
+
+
+def test_regular_files_are_read_whole(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"0123456789")
+    assert read_user_file(tmp_path / "a.txt", 10, "--text") == b"0123456789"
