@@ -105,15 +105,21 @@ def demo_group_size(src: Path, default: int) -> int:
     return usable[-1] if usable else default
 
 
-def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_threads: int = 4) -> tuple[int, int]:
-    """(budget bytes, all-experts bytes at the highest level): the fixed part + a fraction of the experts."""
+def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_threads: int = 4,
+                policy: str = "d2moe") -> tuple[int, int]:
+    """(budget bytes, all-experts bytes at the highest level): the fixed part + a fraction of the experts; for a
+    hold-* policy, which holds every expert at its level, the fixed part + all of them at that level."""
     from d2moe.apps.evaluate import UNLIMITED_BUDGET
+    from d2moe.runtime.policies import HOLD_LEVELS
     from d2moe.runtime.session import RunOptions, plan_run
 
-    options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="d2moe", max_tokens=max_tokens, io_threads=io_threads)
+    options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy=policy, max_tokens=max_tokens, io_threads=io_threads)
     ckpt, *_, plan = plan_run(checkpoint, options)
-    experts = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk)
+    per_level = len(ckpt.moe_layers) * ckpt.num_experts
+    experts = per_level * ckpt.level_nbytes(ckpt.cfg.bk)
     fixed = plan.budget - plan.expert_cache
+    if policy in HOLD_LEVELS:
+        return max(plan.minimum, fixed + per_level * ckpt.level_nbytes(HOLD_LEVELS[policy])), experts
     return max(plan.minimum, fixed + int(expert_fraction * experts)), experts
 
 
@@ -143,6 +149,12 @@ def demo(
     if not 0 < expert_fraction <= 1:
         raise UsageError(f"--expert-fraction {expert_fraction} must be in (0, 1]")
     level_bits = parse_bits(bits)
+    from d2moe.runtime.policies import HOLD_LEVELS
+
+    hold = HOLD_LEVELS.get(policy)
+    if hold is not None and hold not in level_bits:  # demo packs: its --bits, not pack's, is the fix
+        raise UsageError(f"--policy {policy} runs every expert at {hold} bits: pack that level too, with "
+                         f"--bits {','.join(map(str, sorted({*level_bits, hold})))}")
     src = Path(model) if model is not None else embedded_model_dir()
     out = Path(out) if out is not None else demo_cache_dir()
     say = (lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True))
@@ -160,20 +172,23 @@ def demo(
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature)
     (ids,) = encode_prompts(tokenizer, [prompt], chat_template=False)
     max_tokens = len(ids) + max_new_tokens
-    budget, experts = demo_budget(out, max_tokens, expert_fraction)
+    budget, experts = demo_budget(out, max_tokens, expert_fraction, policy=policy)
     options = RunOptions(memory_budget=budget, policy=policy, max_tokens=max_tokens)
     if not json_out:
         from d2moe.runtime.units import format_size
 
-        say(f"memory budget {format_size(budget)}: room for {expert_fraction:.0%} of the experts "
-            f"({format_size(experts)} at {level_bits[-1]} bits), the rest loads from disk\n")
-        typer.echo(prompt, nl=False)
+        say(f"memory budget {format_size(budget)}: " + (
+            f"every expert held at {hold} bits ({policy}), none loads from disk\n" if hold is not None else
+            f"room for {expert_fraction:.0%} of the experts ({format_size(experts)} at {level_bits[-1]} bits), "
+            "the rest loads from disk\n"))
 
     def stream(row: int, delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
     with Session(out, options, tokenizer=tokenizer) as session:
+        if not json_out:
+            typer.echo(prompt, nl=False)  # once the run has started: an option it refuses leaves no text behind
         report = session.generate(token_ids=[ids], sampling=sampling, on_text=None if json_out else stream)
     stats = report.stats
     if json_out:

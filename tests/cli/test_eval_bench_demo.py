@@ -182,3 +182,16 @@ def test_demo_packs_a_model_whose_widths_the_default_group_does_not_divide(tmp_p
     src = make_tiny_checkpoint("mixtral", tmp_path / "w80", intermediate_size=80)
     assert demo_group_size(src, 32) == 16
     assert demo_group_size(make_tiny_checkpoint("mixtral", tmp_path / "w128"), 32) == 32
+
+
+def test_demo_runs_a_hold_policy_with_every_expert_held_and_names_its_own_bits_option(pair, tmp_path, capsys):
+    src, _ = pair
+    out_dir = tmp_path / "demo"
+    code, out, err = _cli(capsys, "demo", "--model", src, "--out", out_dir, "--max-new-tokens", 4, "--policy", "hold-int4",
+                          "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["stats"]["bytes_read"] == 0 and doc["stats"]["memory"]["peak_bytes"] <= doc["stats"]["memory"]["budget_bytes"]
+    code, out, err = _cli(capsys, "demo", "--model", src, "--out", out_dir, "--max-new-tokens", 4, "--policy", "hold-int8",
+                          "--prompt", "never shown")
+    assert code == EXIT_USAGE and "--bits 2,3,4,8" in err and "never shown" not in out
