@@ -458,7 +458,7 @@ def evaluate_target(
     start = time.perf_counter()
     row: dict = {"target": target.label, "policy": target.policy, "level": target.level}
     if target.policy is None:
-        model, tokenizer = _load_reference(reference)
+        model, tokenizer = _load_reference(reference, checkpoint)
         logits_fn, session = model_logits_fn(model), None
         row.update(levels="unquantized source (transformers)", expert_bytes=None)
     else:
@@ -494,14 +494,27 @@ def mean_bits(tokens_per_level: dict[str, int]) -> float | None:
     return sum(int(b) * n for b, n in tokens_per_level.items()) / total if total else None
 
 
-def _load_reference(path: Path | str | None):
-    """The unquantized source model (float32) and its tokenizer, through transformers."""
+def _load_reference(path: Path | str | None, packed: Path | str | None = None):
+    """The unquantized source model in its own dtype (the 16-bit row: what the lossless tier computes) and its
+    tokenizer, through transformers. A source that is not the one `packed` was made from (config.json and weight
+    files differ from the fingerprint pack recorded) gets a note: its row compares other weights."""
     if path is None:
         raise UsageError("the reference target needs the source checkpoint: pass --reference SRC")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"--reference {path} is not a Hugging Face checkpoint directory (no config.json)")
+    if packed is not None:
+        from d2moe.progress import note
+        from d2moe.quantize.convert.source import SourceCheckpoint
+        from d2moe.quantize.format import open_checkpoint
+
+        recorded = open_checkpoint(packed).manifest["source"]
+        source = SourceCheckpoint(path)
+        source.index_weights()  # the fingerprint names the weight files: pack's own steps
+        if source.fingerprint() != recorded["sha256"]:
+            note(f"--reference {path} is not the checkpoint {packed} was packed from ({recorded['path']}: config.json "
+                 "or weight files differ): its row compares other weights")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
     return model, AutoTokenizer.from_pretrained(str(path))

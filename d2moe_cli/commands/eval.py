@@ -27,7 +27,7 @@ def eval_command(
     policy: Annotated[str | None, typer.Option(
         help="Policy (or list), e.g. d2moe, matryoshka-free, moqe-dynaio@4, hold-int8 (default: d2moe).")] = None,
     reference: Annotated[Path | None, typer.Option(
-        help="Also score the unquantized source checkpoint through transformers (the 16-bit row).")] = None,
+        help="Also score the unquantized source checkpoint through transformers, in its own dtype (the 16-bit row).")] = None,
     memory_budget: Annotated[str | None, typer.Option(
         "--memory-budget", "-m", help="Memory budget of the runs (default: unlimited; the budget never changes scores).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens of the text.")] = None,

@@ -62,9 +62,9 @@ def _reference_nll(src: Path, packed: Path, ids: list[int], level: int | None) -
 
 def test_eval_perplexity_per_level_equals_hand_computed_reference(pair, text_file, capsys):
     src, packed = pair
-    code, out, _ = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 64, "--max-tokens", 50,
-                        "--level", "all", "--reference", src, "--json")
-    assert code == 0
+    code, out, err = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 64, "--max-tokens", 50,
+                          "--level", "all", "--reference", src, "--json")
+    assert code == 0 and "is not the checkpoint" not in err  # the source pack recorded
     doc = json.loads(out)
     rows = {r["target"]: r for r in doc["results"]}
     assert list(rows) == ["2-bit", "3-bit", "4-bit", "reference"]
@@ -195,3 +195,13 @@ def test_demo_runs_a_hold_policy_with_every_expert_held_and_names_its_own_bits_o
     code, out, err = _cli(capsys, "demo", "--model", src, "--out", out_dir, "--max-new-tokens", 4, "--policy", "hold-int8",
                           "--prompt", "never shown")
     assert code == EXIT_USAGE and "--bits 2,3,4,8" in err and "never shown" not in out
+
+
+def test_eval_notes_a_reference_that_is_not_the_packed_source(pair, text_file, tmp_path, capsys):
+    from tiny_models import make_tiny_checkpoint
+
+    _, packed = pair
+    other = make_tiny_checkpoint("qwen3_moe", tmp_path / "other")
+    code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--max-tokens", 20, "--level", "2",
+                        "--reference", other, "--json")
+    assert code == 0 and f"--reference {other} is not the checkpoint" in err
