@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from d2moe.errors import UsageError
+from d2moe.errors import BudgetError, UsageError
 from d2moe.options import set_threads
 
 
@@ -103,11 +103,21 @@ def eval_command(
                 if progress:
                     progress.update(task_id, completed=done, total=total)
 
-            rows.append(ev.evaluate_target(
-                checkpoint, target, ids, seq_len=seq_len, stride=stride, memory_budget=budget, reference=reference,
-                tasks=task_list, tasks_dir=tasks_dir, limit=limit, on_window=on_window,
-                run_options=run_options, scoring=scoring,
-            ))
+            try:
+                row = ev.evaluate_target(
+                    checkpoint, target, ids, seq_len=seq_len, stride=stride, memory_budget=budget, reference=reference,
+                    tasks=task_list, tasks_dir=tasks_dir, limit=limit, on_window=on_window,
+                    run_options=run_options, scoring=scoring,
+                )
+            except BudgetError as exc:  # one of several targets does not fit --memory-budget: n/a, as bench does
+                if len(targets) == 1:
+                    raise
+                row = {"target": target.label, "policy": target.policy, "level": target.level, "levels": "n/a",
+                       "perplexity": None, "zero_shot": {}, "tokens_per_level": {}, "expert_bytes": None,
+                       "seconds": 0.0, "status": "n/a", "reason": str(exc)}
+            rows.append({"status": "ok", "reason": None, **row})
+    if all(r["status"] != "ok" for r in rows):  # nothing fits: the first reason, as one target's error
+        raise BudgetError(rows[0]["reason"])
     for row in rows:
         row["mean_bits"] = ev.mean_bits(row["tokens_per_level"])
     if json_out:
@@ -144,7 +154,11 @@ def print_table(rows: list[dict], tasks: list[str]) -> None:
             value = r["zero_shot"].get(task, {}).get(metric)
             cells.append("-" if value is None else f"{100 * value:.2f}")
         table.add_row(*cells)
-    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    for r in rows:
+        if r["status"] != "ok":
+            console.print(f"{r['target']}: n/a ({r['reason']})", soft_wrap=True)
 
 
 class _progress:

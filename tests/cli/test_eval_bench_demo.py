@@ -205,3 +205,17 @@ def test_eval_notes_a_reference_that_is_not_the_packed_source(pair, text_file, t
     code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--max-tokens", 20, "--level", "2",
                         "--reference", other, "--json")
     assert code == 0 and f"--reference {other} is not the checkpoint" in err
+
+
+def test_eval_marks_a_policy_that_does_not_fit_the_budget_na_and_scores_the_rest(pair, text_file, capsys):
+    from d2moe.apps.evaluate import UNLIMITED_BUDGET
+    from d2moe.runtime.session import RunOptions, plan_run
+
+    _, packed = pair
+    args = ["eval", packed, "--text", text_file, "--max-tokens", 40, "--seq-len", 32]
+    *_, plan = plan_run(packed, RunOptions(memory_budget=UNLIMITED_BUDGET, policy="d2moe", max_tokens=32))
+    code, out, err = _cli(capsys, *args, "--policy", "d2moe,hold-int4", "-m", f"{plan.minimum + 4096}B", "--json")
+    assert code == 0, err
+    rows = {r["target"]: r for r in json.loads(out)["results"]}
+    assert rows["d2moe"]["status"] == "ok" and rows["d2moe"]["perplexity"]["ppl"] > 1
+    assert rows["hold-int4"]["status"] == "n/a" and "hold-int4" in rows["hold-int4"]["reason"]
