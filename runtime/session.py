@@ -332,7 +332,8 @@ class Session:
             "prefill_s": result.prefill_s,
             "prefill_tokens_per_s": result.prompt_tokens / result.prefill_s if result.prefill_s > 0 else 0.0,
             "decode_s": result.decode_s,
-            "decode_tokens_per_s": decode_tokens / result.decode_s if result.decode_s > 0 else 0.0,
+            # None: no decode step ran (one new token is the prefill's), not an infinitely slow one
+            "decode_tokens_per_s": decode_tokens / result.decode_s if decode_tokens and result.decode_s > 0 else None,
             "time_to_first_token_s": result.ttft_s,
             "cache": {"hit_rate": cache.hit_rate, "hits": cache.hits, "misses": cache.misses,
                       "upgrades": cache.upgrades, "evictions": cache.evictions, "demotions": cache.demotions,

@@ -273,13 +273,15 @@ def sweep(
 
 def _fill_ratios(results: list[ConfigResult]) -> None:
     """Decode throughput over the best baseline's at the same budget (same miss mode, and any); ppl vs load."""
+    from d2moe.apps.evaluate import parse_policy
+
     by_budget: dict[str, list[ConfigResult]] = {}
     for r in results:
         by_budget.setdefault(r.budget.label, []).append(r)
     for group in by_budget.values():
         base = {r.on_miss: [] for r in group}
         for r in group:
-            if r.ok and r.policy != OURS:
+            if r.ok and parse_policy(r.policy)[0] != OURS:  # d2moe@4 is ours too, not a baseline
                 base[r.on_miss].append(r.median("decode_tokens_per_s"))
         best_any = max((x for v in base.values() for x in v), default=None)
         loads = {r.policy: r.perplexity for r in group if r.on_miss == "load" and r.perplexity}

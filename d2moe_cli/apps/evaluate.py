@@ -394,6 +394,11 @@ def parse_policy(text: str) -> tuple[str, int | None]:
     name, _, level = text.partition("@")
     if not level:
         return name, None
+    from d2moe.runtime.policies import HOLD_LEVELS
+
+    if name in HOLD_LEVELS:  # its level is its name's: an @ was silently dropped
+        raise UsageError(f"policy {text!r}: {name} holds every expert at {HOLD_LEVELS[name]} bits by its name; for "
+                         f"another uniform level use moqe-dynaio@{level}")
     try:
         return name, int(level)
     except ValueError:

@@ -57,6 +57,11 @@ def bench(
     check_weights(dense_weights)  # before any plan counts the dense layers as converted
 
     set_threads(threads)
+    if max_new_tokens < 2:
+        from d2moe.errors import UsageError
+
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: bench times decode steps, which start at the second "
+                         "new token (the first is the prefill's): use 2 or more")
     if plot is not None and plot.suffix.lower() != ".png":
         from d2moe.errors import UsageError
 

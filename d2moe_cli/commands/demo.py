@@ -215,7 +215,8 @@ def print_stats(stats: dict) -> None:
         ("policy", f"{stats['policy']} ({stats['levels']})"),
         ("prompt / generated tokens", f"{stats['prompt_tokens']} / {stats['generated_tokens']}"),
         ("prefill", f"{stats['prefill_tokens_per_s']:.1f} tok/s"),
-        ("decode", f"{stats['decode_tokens_per_s']:.1f} tok/s"),
+        ("decode", "n/a (one new token)" if stats["decode_tokens_per_s"] is None
+         else f"{stats['decode_tokens_per_s']:.1f} tok/s"),
         ("time to first token", f"{1000 * stats['time_to_first_token_s']:.0f} ms"),
         ("expert cache hit rate", f"{stats['cache']['hit_rate']:.0%}"),
         ("expert bytes read", f"{format_size(stats['bytes_read'])} ({format_size(stats['bytes_read_per_token'])}/token, "

@@ -167,8 +167,9 @@ def print_summary(stats: dict) -> None:
     from d2moe.runtime.units import format_size
 
     mem = stats["memory"]
+    decode = stats["decode_tokens_per_s"]
     line = (f"{stats['policy']} · prefill {stats['prefill_tokens_per_s']:.1f} tok/s · decode "
-            f"{stats['decode_tokens_per_s']:.1f} tok/s · TTFT {stats['time_to_first_token_s'] * 1000:.0f} ms · "
+            f"{'n/a' if decode is None else f'{decode:.1f} tok/s'} · TTFT {stats['time_to_first_token_s'] * 1000:.0f} ms · "
             f"cache hit {stats['cache']['hit_rate']:.0%} · read {format_size(stats['bytes_read'])} · "
             f"peak {format_size(mem['peak_bytes'])} / {format_size(mem['budget_bytes'])} · "
             f"schedule efficiency {stats['schedule_efficiency']:.0%}")

@@ -43,6 +43,13 @@ def test_sweep_interleaves_repeats_and_takes_medians():
     assert by[("moqe-dynaio", "small")].ratio_to_best_baseline == pytest.approx(1.0)
 
 
+def test_d2moe_at_a_level_is_not_a_baseline():
+    results = bm.sweep(["moqe-dynaio", "d2moe@4"], [Budget("b", 10)],
+                       lambda policy, budget: _measure(4.0 if policy == "d2moe@4" else 2.0), repeats=1, warmup=False)
+    by = {r.policy: r for r in results}
+    assert by["d2moe@4"].ratio_to_best_baseline == pytest.approx(2.0)  # over moqe-dynaio, not over itself
+
+
 def test_budget_errors_become_na_with_what_is_needed_and_are_not_retried():
     calls = []
 
@@ -79,7 +86,7 @@ def test_parse_budgets():
 def test_policy_list():
     assert bm.policy_list("all")[-1] == "d2moe" and "hold-int8" in bm.policy_list("all")
     assert bm.policy_list("d2moe, moqe-dynaio@2") == ["d2moe", "moqe-dynaio@2"]
-    for bad in ("", "nope", "d2moe,d2moe", "moqe-dynaio@x"):
+    for bad in ("", "nope", "d2moe,d2moe", "moqe-dynaio@x", "hold-int8@2"):  # hold-int8's level is its name's
         with pytest.raises(UsageError):
             bm.policy_list(bad)
 
