@@ -24,6 +24,33 @@ def _looks_local(spec: str) -> bool:
     return p.exists() or p.suffix.lower() in LOCAL_BUILDERS or spec.startswith((".", "/", "~"))
 
 
+class _datasets_quiet:
+    """`datasets`' logger held at CRITICAL within the block."""
+
+    def __enter__(self) -> None:
+        from datasets.utils import logging as ds_logging
+
+        self._logging, self._level = ds_logging, ds_logging.get_verbosity()
+        ds_logging.set_verbosity(ds_logging.CRITICAL)
+
+    def __exit__(self, *exc) -> None:
+        self._logging.set_verbosity(self._level)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N is not JSON (why): ...' for the first line of a JSON-lines file that does not parse, else None."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f'line {number} is not JSON ({exc.msg}): write one {{"text": "..."}} object per line'
+    return None
+
+
 def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = "train", option: str = "--data"
                ) -> list[str]:
     """The documents of every `spec` (a local file or a hub dataset name), in order. `option` is the flag that
@@ -44,9 +71,11 @@ def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = 
             if builder is None:
                 raise InputError(f"calibration file {spec}: unknown type {path.suffix!r}; use .txt, .jsonl or .parquet")
             try:
-                ds = load_dataset(builder, data_files=str(path), split="train")
+                with _datasets_quiet():  # its own error line would come before ours
+                    ds = load_dataset(builder, data_files=str(path), split="train")
             except Exception as exc:
-                raise InputError(f"calibration file {spec} could not be read as {builder}: {exc}") from None
+                why = (_first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None) or str(exc).splitlines()[0][:200]
+                raise InputError(f"calibration file {spec} could not be read as {builder}: {why}") from None
         else:
             from huggingface_hub.utils import logging as hub_logging
 

@@ -98,6 +98,10 @@ def open_session(src: str | Path, mwq: MWQConfig, device: torch.device | str = "
     src = Path(src)
     config = read_config(src)
     adapter = adapter_for(config)  # UnsupportedModelError before any heavy loading
+    from d2moe.quantize.format.layout import blob_layout
+
+    shapes = adapter.matrix_shapes(config)
+    blob_layout(shapes, mwq)  # a group size that divides no width: pack's error, naming the sizes that do
     try:
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(src))
@@ -107,13 +111,6 @@ def open_session(src: str | Path, mwq: MWQConfig, device: torch.device | str = "
     hf_config = adapter.hf_config(config)
     hidden, top_k = int(hf_config.hidden_size), int(hf_config.num_experts_per_tok)
     num_experts = adapter.num_experts(config)
-    shapes = adapter.matrix_shapes(config)
-    for name, (_rows, cols) in shapes.items():
-        if cols % mwq.group_size:
-            raise InputError(
-                f"expert matrix {name} has {cols} input columns, not a multiple of --group-size {mwq.group_size}: "
-                "choose a group size that divides it"
-            )
     gate = BitWidthGate(hidden, num_experts, adapter.moe_layers(config), mwq.bits, [1.0] * len(mwq.bits))
     experts = install_multilevel_experts(model, config, gate, mwq, progress=progress)
     model.to(device)

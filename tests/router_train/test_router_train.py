@@ -207,3 +207,10 @@ def test_estimator_option_reaches_the_experts(tiny_mixtral, calib_file, tmp_path
     gum = train_router(_cfg(tiny_mixtral, calib_file, tmp_path / "g", max_steps=3, capacity=(1.0, 1.0, 1.0),
                             estimator="gumbel"))
     assert [h.avg_bits for h in ste.history] != [h.avg_bits for h in gum.history]  # Gumbel noise moves choices
+
+
+def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{broken\n')
+    with pytest.raises(InputError, match='line 3 is not JSON .*"text"'):
+        load_texts([str(bad)])
