@@ -61,6 +61,9 @@ def eval_command(
     MissOptions(on_miss, miss_threshold, miss_importance)  # option errors before any work
     if scoring not in ("auto", "window", "decode"):
         raise UsageError(f"--scoring {scoring!r} is unknown: use auto, window or decode")
+    if on_miss != "load" and budget is None:  # every expert fits the unlimited default: no miss to handle
+        raise UsageError(f"--on-miss {on_miss} handles experts that miss the cache, and without --memory-budget "
+                         "every expert is held: give -m SIZE (or drop --on-miss)")
     scoring = ("decode" if on_miss != "load" else "window") if scoring == "auto" else scoring
     from d2moe.kernels.dense import check_weights
 

@@ -180,6 +180,8 @@ def test_eval_scores_lossy_modes_in_decode_mode(packed, tmp_path):
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout)["results"][0]
     assert row["scoring"] == "decode" and row["misses"]["on_miss"] == "skip" and row["perplexity"]["tokens"] == 39
+    unbounded = CliRunner().invoke(app, ["eval", str(packed), "--text", str(text), "--on-miss", "skip"])
+    assert isinstance(unbounded.exception, UsageError) and "without --memory-budget" in str(unbounded.exception)
 
 
 def test_reuse_keeps_every_expert_at_a_lower_level_instead_of_reading_it_again(packed):
