@@ -17,6 +17,10 @@ MAX_PROMPTS_BYTES = 256 * 1024 * 1024
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     """The prompts of --prompt and/or --prompts-file (JSONL: one {"prompt": "..."} object a line)."""
+    if prompt == "-":  # a prompt through a pipe: `cat question.txt | d2moe run CKPT -p -`
+        from d2moe.user_files import read_user_text
+
+        prompt = read_user_text("-", MAX_PROMPTS_BYTES, "--prompt")
     prompts = [prompt] if prompt is not None else []
     if prompts_file is not None:
         from d2moe.user_files import read_user_text
@@ -55,7 +59,7 @@ def run(
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
     memory_budget: Annotated[str, typer.Option("--memory-budget", "-m", envvar="D2MOE_MEMORY_BUDGET",
                                                help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB.")] = "6GiB",
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text (-: read it from standard input).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts-file", help='JSONL file, one {"prompt": "..."} a line; run as one left-padded batch.')] = None,
     policy: Annotated[str, typer.Option(

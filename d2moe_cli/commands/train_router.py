@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         state_dir: Annotated[Path | None, typer.Option(help="where resumable state goes (default: OUTPUT.state)")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from the state in --state-dir")] = False,
         report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="print the JSON report on stdout (no progress)")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="print the JSON report on stdout (progress lines stay on stderr)")] = False,
     ) -> None:
         """Train the bit-width gate (dual routing) on calibration text; writes gate.safetensors + a report."""
         from d2moe.router_train.train import TrainConfig, train_router

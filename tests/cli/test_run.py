@@ -120,3 +120,12 @@ def test_a_prompt_longer_than_one_prefill_chunk_prefills_in_chunks_within_the_pl
     chunk = workspace_bytes(ckpt.config, shapes, PREFILL_CHUNK, threads, context=prompt + 3)
     assert stats["memory"]["plan"]["workspace"] == chunk < workspace_bytes(ckpt.config, shapes, prompt + 3, threads)
     assert stats["memory"]["peak_bytes"] <= stats["memory"]["budget_bytes"]
+
+
+def test_a_prompt_of_dash_is_read_from_standard_input(monkeypatch):
+    import io
+
+    from d2moe.commands.run import read_prompts
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a question through a pipe\n")))
+    assert read_prompts("-", None) == ["a question through a pipe\n"]
