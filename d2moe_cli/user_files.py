@@ -1,6 +1,7 @@
-"""Files a user hands a command (prompts, evaluation text): regular files, and pipes too (`-` or /dev/stdin,
-`<(...)`), read whole up to a cap. A checkpoint's files are another matter: d2moe.quantize.format.files reads
-those as regular files only, because a FIFO there is a forged or broken checkpoint."""
+"""Files a user hands a command (prompts, evaluation text): a regular file read whole up to a cap, or `-` for
+standard input (a pipe: `cat prompts.jsonl | d2moe run CKPT --prompts-file -`). Any other special file (a FIFO
+without a writer, /dev/zero, a directory) is refused without blocking or reading, as a checkpoint's files are
+(d2moe.quantize.format.files, issue 11)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,30 @@ from d2moe.errors import InputError
 
 
 def read_user_file(path: Path | str, cap: int, option: str) -> bytes:
-    """The bytes of `path` ("-": standard input), InputError naming `option` if it is missing, a directory,
+    """The bytes of `path` ("-": standard input), InputError naming `option` if it is missing, not a regular file,
     unreadable or over `cap` bytes."""
     if str(path) == "-":
         data = sys.stdin.buffer.read(cap + 1)
     else:
-        path = Path(path)
-        try:
-            mode = os.stat(path).st_mode
+        from d2moe.quantize.format.files import file_kind
+
+        try:  # non-blocking: opening a FIFO with no writer would wait forever
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise InputError(f"{option} {path} does not exist: pass a readable file (or - for standard input)") from None
         except OSError as exc:
             raise InputError(f"{option} {path} cannot be read ({exc.strerror})") from None
-        if stat.S_ISDIR(mode):
-            raise InputError(f"{option} {path} is a directory: pass a file (or - for standard input)")
-        try:
-            with open(path, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise InputError(f"{option} {path} is {file_kind(mode)}, not a regular file: pass a file, or - to read "
+                             "standard input")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            try:
                 data = f.read(cap + 1)
-        except OSError as exc:
-            raise InputError(f"{option} {path} cannot be read ({exc.strerror})") from None
+            except OSError as exc:
+                raise InputError(f"{option} {path} cannot be read ({exc.strerror})") from None
     if len(data) > cap:
         raise InputError(f"{option} {path} holds more than {cap} bytes: pass a smaller file")
     return data
