@@ -26,11 +26,13 @@ def main() -> int:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
             cli(["run", a.checkpoint, "-m", a.budget, "-p", text[:n], "--max-new-tokens", "8", "--json"])
-        mem = json.loads(out.getvalue())["stats"]["memory"]
-        print(json.dumps({"chars": n, "prompt_tokens": json.loads(out.getvalue())["stats"]["prompt_tokens"],
+        stats = json.loads(out.getvalue())["stats"]
+        mem = stats["memory"]
+        print(json.dumps({"chars": n, "prompt_tokens": stats["prompt_tokens"],
                           "budget_mib": round(mem["budget_bytes"] / 2**20, 1),
                           "rss_growth_mib": round(mem["rss_peak_delta_bytes"] / 2**20, 1),
-                          "metered_peak_mib": round(mem["peak_bytes"] / 2**20, 1)}), flush=True)
+                          "metered_peak_mib": round(mem["peak_bytes"] / 2**20, 1),
+                          "prefill_tokens_per_s": round(stats["prefill_tokens_per_s"], 1)}), flush=True)
     return 0
 
 
