@@ -310,9 +310,12 @@ def plot_throughput(report: BenchReport, path, metric: str = "decode_tokens_per_
     import matplotlib.pyplot as plt
 
     mib = 1024**2
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    markers = "osD^v<>ph*"
-    for i, name in enumerate(dict.fromkeys(r.label for r in report.results)):
+    names = list(dict.fromkeys(r.label for r in report.results))
+    ncol = 1 if len(names) <= 14 else 2
+    rows = -(-len(names) // ncol)  # the legend sits beside the axes: the figure grows with it
+    fig, ax = plt.subplots(figsize=(6.4 + 1.8 * ncol, max(4.0, 0.75 + 0.19 * rows)), dpi=120)
+    markers = "osD^v<>ph"  # 9 against matplotlib's 10 colours: no two of 90 lines share both
+    for i, name in enumerate(names):
         pts = [(r.budget.bytes / mib, r.median(metric)) for r in report.results if r.label == name and r.ok]
         if not pts:
             continue
@@ -326,7 +329,7 @@ def plot_throughput(report: BenchReport, path, metric: str = "decode_tokens_per_
     ax.set_xticks(sorted(labels))
     ax.set_xticklabels([f"{labels[x]}\n{x:.3g}" if labels[x].endswith("%") else labels[x] for x in sorted(labels)])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)  # beside the lines, never over
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
