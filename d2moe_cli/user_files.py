@@ -17,6 +17,8 @@ def read_user_file(path: Path | str, cap: int, option: str) -> bytes:
     """The bytes of `path` ("-": standard input), InputError naming `option` if it is missing, not a regular file,
     unreadable or over `cap` bytes."""
     if str(path) == "-":
+        if sys.stdin is None:  # closed (`<&-`), as under some daemons and cron
+            raise InputError(f"{option} -: standard input is closed: pipe the text in, or pass a file")
         data = sys.stdin.buffer.read(cap + 1)
     else:
         from d2moe.quantize.format.files import file_kind

@@ -63,6 +63,9 @@ def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = 
     for spec in specs:
         if _looks_local(spec):
             path = Path(spec).expanduser()
+            if path.exists() and not path.is_file():
+                raise InputError(f"calibration file {spec} is not a regular file (a directory, FIFO or device): pass "
+                                 f"{option} a txt/jsonl/parquet file")
             if not path.is_file():
                 raise InputError(f"calibration file {spec} does not exist: pass {option} with an existing txt/jsonl/parquet file")
             if path.stat().st_size == 0:

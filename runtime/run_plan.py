@@ -129,6 +129,9 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
                                      ("--router-levels", options.router_levels)) if given]
         if levels:
             raise UsageError(f"--lossless serves the exact source experts, at no level: drop {' and '.join(levels)}")
+        if options.on_miss != "load":
+            raise UsageError(f"--lossless serves the exact source experts: --on-miss {options.on_miss} would make its "
+                             "output inexact (drop it)")
         if options.dense_weights != "source":
             raise UsageError(f"--lossless keeps the dense layers as transformers computes them (its logits are "
                              f"transformers' own): drop --dense-weights {options.dense_weights}")

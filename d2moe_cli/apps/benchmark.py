@@ -192,6 +192,8 @@ def parse_budgets(text: str, fixed_bytes: int, expert_set_bytes: int) -> list[Bu
             if not 0 < pct <= 1000:
                 raise UsageError(f"--budgets item {item!r} must be a percentage in (0, 1000]")
             budgets.append(Budget(item, int(fixed_bytes + pct / 100 * expert_set_bytes)))
+        elif item.isdigit():  # 50 meant 50% or 50 MiB, never 50 bytes
+            raise UsageError(f"--budgets item {item!r} has no unit: write {item}% (of the expert set) or {item}MiB")
         else:
             budgets.append(Budget(item, parse_size(item, what="--budgets item")))
     if not budgets:

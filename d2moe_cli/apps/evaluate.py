@@ -506,6 +506,9 @@ def _load_reference(path: Path | str | None, packed: Path | str | None = None):
     if path is None:
         raise UsageError("the reference target needs the source checkpoint: pass --reference SRC")
     path = Path(path)
+    if (path / "d2moe.json").is_file():
+        raise InputError(f"--reference {path} is a d2moe packed checkpoint: pass the Hugging Face checkpoint it was "
+                         "packed from")
     if not (path / "config.json").is_file():
         raise InputError(f"--reference {path} is not a Hugging Face checkpoint directory (no config.json)")
     if packed is not None:

@@ -76,7 +76,7 @@ def test_budget_errors_become_na_with_what_is_needed_and_are_not_retried():
 def test_parse_budgets():
     b = bm.parse_budgets("25%, 100%,1MiB", fixed_bytes=1000, expert_set_bytes=4000)
     assert [(x.label, x.bytes) for x in b] == [("25%", 2000), ("100%", 5000), ("1MiB", 2**20)]
-    for bad in ("", "abc%", "0%", "25%,25%", "12XB"):
+    for bad in ("", "abc%", "0%", "25%,25%", "12XB", "50"):  # a bare 50 was 50 bytes
         with pytest.raises(UsageError):
             bm.parse_budgets(bad, 0, 100)
     assert bm.needs_from_error(BudgetError("... below the minimum 12 MiB for this model")) == 12 * 2**20

@@ -36,3 +36,9 @@ def test_every_other_case_names_the_option(tmp_path, make, match):
 def test_regular_files_are_read_whole(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"0123456789")
     assert read_user_file(tmp_path / "a.txt", 10, "--text") == b"0123456789"
+
+
+def test_closed_standard_input_is_one_error(monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)  # `<&-`: Python sets it to None
+    with pytest.raises(InputError, match="standard input is closed"):
+        read_user_text("-", 10, "--prompt")

@@ -214,3 +214,8 @@ def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
     bad.write_text('{"text": "fine"}\n\n{broken\n')
     with pytest.raises(InputError, match='line 3 is not JSON .*"text"'):
         load_texts([str(bad)])
+
+
+def test_a_calibration_path_that_is_a_directory_is_named_as_such(tmp_path):
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_texts([str(tmp_path)], option="--calib")

@@ -74,6 +74,7 @@ def test_lossless_needs_the_tier(tmp_path_factory):
     (dict(level=2), "at no level: drop --level"),
     (dict(router_levels=(4, 2)), "at no level: drop --router-levels"),
     (dict(dense_weights="int8"), "drop --dense-weights int8"),
+    (dict(on_miss="skip"), "--on-miss skip would make its output inexact"),
 ])
 def test_lossless_refuses_level_and_dense_options_by_name(packs, option, match):
     """They used to say re-pack with --bits 8,16 (16 is no level) or blame a missing C compiler."""
