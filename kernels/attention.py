@@ -40,8 +40,8 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
             or (window is not None and key.shape[2] > window) or key.dtype not in _DTYPES
             or value.dtype != key.dtype or key.stride(-1) != 1 or value.stride(-1) != 1
             or query.shape[1] % key.shape[1] or torch.is_grad_enabled() and query.requires_grad):
-        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                       is_causal=is_causal, **kwargs)
+        return _prefill_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             is_causal=is_causal, **kwargs)
     b, hq, _, dk = query.shape
     hkv, length, dv = key.shape[1], key.shape[2], value.shape[3]
     q = query.to(torch.float32).contiguous()
@@ -55,6 +55,19 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     return out.to(query.dtype).unsqueeze(1), None  # [B, 1, Hq, Dv], as SDPA's transpose(1, 2)
+
+
+def _prefill_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA, with values narrower than the keys (DeepSeek's MLA: 192 against 128) zero-padded to the
+    keys' width and the output cut back (exact: the padded columns of softmax(QK^T) V are zeros). torch's CPU flash
+    kernel needs one head width; without it SDPA took the math path, whose bf16 GEMMs grow with the context chunk by
+    chunk and each kept a oneDNN kernel: a 3 500-token prompt held 52 MiB more on a tiny DeepSeek-V3 (BENCHMARKS.md
+    §0.18)."""
+    dv, dk = value.shape[-1], query.shape[-1]
+    if dv >= dk or query.device.type != "cpu":
+        return _sdpa()(module, query, key, value, attention_mask, **kwargs)
+    out, weights = _sdpa()(module, query, key, torch.nn.functional.pad(value, (0, dk - dv)), attention_mask, **kwargs)
+    return out[..., :dv], weights
 
 
 def register() -> None:

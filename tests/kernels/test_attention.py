@@ -77,3 +77,17 @@ def test_without_the_library_it_is_sdpa(monkeypatch):
     q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 20, 32), torch.randn(1, 4, 20, 32)
     assert torch.equal(attention.decode_attention(_Attn(1), q, k, v, None)[0],
                        sdpa_attention_forward(_Attn(1), q, k, v, None)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_narrower_than_keys_are_padded_for_the_prompt_and_the_output_cut_back(native, dtype):
+    """DeepSeek's MLA (keys 24 wide, values 16 here): SDPA's math path kept a kernel per context length."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 6, 24, dtype=dtype), torch.randn(1, 4, 30, 24, dtype=dtype), torch.randn(1, 4, 30, 16, dtype=dtype)
+    mask = torch.ones(1, 1, 6, 30, dtype=torch.bool).tril(24)
+    got = attention.decode_attention(_Attn(1), q, k, v, mask, scaling=0.2)[0]
+    want = sdpa_attention_forward(_Attn(1), q, k, v, mask, scaling=0.2)[0]
+    assert got.shape == want.shape == (1, 6, 4, 16)
+    assert torch.allclose(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
