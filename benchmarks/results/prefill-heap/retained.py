@@ -1,3 +1,5 @@
+"""One 3 534-token prompt through a packed checkpoint (argv[1]) at an unlimited budget: the run's RSS growth and the
+heap bytes still in use after it (glibc mallinfo2), beside the plan's workspace. BENCHMARKS.md 0.18."""
 from d2moe.runtime.session import Session, RunOptions
 from d2moe.runtime.generate import SamplingOptions
 import ctypes, sys
