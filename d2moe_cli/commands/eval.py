@@ -93,6 +93,14 @@ def eval_command(
             raw = "\n\n".join(t for t in (raw, ev.load_dataset_text(dataset)) if t)
         ids = ev.encode_text(load_tokenizer(checkpoint), raw, max_tokens)
         ev.sliding_windows(len(ids), seq_len, stride)  # option errors before any model is built
+        from d2moe.runtime.generate import context_length
+
+        context = context_length(ckpt.config)
+        if context and min(seq_len, len(ids)) > context:
+            from d2moe.progress import note
+
+            note(f"--seq-len {seq_len}: windows reach past the model's context of {context} tokens "
+                 f"(max_position_embeddings): use --seq-len {context} or less to score it where it was trained")
 
     import torch
 

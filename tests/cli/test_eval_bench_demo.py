@@ -219,3 +219,15 @@ def test_eval_marks_a_policy_that_does_not_fit_the_budget_na_and_scores_the_rest
     rows = {r["target"]: r for r in json.loads(out)["results"]}
     assert rows["d2moe"]["status"] == "ok" and rows["d2moe"]["perplexity"]["ppl"] > 1
     assert rows["hold-int4"]["status"] == "n/a" and "hold-int4" in rows["hold-int4"]["reason"]
+
+
+def test_eval_notes_windows_past_the_models_context(pair, text_file, capsys):
+    import json as _json
+
+    _, packed = pair
+    context = _json.loads((Path(packed) / "config.json").read_text())["max_position_embeddings"]
+    long_text = Path(text_file).parent / "long.txt"
+    long_text.write_text(Path(text_file).read_text() * (4 * context // 40 + 1))
+    code, _, err = _cli(capsys, "eval", packed, "--text", long_text, "--level", "2", "--seq-len", 2 * context,
+                        "--max-tokens", 2 * context + 1, "--json")
+    assert code == 0 and f"past the model's context of {context} tokens" in err
