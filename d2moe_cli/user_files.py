@@ -6,7 +6,6 @@ without a writer, /dev/zero, a directory) is refused without blocking or reading
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -21,20 +20,17 @@ def read_user_file(path: Path | str, cap: int, option: str) -> bytes:
             raise InputError(f"{option} -: standard input is closed: pipe the text in, or pass a file")
         data = sys.stdin.buffer.read(cap + 1)
     else:
-        from d2moe.quantize.format.files import file_kind
+        from d2moe.quantize.format.files import NotRegularFile, open_regular_fd
 
-        try:  # non-blocking: opening a FIFO with no writer would wait forever
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = open_regular_fd(path)
         except FileNotFoundError:
             raise InputError(f"{option} {path} does not exist: pass a readable file (or - for standard input)") from None
+        except NotRegularFile as exc:
+            raise InputError(f"{option} {path} is {exc.kind}, not a regular file: pass a file, or - to read "
+                             "standard input") from None
         except OSError as exc:
             raise InputError(f"{option} {path} cannot be read ({exc.strerror})") from None
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise InputError(f"{option} {path} is {file_kind(mode)}, not a regular file: pass a file, or - to read "
-                             "standard input")
-        os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as f:
             try:
                 data = f.read(cap + 1)

@@ -206,6 +206,18 @@ class StreamingConverter:
         return {name: tuple(form[0].shape) for name, (kind, form, _) in self.converted.items()
                 if kind == "int8" and name not in embeddings}
 
+    def notes(self) -> list[str]:
+        """What a run should be told once loading is done: nothing converted at all, or int4's int8 fallbacks."""
+        if not self.converted:
+            return [f"--dense-weights {self.weights}: no dense weight was converted (each is tied, a router, or under "
+                    f"{INT8_MIN_ELEMS} elements): the dense layers keep their dtype"]
+        fallbacks = self.int4_fallbacks()
+        if not fallbacks:
+            return []
+        widths = ", ".join(str(w) for w in sorted({shape[1] for shape in fallbacks.values()}))
+        return [f"--dense-weights int4: {len(fallbacks)} dense weight(s) of width {widths} (not a multiple of "
+                f"{INT4_GROUP}) are int8 instead"]
+
     def plan_bytes(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None, int]]) -> int:
         """Peak bytes of loading `tensors` ({key: (shape, dtype, nbytes)}, the file's header) this way: every
         weight as it ends up, plus the largest moment of one conversion."""

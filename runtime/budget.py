@@ -170,9 +170,15 @@ def with_defaults(config: Mapping) -> Mapping:
         return config
 
 
+def text_config(config: Mapping) -> Mapping:
+    """The language model's fields: a multimodal config.json's text_config, else the config itself."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, Mapping) else config
+
+
 def kv_bytes_per_token(config: Mapping, dtype_bytes: int = 2) -> int:
     """KV cache bytes one token adds: layers x 2 (K and V) x kv_heads x head_dim x dtype size."""
-    cfg = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+    cfg = text_config(config)
     try:
         layers = int(cfg["num_hidden_layers"])
         heads = int(cfg["num_attention_heads"])
@@ -192,7 +198,7 @@ def workspace_bytes(config: Mapping, matrix_shapes: Mapping[str, tuple[int, int]
     allocator's and interpreter's slack."""
     from d2moe.kernels.dispatch import workspace_bound
 
-    cfg = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+    cfg = text_config(config)
     tokens = max(1, int(tokens))
     context = max(tokens, int(context or tokens))
     hidden = int(cfg.get("hidden_size") or matrix_shapes["down"][0])

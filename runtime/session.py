@@ -108,19 +108,11 @@ class Session:
         # --dense-weights int8/int4: each layer converted as it is read, so loading holds one source layer at most
         converter = dense_converter(ckpt, self.adapter, skeleton, options)
         self.model = assemble(ckpt, self.adapter, make_experts, model=skeleton, converter=converter)
-        if converter is not None and not converter.converted:
-            from d2moe.kernels.dense import INT8_MIN_ELEMS
+        if converter is not None:
             from d2moe.progress import note
 
-            note(f"--dense-weights {options.dense_weights}: no dense weight was converted (each is tied, a router, or "
-                 f"under {INT8_MIN_ELEMS} elements): the dense layers keep their dtype")
-        if converter is not None and (fallbacks := converter.int4_fallbacks()):
-            from d2moe.kernels.dense import INT4_GROUP
-            from d2moe.progress import note
-
-            widths = ", ".join(str(w) for w in sorted({shape[1] for shape in fallbacks.values()}))
-            note(f"--dense-weights int4: {len(fallbacks)} dense weight(s) of width {widths} (not a multiple of "
-                 f"{INT4_GROUP}) are int8 instead")
+            for message in converter.notes():
+                note(message)
         if on_gpu:
             self.model.to("cuda")
         routers = {layer: self.model.get_parameter(self.adapter.router_key(layer)) for layer in ckpt.moe_layers}

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from d2moe.errors import UsageError
 from d2moe.options import parse_bandwidth, set_threads
 
 
@@ -58,13 +59,9 @@ def bench(
 
     set_threads(threads)
     if max_new_tokens < 2:
-        from d2moe.errors import UsageError
-
         raise UsageError(f"--max-new-tokens {max_new_tokens}: bench times decode steps, which start at the second "
                          "new token (the first is the prefill's): use 2 or more")
     if plot is not None and plot.suffix.lower() != ".png":
-        from d2moe.errors import UsageError
-
         raise UsageError(f"--plot {plot}: give a .png file name")
 
     import torch
@@ -72,7 +69,6 @@ def bench(
     quality_ids = None
     if quality_text:
         from d2moe.apps.evaluate import encode_text, load_text_files
-        from d2moe.errors import UsageError
         from d2moe.runtime.session import load_tokenizer
 
         if quality_tokens < 1:
@@ -80,8 +76,6 @@ def bench(
         quality_ids = encode_text(load_tokenizer(checkpoint), load_text_files(quality_text, "--quality-text"),
                                   quality_tokens + 1)
     elif pareto_plot is not None:
-        from d2moe.errors import UsageError
-
         raise UsageError("--pareto-plot plots perplexity: give --quality-text FILE")
     torch.manual_seed(0)
     show = not json_out and sys.stderr.isatty()

@@ -23,21 +23,39 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+class NotRegularFile(Exception):
+    """The path is `kind` (file_kind's words), not a regular file."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def open_regular_fd(path: Path | str) -> int:
+    """A blocking O_RDONLY descriptor of `path` if it is (or links to) a regular file. Opened with O_NONBLOCK and
+    checked with fstat first, so a FIFO without a writer is refused rather than waited on. Raises
+    FileNotFoundError, NotRegularFile or another OSError; callers word them (open_regular for a checkpoint's
+    files, d2moe.user_files for a user's)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(file_kind(mode))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def open_regular(path: Path, what: str | None = None) -> int:
     """An O_RDONLY descriptor of `path` if it is (or links to) a regular file; FormatError otherwise."""
     what = what or str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return open_regular_fd(path)
     except FileNotFoundError:
         raise FormatError(f"{what}: file is missing (re-pack the checkpoint)") from None
+    except NotRegularFile as exc:
+        raise FormatError(f"{what}: is {exc.kind}, not a regular file (forged or broken checkpoint: re-pack)") from None
     except OSError as exc:
         raise FormatError(f"{what}: cannot be read ({exc.strerror})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise FormatError(f"{what}: is {file_kind(mode)}, not a regular file (forged or broken checkpoint: re-pack)")
-    os.set_blocking(fd, True)
-    return fd
 
 
 def check_regular(path: Path, cap: int, what: str | None = None) -> int:
