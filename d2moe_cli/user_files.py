@@ -9,7 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-from d2moe.errors import InputError
+from d2moe.errors import InputError, UsageError
+
+PROMPT_BYTES = 256 * 1024 * 1024  # what --prompt - and --prompts-file read at most
+
+
+def stdin_once(*options: tuple[str, object]) -> None:
+    """UsageError if more than one of these (option, value) pairs reads standard input (value "-"): the first
+    would take all of it and the second find nothing."""
+    readers = [option for option, value in options if value is not None and str(value) == "-"]
+    if len(readers) > 1:
+        named = " and ".join(f"{option} -" for option in readers)
+        verb = "both read" if len(readers) == 2 else "all read"
+        raise UsageError(f"{named} {verb} standard input, which holds one text: pipe one, pass the other as a file")
 
 
 def read_user_file(path: Path | str, cap: int, option: str) -> bytes:
@@ -39,6 +51,14 @@ def read_user_file(path: Path | str, cap: int, option: str) -> bytes:
     if len(data) > cap:
         raise InputError(f"{option} {path} holds more than {cap} bytes: pass a smaller file")
     return data
+
+
+def read_prompt_text(text: str, option: str) -> str:
+    """A prompt option's text: itself, or standard input for "-" with the one line ending `echo` adds dropped."""
+    if text != "-":
+        return text
+    read = read_user_text("-", PROMPT_BYTES, option)
+    return read[:-2] if read.endswith("\r\n") else read[:-1] if read.endswith("\n") else read
 
 
 def read_user_text(path: Path | str, cap: int, option: str) -> str:

@@ -58,11 +58,24 @@ INT8_ACTIVATIONS_UP_TO = 4  # auto: int8 activations for levels <= 4, int16 abov
 TILE_ROWS = 256  # rows per dequantized tile: 256 x 14336 x 2 B = 7 MiB at Mixtral's widest (bf16)
 # Prefill tiles in bf16 where the CPU has a native bf16 GEMM, else fp32 (a software bf16 GEMM is far slower)
 TILE_DTYPE = torch.bfloat16 if cpu.has_bf16_gemm() else torch.float32
-# bf16 tiles' GEMM columns (tokens) padded up to a multiple of this: oneDNN keeps the kernel it builds for each
-# shape, and a prompt's every distinct count of tokens routed to an expert kept one more on the heap, outside the
-# budget (115 MB after a 3500-token prompt on the embedded model, whose budget was 79 MiB). 16 columns (one AMX
-# tile) bound the shapes to 32 per matrix shape for a 512-token chunk; torch's fp32 GEMM (MKL) keeps none.
+# bf16 tiles' GEMM columns (tokens) padded up: oneDNN keeps the kernel it builds for each GEMM shape, and a
+# prompt's every distinct count of tokens routed to an expert kept one more on the heap, outside the budget (115 MB
+# after a 3500-token prompt on the embedded model, whose budget was 79 MiB). Multiples of 16 columns (one AMX tile)
+# still left 32 shapes per matrix shape for a 512-token chunk at ~0.5 MiB each (DeepSeek-V3 with 96-wide experts:
+# 65 MiB of a 59 MiB budget). Four widths per octave leave 16, padding at most a quarter: a ladder of 1.5x steps
+# left 10 but cost 1.15-1.19x at 257 tokens of a 14336x4096 matrix. torch's fp32 GEMM (MKL) keeps none.
 TOKEN_BUCKET = {torch.bfloat16: 16}
+
+
+def gemm_width(tokens: int, dtype: torch.dtype) -> int:
+    """The GEMM's column count for `tokens` tokens: for bf16 tiles the next multiple of 16 up to 128, of 32 up to
+    256, of 64 up to 512, ...; `tokens` itself for the others."""
+    step = TOKEN_BUCKET.get(dtype)
+    if step is None:
+        return tokens
+    while tokens > 8 * step:
+        step *= 2
+    return -(-tokens // step) * step
 
 
 def _is_silu(act_fn) -> bool:
@@ -244,8 +257,7 @@ def tiled_matmul(lib, desc, x: torch.Tensor, splitter: cpu.RowSplitter, hold: Ca
     is bf16 where the CPU has native bf16 (its GEMM has twice fp32's rate), fp32 elsewhere. `hold(*tensors,
     extra=bytes)` is told what the call holds (the memory meter)."""
     rows, tokens = desc.rows, x.shape[0]
-    bucket = TOKEN_BUCKET.get(dtype, 1)
-    width = -(-tokens // bucket) * bucket
+    width = gemm_width(tokens, dtype)
     out = torch.empty(rows, width, dtype=dtype)  # W x^T, transposed at the end
     if width == tokens:
         xt = x.to(dtype).t()
@@ -308,8 +320,25 @@ def torch_threads(n: int):
             torch.set_num_threads(before)
 
 
+# what oneDNN keeps per bf16 GEMM shape it has built (0.52-1.08 MiB measured, 96x128 to 256x14336 tiles)
+GEMM_KERNEL_BYTES = 1 << 20
+
+
+def tile_kernel_bytes(matrix_shapes: dict[str, tuple[int, int]], tokens: int) -> int:
+    """What the GEMM kernels oneDNN keeps for bf16 tiles can add up to over a run whose forwards take at most
+    `tokens` tokens: one per matrix shape, tile height (one, or a whole tile and a remainder) and gemm_width up to
+    `tokens`'s; none for fp32 tiles."""
+    if TILE_DTYPE not in TOKEN_BUCKET or tokens <= 0:
+        return 0
+    top = gemm_width(tokens, TILE_DTYPE)
+    widths = len({gemm_width(t, TILE_DTYPE) for t in range(1, top + 1)})
+    heights = sum(1 if rows <= TILE_ROWS else 2 for rows, _ in set(matrix_shapes.values()))
+    return widths * heights * GEMM_KERNEL_BYTES
+
+
 def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, threads: int) -> int:
-    """Most bytes `forward` holds for `tokens` rows on `threads` threads: the larger path's working set."""
+    """Most bytes `forward` holds for `tokens` rows on `threads` threads: the larger path's working set, and the
+    GEMM kernels its bf16 tiles leave behind (tile_kernel_bytes)."""
     hidden = matrix_shapes["down"][0]
     inter = matrix_shapes["gate"][0]
     widest = max(i for _, i in matrix_shapes.values())
@@ -317,4 +346,4 @@ def workspace_bound(matrix_shapes: dict[str, tuple[int, int]], tokens: int, thre
     quantized = tokens * (2 * max(hidden, inter) + 8 * max(hidden, inter) // 8)  # hi/lo + steps/sums
     tile = TILE_DTYPE.itemsize * min(TILE_ROWS, max(o for o, _ in matrix_shapes.values())) * widest * threads
     out_t = 4 * tokens * max(hidden, inter)
-    return acts + max(quantized, tile + out_t)
+    return acts + max(quantized, tile + out_t) + tile_kernel_bytes(matrix_shapes, tokens)

@@ -18,7 +18,7 @@ import torch
 
 from d2moe.errors import UsageError
 from d2moe.kernels.dispatch import torch_threads
-from d2moe.runtime.budget import text_config
+from d2moe.runtime.budget import text_config, with_defaults
 from d2moe.runtime.memory import prefill_allocator
 
 # transformers 5.2x warns on every forward that `past_key_values` will be renamed `cache` (in 5.40):
@@ -51,8 +51,9 @@ def within_context(longest_prompt: int, max_new_tokens: int, context: int | None
 
 
 def context_length(config: dict) -> int | None:
-    """config.json's max_position_embeddings (a multimodal config's text_config), or None."""
-    n = text_config(config).get("max_position_embeddings")
+    """The model's context (max_position_embeddings; a multimodal config's text_config), or None. A config.json
+    that leaves the field out has its architecture's default, as transformers builds the model."""
+    n = text_config(with_defaults(config)).get("max_position_embeddings")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 

@@ -16,10 +16,14 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
         raise InputError(f"{path} has no usable tokenizer ({type(exc).__name__}): copy the source model's "
                          "tokenizer files into it or re-run `d2moe pack`") from None
+    # Nothing truncates; run and eval note a text past the model's context themselves (generate.context_length),
+    # so the tokenizer's own "sequence length is longer" warning would only repeat it, in transformers' words.
+    tokenizer.model_max_length = 1 << 62
+    return tokenizer
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:

@@ -21,7 +21,7 @@ def bench(
     policies: Annotated[str, typer.Option(
         help="'all' or a list: d2moe,hold-int8,hold-int4,matryoshka-free,moqe-dynaio,edgemoe "
              "(a level with @, e.g. moqe-dynaio@2).")] = "all",
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt every run prefills.")] = (
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt every run prefills (-: read it from standard input).")] = (
         "Once upon a time there was a king who had three daughters."),
     max_new_tokens: Annotated[int, typer.Option(help="Tokens each run decodes (greedy).")] = 32,
     repeats: Annotated[int, typer.Option(help="Runs per configuration, interleaved; medians are reported.")] = 3,
@@ -66,6 +66,10 @@ def bench(
 
     import torch
 
+    from d2moe.user_files import read_prompt_text, stdin_once
+
+    stdin_once(("--prompt", prompt), *(("--quality-text", path) for path in quality_text or []))
+    prompt = read_prompt_text(prompt, "--prompt")
     quality_ids = None
     if quality_text:
         from d2moe.apps.evaluate import encode_text, load_text_files

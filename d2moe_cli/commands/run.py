@@ -12,20 +12,17 @@ import typer
 from d2moe.errors import InputError, UsageError
 from d2moe.options import parse_bandwidth, set_threads
 
-MAX_PROMPTS_BYTES = 256 * 1024 * 1024
-
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     """The prompts of --prompt and/or --prompts-file (JSONL: one {"prompt": "..."} object a line)."""
-    if prompt == "-":  # a prompt through a pipe: `cat question.txt | d2moe run CKPT -p -`
-        from d2moe.user_files import read_user_text
+    from d2moe.user_files import PROMPT_BYTES, read_prompt_text, read_user_text, stdin_once
 
-        prompt = read_user_text("-", MAX_PROMPTS_BYTES, "--prompt")
+    stdin_once(("--prompt", prompt), ("--prompts-file", prompts_file))
+    if prompt is not None:  # "-": a prompt through a pipe, `cat question.txt | d2moe run CKPT -p -`
+        prompt = read_prompt_text(prompt, "--prompt")
     prompts = [prompt] if prompt is not None else []
     if prompts_file is not None:
-        from d2moe.user_files import read_user_text
-
-        lines = read_user_text(prompts_file, MAX_PROMPTS_BYTES, "--prompts-file").splitlines()  # a pipe too
+        lines = read_user_text(prompts_file, PROMPT_BYTES, "--prompts-file").splitlines()  # a pipe too
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

@@ -3,6 +3,7 @@ returns a `PackedCheckpoint` that reads, checks and decodes expert prefixes."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -314,11 +315,22 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
         if header.file_size != info["nbytes"]:
             raise FormatError(f"{info['file']}: {header.file_size} bytes, manifest says {info['nbytes']} (re-pack)")
         if section == "dense":
-            want = DENSE_ST_DTYPES[manifest["dtype"]]
-            for tname, t in header.tensors.items():
-                if t.dtype in ("F16", "BF16", "F32", "F64") and t.dtype != want:
-                    raise FormatError(f"{DENSE_NAME}: tensor {tname!r} is {t.dtype} but {MANIFEST_NAME} says dtype "
-                                      f"{manifest['dtype']!r} ({want}): mixed-up or edited files, re-pack")
+            _check_dense_dtype(header, manifest["dtype"])
+
+
+def _check_dense_dtype(header, dtype: str) -> None:
+    """The manifest's dtype is that of most of the dense file's float elements, as pack writes it; the others
+    keep their source's dtype (transformers keeps DeepSeek-V3's router in float32 in a bfloat16 model)."""
+    want, elements = DENSE_ST_DTYPES[dtype], {}
+    for t in header.tensors.values():
+        if t.dtype in ("F16", "BF16", "F32", "F64"):
+            elements[t.dtype] = elements.get(t.dtype, 0) + math.prod(t.shape)
+    main = max(sorted(elements), key=lambda d: elements[d]) if elements else want
+    if main != want:
+        largest = max((t for t in header.tensors.values() if t.dtype == main), key=lambda t: math.prod(t.shape))
+        name = next(n for n, t in header.tensors.items() if t is largest)
+        raise FormatError(f"{DENSE_NAME}: tensor {name!r} is {main} but {MANIFEST_NAME} says dtype {dtype!r} ({want}), "
+                          f"and so are most of its weights: mixed-up or edited files, re-pack")
 
 
 class ReadCheck:

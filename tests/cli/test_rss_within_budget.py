@@ -58,6 +58,36 @@ def test_rss_growth_stays_within_the_smallest_budget_over_a_long_prompt(packed):
     assert 0 < stats["memory"]["rss_peak_delta_bytes"] <= budget, (stats["memory"]["rss_peak_delta_bytes"], budget)
 
 
+def test_rss_growth_stays_within_the_smallest_budget_over_a_long_prompt_with_narrow_experts(tmp_path):
+    """DeepSeek-V3 with 96-wide experts, three of eight per token: the tiles' GEMMs take so many token counts that
+    their kept kernels were most of the budget (71 MiB of 61 with columns padded to multiples of 16, on a CPU with
+    AMX; BENCHMARKS.md §0.19). The padding now leaves fewer shapes and the plan counts them."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tiny_models import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint("deepseek_v3", tmp_path / "src", dtype="bfloat16", tokenizer=False, hidden_size=128,
+                               moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+                               topk_group=2, n_shared_experts=2, vocab_size=4096, max_position_embeddings=4096,
+                               q_lora_rank=48, initializer_range=0.15)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSET / name, src / name)
+    weights = load_file(src / "model.safetensors")  # biased routers: uneven loads, many token counts per expert
+    for name, t in weights.items():
+        if name.endswith("e_score_correction_bias"):
+            weights[name] = (torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) * 0.65).to(t.dtype)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    proc = _d2moe("pack", str(src), str(tmp_path / "packed"), "--bits", "2,3,4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    text = (Path(__file__).parents[2] / "d2moe_cli" / "assets" / "text" / "grimm_tales.heldout.txt").read_text()[:12000]
+    args = ["run", str(tmp_path / "packed"), "-p", text, "--max-new-tokens", "4", "--no-chat-template", "--json"]
+    stats, budget = _at_smallest_budget(args)
+    assert stats["prompt_tokens"] > 3000
+    assert 0 < stats["memory"]["rss_peak_delta_bytes"] <= budget, (stats["memory"]["rss_peak_delta_bytes"], budget)
+
+
 SCALE = Path(os.environ.get("D2MOE_SCALE_CHECKPOINT", "/work/scale/olmoe-d2"))
 
 

@@ -9,7 +9,7 @@ import torch
 from cli_runner import invoke
 from packed import packed_tiny
 
-from d2moe.errors import EXIT_INPUT, EXIT_USAGE  # noqa: E402
+from d2moe.errors import EXIT_INPUT, EXIT_USAGE, UsageError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -128,4 +128,6 @@ def test_a_prompt_of_dash_is_read_from_standard_input(monkeypatch):
     from d2moe.commands.run import read_prompts
 
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a question through a pipe\n")))
-    assert read_prompts("-", None) == ["a question through a pipe\n"]
+    assert read_prompts("-", None) == ["a question through a pipe"]  # without the line ending echo adds
+    with pytest.raises(UsageError, match="both read standard input"):
+        read_prompts("-", "-")

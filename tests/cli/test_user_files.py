@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from d2moe.errors import InputError
-from d2moe.user_files import read_user_file, read_user_text
+from d2moe.errors import InputError, UsageError
+from d2moe.user_files import read_prompt_text, read_user_file, read_user_text, stdin_once
 
 
 def test_special_files_are_refused_without_blocking_or_reading(tmp_path):
@@ -42,3 +42,23 @@ def test_closed_standard_input_is_one_error(monkeypatch):
     monkeypatch.setattr("sys.stdin", None)  # `<&-`: Python sets it to None
     with pytest.raises(InputError, match="standard input is closed"):
         read_user_text("-", 10, "--prompt")
+
+
+def test_standard_input_serves_one_option():
+    stdin_once(("--prompt", "-"), ("--prompts-file", None), ("--quality-text", "q.txt"))
+    with pytest.raises(UsageError, match="--prompt - and --prompts-file - both read standard input"):
+        stdin_once(("--prompt", "-"), ("--prompts-file", "-"))
+    with pytest.raises(UsageError, match="--text - and --text - both"):
+        stdin_once(("--text", "-"), ("--text", "a.txt"), ("--text", "-"))
+
+
+@pytest.mark.parametrize("piped, prompt", [
+    (b"Hello there\n", "Hello there"),  # the line ending echo adds
+    (b"Hello there\r\n", "Hello there"),
+    (b"two lines\n\n", "two lines\n"),  # only the last one: a blank line the user typed stays
+    (b"no ending", "no ending"),
+])
+def test_a_piped_prompt_loses_only_its_last_line_ending(monkeypatch, piped, prompt):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    assert read_prompt_text("-", "--prompt") == prompt
+    assert read_prompt_text("as typed\n", "--prompt") == "as typed\n"

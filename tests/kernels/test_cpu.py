@@ -521,3 +521,22 @@ def test_the_integer_kernel_takes_more_rows_where_tiles_are_float32():
     # int16 do not
     assert auto.gemv_limit(4, cpu.ROWS16) == dispatch.GEMV_MAX_TOKENS_ROWS16[dispatch.TILE_DTYPE]
     assert auto.gemv_limit(8, cpu.ROWS16) == dispatch.GEMV_MAX_TOKENS
+
+
+def test_bf16_tiles_take_few_gemm_shapes_and_the_plan_counts_their_kernels():
+    """oneDNN keeps a kernel per bf16 GEMM shape: the token columns are padded onto a ladder (four widths an octave,
+    at most a quarter of padding past 128 tokens) and the workspace counts the kernels; float32 tiles keep none."""
+    from d2moe.kernels import dispatch
+
+    widths = [dispatch.gemm_width(t, torch.bfloat16) for t in range(1, 513)]
+    assert all(w >= t and w % 16 == 0 for t, w in enumerate(widths, 1))
+    assert all(w <= 1.25 * t for t, w in enumerate(widths, 1) if t > 128)
+    assert len(set(widths)) == 16 and dispatch.gemm_width(37, torch.float32) == 37
+    shapes = {"gate": (96, 128), "up": (96, 128), "down": (128, 96)}
+    kernels = dispatch.tile_kernel_bytes(shapes, 512)
+    if dispatch.TILE_DTYPE == torch.bfloat16:
+        assert kernels == 16 * 2 * dispatch.GEMM_KERNEL_BYTES  # two matrix shapes, each in one tile
+        assert dispatch.tile_kernel_bytes(shapes, 40) == 3 * 2 * dispatch.GEMM_KERNEL_BYTES  # widths 16, 32, 48
+    else:
+        assert kernels == 0
+    assert dispatch.workspace_bound(shapes, 512, 1) > kernels + 4 * 512 * (128 + 3 * 96)  # and the activations

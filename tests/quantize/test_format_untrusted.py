@@ -258,8 +258,17 @@ def test_config_transformers_cannot_build_is_exit_4(gated, tmp_path, capsys, cha
 
 
 @pytest.mark.parametrize("change", [{"model_max_length": [1, 2, 3]}, {"model_max_length": "x"}])
+def test_a_damaged_model_max_length_is_not_read(gated, tmp_path, capsys, change):
+    """It broke encoding in transformers; d2moe keeps the context from config.json and sets the field itself."""
+    ckpt = _copy(gated, tmp_path / "c")
+    _edit(ckpt, lambda c: c.update(change), "tokenizer_config.json")
+    code, out, err = _run(capsys, ckpt)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("change", [{"bos_token": [1, 2]}, {"padding_side": 3}])
 def test_damaged_tokenizer_config_is_one_line(gated, tmp_path, capsys, change):
     ckpt = _copy(gated, tmp_path / "c")
     _edit(ckpt, lambda c: c.update(change), "tokenizer_config.json")
     code, out, err = _run(capsys, ckpt)
-    assert code == 3 and "the tokenizer cannot encode the prompt" in err and len(err.strip().splitlines()) == 1
+    assert code == 3 and "has no usable tokenizer" in err and len(err.strip().splitlines()) == 1

@@ -113,6 +113,17 @@ def test_dtype_option_casts_dense_weights(tiny_checkpoint_factory, tmp_path):
     assert report["dense_bytes"] < report["source_bytes"]
 
 
+def test_a_bfloat16_model_with_its_router_kept_in_float32_packs_and_opens(tmp_path):
+    """transformers keeps DeepSeek-V3's router (weight, e_score_correction_bias) in float32 in a bfloat16 model and
+    saves it so: pack keeps those tensors float32, and the reader took them for mixed-up files."""
+    src = make_tiny_checkpoint("deepseek_v3", tmp_path / "src", dtype="bfloat16")
+    pack_checkpoint(src, tmp_path / "p", MWQConfig(bits=(2, 4)), progress=False)
+    ckpt = fmt.open_checkpoint(tmp_path / "p")
+    dense = ckpt.load_dense()
+    assert ckpt.dtype == "bfloat16" and dense["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert dense["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
 def test_out_is_never_overwritten_without_force(tiny_checkpoint_factory, tmp_path):
     src = tiny_checkpoint_factory("mixtral")
     out = tmp_path / "o"

@@ -137,3 +137,7 @@ def test_generation_stops_where_the_models_context_ends():
     assert context_length({"max_position_embeddings": 4096}) == 4096
     assert context_length({"text_config": {"max_position_embeddings": 2048}}) == 2048
     assert context_length({"max_position_embeddings": True}) is None
+    # save_pretrained leaves out a field equal to its default: the model still has the default's context
+    from transformers import MixtralConfig
+    omitted = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 1}
+    assert context_length(omitted) == MixtralConfig().max_position_embeddings
