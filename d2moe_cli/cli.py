@@ -24,6 +24,26 @@ app = typer.Typer(
 
 COMMANDS = ("pack", "inspect", "run", "train_router", "eval", "bench", "demo", "doctor")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"d2moe {version('d2moe')} (checkpoint format {_format_version()})")
+        raise typer.Exit()
+
+
+def _format_version() -> int:
+    from d2moe.quantize.format.manifest import FORMAT_VERSION
+
+    return FORMAT_VERSION
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Run Mixture-of-Experts LLMs under a memory budget (D²MoE: bit-nested experts, dual routing, HEBF)."""
+
 for _name in COMMANDS:
     importlib.import_module(f"d2moe.commands.{_name}").register(app)
 
@@ -43,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         quiet_third_party_bars()
     try:
         app(args=argv, prog_name="d2moe")
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent exit 130
+            _print_error("interrupted")
+        raise
     except D2MoEError as exc:
         if os.environ.get("D2MOE_DEBUG"):
             raise

@@ -1,5 +1,7 @@
 """Parsers for option values shared by several commands (one message per mistake, same wording everywhere)."""
 
+import os
+
 from d2moe.errors import UsageError
 
 
@@ -26,6 +28,10 @@ def set_threads(threads: int | None) -> None:
     """
     if threads is not None and threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is not None and threads > 4 * cores:  # each thread's share of the rows and its buffers: waits, not speed
+        raise UsageError(f"--threads {threads}: this process may run on {cores} cores; use at most {4 * cores} "
+                         "(threads beyond the cores only wait for them)")
     import torch
 
     from d2moe.kernels import cpu

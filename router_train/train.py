@@ -10,6 +10,7 @@ function of (seed, step) — a per-epoch permutation of the blocks — which mak
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ class TrainConfig:
     save_every: int = 50  # steps between resumable checkpoints
     state_dir: str | None = None  # where resumable state goes (default: <output>.state)
     resume: bool = False
+    force: bool = False  # replace an existing output file
 
     def __post_init__(self) -> None:
         validate_capacity(self.capacity, self.bits)
@@ -76,8 +78,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise UsageError(f"--lr {self.lr} must be a positive number")
-        if self.bit_cost < 0:
-            raise UsageError(f"--bit-cost {self.bit_cost} must be >= 0")
+        if not (math.isfinite(self.bit_cost) and self.bit_cost >= 0):
+            raise UsageError(f"--bit-cost {self.bit_cost} must be a number >= 0")
 
     @property
     def mwq(self) -> MWQConfig:
@@ -228,10 +230,32 @@ def _state_saver(cfg: TrainConfig, gate: BitWidthGate, accelerator):
     return save
 
 
+def check_outputs(cfg: TrainConfig) -> None:
+    """The gate file and the state folder can be written, before any training (they were found out after it)."""
+    out = Path(cfg.output)
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a directory: name the gate file, e.g. -o {out / 'gate.safetensors'}")
+    if out.exists() and not (cfg.force or cfg.resume):  # a resumed run replaces its own earlier gate
+        raise UsageError(f"-o {out} exists: pass --force to replace it, or another -o")
+    for folder, what in ((out.parent, f"-o {out}"), (cfg.state_path.parent, "the training state")):
+        existing = folder.absolute()
+        while not existing.exists():  # nothing is created before the run: a failed one leaves no folders behind
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise InputError(f"{what}: cannot write in {existing} ({exc.strerror}): pick a writable place "
+                             "(-o, --state-dir)") from None
+
+
 def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None] | None = None) -> TrainResult:
     """The whole `train-router` job: data, model, before-eval, training, after-eval, gate file, report."""
     from accelerate import Accelerator
 
+    check_outputs(cfg)
     phase = on_phase or (lambda _msg: None)
     t0 = time.perf_counter()
     accelerator = Accelerator()

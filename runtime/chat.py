@@ -19,6 +19,7 @@ BASE_MARKERS = re.compile(r"(?<![a-z])base(?![a-z])", re.IGNORECASE)
 
 def model_names(checkpoint: str | Path, tokenizer=None) -> list[str]:
     """The names a packed checkpoint goes by (source path, config/tokenizer name, directory)."""
+    from d2moe.quantize.convert.source import model_dir_name
     from d2moe.quantize.format.manifest import read_json
 
     path = Path(checkpoint)
@@ -29,12 +30,12 @@ def model_names(checkpoint: str | Path, tokenizer=None) -> list[str]:
             for k in keys:
                 value = value[k]
             if isinstance(value, str):
-                names.append(Path(value).name or value)
+                names.append(model_dir_name(value))
         except Exception:  # a damaged file is reported where it is validated, not here
             continue
     name = getattr(tokenizer, "name_or_path", None)
     if isinstance(name, str) and name:
-        names.append(Path(name).name or name)
+        names.append(model_dir_name(name))
     return [n for n in names if n]
 
 

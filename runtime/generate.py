@@ -9,6 +9,7 @@ Shape letters: B = batch (requests), S = prompt length (padded), V = vocabulary.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,8 +70,8 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"--temperature {self.temperature} must be a number >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p {self.top_p} must be in (0, 1]")
 

@@ -25,8 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from d2moe.errors import BudgetError, InputError, UsageError
+from d2moe.runtime.budget import text_config
 from d2moe.runtime.prompts import encode_prompts, load_tokenizer
 from d2moe.runtime.run_plan import RunOptions, dense_converter, plan_run, staging_slots
+
+PREFILL_THREADS_MIN_HIDDEN = 1024  # hidden size from which the prompt's forward runs torch on every kernel thread
 
 __all__ = ["GenerationReport", "RunOptions", "Session", "encode_prompts", "load_tokenizer", "plan_run"]
 
@@ -184,9 +187,17 @@ class Session:
         try:
             with self.meter.startup_code():
                 decode(self.model, [prompt], SamplingOptions(max_new_tokens=2, temperature=0.0), eos_ids=[],
-                       pad_id=0, prefill_threads=self.kernels.splitter.threads)
+                       pad_id=0, prefill_threads=self._prefill_threads())
         finally:
             self.pipeline.warming = False
+
+    def _prefill_threads(self) -> int:
+        """torch's threads for the prompt's forward: the kernels' where its GEMMs are wide enough to pay for
+        them (Mixtral shapes: 540 tokens at 190 tok/s on 2 threads, 101 on 1), one below PREFILL_THREADS_MIN_HIDDEN:
+        a small model's many short ops each wait at torch's barrier for a thread whose core another process has
+        (the embedded model's 464-token prefill: 550-1500 tok/s on 2 threads with one core busy, 6200 on 1)."""
+        hidden = text_config(self.ckpt.config).get("hidden_size") or 0
+        return self.kernels.splitter.threads if hidden >= PREFILL_THREADS_MIN_HIDDEN else 1
 
     def _all_fit(self) -> bool:
         ckpt = self.ckpt
@@ -308,7 +319,7 @@ class Session:
             raise BudgetError(f"a batch of {len(batch)} prompts needs forward_tokens >= {len(batch)} (the plan has "
                               f"{self.options.forward_tokens}): run fewer prompts at once")
         result = decode(self.model, batch, sampling, eos, pad_id, on_tokens=on_tokens, on_step=on_step,
-                        prefill_threads=self.kernels.splitter.threads, prefill_chunk=chunk)
+                        prefill_threads=self._prefill_threads(), prefill_chunk=chunk)
         self.pipeline.drain()
         self._kv_bytes = 0
         texts = [tok.decode(t, skip_special_tokens=True) for t in result.new_tokens] if tok is not None else []

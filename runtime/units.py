@@ -1,4 +1,4 @@
-"""Human byte sizes: '512MiB', '6GiB', '6GB', '1.5G', '800000'."""
+"""Human byte sizes: '512MiB', '6GiB', '6GB', '1.5G', '8000000' (a bare number is bytes, from 1 MiB)."""
 
 import re
 
@@ -30,6 +30,8 @@ def parse_size(text: str, what: str = "size") -> int:
     value = int(number)
     if value <= 0:
         raise UsageError(f"{what} {text!r} must be positive")
+    if not unit and value < 1 << 20:  # '-m 1.5' meant GiB, not one byte
+        raise UsageError(f"{what} {text!r} has no unit: write e.g. {m.group(1)}GiB or {m.group(1)}MiB")
     return value
 
 

@@ -99,10 +99,15 @@ def bench(
         plot_pareto(report, pareto_plot)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    print_report(report)
-    if plot is not None:
-        typer.echo(f"plot: {plot}")
+    else:
+        print_report(report)
+        if plot is not None:
+            typer.echo(f"plot: {plot}")
+    if not any(r.ok for r in report.results):  # a CI job must not pass a sweep that measured nothing
+        from d2moe.errors import BudgetError
+
+        reasons = sorted({r.reason for r in report.results if r.reason})
+        raise BudgetError(f"no configuration ran ({'; '.join(reasons)[:300]}): give larger --budgets")
 
 
 def print_report(report) -> None:

@@ -9,13 +9,15 @@ from typing import Annotated
 import typer
 
 from d2moe.options import parse_bits
+from d2moe.quantize.adapters import SUPPORTED
 from d2moe.quantize.types import DEFAULT_SCHEME, default_group_size
 
 
 def register(app: typer.Typer) -> None:
     @app.command("pack")
     def pack_cmd(
-        src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors)")],
+        src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors) "
+                                                  f"of a supported model_type: {', '.join(SUPPORTED)}")],
         out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
         bits: Annotated[str, typer.Option(help="levels (bit-widths) one stored copy serves, ascending")] = "2,3,4",
         group_size: Annotated[int | None, typer.Option(help="input columns sharing one scale/offset (default: 32 for subblock, 64 otherwise; 16 is Q2_K's sub-block: +0.25 bits per weight and nearer the source, 1.03-1.32x the kernel time on AVX-512, 1.2-1.3x on AVX2, BENCHMARKS.md §0.16-0.17)")] = None,

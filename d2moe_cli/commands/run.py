@@ -140,7 +140,8 @@ def run(
         activations=activations, device=device, on_miss=on_miss, miss_threshold=miss_threshold,
         miss_importance=miss_importance, lossless=lossless, reuse_aware=reuse_aware,
     )
-    stream = not json_out and len(prompts) == 1 and sys.stdout.isatty()
+    # one prompt streams to a terminal, pipe or file alike: an interrupted run keeps what it wrote
+    stream = not json_out and len(prompts) == 1
     with Session(checkpoint, options, tokenizer=tokenizer) as session:
         if note:  # after the checks: an error stays one line
             print(f"note: {note}", file=sys.stderr)

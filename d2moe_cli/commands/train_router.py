@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
         save_every: Annotated[int, typer.Option(help="steps between resumable checkpoints")] = 50,
         state_dir: Annotated[Path | None, typer.Option(help="where resumable state goes (default: OUTPUT.state)")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from the state in --state-dir")] = False,
+        force: Annotated[bool, typer.Option("--force", help="replace an existing gate file")] = False,
         report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the JSON report on stdout (progress lines stay on stderr)")] = False,
     ) -> None:
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
             group_size=default_group_size(scheme) if group_size is None else group_size, scheme=scheme, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps, lr=lr,
             seed=seed, bit_cost=bit_cost, target=target, estimator=estimator, proj_dim=proj_dim, eval_blocks=eval_blocks,
             max_blocks=max_blocks, save_every=save_every, state_dir=None if state_dir is None else str(state_dir),
-            resume=resume,
+            resume=resume, force=force,
         )
         show = not as_json and sys.stderr.isatty()
         result = _run_with_progress(cfg, train_router) if show else _run_with_log_lines(cfg, train_router)

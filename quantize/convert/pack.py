@@ -35,7 +35,7 @@ from d2moe.quantize.adapters import adapter_for
 from d2moe.quantize.calib import LayerCalibration, calibrated_fit
 from d2moe.quantize.convert.lossless_pack import lossless_layer, lossless_section
 from d2moe.quantize.convert.progress import PackProgress
-from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint
+from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint, model_dir_name
 from d2moe.quantize.convert.source_check import check_dense_weights
 from d2moe.quantize.convert.staging import Staging, verify_experts_file, verify_whole_file
 from d2moe.quantize.format.safetensors_io import DTYPE_SIZES, TORCH_TO_ST
@@ -132,7 +132,7 @@ def pack_checkpoint(
             print(f"pack: note: {src} has no tokenizer ({', '.join(fmt.TOKENIZER_FILES[:2])}, ...): run and eval need one; "
                   f"copy the source model's tokenizer files into {out}", file=sys.stderr, flush=True)
         manifest = fmt.build_manifest(
-            source={"path": src.resolve().name, "sha256": source.fingerprint()}, arch=adapter.model_type,
+            source={"path": model_dir_name(src.resolve()), "sha256": source.fingerprint()}, arch=adapter.model_type,
             cfg=cfg, dtype=dense_dtype, matrix_shapes=shapes, moe_layers=moe_layers, num_experts=num_experts,
             dense=dense_info, experts=entries, gate=gate_info,
             similarity=sim.section(sim_rows) if sim is not None else None,
@@ -171,6 +171,13 @@ def _maybe_kill(point: str) -> None:
 def _check_out(src: Path, out: Path, force: bool) -> None:
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UsageError(f"OUT {out} must not be SRC or inside it: pick another directory")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:  # `pack SRC ""` is `.`, which cannot be replaced
+        raise UsageError(f"OUT {str(out)!r} is the current directory or holds it: name a new directory, e.g. packed")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT {out} is a file: pick a directory path")
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty directory made for it: nothing to lose
     if out.exists() or out.is_symlink():
         if not force:
             raise UsageError(f"OUT {out} already exists: pass --force to replace it, or pick another directory")
@@ -184,8 +191,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.d2moe-old-{os.getpid()}"
         out.rename(old)
     tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # a link given as OUT goes, not what it points to
+        old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
     try:  # persist the rename
         fd = os.open(out.parent, os.O_RDONLY)
         try:

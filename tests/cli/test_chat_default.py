@@ -54,3 +54,18 @@ def test_chat_template_decision(tmp_path, monkeypatch, names, template, requeste
     monkeypatch.setattr(chat, "model_names", lambda checkpoint, tokenizer=None: names)
     use, _ = use_chat_template(requested, SimpleNamespace(chat_template=template, name_or_path=""), tmp_path)
     assert use is applied
+
+
+def test_a_hugging_face_cache_snapshot_goes_by_its_models_name(tmp_path):
+    """Packed from ~/.cache/huggingface/hub, the source folder is a commit hash: the name is the folder above."""
+    from tiny_models import make_tiny_checkpoint
+
+    from d2moe.quantize import MWQConfig
+    from d2moe.quantize.convert.pack import pack_checkpoint
+    from d2moe.runtime.chat import model_names
+
+    snapshot = make_tiny_checkpoint("mixtral", tmp_path / "models--me--Tiny-MoE-Instruct" / "snapshots" / "abc123")
+    pack_checkpoint(snapshot, tmp_path / "packed", MWQConfig(bits=(2, 4)), progress=False)
+    assert json.loads((tmp_path / "packed" / "d2moe.json").read_text())["source"]["path"] == "Tiny-MoE-Instruct"
+    names = model_names(tmp_path / "packed", SimpleNamespace(name_or_path=str(snapshot)))
+    assert "Tiny-MoE-Instruct" in names and "abc123" not in names

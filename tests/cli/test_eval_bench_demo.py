@@ -136,6 +136,10 @@ def test_bench_json_plot_and_table(pair, tmp_path, capsys):
     assert code == 0 and "n/a (needs" in out and "d2moe" in out
     code, _, err = _cli(capsys, "bench", packed, "--policies", "warp-drive")
     assert code == EXIT_USAGE and "warp-drive" in err
+    # a sweep that measured nothing fails a CI job, its JSON still on stdout
+    code, out, err = _cli(capsys, "bench", packed, "--budgets", "1MiB", "--policies", "d2moe", "--max-new-tokens", 2,
+                          "--repeats", 1, "--json")
+    assert code == EXIT_USAGE and "no configuration ran" in err and json.loads(out)["results"][0]["status"] == "n/a"
 
 
 def test_demo_packs_once_streams_and_reports(pair, tmp_path, capsys):

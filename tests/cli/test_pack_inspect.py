@@ -92,6 +92,7 @@ def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
 def test_errors_are_one_red_line_with_the_exit_code_of_their_class(tiny_checkpoint_factory, tmp_path, capsys, argv,
                                                                      message, want):
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("x")  # not empty (an empty directory is packed into)
     (tmp_path / "short.txt").write_text("Only a few words.\n")
     subst = {"tmp": str(tmp_path), "src": str(tiny_checkpoint_factory("mixtral"))}
     capsys.readouterr()  # what building the checkpoint printed (the first test to ask for it builds it)
@@ -158,3 +159,20 @@ def test_the_calibration_line_names_experts_fitted_unweighted():
     line = _calibration_line(calib)
     assert line.startswith("calibration: 4096 tokens in 3 s, products bfloat16 (judge bfloat16); 54 of 64 experts")
     assert "layer 1 expert 0 (0 tokens)" in line and "layer 1 expert 7 (7 tokens) and 2 more" in line
+
+
+def test_version_names_the_package_and_the_format(capsys):
+    from importlib.metadata import version
+
+    from d2moe.quantize.format.manifest import FORMAT_VERSION
+
+    code, out, _ = invoke(capsys, "--version")
+    assert code == 0 and out.strip() == f"d2moe {version('d2moe')} (checkpoint format {FORMAT_VERSION})"
+
+
+def test_inspect_of_an_unpacked_model_says_to_pack_it(tmp_path, capsys):
+    from tiny_models import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    code, _, err = invoke(capsys, "inspect", src)
+    assert code == 3 and "is a model checkpoint, not a packed one" in err and f"d2moe pack {src} OUT" in err

@@ -108,7 +108,7 @@ def test_a_prompt_longer_than_one_prefill_chunk_prefills_in_chunks_within_the_pl
     from d2moe.runtime.budget import workspace_bytes
     from d2moe.runtime.generate import PREFILL_CHUNK
 
-    code, out, _ = _run(capsys, packed, "--prompt", "hello world " * 400, "--memory-budget", "64MiB",
+    code, out, _ = _run(capsys, packed, "--prompt", "hello world " * 400, "--memory-budget", "128MiB",
                         "--max-new-tokens", "3", "--level", "4", "--json", "--no-chat-template")
     assert code == 0
     stats = json.loads(out)["stats"]

@@ -144,6 +144,25 @@ def test_out_is_never_overwritten_without_force(tiny_checkpoint_factory, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "photos"]  # no temp dirs left behind
 
 
+def test_outs_a_user_names_by_mistake_or_on_purpose(tiny_checkpoint_factory, tmp_path, monkeypatch):
+    src = tiny_checkpoint_factory("mixtral")
+    monkeypatch.chdir(tmp_path)
+    for out in (Path(""), Path("."), Path("..")):  # `pack SRC ""` was `.`: packed whole, then could not be renamed
+        with pytest.raises(UsageError, match="is the current directory or holds it"):
+            pack_checkpoint(src, out, MWQConfig(bits=(2,)), progress=False, force=True)
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        pack_checkpoint(src, tmp_path / "a.txt", MWQConfig(bits=(2,)), progress=False, force=True)
+    (tmp_path / "empty").mkdir()  # made for it: packed into without --force
+    pack_checkpoint(src, tmp_path / "empty", MWQConfig(bits=(2,)), progress=False)
+    assert fmt.open_checkpoint(tmp_path / "empty").cfg.bits == (2,)
+    (tmp_path / "link").symlink_to(tmp_path / "empty")  # --force replaces the link, not what it points to
+    pack_checkpoint(src, tmp_path / "link", MWQConfig(bits=(2, 4)), progress=False, force=True)
+    assert not (tmp_path / "link").is_symlink() and fmt.open_checkpoint(tmp_path / "link").cfg.bits == (2, 4)
+    assert fmt.open_checkpoint(tmp_path / "empty").cfg.bits == (2,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "empty", "link"]  # no stray renamed link
+
+
 def test_a_failed_pack_leaves_nothing(tmp_path):
     src = make_tiny_checkpoint("mixtral", tmp_path / "src")
     state = load_file(str(src / "model.safetensors"))

@@ -61,6 +61,7 @@ def test_cli_end_to_end(app, tiny_mixtral, tmp_path):
         (["--bits", "4,2"], "ascending"),
         (["--target", "teacher"], "--target"),
         (["--capacity-scope", "global"], "--capacity-scope"),
+        (["--bit-cost", "nan"], "--bit-cost nan must be a number >= 0"),
     ],
 )
 def test_cli_bad_options(app, tiny_mixtral, tmp_path, args, message):
@@ -80,3 +81,22 @@ def test_missing_data_is_an_input_error(app, tiny_mixtral, tmp_path):
 
 def test_capacity_none_means_unlimited():
     assert parse_capacity("none", 3) == (1.0, 1.0, 1.0)
+
+
+def test_outputs_are_checked_before_any_training(app, tiny_mixtral, tmp_path):
+    """A gate file that cannot be written was found out after the training (minutes at real sizes)."""
+    from d2moe.errors import InputError
+
+    data = tmp_path / "c.txt"
+    data.write_text("hello world\n")
+    (tmp_path / "taken.safetensors").write_bytes(b"a gate")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")  # a folder that cannot be (tests may run as root, past permissions)
+    for output, error, message in (
+        (tmp_path / "taken.safetensors", UsageError, "exists: pass --force"),
+        (tmp_path / "adir", UsageError, "is a directory: name the gate file"),
+        (tmp_path / "afile" / "g.safetensors", InputError, "cannot write in"),
+    ):
+        result = CliRunner().invoke(app, ["train-router", str(tiny_mixtral), "--data", str(data), "-o", str(output)])
+        assert isinstance(result.exception, error) and message in str(result.exception), result.exception
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"a gate"

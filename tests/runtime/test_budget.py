@@ -191,3 +191,10 @@ def test_static_objects_are_measured_once_and_still_count_shared_storage_once():
 def test_absurd_sizes_are_one_clear_error_not_an_overflow(text):
     with pytest.raises(UsageError, match="larger than any machine"):
         parse_size(text, "--memory-budget")
+
+
+@pytest.mark.parametrize("text", ["1.5", "50", "1000"])
+def test_a_small_number_without_a_unit_is_refused(text):
+    with pytest.raises(UsageError, match=f"has no unit: write e.g. {text}GiB"):
+        parse_size(text, "--memory-budget")
+    assert parse_size("8000000") == 8_000_000  # bytes, from 1 MiB up

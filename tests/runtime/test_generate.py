@@ -30,6 +30,9 @@ def test_greedy_and_nucleus_sampling():
     assert set(draws[:, 1].tolist()) == {0}
     with pytest.raises(UsageError):
         SamplingOptions(top_p=0.0)
+    for bad in (float("nan"), float("inf"), -1.0):  # nan reached torch.multinomial as a traceback
+        with pytest.raises(UsageError, match="--temperature"):
+            SamplingOptions(temperature=bad)
 
 
 def test_left_pad():

@@ -29,3 +29,16 @@ def test_closing_a_session_frees_its_model_and_cache_at_once(tmp_path_factory):
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_a_small_models_prompt_runs_torch_on_one_thread(tmp_path_factory):
+    """Torch's threads pay in the prompt's forward at real widths; a small model's short ops would each wait at
+    torch's barrier for a core another process holds (4-11x slower prefill with one core busy)."""
+    from d2moe.runtime import session as session_module
+
+    packed = packed_tiny(tmp_path_factory, "mixtral", bits=(2, 4))[1]
+    with Session(packed, RunOptions(memory_budget=64 * 2**20, max_tokens=32, threads=2)) as session:
+        assert session.kernels.splitter.threads == 2
+        assert session._prefill_threads() == 1  # hidden size 64
+        session.ckpt.config["hidden_size"] = session_module.PREFILL_THREADS_MIN_HIDDEN
+        assert session._prefill_threads() == 2
