@@ -379,6 +379,12 @@ def _check_gate(router: Path, source: SourceCheckpoint, experts: ExpertSource, a
             raise InputError(f"{source.path}: router weight {key} is missing from the checkpoint")
         weights.append(source.get(by_model_key[key]))
     gate = load_gate(router, expect_fingerprint=model_fingerprint(source.config, weights), expect_levels=cfg.bits)
+    extra = gate.meta.get("extra") or {}
+    trained = (extra.get("scheme"), extra.get("group_size"))  # absent from gates of older releases: nothing to say
+    if None not in trained and trained != (cfg.scheme, cfg.group_size):
+        print(f"pack: note: --router {router.name} was trained on --scheme {trained[0]} --group-size {trained[1]}, "
+              f"this pack is {cfg.scheme} {cfg.group_size}: its bit choices answer another quantization's errors; "
+              "train it with this pack's options for the best choices", file=sys.stderr, flush=True)
     return [float(c) for c in gate.capacity]
 
 

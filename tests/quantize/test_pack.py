@@ -198,7 +198,8 @@ def test_bad_sources_are_explained(tmp_path, tiny_checkpoint_factory):
     assert not (tmp_path / "o").exists()
 
 
-def _gate_for(src: Path, path: Path, levels=(2, 3, 4), config_override: dict | None = None) -> Path:
+def _gate_for(src: Path, path: Path, levels=(2, 3, 4), config_override: dict | None = None,
+              extra: dict | None = None) -> Path:
     from d2moe.quantize.adapters import adapter_for
     from d2moe.runtime.gate import BitWidthGate, model_fingerprint, save_gate
 
@@ -210,7 +211,7 @@ def _gate_for(src: Path, path: Path, levels=(2, 3, 4), config_override: dict | N
     torch.manual_seed(0)
     capacity = tuple([1.0 / len(levels)] * (len(levels) - 1) + [1.0 - (len(levels) - 1) / len(levels)])
     gate = BitWidthGate(config["hidden_size"], adapter.num_experts(config), moe, levels, capacity, proj_dim=8)
-    return save_gate(gate, path, fingerprint)
+    return save_gate(gate, path, fingerprint, extra)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
@@ -230,3 +231,13 @@ def test_router_gate_is_validated_and_included(arch, tiny_checkpoint_factory, tm
     with pytest.raises(InputError, match="does not exist"):
         pack_checkpoint(src, tmp_path / "o4", MWQConfig(), router=tmp_path / "missing.safetensors", progress=False)
     assert not any((tmp_path / n).exists() for n in ("o2", "o3", "o4"))
+
+
+def test_a_gate_trained_on_another_scheme_is_noted(tiny_checkpoint_factory, tmp_path, capsys):
+    src = tiny_checkpoint_factory("mixtral")
+    gate = _gate_for(src, tmp_path / "gate.safetensors", extra={"scheme": "sliced", "group_size": 64})
+    pack_checkpoint(src, tmp_path / "o", MWQConfig(), router=gate, progress=False)
+    assert "was trained on --scheme sliced --group-size 64, this pack is subblock 32" in capsys.readouterr().err
+    same = _gate_for(src, tmp_path / "same.safetensors", extra={"scheme": "subblock", "group_size": 32})
+    pack_checkpoint(src, tmp_path / "o2", MWQConfig(), router=same, progress=False)
+    assert "was trained on" not in capsys.readouterr().err
