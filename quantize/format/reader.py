@@ -251,7 +251,7 @@ def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
     if not path.is_dir():
         raise InputError(f"{path} is not a packed checkpoint directory (make one with `d2moe pack SRC {path}`)")
     if not os.path.lexists(path / MANIFEST_NAME):
-        if os.path.lexists(path / CONFIG_NAME):  # a Hugging Face model folder, not yet packed
+        if os.path.lexists(path / CONFIG_NAME) and not os.path.lexists(path / DENSE_NAME):  # a model, not a pack
             raise InputError(f"{path} is a model checkpoint, not a packed one (no {MANIFEST_NAME}): pack it first, "
                              f"`d2moe pack {path} OUT`, and give OUT")
         raise InputError(f"{path / MANIFEST_NAME} is missing (not a packed checkpoint: make one with `d2moe pack`)")
