@@ -61,8 +61,8 @@ TILE_DTYPE = torch.bfloat16 if cpu.has_bf16_gemm() else torch.float32
 # bf16 tiles' GEMM columns (tokens) padded up: oneDNN keeps the kernel it builds for each GEMM shape, and a
 # prompt's every distinct count of tokens routed to an expert kept one more on the heap, outside the budget (115 MB
 # after a 3500-token prompt on the embedded model, whose budget was 79 MiB). Multiples of 16 columns (one AMX tile)
-# still left 32 shapes per matrix shape for a 512-token chunk at ~0.5 MiB each (DeepSeek-V3 with 96-wide experts:
-# 65 MiB of a 59 MiB budget). Four widths per octave leave 16, padding at most a quarter: a ladder of 1.5x steps
+# still left 32 shapes per matrix shape for a 512-token chunk at 0.5-1 MiB each (DeepSeek-V3 with 96-wide experts:
+# 68 MiB of a 59 MiB budget). Four widths per octave leave 16, padding at most a quarter: a ladder of 1.5x steps
 # left 10 but cost 1.15-1.19x at 257 tokens of a 14336x4096 matrix. torch's fp32 GEMM (MKL) keeps none.
 TOKEN_BUCKET = {torch.bfloat16: 16}
 
