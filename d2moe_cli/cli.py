@@ -55,18 +55,26 @@ def _print_error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: click's standalone mode handles usage errors (exit 2) and --help; our errors are one line."""
+    """Entry point: every error one line (usage errors exit 2, ours with their class's code); --help as typer prints it."""
     args = sys.argv[1:] if argv is None else argv
     if "--json" in args or not sys.stderr.isatty():  # no third-party bars in logs or next to JSON
         from d2moe.progress import quiet_third_party_bars
 
         quiet_third_party_bars()
     try:
-        app(args=argv, prog_name="d2moe")
-    except SystemExit as exc:
-        if exc.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent exit 130
-            _print_error("interrupted")
-        raise
+        # not standalone: usage errors come here, to be one line like ours, not a box under a usage line
+        code = app(args=argv, prog_name="d2moe", standalone_mode=False)
+    except typer.TyperException as exc:  # click's (typer vendors it): usage errors, bad parameters
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `d2moe` or `d2moe pack` alone: the help itself
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _print_error(_escape(exc.format_message() + hint))
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input where a prompt waited
+        _print_error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
     except D2MoEError as exc:
         if os.environ.get("D2MOE_DEBUG"):
             raise
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _print_error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit code 130 without a word
+        _print_error("interrupted")
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
 
 
 def _escape(text: str) -> str:

@@ -85,6 +85,10 @@ def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     (["pack", "{src}", "{tmp}/o", "--calib", "{tmp}/short.txt"], "fewer than one sequence of 512 tokens: add text to "
      "--calib", EXIT_INPUT),
     (["pack", "{src}", "{tmp}/exists"], "already exists: pass --force", EXIT_USAGE),
+    # usage errors too: one line, not typer's box under a usage line
+    (["pack", "{src}", "{tmp}/o", "--no-such-option"], "No such option: --no-such-option (see `d2moe pack --help`)",
+     EXIT_USAGE),
+    (["pack"], "Missing argument 'src'. (see `d2moe pack --help`)", EXIT_USAGE),
     (["pack", "{src}", "/proc/d2moe-out"], "cannot pack into /proc/d2moe-out", EXIT_IO),
     (["inspect", "{tmp}/missing"], "is not a packed checkpoint directory", EXIT_INPUT),
     (["inspect", "{tmp}/exists"], "d2moe.json is missing", EXIT_INPUT),
