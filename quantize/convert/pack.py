@@ -228,7 +228,7 @@ def _dense_part(source: SourceCheckpoint, dense: list[tuple[str, str]], staging:
             counts[out_dtype] = counts.get(out_dtype, 0) + math.prod(info.shape)
         plan.append((src_key, model_key, out_dtype, info.shape))
     plan.sort(key=lambda p: (-DTYPE_SIZES.get(p[2], 1), p[1]))  # widest first keeps every tensor aligned
-    main = max(sorted(counts), key=lambda d: counts[d]) if counts else "F32"
+    main = fmt.main_float_dtype(counts) or "F32"
     dense_dtype = dtype or {v: k for k, v in TORCH_TO_ST.items()}.get(main, main)
     if dense_dtype not in fmt.DENSE_DTYPES:
         raise InputError(f"{source.path}: dense weights are {dense_dtype}; pass --dtype float16|bfloat16|float32")

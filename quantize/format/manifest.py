@@ -205,3 +205,10 @@ def _validate_experts(raw, moe_layers: list[int], num_experts: int, layout: Blob
         prev_end[item["file"]] = offset + layout.nbytes
         experts[(layer, expert)] = ExpertEntry(layer, expert, item["file"], offset, tuple(ends), tuple(crcs), tuple(sqnr))
     return experts
+
+
+def main_float_dtype(elements: dict[str, int]) -> str | None:
+    """The manifest's `dtype` (as a safetensors code) for a dense file whose float tensors hold `elements` elements
+    per dtype: the most common; the other tensors keep their source's dtype (transformers keeps DeepSeek-V3's router
+    in float32 in a bfloat16 model). None where there is no float tensor."""
+    return max(sorted(elements), key=lambda d: elements[d]) if elements else None

@@ -32,7 +32,7 @@ from d2moe.quantize.format.constants import (
 from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.files import check_regular
 from d2moe.quantize.format.layout import BlobLayout, Slot, blob_layout
-from d2moe.quantize.format.manifest import ExpertEntry, read_json, validate_manifest
+from d2moe.quantize.format.manifest import ExpertEntry, main_float_dtype, read_json, validate_manifest
 from d2moe.quantize.format.safetensors_io import read_header
 from d2moe.quantize.format.writer import experts_file_metadata
 from d2moe.quantize.types import MWQConfig
@@ -322,13 +322,12 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
 
 
 def _check_dense_dtype(header, dtype: str) -> None:
-    """The manifest's dtype is that of most of the dense file's float elements, as pack writes it; the others
-    keep their source's dtype (transformers keeps DeepSeek-V3's router in float32 in a bfloat16 model)."""
+    """The manifest's dtype is main_float_dtype of the dense file's float tensors, as pack writes it."""
     want, elements = DENSE_ST_DTYPES[dtype], {}
     for t in header.tensors.values():
         if t.dtype in ("F16", "BF16", "F32", "F64"):
             elements[t.dtype] = elements.get(t.dtype, 0) + math.prod(t.shape)
-    main = max(sorted(elements), key=lambda d: elements[d]) if elements else want
+    main = main_float_dtype(elements) or want
     if main != want:
         largest = max((t for t in header.tensors.values() if t.dtype == main), key=lambda t: math.prod(t.shape))
         name = next(n for n, t in header.tensors.items() if t is largest)
