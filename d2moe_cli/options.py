@@ -16,7 +16,18 @@ def parse_bits(text: str, option: str = "--bits") -> tuple[int, ...]:
     return MWQConfig(bits=bits).bits  # validates
 
 
-def set_threads(threads: int | None) -> None:
+def given_as(ctx, param: str, flag: str) -> str:
+    """How the user set option `param` (for its error messages): `flag`, or the environment variable its value came
+    from (D2MOE_MEMORY_BUDGET=lots read as "--memory-budget 'lots'")."""
+    source = ctx.get_parameter_source(param) if ctx is not None else None
+    if source is not None and source.name == "ENVIRONMENT":
+        envvar = next((p.envvar for p in ctx.command.params if p.name == param), None)
+        if isinstance(envvar, str):
+            return envvar
+    return flag
+
+
+def set_threads(threads: int | None, option: str = "--threads") -> None:
     """Compute threads for this process: the expert and dense kernels' row threads (default: every
     core this process may run on); torch keeps one intra-op thread.
 
@@ -27,10 +38,10 @@ def set_threads(threads: int | None) -> None:
     `--kernels reference` the session gives torch the threads instead.
     """
     if threads is not None and threads < 1:
-        raise UsageError(f"--threads {threads} must be at least 1")
+        raise UsageError(f"{option} {threads} must be at least 1")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads is not None and threads > 4 * cores:  # each thread's share of the rows and its buffers: waits, not speed
-        raise UsageError(f"--threads {threads}: this process may run on {cores} cores; use at most {4 * cores} "
+        raise UsageError(f"{option} {threads}: this process may run on {cores} cores; use at most {4 * cores} "
                          "(threads beyond the cores only wait for them)")
     import torch
 

@@ -10,10 +10,11 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import UsageError
-from d2moe.options import parse_bandwidth, set_threads
+from d2moe.options import given_as, parse_bandwidth, set_threads
 
 
 def bench(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
     budgets: Annotated[str, typer.Option(
         help="Memory budgets: percentages of the 4-bit expert set on top of dense + KV + staging "
@@ -57,7 +58,7 @@ def bench(
 
     check_weights(dense_weights)  # before any plan counts the dense layers as converted
 
-    set_threads(threads)
+    set_threads(threads, given_as(ctx, "threads", "--threads"))
     if max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: bench times decode steps, which start at the second "
                          "new token (the first is the prefill's): use 2 or more")

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import InputError, UsageError
-from d2moe.options import parse_bits, set_threads
+from d2moe.options import given_as, parse_bits, set_threads
 
 DEFAULT_PROMPT = "Once upon a time there was a king who had three daughters,"
 DEFAULT_BITS = "2,3,4"
@@ -124,6 +124,7 @@ def demo_budget(checkpoint: Path, max_tokens: int, expert_fraction: float, io_th
 
 
 def demo(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt to continue.")] = DEFAULT_PROMPT,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     out: Annotated[Path | None, typer.Option(
@@ -145,7 +146,7 @@ def demo(
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
-    set_threads(threads)
+    set_threads(threads, given_as(ctx, "threads", "--threads"))
     if not 0 < expert_fraction <= 1:
         raise UsageError(f"--expert-fraction {expert_fraction} must be in (0, 1]")
     level_bits = parse_bits(bits)

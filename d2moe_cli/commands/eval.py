@@ -10,10 +10,11 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import BudgetError, UsageError
-from d2moe.options import set_threads
+from d2moe.options import given_as, set_threads
 
 
 def eval_command(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
     text: Annotated[list[Path] | None, typer.Option(
         "--text", help="Evaluation text file (repeatable); files are joined by blank lines.")] = None,
@@ -55,7 +56,7 @@ def eval_command(
 
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
 
-    set_threads(threads)
+    set_threads(threads, given_as(ctx, "threads", "--threads"))
     from d2moe.runtime.miss import MissOptions
 
     MissOptions(on_miss, miss_threshold, miss_importance)  # option errors before any work

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from d2moe.errors import InputError, UsageError
-from d2moe.options import parse_bandwidth, set_threads
+from d2moe.options import given_as, parse_bandwidth, set_threads
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
@@ -53,6 +53,7 @@ def parse_levels_pair(text: str | None) -> tuple[int, int] | None:
 
 
 def run(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
     memory_budget: Annotated[str, typer.Option("--memory-budget", "-m", envvar="D2MOE_MEMORY_BUDGET",
                                                help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB.")] = "6GiB",
@@ -110,7 +111,7 @@ def run(
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
     from d2moe.runtime.units import parse_size
 
-    budget = parse_size(memory_budget, "--memory-budget")
+    budget = parse_size(memory_budget, given_as(ctx, "memory_budget", "--memory-budget"))
     bandwidth = parse_bandwidth(io_bandwidth)
     prompts = read_prompts(prompt, prompts_file)
     from d2moe.runtime.device import check_device
@@ -130,7 +131,7 @@ def run(
     batch = encode_prompts(tokenizer, prompts, chat_template)
     max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
     torch.manual_seed(seed)
-    set_threads(threads)
+    set_threads(threads, given_as(ctx, "threads", "--threads"))
     options = RunOptions(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,

@@ -131,3 +131,15 @@ def test_a_prompt_of_dash_is_read_from_standard_input(monkeypatch):
     assert read_prompts("-", None) == ["a question through a pipe"]  # without the line ending echo adds
     with pytest.raises(UsageError, match="both read standard input"):
         read_prompts("-", "-")
+
+
+def test_an_option_set_by_environment_variable_is_named_by_it(packed, capsys, monkeypatch):
+    monkeypatch.setenv("D2MOE_MEMORY_BUDGET", "lots")
+    code, _, err = _run(capsys, packed, "-p", "hi")
+    assert code == EXIT_USAGE and "D2MOE_MEMORY_BUDGET 'lots' is not a size" in err
+    code, _, err = _run(capsys, packed, "-p", "hi", "-m", "lots")  # the flag, where the command line gave it
+    assert code == EXIT_USAGE and "--memory-budget 'lots' is not a size" in err
+    monkeypatch.delenv("D2MOE_MEMORY_BUDGET")
+    monkeypatch.setenv("D2MOE_THREADS", "0")
+    code, _, err = _run(capsys, packed, "-p", "hi")
+    assert code == EXIT_USAGE and "D2MOE_THREADS 0 must be at least 1" in err
