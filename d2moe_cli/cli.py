@@ -16,7 +16,6 @@ from d2moe.errors import EXIT_INTERRUPTED, EXIT_IO, D2MoEError, describe_os_erro
 
 app = typer.Typer(
     name="d2moe",
-    help="Run Mixture-of-Experts LLMs under a memory budget (D²MoE: bit-nested experts, dual routing, HEBF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -29,20 +28,17 @@ def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        typer.echo(f"d2moe {version('d2moe')} (checkpoint format {_format_version()})")
+        from d2moe.quantize.format.constants import FORMAT_VERSION
+
+        typer.echo(f"d2moe {version('d2moe')} (checkpoint format {FORMAT_VERSION})")
         raise typer.Exit()
-
-
-def _format_version() -> int:
-    from d2moe.quantize.format.manifest import FORMAT_VERSION
-
-    return FORMAT_VERSION
 
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Run Mixture-of-Experts LLMs under a memory budget (D²MoE: bit-nested experts, dual routing, HEBF)."""
+
 
 for _name in COMMANDS:
     importlib.import_module(f"d2moe.commands.{_name}").register(app)
@@ -65,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         # not standalone: usage errors come here, to be one line like ours, not a box under a usage line
         code = app(args=argv, prog_name="d2moe", standalone_mode=False)
     except typer.TyperException as exc:  # click's (typer vendors it): usage errors, bad parameters
-        if type(exc).__name__ == "NoArgsIsHelpError":  # `d2moe` or `d2moe pack` alone: the help itself
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `d2moe` alone: the help itself
             exc.show()
             sys.exit(exc.exit_code)
         ctx = getattr(exc, "ctx", None)

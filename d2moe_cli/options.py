@@ -16,15 +16,14 @@ def parse_bits(text: str, option: str = "--bits") -> tuple[int, ...]:
     return MWQConfig(bits=bits).bits  # validates
 
 
-def given_as(ctx, param: str, flag: str) -> str:
-    """How the user set option `param` (for its error messages): `flag`, or the environment variable its value came
-    from (D2MOE_MEMORY_BUDGET=lots read as "--memory-budget 'lots'")."""
-    source = ctx.get_parameter_source(param) if ctx is not None else None
-    if source is not None and source.name == "ENVIRONMENT":
-        envvar = next((p.envvar for p in ctx.command.params if p.name == param), None)
-        if isinstance(envvar, str):
-            return envvar
-    return flag
+def given_as(ctx, param: str) -> str:
+    """How the user set option `param` (for its error messages): its long flag, or the environment variable its
+    value came from (D2MOE_MEMORY_BUDGET=lots read as "--memory-budget 'lots'")."""
+    option = next(p for p in ctx.command.params if p.name == param)
+    source = ctx.get_parameter_source(param)
+    if source is not None and source.name == "ENVIRONMENT" and isinstance(option.envvar, str):
+        return option.envvar
+    return max(option.opts, key=len)
 
 
 def set_threads(threads: int | None, option: str = "--threads") -> None:

@@ -330,8 +330,9 @@ def tile_kernel_bytes(matrix_shapes: dict[str, tuple[int, int]], tokens: int) ->
     `tokens`'s; none for fp32 tiles."""
     if TILE_DTYPE not in TOKEN_BUCKET or tokens <= 0:
         return 0
-    top = gemm_width(tokens, TILE_DTYPE)
-    widths = len({gemm_width(t, TILE_DTYPE) for t in range(1, top + 1)})
+    widths, width = 0, 0
+    while width < tokens:  # up the ladder, one width at a time
+        width, widths = gemm_width(width + 1, TILE_DTYPE), widths + 1
     heights = sum(1 if rows <= TILE_ROWS else 2 for rows, _ in set(matrix_shapes.values()))
     return widths * heights * GEMM_KERNEL_BYTES
 

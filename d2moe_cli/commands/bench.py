@@ -58,7 +58,7 @@ def bench(
 
     check_weights(dense_weights)  # before any plan counts the dense layers as converted
 
-    set_threads(threads, given_as(ctx, "threads", "--threads"))
+    set_threads(threads, given_as(ctx, "threads"))
     if max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: bench times decode steps, which start at the second "
                          "new token (the first is the prefill's): use 2 or more")

@@ -146,7 +146,7 @@ def demo(
     from d2moe.runtime.generate import SamplingOptions
     from d2moe.runtime.session import RunOptions, Session, encode_prompts, load_tokenizer
 
-    set_threads(threads, given_as(ctx, "threads", "--threads"))
+    set_threads(threads, given_as(ctx, "threads"))
     if not 0 < expert_fraction <= 1:
         raise UsageError(f"--expert-fraction {expert_fraction} must be in (0, 1]")
     level_bits = parse_bits(bits)

@@ -56,7 +56,7 @@ def eval_command(
 
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
 
-    set_threads(threads, given_as(ctx, "threads", "--threads"))
+    set_threads(threads, given_as(ctx, "threads"))
     from d2moe.runtime.miss import MissOptions
 
     MissOptions(on_miss, miss_threshold, miss_importance)  # option errors before any work

@@ -111,7 +111,7 @@ def run(
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
     from d2moe.runtime.units import parse_size
 
-    budget = parse_size(memory_budget, given_as(ctx, "memory_budget", "--memory-budget"))
+    budget = parse_size(memory_budget, given_as(ctx, "memory_budget"))
     bandwidth = parse_bandwidth(io_bandwidth)
     prompts = read_prompts(prompt, prompts_file)
     from d2moe.runtime.device import check_device
@@ -131,7 +131,7 @@ def run(
     batch = encode_prompts(tokenizer, prompts, chat_template)
     max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
     torch.manual_seed(seed)
-    set_threads(threads, given_as(ctx, "threads", "--threads"))
+    set_threads(threads, given_as(ctx, "threads"))
     options = RunOptions(
         memory_budget=budget, policy=policy, level=level, router_levels=parse_levels_pair(router_levels),
         schedule=schedule, cache_policy=cache_policy, io_threads=io_threads, io_bandwidth=bandwidth,

@@ -219,16 +219,13 @@ def _dense_part(source: SourceCheckpoint, dense: list[tuple[str, str]], staging:
     record = staging.done(fmt.DENSE_NAME, verify_whole_file)
     if record is not None:
         return record["entry"], record["dtype"]
-    plan, counts = [], {}
+    plan = []
     for src_key, model_key in dense:
         info = source.info(src_key)
-        is_float = info.dtype in ("F16", "BF16", "F32", "F64")
-        out_dtype = TORCH_TO_ST[dtype] if (dtype and is_float) else info.dtype
-        if is_float:
-            counts[out_dtype] = counts.get(out_dtype, 0) + math.prod(info.shape)
+        out_dtype = TORCH_TO_ST[dtype] if (dtype and info.dtype in fmt.FLOAT_ST_DTYPES) else info.dtype
         plan.append((src_key, model_key, out_dtype, info.shape))
     plan.sort(key=lambda p: (-DTYPE_SIZES.get(p[2], 1), p[1]))  # widest first keeps every tensor aligned
-    main = fmt.main_float_dtype(counts) or "F32"
+    main = fmt.main_float_dtype((d, shape) for _, _, d, shape in plan) or "F32"
     dense_dtype = dtype or {v: k for k, v in TORCH_TO_ST.items()}.get(main, main)
     if dense_dtype not in fmt.DENSE_DTYPES:
         raise InputError(f"{source.path}: dense weights are {dense_dtype}; pass --dtype float16|bfloat16|float32")

@@ -33,7 +33,6 @@ ST_TO_TORCH = {
 }
 
 
-
 def model_dir_name(path: str | Path) -> str:
     """A model folder's name: its last part, or for a Hugging Face cache snapshot (models--ORG--NAME/snapshots/HASH)
     the model's NAME, not the commit hash (run reads it for an Instruct/Chat marker)."""
@@ -41,6 +40,7 @@ def model_dir_name(path: str | Path) -> str:
     if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name.split("--")[-1]
     return p.name or str(path)
+
 
 class SourceCheckpoint:
     """A HF checkpoint directory on disk: config + safetensors (single file or sharded with an index)."""

@@ -56,7 +56,7 @@ from d2moe.quantize.format.constants import (
     experts_file_name,
 )
 from d2moe.quantize.format.layout import BlobLayout, Slot, blob_layout
-from d2moe.quantize.format.manifest import ExpertEntry, main_float_dtype
+from d2moe.quantize.format.manifest import FLOAT_ST_DTYPES, ExpertEntry, main_float_dtype
 from d2moe.quantize.format.reader import PackedCheckpoint, decode_blob, open_checkpoint
 from d2moe.quantize.format.sections import LOSSLESS_CODECS, lossless_file_name
 from d2moe.quantize.format.writer import (
@@ -72,7 +72,7 @@ from d2moe.quantize.format.writer import (
 
 __all__ = [
     "ALIGN", "CONFIG_NAME", "COPIED_FILES", "DENSE_ALIGN", "DENSE_DTYPES", "DENSE_NAME", "FORMAT_NAME", "FORMAT_VERSION",
-    "GATE_NAME", "MANIFEST_NAME", "MATRICES", "TOKENIZER_FILES", "BlobLayout", "ExpertsFileWriter", "dense_file_writer", "file_entry", "ExpertEntry", "main_float_dtype", "PackedCheckpoint", "Slot", "blob_layout",
+    "GATE_NAME", "MANIFEST_NAME", "MATRICES", "TOKENIZER_FILES", "BlobLayout", "ExpertsFileWriter", "dense_file_writer", "file_entry", "ExpertEntry", "FLOAT_ST_DTYPES", "main_float_dtype", "PackedCheckpoint", "Slot", "blob_layout",
     "build_manifest", "decode_blob", "encode_expert", "expert_tensor_name", "experts_file_name", "file_crc32",
     "manifest_bytes", "open_checkpoint", "segment_crcs", "LOSSLESS_CODECS", "lossless_file_name",
 ]

@@ -3,7 +3,9 @@ config.json and the blob layout, before anything is trusted."""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,8 +209,15 @@ def _validate_experts(raw, moe_layers: list[int], num_experts: int, layout: Blob
     return experts
 
 
-def main_float_dtype(elements: dict[str, int]) -> str | None:
-    """The manifest's `dtype` (as a safetensors code) for a dense file whose float tensors hold `elements` elements
-    per dtype: the most common; the other tensors keep their source's dtype (transformers keeps DeepSeek-V3's router
-    in float32 in a bfloat16 model). None where there is no float tensor."""
+FLOAT_ST_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' float dtype codes
+
+
+def main_float_dtype(tensors: Iterable[tuple[str, Sequence[int]]]) -> str | None:
+    """The manifest's `dtype` (as a safetensors code) for a dense file of these (dtype, shape) tensors: that of most
+    float elements; the other tensors keep their source's dtype (transformers keeps DeepSeek-V3's router in float32
+    in a bfloat16 model). None where there is no float tensor."""
+    elements: dict[str, int] = {}
+    for dtype, shape in tensors:
+        if dtype in FLOAT_ST_DTYPES:
+            elements[dtype] = elements.get(dtype, 0) + math.prod(shape)
     return max(sorted(elements), key=lambda d: elements[d]) if elements else None

@@ -322,15 +322,12 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
 
 
 def _check_dense_dtype(header, dtype: str) -> None:
-    """The manifest's dtype is main_float_dtype of the dense file's float tensors, as pack writes it."""
-    want, elements = DENSE_ST_DTYPES[dtype], {}
-    for t in header.tensors.values():
-        if t.dtype in ("F16", "BF16", "F32", "F64"):
-            elements[t.dtype] = elements.get(t.dtype, 0) + math.prod(t.shape)
-    main = main_float_dtype(elements) or want
+    """The manifest's dtype is main_float_dtype of the dense file's tensors, as pack writes it."""
+    want = DENSE_ST_DTYPES[dtype]
+    main = main_float_dtype((t.dtype, t.shape) for t in header.tensors.values()) or want
     if main != want:
-        largest = max((t for t in header.tensors.values() if t.dtype == main), key=lambda t: math.prod(t.shape))
-        name = next(n for n, t in header.tensors.items() if t is largest)
+        name = max((n for n, t in header.tensors.items() if t.dtype == main),
+                   key=lambda n: math.prod(header.tensors[n].shape))
         raise FormatError(f"{DENSE_NAME}: tensor {name!r} is {main} but {MANIFEST_NAME} says dtype {dtype!r} ({want}), "
                           f"and so are most of its weights: mixed-up or edited files, re-pack")
 
