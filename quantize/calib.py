@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -47,7 +48,8 @@ class LayerCalibration(Protocol):
     calib_id: str  # names the calibration in --resume's key
     starved: list[list[int]]  # [layer, expert, tokens] of the experts fitted unweighted
 
-    def layer_stats(self, layer: int) -> dict[tuple[int, int, str], ColumnStats]: ...
+    def layer_stats(self, layer: int, scratch: Path | None = None) -> dict[tuple[int, int, str], ColumnStats]: ...
+    # (scratch: a folder for files the calibration may spill, pack's staging folder)
 
     def manifest_section(self) -> dict: ...  # the checkpoint's `calibration` (format.sections), once every layer is fitted
 

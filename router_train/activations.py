@@ -13,8 +13,9 @@ for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them). `pack`
 layer (CalibrationPass) and fits that layer's experts before the pass goes on.
 Layers and experts multiply in calib.product_dtype of the source's (bfloat16 where the CPU has it natively,
 else float32); sums and moments are float32 or wider; the hidden states between layers keep the source's dtype.
-Resident memory: one layer's dense weights, one expert matrix, the calibration activations, one layer's
-inputs to its experts and one layer's statistics; never the model, its embeddings only while they run.
+Resident memory: one layer's dense weights, one expert matrix, the calibration activations and one layer's
+statistics; never the model, its embeddings only while they run. The layer's inputs to its experts, from which
+the samples are drawn, wait on disk.
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -25,10 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,6 +90,46 @@ def _cast(x, dtype: torch.dtype):
     return x
 
 
+class _ScratchRows:
+    """Rows of one dtype and shape in an unlinked file in `folder` (None: the system's temporary folder), read and
+    written with pread/pwrite: what the pass keeps between calls (a layer's hidden states, its experts' inputs) waits
+    in the page cache, which the kernel may write out, instead of the process's memory. Nothing is left by a kill."""
+
+    def __init__(self, folder: Path | None, dtype: torch.dtype, row_shape: tuple[int, ...]):
+        self.file = tempfile.TemporaryFile(dir=folder)
+        self.dtype, self.row_shape = dtype, tuple(row_shape)
+        self.row_bytes = math.prod(self.row_shape) * torch.empty((), dtype=dtype).element_size()
+        self.rows = 0  # rows written so far (the end of the file)
+
+    def write(self, r0: int, rows: torch.Tensor) -> None:
+        data = rows.detach().to(self.dtype).contiguous().view(torch.uint8).numpy()
+        os.pwrite(self.file.fileno(), memoryview(data.reshape(-1)), r0 * self.row_bytes)
+        self.rows = max(self.rows, r0 + rows.shape[0])
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.write(self.rows, rows)
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        buf = np.empty((r1 - r0) * self.row_bytes, dtype=np.uint8)
+        if os.preadv(self.file.fileno(), [memoryview(buf)], r0 * self.row_bytes) != buf.nbytes:
+            raise OSError(f"calibration scratch file {self.file.name}: short read")
+        return torch.from_numpy(buf).view(self.dtype).view(r1 - r0, *self.row_shape)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (ascending), one read per run of consecutive rows."""
+        idx = index.tolist()
+        out = torch.empty((len(idx), *self.row_shape), dtype=self.dtype)
+        start = 0
+        for k in range(1, len(idx) + 1):
+            if k == len(idx) or idx[k] != idx[k - 1] + 1:
+                out[start:k] = self.read(idx[start], idx[k - 1] + 1)
+                start = k
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _Catcher(nn.Module):
     """Stands in for decoder layer 0: records what it is called with, then stops the forward."""
 
@@ -108,6 +153,7 @@ class _StatsExperts(nn.Module):
         self.layer, self.experts, self.keep_tokens, self.blocks = layer, experts, keep_tokens, blocks
         self.act = expert_activation(original)
         self.collect = False
+        self.scratch: Path | None = None  # where the layer's inputs are spilled (None: the system's temporary folder)
         self.release()
 
     def release(self) -> None:
@@ -116,7 +162,10 @@ class _StatsExperts(nn.Module):
         self.counts: dict = {}
         self.moments: dict = {}
         self.samples: dict = {}
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's inputs and routes, call by call
+        self.routes: list[torch.Tensor] = []  # this layer's routes, call by call (its inputs are in self.spill)
+        if getattr(self, "spill", None) is not None:
+            self.spill.close()
+        self.spill = None
 
     def _matrix(self, e: int, name: str) -> torch.Tensor:
         return self.experts.matrix(self.layer, e, name).to(self.dtype)
@@ -140,9 +189,17 @@ class _StatsExperts(nn.Module):
             for m, v in (("gate", x), ("down", h)):
                 self._accumulate((e, m), v, self.blocks[m])
             self.counts[e] = self.counts.get(e, 0) + len(tok)
-        if self.collect:  # for keep_samples, in the samples' own bfloat16 (where the layer runs in float32: half the bytes)
-            self.calls.append((hidden_states.detach().to(torch.bfloat16, copy=True), top_k_index.clone()))
+        if self.collect:  # for keep_samples: the inputs on disk in the samples' own bfloat16, the routes in memory
+            self._spill_inputs(hidden_states)
+            self.routes.append(top_k_index.clone())
         return out.to(hidden_states.dtype)
+
+    def _spill_inputs(self, hidden_states: torch.Tensor) -> None:
+        """Append this call's inputs to the layer's scratch file: held in memory, a layer's inputs (256 MiB at
+        32768 tokens of Mixtral) and keep_samples' copy of them were a quarter of the calibrated pack's peak."""
+        if self.spill is None:
+            self.spill = _ScratchRows(self.scratch, torch.bfloat16, hidden_states.shape[-1:])
+        self.spill.append(hidden_states.reshape(-1, hidden_states.shape[-1]))
 
     def _accumulate(self, key: tuple[int, str], v: torch.Tensor, block: int) -> None:
         """Add inputs v [T, I]'s column sums of squares (float64) and second moment (float32 blocks) to `key`'s,
@@ -162,16 +219,18 @@ class _StatsExperts(nn.Module):
     def keep_samples(self) -> None:
         """After the layer's last call: each expert keeps an evenly spaced subset of its routed inputs over all the
         calls (so it spans the text), and their down inputs recomputed from them."""
-        if not self.calls:
+        if not self.routes:
             return
-        x_all = torch.cat([c[0] for c in self.calls])
-        index = torch.cat([c[1] for c in self.calls])
-        self.calls = []
+        index = torch.cat(self.routes)
         for e in torch.unique(index).tolist():
             tok = (index == e).nonzero(as_tuple=True)[0]
-            x = x_all[tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()]].to(self.dtype)
+            x = self.spill.gather(tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()])
+            x = x.to(self.dtype)
             self.samples[(e, "gate")] = x.bfloat16()
             self.samples[(e, "down")] = self._down_input(e, x).bfloat16()
+        self.routes = []
+        self.spill.close()
+        self.spill = None
 
 
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
@@ -223,19 +282,22 @@ class CalibrationPass:
         self._closed = False
         self._seconds = 0.0
 
-    def layer_stats(self, layer: int) -> dict[tuple[int, int, str], ColumnStats]:
+    def layer_stats(self, layer: int, scratch: Path | None = None) -> dict[tuple[int, int, str], ColumnStats]:
         """{(layer, expert, matrix): its ColumnStats} of MoE layer `layer`, its experts that saw too few tokens
-        left out (and listed in the report)."""
+        left out (and listed in the report); the layer's expert inputs wait in an unlinked file in `scratch` (pack's
+        staging folder; None: the system's temporary folder) until its samples are drawn."""
         if self._closed:
             raise RuntimeError("the calibration pass was closed")
         t0 = time.perf_counter()
         with tight_allocator(), torch.no_grad():
             if self._next is None:
-                self._start()
+                self._start(scratch)
             if layer < self._next:
                 raise ValueError(f"calibration layer {layer} was asked for after layer {self._next - 1}")
             while self._next < layer:
                 self._run_layer(collect=False)
+            if layer in self.modules:
+                self.modules[layer].scratch = scratch
             module = self._run_layer(collect=True)
             stats = self._finish(layer, module)
         self._seconds += time.perf_counter() - t0
@@ -263,13 +325,15 @@ class CalibrationPass:
 
     def close(self) -> None:
         """Drop the model, its layers' experts modules and the hidden states: the pass cannot go on."""
+        if "hidden" in self.__dict__:
+            self.hidden.close()
         for name in ("model", "layers", "modules", "hidden", "call_args"):
             self.__dict__.pop(name, None)
         self._closed = True
 
-    def _start(self) -> None:
+    def _start(self, scratch: Path | None) -> None:
         """The skeleton with each MoE layer's experts computing from the source, the embeddings run chunk by chunk
-        and caught at layer 0 (then dropped: nothing later reads them)."""
+        and caught at layer 0 (then dropped: nothing later reads them); the hidden states wait in `scratch`."""
         src, adapter, source, dtype = self.src, self.adapter, self.source, self.dtype
         model = build_skeleton(adapter, source.config)
         self.modules: dict[int, _StatsExperts] = {}
@@ -310,8 +374,8 @@ class CalibrationPass:
             kwargs.pop("hidden_states", None)
             self.call_args.setdefault(c1 - c0, (_cast(args[1:], dtype), _cast(kwargs, dtype)))
             if hidden is None:
-                hidden = h.new_empty((batch, *h.shape[1:]))
-            hidden[c0:c1] = h
+                hidden = _ScratchRows(scratch, h.dtype, h.shape[1:])
+            hidden.write(c0, h)
         layers[0] = first
         for key in outside:  # the embeddings (vocabulary x hidden) are not needed again
             owner, _, name = key.rpartition(".")
@@ -332,8 +396,8 @@ class CalibrationPass:
         for c0, c1 in self.chunks:  # each chunk's output replaces its input, which no later chunk reads
             args, kwargs = self.call_args[c1 - c0]
             with _model_runs(self.src, f"decoder layer {i}"):
-                out = layer(self.hidden[c0:c1].to(dtype), *args, **kwargs)
-            self.hidden[c0:c1] = out[0] if isinstance(out, tuple) else out
+                out = layer(self.hidden.read(c0, c1).to(dtype), *args, **kwargs)
+            self.hidden.write(c0, out[0] if isinstance(out, tuple) else out)
         layers[i] = nn.Identity()  # its weights are no longer needed
         del layer, state, out  # (in float32 products, twice the source's bytes) not held while the next layer's are read
         self._next = i + 1

@@ -112,7 +112,7 @@ def token_blocks(
     ids: list[int] = []
     need = None if max_blocks is None else max_blocks * body
     for chunk in _chunks("\n".join(texts), 200_000):
-        ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])  # cut into blocks below: no "longer than" warning
         if need is not None and len(ids) >= need:
             break
     n = len(ids) // body

@@ -35,6 +35,17 @@ def parse_size(text: str, what: str = "size") -> int:
     return value
 
 
+def parse_percent(text: str, what: str = "budget") -> float:
+    """p in (0, 1000] from 'p%' (a budget's share of the expert set, as bench and run read it)."""
+    try:
+        pct = float(str(text).strip()[:-1])
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a percentage: write e.g. 50%") from None
+    if not 0 < pct <= 1000:  # also nan
+        raise UsageError(f"{what} {text!r} must be a percentage in (0, 1000]")
+    return pct
+
+
 def format_size(n: float) -> str:
     """'1.50 GiB' style, for tables and messages."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

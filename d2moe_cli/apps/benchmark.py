@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from d2moe.errors import BudgetError, UsageError
-from d2moe.runtime.units import parse_size
+from d2moe.runtime.units import parse_percent, parse_size
 
 SCHEMA = "d2moe.bench/1"
 OURS = "d2moe"
@@ -185,12 +185,7 @@ def parse_budgets(text: str, fixed_bytes: int, expert_set_bytes: int) -> list[Bu
         if not item:
             continue
         if item.endswith("%"):
-            try:
-                pct = float(item[:-1])
-            except ValueError:
-                raise UsageError(f"--budgets item {item!r} is not a percentage: write e.g. 25%") from None
-            if not 0 < pct <= 1000:
-                raise UsageError(f"--budgets item {item!r} must be a percentage in (0, 1000]")
+            pct = parse_percent(item, what="--budgets item")
             budgets.append(Budget(item, int(fixed_bytes + pct / 100 * expert_set_bytes)))
         elif item.isdigit():  # 50 meant 50% or 50 MiB, never 50 bytes
             raise UsageError(f"--budgets item {item!r} has no unit: write {item}% (of the expert set) or {item}MiB")
@@ -378,15 +373,33 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4,
     """
     from d2moe.apps.evaluate import UNLIMITED_BUDGET
     from d2moe.quantize.format import open_checkpoint
-    from d2moe.runtime.session import RunOptions, plan_run
+    from d2moe.runtime.session import RunOptions
 
     level = reference_level(open_checkpoint(checkpoint).cfg.bits)
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="moqe-dynaio", level=level,
                          max_tokens=max_tokens, io_threads=io_threads, forward_tokens=forward_tokens,
                          dense_weights=dense_weights)
-    ckpt, *_, plan = plan_run(checkpoint, options)
-    expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(level)
-    return plan.budget - plan.expert_cache, expert_set, level
+    return (*_run_basis(checkpoint, options), level)
+
+
+def percent_budget(checkpoint, options, pct: float) -> int:
+    """The bytes `pct`% means for a run with `options` (`run -m 50%`), as bench's --budgets reads it: what that run
+    holds besides its expert cache, plus pct% of the expert set (the exact experts with --lossless)."""
+    fixed, expert_set = _run_basis(checkpoint, options)
+    return int(fixed + pct / 100 * expert_set)
+
+
+def _run_basis(checkpoint, options) -> tuple[int, int]:
+    """(what a run with `options` holds besides its expert cache, every expert at the reference level), from the
+    memory plan of that run with no budget."""
+    from dataclasses import replace
+
+    from d2moe.apps.evaluate import UNLIMITED_BUDGET
+    from d2moe.runtime.session import plan_run
+
+    ckpt, *_, plan = plan_run(checkpoint, replace(options, memory_budget=UNLIMITED_BUDGET))
+    expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(reference_level(ckpt.cfg.bits))
+    return plan.budget - plan.expert_cache, expert_set
 
 
 def measure_from_stats(stats: dict) -> RunMeasure:

@@ -56,7 +56,9 @@ def run(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
     memory_budget: Annotated[str, typer.Option("--memory-budget", "-m", envvar="D2MOE_MEMORY_BUDGET",
-                                               help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB.")] = "6GiB",
+                                               help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB, or 50%: what the "
+                                                    "run holds besides experts plus half of the 4-bit expert set "
+                                                    "(as bench's --budgets).")] = "6GiB",
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text (-: read it from standard input).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts-file", help='JSONL file, one {"prompt": "..."} a line; run as one left-padded batch.')] = None,
@@ -109,9 +111,11 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="Print texts and statistics as one JSON object.")] = False,
 ) -> None:
     """Generate text with a packed MoE checkpoint, experts loaded from disk within --memory-budget."""
-    from d2moe.runtime.units import parse_size
+    from d2moe.runtime.units import parse_percent, parse_size
 
-    budget = parse_size(memory_budget, given_as(ctx, "memory_budget"))
+    budget_flag = given_as(ctx, "memory_budget")
+    percent = parse_percent(memory_budget, budget_flag) if memory_budget.strip().endswith("%") else None
+    budget = 0 if percent is not None else parse_size(memory_budget, budget_flag)  # a percentage: sized below
     bandwidth = parse_bandwidth(io_bandwidth)
     prompts = read_prompts(prompt, prompts_file)
     from d2moe.runtime.device import check_device
@@ -141,6 +145,12 @@ def run(
         activations=activations, device=device, on_miss=on_miss, miss_threshold=miss_threshold,
         miss_importance=miss_importance, lossless=lossless, reuse_aware=reuse_aware,
     )
+    if percent is not None:
+        from dataclasses import replace
+
+        from d2moe.apps.benchmark import percent_budget
+
+        options = replace(options, memory_budget=percent_budget(checkpoint, options, percent))
     # one prompt streams to a terminal, pipe or file alike: an interrupted run keeps what it wrote
     stream = not json_out and len(prompts) == 1
     with Session(checkpoint, options, tokenizer=tokenizer) as session:

@@ -309,7 +309,7 @@ def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int,
         return record["entries"]
     if calib is not None:
         bar.note(f"calibrating layer {index + 1}/{bar.layers}")
-        fit.stats = calib.layer_stats(layer)
+        fit.stats = calib.layer_stats(layer, staging.path)
         bar.layer(index)
     order = [(e, m) for e in range(num_experts) for m in fmt.MATRICES]
     entries = []

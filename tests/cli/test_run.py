@@ -34,6 +34,25 @@ def test_run_json_reports_texts_and_stats(packed, capsys):
     assert set(stats["tokens_per_level"]) == {"2", "8"}
 
 
+def test_a_percentage_budget_is_what_the_run_holds_besides_experts_plus_that_share_of_the_expert_set(packed, capsys):
+    """`run -m P%` reads P as bench's --budgets does: 100% holds every expert at level 4 beside the run's own dense
+    weights, KV and workspace, so none is evicted; 50% is half the expert set less."""
+    from d2moe.quantize.format import open_checkpoint
+
+    ckpt = open_checkpoint(packed)
+    expert_set = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(4)
+    docs = {}
+    for pct in ("50%", "100%"):
+        code, out, _ = _run(capsys, packed, "-p", "hello world", "-m", pct, "--max-new-tokens", "4",
+                            "--policy", "moqe-dynaio", "--level", "4", "--json")
+        assert code == 0
+        docs[pct] = json.loads(out)["stats"]
+    budgets = {k: d["memory"]["budget_bytes"] for k, d in docs.items()}
+    assert abs(budgets["100%"] - budgets["50%"] - expert_set // 2) <= 1
+    assert docs["100%"]["cache"]["capacity_bytes"] >= expert_set and docs["100%"]["cache"]["evictions"] == 0
+    assert docs["50%"]["memory"]["peak_bytes"] <= budgets["50%"]
+
+
 def test_native_kernels_give_the_reference_tokens(packed, capsys):
     runs = {}
     for backend in ("native", "reference"):
@@ -68,6 +87,8 @@ def test_plain_output_prints_text_and_summary(packed, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--memory-budget", "300KiB"], "minimum"),
     (["--memory-budget", "lots"], "not a size"),
+    (["--memory-budget", "0%"], "percentage in (0, 1000]"),
+    (["--memory-budget", "half%"], "not a percentage"),
     (["--memory-budget", "9" * 400], "larger than any machine"),
     (["--policy", "fastest"], "unknown"),
     (["--level", "3"], "--bits"),

@@ -161,3 +161,46 @@ def test_memory_budgets_hold_per_layer_so_a_deeper_model_keeps_its_blocks_and_sa
     assert all(s.sample.shape[0] <= deep.keep for s in stats.values())
     with pytest.raises(RuntimeError, match="closed"):  # the last MoE layer given, the pass let go of the model
         deep.layer_stats(deep.moe_layers[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scratch_rows_give_back_what_was_written_bit_for_bit(dtype, tmp_path):
+    """The pass's hidden states and kept inputs wait in an unlinked scratch file: chunks written in any order come
+    back exactly, and a gather of sorted rows (runs and single rows) is plain indexing."""
+    rows = torch.randn(37, 3, 5).to(dtype)
+    scratch = activations._ScratchRows(tmp_path, dtype, rows.shape[1:])
+    for r0, r1 in ((20, 37), (0, 7), (7, 20)):
+        scratch.write(r0, rows[r0:r1].float())  # written in the file's dtype, as the layers' outputs are
+    assert scratch.rows == 37 and list(tmp_path.iterdir()) == []  # unlinked from the start
+    assert torch.equal(scratch.read(0, 37).view(torch.uint8), rows.view(torch.uint8))
+    index = torch.tensor([0, 1, 2, 5, 9, 10, 36])
+    assert torch.equal(scratch.gather(index).view(torch.uint8), rows[index].view(torch.uint8))
+    tail = activations._ScratchRows(tmp_path, dtype, rows.shape[1:])
+    for r0 in range(0, 37, 10):
+        tail.append(rows[r0:r0 + 10])
+    assert torch.equal(tail.read(3, 30).view(torch.uint8), rows[3:30].view(torch.uint8))
+    scratch.close()
+    tail.close()
+
+
+def test_the_pass_spills_into_the_folder_pack_gives_it(tmp_path, monkeypatch):
+    """pack hands its staging folder to layer_stats: the hidden states and the layer's expert inputs go there (not
+    the system's temporary folder, which may be memory), and nothing is left behind."""
+    import tempfile
+
+    folders = []
+    real = tempfile.TemporaryFile
+
+    def spy(*a, **k):
+        folders.append(k.get("dir"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", spy)
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src", num_hidden_layers=2)
+    calib = CalibrationPass(src, [TEXT], 1024, progress=False)
+    scratch = tmp_path / "staging"
+    scratch.mkdir()
+    for layer in calib.moe_layers:
+        assert calib.layer_stats(layer, scratch)
+    assert len(folders) == 1 + len(calib.moe_layers) and set(folders) == {scratch}  # hidden states, each layer's inputs
+    assert list(scratch.iterdir()) == []
