@@ -148,6 +148,12 @@ class ExpertPipeline:
         # exact: the lossless tier computes as transformers does (rows in its order, no float32 cast)
         self.compute = ExpertCompute(ckpt, cache, kernels, act_fn, self.cost, exact=exact, layout=layout)
 
+    @property
+    def top_level(self) -> int:
+        """The highest level a pair can want: the selector's (a uniform --level 4 of a 2,4,8 pack never computes
+        8 bits), read ahead and held up front no higher."""
+        return min(self.ckpt.cfg.bk, self.selector.top)
+
     # ---- keys and bytes ----------------------------------------------------------------
     def key(self, layer: int, expert: int, level: int) -> tuple:
         return (layer, expert) if self.spec.nested_reuse else (layer, expert, level)
@@ -247,9 +253,9 @@ class ExpertPipeline:
 
     def _fetch_ahead(self, layer: int, works: list[Work]) -> None:
         """Reuse-aware reads: while the cache has free room for every read of this step, missing experts
-        (hottest first) are read up to the top level, so a later pair wanting more bits hits instead of
-        paying another read. Computes at the levels the pairs want: the output does not change."""
-        top = self.ckpt.cfg.bk
+        (hottest first) are read up to top_level, so a later pair wanting more bits hits instead of paying another
+        read. Computes at the levels the pairs want: the output does not change."""
+        top = self.top_level
         missing = [w for w in works if not w.resident and self.spec.nested_reuse]
         room = self.cache.free_bytes - sum(self.plan_read(layer, w).nbytes for w in missing)
         for w in sorted(missing, key=lambda w: (-w.tokens, w.expert)):

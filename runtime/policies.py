@@ -106,6 +106,9 @@ class LevelSelector(Protocol):
 
     def describe(self) -> str: ...
 
+    @property
+    def top(self) -> int: ...  # the highest level it can give: reads above it are never computed
+
 
 class UniformLevels:
     """Every pair at one level."""
@@ -118,6 +121,10 @@ class UniformLevels:
 
     def describe(self) -> str:
         return f"uniform {self.level}-bit"
+
+    @property
+    def top(self) -> int:
+        return self.level
 
 
 class RouterWeightLevels:
@@ -135,6 +142,10 @@ class RouterWeightLevels:
 
     def describe(self) -> str:
         return f"router weight (top-1 {self.high}-bit, others {self.low}-bit)"
+
+    @property
+    def top(self) -> int:
+        return self.high
 
 
 class GateLevels:
@@ -157,6 +168,10 @@ class GateLevels:
     def describe(self) -> str:
         cap = ",".join(f"{c:g}" for c in self.gate.capacity)
         return f"trained gate (levels {list(self.gate.levels)}, capacity {cap})"
+
+    @property
+    def top(self) -> int:
+        return max(self.gate.levels)
 
 
 class StaticExpertLevels:
@@ -202,6 +217,10 @@ class StaticExpertLevels:
 
     def describe(self) -> str:
         return f"static per-expert levels {list(self.bits)} after {self.calibration_tokens} calibration tokens"
+
+    @property
+    def top(self) -> int:
+        return max(self.bits)
 
 
 def make_level_selector(

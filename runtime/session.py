@@ -168,7 +168,7 @@ class Session:
             self.pipeline.hold_all(self.hold_level)
             self.meter.sample()
         elif self.spec.hold_if_fits and options.reuse_aware and self._all_fit():  # reuse-aware: the budget holds every expert at the top
-            self.pipeline.hold_all(ckpt.cfg.bk)
+            self.pipeline.hold_all(self.pipeline.top_level)
             self.meter.sample()
         self.setup_bytes_read = self.store.bytes_read
         self.setup_seconds = time.perf_counter() - t0
@@ -201,7 +201,7 @@ class Session:
 
     def _all_fit(self) -> bool:
         ckpt = self.ckpt
-        return len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(ckpt.cfg.bk) <= self.plan.expert_cache
+        return len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(self.pipeline.top_level) <= self.plan.expert_cache
 
 
     def _load_gate(self, routers: dict):

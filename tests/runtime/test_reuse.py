@@ -42,3 +42,18 @@ def test_fetch_ahead_reads_top_levels_into_free_room(packed):
     assert stats["fetch_ahead_reads"] > 0 and plain_stats["fetch_ahead_reads"] == 0
     assert stats["upgrade_reads"] <= plain_stats["upgrade_reads"] and stats["reads"] <= plain_stats["reads"]
     assert stats["memory"]["peak_bytes"] <= budget
+
+
+def test_a_uniform_level_is_held_and_read_ahead_no_higher_than_itself(packed):
+    """`--level 3` of a 2,3,4 pack never computes 4 bits: with every 3-bit expert in budget, all are held up front
+    at level 3 and nothing is read or evicted later (fetch-ahead and hold used to aim at the pack's top level, 4)."""
+    ckpt, *_, plan = plan_run(packed, RunOptions(memory_budget=BIG, max_tokens=64, level=3))
+    n = len(ckpt.moe_layers) * ckpt.num_experts
+    budget = plan.budget - plan.expert_cache + n * ckpt.level_nbytes(3)
+    assert budget < plan.budget - plan.expert_cache + n * ckpt.level_nbytes(4)
+    with Session(packed, RunOptions(memory_budget=budget, max_tokens=64, level=3)) as s:
+        r = s.generate(["the quick brown fox"], SamplingOptions(max_new_tokens=10), chat_template=False)
+        setup = s.setup_bytes_read
+    assert setup == n * ckpt.level_nbytes(3)
+    assert r.stats["bytes_read"] == 0 and r.stats["cache"]["evictions"] == 0 and r.stats["fetch_ahead_reads"] == 0
+    assert set(r.stats["tokens_per_level"]) == {"3"}
