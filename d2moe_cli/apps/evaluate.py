@@ -494,6 +494,14 @@ def evaluate_target(
     return row
 
 
+def unavailable_row(target: EvalTarget, reason: str, scoring: str = "window") -> dict:
+    """The row of a target that could not run (e.g. it does not fit --memory-budget): evaluate_target's keys, its
+    results empty, status "n/a" and the reason (eval's table and JSON keep one shape per row)."""
+    return {"target": target.label, "policy": target.policy, "level": target.level, "levels": "n/a",
+            "perplexity": None, "zero_shot": {}, "tokens_per_level": {}, "expert_bytes": None, "scoring": scoring,
+            "misses": None, "seconds": 0.0, "status": "n/a", "reason": reason}
+
+
 def mean_bits(tokens_per_level: dict[str, int]) -> float | None:
     """Average bit-width over the (token, expert) pairs a run computed."""
     total = sum(tokens_per_level.values())

@@ -124,9 +124,7 @@ def eval_command(
             except BudgetError as exc:  # one of several targets does not fit --memory-budget: n/a, as bench does
                 if len(targets) == 1:
                     raise
-                row = {"target": target.label, "policy": target.policy, "level": target.level, "levels": "n/a",
-                       "perplexity": None, "zero_shot": {}, "tokens_per_level": {}, "expert_bytes": None,
-                       "seconds": 0.0, "status": "n/a", "reason": str(exc)}
+                row = ev.unavailable_row(target, str(exc), scoring)
             rows.append({"status": "ok", "reason": None, **row})
     if all(r["status"] != "ok" for r in rows):  # nothing fits: the first reason, as one target's error
         raise BudgetError(rows[0]["reason"])

@@ -223,6 +223,7 @@ def test_eval_marks_a_policy_that_does_not_fit_the_budget_na_and_scores_the_rest
     rows = {r["target"]: r for r in json.loads(out)["results"]}
     assert rows["d2moe"]["status"] == "ok" and rows["d2moe"]["perplexity"]["ppl"] > 1
     assert rows["hold-int4"]["status"] == "n/a" and "hold-int4" in rows["hold-int4"]["reason"]
+    assert rows["hold-int4"].keys() == rows["d2moe"].keys()  # one shape per row for a JSON reader
 
 
 def test_eval_notes_windows_past_the_models_context(pair, text_file, capsys):
