@@ -16,7 +16,9 @@ def test_an_interrupted_run_says_so_and_keeps_its_text(tmp_path):
                    capture_output=True, timeout=600)
     proc = subprocess.Popen([sys.executable, "-m", "d2moe", "run", str(packed), "-p", "Once upon a time",
                              "--max-new-tokens", "1000", "--no-chat-template"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # as from a terminal: a job started with `&` (CI in the background) ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)  # text before the end: the run streams into the pipe (it printed all at the end)
     proc.send_signal(signal.SIGINT)
     rest, err = proc.communicate(timeout=120)
