@@ -102,8 +102,10 @@ class _ScratchRows:
         self.rows = 0  # rows written so far (the end of the file)
 
     def write(self, r0: int, rows: torch.Tensor) -> None:
-        data = rows.detach().to(self.dtype).contiguous().view(torch.uint8).numpy()
-        os.pwrite(self.file.fileno(), memoryview(data.reshape(-1)), r0 * self.row_bytes)
+        data = memoryview(rows.detach().to(self.dtype).contiguous().view(torch.uint8).numpy().reshape(-1))
+        done = 0
+        while done < len(data):  # one pwrite stops at 2 GiB on Linux
+            done += os.pwrite(self.file.fileno(), data[done:], r0 * self.row_bytes + done)
         self.rows = max(self.rows, r0 + rows.shape[0])
 
     def append(self, rows: torch.Tensor) -> None:
@@ -218,7 +220,7 @@ class _StatsExperts(nn.Module):
 
     def keep_samples(self) -> None:
         """After the layer's last call: each expert keeps an evenly spaced subset of its routed inputs over all the
-        calls (so it spans the text), and their down inputs recomputed from them."""
+        calls (so it spans the text), and their down inputs recomputed from them (release() then drops the rest)."""
         if not self.routes:
             return
         index = torch.cat(self.routes)
@@ -228,9 +230,6 @@ class _StatsExperts(nn.Module):
             x = x.to(self.dtype)
             self.samples[(e, "gate")] = x.bfloat16()
             self.samples[(e, "down")] = self._down_input(e, x).bfloat16()
-        self.routes = []
-        self.spill.close()
-        self.spill = None
 
 
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
