@@ -108,6 +108,10 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
         from dataclasses import replace
 
         spec = replace(spec, fetch_ahead=False, hold_if_fits=False)
+    if options.level is not None and options.router_levels is not None:
+        raise UsageError(f"--level {options.level} (every pair at one level) and --router-levels "
+                         f"{','.join(map(str, options.router_levels))} (levels by router weight) are two level rules: "
+                         "give one")
     options.miss  # noqa: B018  (validates --on-miss and its options before anything is read)
     from d2moe.kernels.dense import check_weights
 

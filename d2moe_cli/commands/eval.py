@@ -54,6 +54,9 @@ def eval_command(
     """Score a packed checkpoint: perplexity per level or policy, zero-shot accuracy through lm-eval."""
     from d2moe.runtime.units import parse_size
 
+    if memory_budget and memory_budget.strip().endswith("%"):  # a share of which run's holdings? eval has several
+        raise UsageError(f"--memory-budget {memory_budget!r}: eval takes a size (e.g. 512MiB); percentages are run's "
+                         "and bench's, whose runs are one configuration each")
     budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
 
     set_threads(threads, given_as(ctx, "threads"))

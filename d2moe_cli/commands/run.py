@@ -56,9 +56,10 @@ def run(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory (from `d2moe pack`).")],
     memory_budget: Annotated[str, typer.Option("--memory-budget", "-m", envvar="D2MOE_MEMORY_BUDGET",
-                                               help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB, or 50%: what the "
-                                                    "run holds besides experts plus half of the 4-bit expert set "
-                                                    "(as bench's --budgets).")] = "6GiB",
+                                               help="Everything the run may hold, e.g. 512MiB, 6GiB, 6GB, or 50%: what this "
+                                                    "run holds besides experts plus half of the 4-bit expert set (the "
+                                                    "top level's where 4 is not packed), as bench's --budgets reads "
+                                                    "it for bench's own runs.")] = "6GiB",
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text (-: read it from standard input).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts-file", help='JSONL file, one {"prompt": "..."} a line; run as one left-padded batch.')] = None,

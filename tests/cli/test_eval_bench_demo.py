@@ -226,6 +226,11 @@ def test_eval_marks_a_policy_that_does_not_fit_the_budget_na_and_scores_the_rest
     assert rows["hold-int4"].keys() == rows["d2moe"].keys()  # one shape per row for a JSON reader
 
 
+def test_eval_refuses_a_percentage_budget_in_one_line(pair, text_file, capsys):
+    code, _, err = _cli(capsys, "eval", pair[1], "--text", text_file, "-m", "50%")
+    assert code == EXIT_USAGE and "eval takes a size" in err and len(err.strip().splitlines()) == 1
+
+
 def test_eval_notes_windows_past_the_models_context(pair, text_file, capsys):
     import json as _json
 

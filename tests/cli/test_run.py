@@ -89,6 +89,7 @@ def test_plain_output_prints_text_and_summary(packed, capsys):
     (["--memory-budget", "lots"], "not a size"),
     (["--memory-budget", "0%"], "percentage in (0, 1000]"),
     (["--memory-budget", "half%"], "not a percentage"),
+    (["--level", "4", "--router-levels", "8,2"], "two level rules"),
     (["--memory-budget", "9" * 400], "larger than any machine"),
     (["--policy", "fastest"], "unknown"),
     (["--level", "3"], "--bits"),
