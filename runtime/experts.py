@@ -271,7 +271,7 @@ class ExpertPipeline:
         """Issue the reads of `order` (at most `window` in flight), compute the resident works while they load,
         then each read as it lands."""
         compute_s = 0.0
-        in_flight: list[tuple[Work, Read, int, int, object, float]] = []
+        in_flight: list[tuple[Work, Read, int, int, int, object, float]] = []  # work, read, reserved, staged, landing, …
         queue = list(order)
 
         def issue() -> None:
@@ -292,8 +292,10 @@ class ExpertPipeline:
                         and (in_flight or self.staging_bytes):
                     return  # staging is full: wait for a read to land or a dropped item to finish
                 w = queue.pop(0)
-                in_flight.append((w, read, reserved, staged, self._submit(read, tail), time.perf_counter()))
-                self._add_landing(reserved)
+                # a tail's bytes are already in its entry's grown map, which the meter counts: not landing as well
+                landing = 0 if tail is not None else reserved
+                in_flight.append((w, read, reserved, staged, landing, self._submit(read, tail), time.perf_counter()))
+                self._add_landing(landing)
                 self._add_staging(staged)
                 self.stats.loads += 1
                 self.stats.upgrade_loads += int(read.have is not None)
@@ -308,13 +310,13 @@ class ExpertPipeline:
             for w in resident:
                 compute_s += self.compute.one(layer, w, self.cache.get(w.key)[1], hidden, top_k_weights, results)
         while in_flight:
-            w, read, reserved, staged, fut, issued = in_flight.pop(0)
+            w, read, reserved, staged, landing, fut, issued = in_flight.pop(0)
             t_wait = time.perf_counter()
             data = fut.result()
             self.stats.load_wait_s += time.perf_counter() - t_wait
             self.cost.observe_load(read.nbytes, time.perf_counter() - issued)
             data = self._on_device(data)
-            self._add_landing(-reserved)
+            self._add_landing(-landing)
             full, kept = self._install(w, read, data, reserved)
             if reserved and not kept:  # its room went back to the cache; the dropped bytes live until computed
                 staged = reserved

@@ -57,3 +57,26 @@ def test_a_uniform_level_is_held_and_read_ahead_no_higher_than_itself(packed):
     assert setup == n * ckpt.level_nbytes(3)
     assert r.stats["bytes_read"] == 0 and r.stats["cache"]["evictions"] == 0 and r.stats["fetch_ahead_reads"] == 0
     assert set(r.stats["tokens_per_level"]) == {"3"}
+
+
+@pytest.fixture(scope="module")
+def packed_wide(tmp_path_factory):
+    """Experts large enough (256 x 1024) for the cache's pool maps, where upgrades land in place."""
+    return packed_tiny(tmp_path_factory, "mixtral", bits=(2, 3, 4), num_local_experts=8, hidden_size=256,
+                       intermediate_size=1024)[1]
+
+
+@pytest.mark.parametrize("reuse_aware", [True, False])
+def test_the_expert_cache_measured_never_passes_its_capacity_through_in_place_upgrades(packed_wide, reuse_aware):
+    """An upgrade landing in its entry's grown map is counted once: in the entry (the meter measures the map), not
+    also as bytes landing (it was counted twice, and the cache's measured peak passed its capacity)."""
+    packed = packed_wide
+    ckpt, *_, plan = plan_run(packed, RunOptions(memory_budget=BIG, max_tokens=64))
+    n = len(ckpt.moe_layers) * ckpt.num_experts
+    upgrades = 0
+    for held in (n // 4, n // 2, n - 4):
+        budget = plan.budget - plan.expert_cache + held * ckpt.level_nbytes(4)
+        _, stats, _ = _run(packed, budget, reuse_aware=reuse_aware)
+        assert stats["memory"]["peak_by_category"]["expert_cache"] <= stats["cache"]["capacity_bytes"], held
+        upgrades += stats["upgrade_reads"]
+    assert upgrades > 0
