@@ -17,7 +17,7 @@ from d2moe.quantize import lossless as ll
 from d2moe.quantize.format.constants import ALIGN, MATRICES, expert_tensor_name
 from d2moe.quantize.format.crc import crc32
 from d2moe.quantize.format.safetensors_io import AlignedSafetensorsWriter
-from d2moe.quantize.format.sections import lossless_file_name
+from d2moe.quantize.format.sections import lossless_file_metadata, lossless_file_name
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -59,8 +59,7 @@ def lossless_layer(experts, layer: int, num_experts: int, staging, codec: str, p
     part = staging.part_path(name)
     tensors = [(expert_tensor_name(e), "U8", (padded,)) for e, (_, padded, _) in enumerate(sizes)]
     entries = []
-    with open(scratch, "rb") as src, AlignedSafetensorsWriter(part, tensors, {"format": "d2moe-lossless",
-                                                                             "layer": str(layer)}, ALIGN) as w:
+    with open(scratch, "rb") as src, AlignedSafetensorsWriter(part, tensors, lossless_file_metadata(layer), ALIGN) as w:
         for e, (nbytes, padded, crc) in enumerate(sizes):
             w.write(expert_tensor_name(e), src.read(padded))
             entries.append({"layer": layer, "expert": e, "file": name, "offset": w.offsets[expert_tensor_name(e)],

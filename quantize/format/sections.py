@@ -35,6 +35,11 @@ def lossless_file_name(layer: int) -> str:
     return f"lossless-{layer:04d}.safetensors"
 
 
+def lossless_file_metadata(layer: int) -> dict[str, str]:
+    """The safetensors `__metadata__` of a lossless file (check_lossless_files checks it equals this)."""
+    return {"format": "d2moe-lossless", "layer": str(layer)}
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -154,15 +159,36 @@ def lossless_summary(ll: dict | None) -> dict | None:
 
 
 def check_lossless_files(path, entries: dict) -> None:
-    """Every lossless blob lies inside its file (sizes only: crc32s are checked when a blob is read)."""
-    sizes: dict[str, int] = {}
-    for (layer, e), item in sorted(entries.items()):
-        name = item["file"]
-        if name not in sizes:
-            try:
-                sizes[name] = (path / name).stat().st_size
-            except OSError:
-                raise FormatError(f"{name}: file is missing (re-pack with --lossless)") from None
-        if item["offset"] + item["nbytes"] > sizes[name]:
-            raise FormatError(f"{name}: layer {layer} expert {e}: lossless blob runs past the end of the "
-                              f"{sizes[name]}-byte file (truncated: re-pack or re-download)")
+    """Every lossless file's header agrees with the manifest (its tensors, their offsets and sizes, its metadata, as
+    an experts file's) and every blob lies inside its file (crc32s are checked when a blob is read)."""
+    from d2moe.quantize.format.constants import expert_tensor_name
+    from d2moe.quantize.format.safetensors_io import read_header
+
+    by_file: dict[str, list[dict]] = {}
+    for _, item in sorted(entries.items()):
+        by_file.setdefault(item["file"], []).append(item)
+    for name, items in by_file.items():
+        try:
+            size = (path / name).stat().st_size
+        except OSError:
+            raise FormatError(f"{name}: file is missing (re-pack with --lossless)") from None
+        for item in items:
+            if item["offset"] + item["nbytes"] > size:
+                raise FormatError(f"{name}: layer {item['layer']} expert {item['expert']}: lossless blob runs past the "
+                                  f"end of the {size}-byte file (truncated: re-pack or re-download)")
+        header = read_header(path / name, name)
+        want = {expert_tensor_name(item["expert"]): item for item in items}
+        if set(header.tensors) != set(want):
+            extra = sorted(set(header.tensors) ^ set(want))[:3]
+            raise FormatError(f"{name}: holds tensors that disagree with the manifest's lossless tier (e.g. {extra}): "
+                              "re-pack with --lossless")
+        layer = items[0]["layer"]
+        if header.metadata != lossless_file_metadata(layer):
+            raise FormatError(f"{name}: metadata {header.metadata} should be format 'd2moe-lossless', layer '{layer}' "
+                              "(re-pack with --lossless)")
+        for tname, item in want.items():
+            info, padded = header.tensors[tname], -(-item["nbytes"] // ALIGN) * ALIGN
+            if info.dtype != "U8" or info.shape != (padded,) or info.begin != item["offset"]:
+                raise FormatError(f"{name}: layer {layer} expert {item['expert']}: tensor {tname} is {info.dtype} "
+                                  f"{list(info.shape)} at offset {info.begin}, the manifest says U8 [{padded}] at "
+                                  f"{item['offset']}")

@@ -159,3 +159,21 @@ def test_verify_reads_every_lossless_blob(lossless_pack, tmp_path):
     open_checkpoint(copy)  # the structure still holds
     with pytest.raises(FormatError, match=f"layer {item['layer']} expert {item['expert']}: lossless blob fails its crc32"):
         open_checkpoint(copy, verify=True)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ('"layer":"0"', "should be format 'd2moe-lossless', layer '0'"),  # the metadata names another layer
+    ('"format":"d2moe-lossless"', "should be format 'd2moe-lossless'"),  # or another format
+    ('"expert.1"', "disagree with the manifest"),  # a tensor renamed
+])
+def test_a_lossless_file_header_that_disagrees_with_the_manifest_is_refused(lossless_pack, tmp_path, edit, match):
+    """The lossless files' headers are checked as the experts files' are (a flipped byte there passed before)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(lossless_pack[1], copy)
+    name = open_checkpoint(copy).manifest["lossless"]["experts"][0]["file"]
+    raw = (copy / name).read_bytes()
+    assert edit.encode() in raw[:4096], raw[:300]
+    changed = edit.replace('"0"', '"1"').replace("lossless", "lossleZs").replace("expert.1", "expert.9")
+    (copy / name).write_bytes(raw.replace(edit.encode(), changed.encode(), 1))
+    with pytest.raises(FormatError, match=match):
+        open_checkpoint(copy)
