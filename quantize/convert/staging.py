@@ -47,7 +47,7 @@ def _say(msg: str) -> None:
 class Staging:
     """The temporary folder of one pack into `out`; `key` names the inputs and options it is a function of."""
 
-    def __init__(self, out: Path, key: str, resume: bool):
+    def __init__(self, out: Path, key: str, resume: bool, fields: dict | None = None):
         self.out, self.key = out, key
         self.path = out.parent / f".{out.name}.d2moe-tmp-{os.getpid()}"
         self.adopted = False
@@ -61,6 +61,8 @@ class Staging:
                 raise UsageError(f"another pack (PID {pid_text}) is writing {out} right now: wait for it or stop it")
             stale.append(p)
         keep = self._pick(stale) if resume else None
+        if resume and keep is None and stale:
+            _refuse_other_options(stale, fields)
         for p in stale:
             if p != keep:
                 size = _dir_bytes(p)
@@ -75,7 +77,7 @@ class Staging:
             if resume:
                 _say("--resume: no interrupted pack of these inputs and options to continue; starting afresh")
             self.path.mkdir(parents=True)
-        _write_atomic(self.path / STATE_NAME, json.dumps({"key": key}).encode())
+        _write_atomic(self.path / STATE_NAME, json.dumps({"key": key, "fields": fields}).encode())
 
     def _pick(self, stale: list[Path]) -> Path | None:
         """The newest stale folder whose state names the same key."""
@@ -127,6 +129,28 @@ class Staging:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+# what a changed key field means to the user (pack._key's fields)
+_FIELD_OPTIONS = {"source": "the source checkpoint's files", "bits": "--bits", "group": "--group-size",
+                  "scheme": "--scheme", "dtype": "--dtype", "router": "the --router gate", "refits": "--refits",
+                  "calib": "--calib or --calib-tokens", "fitter": "--similarity or --weighting",
+                  "format": "d2moe's checkpoint format version"}
+
+
+def _refuse_other_options(stale: list[Path], fields: dict | None) -> None:
+    """--resume found interrupted packs of OUT, none of these inputs and options: say what differs rather than
+    remove hours of work (without --resume they are removed, and said so)."""
+    newest = max(stale, key=lambda p: p.stat().st_mtime)
+    try:
+        theirs = json.loads((newest / STATE_NAME).read_bytes()).get("fields")
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    differ = [] if not isinstance(theirs, dict) or fields is None else \
+        [_FIELD_OPTIONS.get(k, k) for k in sorted(fields) if theirs.get(k) != fields[k]]
+    what = f"other {', '.join(differ)}" if differ else "other inputs or options"
+    raise UsageError(f"--resume: the interrupted pack in {newest.name} was made with {what}; rerun with the "
+                     "options it was started with to continue it, or drop --resume to start afresh (which removes it)")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

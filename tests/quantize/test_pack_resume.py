@@ -82,13 +82,22 @@ def test_without_resume_stale_folders_are_removed_and_said(source, uninterrupted
     assert _files(out) == uninterrupted
 
 
-def test_resume_ignores_parts_packed_with_other_options(source, tmp_path):
+def test_resume_with_other_options_names_them_and_keeps_the_interrupted_work(source, uninterrupted, tmp_path):
+    """--resume with options the interrupted pack was not started with is refused, naming the option, and its folder
+    stays (it used to be removed and the pack started afresh: hours lost on a large model); the original options
+    continue it, and a pack without --resume removes it, as always."""
     out = tmp_path / "packed"
     assert _pack_cli(source, out, kill_at="layer:1").returncode == -9
-    resumed = _pack_cli(source, out, "--resume", "--bits", "2,4")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "kept" not in resumed.stderr
-    assert "--resume: no interrupted pack" in resumed.stderr
+    (stale,) = tmp_path.glob(".packed.d2moe-tmp-*")
+    other = _pack_cli(source, out, "--resume", "--bits", "2,4")
+    assert other.returncode == 2 and "other --bits;" in other.stderr and stale.name in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1 and stale.is_dir() and not out.exists()
+    resumed = _pack_cli(source, out, "--resume")
+    assert resumed.returncode == 0 and "kept" in resumed.stderr and _files(out) == uninterrupted
+    assert _pack_cli(source, tmp_path / "p2", kill_at="layer:1").returncode == -9
+    fresh = _pack_cli(source, tmp_path / "p2", "--bits", "2,4")
+    assert fresh.returncode == 0 and "left by an interrupted pack" in fresh.stderr
+    assert not list(tmp_path.glob(".p2.d2moe-*"))
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(source, tmp_path):
