@@ -154,18 +154,23 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     skeleton = build_skeleton(adapter, ckpt.config)
     dense_bytes = dense_plan_bytes(ckpt, adapter, skeleton, options) + meta_buffer_bytes(skeleton)
     kv_dtype = DTYPE_BYTES.get(str(ckpt.dtype).replace("torch.", ""), 4)
-    plan = MemoryPlan.for_checkpoint(
-        ckpt, options.memory_budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
-        staging_slots=staging_slots(options),
-        threads=options.threads or kernel_threads(), forward_tokens=options.forward_tokens,
-    )
-    if hold_level is not None:
-        need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(hold_level)
-        if need > plan.expert_cache:
-            minimum = options.memory_budget - plan.expert_cache + need
-            raise BudgetError(
-                f"--policy {spec.name} holds every expert at {hold_level} bits ({format_size(need)}): "
-                f"memory budget {format_size(options.memory_budget)} is below the minimum "
-                f"{format_size(minimum)}; use --memory-budget {-(-minimum // 2**20)}MiB or more"
-            )
-    return ckpt, adapter, spec, hold_level, skeleton, plan
+    def plan_for(budget: int) -> MemoryPlan:
+        return MemoryPlan.for_checkpoint(
+            ckpt, budget, options.max_tokens, level=top, kv_dtype_bytes=kv_dtype, dense_bytes=dense_bytes,
+            staging_slots=staging_slots(options),
+            threads=options.threads or kernel_threads(), forward_tokens=options.forward_tokens,
+        )
+
+    if hold_level is None:
+        return ckpt, adapter, spec, hold_level, skeleton, plan_for(options.memory_budget)
+    # a hold policy's minimum is everything else plus the whole set at its level: said at once, whichever is short
+    need = len(ckpt.moe_layers) * ckpt.num_experts * ckpt.level_nbytes(hold_level)
+    unlimited = plan_for(1 << 60)
+    minimum = unlimited.budget - unlimited.expert_cache + need
+    if options.memory_budget < minimum:
+        raise BudgetError(
+            f"--policy {spec.name} holds every expert at {hold_level} bits ({format_size(need)}): memory budget "
+            f"{format_size(options.memory_budget)} is below the minimum {-(-minimum // 2**20)} MiB; use "
+            f"--memory-budget {-(-minimum // 2**20)}MiB or more"
+        )
+    return ckpt, adapter, spec, hold_level, skeleton, plan_for(options.memory_budget)

@@ -165,3 +165,20 @@ def test_an_option_set_by_environment_variable_is_named_by_it(packed, capsys, mo
     monkeypatch.setenv("D2MOE_THREADS", "0")
     code, _, err = _run(capsys, packed, "-p", "hi")
     assert code == EXIT_USAGE and "D2MOE_THREADS 0 must be at least 1" in err
+
+
+def test_a_hold_policy_names_its_own_minimum_at_once_and_that_minimum_runs(packed, capsys):
+    """hold-int4 needs everything else plus the whole 4-bit set: a budget short of it, by a little or a lot, is told
+    that minimum (a small one used to get the generic minimum first, then a second, larger one), and it runs."""
+    import re
+
+    def minimum_told(budget: str) -> int:
+        code, _, err = _run(capsys, packed, "-p", "hello", "--policy", "hold-int4", "-m", budget)
+        assert code != 0 and "holds every expert at 4 bits" in err, err
+        return int(re.search(r"--memory-budget (\d+)MiB or more", err).group(1))
+
+    minimum = minimum_told("1MiB")
+    assert minimum_told(f"{minimum - 1}MiB") == minimum
+    code, out, err = _run(capsys, packed, "-p", "hello", "--policy", "hold-int4", "-m", f"{minimum}MiB",
+                          "--max-new-tokens", "2", "--json")
+    assert code == 0, err
