@@ -121,7 +121,7 @@ def token_blocks(
     if n == 0:
         block = f"one block of {seq_option} {seq_len}" if seq_option else f"one sequence of {seq_len} tokens"
         fix = f"add text to {data_option}" + (f" or lower {seq_option}" if seq_option else "")
-        raise InputError(f"calibration data gives {len(ids)} token{"" if len(ids) == 1 else "s"}, fewer than {block}: {fix}")
+        raise InputError(f"calibration data gives {len(ids)} token{'' if len(ids) == 1 else 's'}, fewer than {block}: {fix}")
     blocks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     if bos_id is not None:
         blocks = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), blocks], dim=1)
