@@ -383,7 +383,7 @@ class CalibrationPass:
 
     def _run_layer(self, collect: bool) -> _StatsExperts | None:
         """Run decoder layer self._next over every chunk (its output replaces the hidden states), then drop it."""
-        i, dtype, layers = self._next, self.dtype, self.layers
+        i, dtype, layers, t0 = self._next, self.dtype, self.layers, time.perf_counter()
         prefix = self.prefixes[i]
         layer = layers[i]
         module = self.modules.get(i)
@@ -401,7 +401,8 @@ class CalibrationPass:
         del layer, state, out  # (in float32 products, twice the source's bytes) not held while the next layer's are read
         self._next = i + 1
         if self.progress:
-            print(f"pack --calib: decoder layer {i + 1}/{len(self.prefixes)} run ({time.perf_counter() - self._t0:.0f} s"
+            print(f"pack --calib: decoder layer {i + 1}/{len(self.prefixes)} run in {time.perf_counter() - t0:.0f} s "
+                  f"({time.perf_counter() - self._t0:.0f} s since the calibration began"
                   f"{'' if collect else ', no statistics needed'})", file=sys.stderr, flush=True)
         return module if collect else None
 
