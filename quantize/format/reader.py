@@ -281,26 +281,8 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
     for e in experts.values():
         by_file.setdefault(e.file, []).append(e)
     for name, entries in sorted(by_file.items()):
-        size = _file_size(path / name, name)
-        for e in entries:
-            if e.offset + e.nbytes > size:
-                raise FormatError(f"{name}: layer {e.layer} expert {e.expert}: blob [{e.offset}, {e.offset + e.nbytes}) runs "
-                                  f"past the end of the {size}-byte file (truncated: re-pack or re-download)")
-        header = read_header(path / name, name)
-        want = {expert_tensor_name(e.expert): e for e in entries}
-        if set(header.tensors) != set(want):
-            extra = sorted(set(header.tensors) ^ set(want))[:3]
-            raise FormatError(f"{name}: holds tensors that disagree with {MANIFEST_NAME} (e.g. {extra}): re-pack")
-        layer = entries[0].layer
-        if header.metadata != experts_file_metadata(layer):
-            raise FormatError(f"{name}: metadata {header.metadata} should be format {FORMAT_NAME!r}, layer '{layer}' (re-pack)")
-        if header.data_start % ALIGN:
-            raise FormatError(f"{name}: data section starts at {header.data_start}, not {ALIGN}-aligned")
-        for tname, e in want.items():
-            info = header.tensors[tname]
-            if info.dtype != "U8" or info.shape != (e.nbytes,) or info.begin != e.offset:
-                raise FormatError(f"{name}: layer {e.layer} expert {e.expert}: tensor {tname} is {info.dtype} {list(info.shape)} "
-                                  f"at offset {info.begin}, manifest says U8 [{e.nbytes}] at {e.offset}")
+        check_blob_file(path, name, [(e.layer, e.expert, e.offset, e.nbytes, e.nbytes) for e in entries],
+                        experts_file_metadata(entries[0].layer), MANIFEST_NAME, "re-pack")
     if manifest["gate"] is None and os.path.lexists(path / GATE_NAME):
         raise FormatError(f"{GATE_NAME} is present but {MANIFEST_NAME} lists no gate (`gate: null`): the manifest was "
                           "edited or the files mixed up; re-pack (with or without --router)")
@@ -319,6 +301,34 @@ def _check_files(path: Path, manifest: dict, experts: dict[tuple[int, int], Expe
             raise FormatError(f"{info['file']}: {header.file_size} bytes, manifest says {info['nbytes']} (re-pack)")
         if section == "dense":
             _check_dense_dtype(header, manifest["dtype"])
+
+
+def check_blob_file(path: Path, name: str, blobs: list[tuple[int, int, int, int, int]], metadata: dict[str, str],
+                    what: str, fix: str) -> None:
+    """One file of expert blobs (an experts file, a lossless file) against the manifest, byte for byte: every blob
+    (layer, expert, offset, nbytes, tensor bytes) inside the file, its tensors exactly the blobs' (U8 of the tensor
+    bytes at the offset), its `__metadata__` equal to `metadata`, its data aligned. `what` names the manifest's part
+    in errors, `fix` the remedy."""
+    size = _file_size(path / name, name)
+    for layer, expert, offset, nbytes, _ in blobs:
+        if offset + nbytes > size:
+            raise FormatError(f"{name}: layer {layer} expert {expert}: blob [{offset}, {offset + nbytes}) runs past the "
+                              f"end of the {size}-byte file (truncated: re-pack or re-download)")
+    header = read_header(path / name, name)
+    want = {expert_tensor_name(blob[1]): blob for blob in blobs}
+    if set(header.tensors) != set(want):
+        extra = sorted(set(header.tensors) ^ set(want))[:3]
+        raise FormatError(f"{name}: holds tensors that disagree with {what} (e.g. {extra}): {fix}")
+    if header.metadata != metadata:
+        raise FormatError(f"{name}: metadata {header.metadata} should be format {metadata['format']!r}, layer "
+                          f"'{metadata['layer']}' ({fix})")
+    if header.data_start % ALIGN:
+        raise FormatError(f"{name}: data section starts at {header.data_start}, not {ALIGN}-aligned")
+    for tname, (layer, expert, offset, _, tensor_nbytes) in want.items():
+        info = header.tensors[tname]
+        if info.dtype != "U8" or info.shape != (tensor_nbytes,) or info.begin != offset:
+            raise FormatError(f"{name}: layer {layer} expert {expert}: tensor {tname} is {info.dtype} {list(info.shape)} "
+                              f"at offset {info.begin}, manifest says U8 [{tensor_nbytes}] at {offset}")
 
 
 def _check_dense_dtype(header, dtype: str) -> None:

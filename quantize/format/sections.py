@@ -159,36 +159,16 @@ def lossless_summary(ll: dict | None) -> dict | None:
 
 
 def check_lossless_files(path, entries: dict) -> None:
-    """Every lossless file's header agrees with the manifest (its tensors, their offsets and sizes, its metadata, as
-    an experts file's) and every blob lies inside its file (crc32s are checked when a blob is read)."""
-    from d2moe.quantize.format.constants import expert_tensor_name
-    from d2moe.quantize.format.safetensors_io import read_header
+    """Every lossless file against the manifest as an experts file is (reader.check_blob_file: blobs inside it, its
+    tensors, their offsets and sizes, its metadata); crc32s are checked when a blob is read."""
+    from d2moe.quantize.format.reader import check_blob_file
 
     by_file: dict[str, list[dict]] = {}
     for _, item in sorted(entries.items()):
         by_file.setdefault(item["file"], []).append(item)
     for name, items in by_file.items():
-        try:
-            size = (path / name).stat().st_size
-        except OSError:
-            raise FormatError(f"{name}: file is missing (re-pack with --lossless)") from None
-        for item in items:
-            if item["offset"] + item["nbytes"] > size:
-                raise FormatError(f"{name}: layer {item['layer']} expert {item['expert']}: lossless blob runs past the "
-                                  f"end of the {size}-byte file (truncated: re-pack or re-download)")
-        header = read_header(path / name, name)
-        want = {expert_tensor_name(item["expert"]): item for item in items}
-        if set(header.tensors) != set(want):
-            extra = sorted(set(header.tensors) ^ set(want))[:3]
-            raise FormatError(f"{name}: holds tensors that disagree with the manifest's lossless tier (e.g. {extra}): "
-                              "re-pack with --lossless")
-        layer = items[0]["layer"]
-        if header.metadata != lossless_file_metadata(layer):
-            raise FormatError(f"{name}: metadata {header.metadata} should be format 'd2moe-lossless', layer '{layer}' "
-                              "(re-pack with --lossless)")
-        for tname, item in want.items():
-            info, padded = header.tensors[tname], -(-item["nbytes"] // ALIGN) * ALIGN
-            if info.dtype != "U8" or info.shape != (padded,) or info.begin != item["offset"]:
-                raise FormatError(f"{name}: layer {layer} expert {item['expert']}: tensor {tname} is {info.dtype} "
-                                  f"{list(info.shape)} at offset {info.begin}, the manifest says U8 [{padded}] at "
-                                  f"{item['offset']}")
+        if not (path / name).exists():  # its own remedy: the tier is optional
+            raise FormatError(f"{name}: file is missing (re-pack with --lossless)")
+        blobs = [(i["layer"], i["expert"], i["offset"], i["nbytes"], -(-i["nbytes"] // ALIGN) * ALIGN) for i in items]
+        check_blob_file(path, name, blobs, lossless_file_metadata(items[0]["layer"]), "the manifest's lossless tier",
+                        "re-pack with --lossless")
