@@ -14,8 +14,6 @@ does not change a byte).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -104,12 +102,12 @@ def pack_checkpoint(
     if weighting is None:
         weighting = native.DEFAULT_WEIGHTING if lib is not None else "mse"
     fit = _Fitter(lib, cfg, refits, workers, calib, weighting)
-    key, key_fields = _key(source, cfg, dtype, router, refits, None if calib is None else calib.calib_id,
-                           fit.name + ("+sim" if similarity else "") + ("" if fit.weighting == "mse" else "+" + fit.weighting))
+    key_fields = _key_fields(source, cfg, dtype, router, refits, None if calib is None else calib.calib_id,
+                             fit.name + ("+sim" if similarity else "") + ("" if fit.weighting == "mse" else "+" + fit.weighting))
     sim = SimilarityCollector(str(config.get("hidden_act", "silu"))) if similarity else None
     sim_rows: dict[int, list] = {}
     ll_entries, ll_dtype = [], None
-    staging = Staging(out, key, resume, key_fields)
+    staging = Staging(out, key_fields, resume)
     total = sum(experts.matrix_nbytes(layer, m) * num_experts for layer in moe_layers for m in fmt.MATRICES)
     try:
         with PackProgress(progress, total, len(moe_layers)) as bar, fit:
@@ -153,15 +151,14 @@ def pack_checkpoint(
     return _report(out, manifest, layout, cfg, source.nbytes(), time.perf_counter() - t0)
 
 
-def _key(source: SourceCheckpoint, cfg: MWQConfig, dtype: str | None, router: Path | None, refits: int,
-         calib_id: str | None, fitter: str) -> tuple[str, dict]:
-    """What every part is a deterministic function of: a resumed pack only keeps parts with this key (and its
-    fields, which name what differs when it does not match)."""
+def _key_fields(source: SourceCheckpoint, cfg: MWQConfig, dtype: str | None, router: Path | None, refits: int,
+                calib_id: str | None, fitter: str) -> dict:
+    """What every part is a deterministic function of: a resumed pack only keeps parts of these (their hash is the
+    staging key; the fields name what differs when it does not match)."""
     router_crc = fmt.file_crc32(Path(router)) if router is not None else None
-    fields = {"source": source.fingerprint(), "bits": list(cfg.bits), "group": cfg.group_size, "scheme": cfg.scheme,
-              "dtype": dtype, "router": router_crc, "refits": refits, "calib": calib_id, "fitter": fitter,
-              "format": fmt.FORMAT_VERSION}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest(), fields
+    return {"source": source.fingerprint(), "bits": list(cfg.bits), "group": cfg.group_size, "scheme": cfg.scheme,
+            "dtype": dtype, "router": router_crc, "refits": refits, "calib": calib_id, "fitter": fitter,
+            "format": fmt.FORMAT_VERSION}
 
 
 def _maybe_kill(point: str) -> None:

@@ -13,6 +13,7 @@ run because every part is a deterministic function of the inputs (the `key`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,9 +46,11 @@ def _say(msg: str) -> None:
 
 
 class Staging:
-    """The temporary folder of one pack into `out`; `key` names the inputs and options it is a function of."""
+    """The temporary folder of one pack into `out`; `fields` are the inputs and options it is a function of (pack's
+    key fields), `key` their hash."""
 
-    def __init__(self, out: Path, key: str, resume: bool, fields: dict | None = None):
+    def __init__(self, out: Path, fields: dict, resume: bool):
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         self.out, self.key = out, key
         self.path = out.parent / f".{out.name}.d2moe-tmp-{os.getpid()}"
         self.adopted = False
@@ -131,14 +134,14 @@ class Staging:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-# what a changed key field means to the user (pack._key's fields)
+# what a changed key field means to the user (pack._key_fields)
 _FIELD_OPTIONS = {"source": "the source checkpoint's files", "bits": "--bits", "group": "--group-size",
                   "scheme": "--scheme", "dtype": "--dtype", "router": "the --router gate", "refits": "--refits",
                   "calib": "--calib or --calib-tokens", "fitter": "--similarity or --weighting",
                   "format": "d2moe's checkpoint format version"}
 
 
-def _refuse_other_options(stale: list[Path], fields: dict | None) -> None:
+def _refuse_other_options(stale: list[Path], fields: dict) -> None:
     """--resume found interrupted packs of OUT, none of these inputs and options: say what differs rather than
     remove hours of work (without --resume they are removed, and said so)."""
     newest = max(stale, key=lambda p: p.stat().st_mtime)
@@ -146,7 +149,7 @@ def _refuse_other_options(stale: list[Path], fields: dict | None) -> None:
         theirs = json.loads((newest / STATE_NAME).read_bytes()).get("fields")
     except (OSError, ValueError, AttributeError):
         theirs = None
-    differ = [] if not isinstance(theirs, dict) or fields is None else \
+    differ = [] if not isinstance(theirs, dict) else \
         [_FIELD_OPTIONS.get(k, k) for k in sorted(fields) if theirs.get(k) != fields[k]]
     what = f"other {', '.join(differ)}" if differ else "other inputs or options"
     raise UsageError(f"--resume: the interrupted pack in {newest.name} was made with {what}; rerun with the "
