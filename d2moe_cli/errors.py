@@ -59,9 +59,26 @@ class GateMismatchError(InputError):
 
 
 class BudgetError(D2MoEError):
-    """A memory budget below the minimum the model needs to run at all."""
+    """A memory budget below the minimum the model needs to run at all.
+
+    `minimum` (bytes), where the raiser knows it, ends the message with the remedy "use --memory-budget N MiB or
+    more"; `remedy` rephrases it for how the user gave the budget (an environment variable, a percentage).
+    """
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, problem: str, minimum: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.minimum = problem, minimum
+        self.remedy = None if minimum is None else f"use --memory-budget {min_mib(minimum)}MiB or more"
+
+    def __str__(self) -> str:
+        return self.problem if self.remedy is None else f"{self.problem}; {self.remedy}"
+
+
+def min_mib(nbytes: int) -> int:
+    """Whole MiB, rounded up: a budget of that many MiB holds `nbytes`."""
+    return -(-int(nbytes) // 2**20)
 
 
 class IOFailure(D2MoEError):

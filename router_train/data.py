@@ -25,16 +25,43 @@ def _looks_local(spec: str) -> bool:
 
 
 class _datasets_quiet:
-    """`datasets`' logger held at CRITICAL within the block."""
+    """`datasets`' logger held at CRITICAL and its progress bars off within the block (a local file loads in
+    moments; a bar left on the terminal would come before an error's one line)."""
 
     def __enter__(self) -> None:
+        import datasets.utils as ds_utils
         from datasets.utils import logging as ds_logging
 
         self._logging, self._level = ds_logging, ds_logging.get_verbosity()
+        self._utils, self._bars = ds_utils, not ds_utils.are_progress_bars_disabled()
         ds_logging.set_verbosity(ds_logging.CRITICAL)
+        ds_utils.disable_progress_bars()
 
     def __exit__(self, *exc) -> None:
         self._logging.set_verbosity(self._level)
+        if self._bars:
+            self._utils.enable_progress_bars()
+
+
+def _first_bad_utf8(path: Path) -> str | None:
+    """'not UTF-8 text at byte N' for a text or JSON-lines file that is not UTF-8 (a binary file passed by mistake),
+    else None. Read a MiB at a time: the file may be large."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # a character the last read split: decoded with this chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return f"not UTF-8 text at byte {offset - pending + exc.start}: pass a UTF-8 text file"
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"not UTF-8 text: it ends inside a character at byte {offset}"
+    return None
 
 
 def _first_bad_json_line(path: Path) -> str | None:
@@ -77,7 +104,10 @@ def load_texts(specs: Sequence[str], text_field: str = "text", hub_split: str = 
                 with _datasets_quiet():  # its own error line would come before ours
                     ds = load_dataset(builder, data_files=str(path), split="train")
             except Exception as exc:
-                why = (_first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None) or str(exc).splitlines()[0][:200]
+                textual = builder in ("text", "json")
+                why = ((_first_bad_utf8(path) if textual else None)
+                       or (_first_bad_json_line(path) if builder == "json" else None)
+                       or str(exc).splitlines()[0][:200])
                 raise InputError(f"calibration file {spec} could not be read as {builder}: {why}") from None
         else:
             from huggingface_hub.utils import logging as hub_logging

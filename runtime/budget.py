@@ -28,12 +28,11 @@ safetensors_payload_bytes(path) -> int              # tensor bytes of a safetens
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from d2moe.errors import BudgetError, FormatError, UsageError
+from d2moe.errors import BudgetError, FormatError, UsageError, min_mib
 from d2moe.quantize.format.constants import DENSE_NAME
 from d2moe.runtime.units import format_size
 
@@ -94,13 +93,12 @@ class MemoryPlan:
         fixed = int(dense_bytes) + kv + staging + int(workspace_bytes)
         minimum = fixed + MIN_CACHE_EXPERTS * int(expert_bytes)
         if budget_bytes < minimum:
-            min_mib = math.ceil(minimum / _MIB)
             raise BudgetError(
-                f"memory budget {_size(budget_bytes)} is below the minimum {min_mib} MiB for this model "
+                f"memory budget {_size(budget_bytes)} is below the minimum {min_mib(minimum)} MiB for this model "
                 f"(dense {_size(dense_bytes)} + KV {_size(kv)} "
                 f"+ staging/workspace {_size(staging + workspace_bytes)} "
-                f"+ {MIN_CACHE_EXPERTS} experts {_size(MIN_CACHE_EXPERTS * expert_bytes)}); "
-                f"use --memory-budget {min_mib}MiB or more"
+                f"+ {MIN_CACHE_EXPERTS} experts {_size(MIN_CACHE_EXPERTS * expert_bytes)})",
+                minimum=minimum,
             )
         return cls(
             budget=int(budget_bytes), dense=int(dense_bytes), kv=kv, staging=staging,

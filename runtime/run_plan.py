@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from d2moe.errors import BudgetError, InputError, UsageError
+from d2moe.errors import BudgetError, InputError, UsageError, min_mib
 from d2moe.quantize.format.sections import DTYPE_BYTES
 from d2moe.runtime.units import format_size
 
@@ -170,7 +170,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     if options.memory_budget < minimum:
         raise BudgetError(
             f"--policy {spec.name} holds every expert at {hold_level} bits ({format_size(need)}): memory budget "
-            f"{format_size(options.memory_budget)} is below the minimum {-(-minimum // 2**20)} MiB; use "
-            f"--memory-budget {-(-minimum // 2**20)}MiB or more"
+            f"{format_size(options.memory_budget)} is below the minimum {min_mib(minimum)} MiB",
+            minimum=minimum,
         )
     return ckpt, adapter, spec, hold_level, skeleton, plan_for(options.memory_budget)

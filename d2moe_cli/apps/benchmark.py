@@ -29,7 +29,6 @@ the best decode throughput among the baselines (every policy but d2moe) at the s
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -198,18 +197,6 @@ def parse_budgets(text: str, fixed_bytes: int, expert_set_bytes: int) -> list[Bu
     return budgets
 
 
-_NEEDS = re.compile(r"minimum\s+([0-9.]+)\s*(MiB|GiB|KiB|B)\b")
-
-
-def needs_from_error(exc: BaseException) -> int | None:
-    """The bytes a BudgetError message says are needed ('... the minimum 123 MiB ...'), if it says."""
-    m = _NEEDS.search(str(exc))
-    if not m:
-        return None
-    scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[m.group(2)]
-    return int(float(m.group(1)) * scale)
-
-
 # --------------------------------------------------------------------------- the sweep
 
 
@@ -228,7 +215,7 @@ def sweep(
 ) -> list[ConfigResult]:
     """Run every (policy, budget) `repeats` times, round-robin; one ConfigResult per configuration.
 
-    A BudgetError from `run` marks the configuration n/a (with the bytes its message says are
+    A BudgetError from `run` marks the configuration n/a (with the bytes it says are
     needed) and it is not run again. unavailable: policy -> why it cannot run on this checkpoint at
     all (n/a at every budget). on_run(policy, budget, repeat) is called after each (progress).
     A discarded warm-up run of the first runnable configuration goes first (imports, allocator).
@@ -256,7 +243,7 @@ def sweep(
                     warmed = True
                 res.runs.append(run(res.label, res.budget))
             except BudgetError as exc:
-                res.reason, res.needs_bytes = str(exc), needs_from_error(exc)
+                res.reason, res.needs_bytes = str(exc), exc.minimum
                 res.runs.clear()
             if on_run:
                 on_run(res.label, res.budget, rep)
@@ -379,17 +366,17 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4,
     options = RunOptions(memory_budget=UNLIMITED_BUDGET, policy="moqe-dynaio", level=level,
                          max_tokens=max_tokens, io_threads=io_threads, forward_tokens=forward_tokens,
                          dense_weights=dense_weights)
-    return (*_run_basis(checkpoint, options), level)
+    return (*run_basis(checkpoint, options), level)
 
 
 def percent_budget(checkpoint, options, pct: float) -> int:
     """The bytes `pct`% means for a run with `options` (`run -m 50%`), as bench's --budgets reads it: what that run
     holds besides its expert cache, plus pct% of the expert set (the exact experts with --lossless)."""
-    fixed, expert_set = _run_basis(checkpoint, options)
+    fixed, expert_set = run_basis(checkpoint, options)
     return int(fixed + pct / 100 * expert_set)
 
 
-def _run_basis(checkpoint, options) -> tuple[int, int]:
+def run_basis(checkpoint, options) -> tuple[int, int]:
     """(what a run with `options` holds besides its expert cache, every expert at the reference level), from the
     memory plan of that run with no budget."""
     from dataclasses import replace

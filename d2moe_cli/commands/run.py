@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from d2moe.errors import InputError, UsageError
+from d2moe.errors import BudgetError, InputError, UsageError, min_mib
 from d2moe.options import given_as, parse_bandwidth, set_threads
 
 
@@ -152,9 +153,13 @@ def run(
         from d2moe.apps.benchmark import percent_budget
 
         options = replace(options, memory_budget=percent_budget(checkpoint, options, percent))
+    try:
+        session = Session(checkpoint, options, tokenizer=tokenizer)
+    except BudgetError as exc:
+        raise budget_remedy(exc, budget_flag, memory_budget, percent, checkpoint, options) from None
     # one prompt streams to a terminal, pipe or file alike: an interrupted run keeps what it wrote
     stream = not json_out and len(prompts) == 1
-    with Session(checkpoint, options, tokenizer=tokenizer) as session:
+    with session:
         if note:  # after the checks: an error stays one line
             print(f"note: {note}", file=sys.stderr)
         on_text = (lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if stream else None
@@ -174,6 +179,26 @@ def run(
             if len(prompts) > 1:
                 typer.echo("")
     print_summary(report.stats)
+
+
+def budget_remedy(exc: BudgetError, flag: str, given: str, percent: float | None, checkpoint, options) -> BudgetError:
+    """`exc` with its remedy in the form the budget was given: `D2MOE_MEMORY_BUDGET=N MiB`, or a percentage."""
+    if exc.minimum is None:
+        return exc
+    from d2moe.runtime.units import format_size
+
+    mib = min_mib(exc.minimum)
+    setting = (lambda value: f"{flag}={value}") if flag.isupper() else (lambda value: f"{flag} {value}")
+    exc.remedy = f"use {setting(f'{mib}MiB')} or more"
+    if percent is not None:
+        from d2moe.apps.benchmark import run_basis
+
+        fixed, expert_set = run_basis(checkpoint, options)
+        exc.problem = f"{setting(given.strip())} is {format_size(options.memory_budget)} here: {exc.problem}"
+        pct = math.ceil(100 * (exc.minimum - fixed) / expert_set) if expert_set else 101
+        if pct <= 100:
+            exc.remedy = f"use {setting(f'{max(pct, 1)}%')} or more ({mib}MiB)"
+    return exc
 
 
 def print_summary(stats: dict) -> None:

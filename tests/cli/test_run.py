@@ -53,6 +53,31 @@ def test_a_percentage_budget_is_what_the_run_holds_besides_experts_plus_that_sha
     assert docs["50%"]["memory"]["peak_bytes"] <= budgets["50%"]
 
 
+def test_a_budget_too_small_is_told_the_fix_in_the_form_it_was_given(packed, capsys, monkeypatch):
+    """A percentage is told the smallest percentage that runs, an environment variable its own setting, and each
+    fix runs (both used to be told `--memory-budget N MiB`)."""
+    import re
+
+    args = ("-p", "hello", "--policy", "hold-int4", "--max-new-tokens", "2", "--json")
+    code, _, err = _run(capsys, packed, *args, "-m", "1%")
+    assert code == EXIT_USAGE and err.count("\n") == 1, err
+    assert re.search(r"--memory-budget 1% is [0-9.]+ \w+ here: ", err), err
+    fix = re.search(r"use --memory-budget (\d+)% or more \((\d+)MiB\)", err)
+    assert fix and int(fix.group(1)) > 1, err
+    code, out, err = _run(capsys, packed, *args, "-m", f"{fix.group(1)}%")
+    assert code == 0, err
+    code, _, err = _run(capsys, packed, *args, "-m", f"{int(fix.group(1)) - 1}%")
+    assert code == EXIT_USAGE, "the smallest percentage told is the smallest that runs"
+
+    monkeypatch.setenv("D2MOE_MEMORY_BUDGET", "1MiB")
+    code, _, err = _run(capsys, packed, *args)
+    fix = re.search(r"use D2MOE_MEMORY_BUDGET=(\d+)MiB or more", err)
+    assert code == EXIT_USAGE and fix and "--memory-budget" not in err, err
+    monkeypatch.setenv("D2MOE_MEMORY_BUDGET", f"{fix.group(1)}MiB")
+    code, _, err = _run(capsys, packed, *args)
+    assert code == 0, err
+
+
 def test_native_kernels_give_the_reference_tokens(packed, capsys):
     runs = {}
     for backend in ("native", "reference"):

@@ -216,6 +216,19 @@ def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
         load_texts([str(bad)])
 
 
+def test_a_binary_calibration_file_is_named_not_utf8_at_its_first_bad_byte(tmp_path, capfd):
+    """A binary file passed as text (a checkpoint shard named .txt, say) is told where it stops being UTF-8, past a
+    MiB-sized read with a character split across two reads, and nothing else reaches the terminal."""
+    good = ("é" * (1 << 19)).encode()  # 1 MiB of two-byte characters: the second read starts inside none
+    good = b"x" + good  # ... and now one is split across the first and second read
+    for name in ("shard.txt", "shard.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(good + b"\xff\xfe rest")
+        with pytest.raises(InputError, match=f"{name} could not be read as .*: not UTF-8 text at byte {len(good)}: "):
+            load_texts([str(path)], option="--calib")
+    assert capfd.readouterr().err == ""
+
+
 def test_a_calibration_path_that_is_a_directory_is_named_as_such(tmp_path):
     with pytest.raises(InputError, match="is not a regular file"):
         load_texts([str(tmp_path)], option="--calib")
