@@ -22,6 +22,7 @@ GPTQ's codes, three trained MoEs lose 35-60% less (§6.7).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -48,8 +49,9 @@ class LayerCalibration(Protocol):
     calib_id: str  # names the calibration in --resume's key
     starved: list[list[int]]  # [layer, expert, tokens] of the experts fitted unweighted
 
-    def layer_stats(self, layer: int, scratch: Path | None = None) -> dict[tuple[int, int, str], ColumnStats]: ...
-    # (scratch: a folder for files the calibration may spill, pack's staging folder)
+    def layer_stats(self, layer: int, scratch: Path | None = None) -> Mapping[tuple[int, int, str], ColumnStats]: ...
+    # (scratch: a folder for files the calibration may spill, pack's staging folder; a mapping with close() may
+    # hold them there until read)
 
     def manifest_section(self) -> dict: ...  # the checkpoint's `calibration` (format.sections), once every layer is fitted
 

@@ -13,9 +13,10 @@ for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them). `pack`
 layer (CalibrationPass) and fits that layer's experts before the pass goes on.
 Layers and experts multiply in calib.product_dtype of the source's (bfloat16 where the CPU has it natively,
 else float32); sums and moments are float32 or wider; the hidden states between layers keep the source's dtype.
-Resident memory: one layer's dense weights, one expert matrix, the calibration activations and one layer's
-statistics; never the model, its embeddings only while they run. The layer's inputs to its experts, from which
-the samples are drawn, wait on disk.
+Resident memory: one layer's dense weights, one expert matrix, the calibration activations and, while the
+layer runs, its experts' second moments; never the model, its embeddings only while they run. The layer's inputs
+to its experts, from which the samples are drawn, and then its statistics wait on disk (pack's fits read one
+matrix's at a time).
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -31,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -90,32 +92,51 @@ def _cast(x, dtype: torch.dtype):
     return x
 
 
-class _ScratchRows:
-    """Rows of one dtype and shape in an unlinked file in `folder` (None: the system's temporary folder), read and
-    written with pread/pwrite: what the pass keeps between calls (a layer's hidden states, its experts' inputs) waits
-    in the page cache, which the kernel may write out, instead of the process's memory. Nothing is left by a kill."""
+class _ScratchFile:
+    """An unlinked file in `folder` (None: the system's temporary folder), written and read at offsets with
+    pwrite/pread: what it holds waits in the page cache, which the kernel may write out, instead of the process's
+    memory. Nothing is left by a kill."""
+
+    def __init__(self, folder: Path | None):
+        self.file = tempfile.TemporaryFile(dir=folder)
+
+    def write_at(self, offset: int, t: torch.Tensor) -> int:
+        """t's bytes at `offset`; returns how many."""
+        data = memoryview(t.detach().contiguous().view(torch.uint8).numpy().reshape(-1))
+        done = 0
+        while done < len(data):  # one pwrite stops at 2 GiB on Linux
+            done += os.pwrite(self.file.fileno(), data[done:], offset + done)
+        return len(data)
+
+    def read_at(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = np.empty(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
+        if os.preadv(self.file.fileno(), [memoryview(buf)], offset) != buf.nbytes:
+            raise OSError(f"calibration scratch file {self.file.name}: short read")
+        return torch.from_numpy(buf).view(dtype).view(shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _ScratchRows(_ScratchFile):
+    """Rows of one dtype and shape in a scratch file: what the pass keeps between calls (a layer's hidden states,
+    its experts' inputs)."""
 
     def __init__(self, folder: Path | None, dtype: torch.dtype, row_shape: tuple[int, ...]):
-        self.file = tempfile.TemporaryFile(dir=folder)
+        super().__init__(folder)
         self.dtype, self.row_shape = dtype, tuple(row_shape)
         self.row_bytes = math.prod(self.row_shape) * torch.empty((), dtype=dtype).element_size()
         self.rows = 0  # rows written so far (the end of the file)
 
     def write(self, r0: int, rows: torch.Tensor) -> None:
-        data = memoryview(rows.detach().to(self.dtype).contiguous().view(torch.uint8).numpy().reshape(-1))
-        done = 0
-        while done < len(data):  # one pwrite stops at 2 GiB on Linux
-            done += os.pwrite(self.file.fileno(), data[done:], r0 * self.row_bytes + done)
+        self.write_at(r0 * self.row_bytes, rows.to(self.dtype))
         self.rows = max(self.rows, r0 + rows.shape[0])
 
     def append(self, rows: torch.Tensor) -> None:
         self.write(self.rows, rows)
 
     def read(self, r0: int, r1: int) -> torch.Tensor:
-        buf = np.empty((r1 - r0) * self.row_bytes, dtype=np.uint8)
-        if os.preadv(self.file.fileno(), [memoryview(buf)], r0 * self.row_bytes) != buf.nbytes:
-            raise OSError(f"calibration scratch file {self.file.name}: short read")
-        return torch.from_numpy(buf).view(self.dtype).view(r1 - r0, *self.row_shape)
+        return self.read_at(r0 * self.row_bytes, self.dtype, (r1 - r0, *self.row_shape))
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` (ascending), one read per run of consecutive rows."""
@@ -128,8 +149,50 @@ class _ScratchRows:
                 start = k
         return out
 
+
+
+class SpilledStats(Mapping):
+    """One layer's statistics, {(layer, expert, matrix): ColumnStats}, each sample and second moment in a scratch
+    file until a fit asks for it: pack fits one matrix at a time, and the layer's moments and samples together were
+    what its fits held besides (288 MiB of moments at Mixtral's shape, 576 MiB from 64 experts up). Read back
+    byte for byte; the entry last read is kept, so gate and up (one input, one ColumnStats) share a read."""
+
+    def __init__(self, folder: Path | None):
+        self.scratch, self.end = _ScratchFile(folder), 0
+        self.entries: dict[tuple[int, int, str], tuple] = {}
+        self._last: tuple = (None, None)  # (entry, its ColumnStats)
+
+    def put(self, key: tuple[int, int, str], stats: ColumnStats) -> None:
+        self.entries[key] = (stats.weight, self._write(stats.sample), self._write(stats.hessian))
+
+    def alias(self, key: tuple[int, int, str], same: tuple[int, int, str]) -> None:
+        """`key` reads `same`'s statistics (up reads gate's input)."""
+        self.entries[key] = self.entries[same]
+
+    def _write(self, t: torch.Tensor | None) -> tuple | None:
+        if t is None:
+            return None
+        ref = (self.end, t.dtype, tuple(t.shape))
+        self.end += self.scratch.write_at(self.end, t)
+        return ref
+
+    def __getitem__(self, key: tuple[int, int, str]) -> ColumnStats:
+        entry = self.entries[key]
+        if self._last[0] is not entry:
+            weight, sample, hessian = entry
+            self._last = (entry, ColumnStats(weight, self.scratch.read_at(*sample),
+                                             None if hessian is None else self.scratch.read_at(*hessian)))
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def close(self) -> None:
-        self.file.close()
+        self._last = (None, None)
+        self.scratch.close()
 
 
 class _Catcher(nn.Module):
@@ -146,7 +209,7 @@ class _Catcher(nn.Module):
 
 class _StatsExperts(nn.Module):
     """An experts module computing from source weights read on demand; while `collect`, it accumulates its experts'
-    input statistics (sums, counts, moments keyed by expert and matrix, and the calls for keep_samples)."""
+    input statistics (sums, counts, moments keyed by expert and matrix, and the calls for `sample`)."""
 
     def __init__(self, layer: int, original: nn.Module, experts: ExpertSource, keep_tokens: int, blocks: dict[str, int],
                  dtype: torch.dtype):
@@ -163,8 +226,8 @@ class _StatsExperts(nn.Module):
         self.sums: dict = {}
         self.counts: dict = {}
         self.moments: dict = {}
-        self.samples: dict = {}
         self.routes: list[torch.Tensor] = []  # this layer's routes, call by call (its inputs are in self.spill)
+        self._index: torch.Tensor | None = None  # the routes joined, once the samples are drawn
         if getattr(self, "spill", None) is not None:
             self.spill.close()
         self.spill = None
@@ -191,14 +254,14 @@ class _StatsExperts(nn.Module):
             for m, v in (("gate", x), ("down", h)):
                 self._accumulate((e, m), v, self.blocks[m])
             self.counts[e] = self.counts.get(e, 0) + len(tok)
-        if self.collect:  # for keep_samples: the inputs on disk in the samples' own bfloat16, the routes in memory
+        if self.collect:  # for `sample`: the inputs on disk in the samples' own bfloat16, the routes in memory
             self._spill_inputs(hidden_states)
             self.routes.append(top_k_index.clone())
         return out.to(hidden_states.dtype)
 
     def _spill_inputs(self, hidden_states: torch.Tensor) -> None:
         """Append this call's inputs to the layer's scratch file: held in memory, a layer's inputs (256 MiB at
-        32768 tokens of Mixtral) and keep_samples' copy of them were a quarter of the calibrated pack's peak."""
+        32768 tokens of Mixtral) and a copy of them for the samples were a quarter of the calibrated pack's peak."""
         if self.spill is None:
             self.spill = _ScratchRows(self.scratch, torch.bfloat16, hidden_states.shape[-1:])
         self.spill.append(hidden_states.reshape(-1, hidden_states.shape[-1]))
@@ -218,18 +281,16 @@ class _StatsExperts(nn.Module):
             if block:
                 gptq.add_second_moment(self.moments[key], part)
 
-    def keep_samples(self) -> None:
-        """After the layer's last call: each expert keeps an evenly spaced subset of its routed inputs over all the
-        calls (so it spans the text), and their down inputs recomputed from them (release() then drops the rest)."""
-        if not self.routes:
-            return
-        index = torch.cat(self.routes)
-        for e in torch.unique(index).tolist():
-            tok = (index == e).nonzero(as_tuple=True)[0]
-            x = self.spill.gather(tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()])
-            x = x.to(self.dtype)
-            self.samples[(e, "gate")] = x.bfloat16()
-            self.samples[(e, "down")] = self._down_input(e, x).bfloat16()
+    def sample(self, e: int) -> dict[str, torch.Tensor]:
+        """After the layer's last call, expert e's kept inputs ({"gate": x, "down": its down input}, bfloat16): an
+        evenly spaced subset of its routed inputs over all the calls (so it spans the text), the down inputs
+        recomputed from them."""
+        if self._index is None:
+            self._index = torch.cat(self.routes)
+        tok = (self._index == e).nonzero(as_tuple=True)[0]
+        x = self.spill.gather(tok[torch.linspace(0, len(tok) - 1, min(len(tok), self.keep_tokens)).round().long()])
+        x = x.to(self.dtype)
+        return {"gate": x.bfloat16(), "down": self._down_input(e, x).bfloat16()}
 
 
 def hessian_blocks(n_experts: int, gate_columns: int, down_columns: int) -> dict[str, int]:
@@ -248,7 +309,7 @@ class CalibrationPass:
     Construction only tokenises the text (for `calib_id`); the model starts running at the first request. Layers are
     asked for in order; those skipped (dense layers, layers a resumed pack kept) run without statistics, as the
     hidden states need them. Budgets (HESSIAN_BYTES, SAMPLE_BYTES) hold per layer, so a deep model keeps the blocks
-    and samples a shallow one gets; one layer's statistics are resident at a time."""
+    and samples a shallow one gets; one layer's moments are resident at a time, and after it one matrix's statistics."""
 
     def __init__(self, src: Path, specs: list[str], max_tokens: int, progress: bool = True):
         from transformers import AutoTokenizer
@@ -281,10 +342,11 @@ class CalibrationPass:
         self._closed = False
         self._seconds = 0.0
 
-    def layer_stats(self, layer: int, scratch: Path | None = None) -> dict[tuple[int, int, str], ColumnStats]:
+    def layer_stats(self, layer: int, scratch: Path | None = None) -> SpilledStats:
         """{(layer, expert, matrix): its ColumnStats} of MoE layer `layer`, its experts that saw too few tokens
         left out (and listed in the report); the layer's expert inputs wait in an unlinked file in `scratch` (pack's
-        staging folder; None: the system's temporary folder) until its samples are drawn."""
+        staging folder; None: the system's temporary folder) until its samples are drawn, and the statistics in
+        another until each is read."""
         if self._closed:
             raise RuntimeError("the calibration pass was closed")
         t0 = time.perf_counter()
@@ -298,7 +360,7 @@ class CalibrationPass:
             if layer in self.modules:
                 self.modules[layer].scratch = scratch
             module = self._run_layer(collect=True)
-            stats = self._finish(layer, module)
+            stats = self._finish(layer, module, scratch)
         self._seconds += time.perf_counter() - t0
         if layer == self.moe_layers[-1]:
             self.close()  # nothing later needs the hidden states
@@ -406,26 +468,29 @@ class CalibrationPass:
                   f"{'' if collect else ', no statistics needed'})", file=sys.stderr, flush=True)
         return module if collect else None
 
-    def _finish(self, layer: int, module: _StatsExperts | None) -> dict[tuple[int, int, str], ColumnStats]:
-        """The layer's statistics, normalised; the module's sums and samples released."""
-        weights: dict[tuple[int, int, str], ColumnStats] = {}
+    def _finish(self, layer: int, module: _StatsExperts | None, scratch: Path | None) -> SpilledStats:
+        """The layer's statistics, normalised, expert by expert into a scratch file in `scratch`; the module's sums
+        and moments released as they go."""
+        stats = SpilledStats(scratch)
         if module is None:  # not an MoE layer of this model
-            return weights
-        module.keep_samples()
+            return stats
         for e in range(self.num_experts):
             n = module.counts.get(e, 0)
             if n < MIN_TOKENS:
                 self.starved.append([layer, e, n])
                 continue
+            sample = module.sample(e)
             for m in ("gate", "down"):
                 w = (module.sums.pop((e, m)) / n).float()
                 w = w / w.mean().clamp_min(1e-30)
                 moment = module.moments.pop((e, m), None)
-                weights[(layer, e, m)] = ColumnStats(w.clamp_min(FLOOR), module.samples.pop((e, m)),
-                                                     None if moment is None else moment.div_(n))
-            weights[(layer, e, "up")] = weights[(layer, e, "gate")]  # gate and up read the same input
+                stats.put((layer, e, m), ColumnStats(w.clamp_min(FLOOR), sample[m],
+                                                     None if moment is None else moment.div_(n)))
+                if m == "gate":  # gate and up read the same input (and are fitted one after the other)
+                    stats.alias((layer, e, "up"), (layer, e, "gate"))
+            del sample, moment
         module.release()
-        return weights
+        return stats
 
 
 def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: bool = True
@@ -435,5 +500,5 @@ def expert_column_stats(src: Path, specs: list[str], max_tokens: int, progress: 
     calib = CalibrationPass(src, specs, max_tokens, progress)
     weights = {}
     for layer in calib.moe_layers:
-        weights.update(calib.layer_stats(layer))  # the last one closes the pass
+        weights.update(calib.layer_stats(layer))  # read back whole; the last one closes the pass
     return weights, calib.calib_id, calib.report()

@@ -4,8 +4,8 @@ Streams one matrix at a time: an I/O thread reads the next expert matrix (a posi
 bytes, in its stored dtype) while the quantizer fits the current one on every worker (rows split,
 native C fit; the torch fit where no compiler is found, or for the residual scheme). Resident memory
 is about two source matrices plus one expert's blob, whatever the model's size or expert count; with
---calib, also one layer's calibration statistics and the calibration's hidden states (the pass runs
-layer by layer between the layers' fits).
+--calib, also one matrix's calibration statistics (the layer's wait in a scratch file in the staging folder, as
+the calibration's hidden states do; the pass runs layer by layer between the layers' fits).
 Parts are written into a staging folder (d2moe.quantize.convert.staging) and made durable one by one,
 so an interrupted pack can be resumed (`--resume`) to byte-identical output. Deterministic: same
 input and options give byte-identical files (no timestamps, sorted keys, fixed order; the worker count
@@ -21,6 +21,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -249,7 +250,7 @@ class _Fitter:
     def __init__(self, lib, cfg: MWQConfig, refits: int, workers: int, calib: LayerCalibration | None,
                  weighting: str = "mse"):
         self.lib, self.cfg, self.refits, self.workers = lib, cfg, refits, workers
-        self.stats: dict = {}  # the statistics of the layer being fitted, by (layer, expert, matrix)
+        self.stats: Mapping = {}  # the statistics of the layer being fitted, by (layer, expert, matrix)
         self.weighting = weighting
         if lib is None and (refits or calib is not None or weighting != "mse"):
             if cfg.scheme not in native.NATIVE_SCHEMES:
@@ -306,8 +307,8 @@ def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int,
         bar.advance(sum(experts.matrix_nbytes(layer, m) for m in fmt.MATRICES) * num_experts)
         return record["entries"]
     if calib is not None:
-        bar.note(f"calibrating layer {index + 1}/{bar.layers}")
-        fit.stats = calib.layer_stats(layer, staging.path)
+        with bar.stage(f"calibrating layer {index + 1}/{bar.layers}"):
+            fit.stats = calib.layer_stats(layer, staging.path)
         bar.layer(index)
     order = [(e, m) for e in range(num_experts) for m in fmt.MATRICES]
     entries = []
@@ -330,6 +331,8 @@ def _layer_part(experts: ExpertSource, index: int, layer: int, num_experts: int,
                 fitted.clear()
                 _maybe_kill(f"expert:{index}:{e}")
         size = w.file_size
+    if hasattr(fit.stats, "close"):  # the layer's spilled statistics
+        fit.stats.close()
     fit.stats = {}
     record = {"entries": entries, "size": size}
     if calib is not None:  # the report names them on --resume too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 
 LINE_EVERY_S = 5.0
 
@@ -16,6 +17,7 @@ class PackProgress:
         self.total, self.layers = max(1, total_bytes), layers
         self.done = 0
         self.layer_no = 0
+        self.stages, self.stage_seconds = 0, 0.0  # per-layer stages that move no bytes (--calib's pass), timed
         self._t0 = self._last = time.monotonic()
         self._bar = None
 
@@ -41,14 +43,22 @@ class PackProgress:
         if self._bar is not None:
             self._bar.update(self._task, description=f"packing layer {index + 1}/{self.layers}")
 
-    def note(self, what: str) -> None:
-        """A stage that moves no bytes (e.g. a layer's calibration): the bar's description, or one line."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(self._task, description=what)
-        else:
-            print(f"pack: {what}", file=sys.stderr, flush=True)
+    @contextmanager
+    def stage(self, what: str):
+        """A layer's stage that moves no bytes (its calibration), said as the bar's description or one line, and
+        timed: the ETA counts the remaining layers' stages at the mean time of those done, and the bytes at the
+        rate they moved outside them (with --calib, the rate over all the time said hours where minutes were left)."""
+        if self.enabled:
+            if self._bar is not None:
+                self._bar.update(self._task, description=what)
+            else:
+                print(f"pack: {what}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.stages += 1
+            self.stage_seconds += time.monotonic() - t0
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
@@ -65,10 +75,21 @@ class PackProgress:
     def line(self, now: float) -> str:
         elapsed = max(1e-9, now - self._t0)
         rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = self.eta(now)
         digits = 2 if self.total < 10e6 else 0  # a small model's layers are fractions of a MB ("0/0 MB" said nothing)
         return (f"pack: layer {self.layer_no}/{self.layers}, {self.done / 1e6:.{digits}f}/{self.total / 1e6:.{digits}f} MB, "
                 f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f} s")
+
+    def eta(self, now: float) -> float:
+        """Seconds left: the bytes left at the rate bytes moved outside the stages, plus the layers' stages left at
+        their mean time so far."""
+        if self.done <= 0:
+            return float("inf")
+        moving = max(1e-9, now - self._t0 - self.stage_seconds)
+        left = (self.total - self.done) * moving / self.done
+        if self.stages:
+            left += self.stage_seconds / self.stages * max(0, self.layers - self.stages)
+        return left
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

@@ -119,6 +119,25 @@ def test_progress_line_of_a_small_source_shows_its_megabytes():
     assert "0/6330 MB" in big.line(big._t0 + 1)
 
 
+def test_progress_eta_counts_the_calibration_left_not_its_time_as_slow_bytes(monkeypatch):
+    """With --calib each layer calibrates (moving no bytes) before its fits: 200 s of it, then 100 MB of 1000 fitted
+    in 30 s, leaves 270 s of fits and one more 200 s calibration, where bytes over all the time said 2070 s."""
+    from d2moe.quantize.convert import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.PackProgress(True, 1_000_000_000, 2, tty=False)
+    with bar.stage("calibrating layer 1/2"):
+        clock[0] = 200.0
+    bar.layer(0)
+    bar.done, clock[0] = 100_000_000, 230.0
+    assert bar.eta(clock[0]) == pytest.approx(270 + 200)
+    assert "ETA 470 s" in bar.line(clock[0])
+    plain = progress.PackProgress(True, 1_000_000_000, 2, tty=False)  # no stages: bytes over the time
+    plain.done, clock[0] = 250_000_000, 230.0 + 10
+    assert plain.eta(clock[0]) == pytest.approx(30)
+
+
 def test_a_calibrated_pack_resumed_calibrates_only_the_layers_it_redoes(source, tmp_path):
     """pack --calib gathers each layer's statistics as it fits that layer: after kill -9 past layer 0, --resume keeps
     layer 0 and runs it without statistics (the pass still needs its outputs), and the checkpoint and the report's

@@ -183,9 +183,42 @@ def test_scratch_rows_give_back_what_was_written_bit_for_bit(dtype, tmp_path):
     tail.close()
 
 
+def test_spilled_statistics_come_back_bit_for_bit_one_read_for_gate_and_up(tmp_path, monkeypatch):
+    """A layer's statistics wait in a scratch file: each comes back exactly (sample, moments or none, weights), gate
+    and up are one ColumnStats read once (pack fits them one after the other), and the mapping reads like a dict."""
+    from d2moe.quantize.calib import ColumnStats
+
+    gen = torch.Generator().manual_seed(0)
+    made = {}
+    stats = activations.SpilledStats(tmp_path)
+    for e in range(3):
+        for m, cols in (("gate", 8), ("down", 24)):
+            made[(0, e, m)] = ColumnStats(torch.rand(cols, generator=gen), torch.randn(5, cols, generator=gen).bfloat16(),
+                                          None if e == 1 else torch.randn(cols // 4, 4, 4, generator=gen))
+            stats.put((0, e, m), made[(0, e, m)])
+            if m == "gate":
+                stats.alias((0, e, "up"), (0, e, "gate"))
+    assert list(tmp_path.iterdir()) == [] and len(stats) == 9 and set(stats) == {*made, *((0, e, "up") for e in range(3))}
+    reads = []
+    read_at = stats.scratch.read_at
+    monkeypatch.setattr(stats.scratch, "read_at", lambda *a: reads.append(a) or read_at(*a))
+    for e in range(3):
+        gate, up, down = stats[(0, e, "gate")], stats[(0, e, "up")], stats[(0, e, "down")]
+        assert up is gate
+        for key, got in (((0, e, "gate"), gate), ((0, e, "down"), down)):
+            want = made[key]
+            assert torch.equal(got.weight, want.weight)
+            assert torch.equal(got.sample.view(torch.int16), want.sample.view(torch.int16))
+            assert (got.hessian is None) == (want.hessian is None)
+            assert want.hessian is None or torch.equal(got.hessian.view(torch.int32), want.hessian.view(torch.int32))
+    assert len(reads) == 4 + 2 + 4  # per expert, a sample and moments for each of its two inputs; expert 1 has no moments
+    assert stats.get((0, 9, "gate")) is None
+    stats.close()
+
+
 def test_the_pass_spills_into_the_folder_pack_gives_it(tmp_path, monkeypatch):
-    """pack hands its staging folder to layer_stats: the hidden states and the layer's expert inputs go there (not
-    the system's temporary folder, which may be memory), and nothing is left behind."""
+    """pack hands its staging folder to layer_stats: the hidden states, the layer's expert inputs and its statistics
+    go there (not the system's temporary folder, which may be memory), and nothing is left behind."""
     import tempfile
 
     folders = []
@@ -202,5 +235,6 @@ def test_the_pass_spills_into_the_folder_pack_gives_it(tmp_path, monkeypatch):
     scratch.mkdir()
     for layer in calib.moe_layers:
         assert calib.layer_stats(layer, scratch)
-    assert len(folders) == 1 + len(calib.moe_layers) and set(folders) == {scratch}  # hidden states, each layer's inputs
+    # the hidden states; each layer's inputs and its statistics
+    assert len(folders) == 1 + 2 * len(calib.moe_layers) and set(folders) == {scratch}
     assert list(scratch.iterdir()) == []
