@@ -13,10 +13,10 @@ for GPTQ's codes (d2moe.quantize.calib and .gptq say how pack uses them). `pack`
 layer (CalibrationPass) and fits that layer's experts before the pass goes on.
 Layers and experts multiply in calib.product_dtype of the source's (bfloat16 where the CPU has it natively,
 else float32); sums and moments are float32 or wider; the hidden states between layers keep the source's dtype.
-Resident memory: one layer's dense weights, one expert matrix, the calibration activations and, while the
-layer runs, its experts' second moments; never the model, its embeddings only while they run. The layer's inputs
-to its experts, from which the samples are drawn, and then its statistics wait on disk (pack's fits read one
-matrix's at a time).
+Resident memory: one layer's dense weights, one expert matrix, the calibration activations and one expert's
+second moment; never the model, its embeddings only while they run. The layer's inputs to its experts (from which
+the samples are drawn), its moments between calls, and then its statistics wait in scratch files on disk (pack's
+fits read one matrix's at a time).
 
 Experts that see fewer than MIN_TOKENS calibration tokens get no statistics (pack then fits them
 unweighted) and are listed in the report; weights are normalised to mean 1 with a floor, so a column
@@ -35,7 +35,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -109,10 +108,13 @@ class _ScratchFile:
         return len(data)
 
     def read_at(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = np.empty(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
+        """A new tensor of the bytes at `offset` (torch's allocation and alignment, as the tensor that was written
+        had: a BLAS may take another path, and round otherwise, for a buffer aligned otherwise)."""
+        out = torch.empty(shape, dtype=dtype)
+        buf = out.view(-1).view(torch.uint8).numpy()
         if os.preadv(self.file.fileno(), [memoryview(buf)], offset) != buf.nbytes:
             raise OSError(f"calibration scratch file {self.file.name}: short read")
-        return torch.from_numpy(buf).view(dtype).view(shape)
+        return out
 
     def close(self) -> None:
         self.file.close()
@@ -150,6 +152,30 @@ class _ScratchRows(_ScratchFile):
         return out
 
 
+class _ScratchTensors(_ScratchFile):
+    """Tensors by key in a scratch file: a key's first `put` gives it a place at the end of the file, later ones
+    rewrite that place (same dtype and shape)."""
+
+    def __init__(self, folder: Path | None):
+        super().__init__(folder)
+        self.places: dict = {}  # key -> (offset, dtype, shape)
+        self.end = 0
+
+    def put(self, key, t: torch.Tensor) -> None:
+        place = self.places.get(key)
+        if place is None:
+            place = self.places[key] = (self.end, t.dtype, tuple(t.shape))
+            self.end += t.numel() * t.element_size()
+        elif place[1:] != (t.dtype, tuple(t.shape)):
+            raise ValueError(f"scratch tensor {key}: {t.dtype} {tuple(t.shape)} where {place[1:]} was written")
+        self.write_at(place[0], t)
+
+    def get(self, key) -> torch.Tensor:
+        return self.read_at(*self.places[key])
+
+    def __contains__(self, key) -> bool:
+        return key in self.places
+
 
 class SpilledStats(Mapping):
     """One layer's statistics, {(layer, expert, matrix): ColumnStats}, each sample and second moment in a scratch
@@ -158,30 +184,26 @@ class SpilledStats(Mapping):
     byte for byte; the entry last read is kept, so gate and up (one input, one ColumnStats) share a read."""
 
     def __init__(self, folder: Path | None):
-        self.scratch, self.end = _ScratchFile(folder), 0
-        self.entries: dict[tuple[int, int, str], tuple] = {}
+        self.scratch = _ScratchTensors(folder)
+        self.entries: dict[tuple[int, int, str], tuple] = {}  # key -> (weight, the key its tensors are under)
         self._last: tuple = (None, None)  # (entry, its ColumnStats)
 
     def put(self, key: tuple[int, int, str], stats: ColumnStats) -> None:
-        self.entries[key] = (stats.weight, self._write(stats.sample), self._write(stats.hessian))
+        self.scratch.put((key, "sample"), stats.sample)
+        if stats.hessian is not None:
+            self.scratch.put((key, "hessian"), stats.hessian)
+        self.entries[key] = (stats.weight, key)
 
     def alias(self, key: tuple[int, int, str], same: tuple[int, int, str]) -> None:
         """`key` reads `same`'s statistics (up reads gate's input)."""
         self.entries[key] = self.entries[same]
 
-    def _write(self, t: torch.Tensor | None) -> tuple | None:
-        if t is None:
-            return None
-        ref = (self.end, t.dtype, tuple(t.shape))
-        self.end += self.scratch.write_at(self.end, t)
-        return ref
-
     def __getitem__(self, key: tuple[int, int, str]) -> ColumnStats:
         entry = self.entries[key]
         if self._last[0] is not entry:
-            weight, sample, hessian = entry
-            self._last = (entry, ColumnStats(weight, self.scratch.read_at(*sample),
-                                             None if hessian is None else self.scratch.read_at(*hessian)))
+            weight, under = entry
+            hessian = self.scratch.get((under, "hessian")) if (under, "hessian") in self.scratch else None
+            self._last = (entry, ColumnStats(weight, self.scratch.get((under, "sample")), hessian))
         return self._last[1]
 
     def __iter__(self):
@@ -218,19 +240,24 @@ class _StatsExperts(nn.Module):
         self.layer, self.experts, self.keep_tokens, self.blocks = layer, experts, keep_tokens, blocks
         self.act = expert_activation(original)
         self.collect = False
-        self.scratch: Path | None = None  # where the layer's inputs are spilled (None: the system's temporary folder)
+        self.scratch: Path | None = None  # where the layer's inputs and moments wait (None: the system's temporary folder)
         self.release()
 
     def release(self) -> None:
         """Forget what was gathered."""
         self.sums: dict = {}
         self.counts: dict = {}
-        self.moments: dict = {}
         self.routes: list[torch.Tensor] = []  # this layer's routes, call by call (its inputs are in self.spill)
         self._index: torch.Tensor | None = None  # the routes joined, once the samples are drawn
-        if getattr(self, "spill", None) is not None:
-            self.spill.close()
-        self.spill = None
+        for name in ("spill", "moments"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+        self.spill: _ScratchRows | None = None
+        self.moments: _ScratchTensors | None = None  # by (expert, matrix), read, added to and written back per call
+
+    def moment(self, e: int, m: str) -> torch.Tensor | None:
+        """Expert e's input `m` second moment summed so far (None: no blocks)."""
+        return self.moments.get((e, m)) if self.moments is not None and (e, m) in self.moments else None
 
     def _matrix(self, e: int, name: str) -> torch.Tensor:
         return self.experts.matrix(self.layer, e, name).to(self.dtype)
@@ -269,17 +296,24 @@ class _StatsExperts(nn.Module):
     def _accumulate(self, key: tuple[int, str], v: torch.Tensor, block: int) -> None:
         """Add inputs v [T, I]'s column sums of squares (float64) and second moment (float32 blocks) to `key`'s,
         STAT_TOKENS rows at a time: float32 copies of one expert's whole call (117 MB each at Mixtral's down
-        input, three at once) were a fifth of the pass's peak."""
+        input, three at once) were a fifth of the pass's peak. The moments wait in a scratch file between calls:
+        every expert's together were 288 MiB at Mixtral's shape."""
         sums = self.sums.get(key)
-        if sums is None:
+        first = sums is None
+        if first:
             sums = self.sums[key] = torch.zeros(v.shape[1], dtype=torch.float64)
-            if block:
-                self.moments[key] = torch.zeros(v.shape[1] // block, block, block)
+        moment = None
+        if block:
+            if self.moments is None:
+                self.moments = _ScratchTensors(self.scratch)
+            moment = torch.zeros(v.shape[1] // block, block, block) if first else self.moments.get(key)
         for t0 in range(0, v.shape[0], STAT_TOKENS):
             part = v[t0:t0 + STAT_TOKENS].float()
             sums += part.square().sum(0, dtype=torch.float64)
-            if block:
-                gptq.add_second_moment(self.moments[key], part)
+            if moment is not None:
+                gptq.add_second_moment(moment, part)
+        if moment is not None:
+            self.moments.put(key, moment)
 
     def sample(self, e: int) -> dict[str, torch.Tensor]:
         """After the layer's last call, expert e's kept inputs ({"gate": x, "down": its down input}, bfloat16): an
@@ -309,7 +343,7 @@ class CalibrationPass:
     Construction only tokenises the text (for `calib_id`); the model starts running at the first request. Layers are
     asked for in order; those skipped (dense layers, layers a resumed pack kept) run without statistics, as the
     hidden states need them. Budgets (HESSIAN_BYTES, SAMPLE_BYTES) hold per layer, so a deep model keeps the blocks
-    and samples a shallow one gets; one layer's moments are resident at a time, and after it one matrix's statistics."""
+    and samples a shallow one gets; one expert's moment is resident at a time, and one matrix's statistics."""
 
     def __init__(self, src: Path, specs: list[str], max_tokens: int, progress: bool = True):
         from transformers import AutoTokenizer
@@ -469,8 +503,8 @@ class CalibrationPass:
         return module if collect else None
 
     def _finish(self, layer: int, module: _StatsExperts | None, scratch: Path | None) -> SpilledStats:
-        """The layer's statistics, normalised, expert by expert into a scratch file in `scratch`; the module's sums
-        and moments released as they go."""
+        """The layer's statistics, normalised, expert by expert into a scratch file in `scratch` (the module's sums
+        released and its moments read as they go)."""
         stats = SpilledStats(scratch)
         if module is None:  # not an MoE layer of this model
             return stats
@@ -483,7 +517,7 @@ class CalibrationPass:
             for m in ("gate", "down"):
                 w = (module.sums.pop((e, m)) / n).float()
                 w = w / w.mean().clamp_min(1e-30)
-                moment = module.moments.pop((e, m), None)
+                moment = module.moment(e, m)
                 stats.put((layer, e, m), ColumnStats(w.clamp_min(FLOOR), sample[m],
                                                      None if moment is None else moment.div_(n)))
                 if m == "gate":  # gate and up read the same input (and are fitted one after the other)

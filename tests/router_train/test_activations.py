@@ -217,8 +217,9 @@ def test_spilled_statistics_come_back_bit_for_bit_one_read_for_gate_and_up(tmp_p
 
 
 def test_the_pass_spills_into_the_folder_pack_gives_it(tmp_path, monkeypatch):
-    """pack hands its staging folder to layer_stats: the hidden states, the layer's expert inputs and its statistics
-    go there (not the system's temporary folder, which may be memory), and nothing is left behind."""
+    """pack hands its staging folder to layer_stats: the hidden states, the layer's expert inputs, its moments
+    between calls and its statistics go there (not the system's temporary folder, which may be memory), and nothing
+    is left behind."""
     import tempfile
 
     folders = []
@@ -235,6 +236,6 @@ def test_the_pass_spills_into_the_folder_pack_gives_it(tmp_path, monkeypatch):
     scratch.mkdir()
     for layer in calib.moe_layers:
         assert calib.layer_stats(layer, scratch)
-    # the hidden states; each layer's inputs and its statistics
-    assert len(folders) == 1 + 2 * len(calib.moe_layers) and set(folders) == {scratch}
+    # the hidden states; each layer's inputs, moments and statistics
+    assert len(folders) == 1 + 3 * len(calib.moe_layers) and set(folders) == {scratch}
     assert list(scratch.iterdir()) == []
