@@ -122,6 +122,11 @@ def pack_checkpoint(
                     part, ll_dtype = lossless_layer(experts, layer, num_experts, staging, lossless)
                     ll_entries += part
                 _maybe_kill(f"layer:{i}")
+        try:  # again: OUT may have been made (another pack, a user) while the layers were fitted
+            _check_out(src, out, force)
+        except UsageError as exc:
+            raise _PartsKept(f"{exc} (it was made while this pack ran; the finished parts are kept in {staging.path}: "
+                             "move OUT away and re-run the same command with --resume)") from None
         tmp = staging.path
         gate_info = None if router is None else _copy_gate(Path(router), gate_capacity, cfg, tmp)
         for name in fmt.COPIED_FILES:
@@ -141,10 +146,12 @@ def pack_checkpoint(
         staging.clean_records()
         _write_file(tmp / fmt.MANIFEST_NAME, fmt.manifest_bytes(manifest))
         fmt.open_checkpoint(tmp)  # the reader must accept what we wrote, or nothing is renamed
-        _swap_into_place(tmp, out)
+        _swap_into_place(tmp, out, force)
     except KeyboardInterrupt:
-        print(f"pack: interrupted; finished parts are kept in {staging.path.name}: "
+        print(f"pack: interrupted; finished parts are kept in {staging.path}: "
               "re-run the same command with --resume to continue", file=sys.stderr)
+        raise
+    except _PartsKept:
         raise
     except BaseException:
         staging.remove()
@@ -167,12 +174,18 @@ def _maybe_kill(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _PartsKept(UsageError):
+    """OUT cannot be replaced after all; the staging folder stays for --resume."""
+
+
 def _check_out(src: Path, out: Path, force: bool) -> None:
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UsageError(f"OUT {out} must not be SRC or inside it: pick another directory")
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:  # `pack SRC ""` is `.`, which cannot be replaced
         raise UsageError(f"OUT {str(out)!r} is the current directory or holds it: name a new directory, e.g. packed")
+    if out.resolve() in src.resolve().parents:  # --force would replace OUT, and SRC with it
+        raise UsageError(f"OUT {out} holds SRC {src}: replacing it would delete the source; pick another directory")
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT {out} is a file: pick a directory path")
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
@@ -184,8 +197,12 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
             raise UsageError(f"OUT {out} exists and is not a packed checkpoint: --force only replaces those; remove it yourself")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
     old = None
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory: nothing to lose
+    if (out.exists() or out.is_symlink()) and not force:  # made in the moments since the last look
+        raise UsageError(f"OUT {out} was made while this pack ran: pass --force to replace it, or pick another directory")
     if out.exists():
         old = out.parent / f".{out.name}.d2moe-old-{os.getpid()}"
         out.rename(old)

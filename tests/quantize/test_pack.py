@@ -144,6 +144,50 @@ def test_out_is_never_overwritten_without_force(tiny_checkpoint_factory, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "photos"]  # no temp dirs left behind
 
 
+def test_force_never_replaces_an_out_that_holds_the_source(tiny_checkpoint_factory, tmp_path):
+    """A packed checkpoint with the source copied inside it: `--force` into it would replace OUT and delete SRC (audit:
+    it did, after writing the new pack)."""
+    out = tmp_path / "mix"
+    pack_checkpoint(tiny_checkpoint_factory("mixtral"), out, MWQConfig(bits=(2,)), progress=False)
+    shutil.copytree(tiny_checkpoint_factory("mixtral"), out / "src")
+    with pytest.raises(UsageError, match="holds SRC .*would delete the source"):
+        pack_checkpoint(out / "src", out, MWQConfig(bits=(2, 4)), progress=False, force=True)
+    assert (out / "src" / "config.json").is_file() and fmt.open_checkpoint(out).cfg.bits == (2,)
+
+
+def test_an_out_made_while_pack_runs_is_kept_and_the_parts_wait_for_resume(tiny_checkpoint_factory, tmp_path,
+                                                                           monkeypatch):
+    """OUT looked free when pack started, then someone (a user, a second pack) made it: pack refuses to replace it
+    at the end without --force, keeps its finished parts, and --resume finishes once OUT is moved away."""
+    from d2moe.quantize.convert import pack as pack_module
+
+    src, out = tiny_checkpoint_factory("mixtral"), tmp_path / "o"
+    check = pack_module._check_out
+    calls = []
+
+    def made_meanwhile(s, o, force):
+        calls.append(o)
+        if len(calls) == 2:  # the look before the parts are put together
+            o.mkdir()
+            (o / "notes.txt").write_text("mine")
+        return check(s, o, force)
+
+    monkeypatch.setattr(pack_module, "_check_out", made_meanwhile)
+    with pytest.raises(UsageError, match="made while this pack ran; the finished parts are kept in .*--resume"):
+        pack_checkpoint(src, out, MWQConfig(bits=(2, 3)), progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    kept = [p for p in tmp_path.iterdir() if ".d2moe-tmp-" in p.name]
+    assert len(kept) == 1
+    monkeypatch.setattr(pack_module, "_check_out", check)
+    out.rename(tmp_path / "notes")
+    fresh = tmp_path / "fresh"
+    pack_checkpoint(src, fresh, MWQConfig(bits=(2, 3)), progress=False)
+    kept[0].rename(tmp_path / f".o.d2moe-tmp-{2**22 + 7}")  # as a dead process's folder
+    pack_checkpoint(src, out, MWQConfig(bits=(2, 3)), progress=False, resume=True)
+    for f in fresh.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_outs_a_user_names_by_mistake_or_on_purpose(tiny_checkpoint_factory, tmp_path, monkeypatch):
     src = tiny_checkpoint_factory("mixtral")
     monkeypatch.chdir(tmp_path)
