@@ -71,6 +71,32 @@ def packed_is_current(out: Path, src: Path, bits: tuple[int, ...], router: Path 
             and (ckpt.gate_path is None) == (router is None))
 
 
+def check_demo_out(out: Path, src: Path) -> None:
+    """demo packs into a folder the user names only where that loses nothing: a new or empty folder, or a pack of
+    the same model (at other levels, from an earlier demo). Its own cache folder it replaces freely."""
+    from d2moe.errors import D2MoEError
+    from d2moe.quantize.convert.source import SourceCheckpoint
+    from d2moe.quantize.format import open_checkpoint
+
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file: name a folder for the demo's packed model")
+    if not any(out.iterdir()):
+        return
+    try:
+        packed_from = open_checkpoint(out).manifest["source"]["sha256"]
+    except D2MoEError:
+        packed_from = None
+    if packed_from is None:
+        raise UsageError(f"--out {out} exists and is not a packed checkpoint: name a new folder for the demo")
+    source = SourceCheckpoint(src)
+    source.index_weights()
+    if packed_from != source.fingerprint():
+        raise UsageError(f"--out {out} holds a packed checkpoint of another model, which the demo would replace: name "
+                         "a new folder for the demo (or remove that one yourself)")
+
+
 def ensure_packed(src: Path, out: Path, bits: tuple[int, ...], progress: bool,
                   router: Path | None = None, current: bool | None = None) -> tuple[bool, float]:
     """Pack `src` into `out` unless a current pack is there; returns (packed now, seconds)."""
@@ -157,6 +183,8 @@ def demo(
         raise UsageError(f"--policy {policy} runs every expert at {hold} bits: pack that level too, with "
                          f"--bits {','.join(map(str, sorted({*level_bits, hold})))}")
     src = Path(model) if model is not None else embedded_model_dir()
+    if out is not None:
+        check_demo_out(Path(out), src)
     out = Path(out) if out is not None else demo_cache_dir()
     say = (lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True))
 

@@ -167,11 +167,13 @@ def print_table(rows: list[dict], tasks: list[str]) -> None:
             value = r["zero_shot"].get(task, {}).get(metric)
             cells.append("-" if value is None else f"{100 * value:.2f}")
         table.add_row(*cells)
+    from rich.markup import escape
+
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     console.print(table)
     for r in rows:
         if r["status"] != "ok":
-            console.print(f"{r['target']}: n/a ({r['reason']})", soft_wrap=True)
+            console.print(escape(f"{r['target']}: n/a ({r['reason']})"), soft_wrap=True)
 
 
 class _progress:

@@ -37,12 +37,13 @@ def register(app: typer.Typer) -> None:
 
 def _print_summary(s: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape  # a folder named "m[/]q" is a path, not markup
     from rich.table import Table
 
     from d2moe.runtime.units import format_size
 
     console = Console()
-    console.print(f"[bold]{s['path']}[/]: {s['arch']} ({s['source']}), format {s['format']} v{s['version']}, "
+    console.print(f"[bold]{escape(str(s['path']))}[/]: {s['arch']} ({escape(str(s['source']))}), format {s['format']} v{s['version']}, "
                   f"{s['moe_layers']} MoE layers x {s['num_experts']} experts, group {s['group_size']}, "
                   f"{s['scheme']}, dense {s['dtype']} {format_size(s['dense_bytes'])}, "
                   f"gate: {_gate(s['gate'])}")

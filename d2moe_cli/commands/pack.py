@@ -71,11 +71,12 @@ def register(app: typer.Typer) -> None:
 
 def _print_report(r: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape  # an OUT named "packed [v2]" is a path, not markup
     from rich.table import Table
 
     from d2moe.runtime.units import format_size
 
-    table = Table(title=f"{r['out']}: {r['arch']}, {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts, "
+    table = Table(title=f"{escape(str(r['out']))}: {r['arch']}, {r['moe_layers']} MoE layers x {r['experts_per_layer']} experts, "
                         f"{r['seconds']:.1f} s")
     for col in ("level", "expert bytes", "SQNR min dB", "SQNR median dB"):
         table.add_column(col, justify="right")

@@ -79,7 +79,7 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Sampling seed.")] = 0,
     chat_template: Annotated[bool | None, typer.Option(
         "--chat-template/--no-chat-template",
         help="Wrap prompts in the tokenizer's chat template (default: only for a chat model, e.g. *-Instruct).")] = None,

@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(help="blocks per step (global)")] = 4,
         max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 200,
         lr: Annotated[float, typer.Option(help="AdamW learning rate of the gate")] = 3e-3,
-        seed: Annotated[int, typer.Option(help="seed of data order, init and noise")] = 0,
+        seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="seed of data order, init and noise")] = 0,
         bit_cost: Annotated[float, typer.Option(help="α: weight of the expected-bits term of the loss (pick it so the uncapped gate's average bits ≈ the --capacity average)")] = 0.005,
         target: Annotated[str, typer.Option(help="distill (full-precision model's distribution) | labels")] = "distill",
         estimator: Annotated[str, typer.Option(help="gradient through the hard choice: ste | gumbel")] = "ste",
@@ -130,7 +130,9 @@ def _print_summary(report: dict, output: Path) -> None:
     from rich.table import Table
 
     ev = report["eval"]
-    table = Table(title=f"gate → {output}  ({report['gate_parameters']:,} parameters; one expert has {report['expert_parameters']:,})")
+    from rich.markup import escape
+
+    table = Table(title=f"gate → {escape(str(output))}  ({report['gate_parameters']:,} parameters; one expert has {report['expert_parameters']:,})")
     for col in ("assignment", "avg bits", "KL to full", "ppl"):
         table.add_column(col, justify="right" if col != "assignment" else "left")
     rows = [("gate, before", ev["before"]), ("gate, after", ev["after"])] if ev["before"] else [("gate", ev["after"])]

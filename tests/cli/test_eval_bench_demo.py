@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from cli_runner import invoke
 from packed import packed_tiny
+from tiny_models import make_tiny_checkpoint
 
 from d2moe.apps.evaluate import lm_eval_available  # noqa: E402
 from d2moe.errors import EXIT_ENVIRONMENT, EXIT_USAGE  # noqa: E402
@@ -159,6 +161,25 @@ def test_demo_packs_once_streams_and_reports(pair, tmp_path, capsys):
     # the budget leaves room for under half the experts: the rest must stream from disk
     assert doc["stats"]["cache"]["capacity_bytes"] < 0.5 * doc["expert_bytes"]
     assert doc["stats"]["bytes_read"] > 0
+
+
+def test_demo_out_never_replaces_another_models_pack_or_a_users_folder(pair, tmp_path, capsys):
+    """`demo --out` may repack its own model (other --bits) but not a pack of another model (audit: it replaced one
+    silently) nor a folder that is not a pack (whose message named a --force demo does not have)."""
+    src, packed = pair
+    theirs = tmp_path / "theirs"
+    shutil.copytree(packed, theirs)
+    other_src = make_tiny_checkpoint("olmoe", tmp_path / "other")
+    code, _, err = _cli(capsys, "demo", "--model", other_src, "--out", theirs, "--max-new-tokens", 2)
+    assert code == EXIT_USAGE and "holds a packed checkpoint of another model" in err and err.count("\n") == 1, err
+    assert all((theirs / f.name).read_bytes() == f.read_bytes() for f in Path(packed).iterdir() if f.is_file())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    code, _, err = _cli(capsys, "demo", "--model", src, "--out", mine, "--max-new-tokens", 2)
+    assert code == EXIT_USAGE and "is not a packed checkpoint: name a new folder" in err and "--force" not in err
+    code, _, err = _cli(capsys, "demo", "--model", src, "--out", theirs, "--max-new-tokens", 2, "--bits", "2,4", "--json")
+    assert code == 0, err  # the same model at other levels: the demo's own to repack
 
 
 def test_demo_on_the_embedded_model(tmp_path, capsys):

@@ -71,6 +71,16 @@ def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     assert code == 0 and "2-bit" in stdout and "4-bit" in stdout and "SQNR" in stdout
 
 
+def test_paths_that_look_like_markup_are_printed_as_they_are(tiny_checkpoint_factory, tmp_path, capsys):
+    """A folder named "m[/]q" or "packed [v2]" is a path: the reports printed it cut or ended in a traceback."""
+    for name in ("m[/]q", "packed [v2]"):
+        code, out, err = invoke(capsys, "pack", tiny_checkpoint_factory("mixtral"), tmp_path / name, "--bits", "2",
+                                "--quiet")
+        assert code == 0 and f"{name}:" in out, err
+        code, out, err = invoke(capsys, "inspect", tmp_path / name)
+        assert code == 0 and f"{tmp_path / name}:" in out.replace("\n", ""), err
+
+
 @pytest.mark.parametrize("argv, message, want", [
     (["pack", "{tmp}/missing", "{tmp}/o"], "SRC {tmp}/missing does not exist", EXIT_INPUT),
     (["pack", "{tmp}", "{tmp}/o"], "is not a Hugging Face checkpoint: it has no config.json", EXIT_INPUT),

@@ -118,6 +118,7 @@ def test_plain_output_prints_text_and_summary(packed, capsys):
     (["--memory-budget", "9" * 400], "larger than any machine"),
     (["--policy", "fastest"], "unknown"),
     (["--level", "3"], "--bits"),
+    (["--seed", "9" * 20], "--seed"),  # was a traceback: torch's seed is 64 bits
 ])
 def test_bad_options_are_one_clear_line(packed, capsys, args, message):
     code, _, err = _run(capsys, packed, "-p", "hello", *args)
