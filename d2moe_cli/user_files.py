@@ -62,8 +62,9 @@ def read_prompt_text(text: str, option: str) -> str:
 
 
 def read_user_text(path: Path | str, cap: int, option: str) -> str:
-    """read_user_file decoded as UTF-8 (InputError if it is not)."""
+    """read_user_file decoded as UTF-8, a leading byte-order mark dropped (an editor's "UTF-8 with BOM"); InputError
+    naming the first byte that is not UTF-8."""
     try:
-        return read_user_file(path, cap, option).decode("utf-8")
+        return read_user_file(path, cap, option).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{option} {path} is not UTF-8 text ({exc.reason})") from None
+        raise InputError(f"{option} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): pass a text file") from None

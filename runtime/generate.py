@@ -51,6 +51,13 @@ def within_context(longest_prompt: int, max_new_tokens: int, context: int | None
                      f"(max_position_embeddings) and the prompt has {longest_prompt}: generating {allowed}")
 
 
+def kv_tokens(prompt_lengths: Sequence[int], max_new_tokens: int, context: int | None) -> int:
+    """KV-cache tokens a batch needs: its rows' prompts and the new tokens the model's context leaves room for (what
+    Session.generate will make), so a --max-new-tokens past the context does not raise the memory plan."""
+    longest = max(prompt_lengths)
+    return len(prompt_lengths) * (longest + within_context(longest, max_new_tokens, context)[0])
+
+
 def context_length(config: dict) -> int | None:
     """The model's context (max_position_embeddings; a multimodal config's text_config), or None. A config.json
     that leaves the field out has its architecture's default, as transformers builds the model."""

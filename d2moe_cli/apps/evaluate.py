@@ -140,12 +140,12 @@ MAX_TEXT_BYTES = 1 << 30
 def load_text_files(paths: Sequence[Path | str], option: str = "--text") -> str:
     """The files' text joined by blank lines (pipes and - for standard input too; InputError naming `option` and a
     missing or empty file)."""
-    from d2moe.user_files import read_user_file, stdin_once
+    from d2moe.user_files import read_user_text, stdin_once
 
     stdin_once(*((option, p) for p in paths))
     parts = []
     for p in paths:
-        text = read_user_file(p, MAX_TEXT_BYTES, option).decode("utf-8", errors="replace")
+        text = read_user_text(p, MAX_TEXT_BYTES, option)  # a binary file passed by mistake is not scored
         if not text.strip():
             raise InputError(f"{option} {p} is empty: pass a file with text in it")
         parts.append(text)

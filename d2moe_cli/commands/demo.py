@@ -200,7 +200,10 @@ def demo(
     tokenizer = load_tokenizer(out)
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature)
     (ids,) = encode_prompts(tokenizer, [prompt], chat_template=False)
-    max_tokens = len(ids) + max_new_tokens
+    from d2moe.quantize.format import open_checkpoint
+    from d2moe.runtime.generate import context_length, kv_tokens
+
+    max_tokens = kv_tokens([len(ids)], max_new_tokens, context_length(open_checkpoint(out).config))
     budget, experts = demo_budget(out, max_tokens, expert_fraction, policy=policy)
     options = RunOptions(memory_budget=budget, policy=policy, max_tokens=max_tokens)
     if not json_out:

@@ -35,6 +35,8 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise InputError(f'{prompts_file} line {number} has no "prompt" string: '
                                  'write one {"prompt": "..."} object per line')
+            if not obj["prompt"]:
+                raise InputError(f'{prompts_file} line {number} has an empty prompt: give it text, or drop the line')
             prompts.append(obj["prompt"])
         if not prompts:
             raise InputError(f'{prompts_file} holds no prompts: write one {{"prompt": "..."}} object per line')
@@ -135,7 +137,10 @@ def run(
 
     chat_template, note = use_chat_template(chat_template, tokenizer, checkpoint)
     batch = encode_prompts(tokenizer, prompts, chat_template)
-    max_tokens = len(batch) * (max(len(t) for t in batch) + max_new_tokens)
+    from d2moe.quantize.format import open_checkpoint
+    from d2moe.runtime.generate import context_length, kv_tokens
+
+    max_tokens = kv_tokens([len(t) for t in batch], max_new_tokens, context_length(open_checkpoint(checkpoint).config))
     torch.manual_seed(seed)
     set_threads(threads, given_as(ctx, "threads"))
     options = RunOptions(

@@ -15,7 +15,7 @@ from packed import packed_tiny
 from tiny_models import make_tiny_checkpoint
 
 from d2moe.apps.evaluate import lm_eval_available  # noqa: E402
-from d2moe.errors import EXIT_ENVIRONMENT, EXIT_USAGE  # noqa: E402
+from d2moe.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_USAGE  # noqa: E402
 
 TASKS = Path(__file__).parents[1] / "data" / "tasks"
 TEXT = "the quick brown fox jumps over the lazy dog . a mixture of experts routes every token to a few experts . " * 4
@@ -116,6 +116,10 @@ def test_eval_errors_are_one_line(pair, text_file, capsys, monkeypatch):
     assert code == EXIT_USAGE and "exclude each other" in err
     code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--seq-len", 8, "--stride", 9)
     assert code == EXIT_USAGE and "--stride" in err
+    binary = text_file.parent / "shard.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    code, out, err = _cli(capsys, "eval", packed, "--text", binary, "--level", "4")  # was scored: ppl of garbage
+    assert code == EXIT_INPUT and "is not UTF-8 text" in err and out == ""
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     code, _, err = _cli(capsys, "eval", packed, "--tasks", "piqa")
     assert code == EXIT_ENVIRONMENT and "pip install lm-eval" in err

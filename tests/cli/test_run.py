@@ -78,6 +78,28 @@ def test_a_budget_too_small_is_told_the_fix_in_the_form_it_was_given(packed, cap
     assert code == 0, err
 
 
+def test_new_tokens_past_the_context_do_not_raise_the_budget(packed, capsys):
+    """Generation stops at the model's context, so the KV cache is sized for what fits in it: --max-new-tokens 10**9
+    asked for a budget of petabytes (audit) though it generates as many tokens as the context leaves."""
+    import re
+
+    from d2moe.quantize.format import open_checkpoint
+    from d2moe.runtime.generate import context_length
+
+    context = context_length(open_checkpoint(packed).config)
+    assert context is not None
+
+    def minimum_told(new_tokens: int) -> int:
+        code, _, err = _run(capsys, packed, "-p", "hello", "-m", "1MiB", "--max-new-tokens", str(new_tokens))
+        assert code == EXIT_USAGE, err
+        return int(re.search(r"--memory-budget (\d+)MiB or more", err).group(1))
+
+    assert minimum_told(10**9) == minimum_told(context)  # was 4.6e15 MiB: KV for a billion tokens
+    code, out, err = _run(capsys, packed, "-p", "hello", "-m", f"{minimum_told(10**9)}MiB", "--max-new-tokens",
+                          str(10**9), "--json")
+    assert code == 0 and "the model's context is" in err, err
+
+
 def test_native_kernels_give_the_reference_tokens(packed, capsys):
     runs = {}
     for backend in ("native", "reference"):
@@ -136,12 +158,21 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     ("not json\n", "line 1 is not JSON"),
     ('{"text": "x"}\n', 'no "prompt"'),
     ("\n", "holds no prompts"),
+    ('{"prompt": "a"}\n{"prompt": ""}\n', "line 2 has an empty prompt"),
+    (b'{"prompt": "caf\xe9"}\n', "is not UTF-8 text (invalid continuation byte at byte 15)"),
 ])
 def test_bad_prompts_file_is_one_clear_line(packed, tmp_path, capsys, content, message):
     f = tmp_path / "p.jsonl"
-    f.write_text(content)
+    f.write_bytes(content) if isinstance(content, bytes) else f.write_text(content)
     code, _, err = _run(capsys, packed, "--prompts-file", f)
     assert code == EXIT_INPUT and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_prompts_file_saved_with_a_byte_order_mark_is_read(packed, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "hello"}\n')  # "UTF-8 with BOM": was "Unexpected UTF-8 BOM (decode using utf-8-sig)"
+    code, out, err = _run(capsys, packed, "--prompts-file", f, "-m", "64MiB", "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["outputs"][0]["prompt"] == "hello", err
 
 
 def test_missing_prompts_file_and_no_prompt(packed, tmp_path, capsys):
@@ -154,7 +185,7 @@ def test_missing_prompts_file_and_no_prompt(packed, tmp_path, capsys):
 def test_a_prompt_longer_than_one_prefill_chunk_prefills_in_chunks_within_the_plan(packed, capsys):
     from d2moe.quantize.format import open_checkpoint
     from d2moe.runtime.budget import workspace_bytes
-    from d2moe.runtime.generate import PREFILL_CHUNK
+    from d2moe.runtime.generate import PREFILL_CHUNK, context_length, kv_tokens
 
     code, out, _ = _run(capsys, packed, "--prompt", "hello world " * 400, "--memory-budget", "128MiB",
                         "--max-new-tokens", "3", "--level", "4", "--json", "--no-chat-template")
@@ -165,8 +196,9 @@ def test_a_prompt_longer_than_one_prefill_chunk_prefills_in_chunks_within_the_pl
     ckpt = open_checkpoint(packed)
     # the workspace holds one chunk attending over the whole context, not the whole prompt at once
     shapes, threads = ckpt.matrix_shapes, stats["kernel_threads"]
-    chunk = workspace_bytes(ckpt.config, shapes, PREFILL_CHUNK, threads, context=prompt + 3)
-    assert stats["memory"]["plan"]["workspace"] == chunk < workspace_bytes(ckpt.config, shapes, prompt + 3, threads)
+    context = kv_tokens([prompt], 3, context_length(ckpt.config))  # past the model's context: 1 new token
+    chunk = workspace_bytes(ckpt.config, shapes, PREFILL_CHUNK, threads, context=context)
+    assert stats["memory"]["plan"]["workspace"] == chunk < workspace_bytes(ckpt.config, shapes, context, threads)
     assert stats["memory"]["peak_bytes"] <= stats["memory"]["budget_bytes"]
 
 
