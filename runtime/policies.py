@@ -132,7 +132,7 @@ class RouterWeightLevels:
 
     def __init__(self, high: int, low: int) -> None:
         if low > high:
-            raise UsageError(f"router-weight levels: low level {low} is above high level {high}")
+            raise UsageError(f"--router-levels {high},{low}: the low level {low} is above the high level {high}; write HIGH,LOW, e.g. {low},{high}")
         self.high, self.low = int(high), int(low)
 
     def select(self, layer: int, hidden, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

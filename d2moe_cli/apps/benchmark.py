@@ -33,7 +33,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from d2moe.errors import BudgetError, UsageError
+from d2moe.errors import BudgetError, UsageError, min_mib
 from d2moe.runtime.units import parse_percent, parse_size
 
 SCHEMA = "d2moe.bench/1"
@@ -243,6 +243,8 @@ def sweep(
                     warmed = True
                 res.runs.append(run(res.label, res.budget))
             except BudgetError as exc:
+                if exc.minimum is not None:  # bench's budgets are its --budgets
+                    exc.remedy = f"give --budgets {min_mib(exc.minimum)}MiB or more"
                 res.reason, res.needs_bytes = str(exc), exc.minimum
                 res.runs.clear()
             if on_run:

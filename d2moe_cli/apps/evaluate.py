@@ -416,11 +416,11 @@ def eval_targets(bits: Sequence[int], level: str | None = None, policy: str | No
             if b not in bits:
                 raise UsageError(f"--level {b} is not a packed level (levels: {', '.join(map(str, bits))}); "
                                  "use one of them or --level all")
-        return [EvalTarget(f"{b}-bit", "moqe-dynaio", b) for b in chosen]
+        return [EvalTarget(f"{b}-bit", "moqe-dynaio", b) for b in dict.fromkeys(chosen)]  # 2,2 is one row
     targets = []
-    for item in (policy or "d2moe").split(","):
-        name, lvl = parse_policy(item.strip())
-        targets.append(EvalTarget(item.strip(), name, lvl))
+    for item in dict.fromkeys(x.strip() for x in (policy or "d2moe").split(",")):
+        name, lvl = parse_policy(item)
+        targets.append(EvalTarget(item, name, lvl))
     return targets
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from d2moe.quantize.types import DEFAULT_SCHEME, default_group_size
 def register(app: typer.Typer) -> None:
     @app.command("pack")
     def pack_cmd(
+        ctx: typer.Context,
         src: Annotated[Path, typer.Argument(help="Hugging Face MoE checkpoint directory (config.json + *.safetensors) "
                                                   f"of a supported model_type: {', '.join(SUPPORTED)}")],
         out: Annotated[Path, typer.Argument(help="packed checkpoint directory to create")],
@@ -44,15 +46,24 @@ def register(app: typer.Typer) -> None:
         if group_size is None:
             group_size = default_group_size(scheme)
         cfg = MWQConfig(bits=parse_bits(bits), group_size=group_size, scheme=scheme)
+        from d2moe.errors import UsageError
+
+        for option, name, needs, on in (("--calib-tokens", "calib_tokens", "--calib TEXT", calib),
+                                        ("--lossless-codec", "lossless_codec", "--lossless", lossless)):
+            if not on and ctx.get_parameter_source(name).name != "DEFAULT":  # would do nothing, silently
+                raise UsageError(f"{option} applies to {needs.split()[0]}: give {needs} too, or leave {option} out")
         calibration = None
         if calib:  # tokenised now; the model runs layer by layer as pack fits each
-            from d2moe.errors import UsageError
             from d2moe.router_train.activations import SEQ_LEN, CalibrationPass
 
             if calib_tokens < SEQ_LEN:
                 raise UsageError(f"--calib-tokens {calib_tokens} is less than one calibration sequence: use {SEQ_LEN} "
                                  "or more")
             calibration = CalibrationPass(src, calib, calib_tokens, progress=not quiet)
+            got = int(calibration.ids.numel())
+            if got < calib_tokens // SEQ_LEN * SEQ_LEN:  # whole sequences: 1000 asks for one
+                print(f"pack: note: --calib gives {got} tokens in sequences of {SEQ_LEN}, fewer than --calib-tokens "
+                      f"{calib_tokens}: calibrating on {got} (add text for more)", file=sys.stderr, flush=True)
         try:
             report = pack_checkpoint(src, out, cfg, dtype=dtype, router=router, progress=not quiet, force=force,
                                      workers=workers, resume=resume, refits=refits, calib=calibration,

@@ -96,7 +96,7 @@ def run(
         help="Dense layers: source (packed dtype) | int8 (per-row weight-only: half the bytes) | int4 (4-bit MWQ, "
              "group 64, on the expert kernels: a quarter); both cost some perplexity (BENCHMARKS.md).")] = "source",
     device: Annotated[str, typer.Option(
-        help="cpu | cuda (experts cached on the GPU, CUDA kernels; needs pip install -e '.[cuda]').")] = "cpu",
+        help="cpu | cuda (experts cached on the GPU, CUDA kernels; needs pip install -e '.\\[cuda]').")] = "cpu",
     on_miss: Annotated[str, typer.Option(
         "--on-miss", help="A low-importance expert that misses the cache: load (exact) | lowbit (lowest level) | "
                           "substitute (most similar resident expert) | skip (drop, renormalise) | reuse (substitute, and "

@@ -65,6 +65,7 @@ def test_budget_errors_become_na_with_what_is_needed_and_are_not_retried():
     by = {(r.policy, r.budget.label): r for r in results}
     na = by[("hold-int4", "tiny")]
     assert not na.ok and na.needs_bytes == int(1.5 * 2**20) and "minimum" in na.reason
+    assert na.reason.endswith("; give --budgets 2MiB or more")  # bench has no --memory-budget
     assert calls.count(("hold-int4", "tiny")) == 1
     assert all(p != "d2moe" for p, _ in calls)
     assert by[("d2moe", "all")].to_dict()["status"] == "n/a"

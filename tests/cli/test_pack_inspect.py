@@ -66,6 +66,15 @@ def test_pack_calib_human_report_names_the_calibration(tiny_checkpoint_factory, 
     assert line.endswith("of 8 experts weighted") or "fitted unweighted for want of tokens: layer" in line
 
 
+def test_a_calibration_text_shorter_than_calib_tokens_is_said(tiny_checkpoint_factory, tmp_path, capsys):
+    """--calib-tokens is a ceiling: a short text calibrates on what it has, and says so (it was silent)."""
+    code, out, err = _run(capsys, "pack", str(tiny_checkpoint_factory("mixtral")), str(tmp_path / "o"), "--bits", "2,4",
+                          "--calib", "d2moe_cli/assets/text/grimm_tales.heldout.txt", "--quiet", "--json")
+    assert code == 0, err
+    got = json.loads(out)["calib"]["tokens"]
+    assert got < 32768 and f"--calib gives {got} tokens in sequences of 512, fewer than --calib-tokens 32768" in err
+
+
 def test_pack_human_report(tiny_checkpoint_factory, tmp_path, capsys):
     code, stdout, _ = _run(capsys, "pack", str(tiny_checkpoint_factory("mixtral")), str(tmp_path / "o"), "--bits", "2,4")
     assert code == 0 and "2-bit" in stdout and "4-bit" in stdout and "SQNR" in stdout
@@ -95,6 +104,8 @@ def test_paths_that_look_like_markup_are_printed_as_they_are(tiny_checkpoint_fac
     (["pack", "{src}", "{tmp}/o", "--calib", "{tmp}/short.txt"], "fewer than one sequence of 512 tokens: add text to "
      "--calib", EXIT_INPUT),
     (["pack", "{src}", "{tmp}/exists"], "already exists: pass --force", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/o", "--calib-tokens", "512"], "--calib-tokens applies to --calib", EXIT_USAGE),
+    (["pack", "{src}", "{tmp}/o", "--lossless-codec", "none"], "--lossless-codec applies to --lossless", EXIT_USAGE),
     # usage errors too: one line, not typer's box under a usage line
     (["pack", "{src}", "{tmp}/o", "--no-such-option"], "No such option: --no-such-option (see `d2moe pack --help`)",
      EXIT_USAGE),
