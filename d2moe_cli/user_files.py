@@ -1,15 +1,17 @@
 """Files a user hands a command (prompts, evaluation text): a regular file read whole up to a cap, or `-` for
 standard input (a pipe: `cat prompts.jsonl | d2moe run CKPT --prompts-file -`). Any other special file (a FIFO
 without a writer, /dev/zero, a directory) is refused without blocking or reading, as a checkpoint's files are
-(d2moe.quantize.format.files, issue 11)."""
+(d2moe.quantize.format.files, issue 11). And files a command will write at its end (a report, a plot), checked
+before the work that makes them."""
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from d2moe.errors import InputError, UsageError
+from d2moe.errors import InputError, IOFailure, UsageError
 
 PROMPT_BYTES = 256 * 1024 * 1024  # what --prompt - and --prompts-file read at most
 
@@ -68,3 +70,22 @@ def read_user_text(path: Path | str, cap: int, option: str) -> str:
         return read_user_file(path, cap, option).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{option} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): pass a text file") from None
+
+
+def check_writable(path: Path | str, option: str) -> None:
+    """`path` (a file the command writes when its work is done) can be written there: UsageError for a directory,
+    IOFailure for a folder that cannot be written in, before the work (a long training or sweep lost its output at
+    the end). Nothing is created: a folder still to be made is judged by the nearest one that exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory: name a file")
+    existing = path.parent.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise IOFailure(f"{option} {path}: cannot write in {existing} ({exc.strerror}): pick a writable place") from None

@@ -10,7 +10,6 @@ function of (seed, step) — a per-epoch permutation of the blocks — which mak
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -237,18 +236,10 @@ def check_outputs(cfg: TrainConfig) -> None:
         raise UsageError(f"-o {out} is a directory: name the gate file, e.g. -o {out / 'gate.safetensors'}")
     if out.exists() and not (cfg.force or cfg.resume):  # a resumed run replaces its own earlier gate
         raise UsageError(f"-o {out} exists: pass --force to replace it, or another -o")
-    for folder, what in ((out.parent, f"-o {out}"), (cfg.state_path.parent, "the training state")):
-        existing = folder.absolute()
-        while not existing.exists():  # nothing is created before the run: a failed one leaves no folders behind
-            existing = existing.parent
-        try:
-            if not existing.is_dir():
-                raise NotADirectoryError(20, "Not a directory")
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as exc:
-            raise InputError(f"{what}: cannot write in {existing} ({exc.strerror}): pick a writable place "
-                             "(-o, --state-dir)") from None
+    from d2moe.user_files import check_writable
+
+    check_writable(out, "-o")
+    check_writable(cfg.state_path, "--state-dir")
 
 
 def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None] | None = None) -> TrainResult:

@@ -64,6 +64,11 @@ def bench(
                          "new token (the first is the prefill's): use 2 or more")
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: give a .png file name")
+    from d2moe.user_files import check_writable
+
+    for path, option in ((plot, "--plot"), (pareto_plot, "--pareto-plot")):
+        if path is not None:  # before the sweep, not after it
+            check_writable(path, option)
 
     import torch
 

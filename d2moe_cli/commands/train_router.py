@@ -77,6 +77,10 @@ def register(app: typer.Typer) -> None:
             max_blocks=max_blocks, save_every=save_every, state_dir=None if state_dir is None else str(state_dir),
             resume=resume, force=force,
         )
+        if report is not None:  # before the training, not after it
+            from d2moe.user_files import check_writable
+
+            check_writable(report, "--report")
         show = not as_json and sys.stderr.isatty()
         result = _run_with_progress(cfg, train_router) if show else _run_with_log_lines(cfg, train_router)
         text = json.dumps(result.report, indent=2)

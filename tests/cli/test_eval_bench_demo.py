@@ -15,7 +15,7 @@ from packed import packed_tiny
 from tiny_models import make_tiny_checkpoint
 
 from d2moe.apps.evaluate import lm_eval_available  # noqa: E402
-from d2moe.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_USAGE  # noqa: E402
+from d2moe.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_IO, EXIT_USAGE  # noqa: E402
 
 TASKS = Path(__file__).parents[1] / "data" / "tasks"
 TEXT = "the quick brown fox jumps over the lazy dog . a mixture of experts routes every token to a few experts . " * 4
@@ -123,6 +123,14 @@ def test_eval_errors_are_one_line(pair, text_file, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     code, _, err = _cli(capsys, "eval", packed, "--tasks", "piqa")
     assert code == EXIT_ENVIRONMENT and "pip install lm-eval" in err
+
+
+def test_bench_plot_that_cannot_be_written_is_refused_before_the_sweep(pair, tmp_path, capsys):
+    _, packed = pair
+    (tmp_path / "afile").write_text("")  # a folder that cannot be, even for root
+    code, out, err = _cli(capsys, "bench", packed, "--budgets", "100%", "--policies", "d2moe", "--max-new-tokens", 2,
+                          "--repeats", 1, "--plot", tmp_path / "afile" / "b.png")
+    assert code == EXIT_IO and "--plot" in err and "cannot write in" in err and out == ""
 
 
 def test_bench_json_plot_and_table(pair, tmp_path, capsys):

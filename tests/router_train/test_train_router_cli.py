@@ -85,7 +85,7 @@ def test_capacity_none_means_unlimited():
 
 def test_outputs_are_checked_before_any_training(app, tiny_mixtral, tmp_path):
     """A gate file that cannot be written was found out after the training (minutes at real sizes)."""
-    from d2moe.errors import InputError
+    from d2moe.errors import IOFailure
 
     data = tmp_path / "c.txt"
     data.write_text("hello world\n")
@@ -95,8 +95,12 @@ def test_outputs_are_checked_before_any_training(app, tiny_mixtral, tmp_path):
     for output, error, message in (
         (tmp_path / "taken.safetensors", UsageError, "exists: pass --force"),
         (tmp_path / "adir", UsageError, "is a directory: name the gate file"),
-        (tmp_path / "afile" / "g.safetensors", InputError, "cannot write in"),
+        (tmp_path / "afile" / "g.safetensors", IOFailure, "cannot write in"),
     ):
         result = CliRunner().invoke(app, ["train-router", str(tiny_mixtral), "--data", str(data), "-o", str(output)])
         assert isinstance(result.exception, error) and message in str(result.exception), result.exception
     assert (tmp_path / "taken.safetensors").read_bytes() == b"a gate"
+    result = CliRunner().invoke(app, ["train-router", str(tiny_mixtral), "--data", str(data), "-o",
+                                      str(tmp_path / "g.safetensors"), "--report", str(tmp_path / "afile" / "r.json")])
+    assert isinstance(result.exception, IOFailure) and "--report" in str(result.exception), result.exception
+    assert not (tmp_path / "g.safetensors").exists()  # refused before training, as the gate file's place is
