@@ -154,7 +154,8 @@ def _hf_config(model_type: str, config_json: str):
     try:
         return CONFIG_MAPPING[model_type].from_dict(json.loads(config_json))
     except Exception as exc:  # transformers validates field values
-        raise InputError(f"config.json of this {model_type} model is invalid: {exc}") from exc
+        why = " ".join(str(exc).split())  # transformers' message runs over lines: the error is one
+        raise InputError(f"config.json of this {model_type} model is invalid: {why[:300]}") from exc
 
 
 _LEGACY = re.compile(

@@ -18,6 +18,9 @@ def load_tokenizer(path: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
+        from d2moe.quantize.format import open_checkpoint
+
+        open_checkpoint(path)  # it reads config.json too: a damaged checkpoint is named as such, not as a tokenizer
         raise InputError(f"{path} has no usable tokenizer ({type(exc).__name__}): copy the source model's "
                          "tokenizer files into it or re-run `d2moe pack`") from None
     # Nothing truncates; run and eval note a text past the model's context themselves (generate.context_length),

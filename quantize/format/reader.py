@@ -263,8 +263,9 @@ def open_checkpoint(path: str | Path, verify: bool = False) -> PackedCheckpoint:
         cfg, experts = validate_manifest(manifest, config, path)
     except FormatError:
         raise
-    except D2MoEError as exc:  # e.g. an adapter refusing the copied config
-        raise FormatError(f"{path / MANIFEST_NAME}: {exc}") from None
+    except D2MoEError as exc:  # e.g. an adapter refusing the copied config: that file is named
+        named = CONFIG_NAME if str(exc).startswith(CONFIG_NAME) else MANIFEST_NAME
+        raise FormatError(f"{path / named}: {exc}") from None
     _check_files(path, manifest, experts)
     for name in COPIED_FILES:  # read later by transformers (tokenizer, chat template): regular files, bounded
         if os.path.lexists(path / name):

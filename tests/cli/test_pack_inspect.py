@@ -167,6 +167,25 @@ def test_inspect_json_reports_a_corrupt_checkpoint(packed_checkpoint_factory, tm
     assert "crc32" in stderr
 
 
+def test_verify_loads_the_tokenizer_and_a_damaged_config_is_named_by_run_too(packed_checkpoint_factory, tmp_path,
+                                                                              capsys):
+    """The tokenizer files are outside the crc32s: --verify said ok over an emptied tokenizer.json that run refused.
+    And a config.json that fails transformers' checks is named as config.json, by inspect and by run alike (run
+    blamed the tokenizer, which reads it too)."""
+    ckpt = shutil.copytree(packed_checkpoint_factory("mixtral")[1], tmp_path / "c")
+    code, out, err = _run(capsys, "inspect", str(ckpt), "--verify")
+    assert code == 0 and "the tokenizer loads" in out, err
+    (ckpt / "tokenizer.json").write_text("")
+    code, _, err = _run(capsys, "inspect", str(ckpt), "--verify")
+    assert code == EXIT_INPUT and "no usable tokenizer" in err
+    bad = shutil.copytree(packed_checkpoint_factory("mixtral")[1], tmp_path / "b")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": "x"}))
+    for argv in (["inspect", str(bad)], ["run", str(bad), "-p", "hi", "-m", "64MiB"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == EXIT_CORRUPT and f"{bad / 'config.json'}: config.json of this" in err and err.count("\n") == 1, err
+
+
 def test_module_entry_point_prints_one_line(tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "d2moe", "inspect", str(tmp_path / "none")],
