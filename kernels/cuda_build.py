@@ -73,8 +73,9 @@ def check_ptx(archs=PTX_ARCHS, source: str | Path | None = None) -> list[PtxResu
     return out
 
 
-def require_cuda() -> None:
-    """Raise one clear error unless CuPy imports and a CUDA GPU with a driver is usable."""
+def require_cuda(otherwise: str = "or use --device cpu") -> None:
+    """Raise one clear error unless CuPy imports and a CUDA GPU with a driver is usable (`otherwise`: the remedy
+    besides a GPU machine, for the command asking)."""
     try:
         import cupy
     except ImportError:
@@ -83,9 +84,9 @@ def require_cuda() -> None:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, driver too old, no device
         raise DependencyError(f"--device cuda: no usable CUDA GPU here ({str(exc).strip() or type(exc).__name__}): "
-                         "run on a machine with an NVIDIA GPU and driver, or use --device cpu") from None
+                         f"run on a machine with an NVIDIA GPU and driver, {otherwise}") from None
     if count < 1:
-        raise DependencyError("--device cuda: CuPy sees no CUDA GPU: run on a machine with an NVIDIA GPU, or use --device cpu")
+        raise DependencyError(f"--device cuda: CuPy sees no CUDA GPU: run on a machine with an NVIDIA GPU, {otherwise}")
     import torch
 
     if not torch.cuda.is_available():

@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"PTX {p['arch']}: {', '.join(p['entries'])} ({p['ptx_bytes']} bytes, {p['seconds']:.2f} s)")
         from d2moe.kernels import selfcheck
         from d2moe.kernels.cuda import CudaExperts, CupyLauncher
+        from d2moe.kernels.cuda_build import require_cuda
+
+        require_cuda(otherwise="where doctor checks each kernel against the reference (the PTX above needs no GPU)")
 
         rows = selfcheck.run_selfcheck(CudaExperts(CupyLauncher()))  # one clear error without CuPy/GPU
         report["selfcheck"] = selfcheck.summary(rows)

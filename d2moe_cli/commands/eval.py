@@ -30,7 +30,8 @@ def eval_command(
     reference: Annotated[Path | None, typer.Option(
         help="Also score the unquantized source checkpoint through transformers, in its own dtype (the 16-bit row).")] = None,
     memory_budget: Annotated[str | None, typer.Option(
-        "--memory-budget", "-m", help="Memory budget of the runs (default: unlimited; the budget never changes scores).")] = None,
+        "--memory-budget", "-m", help="Memory budget of the runs (default: unlimited). With --on-miss load, the default, the budget never "
+                                   "changes scores; the lossy --on-miss modes depend on what it holds.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens of the text.")] = None,
     tasks: Annotated[str | None, typer.Option(
         help="Zero-shot lm-eval tasks, comma separated (e.g. piqa,arc_easy); needs `pip install lm-eval`.")] = None,

@@ -67,7 +67,7 @@ def run(
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts-file", help='JSONL file, one {"prompt": "..."} a line; run as one left-padded batch.')] = None,
     policy: Annotated[str, typer.Option(
-        help="d2moe | hold-int8 | hold-int4 | matryoshka-free | moqe-dynaio | edgemoe")] = "d2moe",
+        help="d2moe | hold-int8 | hold-int4 | hold (every expert at --level) | matryoshka-free | moqe-dynaio | edgemoe")] = "d2moe",
     level: Annotated[int | None, typer.Option(help="Uniform bit-width for every expert (instead of the gate).")] = None,
     router_levels: Annotated[str | None, typer.Option(
         help="HIGH,LOW: top-1 expert at HIGH bits, others at LOW (default without a gate: highest,lowest).")] = None,
