@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from d2moe.errors import InputError, UsageError
@@ -16,7 +18,9 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise InputError(f"checkpoint {path} does not exist: make one with `d2moe pack SRC {path}`")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with _utf8_name(path) as name:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer.name_or_path = str(path)  # the folder's own name, not /proc's
     except Exception as exc:  # transformers raises many kinds for a missing/odd tokenizer
         from d2moe.quantize.format import open_checkpoint
 
@@ -27,6 +31,25 @@ def load_tokenizer(path: str | Path):
     # so the tokenizer's own "sequence length is longer" warning would only repeat it, in transformers' words.
     tokenizer.model_max_length = 1 << 62
     return tokenizer
+
+
+@contextmanager
+def _utf8_name(path: Path):
+    """A name of folder `path` that is UTF-8: the tokenizers library takes only such paths, and a folder whose name
+    holds other bytes (a Latin-1 name, say) is named by its open descriptor under /proc instead (Linux)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield name
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:

@@ -100,6 +100,18 @@ def test_new_tokens_past_the_context_do_not_raise_the_budget(packed, capsys):
     assert code == 0 and "the model's context is" in err, err
 
 
+def test_a_checkpoint_in_a_folder_whose_name_is_not_utf8_runs(packed, tmp_path, capsys):
+    """pack and inspect took such a folder; run failed in the tokenizers library, which takes UTF-8 paths only."""
+    import os
+    import shutil
+
+    odd = shutil.copytree(packed, tmp_path / os.fsdecode(b"packed-\xff"))
+    # (no chat-template note: it names the folder, and pytest's stderr, unlike Python's own, is strict UTF-8)
+    code, out, err = _run(capsys, odd, "-p", "hello", "-m", "64MiB", "--max-new-tokens", "2", "--json",
+                          "--no-chat-template")
+    assert code == 0 and json.loads(out)["outputs"][0]["tokens"] >= 1, err
+
+
 def test_native_kernels_give_the_reference_tokens(packed, capsys):
     runs = {}
     for backend in ("native", "reference"):
