@@ -185,7 +185,7 @@ def parse_budgets(text: str, fixed_bytes: int, expert_set_bytes: int) -> list[Bu
             continue
         if item.endswith("%"):
             pct = parse_percent(item, what="--budgets item")
-            budgets.append(Budget(item, int(fixed_bytes + pct / 100 * expert_set_bytes)))
+            budgets.append(Budget(item, percent_budget(fixed_bytes, expert_set_bytes, pct)))
         elif item.isdigit():  # 50 meant 50% or 50 MiB, never 50 bytes
             raise UsageError(f"--budgets item {item!r} has no unit: write {item}% (of the expert set) or {item}MiB")
         else:
@@ -371,16 +371,15 @@ def budget_basis(checkpoint, max_tokens: int, io_threads: int = 4,
     return (*run_basis(checkpoint, options), level)
 
 
-def percent_budget(checkpoint, options, pct: float) -> int:
-    """The bytes `pct`% means for a run with `options` (`run -m 50%`), as bench's --budgets reads it: what that run
-    holds besides its expert cache, plus pct% of the expert set (the exact experts with --lossless)."""
-    fixed, expert_set = run_basis(checkpoint, options)
-    return int(fixed + pct / 100 * expert_set)
+def percent_budget(fixed_bytes: int, expert_set_bytes: int, pct: float) -> int:
+    """The bytes `pct`% means, in bench's --budgets and `run -m 50%` alike: what the run holds besides its expert
+    cache (`fixed_bytes`, run_basis), plus pct% of the expert set."""
+    return int(fixed_bytes + pct / 100 * expert_set_bytes)
 
 
 def run_basis(checkpoint, options) -> tuple[int, int]:
-    """(what a run with `options` holds besides its expert cache, every expert at the reference level), from the
-    memory plan of that run with no budget."""
+    """(what a run with `options` holds besides its expert cache, every expert at the reference level; the exact
+    experts with --lossless), from the memory plan of that run with no budget."""
     from dataclasses import replace
 
     from d2moe.apps.evaluate import UNLIMITED_BUDGET

@@ -183,14 +183,15 @@ def demo(
         raise UsageError(f"--policy {policy} runs every expert at {hold} bits: pack that level too, with "
                          f"--bits {','.join(map(str, sorted({*level_bits, hold})))}")
     src = Path(model) if model is not None else embedded_model_dir()
-    if out is not None:
-        check_demo_out(Path(out), src)
-    out = Path(out) if out is not None else demo_cache_dir()
+    named_out = out is not None
+    out = Path(out) if named_out else demo_cache_dir()
     say = (lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True))
 
     # the shipped gate was trained for the embedded model at the default levels: dual routing with a trained gate
     router = embedded_gate() if model is None and level_bits == parse_bits(DEFAULT_BITS) else None
     current = packed_is_current(out, src, level_bits, router)  # opens and fingerprints: once
+    if named_out and not current:  # a folder the user named is packed into only where that loses nothing
+        check_demo_out(out, src)
     say(f"using packed model in {out}" if current
         else f"packing {src.name} -> {out} (bits {bits}{', trained bit-width gate' if router else ''}) ...")
     packed_now, pack_s = ensure_packed(src, out, level_bits, progress=not json_out and sys.stderr.isatty(),

@@ -152,16 +152,18 @@ def run(
         activations=activations, device=device, on_miss=on_miss, miss_threshold=miss_threshold,
         miss_importance=miss_importance, lossless=lossless, reuse_aware=reuse_aware,
     )
+    basis = None  # for a percentage: (what the run holds besides experts, the expert set), as bench reads one
     if percent is not None:
         from dataclasses import replace
 
-        from d2moe.apps.benchmark import percent_budget
+        from d2moe.apps.benchmark import percent_budget, run_basis
 
-        options = replace(options, memory_budget=percent_budget(checkpoint, options, percent))
+        basis = run_basis(checkpoint, options)
+        options = replace(options, memory_budget=percent_budget(*basis, percent))
     try:
         session = Session(checkpoint, options, tokenizer=tokenizer)
     except BudgetError as exc:
-        raise budget_remedy(exc, budget_flag, memory_budget, percent, checkpoint, options) from None
+        raise budget_remedy(exc, budget_flag, memory_budget, options.memory_budget, basis) from None
     # one prompt streams to a terminal, pipe or file alike: an interrupted run keeps what it wrote
     stream = not json_out and len(prompts) == 1
     with session:
@@ -186,8 +188,9 @@ def run(
     print_summary(report.stats)
 
 
-def budget_remedy(exc: BudgetError, flag: str, given: str, percent: float | None, checkpoint, options) -> BudgetError:
-    """`exc` with its remedy in the form the budget was given: `D2MOE_MEMORY_BUDGET=N MiB`, or a percentage."""
+def budget_remedy(exc: BudgetError, flag: str, given: str, budget: int, basis: tuple[int, int] | None) -> BudgetError:
+    """`exc` with its remedy in the form the budget was given: `D2MOE_MEMORY_BUDGET=N MiB`, or, for a percentage
+    (`basis`: what the run holds besides experts, the expert set), the smallest percentage that runs."""
     if exc.minimum is None:
         return exc
     from d2moe.runtime.units import format_size
@@ -195,11 +198,9 @@ def budget_remedy(exc: BudgetError, flag: str, given: str, percent: float | None
     mib = min_mib(exc.minimum)
     setting = (lambda value: f"{flag}={value}") if flag.isupper() else (lambda value: f"{flag} {value}")
     exc.remedy = f"use {setting(f'{mib}MiB')} or more"
-    if percent is not None:
-        from d2moe.apps.benchmark import run_basis
-
-        fixed, expert_set = run_basis(checkpoint, options)
-        exc.problem = f"{setting(given.strip())} is {format_size(options.memory_budget)} here: {exc.problem}"
+    if basis is not None:
+        fixed, expert_set = basis
+        exc.problem = f"{setting(given.strip())} is {format_size(budget)} here: {exc.problem}"
         pct = math.ceil(100 * (exc.minimum - fixed) / expert_set) if expert_set else 101
         if pct <= 100:
             exc.remedy = f"use {setting(f'{max(pct, 1)}%')} or more ({mib}MiB)"

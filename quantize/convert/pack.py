@@ -188,8 +188,8 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
         raise UsageError(f"OUT {out} holds SRC {src}: replacing it would delete the source; pick another directory")
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT {out} is a file: pick a directory path")
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return  # an empty directory made for it: nothing to lose
+    if _empty_dir(out):
+        return  # made for it: nothing to lose
     if out.exists() or out.is_symlink():
         if not force:
             raise UsageError(f"OUT {out} already exists: pass --force to replace it, or pick another directory")
@@ -197,10 +197,15 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
             raise UsageError(f"OUT {out} exists and is not a packed checkpoint: --force only replaces those; remove it yourself")
 
 
+def _empty_dir(path: Path) -> bool:
+    """An empty directory itself (not a link to one): OUT made for the pack, replaced without --force."""
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
     old = None
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        out.rmdir()  # an empty directory: nothing to lose
+    if _empty_dir(out):
+        out.rmdir()  # nothing to lose
     if (out.exists() or out.is_symlink()) and not force:  # made in the moments since the last look
         raise UsageError(f"OUT {out} was made while this pack ran: pass --force to replace it, or pick another directory")
     if out.exists():
