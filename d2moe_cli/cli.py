@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from d2moe.errors import EXIT_INTERRUPTED, EXIT_IO, D2MoEError, describe_os_error
+from d2moe.errors import EXIT_INTERRUPTED, EXIT_IO, D2MoEError, InputError, UsageError, describe_os_error
 
 app = typer.Typer(
     name="d2moe",
@@ -44,7 +44,9 @@ for _name in COMMANDS:
     importlib.import_module(f"d2moe.commands.{_name}").register(app)
 
 
-def _print_error(message: str) -> None:
+def _print_error(message: str, every_process_meets_it: bool = False) -> None:
+    if every_process_meets_it and os.environ.get("RANK", "0") != "0":
+        return  # a multi-process launch (torchrun sets RANK): the first process states an input error once for all
     from rich.console import Console
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        _print_error(_escape(exc.format_message() + hint))
+        _print_error(_escape(exc.format_message() + hint), every_process_meets_it=True)
         sys.exit(exc.exit_code)
     except typer.Abort:  # end of input where a prompt waited
         _print_error("interrupted")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     except D2MoEError as exc:
         if os.environ.get("D2MOE_DEBUG"):
             raise
-        _print_error(_escape(str(exc)))
+        _print_error(_escape(str(exc)), every_process_meets_it=isinstance(exc, UsageError | InputError))
         sys.exit(exc.exit_code)
     except OSError as exc:  # the OS refused a read or write that no command turned into a D2MoEError
         if os.environ.get("D2MOE_DEBUG"):

@@ -115,6 +115,7 @@ class TrainResult:
     gate: BitWidthGate
     report: dict
     history: list[StepLog] = field(default_factory=list)
+    main: bool = True  # False in every process of a multi-process run but the first: it prints and writes nothing
 
 
 def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:
@@ -172,14 +173,16 @@ def train_gate(
         parts = gate_loss(student, teacher, ids, session.layer_stats(), levels, cfg.bit_cost, cfg.target)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
-        if world > 1:
+        scalars = torch.tensor([float(parts.total.detach()), float(parts.task.detach()), float(parts.ce.detach()),
+                                float(parts.expected_bits.detach()), float(parts.hard_bits)])
+        if world > 1:  # each process's mean over its share, weighed by that share: the global batch's mean exactly
+            share = len(idx) / cfg.batch_size
             for p in gate.parameters():
                 if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+                    p.grad = accelerator.reduce(p.grad * share, reduction="sum")
+            scalars = accelerator.reduce(scalars.to(session.device) * share, reduction="sum").cpu()
         optimizer.step()
-        log = StepLog(step + 1, float(parts.total.detach()), float(parts.task.detach()), float(parts.ce.detach()),
-                      float(parts.expected_bits.detach()),
-                      parts.hard_bits)
+        log = StepLog(step + 1, *scalars.tolist())
         history.append(log)
         if on_step:
             on_step(log)
@@ -249,7 +252,15 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
     check_outputs(cfg)
     phase = on_phase or (lambda _msg: None)
     t0 = time.perf_counter()
-    accelerator = Accelerator()
+    # cpu=True where there is no GPU: a multi-process launch (torchrun, accelerate launch --multi_gpu) is then one
+    # gloo group, not N unaware copies that each train alone and write the same files
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    if accelerator.num_processes > cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and {accelerator.num_processes} processes "
+                         f"share it: use --batch-size {accelerator.num_processes} or more, or fewer processes")
+    if not main:  # one process speaks for the run
+        on_step, phase = None, (lambda _msg: None)
     torch.manual_seed(cfg.seed)
     config = read_config(Path(cfg.src))
     n_moe = len(adapter_for(config).moe_layers(config))  # fail fast on a missing or unsupported model
@@ -315,8 +326,8 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
         "device": str(accelerator.device),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    if accelerator.is_main_process:
+    if main:
         save_gate(gate, cfg.output, session.fingerprint,
                   {"source": str(cfg.src), "steps": cfg.max_steps, "bit_cost": cfg.bit_cost, "target": cfg.target,
                    "avg_bits": after["avg_bits"], "scheme": cfg.scheme, "group_size": cfg.group_size})
-    return TrainResult(gate=gate, report=report, history=history)
+    return TrainResult(gate=gate, report=report, history=history, main=main)

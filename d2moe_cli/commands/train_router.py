@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -81,8 +82,11 @@ def register(app: typer.Typer) -> None:
             from d2moe.user_files import check_writable
 
             check_writable(report, "--report")
-        show = not as_json and sys.stderr.isatty()
+        # in a multi-process launch (torchrun / accelerate launch sets RANK) the first process alone draws a bar
+        show = not as_json and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
         result = _run_with_progress(cfg, train_router) if show else _run_with_log_lines(cfg, train_router)
+        if not result.main:  # the first process prints the report and writes the files
+            return
         text = json.dumps(result.report, indent=2)
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,8 @@ def _run_with_log_lines(cfg, train_router):
         log.step(s.step, loss=float(s.loss), bits=float(s.avg_bits))
 
     result = train_router(cfg, on_step=on_step, on_phase=log.phase)
-    log.phase(f"done: gate written to {cfg.output}")
+    if result.main:
+        log.phase(f"done: gate written to {cfg.output}")
     return result
 
 

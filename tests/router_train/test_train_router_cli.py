@@ -104,3 +104,48 @@ def test_outputs_are_checked_before_any_training(app, tiny_mixtral, tmp_path):
                                       str(tmp_path / "g.safetensors"), "--report", str(tmp_path / "afile" / "r.json")])
     assert isinstance(result.exception, IOFailure) and "--report" in str(result.exception), result.exception
     assert not (tmp_path / "g.safetensors").exists()  # refused before training, as the gate file's place is
+
+
+def test_two_processes_train_the_gate_one_process_trains(tiny_mixtral, tmp_path):
+    """torchrun on CPUs: one gloo group whose two halves of each batch give the one-process gate; the first
+    process alone prints the report and writes the files (before: two unaware copies, two reports)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(f"word{i % 97} the fox {i}" for i in range(3000)))
+    common = ["train-router", str(tiny_mixtral), "--data", str(data), "--json", "--seq-len", "16",
+              "--max-steps", "3", "--batch-size", "4", "--eval-blocks", "2", "--max-blocks", "24"]
+    run = {}
+    for name, launcher in (("one", [sys.executable, "-m", "d2moe"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node", "2", "-m", "d2moe"])):
+        out = tmp_path / name / "gate.safetensors"
+        proc = subprocess.run([*launcher, *common, "-o", str(out)], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run[name] = (json.loads(proc.stdout), load_file(out))  # one JSON document on stdout
+        assert proc.stderr.count("done: gate written") == 1
+    (one, gate1), (two, gate2) = run["one"], run["two"]
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    for key, value in gate1.items():
+        torch.testing.assert_close(gate2[key], value, rtol=1e-4, atol=1e-5)
+    assert two["train"]["last"]["loss"] == pytest.approx(one["train"]["last"]["loss"], rel=1e-4)
+
+
+def test_more_processes_than_the_batch_is_one_error_line(tiny_mixtral, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(f"word{i % 97}" for i in range(2000)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "d2moe", "train-router", str(tiny_mixtral), "--data", str(data), "--seq-len", "16",
+                           "--batch-size", "1", "--max-steps", "1", "-o", str(tmp_path / "g.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    # once, from the first process (torchrun then reports the failed children in its own words)
+    assert proc.stderr.count("error: --batch-size 1 is the global batch and 2 processes share it") == 1
+    assert "router_train/train.py" not in proc.stderr and "d2moe_cli/" not in proc.stderr  # no d2moe traceback
