@@ -18,7 +18,7 @@ import torch
 from d2moe.errors import InputError
 from d2moe.quantize.types import MWQConfig
 from d2moe.router_train.experts import MultiLevelExperts, install_multilevel_experts, set_mode
-from d2moe.runtime.gate import BitWidthGate, model_fingerprint
+from d2moe.runtime.gate import BitWidthGate, model_fingerprint, model_probe
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Session:
     experts: dict[int, MultiLevelExperts]
     mwq: MWQConfig
     fingerprint: str
+    probe: dict  # model_probe: the model recognised in another precision
     hidden_size: int
     num_experts: int
     expert_parameters: int  # parameters of one expert (gate + up + down)
@@ -115,10 +116,11 @@ def open_session(src: str | Path, mwq: MWQConfig, device: torch.device | str = "
     experts = install_multilevel_experts(model, config, gate, mwq, progress=progress)
     model.to(device)
     layers = sorted(experts)
-    fingerprint = model_fingerprint(config, router_weights(model, config, layers))
+    routers = router_weights(model, config, layers)
+    fingerprint, probe = model_fingerprint(config, routers), model_probe(config, routers)
     return Session(
         src=src, config=config, model=model, tokenizer=tokenizer, experts=experts, mwq=mwq,
-        fingerprint=fingerprint, hidden_size=hidden, num_experts=num_experts, top_k=top_k,
+        fingerprint=fingerprint, probe=probe, hidden_size=hidden, num_experts=num_experts, top_k=top_k,
         expert_parameters=sum(r * c for r, c in shapes.values()), device=torch.device(device),
     )
 

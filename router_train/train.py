@@ -329,5 +329,6 @@ def train_router(cfg: TrainConfig, on_step=None, on_phase: Callable[[str], None]
     if main:
         save_gate(gate, cfg.output, session.fingerprint,
                   {"source": str(cfg.src), "steps": cfg.max_steps, "bit_cost": cfg.bit_cost, "target": cfg.target,
-                   "avg_bits": after["avg_bits"], "scheme": cfg.scheme, "group_size": cfg.group_size})
+                   "avg_bits": after["avg_bits"], "scheme": cfg.scheme, "group_size": cfg.group_size},
+                  probe=session.probe)
     return TrainResult(gate=gate, report=report, history=history, main=main)

@@ -352,11 +352,43 @@ def model_fingerprint(config: dict, router_weights: Sequence[torch.Tensor]) -> s
     return h.hexdigest()
 
 
+PROBE_DIRECTIONS = 4  # numbers per MoE layer in a gate file's router probe
+PROBE_TOLERANCE = 0.01  # of a layer's probe norm: float32 / bfloat16 / float16 storage of one router stays within it
+
+
+def model_probe(config: dict, routers: Sequence[torch.Tensor]) -> dict:
+    """The model a gate belongs to, whatever precision its routers are stored or run in: the fingerprint's config
+    fields, and per MoE layer PROBE_DIRECTIONS numbers, its router applied to a fixed input and projected on fixed
+    directions (float64). The fingerprint, a hash of exact bytes, changes when a float32 router runs in bfloat16
+    (`pack --dtype`, or a checkpoint that stores its routers in float32 beside bfloat16 weights)."""
+    numbers = []
+    for w in routers:
+        w64 = w.detach().to("cpu", torch.float64)
+        g = torch.Generator().manual_seed(w64.shape[1])
+        x = torch.randn(w64.shape[1], generator=g, dtype=torch.float64)
+        directions = torch.randn(w64.shape[0], PROBE_DIRECTIONS, generator=g, dtype=torch.float64)
+        numbers.append([float(v) for v in (w64 @ x) @ directions])
+    return {"dims": {k: config[k] for k in FINGERPRINT_CONFIG_KEYS if config.get(k) is not None}, "routers": numbers}
+
+
+def same_model_probe(stored: dict | None, here: dict | None) -> bool:
+    """The two probes describe one model: equal config fields, every layer's numbers within PROBE_TOLERANCE."""
+    if stored is None or here is None or stored["dims"] != here["dims"] or len(stored["routers"]) != len(here["routers"]):
+        return False
+    for a, b in zip(stored["routers"], here["routers"], strict=True):
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        if a.shape != b.shape or float((a - b).norm()) > PROBE_TOLERANCE * max(float(b.norm()), 1e-30):
+            return False
+    return True
+
+
 # ----------------------------------------------------------------------------- the gate file
 
 
-def save_gate(gate: BitWidthGate, path: str | Path, fingerprint: str, extra_meta: dict | None = None) -> Path:
-    """Write the gate to `path` (safetensors + JSON metadata), atomically (temp file then rename)."""
+def save_gate(gate: BitWidthGate, path: str | Path, fingerprint: str, extra_meta: dict | None = None,
+              probe: dict | None = None) -> Path:
+    """Write the gate to `path` (safetensors + JSON metadata), atomically (temp file then rename); `probe`
+    (model_probe of the model it was trained on) lets the model be recognised in another precision."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -370,6 +402,7 @@ def save_gate(gate: BitWidthGate, path: str | Path, fingerprint: str, extra_meta
         "hidden_size": gate.hidden_size,
         "num_experts": gate.num_experts,
         "fingerprint": fingerprint,
+        **({"model_probe": probe} if probe is not None else {}),
         "architecture": gate.architecture,
         "extra": extra_meta or {},
     }
@@ -396,11 +429,14 @@ def load_gate(
     path: str | Path,
     expect_fingerprint: str | None = None,
     expect_levels: Sequence[int] | None = None,
+    expect_probe: dict | None = None,
 ) -> BitWidthGate:
-    """Read and validate a gate file; GateMismatchError when it was trained for another model or levels."""
+    """Read and validate a gate file; GateMismatchError when it was trained for another model or levels. The model
+    is this one where the fingerprint is, or where both probes are given and agree (model_probe)."""
     path = Path(path)
     meta, tensors = _read_gate_file(path, load_tensors=True)
-    if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
+    if (expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint
+            and not same_model_probe(meta.get("model_probe"), expect_probe)):
         raise GateMismatchError(
             f"{path.name} was trained for another model (fingerprint {meta['fingerprint'][:12]}…, "
             f"this model is {expect_fingerprint[:12]}…): {RETRAIN_HINT}"
@@ -468,13 +504,21 @@ def _read_gate_file(path: Path, load_tensors: bool) -> tuple[dict, dict[str, tor
         layer_capacity = meta.get("layer_capacity")
         if layer_capacity is not None:
             layer_capacity = {int(k): [float(c) for c in row] for k, row in dict(layer_capacity).items()}
+        probe = meta.get("model_probe")
+        if probe is not None:  # from an untrusted file: plain numbers only, finite, one row per MoE layer
+            probe = {"dims": {str(k): v for k, v in dict(probe["dims"]).items() if isinstance(v, str | int)},
+                     "routers": [[float(v) for v in row] for row in probe["routers"]]}
+            if len(probe["routers"]) != len(moe_layers) or not all(
+                    len(row) == PROBE_DIRECTIONS and all(math.isfinite(v) for v in row) for row in probe["routers"]):
+                raise ValueError("model_probe does not hold finite numbers per MoE layer")
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: gate metadata is missing or malformed ({exc!r}): {RETRAIN_HINT}") from None
     if hidden <= 0 or experts <= 0 or not moe_layers:
         raise FormatError(f"{path}: gate metadata has hidden size {hidden}, {experts} experts, layers {moe_layers}")
     _check_layer_capacity(path, scope, layer_capacity, moe_layers, levels)
     meta.update(levels=levels, capacity=capacity, moe_layers=moe_layers, hidden_size=hidden, num_experts=experts,
-                fingerprint=fingerprint, architecture=arch, capacity_scope=scope, layer_capacity=layer_capacity)
+                fingerprint=fingerprint, architecture=arch, capacity_scope=scope, layer_capacity=layer_capacity,
+                model_probe=probe)
     return meta, tensors
 
 

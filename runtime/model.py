@@ -9,6 +9,7 @@ are re-created on the CPU by re-running their module's constructor. The model's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection
 
 import torch
@@ -49,10 +50,34 @@ def swap_experts(model: nn.Module, adapter, moe_layers, make_experts: Callable[[
         setattr(parent, attr, make_experts(layer, original))
 
 
+def float32_kept(model: nn.Module, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Whether transformers keeps a weight in float32 in a `dtype` model (its class's keep-in-float32 modules)."""
+    names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    patterns = [re.compile(rf"(^|\.){re.escape(n)}(\.|$)") for n in names]
+    return lambda key: any(p.search(key) for p in patterns)
+
+
+def in_model_dtypes(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """transformers' rule for loading a checkpoint in `dtype`: every float weight in it but those the model keeps
+    in float32. A checkpoint may store its routers in float32 beside bfloat16 weights; a Linear router would then
+    multiply bfloat16 inputs by float32 weights and fail."""
+    kept = float32_kept(model, dtype)
+    out = {}
+    for key, t in state.items():
+        want = torch.float32 if kept(key) else dtype
+        out[key] = t.to(want) if t.is_floating_point() and t.dtype != want else t
+    return out
+
+
 def load_dense_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str = "dense.safetensors",
-                       converted: Collection[str] = ()) -> None:
-    """Assign the dense weights; every parameter must end up real (tied weights re-tied), except the weights of
-    the modules in `converted` (converted while loading: kernels.dense.patch_linears installs them)."""
+                       converted: Collection[str] = (), dtype: torch.dtype | None = None) -> None:
+    """Assign the dense weights (in `dtype` as transformers would load them, where given); every parameter must end
+    up real (tied weights re-tied), except the weights of the modules in `converted` (converted while loading:
+    kernels.dense.patch_linears installs them)."""
+    if dtype is not None:
+        state = in_model_dtypes(model, state, dtype)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # size mismatches: the weights are not the model config.json describes
@@ -101,7 +126,8 @@ def assemble(ckpt, adapter, make_experts: Callable[[int, nn.Module], nn.Module],
     model = build_skeleton(adapter, ckpt.config) if model is None else model
     swap_experts(model, adapter, ckpt.moe_layers, make_experts)
     state = ckpt.load_dense(sink_for=converter.sink_for if converter is not None else None)
-    load_dense_weights(model, state, converted=converter.converted if converter is not None else ())
+    load_dense_weights(model, state, converted=converter.converted if converter is not None else (),
+                       dtype=ckpt.dtype if isinstance(ckpt.dtype, torch.dtype) else getattr(torch, ckpt.dtype))
     materialise_buffers(model)
     return model.eval()
 

@@ -205,7 +205,7 @@ class Session:
 
 
     def _load_gate(self, routers: dict):
-        from d2moe.runtime.gate import load_gate, model_fingerprint
+        from d2moe.runtime.gate import load_gate, model_fingerprint, model_probe
 
         o = self.options
         if (self.ckpt.gate_path is None or not o.use_gate or self.spec.levels != "gate" or o.lossless
@@ -214,7 +214,7 @@ class Session:
         routers = [routers[layer].detach() for layer in self.ckpt.moe_layers]
         self.ckpt.verify_file("gate")  # its crc32 against the manifest, before any of it is trusted
         gate = load_gate(self.ckpt.gate_path, expect_fingerprint=model_fingerprint(self.ckpt.config, routers),
-                         expect_levels=self.ckpt.cfg.bits)
+                         expect_levels=self.ckpt.cfg.bits, expect_probe=model_probe(self.ckpt.config, routers))
         check_gate_capacity(gate.meta["capacity"], self.ckpt.gate_capacity, self.ckpt.gate_path)
         return gate
 

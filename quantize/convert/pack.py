@@ -387,7 +387,7 @@ def _sqnr(fits, n_levels: int) -> list[float]:
 def _check_gate(router: Path, source: SourceCheckpoint, experts: ExpertSource, adapter, moe_layers: list[int],
                 cfg: MWQConfig) -> list[float]:
     """Validate the trained bit-width gate against this model's routers and these levels; its capacities."""
-    from d2moe.runtime.gate import load_gate, model_fingerprint
+    from d2moe.runtime.gate import load_gate, model_fingerprint, model_probe
 
     if not router.is_file():
         raise InputError(f"--router {router} does not exist: train one with `d2moe train-router`")
@@ -398,7 +398,8 @@ def _check_gate(router: Path, source: SourceCheckpoint, experts: ExpertSource, a
         if key not in by_model_key:
             raise InputError(f"{source.path}: router weight {key} is missing from the checkpoint")
         weights.append(source.get(by_model_key[key]))
-    gate = load_gate(router, expect_fingerprint=model_fingerprint(source.config, weights), expect_levels=cfg.bits)
+    gate = load_gate(router, expect_fingerprint=model_fingerprint(source.config, weights), expect_levels=cfg.bits,
+                     expect_probe=model_probe(source.config, weights))
     extra = gate.meta.get("extra") or {}
     trained = (extra.get("scheme"), extra.get("group_size"))  # absent from gates of older releases: nothing to say
     if None not in trained and trained != (cfg.scheme, cfg.group_size):

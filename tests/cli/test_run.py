@@ -252,3 +252,52 @@ def test_a_hold_policy_names_its_own_minimum_at_once_and_that_minimum_runs(packe
     code, out, err = _run(capsys, packed, "-p", "hello", "--policy", "hold-int4", "-m", f"{minimum}MiB",
                           "--max-new-tokens", "2", "--json")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_float32_routers_beside_bfloat16_weights_run_with_their_gate(capsys, tiny_checkpoint_factory, tmp_path, arch):
+    """A common layout (audit): routers kept in float32, everything else bfloat16. Pack and inspect passed, then
+    every forward failed on a bfloat16 x float32 product. The model now loads them as transformers does (in the
+    model's dtype), and a gate trained on the source is still recognised (its probe, not only exact bytes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint_factory(arch, initializer_range=0.15), src)
+    (weights,) = src.glob("*.safetensors")
+    state = load_file(weights)
+    routers = [k for k in state if k.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight"))]
+    assert routers
+    save_file({k: v.float() if k in routers else v.to(torch.bfloat16) for k, v in state.items()}, weights,
+              metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog ."] * 60))
+    gate = tmp_path / "gate.safetensors"
+    assert invoke(capsys, "train-router", src, "--data", text, "--seq-len", "16", "--max-steps", "2",
+                  "--batch-size", "2", "--eval-blocks", "2", "-o", gate)[0] == 0
+    out = tmp_path / "packed"
+    assert invoke(capsys, "pack", src, out, "--bits", "2,3,4", "--router", gate)[0] == 0
+    for extra in ((), ("--dense-weights", "int8"), ("--level", "3")):
+        code, stdout, err = _run(capsys, out, "-p", "the quick", "--max-new-tokens", "3", "--json", *extra)
+        assert code == 0, err
+        assert json.loads(stdout)["stats"]["generated_tokens"] == 3
+    code, stdout, err = _run(capsys, out, "-p", "the quick", "--max-new-tokens", "3", "--json")
+    assert "trained gate" in json.loads(stdout)["stats"]["levels"]  # in use: not refused as another model's
+    code, stdout, err = invoke(capsys, "eval", out, "--text", text, "--max-tokens", "200", "--json")
+    assert code == 0, err
+
+
+def test_gate_of_a_float32_model_runs_in_its_bfloat16_pack(capsys, tmp_path):
+    """`pack --dtype bfloat16 --router` of a float32 model: the gate was refused at run time as another model's."""
+    from pathlib import Path
+
+    asset = Path(__file__).parents[2] / "d2moe_cli" / "assets"
+    out = tmp_path / "bf16"
+    assert invoke(capsys, "pack", asset / "tiny-mixtral", out, "--dtype", "bfloat16",
+                  "--router", asset / "tiny-mixtral-gate.safetensors")[0] == 0
+    code, stdout, err = _run(capsys, out, "-p", "Once upon a time", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert "trained gate" in json.loads(stdout)["stats"]["levels"]

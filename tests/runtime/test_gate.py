@@ -12,13 +12,16 @@ from hypothesis import strategies as st
 
 from d2moe.errors import FormatError, GateMismatchError, UsageError
 from d2moe.runtime.gate import (
+    PROBE_DIRECTIONS,
     BitWidthGate,
     assign_with_capacity,
     capacity_caps,
     load_gate,
     model_fingerprint,
+    model_probe,
     pooled_layer_capacity,
     read_gate_meta,
+    same_model_probe,
     save_gate,
     validate_capacity,
 )
@@ -166,6 +169,50 @@ def test_fingerprint_depends_on_config_and_router_and_not_dtype():
     bumped = [routers[0].clone(), routers[1].clone()]
     bumped[1][3, 5] += 1e-3
     assert fp != model_fingerprint(cfg, bumped)
+
+
+def test_probe_knows_the_model_in_any_precision_and_no_other():
+    """The fingerprint hashes exact bytes; the probe recognises one model's routers stored or run in float32,
+    bfloat16 or float16 (pack --dtype, float32 routers beside bfloat16 weights), and tells other routers apart."""
+    cfg = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_local_experts": 8}
+    g = torch.Generator().manual_seed(0)
+    routers = [torch.randn(8, 64, generator=g) * 0.02 for _ in range(2)]
+    probe = model_probe(cfg, routers)
+    assert len(probe["routers"]) == 2 and all(len(row) == PROBE_DIRECTIONS for row in probe["routers"])
+    for dtype in (torch.bfloat16, torch.float16):
+        copy = [r.to(dtype) for r in routers]
+        assert model_fingerprint(cfg, copy) != model_fingerprint(cfg, routers)
+        assert same_model_probe(probe, model_probe(cfg, copy))
+    assert not same_model_probe(probe, model_probe(cfg, routers[::-1]))
+    assert not same_model_probe(probe, model_probe(cfg, [torch.randn(8, 64, generator=g) * 0.02 for _ in range(2)]))
+    assert not same_model_probe(probe, model_probe(dict(cfg, hidden_size=128), routers))
+    assert not same_model_probe(probe, model_probe(cfg, routers[:1])) and not same_model_probe(None, probe)
+
+
+def test_gate_of_a_float32_model_fits_its_bfloat16_pack(tmp_path):
+    cfg = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_local_experts": 4}
+    g = torch.Generator().manual_seed(1)
+    routers = [torch.randn(4, 64, generator=g) * 0.02 for _ in range(2)]
+    gate = BitWidthGate(64, 4, [0, 1], (2, 3, 4), (0.3, 0.4, 0.3))
+    path = save_gate(gate, tmp_path / "gate.safetensors", model_fingerprint(cfg, routers), probe=model_probe(cfg, routers))
+    bf = [r.to(torch.bfloat16) for r in routers]
+    load_gate(path, expect_fingerprint=model_fingerprint(cfg, bf), expect_probe=model_probe(cfg, bf))
+    other = [r.flip(0) for r in bf]
+    with pytest.raises(GateMismatchError, match="another model"):
+        load_gate(path, expect_fingerprint=model_fingerprint(cfg, other), expect_probe=model_probe(cfg, other))
+    old = save_gate(gate, tmp_path / "old.safetensors", model_fingerprint(cfg, routers))  # a gate without a probe
+    with pytest.raises(GateMismatchError, match="another model"):
+        load_gate(old, expect_fingerprint=model_fingerprint(cfg, bf), expect_probe=model_probe(cfg, bf))
+
+
+@pytest.mark.parametrize("probe", [{"dims": {}, "routers": [[1.0, 2.0, 3.0, 4.0]]},  # one layer of two
+                                   {"dims": {}, "routers": [[1.0] * 4, [float("nan")] * 4]},
+                                   {"dims": {}, "routers": [[1.0] * 4, [1.0] * 3]}, {"routers": []}, [1, 2]])
+def test_malformed_probe_in_a_gate_file_is_a_format_error(tmp_path, probe):
+    path = save_gate(BitWidthGate(64, 4, [0, 1], (2, 3, 4), (0.3, 0.4, 0.3)), tmp_path / "g.safetensors", "a" * 64,
+                     probe=probe)
+    with pytest.raises(FormatError, match="gate metadata is missing or malformed"):
+        load_gate(path)
 
 
 @pytest.mark.parametrize("proj_dim,emb", [(0, True), (32, True), (16, False)])
