@@ -127,6 +127,11 @@ class Adapter:
         if m:
             matrices = ("gate", "up") if m.group("name") == "gate_up_proj" else ("down",)
             return FusedExpertKey(int(m.group("layer")), matrices)
+        if src_key.startswith("layers.") and (_LEGACY.match("model." + src_key) or _FUSED.match("model." + src_key)):
+            raise UnsupportedModelError(
+                f"checkpoint tensor {src_key!r} lacks the 'model.' prefix of a {self.class_name} checkpoint (saved "
+                f"from the base model class?): load it with transformers' AutoModelForCausalLM and save_pretrained "
+                "it again")
         if _ANY_EXPERT.search(src_key):  # e.g. FP8 `weight_scale_inv`, GPTQ `qweight`, expert biases
             raise UnsupportedModelError(
                 f"checkpoint tensor {src_key!r} is an expert tensor d2moe cannot pack: only unquantized "

@@ -95,10 +95,12 @@ def open_session(src: str | Path, mwq: MWQConfig, device: torch.device | str = "
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from d2moe.quantize.adapters import adapter_for
+    from d2moe.quantize.format.config_bounds import check_source_config
 
     src = Path(src)
     config = read_config(src)
     adapter = adapter_for(config)  # UnsupportedModelError before any heavy loading
+    check_source_config(adapter, config, src)
     from d2moe.quantize.format.layout import blob_layout
 
     shapes = adapter.matrix_shapes(config)

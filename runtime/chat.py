@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from d2moe.errors import UsageError
+
 CHAT_MARKERS = re.compile(r"(instruct|chat|[-_.]it(?:$|[-_.])|sft|dpo|rlhf|orpo)", re.IGNORECASE)
 BASE_MARKERS = re.compile(r"(?<![a-z])base(?![a-z])", re.IGNORECASE)
 
@@ -42,8 +44,11 @@ def model_names(checkpoint: str | Path, tokenizer=None) -> list[str]:
 def use_chat_template(requested: bool | None, tokenizer, checkpoint: str | Path) -> tuple[bool, str | None]:
     """(apply it?, a note for the user or None). `requested`: True/False from the flag, None = decide."""
     has = bool(getattr(tokenizer, "chat_template", None))
+    if requested and not has:  # asked for, and nothing to apply: refused, like other options that would do nothing
+        raise UsageError(f"--chat-template: the tokenizer of {Path(checkpoint).name} has no chat template; leave the "
+                         "option out (prompts go in raw) or add a chat_template to its tokenizer_config.json")
     if requested is not None:
-        return requested and has, None if has or not requested else "the tokenizer has no chat template: prompts go in raw"
+        return requested, None
     if not has:
         return False, None
     names = model_names(checkpoint, tokenizer)

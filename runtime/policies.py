@@ -90,6 +90,9 @@ def get_policy(name: str, order: str | None = None) -> PolicySpec:
 def check_level(level: int, bits: Sequence[int], policy: str, option: str = "--level") -> int:
     """`level` must be one of the packed levels; the error says how to re-pack."""
     if level not in bits:
+        if not 1 <= level <= 8:  # no pack holds it: name the levels there are
+            raise UsageError(f"{option} {level} is not a bit-width: use one of the packed levels "
+                             f"{', '.join(map(str, bits))}")
         wanted = ",".join(str(b) for b in sorted(set(bits) | {level}))
         raise UsageError(
             f"{policy} needs level {level} but the checkpoint holds levels {list(bits)} ({option}): "

@@ -143,7 +143,7 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     adapter = adapter_for(ckpt.config)
     bits = ckpt.cfg.bits
     hold_level = policy_hold_level(spec.name, options.level)
-    if hold_level is not None and hold_level not in bits:
+    if hold_level is not None and hold_level not in bits and 1 <= hold_level <= 8:
         wanted = ",".join(str(b) for b in sorted(set(bits) | {hold_level}))
         raise UsageError(f"--policy {spec.name} needs level {hold_level} but {path} holds levels "
                          f"{list(bits)}: re-pack with `d2moe pack SRC OUT --bits {wanted}`")

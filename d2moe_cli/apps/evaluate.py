@@ -417,6 +417,8 @@ def eval_targets(bits: Sequence[int], level: str | None = None, policy: str | No
                 raise UsageError(f"--level {b} is not a packed level (levels: {', '.join(map(str, bits))}); "
                                  "use one of them or --level all")
         return [EvalTarget(f"{b}-bit", "moqe-dynaio", b) for b in dict.fromkeys(chosen)]  # 2,2 is one row
+    if policy is not None and not policy.strip(", "):
+        raise UsageError(f"--policy {policy!r} names no policy: give one (d2moe) or a list (d2moe,lru), or leave it out")
     targets = []
     for item in dict.fromkeys(x.strip() for x in (policy or "d2moe").split(",")):
         name, lvl = parse_policy(item)
@@ -426,9 +428,12 @@ def eval_targets(bits: Sequence[int], level: str | None = None, policy: str | No
 
 def _level_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        chosen = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"--level {text!r}: give a bit-width (4), a list (2,4) or 'all'") from None
+        chosen = []
+    if not chosen:
+        raise UsageError(f"--level {text!r}: give a bit-width (4), a list (2,4) or 'all'")
+    return chosen
 
 
 def session_logits_fn(session) -> LogitsFn:

@@ -27,8 +27,11 @@ def miss_modes(text: str | None) -> list[str]:
     --miss-threshold after a colon, so one sweep can hold one mode at two thresholds."""
     from d2moe.runtime.miss import MISS_MODES
 
-    if text is None or text.strip() == "":
+    if text is None:
         return ["load"]
+    if not text.strip(", "):
+        raise UsageError(f"--on-miss {text!r} names no mode: give one or more of load,lowbit,substitute,skip,reuse "
+                         "(or all), or leave it out")
     modes = list(MISS_MODES) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
     for m in modes:
         name, _ = split_mode(m, 0.0)  # its threshold checked here too

@@ -178,6 +178,9 @@ def demo(
     level_bits = parse_bits(bits)
     from d2moe.runtime.policies import HOLD_LEVELS
 
+    if policy == "hold":  # hold takes run's --level, which the demo does not have; hold-int8 / hold-int4 name theirs
+        raise UsageError("--policy hold needs run's --level: in the demo use --policy hold-int4 or hold-int8 "
+                         "(every expert held at 4 or 8 bits), or `d2moe run CKPT --policy hold --level N`")
     hold = HOLD_LEVELS.get(policy)
     if hold is not None and hold not in level_bits:  # demo packs: its --bits, not pack's, is the fix
         raise UsageError(f"--policy {policy} runs every expert at {hold} bits: pack that level too, with "

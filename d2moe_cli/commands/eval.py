@@ -80,6 +80,10 @@ def eval_command(
         raise UsageError("nothing to evaluate: give --text FILE, --dataset NAME or --tasks TASKS")
     if tasks_dir is not None and not task_list:
         raise UsageError("--tasks-dir needs --tasks naming the tasks to run")
+    if limit is not None and not task_list:
+        raise UsageError("--limit caps the items of each --tasks task: give --tasks (perplexity takes --max-tokens)")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: give at least 1 item per task, or leave it out for all")
 
     from d2moe.apps import evaluate as ev
     from d2moe.quantize.format import open_checkpoint

@@ -37,6 +37,7 @@ from d2moe.quantize.convert.progress import PackProgress
 from d2moe.quantize.convert.source import ExpertSource, SourceCheckpoint, model_dir_name
 from d2moe.quantize.convert.source_check import check_dense_weights
 from d2moe.quantize.convert.staging import Staging, verify_experts_file, verify_whole_file
+from d2moe.quantize.format.config_bounds import check_source_config
 from d2moe.quantize.format.safetensors_io import DTYPE_SIZES, TORCH_TO_ST
 from d2moe.quantize.similarity import SimilarityCollector
 
@@ -93,6 +94,7 @@ def pack_checkpoint(
     shapes = adapter.matrix_shapes(config)
     if not moe_layers:
         raise InputError(f"{src}/config.json describes no MoE layer: nothing to pack")
+    check_source_config(adapter, config, src)
     layout = fmt.blob_layout(shapes, cfg)
     experts = ExpertSource(source, adapter, moe_layers, num_experts, shapes)
     check_dense_weights(src, source, adapter, experts.dense, moe_layers)

@@ -9,6 +9,7 @@ InputError naming it.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -88,13 +89,19 @@ class SourceCheckpoint:
                 if "/" in shard or "\\" in shard or shard.startswith("."):
                     raise InputError(f"{index}: shard name {shard!r} must be a plain file name")
                 if not (self.path / shard).is_file():
-                    raise InputError(f"{index} names shard {shard} which is missing: finish the download")
+                    link = f" (a link to {os.readlink(self.path / shard)}, which does not exist)" \
+                        if (self.path / shard).is_symlink() else ""
+                    raise InputError(f"{index} names shard {shard} which is missing{link}: finish the download")
             return dict(wmap)
         if single.is_file():
             return {k: SINGLE_NAME for k in self.header(SINGLE_NAME).tensors}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise InputError(f"SRC {self.path} holds PyTorch pickles, not safetensors: d2moe never unpickles; "
                              "convert with `model.save_pretrained(dir, safe_serialization=True)`")
+        for name in (INDEX_NAME, SINGLE_NAME, *(f.name for f in sorted(self.path.glob("*.safetensors")))):
+            if (self.path / name).is_symlink() and not (self.path / name).exists():  # a cache download cut short
+                raise InputError(f"{self.path / name} is a link to {os.readlink(self.path / name)}, which does not "
+                                 "exist: finish the download (or copy the file in)")
         raise InputError(f"SRC {self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
 
     def header(self, fname: str) -> SafetensorsHeader:

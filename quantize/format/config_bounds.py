@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from d2moe.errors import FormatError
+from d2moe.errors import FormatError, InputError
 from d2moe.quantize.format.constants import MAX_DIM, MAX_LAYERS
 
 MAX_VOCAB = 1 << 22  # 4M tokens (the largest real vocabularies are ~260k)
@@ -89,3 +89,13 @@ def _rope_thetas(hf_config) -> list:
             if v.get("rope_theta") is not None:
                 out.append(v["rope_theta"])
     return out
+
+
+def check_source_config(adapter, config: dict, src) -> None:
+    """pack and train-router, before any work: the source's config.json within what a packed one must meet (a
+    packed checkpoint's is checked again when opened, where a bad value once surfaced after the whole pack)."""
+    try:
+        check_config_bounds(adapter.hf_config(config), int(adapter.num_experts(config)), f"{src}/config.json")
+    except FormatError as exc:
+        raise InputError(f"{str(exc).replace(' (corrupt or forged config.json)', '')}: correct the source's "
+                         "config.json") from None

@@ -56,6 +56,15 @@ def test_chat_template_decision(tmp_path, monkeypatch, names, template, requeste
     assert use is applied
 
 
+def test_forcing_a_chat_template_the_tokenizer_lacks_is_refused(tmp_path):
+    """Audit: `--chat-template` without a template ran with a note, the forced option silently not honoured."""
+    from d2moe.errors import UsageError
+
+    with pytest.raises(UsageError, match="has no chat template; leave the option out"):
+        use_chat_template(True, SimpleNamespace(chat_template=None, name_or_path=""), tmp_path)
+    assert use_chat_template(False, SimpleNamespace(chat_template=None, name_or_path=""), tmp_path) == (False, None)
+
+
 def test_a_hugging_face_cache_snapshot_goes_by_its_models_name(tmp_path):
     """Packed from ~/.cache/huggingface/hub, the source folder is a commit hash: the name is the folder above."""
     from tiny_models import make_tiny_checkpoint

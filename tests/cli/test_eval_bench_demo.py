@@ -120,6 +120,13 @@ def test_eval_errors_are_one_line(pair, text_file, capsys, monkeypatch):
     binary.write_bytes(bytes(range(256)) * 8)
     code, out, err = _cli(capsys, "eval", packed, "--text", binary, "--level", "4")  # was scored: ppl of garbage
     assert code == EXIT_INPUT and "is not UTF-8 text" in err and out == ""
+    for empty in ("", " ", ","):  # audit: --level "" ended in an IndexError traceback
+        code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--level", empty)
+        assert code == EXIT_USAGE and "give a bit-width (4), a list (2,4) or 'all'" in err and err.count("\n") == 1
+        code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--policy", empty)  # ran the default
+        assert code == EXIT_USAGE and "names no policy" in err
+    code, _, err = _cli(capsys, "eval", packed, "--text", text_file, "--limit", 0)  # did nothing without --tasks
+    assert code == EXIT_USAGE and "--limit caps the items of each --tasks task" in err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     code, _, err = _cli(capsys, "eval", packed, "--tasks", "piqa")
     assert code == EXIT_ENVIRONMENT and "pip install lm-eval" in err

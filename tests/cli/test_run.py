@@ -301,3 +301,17 @@ def test_gate_of_a_float32_model_runs_in_its_bfloat16_pack(capsys, tmp_path):
     code, stdout, err = _run(capsys, out, "-p", "Once upon a time", "--max-new-tokens", "3", "--json")
     assert code == 0, err
     assert "trained gate" in json.loads(stdout)["stats"]["levels"]
+
+
+@pytest.mark.parametrize("args", [("--level", "0"), ("--level", "-2"), ("--level", "9"),
+                                  ("--policy", "hold", "--level", "0"), ("--router-levels", "9,2")])
+def test_a_level_no_pack_can_hold_names_the_packed_levels(capsys, packed, args):
+    """Audit: `--level 0` advised `d2moe pack SRC OUT --bits 0,2,4,8`, which pack refuses."""
+    code, _, err = _run(capsys, packed, "-p", "hi", *args)
+    assert code == EXIT_USAGE and "is not a bit-width: use one of the packed levels 2, 4, 8" in err, err
+    assert "re-pack" not in err
+
+
+def test_demo_hold_names_the_hold_policies_demo_has(capsys, tmp_path):
+    code, _, err = invoke(capsys, "demo", "--policy", "hold", "--out", tmp_path / "demo")
+    assert code == EXIT_USAGE and "--policy hold-int4 or hold-int8" in err and "give --level" not in err

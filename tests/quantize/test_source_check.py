@@ -61,3 +61,34 @@ def test_a_source_without_a_tokenizer_packs_with_a_note_saying_what_run_needs(tm
     assert f"pack: note: {src} has no tokenizer" in err and "run and eval need one" in err
     pack_checkpoint(make_tiny_checkpoint("mixtral", tmp_path / "src2"), tmp_path / "out2", MWQConfig(), progress=False)
     assert "no tokenizer" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_a_top_k_beyond_the_experts_is_refused_before_any_work(tmp_path, top_k):
+    """Audit: it surfaced after the whole pack, exit 4, naming config.json inside the removed staging folder."""
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": top_k}))
+    with pytest.raises(InputError, match=rf"{src}/config.json: num_experts_per_tok {top_k} must be an integer in 1..4"):
+        pack_checkpoint(src, tmp_path / "out", MWQConfig(), progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_dangling_link_is_named_as_a_download_cut_short(tmp_path):
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to("../blobs/absent")
+    with pytest.raises(InputError, match=r"model.safetensors is a link to ../blobs/absent, which does not exist: finish"):
+        pack_checkpoint(src, tmp_path / "out", MWQConfig(), progress=False)
+
+
+def test_names_without_the_model_prefix_are_named_as_such(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from d2moe.errors import UnsupportedModelError
+
+    src = make_tiny_checkpoint("mixtral", tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="lacks the 'model.' prefix of a MixtralForCausalLM checkpoint"):
+        pack_checkpoint(src, tmp_path / "out", MWQConfig(), progress=False)

@@ -154,7 +154,7 @@ def test_bench_runs_one_mode_at_two_thresholds_in_one_sweep(packed):
     from d2moe.apps.miss_bench import miss_modes, split_mode
 
     assert split_mode("reuse:0", 0.35) == ("reuse", 0.0) and split_mode("reuse", 0.35) == ("reuse", 0.35)
-    for bad in ("reuse:2", "reuse:x", "maybe:0"):
+    for bad in ("reuse:2", "reuse:x", "maybe:0", "", " , "):
         with pytest.raises(UsageError, match="--on-miss"):
             miss_modes(bad)
     report = run_bench(packed, "30%", "d2moe", prompt="the quick brown fox", max_new_tokens=4, repeats=1,
