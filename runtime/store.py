@@ -85,6 +85,7 @@ class BandwidthPacer:
         self.rate = float(rate)
         self._free_at = 0.0  # monotonic time at which the emulated device is next idle
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # set by stop(): booked slots are no longer waited for
 
     def acquire(self, nbytes: int) -> float:
         with self._lock:
@@ -92,10 +93,14 @@ class BandwidthPacer:
             self._free_at = start + nbytes / self.rate
             return self._free_at
 
-    @staticmethod
-    def wait_until(deadline: float) -> None:
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(left)
+    def wait_until(self, deadline: float) -> None:
+        while (left := deadline - time.monotonic()) > 0 and not self._stopped.wait(left):
+            pass
+
+    def stop(self) -> None:
+        """The store closes (an interrupt, the run's end): reads still booked finish at the real disk's speed. A
+        slow emulated disk (1 kB/s) otherwise held Ctrl-C for the sum of every queued read's slot."""
+        self._stopped.set()
 
 
 class _InOrder:
@@ -258,9 +263,11 @@ class ByteReader:
                 if calls is not None:
                     landed = max(0, min(nbytes, start + done - offset))
                     if deadline is not None:  # the emulated disk delivers this chunk at its rate
-                        BandwidthPacer.wait_until(deadline - (nbytes - landed) / self.pacer.rate)
+                        self.pacer.wait_until(deadline - (nbytes - landed) / self.pacer.rate)
                     calls.add(progress, payload, landed)
-            self._whole(path, offset, nbytes, start + done, deadline)
+            self._whole(path, offset, nbytes, start + done)
+            if deadline is not None:  # the emulated disk: the time the whole read takes
+                self.pacer.wait_until(deadline)
         except BaseException:
             if calls is not None:
                 calls.cancel()
@@ -274,14 +281,11 @@ class ByteReader:
         return payload
 
     @staticmethod
-    def _whole(path: Path, offset: int, nbytes: int, file_end: int, deadline: float | None) -> None:
-        """A read that ended at `file_end` brought all its bytes (else the file is truncated); with an
-        emulated disk, wait for the time it takes."""
+    def _whole(path: Path, offset: int, nbytes: int, file_end: int) -> None:
+        """A read that ended at `file_end` brought all its bytes (else the file is truncated)."""
         if file_end < offset + nbytes:
             raise FormatError(f"{path} is truncated: needed bytes {offset}..{offset + nbytes} but the file ends at "
                               f"{file_end}; re-run `d2moe pack`")
-        if deadline is not None:
-            BandwidthPacer.wait_until(deadline)
 
     def _count(self, nbytes: int, is_direct: bool) -> None:
         with self._stats_lock:
@@ -346,7 +350,9 @@ class ByteReader:
 
     # ---- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self.pacer is not None:
+            self.pacer.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)  # reads not started are no one's now
         if self._helper is not None:
             self._helper.shutdown(wait=True)
         with self._fd_lock:
