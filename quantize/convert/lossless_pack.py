@@ -37,7 +37,7 @@ def lossless_layer(experts, layer: int, num_experts: int, staging, codec: str, p
     """(manifest entries, source dtype name) of one layer's lossless file, written through `staging`."""
     name = lossless_file_name(layer)
     record = staging.done(name, _verify)
-    if record is not None:
+    if record is not None and record.get("codec") == codec:  # a resume with another --lossless-codec redoes it
         return record["entries"], record["dtype"]
     scratch = staging.part_path(name + ".blobs")
     sizes, dtype = [], None
@@ -69,7 +69,7 @@ def lossless_layer(experts, layer: int, num_experts: int, staging, codec: str, p
     raw_nbytes = sum(o * i for o, i in experts.shapes.values()) * {"float32": 4}.get(dtype, 2)
     for entry in entries:
         entry["raw_nbytes"] = raw_nbytes
-    staging.finish(name, {"entries": entries, "dtype": dtype, "size": size})
+    staging.finish(name, {"entries": entries, "dtype": dtype, "size": size, "codec": codec})
     return entries, dtype
 
 

@@ -161,3 +161,14 @@ def test_a_calibrated_pack_resumed_calibrates_only_the_layers_it_redoes(source, 
                       "experts_without_enough_tokens": len(report["experts_without_enough_tokens"])}
     shown = subprocess.run([sys.executable, "-m", "d2moe", "inspect", str(out)], capture_output=True, text=True)
     assert f"calibrated: {report['tokens']} tokens of tinyshakespeare.train.txt" in shown.stdout
+
+
+def test_resume_with_another_lossless_codec_recodes_the_kept_lossless_parts(source, tmp_path):
+    """Audit: the layers' lossless files kept their first codec while d2moe.json named the second."""
+    fresh = tmp_path / "fresh"
+    assert _pack_cli(source, fresh, "--lossless", "--lossless-codec", "none").returncode == 0
+    out = tmp_path / "packed"
+    assert _pack_cli(source, out, "--lossless", kill_at="layer:1").returncode == -9  # zstd parts of layer 0 kept
+    resumed = _pack_cli(source, out, "--lossless", "--lossless-codec", "none", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _files(out) == _files(fresh)
