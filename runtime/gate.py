@@ -343,8 +343,7 @@ class BitWidthGate(nn.Module):
 def model_fingerprint(config: dict, router_weights: Sequence[torch.Tensor]) -> str:
     """sha256 over the config fields that shape the MoE and the router weights (layer order, float32 bytes)."""
     h = hashlib.sha256()
-    dims = {k: config[k] for k in FINGERPRINT_CONFIG_KEYS if config.get(k) is not None}
-    h.update(json.dumps(dims, sort_keys=True).encode())
+    h.update(json.dumps(_fingerprint_dims(config), sort_keys=True).encode())
     for w in router_weights:
         w32 = w.detach().to("cpu", torch.float32).contiguous()
         h.update(json.dumps(list(w32.shape)).encode())
@@ -368,7 +367,12 @@ def model_probe(config: dict, routers: Sequence[torch.Tensor]) -> dict:
         x = torch.randn(w64.shape[1], generator=g, dtype=torch.float64)
         directions = torch.randn(w64.shape[0], PROBE_DIRECTIONS, generator=g, dtype=torch.float64)
         numbers.append([float(v) for v in (w64 @ x) @ directions])
-    return {"dims": {k: config[k] for k in FINGERPRINT_CONFIG_KEYS if config.get(k) is not None}, "routers": numbers}
+    return {"dims": _fingerprint_dims(config), "routers": numbers}
+
+
+def _fingerprint_dims(config: dict) -> dict:
+    """The config fields that decide whether a gate fits a model (those this architecture sets)."""
+    return {k: config[k] for k in FINGERPRINT_CONFIG_KEYS if config.get(k) is not None}
 
 
 def same_model_probe(stored: dict | None, here: dict | None) -> bool:

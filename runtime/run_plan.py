@@ -143,11 +143,10 @@ def plan_run(checkpoint: str | Path, options: RunOptions):
     adapter = adapter_for(ckpt.config)
     bits = ckpt.cfg.bits
     hold_level = policy_hold_level(spec.name, options.level)
-    if hold_level is not None and hold_level not in bits and 1 <= hold_level <= 8:
-        wanted = ",".join(str(b) for b in sorted(set(bits) | {hold_level}))
-        raise UsageError(f"--policy {spec.name} needs level {hold_level} but {path} holds levels "
-                         f"{list(bits)}: re-pack with `d2moe pack SRC OUT --bits {wanted}`")
-    for lv, option in [(options.level, "--level"), *((x, "--router-levels") for x in options.router_levels or ())]:
+    asked = [(options.level, "--level"), *((x, "--router-levels") for x in options.router_levels or ())]
+    if hold_level is not None and hold_level != options.level:  # hold-int4 / hold-int8 name their level
+        asked.append((hold_level, "--policy"))
+    for lv, option in asked:
         if lv is not None:
             check_level(lv, bits, spec.name, option)
     top = hold_level or max([options.level or 0, *(options.router_levels or ())]) or ckpt.cfg.bk

@@ -43,6 +43,11 @@ def model_dir_name(path: str | Path) -> str:
     return p.name or str(path)
 
 
+def _dangling(path: Path) -> str | None:
+    """The target of a link that points at nothing (a cache download cut short), else None."""
+    return os.readlink(path) if path.is_symlink() and not path.exists() else None
+
+
 class SourceCheckpoint:
     """A HF checkpoint directory on disk: config + safetensors (single file or sharded with an index)."""
 
@@ -89,8 +94,8 @@ class SourceCheckpoint:
                 if "/" in shard or "\\" in shard or shard.startswith("."):
                     raise InputError(f"{index}: shard name {shard!r} must be a plain file name")
                 if not (self.path / shard).is_file():
-                    link = f" (a link to {os.readlink(self.path / shard)}, which does not exist)" \
-                        if (self.path / shard).is_symlink() else ""
+                    target = _dangling(self.path / shard)
+                    link = f" (a link to {target}, which does not exist)" if target else ""
                     raise InputError(f"{index} names shard {shard} which is missing{link}: finish the download")
             return dict(wmap)
         if single.is_file():
@@ -99,9 +104,9 @@ class SourceCheckpoint:
             raise InputError(f"SRC {self.path} holds PyTorch pickles, not safetensors: d2moe never unpickles; "
                              "convert with `model.save_pretrained(dir, safe_serialization=True)`")
         for name in (INDEX_NAME, SINGLE_NAME, *(f.name for f in sorted(self.path.glob("*.safetensors")))):
-            if (self.path / name).is_symlink() and not (self.path / name).exists():  # a cache download cut short
-                raise InputError(f"{self.path / name} is a link to {os.readlink(self.path / name)}, which does not "
-                                 "exist: finish the download (or copy the file in)")
+            if target := _dangling(self.path / name):
+                raise InputError(f"{self.path / name} is a link to {target}, which does not exist: finish the "
+                                 "download (or copy the file in)")
         raise InputError(f"SRC {self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
 
     def header(self, fname: str) -> SafetensorsHeader:

@@ -1,7 +1,6 @@
 """Weight-space, level 2 only: scale+offset per 32 vs offset per 16 (scale per 32) vs both per 16. Float params, brute force."""
 import sys, torch
 from safetensors.torch import load_file
-from pathlib import Path
 torch.set_num_threads(2)
 sd = load_file(sys.argv[1])
 SC = torch.linspace(0.5, 1.4, 28)
@@ -16,7 +15,6 @@ def fit(w, g, og):  # w [N, g] groups; offsets shared per og-column halves (og d
         tot = torch.zeros(w.shape[0])
         for h in range(g // og):
             ws, wts = w[:, h*og:(h+1)*og], wt[:, h*og:(h+1)*og]
-            lo0 = ws.amin(1, keepdim=True) if og < g else wmin
             # centre the grid on the sub-range, then shift
             mid = (ws.amax(1, keepdim=True) + ws.amin(1, keepdim=True)) / 2 if og < g else (wmax + wmin) / 2
             bh = torch.full((w.shape[0],), float("inf"))

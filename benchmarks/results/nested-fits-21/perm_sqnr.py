@@ -21,8 +21,6 @@ for name, t in sd.items():
         continue
     mats = t.float().reshape(-1, *t.shape[-2:]) if t.dim() == 3 else [t.float()]
     for w in mats:
-        if w.shape[1] % 256:
-            pass
         norms = w.norm(dim=0)
         cv.append(float(norms.std() / norms.mean()))
         for key, order in (("plain", None), ("sorted", torch.argsort(norms)), ("sorted_max", torch.argsort(w.abs().amax(0)))):
